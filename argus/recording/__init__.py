@@ -1,0 +1,1 @@
+"""The recording format: the only interface between collecting and analysing."""

@@ -1,0 +1,91 @@
+"""The recording format, `argus.recording/1`: what `argus attach` writes and every analyzer reads.
+
+A recording is a directory:
+
+- `manifest.json`   self-description (see `MANIFEST_KEYS`)
+- `events.parquet`  one long frame of traced calls, all ranks (see `EVENTS_SCHEMA`)
+- `stacks.parquet`  CPU samples aggregated per interval (see `STACKS_SCHEMA`)
+
+Times are node CLOCK_MONOTONIC nanoseconds (`ts_ns`); `manifest["clock"]["mono_to_wall_ns"]`
+converts them to wall time (`argus.recording.clock.mono_to_wall`). Several recordings of one job
+(one per node) are analysed together; their clocks are aligned by the analyzers.
+
+A call still in flight when the recording ended (a rank blocked in a collective or a sync) is a
+row with `dur_ns` null and `in_flight` true: that is how hangs are seen.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+FORMAT = "argus.recording/1"
+MANIFEST = "manifest.json"
+EVENTS = "events.parquet"
+STACKS = "stacks.parquet"
+
+# Channels of events.parquet.
+CHANNELS = ("cuda", "nccl", "torch", "proc")
+
+EVENTS_SCHEMA: dict[str, pl.DataType] = {
+    "ts_ns": pl.Int64,  # call entry, node monotonic ns
+    "dur_ns": pl.Int64,  # entry -> return; null for entry-only probes and in-flight calls
+    "in_flight": pl.Boolean,  # entered, not returned when the recording ended
+    "tgid": pl.Int32,
+    "tid": pl.Int32,
+    "rank": pl.Int32,  # global rank (RANK env or NCCL world comm); null when unknown
+    "channel": pl.Categorical,  # cuda | nccl | torch | proc
+    "name": pl.Categorical,  # probed function: cudaLaunchKernel, ncclAllReduce, c10d method...
+    "kernel": pl.Utf8,  # launches: kernel name resolved from the host stub address
+    "stream": pl.UInt64,  # CUDA stream handle (0 = legacy default stream)
+    "bytes": pl.Int64,  # memcpy bytes, malloc size, collective payload (count * dtype size)
+    "memcpy_kind": pl.Int8,  # cudaMemcpyKind for memcpy calls
+    "op": pl.Categorical,  # collectives: allreduce|allgather|reducescatter|broadcast|reduce|send|recv|...
+    "redop": pl.Categorical,  # NCCL reduce op: sum|prod|max|min|avg
+    "dtype": pl.Categorical,  # NCCL datatype: float32, bfloat16, ...
+    "count": pl.Int64,  # collective element count
+    "comm": pl.Utf8,  # communicator id, the same string on every rank of that communicator
+    "comm_rank": pl.Int32,
+    "comm_nranks": pl.Int32,
+    "seq": pl.Int64,  # per-(tgid, comm) sequence number of collectives since attach (0-based)
+    "peer": pl.Int32,  # send/recv peer rank in the communicator
+    "ret": pl.Int32,  # return code where captured (cudaError_t / ncclResult_t)
+}
+
+STACKS_SCHEMA: dict[str, pl.DataType] = {
+    "ts_ns": pl.Int64,  # start of the aggregation interval, node monotonic ns
+    "interval_ns": pl.Int64,
+    "tgid": pl.Int32,
+    "tid": pl.Int32,
+    "rank": pl.Int32,
+    "thread": pl.Utf8,  # thread name (comm)
+    "count": pl.Int64,  # samples with exactly this stack in this interval
+    "functions": pl.List(pl.Utf8),  # leaf first; kernel frames first, then user frames
+    "modules": pl.List(pl.Utf8),  # same length; "[kernel]" for kernel frames
+}
+
+# Top-level keys every manifest.json has.
+MANIFEST_KEYS = (
+    "format",  # FORMAT
+    "argus_version",
+    "host",  # hostname
+    "kernel",  # uname -r
+    "clock",  # {"mono_to_wall_ns": int}: wall_ns = ts_ns + mono_to_wall_ns
+    "started_ns",  # monotonic ns
+    "ended_ns",
+    "duration_s",
+    "end_reason",  # duration | interrupt | sigterm | targets_exited
+    "sample_hz",  # CPU sampling frequency, 0 when the cpu channel is off
+    "channels",  # {"cuda": bool, "nccl": bool, "torch": bool, "cpu": bool}
+    "ranks",  # [{"rank", "local_rank", "world_size", "tgid", "host", "exe", "env", "libraries": [{"name", "path", "version"}]}]
+    "probes",  # [{"channel", "library", "symbol", "kind": "entry"|"exit", "status": "attached"|"failed"|"missing", "reason", "tgids"}]
+    "drops",  # {"events_ringbuf": int, "stack_walk_failed": int, "stack_map_full": int, ...}
+    "counts",  # {"events": {channel: int}, "stack_samples": int}
+)
+
+
+def empty_events() -> pl.DataFrame:
+    return pl.DataFrame(schema=EVENTS_SCHEMA)
+
+
+def empty_stacks() -> pl.DataFrame:
+    return pl.DataFrame(schema=STACKS_SCHEMA)
