@@ -1,0 +1,40 @@
+# argus: `make help` lists the targets. Build output goes to build/ (ignored).
+SHELL := /bin/bash
+BUILD := $(CURDIR)/build
+PY := $(CURDIR)/.venv/bin/python
+PYTEST := $(PY) -m pytest
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+.PHONY: setup
+setup: ## install everything (Debian packages, kernel headers, .venv, stand-ins); quick when done
+	@scripts/setup.sh
+	@$(MAKE) --no-print-directory -s standins
+
+.PHONY: standins
+standins: ## build the C stand-in libraries and the simulated rank into build/
+	@$(MAKE) --no-print-directory -s -C cuda_probes/standins BUILD=$(BUILD)
+
+.PHONY: test
+test: setup ## run every test tier that can run here (unit + bpf; gpu is skipped with the reason)
+	$(PYTEST) tests -q
+
+.PHONY: test-unit
+test-unit: setup ## run the unit tier only (no root, no bcc)
+	$(PYTEST) tests -q -m unit
+
+.PHONY: test-bpf
+test-bpf: setup ## run the bpf tier only (root: real probes on real processes)
+	$(PYTEST) tests -q -m bpf
+
+.PHONY: lint
+lint: setup ## ruff
+	$(CURDIR)/.venv/bin/ruff check argus tests scripts
+
+.PHONY: clean
+clean: ## remove build output (keeps .venv)
+	rm -rf $(BUILD)
