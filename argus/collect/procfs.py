@@ -438,9 +438,7 @@ def host_path(tgid: int, path: str, proc_root: str | os.PathLike[str] = "/proc")
     return str(_pdir(tgid, proc_root) / "root" / path.lstrip("/"))
 
 
-def mapped_libraries(
-    tgid: int, proc_root: str | os.PathLike[str] = "/proc"
-) -> list[MappedLibrary]:
+def mapped_libraries(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> list[MappedLibrary]:
     """Which CUDA / NCCL / torch / NVML / Python libraries the process maps, and where.
 
     Parses /proc/TGID/maps, groups file mappings by path, keeps paths whose file name
