@@ -1,0 +1,146 @@
+"""ctypes mirror of bpf/argus.h: the one Python copy of every struct crossing from BPF.
+
+tests/unit/test_abi.py compiles a C program that prints sizeof/offsetof of the C structs and
+compares them with these, so the two cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+
+REC_CALL = 1
+REC_CALL_STR = 2
+REC_PROC = 3
+
+PF_EXIT = 1 << 0
+PF_STACK = 1 << 1
+PF_UID_HASH = 1 << 2
+PF_OUT = 1 << 3
+PF_STR = 1 << 4
+PF_SEQ = 1 << 5
+PF_PEER = 1 << 6
+PF_NO_RECORD = 1 << 7
+
+REG_ARGS = 6
+STACK_ARGS = 4
+MAX_ARGS = REG_ARGS + STACK_ARGS
+STR_LEN = 64
+MAX_DEPTH = 4
+COMM_LEN = 16
+
+PROC_FORK = 1
+PROC_EXEC = 2
+PROC_EXIT = 3
+
+W_TRACE = 1 << 0
+W_DESCEND = 1 << 1
+
+# Index -> name of the `drops` array (ARGUS_DROP_*), in order.
+DROP_NAMES = (
+    "call_ringbuf",
+    "proc_ringbuf",
+    "call_depth",
+    "return_orphan",
+    "stack_user_walk",
+    "stack_kernel_walk",
+    "stack_map_full",
+    "counts_map_full",
+    "read_fault",
+)
+
+
+class ProbeKey(ct.Structure):
+    _fields_ = [("tgid", ct.c_uint32), ("pad", ct.c_uint32), ("addr", ct.c_uint64)]
+
+
+class ProbeInfo(ct.Structure):
+    _fields_ = [
+        ("probe_id", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("out_arg", ct.c_uint8),
+        ("str_arg", ct.c_uint8),
+        ("seq_arg", ct.c_uint8),
+        ("peer_arg", ct.c_uint8),
+        ("pad", ct.c_uint32),
+    ]
+
+
+class Call(ct.Structure):
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("probe_id", ct.c_uint32),
+        ("tgid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("ts_ns", ct.c_uint64),
+        ("dur_ns", ct.c_uint64),
+        ("args", ct.c_uint64 * MAX_ARGS),
+        ("extra", ct.c_uint64),
+        ("seq", ct.c_int64),
+        ("ret", ct.c_int64),
+    ]
+
+
+class CallStr(ct.Structure):
+    _fields_ = [("call", Call), ("str", ct.c_char * STR_LEN)]
+
+
+class ProcEvent(ct.Structure):
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("what", ct.c_uint32),
+        ("ts_ns", ct.c_uint64),
+        ("tgid", ct.c_uint32),
+        ("child", ct.c_uint32),
+        ("comm", ct.c_char * COMM_LEN),
+    ]
+
+
+class StackKey(ct.Structure):
+    _fields_ = [
+        ("tgid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("user_stack_id", ct.c_int32),
+        ("kernel_stack_id", ct.c_int32),
+        ("comm", ct.c_char * COMM_LEN),
+    ]
+
+
+class Frame(ct.Structure):
+    _fields_ = [
+        ("ts_ns", ct.c_uint64),
+        ("args", ct.c_uint64 * MAX_ARGS),
+        ("extra", ct.c_uint64),
+        ("seq", ct.c_int64),
+        ("probe_id", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("out_arg", ct.c_uint8),
+        ("str_arg", ct.c_uint8),
+        ("pad", ct.c_uint8 * 6),
+    ]
+
+
+class Inflight(ct.Structure):
+    _fields_ = [("tgid", ct.c_uint32), ("depth", ct.c_uint32), ("frames", Frame * MAX_DEPTH)]
+
+
+class SeqKey(ct.Structure):
+    _fields_ = [("tgid", ct.c_uint32), ("peer", ct.c_int32), ("comm", ct.c_uint64)]
+
+
+class CountKey(ct.Structure):
+    _fields_ = [("tgid", ct.c_uint32), ("probe_id", ct.c_uint32)]
+
+
+# C name -> mirror, for the drift test.
+STRUCTS = {
+    "argus_probe_key": ProbeKey,
+    "argus_probe_info": ProbeInfo,
+    "argus_call": Call,
+    "argus_call_str": CallStr,
+    "argus_proc_event": ProcEvent,
+    "argus_stack_key": StackKey,
+    "argus_frame": Frame,
+    "argus_inflight": Inflight,
+    "argus_seq_key": SeqKey,
+    "argus_count_key": CountKey,
+}

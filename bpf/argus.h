@@ -1,0 +1,148 @@
+/* argus.h: every struct that crosses between the BPF programs and user space.
+ *
+ * Mirrored once in Python (argus/collect/abi.py); tests/unit/test_abi.py compiles a tiny
+ * C program that prints sizeof/offsetof of each struct here and compares them with the
+ * ctypes mirror, so drift fails the build. Only fixed-width types; explicit padding.
+ */
+#ifndef ARGUS_H
+#define ARGUS_H
+
+#ifndef ARGUS_BPF  /* defined by the loader (cflags) when compiling BPF */
+#include <stdint.h>
+typedef uint8_t __u8;
+typedef uint16_t __u16;
+typedef uint32_t __u32;
+typedef uint64_t __u64;
+typedef int32_t __s32;
+typedef int64_t __s64;
+#endif
+
+/* Record types: the first __u32 of every ring-buffer record. */
+#define ARGUS_REC_CALL 1      /* struct argus_call */
+#define ARGUS_REC_CALL_STR 2  /* struct argus_call_str (a call that also captured a string) */
+#define ARGUS_REC_PROC 3      /* struct argus_proc_event */
+
+/* Probe flags (struct argus_probe_info.flags): what the generic uprobe program captures. */
+#define ARGUS_PF_EXIT (1u << 0)       /* a return probe is attached: record dur_ns and ret */
+#define ARGUS_PF_STACK (1u << 1)      /* read ARGUS_STACK_ARGS words above the return address */
+#define ARGUS_PF_UID_HASH (1u << 2)   /* hash the 128-byte by-value ncclUniqueId at sp+8 */
+#define ARGUS_PF_OUT (1u << 3)        /* at exit, read the u64 that args[out_arg] points to */
+#define ARGUS_PF_STR (1u << 4)        /* read a NUL-terminated string args[str_arg] points to */
+#define ARGUS_PF_SEQ (1u << 5)        /* count per (tgid, args[seq_arg], peer) -> seq */
+#define ARGUS_PF_PEER (1u << 6)       /* args[peer_arg] is a p2p peer: separate seq per peer */
+#define ARGUS_PF_NO_RECORD (1u << 7)  /* count only (call_counts), no ring-buffer record */
+
+#define ARGUS_REG_ARGS 6
+#define ARGUS_STACK_ARGS 4
+#define ARGUS_MAX_ARGS (ARGUS_REG_ARGS + ARGUS_STACK_ARGS)
+#define ARGUS_STR_LEN 64
+#define ARGUS_MAX_DEPTH 4  /* nested probed calls per thread tracked for return probes */
+#define ARGUS_COMM_LEN 16
+
+/* Key of the probe table: a probed instruction address in one traced process. */
+struct argus_probe_key {
+    __u32 tgid;
+    __u32 pad;
+    __u64 addr;
+};
+
+/* Value of the probe table. Arg indexes are 0-based into argus_call.args. */
+struct argus_probe_info {
+    __u32 probe_id;
+    __u32 flags;
+    __u8 out_arg;
+    __u8 str_arg;
+    __u8 seq_arg;
+    __u8 peer_arg;
+    __u32 pad;
+};
+
+/* One probed call: written at entry (entry-only probes) or at return (ARGUS_PF_EXIT). */
+struct argus_call {
+    __u32 type;      /* ARGUS_REC_CALL or ARGUS_REC_CALL_STR */
+    __u32 probe_id;
+    __u32 tgid;
+    __u32 tid;
+    __u64 ts_ns;     /* entry, bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+    __u64 dur_ns;    /* 0 for entry-only probes */
+    __u64 args[ARGUS_MAX_ARGS];  /* rdi rsi rdx rcx r8 r9, then stack words at sp+8.. */
+    __u64 extra;     /* ARGUS_PF_UID_HASH: the id hash; ARGUS_PF_OUT: the value read at exit */
+    __s64 seq;       /* ARGUS_PF_SEQ: 0-based sequence number; -1 otherwise */
+    __s64 ret;       /* return value (rax) when ARGUS_PF_EXIT */
+};
+
+struct argus_call_str {
+    struct argus_call call;
+    char str[ARGUS_STR_LEN];
+};
+
+/* Process lifecycle, on its own ring buffer (low volume; never shares space with calls). */
+#define ARGUS_PROC_FORK 1
+#define ARGUS_PROC_EXEC 2
+#define ARGUS_PROC_EXIT 3
+
+struct argus_proc_event {
+    __u32 type;      /* ARGUS_REC_PROC */
+    __u32 what;      /* ARGUS_PROC_* */
+    __u64 ts_ns;
+    __u32 tgid;      /* the process (exec/exit) or the parent (fork) */
+    __u32 child;     /* fork: the new task id */
+    char comm[ARGUS_COMM_LEN];
+};
+
+/* Traced-process table value. */
+#define ARGUS_W_TRACE (1u << 0)   /* probes and CPU samples of this tgid are recorded */
+#define ARGUS_W_DESCEND (1u << 1) /* its children are watched too (launchers) */
+
+/* Drop and error counters: index of the `drops` array map. */
+#define ARGUS_DROP_CALL_RINGBUF 0
+#define ARGUS_DROP_PROC_RINGBUF 1
+#define ARGUS_DROP_DEPTH 2        /* nesting deeper than ARGUS_MAX_DEPTH */
+#define ARGUS_DROP_RET_ORPHAN 3   /* a return with no matching entry */
+#define ARGUS_DROP_STACK_USER 4   /* failed user stack walk */
+#define ARGUS_DROP_STACK_KERNEL 5 /* failed kernel stack walk */
+#define ARGUS_DROP_STACK_MAP_FULL 6
+#define ARGUS_DROP_COUNTS_FULL 7  /* a counts/seq/inflight hash map was full */
+#define ARGUS_DROP_READ_FAULT 8   /* bpf_probe_read_user failed on a captured argument */
+#define ARGUS_NDROPS 9
+
+/* CPU sample aggregation key. */
+struct argus_stack_key {
+    __u32 tgid;
+    __u32 tid;
+    __s32 user_stack_id;
+    __s32 kernel_stack_id;
+    char comm[ARGUS_COMM_LEN];
+};
+
+/* Per-thread stack of calls waiting for their return probe. */
+struct argus_frame {
+    __u64 ts_ns;
+    __u64 args[ARGUS_MAX_ARGS];
+    __u64 extra;
+    __s64 seq;
+    __u32 probe_id;
+    __u32 flags;
+    __u8 out_arg;
+    __u8 str_arg;
+    __u8 pad[6];
+};
+
+struct argus_inflight {
+    __u32 tgid;
+    __u32 depth;
+    struct argus_frame frames[ARGUS_MAX_DEPTH];
+};
+
+struct argus_seq_key {
+    __u32 tgid;
+    __s32 peer;    /* -1 for collectives */
+    __u64 comm;
+};
+
+struct argus_count_key {
+    __u32 tgid;
+    __u32 probe_id;
+};
+
+#endif /* ARGUS_H */

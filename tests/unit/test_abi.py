@@ -1,0 +1,63 @@
+"""The ctypes mirror (argus/collect/abi.py) matches bpf/argus.h, field by field."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from argus.collect import abi
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _c_layout(tmp_path: Path) -> dict[str, dict[str, int]]:
+    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "argus.h"', "int main(void) {"]
+    for cname, mirror in abi.STRUCTS.items():
+        lines.append(f'printf("{cname} sizeof %zu\\n", sizeof(struct {cname}));')
+        for field, *_ in mirror._fields_:
+            lines.append(
+                f'printf("{cname} {field} %zu\\n", offsetof(struct {cname}, {field}));'
+            )
+    lines += ["return 0;", "}"]
+    src = tmp_path / "layout.c"
+    src.write_text("\n".join(lines))
+    exe = tmp_path / "layout"
+    subprocess.run(["cc", "-I", str(ROOT / "bpf"), "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    layout: dict[str, dict[str, int]] = {}
+    for line in out.splitlines():
+        cname, field, value = line.split()
+        layout.setdefault(cname, {})[field] = int(value)
+    return layout
+
+
+def test_every_struct_matches_the_header(tmp_path):
+    layout = _c_layout(tmp_path)
+    assert set(layout) == set(abi.STRUCTS)
+    for cname, mirror in abi.STRUCTS.items():
+        import ctypes
+
+        assert layout[cname]["sizeof"] == ctypes.sizeof(mirror), cname
+        for field, *_ in mirror._fields_:
+            assert layout[cname][field] == getattr(mirror, field).offset, f"{cname}.{field}"
+
+
+def test_constants_match_the_header():
+    header = (ROOT / "bpf" / "argus.h").read_text()
+    defines = dict(re.findall(r"#define (ARGUS_\w+)[ \t]+([^/\n]+)", header))
+
+    def value(name: str) -> int:
+        text = defines[name].strip().replace("1u", "1")
+        assert re.fullmatch(r"[0-9()<< ]+", text), text
+        return int(eval(text))  # digits, parentheses and << only (checked above)
+
+    assert value("ARGUS_PF_EXIT") == abi.PF_EXIT
+    assert value("ARGUS_PF_NO_RECORD") == abi.PF_NO_RECORD
+    assert value("ARGUS_MAX_DEPTH") == abi.MAX_DEPTH
+    assert value("ARGUS_STR_LEN") == abi.STR_LEN
+    assert value("ARGUS_NDROPS") == len(abi.DROP_NAMES)
+    assert value("ARGUS_REC_PROC") == abi.REC_PROC
+    assert value("ARGUS_W_DESCEND") == abi.W_DESCEND
