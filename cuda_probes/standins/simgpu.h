@@ -1,0 +1,115 @@
+/*
+ * simgpu.h - the API of libargus_simgpu.so, the per-process virtual GPU engine that the
+ * stand-in libcudart / libcuda / libnccl share, and the device-state file layout that
+ * libnvidia-ml reads from another process.
+ *
+ * Only argus_sim_* names are exported by the engine: a uprobe on a CUDA or NCCL name
+ * therefore fires once per call made by the program, never for a call made internally.
+ */
+#ifndef ARGUS_SIMGPU_H
+#define ARGUS_SIMGPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define ARGUS_EXPORT __attribute__((visibility("default"), noinline))
+
+/* Count one call of an exported entry point (truth counters, one atomic per symbol). */
+#define ARGUS_COUNT(tab, idx) __atomic_fetch_add(&(tab)[(idx)], 1ULL, __ATOMIC_RELAXED)
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct argus_sim_stream argus_sim_stream;
+typedef struct argus_sim_event argus_sim_event;
+typedef struct argus_sim_comm argus_sim_comm;
+
+/* ---- registration of per-library call counters (dumped into the truth file) ---- */
+void argus_sim_register_counters(const char *lib, const char *const *names,
+                                 unsigned long long *counts, int n);
+/* Writes {"libcudart.so.12": {"cudaLaunchKernel": 12, ...}, ...} to fd. */
+void argus_sim_write_counts_json(int fd);
+
+/* ---- devices ---- */
+int argus_sim_device_count(void);
+int argus_sim_set_device(int dev);
+int argus_sim_get_device(void);
+
+/* ---- memory (fake device addresses; only the byte count is tracked) ---- */
+void *argus_sim_mem_alloc(size_t bytes);
+int argus_sim_mem_free(void *p);
+
+/* ---- streams: handle 0 = legacy default stream, 2 = per-thread default stream ---- */
+argus_sim_stream *argus_sim_stream_create(int nonblocking);
+argus_sim_stream *argus_sim_stream_resolve(void *handle, int per_thread_default);
+int argus_sim_stream_destroy(argus_sim_stream *s);
+/* threads: launched threads (grid * block); 1 thread = 1 ns at speed 1.0 and max clock */
+void argus_sim_enqueue_kernel(argus_sim_stream *s, uint64_t threads);
+void argus_sim_enqueue_copy(argus_sim_stream *s, uint64_t bytes);
+void argus_sim_enqueue_delay(argus_sim_stream *s, uint64_t ns);
+void argus_sim_stream_sync(argus_sim_stream *s);
+int argus_sim_stream_idle(argus_sim_stream *s);
+void argus_sim_device_sync(void);
+
+/* ---- events ---- */
+argus_sim_event *argus_sim_event_create(void);
+void argus_sim_event_destroy(argus_sim_event *e);
+void argus_sim_event_record(argus_sim_event *e, argus_sim_stream *s);
+void argus_sim_stream_wait_event(argus_sim_stream *s, argus_sim_event *e);
+void argus_sim_event_sync(argus_sim_event *e);
+int argus_sim_event_done(argus_sim_event *e);
+
+/* ---- communicators (cross-process, shared memory keyed by the 128-byte unique id) ---- */
+void argus_sim_unique_id(unsigned char id[128]);
+/* Blocks until all nranks ranks have joined. NULL on error. */
+argus_sim_comm *argus_sim_comm_init(const unsigned char id[128], int nranks, int rank, int dev);
+argus_sim_comm *argus_sim_comm_split(argus_sim_comm *parent, int color, int key);
+void argus_sim_comm_destroy(argus_sim_comm *c);
+int argus_sim_comm_nranks(argus_sim_comm *c);
+int argus_sim_comm_rank(argus_sim_comm *c);
+int argus_sim_comm_device(argus_sim_comm *c);
+enum { ARGUS_COLL_ALLREDUCE, ARGUS_COLL_ALLGATHER, ARGUS_COLL_REDUCESCATTER,
+       ARGUS_COLL_BROADCAST, ARGUS_COLL_REDUCE, ARGUS_P2P_SEND, ARGUS_P2P_RECV };
+/* bytes: for collectives the full buffer size (allgather: the gathered size). */
+void argus_sim_enqueue_nccl(argus_sim_comm *c, int kind, uint64_t bytes, int peer,
+                            argus_sim_stream *s);
+void argus_sim_group_start(void);
+void argus_sim_group_end(void);
+
+/* ---- control API for fault injection ---- */
+void argus_sim_set_gpu_speed(double factor);      /* 0.5 = kernels take twice as long */
+void argus_sim_set_link_speed(double factor);     /* 0.5 = collectives cost twice as much */
+void argus_sim_set_clock_mhz(unsigned sm_mhz, unsigned long long throttle_reasons);
+unsigned argus_sim_max_clock_mhz(void);
+uint64_t argus_sim_now_ns(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+/* ---- device state file: /dev/shm/argus-sim-<node>-gpu<i>, written by the rank process
+ *      that owns device i, read by libnvidia-ml in any process ---- */
+#define ARGUS_DEV_MAGIC 0x41524753494d4750ULL /* "ARGSIMGP" */
+#define ARGUS_DEV_BUCKETS 100                 /* 100 x 10 ms = utilisation over 1 s */
+#define ARGUS_DEV_BUCKET_NS 10000000ULL
+struct argus_dev_state {
+    uint64_t magic;
+    int32_t tgid;           /* owner; 0 or dead = idle device */
+    uint32_t index;
+    uint32_t sm_clock_mhz;
+    uint32_t max_sm_clock_mhz;
+    uint32_t mem_clock_mhz;
+    uint32_t max_mem_clock_mhz;
+    uint64_t throttle_reasons;
+    uint64_t mem_used_bytes;
+    uint64_t mem_total_bytes;
+    uint64_t updated_ns;    /* CLOCK_MONOTONIC */
+    uint64_t bucket_idx[ARGUS_DEV_BUCKETS];
+    uint64_t busy_ns[ARGUS_DEV_BUCKETS];
+};
+#define ARGUS_SIM_MAX_SM_MHZ 1980
+#define ARGUS_SIM_MEM_MHZ 2619
+#define ARGUS_SIM_MEM_TOTAL (80ULL << 30)
+
+#endif
