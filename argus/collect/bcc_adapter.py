@@ -81,7 +81,7 @@ def bcc_selftest() -> SelftestResult:
     capture = _CaptureOutput()
     try:
         with capture:
-            prog = bcc.BPF(text=SELFTEST_SOURCE)
+            prog = bcc.BPF(text=SELFTEST_SOURCE.encode())
     except Exception as e:  # bcc raises bare Exception on compile failure
         text = capture.text + "\n" + str(e)
         if any(marker in text for marker in _HEADER_MARKERS):
@@ -94,7 +94,7 @@ def bcc_selftest() -> SelftestResult:
     try:
         try:
             with _CaptureOutput():
-                prog.load_func("argus_selftest", bcc.BPF.KPROBE)
+                prog.load_func(b"argus_selftest", bcc.BPF.KPROBE)
         except Exception as e:
             raise _load_error(e) from e
     finally:
@@ -110,3 +110,142 @@ def _load_error(e: Exception) -> ArgusError:
     if "Operation not permitted" in text or "Permission denied" in text:
         return PermissionDenied(f"the kernel refused to load a BPF program ({text.strip()})")
     return ProbeAttachFailed(f"the kernel refused a test BPF program: {text.strip()}")
+
+
+# --- Loading and attaching the argus program set -------------------------------------------
+
+
+def _import_bcc():
+    try:
+        import bcc  # noqa: PLC0415  (the only import of bcc in argus)
+    except ImportError as e:
+        raise ProbeAttachFailed(f"bcc is not importable ({e})", remedy=BCC_MISSING_REMEDY) from e
+    return bcc
+
+
+class BpfSession:
+    """One compiled BPF object (bpf/argus.bpf.c with -D flags) and everything attached to it.
+
+    Collectors use this instead of bcc: uprobes by (file, ELF address, tgid), the cpu-clock
+    perf event, tables by name, ring buffers, symbolization. Every bcc failure becomes an
+    ArgusError naming what failed.
+    """
+
+    def __init__(self, src_file: str, cflags: list[str]):
+        bcc = _import_bcc()
+        self._bcc = bcc
+        capture = _CaptureOutput()
+        try:
+            with capture:
+                self._b = bcc.BPF(src_file=src_file.encode(), cflags=cflags)
+        except Exception as e:  # bcc raises bare Exception
+            text = capture.text + "\n" + str(e)
+            if any(marker in text for marker in _HEADER_MARKERS):
+                raise KernelFeatureMissing(
+                    "bcc cannot compile BPF programs: no kernel headers for this kernel",
+                    remedy=HEADERS_REMEDY,
+                ) from e
+            if "Operation not permitted" in text or "Permission denied" in text:
+                raise PermissionDenied("the kernel refused to load argus's BPF programs") from e
+            detail = _last_lines(capture.text, 6) or str(e)
+            raise ProbeAttachFailed(f"bcc failed to compile {src_file}: {detail}") from e
+        self._rings: list[str] = []
+
+    # uprobes ---------------------------------------------------------------------------
+    def attach_uprobe(self, path: str, addr: int, fn_name: str, tgid: int, ret: bool = False):
+        """Attach fn_name at ELF virtual address `addr` of `path`, only in process `tgid`."""
+        attach = self._b.attach_uretprobe if ret else self._b.attach_uprobe
+        capture = _CaptureOutput()
+        try:
+            with capture:
+                attach(name=path, addr=addr, fn_name=fn_name, pid=tgid)
+        except Exception as e:
+            detail = _last_lines(capture.text) or str(e)
+            raise ProbeAttachFailed(
+                f"cannot attach {'uretprobe' if ret else 'uprobe'} at {path}+{addr:#x} "
+                f"in {tgid}: {detail}"
+            ) from e
+
+    def detach_uprobe(self, path: str, addr: int, tgid: int, ret: bool = False) -> None:
+        detach = self._b.detach_uretprobe if ret else self._b.detach_uprobe
+        try:
+            with _CaptureOutput():
+                detach(name=path, addr=addr, pid=tgid)
+        except Exception:  # noqa: BLE001 - already gone (process exited): nothing to undo
+            pass
+
+    def uprobe_count(self) -> int:
+        return len(self._b.uprobe_fds)
+
+    # tracepoints -----------------------------------------------------------------------------
+    def attach_tracepoint(self, tp: str, fn_name: str) -> None:
+        try:
+            with _CaptureOutput():
+                self._b.attach_tracepoint(tp=tp, fn_name=fn_name)
+        except Exception as e:
+            raise ProbeAttachFailed(f"cannot attach tracepoint {tp}: {e}") from e
+
+    # perf events -------------------------------------------------------------------------
+    def attach_cpu_clock(self, fn_name: str, hz: int) -> None:
+        """Sample every CPU with the software cpu-clock event at `hz` (filtered in BPF)."""
+        bcc = self._bcc
+        try:
+            with _CaptureOutput():
+                self._b.attach_perf_event(
+                    ev_type=bcc.PerfType.SOFTWARE,
+                    ev_config=bcc.PerfSWConfig.CPU_CLOCK,
+                    fn_name=fn_name,
+                    sample_freq=hz,
+                    cpu=-1,
+                )
+        except Exception as e:
+            raise ProbeAttachFailed(f"cannot open the cpu-clock perf event at {hz} Hz: {e}") from e
+
+    # maps ----------------------------------------------------------------------------------
+    def table(self, name: str):
+        return self._b.get_table(name)
+
+    def open_ring_buffer(self, name: str, callback) -> None:
+        """callback(ctx, data_ptr, size) for every record; drain with poll()."""
+        self._b[name].open_ring_buffer(callback)
+        self._rings.append(name)
+
+    def poll(self, timeout_ms: int) -> None:
+        if self._rings:
+            self._b.ring_buffer_poll(timeout_ms)
+
+    def consume(self) -> None:
+        if self._rings:
+            self._b.ring_buffer_consume()
+
+    # symbols -------------------------------------------------------------------------------
+    def usym(self, addr: int, tgid: int) -> tuple[str, str]:
+        """(module, function) of a user address in a live process, '[unknown]' when not found."""
+        raw = self._b.sym(addr, tgid, show_module=True, show_offset=False)
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        return _split_sym(text)
+
+    def ksym(self, addr: int) -> str:
+        raw = self._b.ksym(addr, show_module=False, show_offset=False)
+        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+    def close(self) -> None:
+        """Detach everything and free the maps (idempotent)."""
+        b = getattr(self, "_b", None)
+        if b is None:
+            return
+        self._b = None
+        try:
+            with _CaptureOutput():
+                b.cleanup()
+        except Exception:  # noqa: BLE001 - teardown must not hide the original error
+            pass
+
+
+def _split_sym(text: str) -> tuple[str, str]:
+    # bcc formats "function [module]"; unknown frames are "[unknown]" or "0x... [module]".
+    text = text.strip()
+    if text.endswith("]") and " [" in text:
+        fn, mod = text.rsplit(" [", 1)
+        return mod[:-1], fn
+    return "[unknown]", text

@@ -1,0 +1,1 @@
+"""Test helpers shared by the unit and bpf tiers (fake /proc trees, real library paths)."""
