@@ -1,0 +1,156 @@
+"""Fault specs of the simulated job: `KIND:key=val,...`, validated here, then passed to the
+rank program in a normalised form (ARGUS_SIM_FAULTS)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# kind -> (parameter keys with defaults, fixed steps or None)
+KINDS: dict[str, dict[str, float]] = {
+    "straggler": {"factor": 2.0},
+    "host_stall": {"ms": 50.0},
+    "link": {"factor": 4.0},
+    "hang": {"at": -1.0},
+    "jit_stall": {"ms": 500.0},
+    "bubble": {"factor": 2.0, "stage": -1.0},
+    "throttle": {"mhz": 0.0, "factor": 0.0, "reasons": float(0x20)},
+}
+COMMON = ("rank", "ranks", "start", "steps")
+MAX_SM_MHZ = 1980
+DEFAULT_THROTTLE_MHZ = 1200
+
+
+class FaultSpecError(ValueError):
+    """A --fault spec that cannot be used; the message is one sentence naming the bad key."""
+
+
+@dataclass
+class Fault:
+    kind: str
+    ranks: list[int]
+    start: int = 0
+    steps: int | None = None  # None: until the end
+    params: dict[str, float] = field(default_factory=dict)
+    spec: str = ""
+
+    def to_truth(self) -> dict:
+        return {
+            "kind": self.kind,
+            "ranks": self.ranks,
+            "start": self.start,
+            "steps": self.steps,
+            "params": self.params,
+            "spec": self.spec,
+        }
+
+    def normalised(self, buckets: int) -> str:
+        """The form argus-sim-rank reads: kind:ranks=..,start=..,steps=..,value=..,..."""
+        value, value2, at = 0.0, 0.0, -1
+        p = self.params
+        if self.kind in ("straggler", "link", "bubble"):
+            value = p["factor"]
+        elif self.kind in ("host_stall", "jit_stall"):
+            value = p["ms"]
+        elif self.kind == "throttle":
+            value, value2 = p["mhz"], p["reasons"]
+        elif self.kind == "hang":
+            at = int(p["at"])
+        steps = -1 if self.steps is None else self.steps
+        ranks = "+".join(str(r) for r in self.ranks)
+        return (f"{self.kind}:ranks={ranks},start={self.start},steps={steps},"
+                f"value={value!r},value2={value2!r},at={at}")
+
+
+def _num(spec: str, key: str, val: str, integer: bool = False) -> float:
+    try:
+        v = int(val, 0) if integer else float(val)
+    except ValueError:
+        raise FaultSpecError(
+            f"fault {spec!r}: key {key!r} needs a {'whole' if integer else ''} number, "
+            f"not {val!r}.".replace("a  number", "a number")) from None
+    return v
+
+
+def parse_fault(spec: str, nranks: int, pp: int = 1, buckets: int = 4) -> Fault:
+    """Parse and validate one `KIND:key=val,...` spec for a job of nranks ranks."""
+    kind, _, rest = spec.partition(":")
+    kind = kind.strip()
+    if kind not in KINDS:
+        raise FaultSpecError(
+            f"fault {spec!r}: unknown kind {kind!r} (known: {', '.join(KINDS)}).")
+    params = dict(KINDS[kind])
+    ranks: list[int] | None = None
+    start, steps = 0, None
+    given: set[str] = set()
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, val = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise FaultSpecError(f"fault {spec!r}: key {key!r} has no value (use {key}=...).")
+        if key not in COMMON and key not in params:
+            known = ", ".join(list(COMMON) + list(KINDS[kind]))
+            raise FaultSpecError(f"fault {spec!r}: unknown key {key!r} for {kind} (known: {known}).")
+        given.add(key)
+        if key in ("rank", "ranks"):
+            parts = val.replace("+", " ").split()
+            if not parts:
+                raise FaultSpecError(f"fault {spec!r}: key {key!r} names no rank.")
+            ranks = [int(_num(spec, key, p, True)) for p in parts]
+            bad = [r for r in ranks if not 0 <= r < nranks]
+            if bad:
+                raise FaultSpecError(
+                    f"fault {spec!r}: key {key!r} names rank {bad[0]}, but the job has "
+                    f"ranks 0..{nranks - 1}.")
+        elif key == "start":
+            start = int(_num(spec, key, val, True))
+            if start < 0:
+                raise FaultSpecError(f"fault {spec!r}: key 'start' must be >= 0.")
+        elif key == "steps":
+            steps = int(_num(spec, key, val, True))
+            if steps < 1:
+                raise FaultSpecError(f"fault {spec!r}: key 'steps' must be >= 1.")
+        else:
+            params[key] = _num(spec, key, val, key in ("at", "stage", "reasons"))
+    if kind == "bubble":
+        if pp < 2:
+            raise FaultSpecError(f"fault {spec!r}: key 'stage' needs pipeline mode (--pp 2 or more).")
+        if "stage" in given:
+            st = int(params["stage"])
+            if not 0 <= st < pp:
+                raise FaultSpecError(f"fault {spec!r}: key 'stage' must be in 0..{pp - 1}.")
+            ranks = [r for r in range(nranks) if r % pp == st]
+        elif ranks is not None:
+            params["stage"] = float(ranks[0] % pp)
+    if ranks is None:
+        raise FaultSpecError(f"fault {spec!r}: key 'rank' is missing (e.g. rank=1 or ranks=1+3).")
+    for key in ("factor",):
+        if key in params and kind != "throttle" and params[key] <= 0:
+            raise FaultSpecError(f"fault {spec!r}: key 'factor' must be > 0.")
+    if kind in ("host_stall", "jit_stall") and params["ms"] < 0:
+        raise FaultSpecError(f"fault {spec!r}: key 'ms' must be >= 0.")
+    if kind == "jit_stall" and steps is None:
+        steps = 1
+    if kind == "throttle":
+        if params["mhz"] > 0:
+            mhz = params["mhz"]
+        elif params["factor"] > 0:
+            mhz = MAX_SM_MHZ / params["factor"]
+        else:
+            mhz = DEFAULT_THROTTLE_MHZ
+        if not 1 <= mhz <= MAX_SM_MHZ:
+            raise FaultSpecError(f"fault {spec!r}: key 'mhz' must be in 1..{MAX_SM_MHZ}.")
+        params["mhz"] = float(int(mhz))
+        params["factor"] = MAX_SM_MHZ / params["mhz"]
+    if kind == "hang":
+        if steps is not None:
+            raise FaultSpecError(f"fault {spec!r}: key 'steps' does not apply to a hang (it lasts forever).")
+        if params["at"] < 0:
+            params["at"] = float(start * buckets)  # the first gradient allreduce of `start`
+        params["at"] = float(int(params["at"]))
+        # sequence number on the data-parallel communicator where the others wait: with
+        # --pp 1 that is the world communicator, whose collective 0 is DDP's broadcast
+        params["comm_seq"] = params["at"] + (1 if pp == 1 else 0)
+    ints = ("at", "comm_seq", "stage", "reasons", "mhz")
+    params = {k: (int(v) if k in ints else v) for k, v in params.items()}
+    return Fault(kind=kind, ranks=sorted(set(ranks)), start=start, steps=steps, params=params,
+                 spec=spec)
