@@ -66,7 +66,8 @@ struct argus_call {
     __u64 ts_ns;     /* entry, bpf_ktime_get_ns (CLOCK_MONOTONIC) */
     __u64 dur_ns;    /* 0 for entry-only probes */
     __u64 args[ARGUS_MAX_ARGS];  /* rdi rsi rdx rcx r8 r9, then stack words at sp+8.. */
-    __u64 extra;     /* ARGUS_PF_UID_HASH: the id hash; ARGUS_PF_OUT: the value read at exit */
+    __u64 uid_hash;  /* ARGUS_PF_UID_HASH: FNV-1a of the 128-byte ncclUniqueId */
+    __u64 out;       /* ARGUS_PF_OUT: the u64 args[out_arg] pointed to at return */
     __s64 seq;       /* ARGUS_PF_SEQ: 0-based sequence number; -1 otherwise */
     __s64 ret;       /* return value (rax) when ARGUS_PF_EXIT */
 };
@@ -119,7 +120,7 @@ struct argus_stack_key {
 struct argus_frame {
     __u64 ts_ns;
     __u64 args[ARGUS_MAX_ARGS];
-    __u64 extra;
+    __u64 uid_hash;
     __s64 seq;
     __u32 probe_id;
     __u32 flags;

@@ -109,12 +109,12 @@ int argus_call_entry(struct pt_regs *ctx)
     f->out_arg = pi->out_arg;
     f->str_arg = pi->str_arg;
     argus_capture_args(ctx, flags, f->args);
-    f->extra = 0;
+    f->uid_hash = 0;
     f->seq = -1;
     if (flags & ARGUS_PF_UID_HASH) {
         u64 uid[16] = {};
         if (bpf_probe_read_user(uid, sizeof(uid), (void *)(PT_REGS_SP(ctx) + 8)) == 0)
-            f->extra = argus_fnv1a_128(uid);
+            f->uid_hash = argus_fnv1a_128(uid);
         else
             argus_drop(ARGUS_DROP_READ_FAULT);
     }
@@ -142,7 +142,8 @@ int argus_call_entry(struct pt_regs *ctx)
         r->ts_ns = ts;
         r->dur_ns = 0;
         __builtin_memcpy(r->args, f->args, sizeof(r->args));
-        r->extra = f->extra;
+        r->uid_hash = f->uid_hash;
+        r->out = 0;
         r->seq = f->seq;
         r->ret = 0;
         calls.ringbuf_submit(r, 0);
@@ -205,7 +206,8 @@ int argus_call_return(struct pt_regs *ctx)
     r->ts_ns = f->ts_ns;
     r->dur_ns = now - f->ts_ns;
     __builtin_memcpy(r->args, f->args, sizeof(r->args));
-    r->extra = f->extra;
+    r->uid_hash = f->uid_hash;
+    r->out = 0;
     r->seq = f->seq;
     r->ret = PT_REGS_RC(ctx);
     if (f->flags & ARGUS_PF_OUT) {
@@ -215,7 +217,7 @@ int argus_call_return(struct pt_regs *ctx)
         if (oi < ARGUS_MAX_ARGS)
             ptr = f->args[oi];
         if (bpf_probe_read_user(&v, sizeof(v), (void *)ptr) == 0)
-            r->extra = v;
+            r->out = v;
         else
             argus_drop(ARGUS_DROP_READ_FAULT);
     }

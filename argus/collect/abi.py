@@ -74,7 +74,8 @@ class Call(ct.Structure):
         ("ts_ns", ct.c_uint64),
         ("dur_ns", ct.c_uint64),
         ("args", ct.c_uint64 * MAX_ARGS),
-        ("extra", ct.c_uint64),
+        ("uid_hash", ct.c_uint64),
+        ("out", ct.c_uint64),
         ("seq", ct.c_int64),
         ("ret", ct.c_int64),
     ]
@@ -109,7 +110,7 @@ class Frame(ct.Structure):
     _fields_ = [
         ("ts_ns", ct.c_uint64),
         ("args", ct.c_uint64 * MAX_ARGS),
-        ("extra", ct.c_uint64),
+        ("uid_hash", ct.c_uint64),
         ("seq", ct.c_int64),
         ("probe_id", ct.c_uint32),
         ("flags", ct.c_uint32),
