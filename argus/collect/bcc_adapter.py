@@ -107,9 +107,15 @@ def bcc_selftest() -> SelftestResult:
 
 def _load_error(e: Exception) -> ArgusError:
     text = str(e)
-    if "Operation not permitted" in text or "Permission denied" in text:
-        return PermissionDenied(f"the kernel refused to load a BPF program ({text.strip()})")
-    return ProbeAttachFailed(f"the kernel refused a test BPF program: {text.strip()}")
+    if any(m in text for m in ("Operation not permitted", "Permission denied", "super-user")):
+        return PermissionDenied(
+            f"BPF programs cannot be loaded without privileges ({text.strip()})"
+        )
+    return ProbeAttachFailed(
+        f"the kernel refused a test BPF program: {text.strip()}",
+        remedy="Check `dmesg` and the kernel's BPF settings (kernel.unprivileged_bpf_disabled, "
+        "lockdown).",
+    )
 
 
 # --- Loading and attaching the argus program set -------------------------------------------
