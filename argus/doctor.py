@@ -272,8 +272,18 @@ def check_tracefs(
     """
     name = "tracefs"
     for d in candidates:
-        if (Path(d) / "uprobe_events").exists():
-            return Check(name, Status.PASS, f"mounted at {d}", "")
+        try:
+            os.stat(Path(d) / "uprobe_events")
+        except PermissionError:
+            return Check(
+                name,
+                Status.WARN,
+                f"{d} is not accessible to uid {os.geteuid()} (tracefs is root-only)",
+                "Run argus as root (sudo argus ...).",
+            )
+        except OSError:
+            continue
+        return Check(name, Status.PASS, f"mounted at {d}", "")
     if Path(uprobe_pmu).exists():
         return Check(
             name,
@@ -528,6 +538,23 @@ def _training_descendants(tgid: int, proc_root: str) -> list[int]:
 # All together
 
 
+def _internal_error(name: str, err: Exception, status: Status) -> Check:
+    return Check(
+        name,
+        status,
+        f"the check itself failed: {type(err).__name__}: {err}",
+        "Run `argus -v doctor` and report the output.",
+    )
+
+
+def _guard(name: str, check: Callable[[], Check]) -> Check:
+    """Run a node check; an unexpected exception becomes a WARN (unknown), never a crash."""
+    try:
+        return check()
+    except Exception as err:  # noqa: BLE001
+        return _internal_error(name, err, Status.WARN)
+
+
 def run_doctor(
     pid: int | Sequence[int] | None = None,
     *,
@@ -546,25 +573,33 @@ def run_doctor(
     """Run every check (and the per-process ones for each PID); see the check functions."""
     pids = [] if pid is None else [pid] if isinstance(pid, int) else list(pid)
     checks = [
-        check_privileges(euid=euid, cap_eff=cap_eff, proc_root=proc_root),
-        check_kernel_config(
-            config_text=config_text, proc_root=proc_root, boot_dir=boot_dir, release=release
+        _guard("privileges", lambda: check_privileges(euid, cap_eff, proc_root)),
+        _guard(
+            "kernel config",
+            lambda: check_kernel_config(
+                config_text=config_text, proc_root=proc_root, boot_dir=boot_dir, release=release
+            ),
         ),
-        check_tracefs(tracefs_candidates, uprobe_pmu),
-        check_perf_event_paranoid(
-            perf_event_paranoid, euid=euid, cap_eff=cap_eff, proc_root=proc_root
+        _guard("tracefs", lambda: check_tracefs(tracefs_candidates, uprobe_pmu)),
+        _guard(
+            "perf_event_paranoid",
+            lambda: check_perf_event_paranoid(perf_event_paranoid, euid, cap_eff, proc_root),
         ),
-        check_bcc(selftest),
+        _guard("bcc", lambda: check_bcc(selftest)),
     ]
     processes: list[dict[str, object]] = []
     visible: str | None = None
     for p in pids:
-        pchecks, pinfo = inspect_process(p, proc_root, euid=euid)
+        try:
+            pchecks, pinfo = inspect_process(p, proc_root, euid=euid)
+        except Exception as err:  # noqa: BLE001 - a doctor reports, it does not crash
+            pchecks = [_internal_error(f"process {p}", err, Status.FAIL)]
+            pinfo = {"tgid": p, "state": "error"}
         checks.extend(pchecks)
         processes.append(pinfo)
         if visible is None and isinstance(pinfo.get("visible_devices"), str):
             visible = str(pinfo["visible_devices"])
-    checks.append(check_nvml(nvml_probe, visible))
+    checks.append(_guard("nvml", lambda: check_nvml(nvml_probe, visible)))
     return DoctorReport(checks=checks, processes=processes)
 
 

@@ -69,7 +69,7 @@ def _print_table(report: _doctor.DoctorReport) -> None:
     if failed:
         first = failed[0]
         more = f" (and {len(failed) - 1} more failed check(s))" if len(failed) > 1 else ""
-        err = Console(stderr=True, highlight=False)
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
         err.print(Text(f"argus cannot trace: {first.detail}{more}."))
     else:
         console.print(Text("tracing can work here.", style="green"))

@@ -443,3 +443,21 @@ def test_main_entry_point_exit_codes(fake_cli: Path, capsys: pytest.CaptureFixtu
     assert main(["doctor", "-p", "notanumber"]) == 2
     err = capsys.readouterr().err
     assert "Invalid value for '-p'" in err and "Traceback" not in err
+
+
+def test_a_crashing_check_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = _fake_system(tmp_path)
+
+    def boom(*a: object, **k: object) -> doctor.Check:
+        raise OSError("weird sysfs")
+
+    monkeypatch.setattr(doctor, "check_tracefs", boom)
+    monkeypatch.setattr(doctor, "inspect_process", boom)
+    report = doctor.run_doctor(100, **inputs)  # type: ignore[arg-type]
+    by = _by_name(report.checks)
+    assert by["tracefs"].status == Status.WARN
+    assert "OSError: weird sysfs" in by["tracefs"].detail
+    assert by["process 100"].status == Status.FAIL
+    assert report.processes == [{"tgid": 100, "state": "error"}]
