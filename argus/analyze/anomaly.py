@@ -1,0 +1,107 @@
+"""Anomalous windows: runs of steps whose job-wide step time is far above the baseline.
+
+Metric: per step, the median across ranks of the step time. Detector: baseline = the 25th
+percentile of that series (robust to windows covering up to ~70% of the run), noise =
+1.4826 * MAD of the steps below the median; a step is anomalous when it exceeds the baseline by
+both 20% and 5 noise units. Anomalous steps separated by at most one normal step are merged
+into a window. A window of one step slower than 2x is only `info` (a hiccup); longer windows
+or a slowdown >= 2x are `warning`.
+"""
+
+from __future__ import annotations
+
+from statistics import median
+from typing import Any
+
+import polars as pl
+
+REL_THRESHOLD = 0.20
+NOISE_UNITS = 5.0
+
+
+def step_series(metrics: pl.DataFrame) -> pl.DataFrame:
+    """Per step: median step time across ranks, time span, and the number of ranks."""
+    if metrics.height == 0:
+        return pl.DataFrame(
+            schema={
+                "step": pl.Int64,
+                "step_time_ns": pl.Float64,
+                "start_ns": pl.Int64,
+                "end_ns": pl.Int64,
+                "n_ranks": pl.UInt32,
+            }  # fmt: skip
+        )
+    return (
+        metrics.group_by("step")
+        .agg(
+            pl.col("step_time_ns").median(),
+            pl.col("start_ns").min(),
+            pl.col("end_ns").max(),
+            pl.len().alias("n_ranks"),
+        )
+        .sort("step")
+    )
+
+
+def baseline(values: list[float]) -> tuple[float, float]:
+    """(baseline, noise) of a step-time series: 25th percentile and MAD of the lower half."""
+    v = sorted(values)
+    if not v:
+        return 0.0, 0.0
+    base = v[len(v) // 4]
+    lower = v[: max(1, (len(v) + 1) // 2)]
+    m = median(lower)
+    noise = 1.4826 * median(abs(x - m) for x in lower)
+    return float(base), float(noise)
+
+
+def detect_windows(metrics: pl.DataFrame) -> list[dict[str, Any]]:
+    """Anomalous windows (see module doc), each a finding dict of kind `anomalous_window`."""
+    s = step_series(metrics)
+    if s.height < 5:
+        return []
+    vals = s["step_time_ns"].to_list()
+    base, noise = baseline(vals)
+    if base <= 0:
+        return []
+    thr = base + max(REL_THRESHOLD * base, NOISE_UNITS * noise)
+    rows = s.rows(named=True)
+    flagged = [r["step_time_ns"] > thr for r in rows]
+    windows: list[list[int]] = []
+    i = 0
+    while i < len(rows):
+        if not flagged[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(rows) and (flagged[j + 1] or (j + 2 < len(rows) and flagged[j + 2])):
+            j += 1 if flagged[j + 1] else 2
+        windows.append([i, j])
+        i = j + 1
+    out = []
+    for a, b in windows:
+        inside = [r["step_time_ns"] for r in rows[a : b + 1]]
+        win_ms = median(inside) / 1e6
+        slow = median(inside) / base
+        n = b - a + 1
+        severity = "warning" if (n >= 2 or slow >= 2.0) else "info"
+        out.append(
+            {
+                "kind": "anomalous_window",
+                "severity": severity,
+                "summary": (
+                    f"Steps {rows[a]['step']}-{rows[b]['step']} took {win_ms:.1f} ms "
+                    f"(median), {slow:.1f}x the baseline of {base / 1e6:.1f} ms."
+                ),
+                "start_step": int(rows[a]["step"]),
+                "end_step": int(rows[b]["step"]),
+                "start_ns": int(rows[a]["start_ns"]),
+                "end_ns": int(rows[b]["end_ns"]),
+                "steps": n,
+                "baseline_step_time_ms": round(base / 1e6, 3),
+                "window_step_time_ms": round(win_ms, 3),
+                "slowdown": round(slow, 2),
+                "threshold_ms": round(thr / 1e6, 3),
+            }
+        )
+    return out

@@ -1,0 +1,157 @@
+"""Collective hangs: ranks blocked at collective k while others never arrived.
+
+A hang is seen at the end of a recording: ranks with a call still in flight (a sync, a
+read-back or a blocking collective; `in_flight` rows) entered at least `threshold` before the
+recording ended, where threshold = max(hang_after, 5 x the median step time). For each comm,
+k = the highest aligned seq any waiting rank issued; waiting ranks are those whose last seq on
+that comm is k, missing ranks those whose last seq is lower (they never arrived) or that
+exited (a `proc` `exit` event). For each missing rank the report gives what it is doing now:
+its latest CPU stacks (the last sampled intervals) and any call it is blocked in.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import polars as pl
+
+from argus.analyze.hotspot import attribute
+
+STEP_MULTIPLE = 5.0
+LATEST_INTERVALS = 5
+
+
+def latest_stacks(stacks: pl.DataFrame, rank: int, top: int = 3) -> list[dict[str, Any]]:
+    """The rank's most sampled stacks over its last `LATEST_INTERVALS` sampling intervals."""
+    mine = stacks.filter(pl.col("rank") == rank)
+    if mine.height == 0:
+        return []
+    last_ts = mine.get_column("ts_ns").unique().sort().tail(LATEST_INTERVALS)
+    recent = mine.filter(pl.col("ts_ns").is_in(last_ts.implode()))
+    c: Counter = Counter()
+    frames: dict[tuple, tuple] = {}
+    for fns, mods, n in recent.select("functions", "modules", "count").rows():
+        key = tuple(fns or [])
+        c[key] += int(n or 0)
+        frames[key] = (fns or [], mods or [])
+    total = sum(c.values()) or 1
+    out = []
+    for key, n in c.most_common(top):
+        fns, mods = frames[key]
+        user = [f for f, m in zip(fns, list(mods) + [None] * len(fns), strict=False)
+                if m != "[kernel]"]  # fmt: skip
+        out.append(
+            {
+                "samples": n,
+                "share": round(n / total, 3),
+                "function": attribute(fns, mods) or (user[0] if user else None),
+                "functions": list(fns),
+            }
+        )
+    return out
+
+
+def detect_hangs(
+    tl: pl.DataFrame,
+    coll: pl.DataFrame,
+    stacks: pl.DataFrame,
+    end_ns: dict[str, int],
+    hang_after_s: float,
+    step_ns: float | None,
+) -> list[dict[str, Any]]:
+    """collective_hang findings (see module doc); `end_ns` is each host's recording end."""
+    if tl.height == 0:
+        return []
+    threshold = max(hang_after_s * 1e9, STEP_MULTIPLE * (step_ns or 0))
+    end = pl.col("host").replace_strict(end_ns, default=None, return_dtype=pl.Int64)
+    stuck = (
+        tl.filter(
+            pl.col("in_flight")
+            & pl.col("rank").is_not_null()
+            & pl.col("kind").is_in(["sync", "readback", "collective", "other"])
+        )
+        .with_columns((end - pl.col("t_ns")).alias("waited_ns"))
+        .filter(pl.col("waited_ns") >= threshold)
+        .sort("t_ns")
+        .unique("rank", keep="first")
+    )
+    if stuck.height == 0:
+        return []
+    waiting = {r["rank"]: r for r in stuck.rows(named=True)}
+    exited = set(tl.filter(pl.col("kind") == "exit")["rank"].drop_nulls().to_list())
+    if coll.height == 0:
+        return [_finding(None, None, None, waiting, [], exited, tl, stacks, threshold)]
+    last = coll.group_by(["comm", "rank"]).agg(pl.col("gseq").max().alias("last"))
+    best = None
+    for comm in last["comm"].unique().sort().to_list():
+        lc = dict(last.filter(pl.col("comm") == comm).select("rank", "last").rows())
+        k = max((lc[r] for r in waiting if r in lc), default=None)
+        if k is None:
+            continue
+        missing = sorted({r for r, s in lc.items() if s < k} | (exited & set(lc)))
+        arrived = sorted(r for r, s in lc.items() if s >= k and r not in exited)
+        cand = (len(missing), len(arrived), comm, k, arrived, missing)
+        if best is None or cand[:2] > best[:2]:
+            best = cand
+    if best is None:
+        return [_finding(None, None, None, waiting, [], exited, tl, stacks, threshold)]
+    _, _, comm, k, arrived, missing = best
+    row = coll.filter((pl.col("comm") == comm) & (pl.col("gseq") == k)).head(1)
+    op = row["op"][0] if row.height else None
+    return [_finding(comm, k, op, {r: waiting.get(r) for r in arrived}, missing, exited, tl,
+                     stacks, threshold)]  # fmt: skip
+
+
+def _finding(comm, seq, op, waiting, missing, exited, tl, stacks, threshold) -> dict[str, Any]:
+    missing_stacks = []
+    for r in missing:
+        mine = tl.filter(pl.col("rank") == r)
+        fl = mine.filter(pl.col("in_flight")).sort("t_ns").tail(1)
+        lastev = mine.filter(pl.col("kind") != "exit").sort("t_ns").tail(1)
+        missing_stacks.append(
+            {
+                "rank": r,
+                "tgid": int(mine["tgid"][0]) if mine.height else None,
+                "exited": r in exited,
+                "in_flight": fl["name"][0] if fl.height else None,
+                "last_call": lastev["name"][0] if lastev.height else None,
+                "stacks": latest_stacks(stacks, r),
+            }
+        )
+    waits = [
+        {
+            "rank": r,
+            "call": w["name"] if w else None,
+            "waited_s": round(w["waited_ns"] / 1e9, 3) if w else None,
+        }
+        for r, w in sorted(waiting.items())
+    ]
+    longest = max((w["waited_s"] or 0 for w in waits), default=0)
+    where = f"{op} seq {seq} on comm {comm}" if comm is not None else "the GPU or a collective"
+    if missing:
+        doing = []
+        for m in missing_stacks:
+            if m["exited"]:
+                doing.append(f"rank {m['rank']} exited")
+            elif m["stacks"] and m["stacks"][0]["function"]:
+                doing.append(f"rank {m['rank']} is in {m['stacks'][0]['function']}")
+            else:
+                doing.append(f"rank {m['rank']} never arrived")
+        tail = "; ".join(doing)
+    else:
+        tail = "every rank arrived, so the collective itself is stuck"
+    ranks_txt = ", ".join(str(w["rank"]) for w in waits) or "none"
+    return {
+        "kind": "collective_hang",
+        "severity": "critical",
+        "summary": (f"Hang at {where}: rank(s) {ranks_txt} have waited {longest:.1f} s; {tail}."),
+        "comm": comm,
+        "seq": seq,
+        "op": op,
+        "waiting_ranks": [w["rank"] for w in waits],
+        "missing_ranks": list(missing),
+        "waiting": waits,
+        "missing_stacks": missing_stacks,
+        "threshold_s": round(threshold / 1e9, 3),
+    }

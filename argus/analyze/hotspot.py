@@ -1,0 +1,169 @@
+"""CPU hotspots: the differential CPU stack profile of anomalous vs normal time.
+
+Attribution: each stack sample is charged to ONE function, the deepest (leaf-most) user frame
+that is not in a shared library (`*.so*`), else the deepest user frame. Kernel frames and
+idle/sleep frames are ignored; samples of threads waiting for the GPU or a collective (a
+frame of the CUDA/NCCL API) are excluded. The profile of a set of samples is each function's
+share of the attributed samples; the differential is share(anomalous) - share(normal), and
+the hotspot is the function whose share grew the most (>= 10 points, >= 10 samples).
+
+Scopes: a straggler in a window (its samples in the window vs its samples elsewhere), a
+straggler throughout (its samples vs the other ranks'), and an anomalous window without a
+straggler (all ranks in the window vs elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import polars as pl
+
+MIN_DELTA = 0.10
+WARN_DELTA = 0.20
+MIN_SAMPLES = 10
+
+IDLE = frozenset(
+    "poll ppoll epoll_wait epoll_pwait select pselect nanosleep clock_nanosleep usleep sleep "
+    "sched_yield pthread_cond_wait pthread_cond_timedwait __futex_abstimed_wait_common "
+    "futex_wait syscall read recv recvmsg accept cpu_idle do_idle".split()
+)
+WAIT_PREFIXES = ("cuda", "cuStream", "cuCtx", "cuEvent", "cuMemcpy", "nccl", "argus_sim_")
+
+
+def attribute(functions: list[str] | None, modules: list[str] | None) -> str | None:
+    """The function one sample is charged to (None: idle, waiting, or kernel only)."""
+    if not functions:
+        return None
+    modules = list(modules or [None] * len(functions))
+    if len(modules) < len(functions):
+        modules += [None] * (len(functions) - len(modules))
+    user = []
+    for fn, mod in zip(functions, modules, strict=False):
+        if fn is None:
+            continue
+        if fn.startswith(WAIT_PREFIXES):
+            return None
+        if mod == "[kernel]" or fn in IDLE:
+            continue
+        user.append((fn, mod))
+    for fn, mod in user:
+        if not mod or ".so" not in mod:
+            return fn
+    return user[0][0] if user else None
+
+
+def profile(stacks: pl.DataFrame) -> Counter:
+    """Samples per attributed function."""
+    c: Counter = Counter()
+    for fns, mods, n in stacks.select("functions", "modules", "count").rows():
+        f = attribute(fns, mods)
+        if f is not None:
+            c[f] += int(n or 0)
+    return c
+
+
+def differential(anomalous: pl.DataFrame, normal: pl.DataFrame) -> list[dict[str, Any]]:
+    """Per function: share of samples in `anomalous` and `normal`, sorted by growth."""
+    a, b = profile(anomalous), profile(normal)
+    ta, tb = sum(a.values()), sum(b.values())
+    if ta == 0 or tb == 0:
+        return []
+    rows = [
+        {
+            "function": f,
+            "share_anomalous": a[f] / ta,
+            "share_normal": b[f] / tb,
+            "samples_anomalous": a[f],
+            "samples_normal": b[f],
+            "total_anomalous": ta,
+            "total_normal": tb,
+        }
+        for f in set(a) | set(b)
+    ]
+    return sorted(rows, key=lambda r: (-(r["share_anomalous"] - r["share_normal"]), r["function"]))
+
+
+def _finding(diff, rank, scope: str, extra: dict[str, Any]) -> dict[str, Any] | None:
+    if not diff:
+        return None
+    top = diff[0]
+    delta = top["share_anomalous"] - top["share_normal"]
+    if (
+        delta < MIN_DELTA
+        or top["total_anomalous"] < MIN_SAMPLES
+        or top["total_normal"] < MIN_SAMPLES
+    ):
+        return None
+    who = f"rank {rank}" if rank is not None else "all ranks"
+    return {
+        "kind": "cpu_hotspot",
+        "severity": "warning" if delta >= WARN_DELTA else "info",
+        "summary": (
+            f"On {who}, {top['function']} took {top['share_anomalous']:.0%} of CPU samples "
+            f"{scope} vs {top['share_normal']:.0%} otherwise."
+        ),
+        "rank": rank,
+        "function": top["function"],
+        "share_anomalous": round(top["share_anomalous"], 3),
+        "share_normal": round(top["share_normal"], 3),
+        "samples_anomalous": top["samples_anomalous"],
+        "samples_normal": top["samples_normal"],
+        "profile": [
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+            for r in diff[:5]
+        ],
+        **extra,
+    }
+
+
+def detect_hotspots(
+    stacks: pl.DataFrame,
+    windows: list[dict[str, Any]],
+    stragglers: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """cpu_hotspot findings for the stragglers and the anomalous windows (see module doc)."""
+    if stacks.height == 0:
+        return []
+    out = []
+    in_win = {}
+    for w in windows:
+        in_win[(w["start_step"], w["end_step"])] = pl.col("t_ns").is_between(
+            w["start_ns"], w["end_ns"]
+        )
+    any_win = pl.lit(False)
+    for e in in_win.values():
+        any_win = any_win | e
+    covered = set()
+    for s in stragglers:
+        r = s["rank"]
+        mine = stacks.filter(pl.col("rank") == r)
+        key = (s.get("start_step"), s.get("end_step"))
+        if key in in_win:
+            diff = differential(mine.filter(in_win[key]), mine.filter(~any_win))
+            scope = f"in steps {key[0]}-{key[1]}"
+            covered.add(key)
+        else:
+            diff = differential(mine, stacks.filter(pl.col("rank") != r))
+            scope = "than on the other ranks, i.e."
+            scope = "on this rank"
+            diff_scope = "vs the other ranks"
+            f = _finding(diff, r, scope, {"compared_with": "other_ranks"})
+            if f:
+                f["summary"] = f["summary"].replace("otherwise", diff_scope)
+                out.append(f)
+            continue
+        f = _finding(diff, r, scope, {"start_step": key[0], "end_step": key[1]})
+        if f:
+            out.append(f)
+    for w in windows:
+        key = (w["start_step"], w["end_step"])
+        if key in covered or w["severity"] == "info":
+            continue
+        diff = differential(stacks.filter(in_win[key]), stacks.filter(~any_win))
+        f = _finding(
+            diff, None, f"in steps {key[0]}-{key[1]}", {"start_step": key[0], "end_step": key[1]}
+        )
+        if f:
+            out.append(f)
+    return out

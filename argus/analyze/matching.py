@@ -1,0 +1,128 @@
+"""Collectives of every rank, matched across ranks by (comm, aligned sequence number).
+
+NCCL collectives carry a per-(tgid, comm) `seq` counted since attach, so when tracing started
+mid-run (or a rank was attached later) the same collective has different `seq` on different
+ranks. `align_seq` finds, per rank, the shift that maps its `seq` onto a reference rank's:
+the shift whose matched collectives have identical (op, bytes) and the closest entry times.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+COLLECTIVE_COLUMNS = (
+    "rank", "host", "tgid", "tid", "channel", "name", "comm", "op", "bytes", "seq",
+    "t_ns", "end_ns", "dur_ns", "in_flight",
+)  # fmt: skip
+
+
+def collectives(tl: pl.DataFrame) -> pl.DataFrame:
+    """The collective calls of a timeline, one row per call, with a non-null `seq` and `comm`.
+
+    A rank that has NCCL collectives keeps only those (a c10d call of the NCCL backend wraps
+    them); a rank with only c10d (gloo) calls keeps those. Null `comm` becomes `"<channel>"`,
+    null `seq` the call's index on its (rank, comm) in time order.
+    """
+    c = tl.filter((pl.col("kind") == "collective") & pl.col("rank").is_not_null())
+    if c.height == 0:
+        return c.select(COLLECTIVE_COLUMNS).with_columns(pl.col("seq").alias("gseq"))
+    has_nccl = c.filter(pl.col("channel") == "nccl").get_column("rank").unique().to_list()
+    c = c.filter((pl.col("channel") == "nccl") | ~pl.col("rank").is_in(has_nccl))
+    c = c.with_columns(pl.col("comm").fill_null(pl.col("channel")))
+    c = c.sort("t_ns").with_columns(
+        pl.col("seq").fill_null(pl.int_range(pl.len()).over(["rank", "comm"]).cast(pl.Int64))
+    )
+    return c.select(COLLECTIVE_COLUMNS).sort(["rank", "comm", "seq"])
+
+
+def _best_shift(ref: pl.DataFrame, other: pl.DataFrame) -> int:
+    """Shift d so that other.seq + d matches ref.seq: identical (op, bytes), closest times."""
+    probe = other.head(64).sort("t_ns")
+    near = probe.join_asof(
+        ref.select(pl.col("t_ns"), pl.col("seq").alias("rseq")).sort("t_ns"),
+        on="t_ns",
+        strategy="nearest",
+    )
+    cands = set((near.get_column("rseq") - near.get_column("seq")).drop_nulls().to_list())
+    cands.add(0)
+    best: tuple[float, float, int] | None = None
+    for d in sorted(cands, key=abs):
+        j = other.with_columns((pl.col("seq") + d).alias("seq")).join(
+            ref, on="seq", suffix="_r", how="inner"
+        )
+        if j.height == 0:
+            continue
+        agree = j.select(
+            (
+                (pl.col("op") == pl.col("op_r")) & (pl.col("bytes").eq_missing(pl.col("bytes_r")))
+            ).mean()
+        ).item()
+        if agree is None or agree < 0.9:
+            continue
+        dt = j.select((pl.col("t_ns") - pl.col("t_ns_r")).abs().median()).item()
+        key = (0.0 if j.height >= 8 else 1.0, float(dt), abs(d))
+        if best is None or key < best:
+            best = key
+            best_d = d
+    return best_d if best is not None else 0
+
+
+def align_seq(coll: pl.DataFrame) -> pl.DataFrame:
+    """Add `gseq`: the sequence number of each collective in the reference rank's numbering.
+
+    Per comm, the reference is the rank with the most observed collectives (lowest rank on a
+    tie). For every other rank the candidate shifts are those that pair its first collectives
+    with the reference's nearest-in-time ones, plus 0; the chosen shift has >= 90% identical
+    (op, bytes) pairs and the smallest median |entry time difference|.
+    """
+    if coll.height == 0:
+        return coll if "gseq" in coll.columns else coll.with_columns(pl.col("seq").alias("gseq"))
+    parts = []
+    for comm in coll.get_column("comm").unique().sort().to_list():
+        cc = coll.filter(pl.col("comm") == comm)
+        counts = cc.group_by("rank").len().sort(["len", "rank"], descending=[True, False])
+        ref_rank = counts.get_column("rank")[0]
+        ref = cc.filter(pl.col("rank") == ref_rank).select("seq", "op", "bytes", "t_ns")
+        for rank in cc.get_column("rank").unique().sort().to_list():
+            rc = cc.filter(pl.col("rank") == rank)
+            d = 0 if rank == ref_rank else _best_shift(ref, rc.select("seq", "op", "bytes", "t_ns"))
+            parts.append(rc.with_columns((pl.col("seq") + d).alias("gseq")))
+    return pl.concat(parts).sort(["rank", "comm", "gseq"])
+
+
+def with_lateness(coll: pl.DataFrame) -> pl.DataFrame:
+    """Add `lateness_ns`: entry time minus the median entry time of the same (comm, gseq).
+
+    Only collectives seen on at least two ranks get a value (null otherwise). A host-side
+    straggler enters its collectives late; a GPU-side one does not.
+    """
+    if coll.height == 0:
+        return coll.with_columns(pl.lit(None, pl.Int64).alias("lateness_ns"))
+    return coll.with_columns(
+        pl.when(pl.len().over(["comm", "gseq"]) >= 2)
+        .then(pl.col("t_ns") - pl.col("t_ns").median().over(["comm", "gseq"]))
+        .otherwise(None)
+        .cast(pl.Int64)
+        .alias("lateness_ns")
+    )
+
+
+def matched(coll: pl.DataFrame) -> pl.DataFrame:
+    """One row per (comm, gseq): op, bytes, ranks seen, first/last arrival and the last rank."""
+    if coll.height == 0:
+        return pl.DataFrame(
+            schema={"comm": pl.Utf8, "gseq": pl.Int64, "op": pl.Utf8, "n_ranks": pl.UInt32}
+        )
+    return (
+        coll.sort("t_ns")
+        .group_by(["comm", "gseq"])
+        .agg(
+            pl.col("op").first(),
+            pl.col("bytes").first(),
+            pl.len().alias("n_ranks"),
+            pl.col("t_ns").min().alias("first_arrival_ns"),
+            pl.col("t_ns").max().alias("last_arrival_ns"),
+            pl.col("rank").last().alias("last_rank"),
+        )
+        .sort(["comm", "gseq"])
+    )

@@ -1,0 +1,156 @@
+"""Straggler ranks: the rank that is consistently the slowest, and whether GPU or host.
+
+Metrics per (rank, step), from `steps.step_metrics`:
+- `compute_wait_ns` (the read-back wait for the rank's own GPU work): high on a GPU-slow rank.
+  Its end-of-step sync wait is SHORTER than the others' (they wait for it), so a naive
+  "who waits least on communication" view calls it healthy.
+- `lateness_ns` (host arrival at each collective vs the median arrival): high on a host-slow
+  rank (data loading, CPU contention, JIT compile).
+
+Detector, per metric and per scope (the whole recording, then each anomalous window): for
+each step, d = own value - median of the other ranks; per rank, D = median of d over the
+steps, noise = max(1.4826 * MAD of d, 1% of the step time, 50 us), score = D / noise. A rank
+is flagged when it is the slowest in >= 50% of the scope's steps, score >= 4 and D >= 5% of
+the median step time (and >= 0.2 ms). Severity: critical when D >= 25% of the step time.
+Cause `gpu` when the compute-wait metric flags the rank, else `host`.
+"""
+
+from __future__ import annotations
+
+from statistics import median
+from typing import Any
+
+import polars as pl
+
+MIN_FRACTION = 0.5
+MIN_SCORE = 4.0
+MIN_IMPACT = 0.05
+CRITICAL_IMPACT = 0.25
+MIN_ABS_NS = 200_000
+NOISE_FLOOR_NS = 50_000
+
+METRICS = (("compute_wait_ns", "gpu"), ("lateness_ns", "host"))
+
+
+def _score(m: pl.DataFrame, col: str, step_ns: float) -> dict[int, dict[str, float]]:
+    """Per rank: D (ns), noise, score, fraction of steps slowest, n steps (see module doc)."""
+    v = m.filter(pl.col(col).is_not_null()).select("rank", "step", pl.col(col).cast(pl.Float64))
+    if v.height == 0:
+        return {}
+    by_step: dict[int, dict[int, float]] = {}
+    for rank, step, x in v.rows():
+        by_step.setdefault(step, {})[rank] = x
+    d: dict[int, list[float]] = {}
+    slowest: dict[int, int] = {}
+    n_steps = 0
+    for vals in by_step.values():
+        if len(vals) < 2:
+            continue
+        n_steps += 1
+        top = max(vals, key=lambda r: (vals[r], -r))
+        slowest[top] = slowest.get(top, 0) + 1
+        for r, x in vals.items():
+            others = [y for q, y in vals.items() if q != r]
+            d.setdefault(r, []).append(x - median(others))
+    out = {}
+    floor = max(0.01 * step_ns, NOISE_FLOOR_NS)
+    for r, ds in d.items():
+        big_d = median(ds)
+        mad = 1.4826 * median(abs(x - big_d) for x in ds)
+        noise = max(mad, floor)
+        out[r] = {
+            "excess_ns": big_d,
+            "noise_ns": noise,
+            "score": big_d / noise,
+            "slowest_fraction": slowest.get(r, 0) / n_steps if n_steps else 0.0,
+            "steps": len(ds),
+        }
+    return out
+
+
+def _median_of(m: pl.DataFrame, col: str, rank: int, own: bool) -> float | None:
+    sel = m.filter((pl.col("rank") == rank) if own else (pl.col("rank") != rank))[col]
+    sel = sel.drop_nulls()
+    return float(sel.median()) / 1e6 if sel.len() else None
+
+
+def detect_stragglers(
+    metrics: pl.DataFrame, windows: list[dict[str, Any]], step_ns: float
+) -> list[dict[str, Any]]:
+    """Straggler findings (see module doc), at most one per rank (its strongest scope)."""
+    if metrics.height == 0 or metrics["rank"].n_unique() < 2 or step_ns <= 0:
+        return []
+    scopes: list[tuple[dict[str, Any] | None, pl.DataFrame]] = [(None, metrics)]
+    for w in windows:
+        sub = metrics.filter(pl.col("step").is_between(w["start_step"], w["end_step"]))
+        if sub.height:
+            scopes.append((w, sub))
+    best: dict[int, dict[str, Any]] = {}
+    for window, m in scopes:
+        scored = {col: _score(m, col, step_ns) for col, _ in METRICS}
+        for col, cause in METRICS:
+            for r, s in scored[col].items():
+                if not (
+                    s["slowest_fraction"] >= MIN_FRACTION
+                    and s["score"] >= MIN_SCORE
+                    and s["excess_ns"] >= max(MIN_IMPACT * step_ns, MIN_ABS_NS)
+                ):
+                    continue
+                if r in best and best[r]["_rank_key"] >= (cause == "gpu", s["score"]):
+                    continue
+                impact = s["excess_ns"] / step_ns
+                what = (
+                    "waits longer for its own GPU work (read-back)"
+                    if cause == "gpu"
+                    else "arrives late at collectives (host side)"
+                )
+                where = (
+                    f" in steps {window['start_step']}-{window['end_step']}"
+                    if window
+                    else " throughout the recording"
+                )
+                ev = {
+                    "metric": col,
+                    "excess_ms": round(s["excess_ns"] / 1e6, 3),
+                    "noise_ms": round(s["noise_ns"] / 1e6, 3),
+                    "slowest_in_fraction_of_steps": round(s["slowest_fraction"], 3),
+                    "steps": s["steps"],
+                    "step_time_ms_p50": round(step_ns / 1e6, 3),
+                }
+                for key, c in (
+                    ("compute_wait_ms", "compute_wait_ns"),
+                    ("sync_wait_ms", "sync_wait_ns"),
+                    ("lateness_ms", "lateness_ns"),
+                    ("host_gap_ms", "host_gap_ns"),
+                ):
+                    own, oth = _median_of(m, c, r, True), _median_of(m, c, r, False)
+                    if own is not None:
+                        ev[key] = {
+                            "rank": round(own, 3),
+                            "others": round(oth, 3) if oth is not None else None,
+                        }
+                for c2, _ in METRICS:
+                    if c2 != col and r in scored[c2]:
+                        ev[f"{c2[:-3]}_score"] = round(scored[c2][r]["score"], 2)
+                best[r] = {
+                    "_rank_key": (cause == "gpu", s["score"]),
+                    "kind": "straggler",
+                    "severity": "critical" if impact >= CRITICAL_IMPACT else "warning",
+                    "summary": (
+                        f"Rank {r} is the straggler{where}: it {what}, "
+                        f"{s['excess_ns'] / 1e6:.1f} ms per step more than the other ranks "
+                        f"({impact:.0%} of the {step_ns / 1e6:.1f} ms step)."
+                    ),
+                    "rank": r,
+                    "cause": cause,
+                    "score": round(s["score"], 2),
+                    "impact": round(impact, 3),
+                    "start_step": window["start_step"] if window else None,
+                    "end_step": window["end_step"] if window else None,
+                    "evidence": ev,
+                }
+    out = []
+    for f in best.values():
+        f.pop("_rank_key")
+        out.append(f)
+    return sorted(out, key=lambda f: -f["score"])
