@@ -2,7 +2,7 @@
 (build/sim/argus-sim-rank), each with torchrun's environment and ARGUS_SIM_* settings.
 
 `run_job(config)` makes the calling process the launcher and returns the truth dict;
-`start_job(config)` starts a separate launcher process (python -m argus.sim.launcher) and
+`start_job(config)` starts a separate launcher process (python -m argus.sim) and
 returns a SimJob handle at once; `main(argv)` is scripts/simulate.
 
 Readiness: once every rank has started (and, with --wait-go, is waiting for the go file
@@ -261,6 +261,17 @@ class _Job:
                 os.unlink(f)
             except OSError:
                 pass
+        # device files of ranks that were terminated (a clean exit removes its own)
+        pids = {p.pid for p in self.procs}
+        for r in range(self.cfg.ranks):
+            f = f"/dev/shm/argus-sim-{self.node}-gpu{r}"
+            try:
+                with open(f, "rb") as fh:
+                    head = fh.read(12)
+                if len(head) == 12 and int.from_bytes(head[8:12], "little") in pids:
+                    os.unlink(f)
+            except OSError:
+                pass
 
 
 def run_job(cfg: SimConfig, *, install_signal_handlers: bool = True) -> dict:
@@ -367,7 +378,7 @@ def start_job(cfg: SimConfig) -> SimJob:
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen([sys.executable, "-m", "argus.sim.launcher", *config_to_argv(cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "argus.sim", *config_to_argv(cfg)],
                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env)
     return SimJob(proc, cfg.truth, owns)
 

@@ -39,11 +39,13 @@ __attribute__((constructor)) static void cuda_init(void)
 
 ARGUS_EXPORT const char *argus_sim_cufunction_name(CUfunction f)
 {
+    ARGUS_FRAME();
     return (f && f->magic == FUNC_MAGIC) ? f->name : NULL;
 }
 
 ARGUS_EXPORT CUresult cuInit(unsigned int Flags)
 {
+    ARGUS_FRAME();
     COUNT(cuInit);
     if (Flags != 0)
         return CUDA_ERROR_INVALID_VALUE;
@@ -53,6 +55,7 @@ ARGUS_EXPORT CUresult cuInit(unsigned int Flags)
 
 ARGUS_EXPORT CUresult cuDriverGetVersion(int *driverVersion)
 {
+    ARGUS_FRAME();
     COUNT(cuDriverGetVersion);
     if (!driverVersion)
         return CUDA_ERROR_INVALID_VALUE;
@@ -62,6 +65,7 @@ ARGUS_EXPORT CUresult cuDriverGetVersion(int *driverVersion)
 
 ARGUS_EXPORT CUresult cuDeviceGetCount(int *count)
 {
+    ARGUS_FRAME();
     COUNT(cuDeviceGetCount);
     if (!g_inited)
         return CUDA_ERROR_NOT_INITIALIZED;
@@ -73,6 +77,7 @@ ARGUS_EXPORT CUresult cuDeviceGetCount(int *count)
 
 ARGUS_EXPORT CUresult cuModuleLoadData(CUmodule *module, const void *image)
 {
+    ARGUS_FRAME();
     COUNT(cuModuleLoadData);
     (void)image;
     if (!module)
@@ -84,6 +89,7 @@ ARGUS_EXPORT CUresult cuModuleLoadData(CUmodule *module, const void *image)
 
 ARGUS_EXPORT CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const char *name)
 {
+    ARGUS_FRAME();
     COUNT(cuModuleGetFunction);
     if (!hfunc || !name || !hmod)
         return CUDA_ERROR_INVALID_VALUE;
@@ -112,6 +118,7 @@ ARGUS_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsign
                                      unsigned int sharedMemBytes, CUstream hStream,
                                      void **kernelParams, void **extra)
 {
+    ARGUS_FRAME();
     COUNT(cuLaunchKernel);
     (void)sharedMemBytes; (void)kernelParams; (void)extra;
     return launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, hStream);
@@ -120,6 +127,7 @@ ARGUS_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsign
 ARGUS_EXPORT CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f,
                                        void **kernelParams, void **extra)
 {
+    ARGUS_FRAME();
     COUNT(cuLaunchKernelEx);
     (void)kernelParams; (void)extra;
     if (!config)
@@ -130,6 +138,7 @@ ARGUS_EXPORT CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction 
 
 ARGUS_EXPORT CUresult cuCtxSynchronize(void)
 {
+    ARGUS_FRAME();
     COUNT(cuCtxSynchronize);
     argus_sim_device_sync();
     return CUDA_SUCCESS;
@@ -137,6 +146,7 @@ ARGUS_EXPORT CUresult cuCtxSynchronize(void)
 
 ARGUS_EXPORT CUresult cuStreamSynchronize(CUstream hStream)
 {
+    ARGUS_FRAME();
     COUNT(cuStreamSynchronize);
     argus_sim_stream_sync(argus_sim_stream_resolve((void *)hStream, 0));
     return CUDA_SUCCESS;

@@ -48,6 +48,7 @@
 /* ------------------------------------------------------------------ time */
 uint64_t ARGUS_EXPORT argus_sim_now_ns(void)
 {
+    ARGUS_FRAME();
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
@@ -82,12 +83,14 @@ static int g_nlibs;
 ARGUS_EXPORT void argus_sim_register_counters(const char *lib, const char *const *names,
                                               unsigned long long *counts, int n)
 {
+    ARGUS_FRAME();
     if (g_nlibs < 8)
         g_libs[g_nlibs++] = (struct counter_lib){ lib, names, counts, n };
 }
 
 ARGUS_EXPORT void argus_sim_write_counts_json(int fd)
 {
+    ARGUS_FRAME();
     dprintf(fd, "{");
     for (int l = 0; l < g_nlibs; l++) {
         dprintf(fd, "%s\"%s\": {", l ? ", " : "", g_libs[l].lib);
@@ -256,6 +259,7 @@ __attribute__((constructor)) static void simgpu_init(void)
 
 ARGUS_EXPORT int argus_sim_device_count(void)
 {
+    ARGUS_FRAME();
     const char *n = getenv("ARGUS_SIM_GPUS");
     int v = n ? atoi(n) : 8;
     return v > 0 ? v : 8;
@@ -263,6 +267,7 @@ ARGUS_EXPORT int argus_sim_device_count(void)
 
 ARGUS_EXPORT int argus_sim_set_device(int dev)
 {
+    ARGUS_FRAME();
     if (dev < 0 || dev >= argus_sim_device_count())
         return -1;
     pthread_mutex_lock(&G);
@@ -274,6 +279,7 @@ ARGUS_EXPORT int argus_sim_set_device(int dev)
 
 ARGUS_EXPORT int argus_sim_get_device(void)
 {
+    ARGUS_FRAME();
     return g_dev < 0 ? 0 : g_dev;
 }
 
@@ -284,6 +290,7 @@ static uintptr_t g_next_addr = 0x7e0000000000ULL;
 
 ARGUS_EXPORT void *argus_sim_mem_alloc(size_t bytes)
 {
+    ARGUS_FRAME();
     struct alloc *a = malloc(sizeof *a);
     if (!a)
         return NULL;
@@ -307,6 +314,7 @@ ARGUS_EXPORT void *argus_sim_mem_alloc(size_t bytes)
 
 ARGUS_EXPORT int argus_sim_mem_free(void *p)
 {
+    ARGUS_FRAME();
     int rc = -1;
     pthread_mutex_lock(&G);
     for (struct alloc **pp = &g_allocs; *pp; pp = &(*pp)->next) {
@@ -405,6 +413,7 @@ static argus_sim_stream *stream_new_locked(int nonblocking, int legacy)
 
 ARGUS_EXPORT argus_sim_stream *argus_sim_stream_create(int nonblocking)
 {
+    ARGUS_FRAME();
     pthread_mutex_lock(&G);
     argus_sim_stream *s = stream_new_locked(nonblocking, 0);
     pthread_mutex_unlock(&G);
@@ -413,6 +422,7 @@ ARGUS_EXPORT argus_sim_stream *argus_sim_stream_create(int nonblocking)
 
 ARGUS_EXPORT argus_sim_stream *argus_sim_stream_resolve(void *handle, int per_thread_default)
 {
+    ARGUS_FRAME();
     uintptr_t h = (uintptr_t)handle;
     if (h > 2)
         return handle;
@@ -434,6 +444,7 @@ ARGUS_EXPORT argus_sim_stream *argus_sim_stream_resolve(void *handle, int per_th
 
 ARGUS_EXPORT int argus_sim_stream_destroy(argus_sim_stream *s)
 {
+    ARGUS_FRAME();
     /* Streams live until exit: their worker threads may still hold ops (CUDA lets a
      * stream be destroyed with work pending and completes the work). */
     (void)s;
@@ -522,17 +533,20 @@ static void enqueue_delay(argus_sim_stream *s, uint64_t ns, int is_kernel)
 
 ARGUS_EXPORT void argus_sim_enqueue_kernel(argus_sim_stream *s, uint64_t threads)
 {
+    ARGUS_FRAME();
     double ns = (double)threads / g_gpu_speed * ((double)ARGUS_SIM_MAX_SM_MHZ / g_clock_mhz);
     enqueue_delay(s, (uint64_t)ns, 1);
 }
 
 ARGUS_EXPORT void argus_sim_enqueue_copy(argus_sim_stream *s, uint64_t bytes)
 {
+    ARGUS_FRAME();
     enqueue_delay(s, 2000 + (uint64_t)((double)bytes / g_copy_bytes_per_ns), 0);
 }
 
 ARGUS_EXPORT void argus_sim_enqueue_delay(argus_sim_stream *s, uint64_t ns)
 {
+    ARGUS_FRAME();
     enqueue_delay(s, ns, 1);
 }
 
@@ -549,6 +563,7 @@ static void stream_sync(argus_sim_stream *s)
 
 ARGUS_EXPORT void argus_sim_stream_sync(argus_sim_stream *s)
 {
+    ARGUS_FRAME();
     /* the legacy stream also waits for blocking streams */
     if (s->legacy) {
         uint64_t t = now_ns();
@@ -561,6 +576,7 @@ ARGUS_EXPORT void argus_sim_stream_sync(argus_sim_stream *s)
 
 ARGUS_EXPORT int argus_sim_stream_idle(argus_sim_stream *s)
 {
+    ARGUS_FRAME();
     pthread_mutex_lock(&G);
     int busy = stream_busy_locked(s, now_ns());
     pthread_mutex_unlock(&G);
@@ -569,6 +585,7 @@ ARGUS_EXPORT int argus_sim_stream_idle(argus_sim_stream *s)
 
 ARGUS_EXPORT void argus_sim_device_sync(void)
 {
+    ARGUS_FRAME();
     pthread_mutex_lock(&G);
     uint64_t t = 0;
     for (argus_sim_stream *s = g_streams; s; s = s->next_all) {
@@ -584,16 +601,19 @@ ARGUS_EXPORT void argus_sim_device_sync(void)
 /* ------------------------------------------------------------------ events */
 ARGUS_EXPORT argus_sim_event *argus_sim_event_create(void)
 {
+    ARGUS_FRAME();
     return calloc(1, sizeof(argus_sim_event));
 }
 
 ARGUS_EXPORT void argus_sim_event_destroy(argus_sim_event *e)
 {
+    ARGUS_FRAME();
     (void)e; /* may still be referenced by queued ops; kept until exit */
 }
 
 ARGUS_EXPORT void argus_sim_event_record(argus_sim_event *e, argus_sim_stream *s)
 {
+    ARGUS_FRAME();
     uint64_t t = now_ns();
     pthread_mutex_lock(&G);
     implicit_sync_locked(s, t);
@@ -603,6 +623,7 @@ ARGUS_EXPORT void argus_sim_event_record(argus_sim_event *e, argus_sim_stream *s
 
 ARGUS_EXPORT void argus_sim_stream_wait_event(argus_sim_stream *s, argus_sim_event *e)
 {
+    ARGUS_FRAME();
     uint64_t t = now_ns();
     pthread_mutex_lock(&G);
     wait_event_locked(s, e, t);
@@ -611,6 +632,7 @@ ARGUS_EXPORT void argus_sim_stream_wait_event(argus_sim_stream *s, argus_sim_eve
 
 ARGUS_EXPORT void argus_sim_event_sync(argus_sim_event *e)
 {
+    ARGUS_FRAME();
     pthread_mutex_lock(&G);
     uint64_t gen = e->rec_gen;
     while (e->done_gen < gen)
@@ -622,6 +644,7 @@ ARGUS_EXPORT void argus_sim_event_sync(argus_sim_event *e)
 
 ARGUS_EXPORT int argus_sim_event_done(argus_sim_event *e)
 {
+    ARGUS_FRAME();
     pthread_mutex_lock(&G);
     int done = e->done_gen >= e->rec_gen && e->ts <= now_ns();
     pthread_mutex_unlock(&G);
@@ -631,6 +654,7 @@ ARGUS_EXPORT int argus_sim_event_done(argus_sim_event *e)
 /* ------------------------------------------------------------------ control */
 ARGUS_EXPORT void argus_sim_set_gpu_speed(double factor)
 {
+    ARGUS_FRAME();
     pthread_mutex_lock(&G);
     g_gpu_speed = factor > 0 ? factor : 1.0;
     pthread_mutex_unlock(&G);
@@ -638,6 +662,7 @@ ARGUS_EXPORT void argus_sim_set_gpu_speed(double factor)
 
 ARGUS_EXPORT void argus_sim_set_link_speed(double factor)
 {
+    ARGUS_FRAME();
     pthread_mutex_lock(&G);
     g_link_speed = factor > 0 ? factor : 1.0;
     pthread_mutex_unlock(&G);
@@ -645,6 +670,7 @@ ARGUS_EXPORT void argus_sim_set_link_speed(double factor)
 
 ARGUS_EXPORT void argus_sim_set_clock_mhz(unsigned sm_mhz, unsigned long long reasons)
 {
+    ARGUS_FRAME();
     pthread_mutex_lock(&G);
     ensure_device_locked();
     g_clock_mhz = (sm_mhz > 0 && sm_mhz <= ARGUS_SIM_MAX_SM_MHZ) ? sm_mhz : ARGUS_SIM_MAX_SM_MHZ;
@@ -655,6 +681,7 @@ ARGUS_EXPORT void argus_sim_set_clock_mhz(unsigned sm_mhz, unsigned long long re
 
 ARGUS_EXPORT unsigned argus_sim_max_clock_mhz(void)
 {
+    ARGUS_FRAME();
     return ARGUS_SIM_MAX_SM_MHZ;
 }
 
@@ -714,6 +741,7 @@ static void shm_wait(struct comm_shm *m, ready_fn ready, void *arg)
 
 ARGUS_EXPORT void argus_sim_unique_id(unsigned char id[128])
 {
+    ARGUS_FRAME();
     memset(id, 0, 128);
     if (getrandom(id, 16, 0) != 16) {
         uint64_t t = now_ns() ^ ((uint64_t)getpid() << 32);
@@ -744,6 +772,7 @@ static int all_joined(struct comm_shm *m, void *arg)
 ARGUS_EXPORT argus_sim_comm *argus_sim_comm_init(const unsigned char id[128], int nranks,
                                                  int rank, int dev)
 {
+    ARGUS_FRAME();
     if (nranks < 1 || nranks > MAXR || rank < 0 || rank >= nranks)
         return NULL;
     argus_sim_comm *c = calloc(1, sizeof *c);
@@ -796,6 +825,7 @@ static int all_split(struct comm_shm *m, void *arg)
 
 ARGUS_EXPORT argus_sim_comm *argus_sim_comm_split(argus_sim_comm *p, int color, int key)
 {
+    ARGUS_FRAME();
     uint64_t n1 = ++p->split_n;
     struct split_slot *sl = &p->m->split[(n1 - 1) % 4];
     sl->color[p->rank] = color;
@@ -822,6 +852,7 @@ ARGUS_EXPORT argus_sim_comm *argus_sim_comm_split(argus_sim_comm *p, int color, 
 
 ARGUS_EXPORT void argus_sim_comm_destroy(argus_sim_comm *c)
 {
+    ARGUS_FRAME();
     if (!c)
         return;
     if (__atomic_add_fetch(&c->m->destroyed, 1, __ATOMIC_SEQ_CST) == (uint32_t)c->nranks)
@@ -830,9 +861,9 @@ ARGUS_EXPORT void argus_sim_comm_destroy(argus_sim_comm *c)
     free(c);
 }
 
-ARGUS_EXPORT int argus_sim_comm_nranks(argus_sim_comm *c) { return c->nranks; }
-ARGUS_EXPORT int argus_sim_comm_rank(argus_sim_comm *c) { return c->rank; }
-ARGUS_EXPORT int argus_sim_comm_device(argus_sim_comm *c) { return c->dev; }
+ARGUS_EXPORT int argus_sim_comm_nranks(argus_sim_comm *c) { ARGUS_FRAME(); return c->nranks; }
+ARGUS_EXPORT int argus_sim_comm_rank(argus_sim_comm *c) { ARGUS_FRAME(); return c->rank; }
+ARGUS_EXPORT int argus_sim_comm_device(argus_sim_comm *c) { ARGUS_FRAME(); return c->dev; }
 
 static __thread int t_group_depth;
 static __thread struct nccl_part *t_group_parts;
@@ -854,6 +885,7 @@ static void enqueue_parts(argus_sim_stream *s, struct nccl_part *parts, int n)
 ARGUS_EXPORT void argus_sim_enqueue_nccl(argus_sim_comm *c, int kind, uint64_t bytes, int peer,
                                          argus_sim_stream *s)
 {
+    ARGUS_FRAME();
     struct nccl_part p = { c, kind, peer, bytes, 0 };
     if (kind == ARGUS_P2P_SEND)
         p.seq = c->send_n[peer]++;
@@ -878,11 +910,13 @@ ARGUS_EXPORT void argus_sim_enqueue_nccl(argus_sim_comm *c, int kind, uint64_t b
 
 ARGUS_EXPORT void argus_sim_group_start(void)
 {
+    ARGUS_FRAME();
     t_group_depth++;
 }
 
 ARGUS_EXPORT void argus_sim_group_end(void)
 {
+    ARGUS_FRAME();
     if (t_group_depth > 0 && --t_group_depth == 0 && t_group_n > 0) {
         enqueue_parts(t_group_stream, t_group_parts, t_group_n);
         t_group_parts = NULL;

@@ -14,8 +14,15 @@
 
 #define ARGUS_EXPORT __attribute__((visibility("default"), noinline))
 
-/* Count one call of an exported entry point (truth counters, one atomic per symbol). */
-#define ARGUS_COUNT(tab, idx) __atomic_fetch_add(&(tab)[(idx)], 1ULL, __ATOMIC_RELAXED)
+/* Count one call of an exported entry point (truth counters, one atomic per symbol).
+ * Taking the frame address makes even a leaf function set up %rbp, so that every exported
+ * entry point starts with `push %rbp` (uprobe emulated, not single-stepped). */
+#define ARGUS_COUNT(tab, idx)                                                   \
+    do {                                                                        \
+        __asm__ volatile("" ::"r"(__builtin_frame_address(0)));                 \
+        __atomic_fetch_add(&(tab)[(idx)], 1ULL, __ATOMIC_RELAXED);              \
+    } while (0)
+#define ARGUS_FRAME() __asm__ volatile("" ::"r"(__builtin_frame_address(0)))
 
 #ifdef __cplusplus
 extern "C" {
