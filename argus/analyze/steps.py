@@ -10,7 +10,7 @@ order:
   aligned `gseq`, so dropped events are wildcards); the step boundary is the END of the first
   wait after the previous collective (the end-of-step synchronize).
 - `torch` (c10d only, gloo) or `sync` (no collectives, e.g. one GPU): the smallest period `p`
-  of the marker tokens (>= 85% of tokens equal to the one `p` later), rotated so the cycle
+  of the marker tokens (>= 75% of tokens equal to the one `p` later), rotated so the cycle
   starts after the largest idle gap; the boundary is the end of the marker before a cycle.
 - `none`: nothing periodic (a CPU-only process, too few events).
 
@@ -39,7 +39,7 @@ STEP_COLUMNS = {
     "last_coll_ns": pl.Int64,
 }
 MAX_PERIOD = 128
-PERIOD_AGREEMENT = 0.85
+PERIOD_AGREEMENT = 0.75
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _scan(tokens: dict[int, tuple], pattern: list[tuple], starts: list[int] | No
 
 
 def _period(tokens: dict[int, tuple]) -> int | None:
-    """Smallest p with >= 85% of known tokens equal to the token p later (and >= 2 pairs)."""
+    """Smallest p with >= 75% of known tokens equal to the token p later (and >= 2 pairs)."""
     seqs = sorted(tokens)
     if len(seqs) < 3:
         return None

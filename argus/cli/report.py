@@ -1,0 +1,48 @@
+"""`argus report`: the diagnosis of one or several recorded directories."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from argus.analyze.report import DEFAULT_HANG_AFTER_S, diagnose
+from argus.errors import UsageError
+from argus.present.render import print_report
+from argus.recording.io import load_recording
+
+
+@click.command(
+    "report",
+    epilog="""\b
+Examples:
+  argus report /var/lib/argus/run1           # readable diagnosis of one node's recording
+  argus report node0/ node1/                 # one job recorded on two nodes, clocks aligned
+  argus report run1 --json | jq .findings    # machine-readable argus.report/1 object
+  argus report run1 --hang-after 30          # call a hang only after 30 s without progress
+""",
+)
+@click.argument("dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one argus.report/1 JSON object.")
+@click.option(
+    "--hang-after",
+    type=float,
+    default=DEFAULT_HANG_AFTER_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="Ranks blocked this long (and > 5 median steps) at the end of a recording are hung.",
+)
+def command(dirs: tuple[str, ...], as_json: bool, hang_after: float) -> None:
+    """Diagnose recorded DIR(s): stragglers, stalls, hangs and their causes.
+
+    Give one directory per node of the same job; their clocks are aligned on matched
+    collectives. Without --json a table is printed; with --json exactly one JSON object.
+    """
+    if hang_after <= 0:
+        raise UsageError("--hang-after must be a positive number of seconds.")
+    recordings = [load_recording(d) for d in dirs]
+    report = diagnose(recordings, hang_after_s=hang_after)
+    if as_json:
+        click.echo(json.dumps(report, default=str))
+    else:
+        print_report(report)
