@@ -103,7 +103,9 @@ def test_collective_completes_at_slowest_arrival_plus_cost(tmp_path):
         assert nccl.ncclAllReduce(None, None, ctypes.c_size_t(1250000000), 9, 0, comm, s) == 0
         t_enq = time.monotonic()
         assert rt.cudaStreamSynchronize(s) == 0
-        print(json.dumps({"arrive": t_arrive, "enq": t_enq, "end": time.monotonic()}))
+        t_end = time.monotonic()
+        assert nccl.ncclCommDestroy(comm) == 0
+        print(json.dumps({"arrive": t_arrive, "enq": t_enq, "end": t_end}))
     """
     from sim_helpers import CTYPES_PRELUDE
     import textwrap
