@@ -99,9 +99,7 @@ def test_report_hang_after_option(tmp_path):
     assert quiet["findings"] == []
     res = CliRunner().invoke(report_cmd.command, [*dirs, "--json", "--hang-after", "5"])
     hung = json.loads(res.stdout)
-    assert [(f["kind"], f["missing_ranks"]) for f in hung["findings"]] == [
-        ("collective_hang", [1])
-    ]
+    assert [(f["kind"], f["missing_ranks"]) for f in hung["findings"]] == [("collective_hang", [1])]
 
 
 def test_report_errors_are_typed(tmp_path):
@@ -115,3 +113,22 @@ def test_help_has_examples():
     for cmd in (report_cmd.command, export_cmd.command):
         out = CliRunner().invoke(cmd, ["--help"]).output
         assert "Examples:" in out and "#" in out
+
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "data")
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("synthetic_gpu_straggler", [("straggler", 1)]),
+        ("synthetic_hang", [("collective_hang", None)]),
+    ],
+)
+def test_stored_recordings(name, expected):
+    res = CliRunner().invoke(report_cmd.command, [os.path.join(DATA, name), "--json"])
+    obj = json.loads(res.stdout)
+    assert [(f["kind"], f.get("rank")) for f in obj["findings"]] == expected
+    if name == "synthetic_hang":
+        assert obj["findings"][0]["missing_ranks"] == [2]
+        assert obj["findings"][0]["waiting_ranks"] == [0, 1]
