@@ -10,7 +10,7 @@ Metrics per (rank, step), from `steps.step_metrics`:
 Detector, per metric and per scope (the whole recording, then each anomalous window): for
 each step, d = own value - median of the other ranks; per rank, D = median of d over the
 steps, noise = max(1.4826 * MAD of d, 1% of the step time, 50 us), score = D / noise. A rank
-is flagged when it is the slowest in >= 50% of the scope's steps, score >= 4 and D >= 5% of
+is flagged when it is the slowest in >= 50% of the scope's steps, score >= 4 and D >= 3% of
 the median step time (and >= 0.2 ms). Severity: critical when D >= 25% of the step time.
 Cause `gpu` when the compute-wait metric flags the rank, else `host`.
 """
@@ -24,7 +24,7 @@ import polars as pl
 
 MIN_FRACTION = 0.5
 MIN_SCORE = 4.0
-MIN_IMPACT = 0.05
+MIN_IMPACT = 0.03
 CRITICAL_IMPACT = 0.25
 MIN_ABS_NS = 200_000
 NOISE_FLOOR_NS = 50_000
