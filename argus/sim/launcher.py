@@ -124,6 +124,14 @@ class _Job:
         self.started_at = time.time()
         self.t0 = time.monotonic()
         self.stop_signal = 0
+        # started by start_job(): stop when that parent goes away (no orphaned jobs)
+        self.parent = os.getppid() if os.environ.get("ARGUS_SIM_WATCH_PARENT") else None
+
+    def orphaned(self) -> bool:
+        if self.parent is not None and os.getppid() != self.parent:
+            self.stop_signal = signal.SIGTERM
+            return True
+        return False
 
     def rank_env(self, rank: int, port: int) -> dict[str, str]:
         c = self.cfg
@@ -165,7 +173,7 @@ class _Job:
     def wait_ready(self, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
         n = self.cfg.ranks
-        while time.monotonic() < deadline and not self.stop_signal:
+        while time.monotonic() < deadline and not self.stop_signal and not self.orphaned():
             if sum((self.jobdir / f"ready-{r}").exists() for r in range(n)) == n:
                 return True
             if any(p.poll() is not None for p in self.procs):
@@ -194,7 +202,7 @@ class _Job:
                 pids = ",".join(str(p.pid) for p in self.procs)
                 print(f"ready launcher={os.getpid()} ranks={pids}", flush=True)
             deadline = (self.t0 + self.cfg.timeout_s) if self.cfg.timeout_s else None
-            while not self.stop_signal:
+            while not self.stop_signal and not self.orphaned():
                 if all(p.poll() is not None for p in self.procs):
                     break
                 if any(p.poll() not in (None, 0) for p in self.procs):
@@ -343,6 +351,19 @@ class SimJob:
         with open(self.truth_path) as f:
             return json.load(f)
 
+    def close(self) -> None:
+        """Stop the job if it still runs and remove the temporary truth file (if start_job
+        chose it)."""
+        if self.proc.poll() is None:
+            self.terminate()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        if self._owns_truth:
+            try:
+                os.unlink(self.truth_path)
+            except OSError:
+                pass
+
 
 def config_to_argv(cfg: SimConfig) -> list[str]:
     a = ["--ranks", str(cfg.ranks), "--pp", str(cfg.pp), "--step-ms", str(cfg.step_ms),
@@ -377,6 +398,7 @@ def start_job(cfg: SimConfig) -> SimJob:
         cfg = SimConfig(**{**asdict(cfg), "truth": path})
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
+    env["ARGUS_SIM_WATCH_PARENT"] = "1"
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.Popen([sys.executable, "-m", "argus.sim", *config_to_argv(cfg)],
                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env)

@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -478,6 +479,10 @@ int main(void)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     pthread_t st;
     pthread_create(&st, NULL, signal_thread, &set);
+    /* like torchrun's workers: die (writing the truth) when the launcher dies */
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() == 1)
+        kill(getpid(), SIGTERM);
 
     /* announce readiness, then wait for the go file without touching CUDA */
     char path[4200];

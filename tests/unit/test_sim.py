@@ -252,8 +252,7 @@ def test_ranks_map_named_libraries_with_real_exports_and_push_rbp_prologues(tmp_
         assert all(r["library_calls"]["libcudart.so.12"]["cudaSetDevice"] == 1
                    for r in truth["ranks"])
     finally:
-        if job.proc.poll() is None:
-            job.terminate()
+        job.close()
 
 
 def test_pynvml_reads_the_standin_and_throttle_lowers_the_clock(tmp_path):
@@ -297,6 +296,8 @@ print(json.dumps(out))
     finally:
         job.terminate()
     truth = job.truth()
+    job.close()
+    assert not os.path.exists(job.truth_path)
     assert truth["outcome"] == "interrupted"
     assert all(r["exit"] == "terminated" for r in truth["ranks"])
     assert not list(Path("/dev/shm").glob(f"argus-sim-{node}-*"))
