@@ -1,11 +1,13 @@
-/* argus.bpf.c: the one BPF program set argus loads per node.
+/* argus.bpf.c: the common part of the one BPF program set argus loads per node.
  *
- * Includes the families below, each switched on by a -D flag from user space:
+ * The loader (argus.collect.tracer) compiles this file followed by the family files it
+ * needs, as one translation unit (bcc only turns functions of the main file into programs,
+ * so the families are concatenated, each with a #line directive, rather than #included):
  *   proc.bpf.c        (always) process lifecycle tracepoints; the traced-process table
- *   calls.bpf.c       (-DARGUS_CALLS) generic uprobe/uretprobe program for every probe spec
+ *   calls.bpf.c       (channels cuda/nccl/torch) generic uprobe/uretprobe program for every probe spec
  *                     channel (CUDA runtime/driver, NCCL, PyTorch c10d): what to capture is
  *                     data (the probe table), not code
- *   cpu_stacks.bpf.c  (-DARGUS_CPU) perf_event cpu-clock sampling of the traced processes
+ *   cpu_stacks.bpf.c  (channel cpu) perf_event cpu-clock sampling of the traced processes
  *
  * Maps defined here, shared by the families:
  *   watched  tgid -> ARGUS_W_* flags: the in-kernel filter (launchers and ranks)
@@ -30,13 +32,3 @@ static __always_inline void argus_drop(int what)
     if (v)
         __sync_fetch_and_add(v, 1);
 }
-
-#include "proc.bpf.c"
-
-#ifdef ARGUS_CALLS
-#include "calls.bpf.c"
-#endif
-
-#ifdef ARGUS_CPU
-#include "cpu_stacks.bpf.c"
-#endif

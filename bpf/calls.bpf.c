@@ -1,5 +1,5 @@
 /* calls.bpf.c: one generic entry program and one generic return program for every probed
- * library call (CUDA runtime and driver, NCCL, PyTorch c10d), included by argus.bpf.c.
+ * library call (CUDA runtime and driver, NCCL, PyTorch c10d), compiled after argus.bpf.c.
  *
  * Attaches to: uprobes (argus_call_entry) and uretprobes (argus_call_return) placed by user
  *   space, per traced process, at the addresses the probe specs resolve to.
@@ -27,6 +27,9 @@
 #endif
 #ifndef ARGUS_CALL_PAGES
 #define ARGUS_CALL_PAGES 1024
+#endif
+#if ARGUS_MAX_DEPTH != 4
+#error "calls.bpf.c masks frame indexes with 3: keep ARGUS_MAX_DEPTH at 4"
 #endif
 
 BPF_HASH(probes, struct argus_probe_key, struct argus_probe_info, ARGUS_MAX_PROBES);
@@ -187,7 +190,11 @@ int argus_call_return(struct pt_regs *ctx)
     }
     d -= 1;
     st->depth = d;
-    struct argus_frame *f = &st->frames[d & (ARGUS_MAX_DEPTH - 1)];
+    /* The compiler drops a plain mask after the range check above and the verifier then
+     * loses the bound: mask inside asm so it stays. */
+    u64 idx = d;
+    asm volatile("%0 &= 3" : "+r"(idx));
+    struct argus_frame *f = &st->frames[idx];
     u64 now = bpf_ktime_get_ns();
     u32 want_str = f->flags & ARGUS_PF_STR;
     struct argus_call *r;

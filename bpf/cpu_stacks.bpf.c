@@ -1,4 +1,4 @@
-/* cpu_stacks.bpf.c: on-CPU stack sampling of the traced processes (included by argus.bpf.c).
+/* cpu_stacks.bpf.c: on-CPU stack sampling of the traced processes (compiled after argus.bpf.c).
  *
  * Attaches to: a perf_event software cpu-clock event on every CPU at -F HZ (no hardware PMU
  *   is needed; the VMs argus runs in often have none).

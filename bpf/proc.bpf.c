@@ -1,4 +1,4 @@
-/* proc.bpf.c: process lifecycle of watched processes (included by argus.bpf.c).
+/* proc.bpf.c: process lifecycle of watched processes (compiled after argus.bpf.c).
  *
  * Attaches to (argus_on_fork/exec/exit): tracepoints sched:sched_process_fork, sched:sched_process_exec,
  *   sched:sched_process_exit.

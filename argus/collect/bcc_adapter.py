@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from argus.errors import ArgusError, KernelFeatureMissing, PermissionDenied, ProbeAttachFailed
 
@@ -130,20 +131,25 @@ def _import_bcc():
 
 
 class BpfSession:
-    """One compiled BPF object (bpf/argus.bpf.c with -D flags) and everything attached to it.
+    """One compiled BPF object and everything attached to it.
+
+    `sources` are compiled as one translation unit, in order, each preceded by a #line
+    directive so compiler messages name the real file and line.
 
     Collectors use this instead of bcc: uprobes by (file, ELF address, tgid), the cpu-clock
     perf event, tables by name, ring buffers, symbolization. Every bcc failure becomes an
     ArgusError naming what failed.
     """
 
-    def __init__(self, src_file: str, cflags: list[str]):
+    def __init__(self, sources: list[str], cflags: list[str]):
         bcc = _import_bcc()
+        text = "".join(f'#line 1 "{src}"\n' + Path(src).read_text() + "\n" for src in sources)
+        src_file = ", ".join(Path(src).name for src in sources)
         self._bcc = bcc
         capture = _CaptureOutput()
         try:
             with capture:
-                self._b = bcc.BPF(src_file=src_file.encode(), cflags=cflags)
+                self._b = bcc.BPF(text=text.encode(), cflags=cflags)
         except Exception as e:  # bcc raises bare Exception
             text = capture.text + "\n" + str(e)
             if any(marker in text for marker in _HEADER_MARKERS):

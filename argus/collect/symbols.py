@@ -112,6 +112,12 @@ class ElfFile:
                 return vaddr - p_vaddr + p_offset
         return None
 
+    def offset_to_vaddr(self, file_off: int) -> int | None:
+        for p_vaddr, p_offset, p_filesz in self._loads:
+            if p_offset <= file_off < p_offset + p_filesz:
+                return file_off - p_offset + p_vaddr
+        return None
+
     def read(self, vaddr: int, n: int) -> bytes:
         off = self.vaddr_to_offset(vaddr)
         if off is None:

@@ -1,0 +1,212 @@
+"""Ring-buffer records -> rows of events.parquet (argus.recording.schema.EVENTS_SCHEMA).
+
+Pure: everything about the live processes it needs (which probe id is which spec, address
+-> kernel name, communicator handles) comes in through `DecodeContext`, so it is unit-tested
+without root. Records are decoded in bulk with numpy structured arrays (the dtype is built
+from the ctypes mirror, so it cannot drift from bpf/argus.h either).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from argus.collect import abi
+from argus.collect.specs import ProbeSpec
+from argus.recording import schema
+
+CALL_DTYPE = np.dtype(abi.Call)
+CALL_STR_DTYPE = np.dtype(abi.CallStr)
+
+# nccl.h: ncclDataType_t and ncclRedOp_t.
+NCCL_DTYPES = {
+    0: ("int8", 1), 1: ("uint8", 1), 2: ("int32", 4), 3: ("uint32", 4), 4: ("int64", 8),
+    5: ("uint64", 8), 6: ("float16", 2), 7: ("float32", 4), 8: ("float64", 8),
+    9: ("bfloat16", 2), 10: ("float8e4m3", 1), 11: ("float8e5m2", 1),
+}  # fmt: skip
+NCCL_REDOPS = {0: "sum", 1: "prod", 2: "max", 3: "min", 4: "avg"}
+
+
+@dataclass(frozen=True)
+class ProbeRef:
+    """What a probe id stands for: the spec and the symbol (a variant keeps its own name)."""
+
+    spec: ProbeSpec
+    symbol: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name if self.symbol == self.spec.symbol else self.symbol
+
+
+@dataclass
+class DecodeContext:
+    """Per-session state the decoder reads and updates.
+
+    - probes: probe id -> ProbeRef
+    - rank_of: tgid -> global rank (None when unknown)
+    - kernel_name: (tgid, host stub address) -> kernel name (resolved by the tracer)
+    - comm_ids: (tgid, communicator handle) -> communicator id, the same on every rank
+    - comm_info: (tgid, handle) -> (comm_rank, comm_nranks)
+    - handle_names: (tgid, CUfunction handle) -> kernel name (from cuModuleGetFunction)
+    """
+
+    probes: dict[int, ProbeRef]
+    rank_of: dict[int, int | None] = field(default_factory=dict)
+    kernel_name: Callable[[int, int], str | None] = lambda tgid, addr: None
+    comm_ids: dict[tuple[int, int], str] = field(default_factory=dict)
+    comm_info: dict[tuple[int, int], tuple[int | None, int | None]] = field(default_factory=dict)
+    handle_names: dict[tuple[int, int], str] = field(default_factory=dict)
+    _anon: dict[int, int] = field(default_factory=dict)
+    _splits: dict[tuple[int, str], int] = field(default_factory=dict)
+    on_comm_init: Callable[[int, str, int | None, int | None], None] | None = None
+
+    def comm_id(self, tgid: int, handle: int, kind: str) -> str:
+        """The id of a communicator handle; one never seen being made gets a per-process
+        ordinal (`anon0`, ...) or, for c10d process groups, `pg0`, ... by first use."""
+        key = (tgid, handle)
+        cid = self.comm_ids.get(key)
+        if cid is None:
+            prefix = "pg" if kind.startswith("pg_") else "anon"
+            n = self._anon.get((tgid, prefix), 0)  # type: ignore[call-overload]
+            self._anon[(tgid, prefix)] = n + 1  # type: ignore[index]
+            cid = f"{prefix}{n}"
+            self.comm_ids[key] = cid
+        return cid
+
+
+def _split_id(parent: str, color: int, ordinal: int) -> str:
+    return f"{parent}/split{ordinal}.c{color}"
+
+
+def _signed32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+def decode_records(blobs: list[bytes], ctx: DecodeContext) -> pl.DataFrame:
+    """Decode call records (struct argus_call / argus_call_str bytes) into an events frame.
+
+    Communicator-making calls update ctx (handle -> id) in record order, so calls on a
+    communicator decoded later in the same batch are named.
+    """
+    rows: list[dict] = []
+    for blob in blobs:
+        if len(blob) >= CALL_STR_DTYPE.itemsize and blob[:4] == b"\x02\x00\x00\x00":
+            rec = np.frombuffer(blob[: CALL_STR_DTYPE.itemsize], dtype=CALL_STR_DTYPE)[0]
+            call = rec["call"]
+            text = bytes(rec["str"]).split(b"\0", 1)[0].decode("utf-8", "replace")
+        else:
+            call = np.frombuffer(blob[: CALL_DTYPE.itemsize], dtype=CALL_DTYPE)[0]
+            text = None
+        row = decode_call(call, text, ctx, in_flight=False)
+        if row is not None:
+            rows.append(row)
+    return rows_to_frame(rows)
+
+
+def rows_to_frame(rows: list[dict]) -> pl.DataFrame:
+    if not rows:
+        return schema.empty_events()
+    cols = {name: [r.get(name) for r in rows] for name in schema.EVENTS_SCHEMA}
+    frame = pl.DataFrame(
+        {k: pl.Series(k, v, dtype=_load_dtype(dt)) for k, (v, dt) in _zip(cols).items()}
+    )
+    return frame.with_columns(
+        [pl.col(k).cast(dt) for k, dt in schema.EVENTS_SCHEMA.items() if dt == pl.Categorical]
+    )
+
+
+def _load_dtype(dt):
+    return pl.Utf8 if dt == pl.Categorical else dt
+
+
+def _zip(cols):
+    return {k: (v, schema.EVENTS_SCHEMA[k]) for k, v in cols.items()}
+
+
+def decode_call(call, text: str | None, ctx: DecodeContext, in_flight: bool) -> dict | None:
+    """One record (a numpy void of CALL_DTYPE, or a ctypes Frame-like) -> an events row."""
+    ref = ctx.probes.get(int(call["probe_id"]))
+    if ref is None:
+        return None
+    spec = ref.spec
+    tgid = int(call["tgid"])
+    args = [int(a) for a in call["args"]]
+    a = {name: args[slot] for name, slot in spec.args.items()}
+    dur = None if (in_flight or not spec.exit) else int(call["dur_ns"])
+    row: dict = {
+        "ts_ns": int(call["ts_ns"]),
+        "dur_ns": dur,
+        "in_flight": in_flight,
+        "tgid": tgid,
+        "tid": int(call["tid"]),
+        "rank": ctx.rank_of.get(tgid),
+        "channel": spec.channel,
+        "name": ref.name,
+        "op": spec.op,
+        "ret": None if (in_flight or not spec.exit) else _signed32(int(call["ret"])),
+    }
+    seq = int(call["seq"])
+    if seq >= 0:
+        row["seq"] = seq
+    if "stream" in a:
+        row["stream"] = a["stream"]
+    if "kernel" in a:
+        row["kernel"] = ctx.kernel_name(tgid, a["kernel"])
+    if "kernel_handle" in a:
+        row["kernel"] = ctx.handle_names.get((tgid, a["kernel_handle"]))
+    if "bytes" in a:
+        row["bytes"] = a["bytes"]
+    if "memcpy_kind" in a:
+        row["memcpy_kind"] = a["memcpy_kind"] & 0x7F
+    if "count" in a:
+        row["count"] = a["count"]
+        dt = NCCL_DTYPES.get(a.get("dtype", -1) & 0xFFFFFFFF) if "dtype" in a else None
+        if dt is not None:
+            row["dtype"] = dt[0]
+            row["bytes"] = a["count"] * dt[1]
+    if "redop" in a:
+        row["redop"] = NCCL_REDOPS.get(a["redop"] & 0xFFFFFFFF, f"op{a['redop'] & 0xFFFFFFFF}")
+    if "peer" in a:
+        row["peer"] = _signed32(a["peer"])
+    if "root" in a:
+        row["peer"] = _signed32(a["root"])
+
+    kind = spec.kind
+    out = int(call["out"]) if "out" in call.dtype.names else 0
+    if kind == "comm_init" and not in_flight:
+        rank = _signed32(a["rank"]) if "rank" in a else None
+        nranks = _signed32(a["nranks"]) if "nranks" in a else None
+        uid = int(call["uid_hash"])
+        cid = f"{uid:016x}" if "uid" in spec.args else f"t{tgid}c{out:x}"
+        ctx.comm_ids[(tgid, out)] = cid
+        ctx.comm_info[(tgid, out)] = (rank, nranks)
+        row.update(comm=cid, comm_rank=rank, comm_nranks=nranks)
+        if ctx.on_comm_init is not None:
+            ctx.on_comm_init(tgid, cid, rank, nranks)
+    elif kind == "comm_split" and not in_flight:
+        parent = ctx.comm_id(tgid, a["parent_comm"], kind)
+        ordinal = ctx._splits.get((tgid, parent), 0)
+        ctx._splits[(tgid, parent)] = ordinal + 1
+        color = _signed32(a.get("color", 0))
+        cid = _split_id(parent, color, ordinal)
+        if color >= 0 and out:  # NCCL_SPLIT_NOCOLOR (-1) makes no communicator
+            ctx.comm_ids[(tgid, out)] = cid
+        row.update(comm=cid)
+    elif kind == "module" and not in_flight:
+        if text:
+            ctx.handle_names[(tgid, out)] = text
+        row["kernel"] = text
+    elif kind == "malloc" and not in_flight:
+        row["stream"] = None
+    elif "comm" in a:
+        handle = a["comm"]
+        row["comm"] = ctx.comm_id(tgid, handle, kind)
+        info = ctx.comm_info.get((tgid, handle))
+        if info is not None:
+            row["comm_rank"], row["comm_nranks"] = info
+    return row

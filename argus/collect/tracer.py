@@ -1,0 +1,575 @@
+"""The live tracing session: targets -> one BPF program set -> a recording.
+
+    tracer = Tracer(TraceOptions(...)); tracer.start([tgid, ...])
+    while ...: tracer.poll(0.1)
+    recording = tracer.finish(end_reason)     # manifest dict, events frame, stacks frame
+
+Discovery: each target PID is a rank (it maps a library a probe spec names) or a launcher
+(its descendants are watched; forks are followed in kernel so ranks that start later are
+never missed). Watched processes are rescanned for newly mapped libraries (ranks that load
+CUDA/NCCL late, torch's dlopen) every `rescan_s`. Per traced process and probed library,
+each spec symbol is resolved from the file the process actually maps (through its
+/proc/PID/root), placed (endbr64 skipped), attached with the process as the uprobe filter,
+and registered in the in-kernel probe table that also does the filtering.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from argus import __version__
+from argus.collect import abi, procfs
+from argus.collect.bcc_adapter import BpfSession
+from argus.collect.decode import DecodeContext, ProbeRef, decode_call, decode_records, rows_to_frame
+from argus.collect.specs import CHANNELS, LibrarySpec, ProbeSpec, load_specs
+from argus.collect.symbols import demangle, elf_file, runtime_address, short_name
+from argus.errors import NotATrainingProcess, PermissionDenied, TargetNotFound
+from argus.recording import schema
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+@dataclass
+class TraceOptions:
+    channels: tuple[str, ...] = ("cuda", "nccl", "torch", "cpu")
+    sample_hz: int = 49
+    stack_interval_s: float = 1.0
+    rescan_s: float = 0.5
+    ringbuf_mb: int = 8
+    proc_root: str = "/proc"
+
+
+@dataclass
+class _Attached:
+    """Probes placed in one process for one library file."""
+
+    path: str
+    host_path: str
+    uprobes: list[tuple[str, int, bool]] = field(default_factory=list)  # (path, vaddr, ret)
+
+
+@dataclass
+class _Target:
+    tgid: int
+    launcher: bool = False
+    traced: bool = False
+    exited: bool = False
+    rank: int | None = None
+    local_rank: int | None = None
+    world_size: int | None = None
+    env: dict = field(default_factory=dict)
+    exe: str | None = None
+    libraries: list[dict] = field(default_factory=list)
+    attached: dict[str, _Attached] = field(default_factory=dict)  # library path -> probes
+    maps: list[procfs.Mapping] = field(default_factory=list)
+
+
+def _check_privileges() -> None:
+    if os.geteuid() == 0:
+        return
+    try:
+        text = Path("/proc/self/status").read_text()
+        cap_eff = int(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("CapEff")), 16)
+    except (OSError, StopIteration, ValueError):
+        cap_eff = 0
+    if not ((cap_eff >> 39) & 1 and (cap_eff >> 38) & 1) and not (cap_eff >> 21) & 1:
+        raise PermissionDenied("tracing needs root or the CAP_BPF and CAP_PERFMON capabilities")
+
+
+def _fork_child_offset() -> int | None:
+    for base in TRACEFS:
+        fmt = Path(base) / "events/sched/sched_process_fork/format"
+        try:
+            for line in fmt.read_text().splitlines():
+                if "child_pid;" in line:
+                    return int(line.split("offset:")[1].split(";")[0])
+        except (OSError, IndexError, ValueError):
+            continue
+    return None
+
+
+class Tracer:
+    """One tracing session over a set of target processes."""
+
+    def __init__(self, opts: TraceOptions | None = None):
+        self.opts = opts or TraceOptions()
+        probe_channels = tuple(c for c in self.opts.channels if c in CHANNELS)
+        self.specs: list[LibrarySpec] = load_specs(channels=probe_channels) if probe_channels else []
+        self.probe_refs: dict[int, ProbeRef] = {}
+        self._probe_id: dict[tuple[str, str], int] = {}
+        for lib in self.specs:
+            for spec in lib.probes:
+                for sym in spec.symbols:
+                    pid = len(self.probe_refs)
+                    self.probe_refs[pid] = ProbeRef(spec, sym)
+                    self._probe_id[(lib.family, sym)] = pid
+        self.targets: dict[int, _Target] = {}
+        self.blobs: list[bytes] = []
+        self.proc_events: list[dict] = []
+        self.stack_rows: list[dict] = []
+        self.probe_status: dict[tuple, dict] = {}
+        self._kernel_cache: dict[tuple[int, int], str | None] = {}
+        self.ctx = DecodeContext(self.probe_refs, kernel_name=self._kernel_name)
+        self.ctx.on_comm_init = self._on_comm_init
+        self.session: BpfSession | None = None
+        self._last_rescan = 0.0
+        self._last_stacks = 0.0
+        self._stack_buf = 0
+        self.started_ns = 0
+        self.host = socket.gethostname()
+
+    # -- start ---------------------------------------------------------------------------
+    def start(self, tgids: list[int]) -> None:
+        """Validate the targets, load the BPF program set and attach to every target."""
+        for tgid in tgids:
+            procfs.process_state(tgid, self.opts.proc_root)  # raises TargetNotFound
+        _check_privileges()
+        plan: list[tuple[int, bool]] = []
+        for tgid in tgids:
+            libs = procfs.mapped_libraries(tgid, self.opts.proc_root)
+            if procfs.is_training_process(libs):
+                plan.append((tgid, False))
+            elif procfs.children(tgid, self.opts.proc_root):
+                plan.append((tgid, True))
+            else:
+                name = procfs.comm(tgid, self.opts.proc_root)
+                raise NotATrainingProcess(
+                    f"process {tgid} ({name}) maps no CUDA, NCCL or PyTorch library and has "
+                    "no child processes: nothing to probe"
+                )
+        cflags = [f"-I{BPF_DIR}", "-DARGUS_BPF", f"-DARGUS_CALL_PAGES={self._ring_pages()}"]
+        off = _fork_child_offset()
+        if off is not None:
+            cflags.append(f"-DARGUS_TP_FORK_CHILD_PID_OFF={off}")
+        sources = ["argus.bpf.c", "proc.bpf.c"]
+        if self.specs:
+            sources.append("calls.bpf.c")
+        if "cpu" in self.opts.channels:
+            sources.append("cpu_stacks.bpf.c")
+        self.session = BpfSession([str(BPF_DIR / f) for f in sources], cflags)
+        s = self.session
+        s.attach_tracepoint("sched:sched_process_fork", "argus_on_fork")
+        s.attach_tracepoint("sched:sched_process_exec", "argus_on_exec")
+        s.attach_tracepoint("sched:sched_process_exit", "argus_on_exit")
+        s.open_ring_buffer("proc_events", self._on_proc)
+        if self.specs:
+            s.open_ring_buffer("calls", self._on_call)
+        self.started_ns = time.monotonic_ns()
+        self._mono_to_wall = time.time_ns() - time.monotonic_ns()
+        for tgid, launcher in plan:
+            self._watch(tgid, launcher=launcher)
+            if launcher:
+                for child in procfs.descendants(tgid, self.opts.proc_root):
+                    self._watch(child, launcher=True)
+        if "cpu" in self.opts.channels:
+            s.attach_cpu_clock("argus_cpu_sample", self.opts.sample_hz)
+        self._last_rescan = self._last_stacks = time.monotonic()
+
+    def _ring_pages(self) -> int:
+        pages = max(1, self.opts.ringbuf_mb * 1024 * 1024 // 4096)
+        return 1 << (pages.bit_length() - 1)  # a power of two
+
+    # -- targets ---------------------------------------------------------------------------
+    def _watch(self, tgid: int, launcher: bool) -> None:
+        if tgid in self.targets:
+            return
+        t = _Target(tgid=tgid, launcher=launcher)
+        self.targets[tgid] = t
+        flags = abi.W_DESCEND if launcher else 0
+        self._set_watched(tgid, flags)
+        self._scan(t)
+
+    def _set_watched(self, tgid: int, flags: int) -> None:
+        table = self.session.table("watched")
+        table[ct.c_uint32(tgid)] = ct.c_uint32(flags)
+
+    def _scan(self, t: _Target) -> None:
+        """Attach to libraries t maps that are not probed yet; mark it traced if any."""
+        if t.exited:
+            return
+        try:
+            libs = procfs.mapped_libraries(t.tgid, self.opts.proc_root)
+            text = (Path(self.opts.proc_root) / str(t.tgid) / "maps").read_text()
+        except (TargetNotFound, OSError):
+            return
+        t.maps = procfs.parse_maps(text)
+        new = [lib for lib in libs if lib.path not in t.attached]
+        if not new and t.traced:
+            return
+        for lib in new:
+            specs = self._specs_for(lib)
+            t.attached[lib.path] = _Attached(lib.path, lib.host_path)
+            if specs:
+                self._attach_library(t, lib, specs)
+        probed = [lib for lib in libs if t.attached.get(lib.path) and t.attached[lib.path].uprobes]
+        if (probed or procfs.is_training_process(libs)) and not t.traced:
+            t.traced = True
+            ident = procfs.rank_identity(t.tgid, self.opts.proc_root)
+            if t.rank is None:
+                t.rank = ident["rank"]
+            t.local_rank, t.world_size = ident["local_rank"], ident["world_size"]
+            t.env = ident["env"]
+            t.exe = procfs.exe(t.tgid, self.opts.proc_root)
+            self.ctx.rank_of[t.tgid] = t.rank
+            flags = abi.W_TRACE | (abi.W_DESCEND if t.launcher else 0)
+            self._set_watched(t.tgid, flags)
+        t.libraries = [lib.to_dict() for lib in libs]
+
+    def _specs_for(self, lib: procfs.MappedLibrary) -> list[LibrarySpec]:
+        name = os.path.basename(lib.path)
+        out = []
+        for spec in self.specs:
+            if spec.matches_file(name):
+                out.append(spec)
+            elif spec.static_marker and lib.name.startswith("libtorch"):
+                elf = elf_file(lib.host_path)
+                if elf is not None and elf.defines(spec.static_marker):
+                    out.append(spec)  # a static copy of the runtime inside another .so
+        return out
+
+    def _attach_library(self, t: _Target, lib: procfs.MappedLibrary, specs: list[LibrarySpec]):
+        elf = elf_file(lib.host_path)
+        s = self.session
+        table = s.table("probes")
+        for libspec in specs:
+            for spec in libspec.probes:
+                for sym in spec.symbols:
+                    key = (libspec.channel, lib.path, sym)
+                    status = self.probe_status.setdefault(
+                        key,
+                        {
+                            "channel": libspec.channel,
+                            "library": lib.path,
+                            "symbol": sym,
+                            "name": spec.name if sym == spec.symbol else sym,
+                            "kind": "entry+exit" if spec.exit else "entry",
+                            "status": "missing",
+                            "reason": "",
+                            "tgids": [],
+                        },
+                    )
+                    found = elf.lookup(sym) if elf is not None else None
+                    if found is None:
+                        status["reason"] = "symbol not in this library"
+                        continue
+                    place = elf.placement(found)
+                    addr = runtime_address(lib.mappings, place.file_offset) if place else None
+                    if addr is None:
+                        status.update(status="failed", reason="address not in the process's mappings")
+                        continue
+                    probe_id = self._probe_id[(libspec.family, sym)]
+                    key_ = abi.ProbeKey(tgid=t.tgid, pad=0, addr=addr)
+                    table[key_] = spec.probe_info(probe_id)
+                    try:
+                        s.attach_uprobe(lib.host_path, place.vaddr, "argus_call_entry", t.tgid)
+                    except Exception as e:  # ProbeAttachFailed
+                        del table[key_]
+                        status.update(status="failed", reason=str(e))
+                        continue
+                    placed = [(lib.host_path, place.vaddr, False)]
+                    if spec.exit:
+                        try:
+                            s.attach_uprobe(lib.host_path, place.vaddr, "argus_call_return", t.tgid, ret=True)
+                            placed.append((lib.host_path, place.vaddr, True))
+                        except Exception as e:
+                            # Never leave an entry probe whose return half is missing.
+                            s.detach_uprobe(lib.host_path, place.vaddr, t.tgid)
+                            del table[key_]
+                            status.update(status="failed", reason=f"return probe: {e}")
+                            continue
+                    t.attached[lib.path].uprobes.extend(placed)
+                    status.update(
+                        status="attached",
+                        reason="" if place.emulated else f"first instruction {place.first_insn} is single-stepped (slow)",
+                        placement={"skipped": place.skipped, "first_insn": place.first_insn,
+                                   "emulated": place.emulated},
+                    )
+                    status["tgids"].append(t.tgid)
+
+    def _detach_target(self, t: _Target) -> None:
+        for att in t.attached.values():
+            for path, vaddr, ret in att.uprobes:
+                self.session.detach_uprobe(path, vaddr, t.tgid, ret=ret)
+            att.uprobes.clear()
+
+    def _on_comm_init(self, tgid: int, cid: str, rank: int | None, nranks: int | None) -> None:
+        t = self.targets.get(tgid)
+        if t is None or rank is None:
+            return
+        # The rank in the largest communicator is the global rank when the environment
+        # did not say (MPI-style launchers without RANK).
+        if t.rank is None or (t.world_size is None and nranks and nranks >= (t.world_size or 0)):
+            if t.rank is None:
+                t.rank = rank
+                t.world_size = nranks
+                self.ctx.rank_of[tgid] = rank
+
+    # -- event intake --------------------------------------------------------------------
+    def _on_call(self, _ctx, data, size) -> None:
+        self.blobs.append(ct.string_at(data, size))
+
+    def _on_proc(self, _ctx, data, size) -> None:
+        e = ct.cast(data, ct.POINTER(abi.ProcEvent)).contents
+        self.proc_events.append(
+            {"what": int(e.what), "ts_ns": int(e.ts_ns), "tgid": int(e.tgid), "child": int(e.child),
+             "comm": e.comm.decode("utf-8", "replace")}
+        )
+
+    def _handle_proc_events(self, start: int) -> None:
+        for ev in self.proc_events[start:]:
+            if ev["what"] == abi.PROC_FORK:
+                child = ev["child"]
+                try:
+                    info = procfs.process_state(child, self.opts.proc_root)
+                except TargetNotFound:
+                    continue
+                if info.tgid == child and child not in self.targets:
+                    # A new process (not a thread) of a watched parent.
+                    status = Path(self.opts.proc_root, str(child), "status")
+                    try:
+                        tgid_line = next(ln for ln in status.read_text().splitlines() if ln.startswith("Tgid:"))
+                        if int(tgid_line.split()[1]) != child:
+                            continue
+                    except (OSError, StopIteration, ValueError):
+                        continue
+                    self._watch(child, launcher=True)
+            elif ev["what"] == abi.PROC_EXEC:
+                t = self.targets.get(ev["tgid"])
+                if t is not None:
+                    t.attached.clear()  # a new image: old addresses are gone
+                    self._scan(t)
+            elif ev["what"] == abi.PROC_EXIT:
+                t = self.targets.get(ev["tgid"])
+                if t is not None and not t.exited:
+                    t.exited = True
+                    self._detach_target(t)
+
+    def poll(self, timeout_s: float = 0.1) -> None:
+        """Drain ring buffers, follow process lifecycle, rescan, aggregate CPU stacks."""
+        n = len(self.proc_events)
+        self.session.poll(int(timeout_s * 1000))
+        self._handle_proc_events(n)
+        now = time.monotonic()
+        if now - self._last_rescan >= self.opts.rescan_s:
+            self._last_rescan = now
+            for t in list(self.targets.values()):
+                if not t.exited:
+                    if not Path(self.opts.proc_root, str(t.tgid)).exists():
+                        t.exited = True
+                        continue
+                    self._scan(t)
+        if "cpu" in self.opts.channels and now - self._last_stacks >= self.opts.stack_interval_s:
+            self._drain_stacks(now)
+
+    def all_exited(self) -> bool:
+        ranks = [t for t in self.targets.values() if not t.launcher or t.traced]
+        watched = ranks or list(self.targets.values())
+        return bool(watched) and all(t.exited for t in self.targets.values())
+
+    # -- CPU stacks ------------------------------------------------------------------------
+    def _drain_stacks(self, now: float, final: bool = False) -> None:
+        s = self.session
+        old = self._stack_buf
+        if not final:
+            self._stack_buf ^= 1
+            s.table("stack_buf")[ct.c_int(0)] = ct.c_uint32(self._stack_buf)
+            time.sleep(0.002)  # samples already past the flag check finish in microseconds
+        counts = s.table(f"stack_counts{old}")
+        stacks = s.table(f"stacks{old}")
+        interval_ns = int(self.opts.stack_interval_s * 1e9)
+        ts_ns = time.monotonic_ns() - interval_ns
+        sym_cache: dict[tuple[int, int], tuple[str, str]] = {}
+        for key, value in counts.items():
+            tgid = int(key.tgid)
+            functions: list[str] = []
+            modules: list[str] = []
+            if key.kernel_stack_id >= 0:
+                for addr in stacks.walk(key.kernel_stack_id):
+                    functions.append(s.ksym(addr))
+                    modules.append("[kernel]")
+            if key.user_stack_id >= 0:
+                for addr in stacks.walk(key.user_stack_id):
+                    ck = (tgid, addr)
+                    if ck not in sym_cache:
+                        mod, fn = s.usym(addr, tgid)
+                        sym_cache[ck] = (os.path.basename(mod), short_name(demangle(fn)))
+                    mod, fn = sym_cache[ck]
+                    functions.append(fn)
+                    modules.append(mod)
+            self.stack_rows.append(
+                {
+                    "ts_ns": ts_ns,
+                    "interval_ns": interval_ns,
+                    "tgid": tgid,
+                    "tid": int(key.tid),
+                    "rank": self.ctx.rank_of.get(tgid),
+                    "thread": key.comm.decode("utf-8", "replace"),
+                    "count": int(value.value),
+                    "functions": functions,
+                    "modules": modules,
+                }
+            )
+        counts.clear()
+        stacks.clear()
+        self._last_stacks = now
+
+    # -- kernel names ------------------------------------------------------------------------
+    def _kernel_name(self, tgid: int, addr: int) -> str | None:
+        key = (tgid, addr)
+        if key in self._kernel_cache:
+            return self._kernel_cache[key]
+        name = None
+        t = self.targets.get(tgid)
+        for m in t.maps if t else ():
+            if m.start <= addr < m.end:
+                elf = elf_file(procfs.host_path(tgid, m.path, self.opts.proc_root))
+                if elf is None and t is not None and t.exe == m.path:
+                    elf = elf_file(m.path)
+                if elf is not None:
+                    file_off = addr - m.start + m.offset
+                    vaddr = elf.offset_to_vaddr(file_off)
+                    fn = elf.function_at(vaddr) if vaddr is not None else None
+                    name = short_name(demangle(fn)) if fn else None
+                break
+        self._kernel_cache[key] = name
+        return name
+
+    # -- finish ----------------------------------------------------------------------------
+    def finish(self, end_reason: str) -> tuple[dict, pl.DataFrame, pl.DataFrame]:
+        """Stop, drain everything still in the kernel, detach; return the recording parts."""
+        s = self.session
+        ended_ns = time.monotonic_ns()
+        n = len(self.proc_events)
+        s.consume()
+        self._handle_proc_events(n)
+        if "cpu" in self.opts.channels:
+            self._drain_stacks(time.monotonic(), final=False)
+            self._drain_stacks(time.monotonic(), final=True)
+        # Re-resolve ranks now known from communicator init for rows decoded below.
+        for t in self.targets.values():
+            self.ctx.rank_of[t.tgid] = t.rank
+        events = decode_records(self.blobs, self.ctx)
+        inflight = self._inflight_rows()
+        proc_rows = [
+            {"ts_ns": e["ts_ns"], "tgid": e["tgid"] if e["what"] != abi.PROC_FORK else e["child"],
+             "tid": e["tgid"], "rank": self.ctx.rank_of.get(e["tgid"]), "channel": "proc",
+             "name": {abi.PROC_FORK: "fork", abi.PROC_EXEC: "exec", abi.PROC_EXIT: "exit"}[e["what"]],
+             "in_flight": False}
+            for e in self.proc_events
+            if e["what"] != abi.PROC_FORK or e["child"] in self.targets
+        ]
+        frames = [f for f in (events, inflight, rows_to_frame(proc_rows)) if f.height]
+        events = pl.concat(frames, how="vertical_relaxed") if frames else schema.empty_events()
+        events = events.sort("ts_ns")
+        stacks = pl.DataFrame(self.stack_rows, schema=schema.STACKS_SCHEMA) if self.stack_rows else schema.empty_stacks()
+        counts = self._call_counts()
+        drops = self._drops()
+        for t in self.targets.values():
+            if not t.exited:
+                self._detach_target(t)
+        s.close()
+        manifest = {
+            "format": schema.FORMAT,
+            "argus_version": __version__,
+            "host": self.host,
+            "kernel": os.uname().release,
+            "clock": {"mono_to_wall_ns": self._mono_to_wall},
+            "started_ns": self.started_ns,
+            "ended_ns": ended_ns,
+            "duration_s": round((ended_ns - self.started_ns) / 1e9, 3),
+            "end_reason": end_reason,
+            "sample_hz": self.opts.sample_hz if "cpu" in self.opts.channels else 0,
+            "channels": {c: c in self.opts.channels for c in ("cuda", "nccl", "torch", "cpu")},
+            "ranks": [
+                {
+                    "rank": t.rank,
+                    "local_rank": t.local_rank,
+                    "world_size": t.world_size,
+                    "tgid": t.tgid,
+                    "host": self.host,
+                    "exe": t.exe,
+                    "env": t.env,
+                    "exited": t.exited,
+                    "libraries": t.libraries,
+                }
+                for t in sorted(self.targets.values(), key=lambda t: (t.rank is None, t.rank, t.tgid))
+                if t.traced
+            ],
+            "launchers": [t.tgid for t in self.targets.values() if t.launcher and not t.traced],
+            "probes": sorted(self.probe_status.values(), key=lambda p: (p["channel"], p["symbol"])),
+            "drops": drops,
+            "call_counts": counts,
+            "counts": {
+                "events": {
+                    str(k): int(v)
+                    for k, v in events.group_by("channel").len().iter_rows()
+                }
+                if events.height
+                else {},
+                "stack_samples": int(stacks["count"].sum()) if stacks.height else 0,
+                "ring_records": len(self.blobs),
+            },
+        }
+        return manifest, events, stacks
+
+    def _inflight_rows(self) -> pl.DataFrame:
+        rows = []
+        for tid_key, st in self.session.table("inflight").items():
+            for i in range(min(int(st.depth), abi.MAX_DEPTH)):
+                f = st.frames[i]
+                call = _FrameView(f, int(st.tgid), int(tid_key.value))
+                row = decode_call(call, None, self.ctx, in_flight=True)
+                if row is not None:
+                    rows.append(row)
+        return rows_to_frame(rows)
+
+    def _call_counts(self) -> dict:
+        """{tgid: {probe name: calls entered}}, exact, from the in-kernel counts map."""
+        out: dict[str, dict[str, int]] = {}
+        if not self.specs:
+            return out
+        for key, value in self.session.table("call_counts").items():
+            ref = self.probe_refs.get(int(key.probe_id))
+            if ref is None:
+                continue
+            per = out.setdefault(str(int(key.tgid)), {})
+            per[ref.name] = per.get(ref.name, 0) + int(value.value)
+        return out
+
+    def _drops(self) -> dict[str, int]:
+        table = self.session.table("drops")
+        return {name: int(table[ct.c_int(i)].value) for i, name in enumerate(abi.DROP_NAMES)}
+
+
+class _FrameView:
+    """Make an in-flight argus_frame look like a call record to decode_call."""
+
+    def __init__(self, f: abi.Frame, tgid: int, tid: int):
+        self._v = {
+            "probe_id": f.probe_id,
+            "tgid": tgid,
+            "tid": tid,
+            "ts_ns": f.ts_ns,
+            "dur_ns": 0,
+            "args": list(f.args),
+            "uid_hash": f.uid_hash,
+            "out": 0,
+            "seq": f.seq,
+            "ret": 0,
+        }
+
+    class _D:
+        names = ("probe_id", "tgid", "tid", "ts_ns", "dur_ns", "args", "uid_hash", "out", "seq", "ret")
+
+    dtype = _D()
+
+    def __getitem__(self, k):
+        return self._v[k]
