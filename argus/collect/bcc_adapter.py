@@ -170,7 +170,7 @@ class BpfSession:
         capture = _CaptureOutput()
         try:
             with capture:
-                attach(name=path, addr=addr, fn_name=fn_name, pid=tgid)
+                attach(name=path.encode(), addr=addr, fn_name=fn_name.encode(), pid=tgid)
         except Exception as e:
             detail = _last_lines(capture.text) or str(e)
             raise ProbeAttachFailed(
@@ -182,7 +182,7 @@ class BpfSession:
         detach = self._b.detach_uretprobe if ret else self._b.detach_uprobe
         try:
             with _CaptureOutput():
-                detach(name=path, addr=addr, pid=tgid)
+                detach(name=path.encode(), addr=addr, pid=tgid)
         except Exception:  # noqa: BLE001 - already gone (process exited): nothing to undo
             pass
 
@@ -193,7 +193,7 @@ class BpfSession:
     def attach_tracepoint(self, tp: str, fn_name: str) -> None:
         try:
             with _CaptureOutput():
-                self._b.attach_tracepoint(tp=tp, fn_name=fn_name)
+                self._b.attach_tracepoint(tp=tp.encode(), fn_name=fn_name.encode())
         except Exception as e:
             raise ProbeAttachFailed(f"cannot attach tracepoint {tp}: {e}") from e
 
@@ -206,7 +206,7 @@ class BpfSession:
                 self._b.attach_perf_event(
                     ev_type=bcc.PerfType.SOFTWARE,
                     ev_config=bcc.PerfSWConfig.CPU_CLOCK,
-                    fn_name=fn_name,
+                    fn_name=fn_name.encode(),
                     sample_freq=hz,
                     cpu=-1,
                 )
@@ -215,11 +215,11 @@ class BpfSession:
 
     # maps ----------------------------------------------------------------------------------
     def table(self, name: str):
-        return self._b.get_table(name)
+        return self._b.get_table(name.encode())
 
     def open_ring_buffer(self, name: str, callback) -> None:
         """callback(ctx, data_ptr, size) for every record; drain with poll()."""
-        self._b[name].open_ring_buffer(callback)
+        self._b[name.encode()].open_ring_buffer(callback)
         self._rings.append(name)
 
     def poll(self, timeout_ms: int) -> None:

@@ -35,6 +35,7 @@ from argus.recording import schema
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+HOT_RESCAN_S = 3.0
 
 
 @dataclass
@@ -54,6 +55,7 @@ class _Attached:
     path: str
     host_path: str
     uprobes: list[tuple[str, int, bool]] = field(default_factory=list)  # (path, vaddr, ret)
+    keys: list[abi.ProbeKey] = field(default_factory=list)  # probe-table entries
 
 
 @dataclass
@@ -70,6 +72,7 @@ class _Target:
     libraries: list[dict] = field(default_factory=list)
     attached: dict[str, _Attached] = field(default_factory=dict)  # library path -> probes
     maps: list[procfs.Mapping] = field(default_factory=list)
+    scanned_ns: int = 0  # monotonic time of the last scan that read the maps
 
 
 def _check_privileges() -> None:
@@ -116,21 +119,26 @@ class Tracer:
         self.proc_events: list[dict] = []
         self.stack_rows: list[dict] = []
         self.probe_status: dict[tuple, dict] = {}
-        self._kernel_cache: dict[tuple[int, int], str | None] = {}
+        self._sym_cache: dict[tuple[int, int], tuple[str, str | None]] = {}
         self.ctx = DecodeContext(self.probe_refs, kernel_name=self._kernel_name)
         self.ctx.on_comm_init = self._on_comm_init
         self.session: BpfSession | None = None
         self._last_rescan = 0.0
+        # tgid -> monotonic deadline: processes that just forked or exec'd are rescanned on
+        # every poll (their libraries appear within milliseconds of exec) until then.
+        self._hot: dict[int, float] = {}
         self._last_stacks = 0.0
         self._stack_buf = 0
         self.started_ns = 0
         self.host = socket.gethostname()
 
     # -- start ---------------------------------------------------------------------------
-    def start(self, tgids: list[int]) -> None:
-        """Validate the targets, load the BPF program set and attach to every target."""
+    def plan(self, tgids: list[int]) -> list[tuple[int, bool]]:
+        """Check the targets and privileges; [(tgid, is_launcher)]. Loads nothing."""
         for tgid in tgids:
             procfs.process_state(tgid, self.opts.proc_root)  # raises TargetNotFound
+            if tgid == os.getpid():
+                raise NotATrainingProcess(f"process {tgid} is this argus process itself")
         _check_privileges()
         plan: list[tuple[int, bool]] = []
         for tgid in tgids:
@@ -145,6 +153,10 @@ class Tracer:
                     f"process {tgid} ({name}) maps no CUDA, NCCL or PyTorch library and has "
                     "no child processes: nothing to probe"
                 )
+        return plan
+
+    def start(self, plan: list[tuple[int, bool]]) -> None:
+        """Load the BPF program set and attach to every planned target."""
         cflags = [f"-I{BPF_DIR}", "-DARGUS_BPF", f"-DARGUS_CALL_PAGES={self._ring_pages()}"]
         off = _fork_child_offset()
         if off is not None:
@@ -168,7 +180,8 @@ class Tracer:
             self._watch(tgid, launcher=launcher)
             if launcher:
                 for child in procfs.descendants(tgid, self.opts.proc_root):
-                    self._watch(child, launcher=True)
+                    if child != os.getpid():  # never trace argus itself (attached via a shell)
+                        self._watch(child, launcher=True)
         if "cpu" in self.opts.channels:
             s.attach_cpu_clock("argus_cpu_sample", self.opts.sample_hz)
         self._last_rescan = self._last_stacks = time.monotonic()
@@ -201,6 +214,7 @@ class Tracer:
         except (TargetNotFound, OSError):
             return
         t.maps = procfs.parse_maps(text)
+        t.scanned_ns = time.monotonic_ns()
         new = [lib for lib in libs if lib.path not in t.attached]
         if not new and t.traced:
             return
@@ -286,6 +300,7 @@ class Tracer:
                             status.update(status="failed", reason=f"return probe: {e}")
                             continue
                     t.attached[lib.path].uprobes.extend(placed)
+                    t.attached[lib.path].keys.append(key_)
                     status.update(
                         status="attached",
                         reason="" if place.emulated else f"first instruction {place.first_insn} is single-stepped (slow)",
@@ -295,10 +310,17 @@ class Tracer:
                     status["tgids"].append(t.tgid)
 
     def _detach_target(self, t: _Target) -> None:
+        table = self.session.table("probes")
         for att in t.attached.values():
             for path, vaddr, ret in att.uprobes:
                 self.session.detach_uprobe(path, vaddr, t.tgid, ret=ret)
             att.uprobes.clear()
+            for key in att.keys:
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
+            att.keys.clear()
 
     def _on_comm_init(self, tgid: int, cid: str, rank: int | None, nranks: int | None) -> None:
         t = self.targets.get(tgid)
@@ -331,7 +353,7 @@ class Tracer:
                     info = procfs.process_state(child, self.opts.proc_root)
                 except TargetNotFound:
                     continue
-                if info.tgid == child and child not in self.targets:
+                if info.tgid == child and child not in self.targets and child != os.getpid():
                     # A new process (not a thread) of a watched parent.
                     status = Path(self.opts.proc_root, str(child), "status")
                     try:
@@ -341,11 +363,17 @@ class Tracer:
                     except (OSError, StopIteration, ValueError):
                         continue
                     self._watch(child, launcher=True)
+                    self._hot[child] = time.monotonic() + HOT_RESCAN_S
             elif ev["what"] == abi.PROC_EXEC:
                 t = self.targets.get(ev["tgid"])
-                if t is not None:
-                    t.attached.clear()  # a new image: old addresses are gone
+                if t is not None and t.scanned_ns < ev["ts_ns"]:
+                    # A new image: old addresses are gone. (A scan after the exec already
+                    # saw the new image: nothing to redo.)
+                    self._detach_target(t)
+                    t.attached.clear()
+                    t.traced = False
                     self._scan(t)
+                    self._hot[t.tgid] = time.monotonic() + HOT_RESCAN_S
             elif ev["what"] == abi.PROC_EXIT:
                 t = self.targets.get(ev["tgid"])
                 if t is not None and not t.exited:
@@ -355,9 +383,15 @@ class Tracer:
     def poll(self, timeout_s: float = 0.1) -> None:
         """Drain ring buffers, follow process lifecycle, rescan, aggregate CPU stacks."""
         n = len(self.proc_events)
-        self.session.poll(int(timeout_s * 1000))
+        self.session.poll(int((0.01 if self._hot else timeout_s) * 1000))
         self._handle_proc_events(n)
         now = time.monotonic()
+        for tgid, until in list(self._hot.items()):
+            t = self.targets.get(tgid)
+            if t is None or t.exited or now > until:
+                del self._hot[tgid]
+            else:
+                self._scan(t)
         if now - self._last_rescan >= self.opts.rescan_s:
             self._last_rescan = now
             for t in list(self.targets.values()):
@@ -370,9 +404,7 @@ class Tracer:
             self._drain_stacks(now)
 
     def all_exited(self) -> bool:
-        ranks = [t for t in self.targets.values() if not t.launcher or t.traced]
-        watched = ranks or list(self.targets.values())
-        return bool(watched) and all(t.exited for t in self.targets.values())
+        return bool(self.targets) and all(t.exited for t in self.targets.values())
 
     # -- CPU stacks ------------------------------------------------------------------------
     def _drain_stacks(self, now: float, final: bool = False) -> None:
@@ -386,7 +418,6 @@ class Tracer:
         stacks = s.table(f"stacks{old}")
         interval_ns = int(self.opts.stack_interval_s * 1e9)
         ts_ns = time.monotonic_ns() - interval_ns
-        sym_cache: dict[tuple[int, int], tuple[str, str]] = {}
         for key, value in counts.items():
             tgid = int(key.tgid)
             functions: list[str] = []
@@ -397,13 +428,9 @@ class Tracer:
                     modules.append("[kernel]")
             if key.user_stack_id >= 0:
                 for addr in stacks.walk(key.user_stack_id):
-                    ck = (tgid, addr)
-                    if ck not in sym_cache:
-                        mod, fn = s.usym(addr, tgid)
-                        sym_cache[ck] = (os.path.basename(mod), short_name(demangle(fn)))
-                    mod, fn = sym_cache[ck]
-                    functions.append(fn)
-                    modules.append(mod)
+                    mod, fn = self._symbolize(tgid, addr)
+                    functions.append(fn or mod)
+                    modules.append(mod.split("+", 1)[0])
             self.stack_rows.append(
                 {
                     "ts_ns": ts_ns,
@@ -421,26 +448,35 @@ class Tracer:
         stacks.clear()
         self._last_stacks = now
 
-    # -- kernel names ------------------------------------------------------------------------
-    def _kernel_name(self, tgid: int, addr: int) -> str | None:
+    # -- symbols ------------------------------------------------------------------------------
+    def _symbolize(self, tgid: int, addr: int) -> tuple[str, str | None]:
+        """(module basename, function) of a user address, from the process's mappings as last
+        scanned and the ELF files on disk: works after the process has exited. An address
+        with no symbol is named "module+0xFILEOFFSET"; the function is None."""
         key = (tgid, addr)
-        if key in self._kernel_cache:
-            return self._kernel_cache[key]
-        name = None
+        hit = self._sym_cache.get(key)
+        if hit is not None:
+            return hit
+        module, name = "[unknown]", None
         t = self.targets.get(tgid)
         for m in t.maps if t else ():
             if m.start <= addr < m.end:
+                module = os.path.basename(m.path)
                 elf = elf_file(procfs.host_path(tgid, m.path, self.opts.proc_root))
-                if elf is None and t is not None and t.exe == m.path:
+                if elf is None:
                     elf = elf_file(m.path)
                 if elf is not None:
-                    file_off = addr - m.start + m.offset
-                    vaddr = elf.offset_to_vaddr(file_off)
+                    vaddr = elf.offset_to_vaddr(addr - m.start + m.offset)
                     fn = elf.function_at(vaddr) if vaddr is not None else None
                     name = short_name(demangle(fn)) if fn else None
+                if name is None:
+                    module = f"{module}+{addr - m.start + m.offset:#x}"
                 break
-        self._kernel_cache[key] = name
-        return name
+        self._sym_cache[key] = (module, name)
+        return module, name
+
+    def _kernel_name(self, tgid: int, addr: int) -> str | None:
+        return self._symbolize(tgid, addr)[1]
 
     # -- finish ----------------------------------------------------------------------------
     def finish(self, end_reason: str) -> tuple[dict, pl.DataFrame, pl.DataFrame]:

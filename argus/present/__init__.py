@@ -1,0 +1,1 @@
+"""Presenting: report rendering, trace export, the live view, metrics exposition."""

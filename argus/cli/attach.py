@@ -1,0 +1,128 @@
+"""`argus attach`: trace running ranks (or their launcher), then print the diagnosis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from argus.analyze.report import DEFAULT_HANG_AFTER_S, diagnose
+from argus.collect.session import default_output_dir, run_session
+from argus.collect.tracer import Tracer, TraceOptions
+from argus.errors import UsageError
+from argus.present.render import print_report
+from argus.recording.io import load_recording
+
+
+def channels_from_flags(no_cuda: bool, no_nccl: bool, no_torch: bool, no_cpu: bool) -> tuple[str, ...]:
+    off = {"cuda": no_cuda, "nccl": no_nccl, "torch": no_torch, "cpu": no_cpu}
+    chans = tuple(c for c, disabled in off.items() if not disabled)
+    if not chans:
+        raise UsageError("every channel is switched off: nothing to trace.")
+    return chans
+
+
+def describe_targets(tracer: Tracer) -> str:
+    ranks = [t for t in tracer.targets.values() if t.traced]
+    launchers = [t.tgid for t in tracer.targets.values() if t.launcher and not t.traced]
+    parts = []
+    if ranks:
+        parts.append(
+            f"{len(ranks)} rank process(es) "
+            + ", ".join(f"{t.tgid}" + (f" (rank {t.rank})" if t.rank is not None else "") for t in ranks)
+        )
+    if launchers:
+        parts.append(f"launcher(s) {', '.join(map(str, launchers))} (their new ranks too)")
+    return "; ".join(parts) or "no process yet"
+
+
+def summary_lines(manifest: dict, path: Path) -> list[str]:
+    events = manifest["counts"]["events"]
+    per_channel = ", ".join(f"{k} {v}" for k, v in sorted(events.items())) or "none"
+    drops = {k: v for k, v in manifest["drops"].items() if v}
+    probes = manifest["probes"]
+    attached = sum(1 for p in probes if p["status"] == "attached")
+    failed = [p for p in probes if p["status"] == "failed"]
+    lines = [
+        f"recorded {manifest['duration_s']:.1f} s ({manifest['end_reason']}) into {path}",
+        f"ranks: {len(manifest['ranks'])}; events: {per_channel}; "
+        f"CPU samples: {manifest['counts']['stack_samples']}",
+        f"probes: {attached} attached, {len(failed)} failed",
+    ]
+    if drops:
+        lines.append(
+            "WARNING: dropped " + ", ".join(f"{k}={v}" for k, v in drops.items())
+            + " (raise --ringbuf-mb, or lower -F for stack maps)"
+        )
+    for p in failed[:5]:
+        lines.append(f"  failed: {p['symbol']} in {p['library']}: {p['reason'][:160]}")
+    return lines
+
+
+@click.command(
+    "attach",
+    epilog="""\b
+Examples:
+  argus attach 4242                       # trace rank 4242 until Ctrl-C, then diagnose
+  argus attach $(pgrep -f torchrun) -d 60 # a torchrun launcher: all its ranks, 60 s
+  argus attach 4242 4243 -o /tmp/run1     # two ranks, recording into /tmp/run1
+  argus attach 4242 --no-cpu -F 99        # no CPU stacks (or sample at 99 Hz)
+  argus attach 4242 -d 30 --json          # print the argus.report/1 JSON at the end
+""",
+)
+@click.argument("pids", nargs=-1, required=True, type=int)
+@click.option("-d", "--duration", type=float, default=None, metavar="SECONDS",
+              help="Stop after SECONDS (default: until Ctrl-C, SIGTERM or every target exited).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Recording directory (default: ./argus-HOST-DATE-TIME).")
+@click.option("-F", "--frequency", type=int, default=49, show_default=True, metavar="HZ",
+              help="CPU stack sampling frequency.")
+@click.option("--no-cuda", is_flag=True, help="Do not probe the CUDA runtime/driver.")
+@click.option("--no-nccl", is_flag=True, help="Do not probe NCCL.")
+@click.option("--no-torch", is_flag=True, help="Do not probe PyTorch c10d / autograd.")
+@click.option("--no-cpu", is_flag=True, help="Do not sample CPU stacks.")
+@click.option("--ringbuf-mb", type=int, default=8, show_default=True,
+              help="Size of the call ring buffer (raise it if calls are dropped).")
+@click.option("--hang-after", type=float, default=DEFAULT_HANG_AFTER_S, show_default=True,
+              metavar="SECONDS", help="Blocked this long at the end = hung (diagnosis).")
+@click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as one JSON object.")
+def command(pids, duration, output, frequency, no_cuda, no_nccl, no_torch, no_cpu,
+            ringbuf_mb, hang_after, as_json) -> int:
+    """Trace running training processes (ranks, or a launcher such as torchrun).
+
+    Probes the CUDA runtime and driver, NCCL and PyTorch c10d in every rank, samples CPU
+    stacks, and records until the duration ends, Ctrl-C, SIGTERM, or every target exits.
+    Then it writes the recording (readable by its owner only) and prints the diagnosis.
+    """
+    if duration is not None and duration <= 0:
+        raise UsageError("-d/--duration must be a positive number of seconds.")
+    if not 1 <= frequency <= 10000:
+        raise UsageError("-F/--frequency must be between 1 and 10000 Hz.")
+    if ringbuf_mb < 1:
+        raise UsageError("--ringbuf-mb must be at least 1.")
+    opts = TraceOptions(
+        channels=channels_from_flags(no_cuda, no_nccl, no_torch, no_cpu),
+        sample_hz=frequency,
+        ringbuf_mb=ringbuf_mb,
+    )
+    output = output or default_output_dir()
+
+    def started(tracer: Tracer) -> None:
+        until = f"for {duration:g} s" if duration else "until Ctrl-C"
+        click.echo(
+            f"argus: tracing {describe_targets(tracer)} [{','.join(opts.channels)}"
+            f"{f' @{frequency} Hz' if 'cpu' in opts.channels else ''}] {until}; "
+            f"recording into {output}",
+            err=True,
+        )
+
+    result = run_session(list(pids), output, opts, duration, on_started=started)
+    for line in summary_lines(result.manifest, result.path):
+        click.echo(f"argus: {line}", err=True)
+    report = diagnose([load_recording(result.path)], hang_after_s=hang_after)
+    if as_json:
+        click.echo(json.dumps(report, default=str))
+    else:
+        print_report(report)
+    return 0

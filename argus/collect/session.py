@@ -1,0 +1,121 @@
+"""One `argus attach` session: trace until told to stop, then write the recording.
+
+Stops on the duration, Ctrl-C (SIGINT), SIGTERM, or when every traced process has exited;
+every way out still drains the kernel maps and writes a complete recording.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from argus.collect.tracer import Tracer, TraceOptions
+from argus.errors import KernelFeatureMissing, OutputNotWritable, ProbeAttachFailed
+from argus.recording.io import write_recording
+
+UPROBE_PMU = "/sys/bus/event_source/devices/uprobe/type"
+
+
+@dataclass
+class SessionResult:
+    path: Path
+    manifest: dict
+
+
+def default_output_dir() -> Path:
+    return Path(f"argus-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def prepare_output(path: Path) -> Path:
+    """Create the output directory (0700) before anything is attached, or fail clearly."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+        probe = path / ".argus-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputNotWritable(f"cannot write the recording to {path}: {e.strerror}") from e
+    if (path / "manifest.json").exists():
+        raise OutputNotWritable(
+            f"{path} already holds a recording", remedy="Choose a new directory with -o/--output."
+        )
+    return path
+
+
+def check_kernel_features() -> None:
+    tracefs = any(
+        os.path.exists(p) for p in ("/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events")
+    )
+    if not os.path.exists(UPROBE_PMU) and not tracefs:
+        raise KernelFeatureMissing(
+            "this kernel offers no uprobes (no uprobe perf PMU and no tracefs uprobe_events)",
+            remedy="Use a kernel built with CONFIG_UPROBES and CONFIG_UPROBE_EVENTS; "
+            "`argus doctor` checks the rest.",
+        )
+
+
+def run_session(
+    tgids: list[int],
+    output: Path,
+    opts: TraceOptions,
+    duration_s: float | None = None,
+    on_started: Callable[[Tracer], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> SessionResult:
+    """Attach to tgids, trace until a stop condition, write the recording to `output`."""
+    check_kernel_features()
+    tracer = Tracer(opts)
+    plan = tracer.plan(tgids)  # target errors come before anything is created
+    created = not output.exists()
+    prepare_output(output)
+    stop = {"reason": None}
+
+    # Signals set a flag: a KeyboardInterrupt raised inside bcc's ring-buffer callback
+    # would be swallowed by ctypes and never stop the loop.
+    def on_signal(signum, _frame):
+        stop["reason"] = "sigterm" if signum == signal.SIGTERM else "interrupt"
+
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    ok = False
+    try:
+        tracer.start(plan)
+        attached = sum(
+            len(p["tgids"]) for p in tracer.probe_status.values() if p["status"] == "attached"
+        )
+        if attached == 0 and not any(t.launcher for t in tracer.targets.values()) and tracer.specs:
+            tracer.session.close()
+            failed = [p for p in tracer.probe_status.values() if p["status"] == "failed"]
+            why = failed[0]["reason"] if failed else "no probe symbol was found in the mapped libraries"
+            raise ProbeAttachFailed(f"no probe could be attached: {why}")
+        if on_started is not None:
+            on_started(tracer)
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        while stop["reason"] is None:
+            tracer.poll(0.1)
+            if deadline is not None and time.monotonic() >= deadline:
+                stop["reason"] = "duration"
+            elif tracer.all_exited():
+                stop["reason"] = "targets_exited"
+            elif should_stop is not None and should_stop():
+                stop["reason"] = "requested"
+        # A second Ctrl-C while flushing must not lose the recording.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        manifest, events, stacks = tracer.finish(stop["reason"])
+        path = write_recording(output, manifest, events, stacks)
+        ok = True
+        return SessionResult(path, manifest)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+        if tracer.session is not None:
+            tracer.session.close()
+        if not ok and created:
+            shutil.rmtree(output, ignore_errors=True)
