@@ -59,12 +59,20 @@ NCCL_CALLS = {
     "ncclCommDestroy": 43,
 }
 # Return values without a GPU (checked by the child, reported in its output).
-EXPECTED_RET = {**{s: 35 for s in CUDART_CALLS}, "ncclGroupStart": 0, "ncclGroupEnd": 0,
-                "ncclAllReduce": 4, "ncclSend": 4, "ncclCommDestroy": 0}
+EXPECTED_RET = {
+    **{s: 35 for s in CUDART_CALLS},
+    "ncclGroupStart": 0,
+    "ncclGroupEnd": 0,
+    "ncclAllReduce": 4,
+    "ncclSend": 4,
+    "ncclCommDestroy": 0,
+}
 # Probes with a return probe (exit = true in cuda_probes/*.toml) among those called.
-EXIT_PROBES = {"cudaStreamSynchronize", "cudaStreamSynchronize_ptsz", "cudaMemcpy", "cudaEventQuery",
-               "cudaMalloc", "cudaDeviceSynchronize", "ncclGroupEnd", "ncclAllReduce", "ncclSend",
-               "ncclCommDestroy"}  # fmt: skip
+EXIT_PROBES = {
+    "cudaStreamSynchronize", "cudaStreamSynchronize_ptsz", "cudaMemcpy", "cudaEventQuery",
+    "cudaMalloc", "cudaDeviceSynchronize", "ncclGroupEnd", "ncclAllReduce", "ncclSend",
+    "ncclCommDestroy",
+}  # fmt: skip
 SPIN_FUNCTION = "spin_after_calls"
 
 CHILD = r"""
@@ -82,17 +90,17 @@ class dim3(ct.Structure):
 
 buf = ct.create_string_buffer(256)
 ptr = ct.c_void_p()
+VP, SZ, INT = ct.c_void_p, ct.c_size_t, ct.c_int
 for name in ("cudaLaunchKernel", "cudaLaunchKernel_ptsz"):
-    getattr(cudart, name).argtypes = [ct.c_void_p, dim3, dim3, ct.c_void_p, ct.c_size_t, ct.c_void_p]
-cudart.cudaMemcpy.argtypes = [ct.c_void_p, ct.c_void_p, ct.c_size_t, ct.c_int]
-cudart.cudaMalloc.argtypes = [ct.c_void_p, ct.c_size_t]
-nccl.ncclAllReduce.argtypes = [ct.c_void_p, ct.c_void_p, ct.c_size_t, ct.c_int, ct.c_int, ct.c_void_p,
-                               ct.c_void_p]
-nccl.ncclSend.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int, ct.c_int, ct.c_void_p, ct.c_void_p]
+    getattr(cudart, name).argtypes = [VP, dim3, dim3, VP, SZ, VP]
+cudart.cudaMemcpy.argtypes = [VP, VP, SZ, INT]
+cudart.cudaMalloc.argtypes = [VP, SZ]
+nccl.ncclAllReduce.argtypes = [VP, VP, SZ, INT, INT, VP, VP]
+nccl.ncclSend.argtypes = [VP, SZ, INT, INT, VP, VP]
+G, B = dim3(1, 1, 1), dim3(32, 1, 1)
 CALLS = {
-    "cudaLaunchKernel": lambda: cudart.cudaLaunchKernel(0x1234, dim3(1, 1, 1), dim3(32, 1, 1), None, 0, None),
-    "cudaLaunchKernel_ptsz": lambda: cudart.cudaLaunchKernel_ptsz(0x1234, dim3(1, 1, 1), dim3(32, 1, 1),
-                                                                 None, 0, None),
+    "cudaLaunchKernel": lambda: cudart.cudaLaunchKernel(0x1234, G, B, None, 0, None),
+    "cudaLaunchKernel_ptsz": lambda: cudart.cudaLaunchKernel_ptsz(0x1234, G, B, None, 0, None),
     "cudaStreamSynchronize": lambda: cudart.cudaStreamSynchronize(None),
     "cudaStreamSynchronize_ptsz": lambda: cudart.cudaStreamSynchronize_ptsz(None),
     "cudaMemcpy": lambda: cudart.cudaMemcpy(buf, buf, 128, 2),  # device -> host
@@ -138,7 +146,8 @@ def _require_real_libs() -> None:
     if missing:
         pytest.skip(
             f"real CUDA/NCCL libraries absent ({', '.join(missing)}): run `make setup` "
-            "(scripts/setup.sh fetches nvidia-cuda-runtime-cu12==12.4.127 and nvidia-nccl-cu12==2.18.3)"
+            "(scripts/setup.sh fetches nvidia-cuda-runtime-cu12==12.4.127 and "
+            "nvidia-nccl-cu12==2.18.3)"
         )
 
 
@@ -148,11 +157,13 @@ def _trace_child(tmp: Path, opts: TraceOptions, spin_s: float):
 
     go = tmp / "go"
     plan = {**CUDART_CALLS, **NCCL_CALLS}
-    env = {"PATH": os.environ.get("PATH", "/usr/bin"), "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin"), "RANK": "5", "LOCAL_RANK": "1",
+           "WORLD_SIZE": "8"}  # fmt: skip
+    argv = [sys.executable, "-c", CHILD, str(LIBCUDART), str(LIBNCCL), str(go), json.dumps(plan),
+            str(spin_s)]  # fmt: skip
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(LIBCUDART), str(LIBNCCL), str(go), json.dumps(plan), str(spin_s)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
     lines: list[str] = []
     try:
         assert child.stdout is not None
@@ -193,8 +204,8 @@ def traced(tmp_path_factory):
 @pytest.fixture(scope="module")
 def traced_no_cpu(tmp_path_factory):
     _require_real_libs()
-    return _trace_child(tmp_path_factory.mktemp("real_nocpu"), TraceOptions(channels=("cuda", "nccl", "torch")),
-                        spin_s=0.5)
+    opts = TraceOptions(channels=("cuda", "nccl", "torch"))
+    return _trace_child(tmp_path_factory.mktemp("real_nocpu"), opts, spin_s=0.5)
 
 
 def expected_counts() -> dict[str, int]:
@@ -251,7 +262,8 @@ def test_group_calls_nested_in_ncclsend(traced):
     # The ones the child called itself are outside any send.
     assert groups.height - inside == 2 * NCCL_CALLS["ncclGroupStart"]
     outer_ends = groups.filter(pl.col("name") == "ncclGroupEnd")["ret"].value_counts()
-    assert dict(outer_ends.iter_rows()) == {0: NCCL_CALLS["ncclGroupEnd"], 4: NCCL_CALLS["ncclSend"]}
+    want = {0: NCCL_CALLS["ncclGroupEnd"], 4: NCCL_CALLS["ncclSend"]}
+    assert dict(outer_ends.iter_rows()) == want
 
 
 def test_durations_and_return_values_of_exit_probes(traced):
@@ -306,7 +318,8 @@ def test_manifest_lists_probes_placed_on_the_real_files(traced):
     assert probes["ncclAllReduce"]["placement"]["first_insn"].startswith("4157")  # push %r15
     assert probes["ncclSend"]["placement"]["first_insn"].startswith("55")  # push %rbp
     for name in CUDART_CALLS:
-        assert probes[name]["placement"]["first_insn"] == "554889e5", name  # push %rbp; mov %rsp,%rbp
+        # push %rbp; mov %rsp,%rbp
+        assert probes[name]["placement"]["first_insn"] == "554889e5", name
     # Present but not called: attached all the same, counted zero.
     assert probes["ncclCommInitRank"]["status"] == "attached"
     # The one probed symbol whose first instruction is single-stepped (movabs): said so.
