@@ -99,7 +99,9 @@ struct argus_proc_event {
 #define ARGUS_DROP_CALL_RINGBUF 0
 #define ARGUS_DROP_PROC_RINGBUF 1
 #define ARGUS_DROP_DEPTH 2        /* nesting deeper than ARGUS_MAX_DEPTH */
-#define ARGUS_DROP_RET_ORPHAN 3   /* a return with no matching entry */
+#define ARGUS_DROP_RET_ORPHAN 3   /* a return with no matching entry, or entries whose
+                                   * return was never seen (discarded when an outer call
+                                   * returns) */
 #define ARGUS_DROP_STACK_USER 4   /* failed user stack walk */
 #define ARGUS_DROP_STACK_KERNEL 5 /* failed kernel stack walk */
 #define ARGUS_DROP_STACK_MAP_FULL 6
@@ -119,6 +121,7 @@ struct argus_stack_key {
 /* Per-thread stack of calls waiting for their return probe. */
 struct argus_frame {
     __u64 ts_ns;
+    __u64 sp;        /* stack pointer at entry: the return sees sp + 8 (matches pairs) */
     __u64 args[ARGUS_MAX_ARGS];
     __u64 uid_hash;
     __s64 seq;

@@ -107,6 +107,7 @@ int argus_call_entry(struct pt_regs *ctx)
         return 0;
     struct argus_frame *f = &scratch->frames[0];
     f->ts_ns = ts;
+    f->sp = PT_REGS_SP(ctx);
     f->probe_id = pi->probe_id;
     f->flags = flags;
     f->out_arg = pi->out_arg;
@@ -166,6 +167,17 @@ int argus_call_entry(struct pt_regs *ctx)
         }
     }
     u32 d = st->depth;
+    if (d > ARGUS_MAX_DEPTH)
+        d = ARGUS_MAX_DEPTH;
+    /* The stack grows down: a frame whose entry sp is not above ours has returned without
+     * its return being seen. Discard such frames (counted) before pushing. */
+#pragma unroll
+    for (int i = ARGUS_MAX_DEPTH - 1; i >= 0; i--) {
+        if ((u32)i + 1 == d && st->frames[i].sp <= f->sp) {
+            d = i;
+            argus_drop(ARGUS_DROP_RET_ORPHAN);
+        }
+    }
     if (d >= ARGUS_MAX_DEPTH) {
         argus_drop(ARGUS_DROP_DEPTH);
         return 0;
@@ -183,16 +195,32 @@ int argus_call_return(struct pt_regs *ctx)
     struct argus_inflight *st = inflight.lookup(&tid);
     if (!st)
         return 0;  /* not a traced thread, or the entry was not recorded */
+    /* Find the frame this return belongs to: its entry stack pointer is ours minus the
+     * popped return address. Frames above it are entries whose return was never seen (a
+     * return probe attached after the entry fired, longjmp, a killed thread): discard them,
+     * counted, so one lost return never wedges the thread's stack. */
+    u64 sp = PT_REGS_SP(ctx) - 8;
     u32 d = st->depth;
-    if (d == 0 || d > ARGUS_MAX_DEPTH) {
+    if (d > ARGUS_MAX_DEPTH)
+        d = ARGUS_MAX_DEPTH;
+    s32 hit = -1;
+#pragma unroll
+    for (int i = ARGUS_MAX_DEPTH - 1; i >= 0; i--) {
+        if (hit < 0 && (u32)i < d && st->frames[i].sp == sp)
+            hit = i;
+    }
+    if (hit < 0) {
         argus_drop(ARGUS_DROP_RET_ORPHAN);
         return 0;
     }
-    d -= 1;
-    st->depth = d;
-    /* The compiler drops a plain mask after the range check above and the verifier then
+    for (u32 i = hit + 1; i < ARGUS_MAX_DEPTH; i++) {
+        if (i < d)
+            argus_drop(ARGUS_DROP_RET_ORPHAN);
+    }
+    st->depth = hit;
+    /* The compiler may drop a plain mask after the checks above and the verifier then
      * loses the bound: mask inside asm so it stays. */
-    u64 idx = d;
+    u64 idx = (u32)hit;
     asm volatile("%0 &= 3" : "+r"(idx));
     struct argus_frame *f = &st->frames[idx];
     u64 now = bpf_ktime_get_ns();

@@ -109,6 +109,7 @@ class StackKey(ct.Structure):
 class Frame(ct.Structure):
     _fields_ = [
         ("ts_ns", ct.c_uint64),
+        ("sp", ct.c_uint64),
         ("args", ct.c_uint64 * MAX_ARGS),
         ("uid_hash", ct.c_uint64),
         ("seq", ct.c_int64),

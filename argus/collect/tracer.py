@@ -1,6 +1,6 @@
 """The live tracing session: targets -> one BPF program set -> a recording.
 
-    tracer = Tracer(TraceOptions(...)); tracer.start([tgid, ...])
+    tracer = Tracer(TraceOptions(...)); tracer.start(tracer.plan([tgid, ...]))
     while ...: tracer.poll(0.1)
     recording = tracer.finish(end_reason)     # manifest dict, events frame, stacks frame
 
@@ -9,8 +9,9 @@ Discovery: each target PID is a rank (it maps a library a probe spec names) or a
 never missed). Watched processes are rescanned for newly mapped libraries (ranks that load
 CUDA/NCCL late, torch's dlopen) every `rescan_s`. Per traced process and probed library,
 each spec symbol is resolved from the file the process actually maps (through its
-/proc/PID/root), placed (endbr64 skipped), attached with the process as the uprobe filter,
-and registered in the in-kernel probe table that also does the filtering.
+/proc/PID/root) and placed (endbr64 skipped); its (tgid, address) goes into the in-kernel
+probe table, which is the filter; the uprobe itself is attached once per library file and
+shared by every rank mapping it (see `_acquire_uprobe`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class _Attached:
 
     path: str
     host_path: str
-    uprobes: list[tuple[str, int, bool]] = field(default_factory=list)  # (path, vaddr, ret)
+    uprobes: list[tuple] = field(default_factory=list)  # keys of shared uprobes held
     keys: list[abi.ProbeKey] = field(default_factory=list)  # probe-table entries
 
 
@@ -119,6 +120,7 @@ class Tracer:
         self.proc_events: list[dict] = []
         self.stack_rows: list[dict] = []
         self.probe_status: dict[tuple, dict] = {}
+        self._uprobes: dict[tuple, list] = {}  # (dev, inode, vaddr, ret) -> [path, refs]
         self._sym_cache: dict[tuple[int, int], tuple[str, str | None]] = {}
         self.ctx = DecodeContext(self.probe_refs, kernel_name=self._kernel_name)
         self.ctx.on_comm_init = self._on_comm_init
@@ -249,10 +251,37 @@ class Tracer:
                     out.append(spec)  # a static copy of the runtime inside another .so
         return out
 
+    def _acquire_uprobe(self, path: str, vaddr: int, ret: bool) -> tuple:
+        """Attach (once per file, node-wide) the generic program at vaddr of the file at path.
+
+        Uprobes live on the file (inode), not the process: one attachment serves every rank
+        that maps this library, including ranks that start later, whose calls are recorded
+        from the moment their probe-table entries exist (the in-kernel filter). Processes
+        argus does not trace pay only the trap and one hash lookup while argus is attached.
+        Reference-counted by traced processes; released when the last one exits.
+        """
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino, vaddr, ret)
+        entry = self._uprobes.get(key)
+        if entry is None:
+            fn = "argus_call_return" if ret else "argus_call_entry"
+            self.session.attach_uprobe(path, vaddr, fn, -1, ret=ret)
+            entry = self._uprobes[key] = [path, 0]
+        entry[1] += 1
+        return key
+
+    def _release_uprobe(self, key: tuple) -> None:
+        entry = self._uprobes.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._uprobes[key]
+            self.session.detach_uprobe(entry[0], key[2], -1, ret=key[3])
+
     def _attach_library(self, t: _Target, lib: procfs.MappedLibrary, specs: list[LibrarySpec]):
         elf = elf_file(lib.host_path)
-        s = self.session
-        table = s.table("probes")
+        table = self.session.table("probes")
         for libspec in specs:
             for spec in libspec.probes:
                 for sym in spec.symbols:
@@ -280,27 +309,24 @@ class Tracer:
                         status.update(status="failed", reason="address not in the process's mappings")
                         continue
                     probe_id = self._probe_id[(libspec.family, sym)]
-                    key_ = abi.ProbeKey(tgid=t.tgid, pad=0, addr=addr)
-                    table[key_] = spec.probe_info(probe_id)
+                    pkey = abi.ProbeKey(tgid=t.tgid, pad=0, addr=addr)
+                    # The table entry first: from here on this process's calls are recorded.
+                    table[pkey] = spec.probe_info(probe_id)
+                    held = []
                     try:
-                        s.attach_uprobe(lib.host_path, place.vaddr, "argus_call_entry", t.tgid)
-                    except Exception as e:  # ProbeAttachFailed
-                        del table[key_]
-                        status.update(status="failed", reason=str(e))
+                        held.append(self._acquire_uprobe(lib.host_path, place.vaddr, False))
+                        if spec.exit:
+                            held.append(self._acquire_uprobe(lib.host_path, place.vaddr, True))
+                    except Exception as e:  # ProbeAttachFailed, OSError
+                        # Never leave an entry probe whose return half is missing.
+                        for k in held:
+                            self._release_uprobe(k)
+                        del table[pkey]
+                        half = "return probe: " if held else ""
+                        status.update(status="failed", reason=f"{half}{e}")
                         continue
-                    placed = [(lib.host_path, place.vaddr, False)]
-                    if spec.exit:
-                        try:
-                            s.attach_uprobe(lib.host_path, place.vaddr, "argus_call_return", t.tgid, ret=True)
-                            placed.append((lib.host_path, place.vaddr, True))
-                        except Exception as e:
-                            # Never leave an entry probe whose return half is missing.
-                            s.detach_uprobe(lib.host_path, place.vaddr, t.tgid)
-                            del table[key_]
-                            status.update(status="failed", reason=f"return probe: {e}")
-                            continue
-                    t.attached[lib.path].uprobes.extend(placed)
-                    t.attached[lib.path].keys.append(key_)
+                    t.attached[lib.path].uprobes.extend(held)
+                    t.attached[lib.path].keys.append(pkey)
                     status.update(
                         status="attached",
                         reason="" if place.emulated else f"first instruction {place.first_insn} is single-stepped (slow)",
@@ -312,12 +338,12 @@ class Tracer:
     def _detach_target(self, t: _Target) -> None:
         table = self.session.table("probes")
         for att in t.attached.values():
-            for path, vaddr, ret in att.uprobes:
-                self.session.detach_uprobe(path, vaddr, t.tgid, ret=ret)
+            for key in att.uprobes:
+                self._release_uprobe(key)
             att.uprobes.clear()
-            for key in att.keys:
+            for pkey in att.keys:
                 try:
-                    del table[key]
+                    del table[pkey]
                 except KeyError:
                     pass
             att.keys.clear()
