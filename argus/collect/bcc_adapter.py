@@ -141,10 +141,11 @@ class BpfSession:
     ArgusError naming what failed.
     """
 
-    def __init__(self, sources: list[str], cflags: list[str]):
+    def __init__(self, sources: list[str], cflags: list[str], text: str | None = None):
         bcc = _import_bcc()
-        text = "".join(f'#line 1 "{src}"\n' + Path(src).read_text() + "\n" for src in sources)
-        src_file = ", ".join(Path(src).name for src in sources)
+        if text is None:
+            text = "".join(f'#line 1 "{src}"\n' + Path(src).read_text() + "\n" for src in sources)
+        src_file = ", ".join(Path(src).name for src in sources) or "<text>"
         self._bcc = bcc
         capture = _CaptureOutput()
         try:
@@ -162,6 +163,11 @@ class BpfSession:
             detail = _last_lines(capture.text, 6) or str(e)
             raise ProbeAttachFailed(f"bcc failed to compile {src_file}: {detail}") from e
         self._rings: list[str] = []
+
+    @classmethod
+    def from_text(cls, text: str, cflags: list[str]) -> BpfSession:
+        """A program given as text (benchmarks' empty programs; argus itself uses files)."""
+        return cls([], cflags, text=text)
 
     # uprobes ---------------------------------------------------------------------------
     def attach_uprobe(self, path: str, addr: int, fn_name: str, tgid: int, ret: bool = False):
