@@ -19,6 +19,10 @@ setup: ## install everything (Debian packages, kernel headers, .venv, stand-ins)
 standins: ## build the C stand-in libraries and the simulated rank into build/
 	@$(MAKE) --no-print-directory -s -C cuda_probes/standins BUILD=$(BUILD)
 
+.PHONY: demo
+demo: setup ## simulate a 4-rank job with a planted straggler, attach argus, print the diagnosis
+	$(CURDIR)/.venv/bin/argus demo
+
 .PHONY: test
 test: setup ## run every test tier that can run here (unit + bpf; gpu is skipped with the reason)
 	$(PYTEST) tests -q
@@ -30,6 +34,10 @@ test-unit: setup ## run the unit tier only (no root, no bcc)
 .PHONY: test-bpf
 test-bpf: setup ## run the bpf tier only (root: real probes on real processes)
 	$(PYTEST) tests -q -m bpf
+
+.PHONY: bench
+bench: setup ## measure probe costs and tracing overhead (root; prints one table)
+	$(PY) scripts/bench
 
 .PHONY: lint
 lint: setup ## ruff
