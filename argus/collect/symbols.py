@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.hash import ELFHashSection, GNUHashSection
@@ -74,21 +75,7 @@ class ElfFile:
         self._funcs: tuple[list[int], list[Symbol]] | None = None
 
     def _read_table(self, names: tuple[str, ...]) -> dict[str, Symbol]:
-        out: dict[str, Symbol] = {}
-        with open(self.path, "rb") as f:
-            elf = ELFFile(f)
-            for secname in names:
-                sec = elf.get_section_by_name(secname)
-                if not isinstance(sec, SymbolTableSection):
-                    continue
-                for s in sec.iter_symbols():
-                    if s["st_info"]["type"] not in ("STT_FUNC", "STT_GNU_IFUNC"):
-                        continue
-                    if s["st_shndx"] == "SHN_UNDEF" or not s.name or s["st_value"] == 0:
-                        continue
-                    # Versioned names come back bare from pyelftools; keep the first (default).
-                    out.setdefault(s.name, Symbol(s.name, s["st_value"], s["st_size"]))
-        return out
+        return _function_table(self.path, names)
 
     def lookup(self, name: str) -> Symbol | None:
         """A defined function symbol by exact (mangled) name, from .dynsym then .symtab."""
@@ -99,9 +86,10 @@ class ElfFile:
             return hit
         return self._all_funcs_by_name().get(name)
 
-    @lru_cache(maxsize=1)  # noqa: B019 - one ElfFile per cached path; lives as long as it
     def _all_funcs_by_name(self) -> dict[str, Symbol]:
-        return self._read_table((".symtab", ".dynsym"))
+        # Cached per file identity, not per path: every rank maps the same libtorch_cpu.so
+        # through its own /proc/PID/root path, and its .symtab has 530k symbols.
+        return _function_table(self.path, (".symtab", ".dynsym"))
 
     def defines(self, name: str) -> bool:
         return self.lookup(name) is not None
@@ -154,6 +142,57 @@ class ElfFile:
         if vaddr == s.vaddr or vaddr < s.vaddr + max(s.size, 1):
             return s.name
         return None
+
+
+_ELF64_SYM = np.dtype(
+    [("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"), ("value", "<u8"),
+     ("size", "<u8")]
+)  # fmt: skip
+_STT_FUNC, _STT_GNU_IFUNC = 2, 10
+
+
+def _function_table(path: str, names: tuple[str, ...]) -> dict[str, Symbol]:
+    """Defined functions of the symbol tables `names` (first definition of a name wins)."""
+    st = os.stat(path)
+    return _function_table_cached(path, names, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _function_table_cached(path: str, names: tuple[str, ...], *identity: int) -> dict[str, Symbol]:
+    out: dict[str, Symbol] = {}
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        fast = elf.elfclass == 64 and elf.little_endian
+        for secname in names:
+            sec = elf.get_section_by_name(secname)
+            if not isinstance(sec, SymbolTableSection):
+                continue
+            if not fast:
+                for s in sec.iter_symbols():
+                    if s["st_info"]["type"] not in ("STT_FUNC", "STT_GNU_IFUNC"):
+                        continue
+                    if s["st_shndx"] == "SHN_UNDEF" or not s.name or s["st_value"] == 0:
+                        continue
+                    # Versioned names come back bare; keep the first (default).
+                    out.setdefault(s.name, Symbol(s.name, s["st_value"], s["st_size"]))
+                continue
+            # Read the table with numpy: pyelftools takes ~10 s on libtorch_cpu's .symtab.
+            f.seek(sec["sh_offset"])
+            syms = np.frombuffer(f.read(sec["sh_size"]), dtype=_ELF64_SYM)
+            strtab = elf.get_section(sec["sh_link"])
+            f.seek(strtab["sh_offset"])
+            strs = f.read(strtab["sh_size"])
+            kind = syms["info"] & 0xF
+            keep = ((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC)) & (syms["shndx"] != 0)
+            keep &= (syms["value"] != 0) & (syms["name"] != 0)
+            kept = syms[keep]
+            for off, value, size in zip(
+                kept["name"].tolist(), kept["value"].tolist(), kept["size"].tolist(), strict=True
+            ):
+                name = strs[off : strs.index(b"\0", off)].decode("utf-8", "replace")
+                if name not in out:
+                    out[name] = Symbol(name, value, size)
+    return out
 
 
 class _HashLookup:
