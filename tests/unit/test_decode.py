@@ -1,0 +1,111 @@
+"""Decoding call records into events rows: pure, no root (records built with the ctypes mirror)."""
+
+import ctypes as ct
+
+import numpy as np
+import pytest
+
+from argus.collect import abi
+from argus.collect.decode import DecodeContext, ProbeRef, decode_records
+from argus.collect.specs import load_specs
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def refs():
+    out, by_name = {}, {}
+    for lib in load_specs():
+        for spec in lib.probes:
+            for sym in spec.symbols:
+                pid = len(out)
+                out[pid] = ProbeRef(spec, sym)
+                by_name[sym] = pid
+    return out, by_name
+
+
+def record(probe_id, tgid=100, tid=100, ts=1000, dur=50, args=(), uid=0, out=0, seq=-1, ret=0, text=None):
+    call = abi.Call(type=abi.REC_CALL_STR if text else abi.REC_CALL, probe_id=probe_id, tgid=tgid,
+                    tid=tid, ts_ns=ts, dur_ns=dur, uid_hash=uid, out=out, seq=seq, ret=ret)
+    for i, a in enumerate(args):
+        call.args[i] = a
+    if text is None:
+        return bytes(call)
+    return bytes(abi.CallStr(call=call, str=text.encode()))
+
+
+def test_dtype_layout_matches_the_ctypes_mirror():
+    assert np.dtype(abi.Call).itemsize == ct.sizeof(abi.Call) == 144  # 4 u32, 2 u64, 10 args, 4 u64
+
+
+def test_comm_init_names_the_communicator_on_every_rank(refs):
+    probes, ids = refs
+    ctx = DecodeContext(probes, rank_of={100: 0, 200: 1})
+    uid = 0x1234_5678_9ABC_DEF0
+    blobs = [
+        # ncclCommInitRank(comm*, nranks=2, <uid on the stack>, rank): out = the new handle
+        record(ids["ncclCommInitRank"], tgid=100, args=(0x7000, 2, 0), uid=uid, out=0xAAA0),
+        record(ids["ncclCommInitRank"], tgid=200, args=(0x7100, 2, 1), uid=uid, out=0xBBB0),
+        # ncclAllReduce(send, recv, count, dtype=bfloat16(9), op=sum(0), comm, stream on stack)
+        record(ids["ncclAllReduce"], tgid=100, args=(1, 2, 1000, 9, 0, 0xAAA0, 0x55), seq=0),
+        record(ids["ncclAllReduce"], tgid=200, args=(1, 2, 1000, 9, 0, 0xBBB0, 0x66), seq=0),
+    ]
+    ev = decode_records(blobs, ctx)
+    ar = ev.filter(ev["name"] == "ncclAllReduce").sort("tgid")
+    assert ar["comm"].to_list() == [f"{uid:016x}"] * 2
+    assert ar["comm_rank"].to_list() == [0, 1]
+    assert ar["comm_nranks"].to_list() == [2, 2]
+    assert ar["dtype"].to_list() == ["bfloat16"] * 2
+    assert ar["bytes"].to_list() == [2000, 2000]
+    assert ar["redop"].to_list() == ["sum"] * 2
+    assert ar["stream"].to_list() == [0x55, 0x66]
+    assert ar["seq"].to_list() == [0, 0]
+    assert ar["op"].to_list() == ["allreduce"] * 2
+    assert ar["rank"].to_list() == [0, 1]
+
+
+def test_split_communicators_get_the_same_id_across_ranks(refs):
+    probes, ids = refs
+    ctx = DecodeContext(probes)
+    blobs = []
+    for tgid, handle, new in ((100, 0xA, 0xA1), (200, 0xB, 0xB1)):
+        blobs.append(record(ids["ncclCommInitRank"], tgid=tgid, args=(0, 2, 0), uid=7, out=handle))
+        blobs.append(record(ids["ncclCommSplit"], tgid=tgid, args=(handle, 3, 0, 0x9000), out=new))
+        blobs.append(record(ids["ncclSend"], tgid=tgid, args=(0, 10, 7, 1, new, 0), seq=0))
+    ev = decode_records(blobs, ctx)
+    sends = ev.filter(ev["name"] == "ncclSend")
+    assert sends["comm"].to_list() == ["0000000000000007/split0.c3"] * 2
+    assert sends["peer"].to_list() == [1, 1]
+    assert sends["bytes"].to_list() == [40, 40]  # float32
+
+
+def test_unknown_communicators_are_named_by_first_use(refs):
+    probes, ids = refs
+    ctx = DecodeContext(probes)
+    blobs = [record(ids["ncclAllReduce"], args=(0, 0, 1, 7, 0, h, 0, 0), seq=0) for h in (0xC, 0xD, 0xC)]
+    ev = decode_records(blobs, ctx)
+    assert ev["comm"].to_list() == ["anon0", "anon1", "anon0"]
+
+
+def test_kernel_names_and_driver_handles(refs):
+    probes, ids = refs
+    names = {(100, 0x401000): "flash_attn_fwd_kernel"}
+    ctx = DecodeContext(probes, kernel_name=lambda tgid, addr: names.get((tgid, addr)))
+    blobs = [
+        record(ids["cudaLaunchKernel"], args=(0x401000, 0, 0, 0, 0, 0, 0, 0x42)),
+        record(ids["cuModuleGetFunction"], args=(0x8000, 0x1, 0x2000), out=0xF00, text="ampere_sgemm"),
+        record(ids["cuLaunchKernel"], args=(0xF00,)),
+        record(ids["cudaLaunchKernel"], args=(0x999,)),
+    ]
+    ev = decode_records(blobs, ctx)
+    assert ev["kernel"].to_list() == ["flash_attn_fwd_kernel", "ampere_sgemm", "ampere_sgemm", None]
+    launch = ev.row(0, named=True)
+    assert launch["stream"] == 0x42 and launch["dur_ns"] is None  # entry-only probe
+
+
+def test_return_codes_and_durations(refs):
+    probes, ids = refs
+    ev = decode_records([record(ids["cudaMemcpy"], dur=12345, args=(0, 0, 4096, 2), ret=(1 << 32) - 1)],
+                        DecodeContext(probes))
+    row = ev.row(0, named=True)
+    assert (row["dur_ns"], row["bytes"], row["memcpy_kind"], row["ret"]) == (12345, 4096, 2, -1)
