@@ -5,7 +5,9 @@ read-back or a blocking collective; `in_flight` rows) entered at least `threshol
 recording ended, where threshold = max(hang_after, 5 x the median step time). For each comm,
 k = the highest aligned seq any waiting rank issued; waiting ranks are those whose last seq on
 that comm is k, missing ranks those whose last seq is lower (they never arrived) or that
-exited (a `proc` `exit` event). For each missing rank the report gives what it is doing now:
+exited (a `proc` `exit` event). The reported seq is the first collective a missing rank never
+issued (lowest last seq among them + 1): the waiting ranks may have issued later ones too.
+For each missing rank the report gives what it is doing now:
 its latest CPU stacks (the last sampled intervals) and any call it is blocked in.
 """
 
@@ -97,6 +99,12 @@ def detect_hangs(
     if best is None:
         return [_finding(None, None, None, waiting, [], exited, tl, stacks, threshold)]
     _, _, comm, k, arrived, missing = best
+    # The collective the missing ranks never reached: the first one after the lowest last
+    # seq among them (the waiting ranks may have issued several more, e.g. later buckets).
+    lc = dict(last.filter(pl.col("comm") == comm).select("rank", "last").rows())
+    behind = [lc[r] for r in missing if lc[r] < k]
+    if behind:
+        k = min(behind) + 1
     row = coll.filter((pl.col("comm") == comm) & (pl.col("gseq") == k)).head(1)
     op = row["op"][0] if row.height else None
     return [_finding(comm, k, op, {r: waiting.get(r) for r in arrived}, missing, exited, tl,

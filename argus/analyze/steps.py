@@ -329,10 +329,12 @@ def detect_steps(tl: pl.DataFrame, coll: pl.DataFrame) -> StepDetection:
 def step_metrics(tl: pl.DataFrame, coll: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:
     """Per (rank, step): where the step's time went, host side.
 
-    - `compute_wait_ns`: blocking device-to-host read-backs (the host waits for its OWN GPU
-      work; long on a GPU-slow rank),
-    - `sync_wait_ns`: stream/device/event synchronizes (the end-of-step sync waits for the
-      collectives, i.e. for the slowest rank; short on the GPU-slow rank itself),
+    - `compute_wait_ns`: GPU waits (synchronize or blocking read-back) entered before the
+      step's first collective: the host waits for its OWN GPU work (e.g. `loss.item()`
+      after forward); long on a GPU-slow rank. Without collectives: the read-backs.
+    - `sync_wait_ns`: GPU waits entered after the first collective (the end-of-step
+      read-back or synchronize waits for the collectives, i.e. for the slowest rank;
+      short on the GPU-slow rank itself). Without collectives: the synchronizes.
     - `coll_wait_ns`: time inside collective calls (blocking for c10d/gloo),
     - `lateness_ns`: max over the step's collectives of entry time minus the median entry
       time of the same collective on all ranks (host-side arrival lateness),
@@ -351,7 +353,7 @@ def step_metrics(tl: pl.DataFrame, coll: pl.DataFrame, steps: pl.DataFrame) -> p
                 )
             ]
         )
-    keys = steps.select("rank", "step", "start_ns", "end_ns").sort("start_ns")
+    keys = steps.select("rank", "step", "start_ns", "end_ns", "first_coll_ns").sort("start_ns")
 
     def assign(df: pl.DataFrame) -> pl.DataFrame:
         df = df.filter(pl.col("rank").is_not_null()).sort("t_ns")
@@ -366,13 +368,23 @@ def step_metrics(tl: pl.DataFrame, coll: pl.DataFrame, steps: pl.DataFrame) -> p
         return j.filter(pl.col("step").is_not_null() & (pl.col("t_ns") < pl.col("end_ns")))
 
     ev = assign(tl.select("rank", "t_ns", "dur_ns", "kind"))
+    # A wait entered before the step's first collective can only wait for the rank's own
+    # GPU work (nothing collective is pending yet); one entered after it waits for the
+    # collectives too, i.e. for the slowest rank. Without collectives (sync mode): by name.
+    is_wait = pl.col("kind").is_in(["readback", "sync"])
+    own = (
+        pl.when(pl.col("first_coll_ns").is_not_null())
+        .then(is_wait & (pl.col("t_ns") < pl.col("first_coll_ns")))
+        .otherwise(pl.col("kind") == "readback")
+    )
+    end = is_wait & ~own
     waits = ev.group_by(["rank", "step"]).agg(
-        pl.col("dur_ns").filter(pl.col("kind") == "readback").sum().alias("compute_wait_ns"),
-        pl.col("dur_ns").filter(pl.col("kind") == "sync").sum().alias("sync_wait_ns"),
+        pl.col("dur_ns").filter(own).sum().alias("compute_wait_ns"),
+        pl.col("dur_ns").filter(end).sum().alias("sync_wait_ns"),
         pl.col("dur_ns").filter(pl.col("kind") == "collective").sum().alias("coll_wait_ns"),
         pl.col("t_ns").min().alias("first_call_ns"),
-        (pl.col("kind") == "readback").any().alias("_has_rb"),
-        (pl.col("kind") == "sync").any().alias("_has_sync"),
+        own.any().alias("_has_rb"),
+        end.any().alias("_has_sync"),
     )
     if coll.height and "lateness_ns" in coll.columns:
         late = (

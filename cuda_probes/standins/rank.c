@@ -5,7 +5,8 @@
  *
  * Each step: CPU data loading (data_loader_next_batch), H2D copy, forward kernels,
  * backward kernels with bucketed ncclAllReduce on a comm stream (events order the
- * streams), optimizer kernels, a blocking D2H loss read-back. Kernels are launched through
+ * streams), optimizer kernels, a blocking D2H loss read-back (pure DP: also one right
+ * after forward, before backward, as loss.item() in real loops). Kernels are launched through
  * named host stubs (some with C++-mangled names) exactly like nvcc-generated code, a few
  * through the driver API (cuLaunchKernel) as cuBLAS does.
  *
@@ -602,6 +603,10 @@ int main(void)
             for (int i = 0; i < nfwd; i++)
                 launch_one(fwd_stubs[i % 5], i, g_compute);
             launch_one(k_cross_entropy, 2, g_compute);
+            /* loss.item() after forward (logging, NaN/inf check): a blocking read-back that
+             * waits for this rank's OWN forward only (no collective is pending yet), as most
+             * real training loops do; it is what makes a GPU-slow rank visible host-side. */
+            CK(CALL(cudaMemcpy, &loss, d_loss, sizeof loss, cudaMemcpyDeviceToHost));
             int per = nbwd / g_buckets;
             for (int b = 0; b < g_buckets; b++) {
                 int n = (b == g_buckets - 1) ? nbwd - per * b : per;

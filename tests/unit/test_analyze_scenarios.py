@@ -117,8 +117,10 @@ def test_hang_names_seq_and_missing_rank_with_its_stack():
     assert [x["kind"] for x in f] == ["collective_hang"]
     h = f[0]
     assert h["severity"] == "critical"
-    # sim step 15 = 16th step since attach at bucket 1 of step 0: 2 + 14 * 3 + 1 + 1 = seq 46
-    assert (h["comm"], h["op"], h["seq"]) == ("0xc0ffee", "allreduce", 46)
+    # sim step 15 = 16th step since attach at bucket 1 of step 0: its bucket 0 is seq
+    # 2 + 14 * 3 = 44 (rank 2 issued it), bucket 1 (seq 45) is the one rank 2 never reached;
+    # the others also issued bucket 2 (seq 46), queued behind 45 on their stream.
+    assert (h["comm"], h["op"], h["seq"]) == ("0xc0ffee", "allreduce", 45)
     assert h["waiting_ranks"] == [0, 1, 3]
     assert h["missing_ranks"] == [2]
     ms = h["missing_stacks"][0]
