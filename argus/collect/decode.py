@@ -60,7 +60,7 @@ class DecodeContext:
     comm_ids: dict[tuple[int, int], str] = field(default_factory=dict)
     comm_info: dict[tuple[int, int], tuple[int | None, int | None]] = field(default_factory=dict)
     handle_names: dict[tuple[int, int], str] = field(default_factory=dict)
-    _anon: dict[int, int] = field(default_factory=dict)
+    _first_use: dict[tuple[int, str], int] = field(default_factory=dict)
     _splits: dict[tuple[int, str], int] = field(default_factory=dict)
     on_comm_init: Callable[[int, str, int | None, int | None], None] | None = None
 
@@ -71,8 +71,8 @@ class DecodeContext:
         cid = self.comm_ids.get(key)
         if cid is None:
             prefix = "pg" if kind.startswith("pg_") else "anon"
-            n = self._anon.get((tgid, prefix), 0)  # type: ignore[call-overload]
-            self._anon[(tgid, prefix)] = n + 1  # type: ignore[index]
+            n = self._first_use.get((tgid, prefix), 0)
+            self._first_use[(tgid, prefix)] = n + 1
             cid = f"{prefix}{n}"
             self.comm_ids[key] = cid
         return cid
@@ -109,23 +109,16 @@ def decode_records(blobs: list[bytes], ctx: DecodeContext) -> pl.DataFrame:
 
 
 def rows_to_frame(rows: list[dict]) -> pl.DataFrame:
+    """Rows (dicts with any subset of the events columns) -> a frame of EVENTS_SCHEMA."""
     if not rows:
         return schema.empty_events()
-    cols = {name: [r.get(name) for r in rows] for name in schema.EVENTS_SCHEMA}
-    frame = pl.DataFrame(
-        {k: pl.Series(k, v, dtype=_load_dtype(dt)) for k, (v, dt) in _zip(cols).items()}
-    )
-    return frame.with_columns(
-        [pl.col(k).cast(dt) for k, dt in schema.EVENTS_SCHEMA.items() if dt == pl.Categorical]
-    )
-
-
-def _load_dtype(dt):
-    return pl.Utf8 if dt == pl.Categorical else dt
-
-
-def _zip(cols):
-    return {k: (v, schema.EVENTS_SCHEMA[k]) for k, v in cols.items()}
+    series = []
+    for name, dtype in schema.EVENTS_SCHEMA.items():
+        values = [r.get(name) for r in rows]
+        # Categoricals are built from strings, then cast.
+        s = pl.Series(name, values, dtype=pl.Utf8 if dtype == pl.Categorical else dtype)
+        series.append(s.cast(dtype) if dtype == pl.Categorical else s)
+    return pl.DataFrame(series)
 
 
 def decode_call(call, text: str | None, ctx: DecodeContext, in_flight: bool) -> dict | None:
@@ -201,8 +194,6 @@ def decode_call(call, text: str | None, ctx: DecodeContext, in_flight: bool) -> 
         if text:
             ctx.handle_names[(tgid, out)] = text
         row["kernel"] = text
-    elif kind == "malloc" and not in_flight:
-        row["stream"] = None
     elif "comm" in a:
         handle = a["comm"]
         row["comm"] = ctx.comm_id(tgid, handle, kind)
