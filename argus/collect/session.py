@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from argus.collect.tracer import Tracer, TraceOptions
+from argus.collect.tracer import TraceOptions, Tracer
 from argus.errors import KernelFeatureMissing, OutputNotWritable, ProbeAttachFailed
 from argus.recording.io import write_recording
 
