@@ -29,7 +29,7 @@ from argus import __version__
 from argus.collect import abi, procfs
 from argus.collect.bcc_adapter import BpfSession
 from argus.collect.decode import DecodeContext, ProbeRef, decode_call, decode_records, rows_to_frame
-from argus.collect.specs import CHANNELS, LibrarySpec, ProbeSpec, load_specs
+from argus.collect.specs import CHANNELS, LibrarySpec, load_specs
 from argus.collect.symbols import demangle, elf_file, runtime_address, short_name
 from argus.errors import NotATrainingProcess, PermissionDenied, TargetNotFound
 from argus.recording import schema
@@ -74,6 +74,33 @@ class _Target:
     attached: dict[str, _Attached] = field(default_factory=dict)  # library path -> probes
     maps: list[procfs.Mapping] = field(default_factory=list)
     scanned_ns: int = 0  # monotonic time of the last scan that read the maps
+    rank_launcher: bool = False  # maps PyTorch but only starts ranks (torchrun): never probed
+
+
+# torchrun imports torch, so it maps libtorch_cpu like its ranks: recognised by name.
+LAUNCHER_NAMES = ("torchrun",)
+LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch")
+
+
+def _is_rank_launcher(tgid: int, proc_root: str) -> bool:
+    """A process that starts ranks without being one: no rank in its own environment, and
+    its command line is torchrun (or python -m torch.distributed.run/launch), or one of its
+    children has a rank in its environment (the launcher set RANK for it)."""
+    try:
+        if procfs.rank_identity(tgid, proc_root)["rank"] is not None:
+            return False
+        argv = procfs.cmdline(tgid, proc_root)
+        if any(os.path.basename(a) in LAUNCHER_NAMES for a in argv[:2]):
+            return True
+        for i, a in enumerate(argv[:-1]):
+            if a == "-m" and argv[i + 1] in LAUNCHER_MODULES:
+                return True
+        return any(
+            procfs.rank_identity(c, proc_root)["rank"] is not None
+            for c in procfs.children(tgid, proc_root)
+        )
+    except (TargetNotFound, OSError):
+        return False
 
 
 def _check_privileges() -> None:
@@ -145,9 +172,10 @@ class Tracer:
         plan: list[tuple[int, bool]] = []
         for tgid in tgids:
             libs = procfs.mapped_libraries(tgid, self.opts.proc_root)
-            if procfs.is_training_process(libs):
+            launcher = _is_rank_launcher(tgid, self.opts.proc_root)
+            if procfs.is_training_process(libs) and not launcher:
                 plan.append((tgid, False))
-            elif procfs.children(tgid, self.opts.proc_root):
+            elif launcher or procfs.children(tgid, self.opts.proc_root):
                 plan.append((tgid, True))
             else:
                 name = procfs.comm(tgid, self.opts.proc_root)
@@ -220,6 +248,11 @@ class Tracer:
         new = [lib for lib in libs if lib.path not in t.attached]
         if not new and t.traced:
             return
+        if t.launcher and not t.traced and procfs.is_training_process(libs):
+            t.rank_launcher = t.rank_launcher or _is_rank_launcher(t.tgid, self.opts.proc_root)
+        if t.rank_launcher:
+            t.libraries = [lib.to_dict() for lib in libs]
+            return  # its ranks are watched through it; it is not probed itself
         for lib in new:
             specs = self._specs_for(lib)
             t.attached[lib.path] = _Attached(lib.path, lib.host_path)
@@ -398,6 +431,7 @@ class Tracer:
                     self._detach_target(t)
                     t.attached.clear()
                     t.traced = False
+                    t.rank_launcher = False
                     self._scan(t)
                     self._hot[t.tgid] = time.monotonic() + HOT_RESCAN_S
             elif ev["what"] == abi.PROC_EXIT:
