@@ -1,13 +1,16 @@
 """CPU hotspots: the differential CPU stack profile of anomalous vs normal time.
 
-Attribution: each stack sample is charged to ONE function, the deepest (leaf-most) user frame
-that is not in a shared library (`*.so*`), else the deepest user frame. Kernel frames and
-idle/sleep frames are ignored; samples of threads waiting for the GPU or a collective (a
-frame of the CUDA/NCCL API) are excluded. The profile of a set of samples is each function's
-share of the attributed samples; the differential is share(anomalous) - share(normal), and
-the hotspot is the function whose share grew the most (>= 10 points, >= 10 samples).
+Attribution: samples of threads waiting for the GPU or a collective (a frame of the CUDA/NCCL
+API) and idle samples are excluded; kernel frames and idle/sleep frames are ignored. The
+profile of a set of samples is, per function of the program itself (frames not in a shared
+library `*.so*`), its inclusive share of the attributed samples (a generic busy leaf shared
+by several callers does not hide the caller that changed); the differential is
+share(anomalous) - share(normal), and the hotspot is the function whose share grew the most
+(the leaf-most on a tie; >= 10 points, >= 10 samples). `attribute` (one function per sample:
+the leaf-most own frame) names what a hung rank is doing.
 
-Scopes: a straggler in a window (its samples in the window vs its samples elsewhere), a
+Scopes: a straggler in a window (its samples in the window vs its samples elsewhere, or vs
+the other ranks' samples when it has fewer than MIN_SAMPLES elsewhere), a
 straggler throughout (its samples vs the other ranks'), and an anomalous window without a
 straggler (all ranks in the window vs elsewhere).
 """
@@ -53,20 +56,44 @@ def attribute(functions: list[str] | None, modules: list[str] | None) -> str | N
     return user[0][0] if user else None
 
 
+def _own_frames(functions: list[str], modules: list[str] | None) -> list[str]:
+    """The program's own frames of a sample, leaf first (no shared library, kernel, idle)."""
+    modules = list(modules or [])
+    modules += [None] * (len(functions) - len(modules))
+    out = []
+    for fn, mod in zip(functions, modules, strict=False):
+        if fn is None or mod == "[kernel]" or fn in IDLE or (mod and ".so" in mod):
+            continue
+        if fn not in out:
+            out.append(fn)
+    return out
+
+
+_DEPTH: dict[str, int] = {}
+
+
 def profile(stacks: pl.DataFrame) -> Counter:
-    """Samples per attributed function."""
+    """Samples per function, inclusive: a sample counts for each of the program's own frames
+    on its stack (a generic leaf such as a busy loop is shared by its callers, the caller
+    that changed is what differs); samples charged to no function (idle, waiting) are kept
+    under None so that shares are of all attributed samples."""
     c: Counter = Counter()
     for fns, mods, n in stacks.select("functions", "modules", "count").rows():
         f = attribute(fns, mods)
-        if f is not None:
-            c[f] += int(n or 0)
+        if f is None:
+            continue
+        c[None] += int(n or 0)
+        own = _own_frames(list(fns), mods) or [f]
+        for depth, fn in enumerate(own):
+            c[fn] += int(n or 0)
+            _DEPTH[fn] = min(_DEPTH.get(fn, depth), depth)
     return c
 
 
 def differential(anomalous: pl.DataFrame, normal: pl.DataFrame) -> list[dict[str, Any]]:
     """Per function: share of samples in `anomalous` and `normal`, sorted by growth."""
     a, b = profile(anomalous), profile(normal)
-    ta, tb = sum(a.values()), sum(b.values())
+    ta, tb = a.pop(None, 0), b.pop(None, 0)
     if ta == 0 or tb == 0:
         return []
     rows = [
@@ -81,7 +108,15 @@ def differential(anomalous: pl.DataFrame, normal: pl.DataFrame) -> list[dict[str
         }
         for f in set(a) | set(b)
     ]
-    return sorted(rows, key=lambda r: (-(r["share_anomalous"] - r["share_normal"]), r["function"]))
+    # equal growth (a function and its caller): the leaf-most one is the more specific
+    return sorted(
+        rows,
+        key=lambda r: (
+            -round(r["share_anomalous"] - r["share_normal"], 9),
+            _DEPTH.get(r["function"], 0),
+            r["function"],
+        ),
+    )
 
 
 def _finding(diff, rank, scope: str, extra: dict[str, Any]) -> dict[str, Any] | None:
@@ -127,9 +162,12 @@ def detect_hotspots(
         return []
     out = []
     in_win = {}
+    # A sample row covers its aggregation interval (t_ns is its middle): it belongs to a
+    # window when the interval overlaps it (intervals may be longer than a short window).
+    half = pl.col("interval_ns").fill_null(0) // 2
     for w in windows:
-        in_win[(w["start_step"], w["end_step"])] = pl.col("t_ns").is_between(
-            w["start_ns"], w["end_ns"]
+        in_win[(w["start_step"], w["end_step"])] = ((pl.col("t_ns") - half) <= w["end_ns"]) & (
+            (pl.col("t_ns") + half) >= w["start_ns"]
         )
     any_win = pl.lit(False)
     for e in in_win.values():
@@ -140,7 +178,14 @@ def detect_hotspots(
         mine = stacks.filter(pl.col("rank") == r)
         key = (s.get("start_step"), s.get("end_step"))
         if key in in_win:
-            diff = differential(mine.filter(in_win[key]), mine.filter(~any_win))
+            normal = mine.filter(~any_win)
+            extra = {"start_step": key[0], "end_step": key[1]}
+            if sum(profile(normal).values()) < MIN_SAMPLES:
+                # a mostly idle rank (waiting for its GPU) has few samples of its own outside
+                # a short window: compare with the other ranks' samples instead
+                normal = stacks.filter(pl.col("rank") != r)
+                extra["compared_with"] = "other_ranks"
+            diff = differential(mine.filter(in_win[key]), normal)
             scope = f"in steps {key[0]}-{key[1]}"
             covered.add(key)
         else:
@@ -153,7 +198,7 @@ def detect_hotspots(
                 f["summary"] = f["summary"].replace("otherwise", diff_scope)
                 out.append(f)
             continue
-        f = _finding(diff, r, scope, {"start_step": key[0], "end_step": key[1]})
+        f = _finding(diff, r, scope, extra)
         if f:
             out.append(f)
     for w in windows:
