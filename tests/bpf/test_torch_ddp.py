@@ -1,0 +1,285 @@
+"""argus attach on REAL PyTorch DDP (CPU build, gloo) under torchrun, through the torchrun PID.
+
+tests/bpf/ddp_train.py is the job: each rank builds DDP around a tiny model (one gradient
+bucket), waits for a go file, then runs STEPS steps and writes its ground truth. argus
+attaches to torchrun (which maps libtorch_cpu itself but is a launcher, not a rank) before
+the go file exists, so every counted call is one the job made after attach.
+
+What DDP does here (torch 2.13 CPU, measured with these probes):
+- construction (DDP(...)): 1 allgather (parameter shape check) + 2 broadcasts (module
+  state sync), no allreduce: before the go file by default, so never counted;
+- every step: 1 autograd Engine::execute, 1 c10d ProcessGroupGloo::allreduce (the single
+  bucket), each collective executed as one AsyncWork::execute on a gloo worker thread;
+- once, in the forward of step 2: 2 broadcasts (the reducer rebuilds its buckets in the
+  order gradients became ready and syncs the indices), so on the process group the
+  collective sequence is allreduce, broadcast, broadcast, allreduce x (STEPS-1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from argus.collect.session import run_session
+from argus.collect.tracer import TraceOptions
+from argus.recording.io import load_recording
+
+pytestmark = pytest.mark.bpf
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).with_name("ddp_train.py")
+STEPS = 13
+ALLREDUCE = "c10d::ProcessGroupGloo::allreduce"
+BROADCAST = "c10d::ProcessGroupGloo::broadcast"
+ALLGATHER = "c10d::ProcessGroupGloo::allgather"
+PG_WORK = "c10d::ProcessGroupGloo::AsyncWork::execute"
+AUTOGRAD = "torch::autograd::Engine::execute"
+
+
+def _torchrun() -> str:
+    exe = Path(sys.executable).with_name("torchrun")
+    if not exe.exists():
+        pytest.skip(
+            f"torchrun not found next to {sys.executable}: run `make setup` (installs torch)"
+        )
+    return str(exe)
+
+
+class Job:
+    """A torchrun job of ddp_train.py whose ranks wait for `go`."""
+
+    def __init__(self, tmp: Path, nproc: int, steps: int = STEPS, *extra: str):
+        self.tmp, self.nproc, self.steps = tmp, nproc, steps
+        self.go, self.truth_dir = tmp / "go", tmp / "truth"
+        cmd = [_torchrun(), "--standalone", f"--nproc-per-node={nproc}", str(SCRIPT),
+               "--steps", str(steps), "--go", str(self.go), "--truth", str(self.truth_dir),
+               *extra]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.log = open(tmp / "torchrun.log", "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        )
+        self.t0 = time.monotonic()
+
+    def wait_ready(self, timeout: float = 180) -> float:
+        """Every rank has built DDP and waits for go; seconds since torchrun started."""
+        deadline = time.monotonic() + timeout
+        while len(list(self.truth_dir.glob("ready.*"))) < self.nproc:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                pytest.fail(
+                    f"torchrun did not get ready: {(self.tmp / 'torchrun.log').read_text()[-3000:]}"
+                )
+            time.sleep(0.05)
+        return time.monotonic() - self.t0
+
+    def finish(self, timeout: float = 120) -> list[dict]:
+        rc = self.proc.wait(timeout=timeout)
+        assert rc == 0, (self.tmp / "torchrun.log").read_text()[-3000:]
+        return [
+            json.loads((self.truth_dir / f"truth.{r}.json").read_text()) for r in range(self.nproc)
+        ]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # torchrun's ranks die with it (it kills its workers on SIGTERM)
+            self.proc.wait()
+        self.log.close()
+
+
+def _record(tmp: Path, nproc: int, *extra: str):
+    job = Job(tmp, nproc, STEPS, *extra)
+    try:
+        ready_s = job.wait_ready()
+        t0 = time.monotonic()
+        timing = {"ready_s": ready_s}
+
+        def started(tracer):
+            timing["attach_s"] = time.monotonic() - t0
+            job.go.touch()
+
+        result = run_session(
+            [job.proc.pid], tmp / "rec", TraceOptions(), duration_s=120, on_started=started
+        )
+        timing["session_s"] = time.monotonic() - t0
+        truth = job.finish()
+    finally:
+        job.close()
+    rec = load_recording(result.path)
+    return job.proc.pid, truth, timing, rec
+
+
+@pytest.fixture(scope="module")
+def ddp2(tmp_path_factory):
+    # Rank 1 is slowed (50 ms of CPU per step in slow_rank_compute): counts must not change.
+    return _record(tmp_path_factory.mktemp("ddp2"), 2, "--slow-rank", "1", "--slow-ms", "50")
+
+
+@pytest.fixture(scope="module")
+def ddp2_warm(tmp_path_factory):
+    # Two warm-up steps before go: the bucket rebuild is done, only allreduces are left.
+    return _record(tmp_path_factory.mktemp("ddp2warm"), 2, "--warmup-steps", "2")
+
+
+@pytest.fixture(scope="module")
+def ddp2_init(tmp_path_factory):
+    # Wait for go before DDP() is built: its construction collectives are recorded too.
+    return _record(tmp_path_factory.mktemp("ddp2init"), 2, "--wait-at", "ddp")
+
+
+def _counts(rec, pid: int) -> tuple[dict, dict]:
+    kernel = rec.manifest["call_counts"][str(pid)]
+    rows = rec.events.filter((pl.col("tgid") == pid) & (pl.col("channel") == "torch"))
+    return kernel, {str(k): v for k, v in rows.group_by("name").len().iter_rows()}
+
+
+def _check_ranks(launcher: int, truth: list[dict], rec) -> dict[int, int]:
+    """Every rank recorded with the RANK of its environment; torchrun is no rank. rank -> tgid."""
+    m = rec.manifest
+    assert not any(m["drops"][k] for k in m["drops"] if not k.startswith("stack_")), m["drops"]
+    ranks = {r["rank"]: r for r in m["ranks"]}
+    assert sorted(ranks) == list(range(len(truth)))
+    assert launcher not in {r["tgid"] for r in m["ranks"]}
+    assert launcher in m["launchers"]
+    for t in truth:
+        r = ranks[t["rank"]]
+        assert r["tgid"] == t["pid"]
+        assert (r["world_size"], r["local_rank"]) == (len(truth), t["local_rank"])
+        assert r["env"]["RANK"] == str(t["rank"])
+        assert "libtorch_cpu" in {lib["name"] for lib in r["libraries"]}
+        assert t["steps"] == STEPS
+    return {t["rank"]: t["pid"] for t in truth}
+
+
+def test_torchrun_pid_records_every_rank(ddp2):
+    launcher, truth, timing, rec = ddp2
+    _check_ranks(launcher, truth, rec)
+    assert rec.manifest["end_reason"] == "targets_exited"
+    torch_probes = {p["name"]: p for p in rec.manifest["probes"] if p["channel"] == "torch"}
+    for name in (ALLREDUCE, BROADCAST, PG_WORK, AUTOGRAD):
+        assert torch_probes[name]["status"] == "attached"
+        assert sorted(torch_probes[name]["tgids"]) == sorted(t["pid"] for t in truth)
+        assert torch_probes[name]["placement"]["emulated"] is True  # push prologues here
+    # The NCCL process-group methods are not in a CPU build: missing, not fatal.
+    assert torch_probes["c10d::ProcessGroupNCCL::allreduce"]["status"] == "missing"
+
+
+def test_exact_collective_counts_per_rank(ddp2):
+    launcher, truth, timing, rec = ddp2
+    for t in truth:
+        kernel, rows = _counts(rec, t["pid"])
+        expected = {
+            ALLREDUCE: STEPS,  # one bucket, one allreduce per step
+            AUTOGRAD: STEPS,  # one backward per step
+            BROADCAST: 2,  # bucket rebuild in step 2 (construction's were before go)
+            PG_WORK: STEPS + 2,  # every collective runs once on the gloo worker thread
+        }
+        assert kernel == expected, t["rank"]
+        assert rows == expected, t["rank"]
+    assert truth[1]["slow_function"] == "slow_rank_compute" and truth[1]["slow_ms"] == 50
+    assert truth[0]["slow_function"] is None
+    assert all(t["params"] == 145 for t in truth)
+
+
+def test_process_group_id_and_sequence_agree_across_ranks(ddp2):
+    launcher, truth, timing, rec = ddp2
+    sequences = {}
+    for t in truth:
+        coll = rec.events.filter(
+            (pl.col("tgid") == t["pid"]) & pl.col("name").is_in([ALLREDUCE, BROADCAST, ALLGATHER])
+        ).sort("ts_ns")
+        # `this` (rsi: the return slot is rdi) names the process group: one id, same on every rank.
+        assert coll["comm"].unique().to_list() == ["pg0"]
+        assert coll["seq"].to_list() == list(range(STEPS + 2))
+        assert coll["dur_ns"].min() > 0
+        sequences[t["rank"]] = coll["op"].to_list()
+    assert sequences[0] == ["allreduce", "broadcast", "broadcast"] + ["allreduce"] * (STEPS - 1)
+    assert all(ops == sequences[0] for ops in sequences.values())
+
+
+def test_pg_work_runs_on_a_gloo_worker_thread_with_durations(ddp2):
+    launcher, truth, timing, rec = ddp2
+    for t in truth:
+        work = rec.events.filter((pl.col("tgid") == t["pid"]) & (pl.col("name") == PG_WORK))
+        assert work.height == STEPS + 2
+        assert work["dur_ns"].null_count() == 0 and work["dur_ns"].min() > 0
+        assert not work["in_flight"].any()
+        assert t["pid"] not in work["tid"].to_list()  # not the main thread
+        issued = rec.events.filter((pl.col("tgid") == t["pid"]) & (pl.col("name") == ALLREDUCE))
+        assert set(issued["tid"].to_list()) == {t["pid"]}  # the main thread issues them
+
+
+def test_after_warmup_allreduce_seq_is_0_to_steps(ddp2_warm):
+    launcher, truth, timing, rec = ddp2_warm
+    _check_ranks(launcher, truth, rec)
+    for t in truth:
+        kernel, rows = _counts(rec, t["pid"])
+        assert kernel == rows == {ALLREDUCE: STEPS, AUTOGRAD: STEPS, PG_WORK: STEPS}
+        ar = rec.events.filter((pl.col("tgid") == t["pid"]) & (pl.col("name") == ALLREDUCE)).sort(
+            "ts_ns"
+        )
+        assert ar["seq"].to_list() == list(range(STEPS))
+        assert ar["comm"].unique().to_list() == ["pg0"]
+
+
+def test_ddp_construction_collectives(ddp2_init):
+    """What the default run does not count: DDP() makes 1 allgather + 2 broadcasts, no allreduce."""
+    launcher, truth, timing, rec = ddp2_init
+    _check_ranks(launcher, truth, rec)
+    for t in truth:
+        kernel, rows = _counts(rec, t["pid"])
+        expected = {
+            ALLGATHER: 1,
+            BROADCAST: 2 + 2,
+            ALLREDUCE: STEPS,
+            AUTOGRAD: STEPS,
+            PG_WORK: STEPS + 5,
+        }
+        assert kernel == rows == expected
+        coll = rec.events.filter(
+            (pl.col("tgid") == t["pid"]) & pl.col("name").is_in([ALLREDUCE, BROADCAST, ALLGATHER])
+        ).sort("ts_ns")
+        assert coll["op"].to_list()[:6] == ["allgather", "broadcast", "broadcast", "allreduce",
+                                            "broadcast", "broadcast"]  # fmt: skip
+        assert coll["seq"].to_list() == list(range(STEPS + 5))
+
+
+def test_cli_attach_to_4_rank_torchrun(tmp_path, monkeypatch, capsys):
+    """The issue's Done-when: `argus attach <torchrun pid> -d 20 -o out/` on a 4-rank job."""
+    import argus.cli.attach as attach_cmd
+    from argus.cli import main
+
+    job = Job(tmp_path, 4, STEPS)
+    out = tmp_path / "out"
+    try:
+        job.wait_ready()
+        real_run_session = attach_cmd.run_session
+
+        def run_session_then_go(*args, on_started=None, **kwargs):
+            def started(tracer):
+                if on_started is not None:
+                    on_started(tracer)
+                job.go.touch()  # released only once every rank is probed
+
+            return real_run_session(*args, on_started=started, **kwargs)
+
+        monkeypatch.setattr(attach_cmd, "run_session", run_session_then_go)
+        rc = main(["attach", str(job.proc.pid), "-d", "20", "-o", str(out)])
+        truth = job.finish()
+    finally:
+        job.close()
+    assert rc == 0, capsys.readouterr().err
+    rec = load_recording(out)
+    assert rec.manifest["end_reason"] == "targets_exited"  # well within the 20 s
+    _check_ranks(job.proc.pid, truth, rec)
+    for t in truth:
+        kernel, rows = _counts(rec, t["pid"])
+        assert kernel[ALLREDUCE] == rows[ALLREDUCE] == STEPS, t["rank"]
+        assert kernel[PG_WORK] == STEPS + 2
