@@ -55,6 +55,15 @@ def summary_lines(manifest: dict, path: Path) -> list[str]:
             "WARNING: dropped " + ", ".join(f"{k}={v}" for k, v in drops.items())
             + " (raise --ringbuf-mb, or lower -F for stack maps)"
         )
+    gpu = manifest.get("gpu")
+    if isinstance(gpu, dict):
+        if gpu.get("available"):
+            devs = gpu.get("devices", [])
+            joined = sum(1 for d in devs if d.get("ranks"))
+            lines.append(f"GPU: {gpu.get('samples', 0)} NVML samples of {len(devs)} "
+                         f"device(s), {joined} joined to ranks")  # fmt: skip
+        else:
+            lines.append(f"GPU counters off: {gpu.get('reason')}")
     for p in failed[:5]:
         lines.append(f"  failed: {p['symbol']} in {p['library']}: {p['reason'][:160]}")
     return lines
@@ -69,6 +78,7 @@ Examples:
   argus attach 4242 4243 -o /tmp/run1     # two ranks, recording into /tmp/run1
   argus attach 4242 --no-cpu -F 99        # no CPU stacks (or sample at 99 Hz)
   argus attach 4242 -d 30 --json          # print the argus.report/1 JSON at the end
+  argus attach 4242 --gpu-interval 0.5    # NVML GPU counters twice a second (--no-gpu: off)
 """,
 )
 @click.argument("pids", nargs=-1, required=True, type=int)
@@ -82,13 +92,16 @@ Examples:
 @click.option("--no-nccl", is_flag=True, help="Do not probe NCCL.")
 @click.option("--no-torch", is_flag=True, help="Do not probe PyTorch c10d / autograd.")
 @click.option("--no-cpu", is_flag=True, help="Do not sample CPU stacks.")
+@click.option("--no-gpu", is_flag=True, help="Do not sample GPU counters (NVML).")
+@click.option("--gpu-interval", type=float, default=1.0, show_default=True, metavar="SECONDS",
+              help="NVML sampling period per GPU (clocks, throttle reasons, power, ...).")
 @click.option("--ringbuf-mb", type=int, default=8, show_default=True,
               help="Size of the call ring buffer (raise it if calls are dropped).")
 @click.option("--hang-after", type=float, default=DEFAULT_HANG_AFTER_S, show_default=True,
               metavar="SECONDS", help="Blocked this long at the end = hung (diagnosis).")
 @click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as one JSON object.")
 def command(pids, duration, output, frequency, no_cuda, no_nccl, no_torch, no_cpu,
-            ringbuf_mb, hang_after, as_json) -> int:
+            ringbuf_mb, hang_after, as_json, no_gpu=False, gpu_interval=1.0) -> int:
     """Trace running training processes (ranks, or a launcher such as torchrun).
 
     Probes the CUDA runtime and driver, NCCL and PyTorch c10d in every rank, samples CPU
@@ -101,10 +114,13 @@ def command(pids, duration, output, frequency, no_cuda, no_nccl, no_torch, no_cp
         raise UsageError("-F/--frequency must be between 1 and 10000 Hz.")
     if ringbuf_mb < 1:
         raise UsageError("--ringbuf-mb must be at least 1.")
+    if not 0.01 <= gpu_interval <= 3600:
+        raise UsageError("--gpu-interval must be between 0.01 and 3600 seconds.")
     opts = TraceOptions(
         channels=channels_from_flags(no_cuda, no_nccl, no_torch, no_cpu),
         sample_hz=frequency,
         ringbuf_mb=ringbuf_mb,
+        gpu_interval_s=None if no_gpu else gpu_interval,
     )
     output = output or default_output_dir()
 

@@ -52,6 +52,7 @@ class DecodeContext:
     - comm_ids: (tgid, communicator handle) -> communicator id, the same on every rank
     - comm_info: (tgid, handle) -> (comm_rank, comm_nranks)
     - handle_names: (tgid, CUfunction handle) -> kernel name (from cuModuleGetFunction)
+    - devices: tgid -> CUDA ordinal of the last `cudaSetDevice` (joins ranks to GPUs)
     """
 
     probes: dict[int, ProbeRef]
@@ -60,6 +61,7 @@ class DecodeContext:
     comm_ids: dict[tuple[int, int], str] = field(default_factory=dict)
     comm_info: dict[tuple[int, int], tuple[int | None, int | None]] = field(default_factory=dict)
     handle_names: dict[tuple[int, int], str] = field(default_factory=dict)
+    devices: dict[int, int] = field(default_factory=dict)  # tgid -> last cudaSetDevice argument
     _first_use: dict[tuple[int, str], int] = field(default_factory=dict)
     _splits: dict[tuple[int, str], int] = field(default_factory=dict)
     on_comm_init: Callable[[int, str, int | None, int | None], None] | None = None
@@ -194,6 +196,8 @@ def decode_call(call, text: str | None, ctx: DecodeContext, in_flight: bool) -> 
         if text:
             ctx.handle_names[(tgid, out)] = text
         row["kernel"] = text
+    elif kind == "device" and "device" in a:
+        ctx.devices[tgid] = _signed32(a["device"])
     elif "comm" in a:
         handle = a["comm"]
         row["comm"] = ctx.comm_id(tgid, handle, kind)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from argus.collect.nvml import GpuSampler, disabled
 from argus.collect.tracer import TraceOptions, Tracer
 from argus.errors import KernelFeatureMissing, OutputNotWritable, ProbeAttachFailed
 from argus.recording.io import write_recording
@@ -85,6 +86,7 @@ def run_session(
     old_term = signal.signal(signal.SIGTERM, on_signal)
     old_int = signal.signal(signal.SIGINT, on_signal)
     ok = False
+    gpu = GpuSampler(opts.gpu_interval_s) if opts.gpu_interval_s else None
     try:
         tracer.start(plan)
         attached = sum(
@@ -95,6 +97,8 @@ def run_session(
             failed = [p for p in tracer.probe_status.values() if p["status"] == "failed"]
             why = failed[0]["reason"] if failed else "no probe symbol was found in the mapped libraries"
             raise ProbeAttachFailed(f"no probe could be attached: {why}")
+        if gpu is not None:  # NVML absent = one manifest line, never a failure
+            gpu.start()  # its own thread: NVML calls never delay the ring-buffer polling
         if on_started is not None:
             on_started(tracer)
         deadline = None if duration_s is None else time.monotonic() + duration_s
@@ -109,10 +113,21 @@ def run_session(
         # A second Ctrl-C while flushing must not lose the recording.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         manifest, events, stacks = tracer.finish(stop["reason"])
-        path = write_recording(output, manifest, events, stacks)
+        gpu_frame = None
+        if gpu is None:
+            manifest["gpu"] = disabled("switched off (--no-gpu)")
+        else:
+            manifest["gpu"], gpu_frame, joins = gpu.finish(manifest["ranks"])
+            for r in manifest["ranks"]:
+                if r.get("tgid") in joins:
+                    r["gpu"] = joins[r["tgid"]]
+        manifest["channels"]["gpu"] = bool(manifest["gpu"].get("available"))
+        path = write_recording(output, manifest, events, stacks, gpu=gpu_frame)
         ok = True
         return SessionResult(path, manifest)
     finally:
+        if gpu is not None:
+            gpu.stop()
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
         if tracer.session is not None:

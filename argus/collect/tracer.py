@@ -47,6 +47,7 @@ class TraceOptions:
     rescan_s: float = 0.5
     ringbuf_mb: int = 8
     proc_root: str = "/proc"
+    gpu_interval_s: float | None = 1.0  # NVML sampling period (argus.collect.nvml); None = off
 
 
 @dataclass
@@ -593,6 +594,7 @@ class Tracer:
                     "host": self.host,
                     "exe": t.exe,
                     "env": t.env,
+                    "cuda_device": self.ctx.devices.get(t.tgid),  # last cudaSetDevice ordinal
                     "exited": t.exited,
                     "libraries": t.libraries,
                 }

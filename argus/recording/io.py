@@ -22,6 +22,7 @@ from argus.recording import schema
 # Columns an events / stacks file must have; the others may be absent (filled with nulls).
 REQUIRED_EVENT_COLUMNS = ("ts_ns", "tgid", "channel", "name")
 REQUIRED_STACK_COLUMNS = ("ts_ns", "tgid", "count", "functions")
+REQUIRED_GPU_COLUMNS = ("ts_ns", "device")
 # Manifest keys without which nothing can be analysed.
 REQUIRED_MANIFEST_KEYS = ("format", "host", "clock")
 
@@ -34,6 +35,7 @@ class Recording:
     events: pl.DataFrame
     stacks: pl.DataFrame
     path: Path | None = field(default=None)
+    gpu: pl.DataFrame = field(default_factory=schema.empty_gpu)  # gpu.parquet; empty if absent
 
     @property
     def host(self) -> str:
@@ -72,8 +74,10 @@ def write_recording(
     manifest: dict[str, Any],
     events: pl.DataFrame,
     stacks: pl.DataFrame | None = None,
+    gpu: pl.DataFrame | None = None,
 ) -> Path:
-    """Write `manifest.json`, `events.parquet`, `stacks.parquet` into `directory`.
+    """Write `manifest.json`, `events.parquet`, `stacks.parquet` (and `gpu.parquet` when
+    `gpu` is given) into `directory`.
 
     The directory is created with mode 0700 and the files 0600; frames are coerced to the
     schema first, so what is written always reads back. Returns the directory path.
@@ -89,10 +93,12 @@ def write_recording(
     ev = coerce(events, schema.EVENTS_SCHEMA, "events")
     st = stacks if stacks is not None else schema.empty_stacks()
     st = coerce(st, schema.STACKS_SCHEMA, "stacks")
+    gp = coerce(gpu, schema.GPU_SCHEMA, "gpu") if gpu is not None else None
     try:
         for name, writer in (
             (schema.EVENTS, lambda p: ev.write_parquet(p)),
             (schema.STACKS, lambda p: st.write_parquet(p)),
+            *([(schema.GPU, lambda p: gp.write_parquet(p))] if gp is not None else []),
             (schema.MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str))),
         ):
             target = path / name
@@ -125,7 +131,8 @@ def load_recording(directory: str | os.PathLike[str]) -> Recording:
     Checks, in order: the directory exists; manifest.json exists, is a JSON object with
     `format == "argus.recording/1"` and the keys analysis needs; events.parquet reads and has
     the required columns; stacks.parquet reads when present (it may be absent when the CPU
-    channel was off). Columns are coerced to `schema.EVENTS_SCHEMA` / `STACKS_SCHEMA`.
+    channel was off), and gpu.parquet likewise (absent without NVML: an empty frame).
+    Columns are coerced to `schema.EVENTS_SCHEMA` / `STACKS_SCHEMA` / `GPU_SCHEMA`.
     """
     path = Path(directory)
     if not path.exists():
@@ -170,4 +177,13 @@ def load_recording(directory: str | os.PathLike[str]) -> Recording:
         stacks = coerce(stacks, schema.STACKS_SCHEMA, str(spath))
     else:
         stacks = schema.empty_stacks()
-    return Recording(manifest=manifest, events=events, stacks=stacks, path=path)
+    gpath = path / schema.GPU
+    if gpath.exists():  # optional: absent when the GPU channel was off or NVML absent
+        gpu = _read_parquet(gpath, "gpu")
+        absent = [c for c in REQUIRED_GPU_COLUMNS if c not in gpu.columns]
+        if absent:
+            raise RecordingInvalid(f"{gpath} lacks the column(s) {', '.join(absent)}.")
+        gpu = coerce(gpu, schema.GPU_SCHEMA, str(gpath))
+    else:
+        gpu = schema.empty_gpu()
+    return Recording(manifest=manifest, events=events, stacks=stacks, path=path, gpu=gpu)

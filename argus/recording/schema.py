@@ -5,6 +5,7 @@ A recording is a directory:
 - `manifest.json`   self-description (see `MANIFEST_KEYS`)
 - `events.parquet`  one long frame of traced calls, all ranks (see `EVENTS_SCHEMA`)
 - `stacks.parquet`  CPU samples aggregated per interval (see `STACKS_SCHEMA`)
+- `gpu.parquet`     NVML samples per device, joined to ranks (see `GPU_SCHEMA`); optional
 
 Times are node CLOCK_MONOTONIC nanoseconds (`ts_ns`); `manifest["clock"]["mono_to_wall_ns"]`
 converts them to wall time (`argus.recording.clock.mono_to_wall`). Several recordings of one job
@@ -22,6 +23,7 @@ FORMAT = "argus.recording/1"
 MANIFEST = "manifest.json"
 EVENTS = "events.parquet"
 STACKS = "stacks.parquet"
+GPU = "gpu.parquet"
 
 # Channels of events.parquet.
 CHANNELS = ("cuda", "nccl", "torch", "proc")
@@ -63,6 +65,38 @@ STACKS_SCHEMA: dict[str, pl.DataType] = {
     "modules": pl.List(pl.Utf8),  # same length; "[kernel]" for kernel frames
 }
 
+# NVML samples, one row per (sampling pass, device); null = not supported / failed (see
+# manifest["gpu"]["unsupported"]). Static values (max clocks, limits) repeat on every row.
+GPU_SCHEMA: dict[str, pl.DataType] = {
+    "ts_ns": pl.Int64,  # when the device was read, node monotonic ns
+    "device": pl.Int32,  # NVML device index
+    "bus_id": pl.Utf8,  # PCI bus id, e.g. 00000000:18:00.0
+    "rank": pl.Int32,  # the rank joined to the device (manifest ranks[].gpu); null if none
+    "tgid": pl.Int32,
+    "sm_clock_mhz": pl.Int32,
+    "sm_clock_max_mhz": pl.Int32,
+    "mem_clock_mhz": pl.Int32,
+    "mem_clock_max_mhz": pl.Int32,
+    "util_gpu_pct": pl.Int32,  # NVML utilisation over its last sample period
+    "util_mem_pct": pl.Int32,
+    "power_w": pl.Float64,
+    "power_limit_w": pl.Float64,  # enforced limit
+    "temp_c": pl.Int32,
+    "throttle_reasons": pl.UInt64,  # clocks event / throttle reasons bitmask
+    "throttle": pl.List(pl.Utf8),  # the same, decoded (argus.recording.gpu.REASON_BITS)
+    "mem_used_bytes": pl.Int64,
+    "mem_total_bytes": pl.Int64,
+    "ecc_corrected": pl.Int64,  # volatile ECC error totals
+    "ecc_uncorrected": pl.Int64,
+    "retired_pages": pl.Int64,  # both causes
+    "remapped_rows": pl.Int64,  # correctable + uncorrectable
+    "remap_pending": pl.Boolean,
+    "pcie_tx_bytes_per_s": pl.Int64,
+    "pcie_rx_bytes_per_s": pl.Int64,
+    "nvlink_tx_bytes": pl.Int64,  # cumulative counters, all links
+    "nvlink_rx_bytes": pl.Int64,
+}
+
 # Top-level keys every manifest.json has.
 MANIFEST_KEYS = (
     "format",  # FORMAT
@@ -81,6 +115,7 @@ MANIFEST_KEYS = (
     "drops",  # {"events_ringbuf": int, "stack_walk_failed": int, "stack_map_full": int, ...}
     "counts",  # {"events": {channel: int}, "stack_samples": int}
 )
+# Optional: "gpu": {"available": bool, "reason"?, "devices", "unsupported", ...} (docs/gpu.md)
 
 
 def empty_events() -> pl.DataFrame:
@@ -89,3 +124,7 @@ def empty_events() -> pl.DataFrame:
 
 def empty_stacks() -> pl.DataFrame:
     return pl.DataFrame(schema=STACKS_SCHEMA)
+
+
+def empty_gpu() -> pl.DataFrame:
+    return pl.DataFrame(schema=GPU_SCHEMA)
