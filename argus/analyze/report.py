@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 
 from argus import __version__
-from argus.analyze import anomaly, hang, hotspot, stall, straggler
+from argus.analyze import anomaly, gpu, hang, hotspot, stall, straggler
 from argus.analyze.align import estimate_offsets
 from argus.analyze.matching import align_seq, collectives, with_lateness
 from argus.analyze.steps import detect_steps, step_metrics
@@ -27,6 +27,7 @@ SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 KIND_ORDER = {
     "collective_hang": 0,
     "straggler": 1,
+    "gpu_throttle": 1.5,  # right after the straggler it explains
     "collective_stall": 2,
     "cpu_hotspot": 3,
     "anomalous_window": 4,
@@ -123,7 +124,11 @@ def diagnose(
     hangs = hang.detect_hangs(tl, coll, stacks, ends, hang_after_s, step_ns or None)
     hotspots = hotspot.detect_hotspots(stacks, windows, stragglers)
 
-    findings = hangs + stragglers + stalls + hotspots + windows
+    gpu_ranks = gpu.analyse(recordings, steps, offsets)  # NVML samples (gpu.parquet)
+    throttles = gpu.detect_throttle(gpu_ranks, steps, stragglers)
+    gpu.cite_in_stragglers(stragglers, gpu_ranks, throttles)
+
+    findings = hangs + stragglers + throttles + stalls + hotspots + windows
     findings.sort(
         key=lambda f: (
             SEVERITY_ORDER.get(f["severity"], 3),
