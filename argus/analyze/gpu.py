@@ -10,10 +10,11 @@ Detector: a sample is throttled when busy and its clock is at least `MIN_DROP` (
 the reference; against the maximum clock (no peers) it must also carry a slowdown reason
 (anything but GpuIdle: power cap, thermal, HW slowdown...), since boost clocks legitimately
 float below the maximum. A rank is flagged (`gpu_throttle`) with at least `MIN_SAMPLES`
-throttled samples; the episode runs from its first to its last throttled sample and is
-mapped onto the rank's steps. Kernel time scales with 1/clock for compute-bound work, so the
-expected slowdown is reference/clock. Severity: warning; critical when a critical straggler
-finding on the same rank is what it explains.
+throttled samples; the episode runs from its first to its last throttled sample (each
+standing for the half sampling interval around it) and is mapped onto the rank's steps.
+Kernel time scales with 1/clock for compute-bound work, so the expected slowdown is
+reference/clock. Severity: warning; critical when a critical straggler finding on the same
+rank is what it explains.
 """
 
 from __future__ import annotations
@@ -174,6 +175,7 @@ def analyse(
             "throttled": throttled,
             "refs": refs,
             "t0": t0,
+            "tol": tol,
         }
         out[rank] = info
     return out
@@ -200,7 +202,8 @@ def detect_throttle(
         rows = info["throttled"]
         if len(rows) < MIN_SAMPLES:
             continue
-        lo, hi = rows[0]["t_ns"], rows[-1]["t_ns"]
+        # A sample stands for the half interval around it.
+        lo, hi = rows[0]["t_ns"] - info["tol"], rows[-1]["t_ns"] + info["tol"]
         clock = float(median(x["sm_clock_mhz"] for x in rows))
         ref = float(median(r for r, _ in info["refs"]))
         vs = "other_ranks" if any(v == "other_ranks" for _, v in info["refs"]) else "max_clock"

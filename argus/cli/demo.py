@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -29,7 +30,7 @@ def run_demo(ranks: int, faults: list[str], steps: int, output: Path, pp: int = 
     from argus.collect.tracer import TraceOptions
     from argus.recording.io import load_recording
     from argus.sim.faults import FaultSpecError
-    from argus.sim.launcher import SimConfig, SimError, start_job
+    from argus.sim.launcher import SimConfig, SimError, find_build_dir, start_job
 
     hang_start = None
     for spec in faults:
@@ -45,6 +46,12 @@ def run_demo(ranks: int, faults: list[str], steps: int, output: Path, pp: int = 
     go = work / "go"
     cfg = SimConfig(ranks=ranks, steps=steps, faults=list(faults), pp=pp, wait_go=str(go),
                     truth=str(work / "truth.json"), timeout_s=timeout, quiet=True)  # fmt: skip
+    # GPU counters: argus reads the simulated GPUs through the simulator's libnvidia-ml
+    # stand-in (docs/gpu.md), in this job's own device namespace.
+    cfg.node = os.environ.get("ARGUS_SIM_NODE") or f"demo-{os.getpid()}"
+    os.environ["ARGUS_SIM_NODE"] = cfg.node
+    stub = find_build_dir() / "stubs" / "libnvidia-ml.so.1"
+    os.environ.setdefault("ARGUS_NVML_LIB", str(stub))
     try:
         job = start_job(cfg)
     except FaultSpecError as e:

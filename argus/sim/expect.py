@@ -8,13 +8,15 @@ plain dicts only: it imports neither the analysers nor the collectors.
 
 | fault | found when a warning/critical finding ... |
 |---|---|
-| straggler, throttle, bubble | `straggler` on each faulty rank (1) |
+| straggler, bubble | `straggler` on each faulty rank |
+| throttle | `gpu_throttle` or `straggler` on each faulty rank (1) |
 | host_stall | `straggler` on the rank |
 | jit_stall | `straggler` or `cpu_hotspot` on the rank |
 | link | `collective_stall` |
 | hang | `collective_hang` whose `missing_ranks` are the hung ranks |
 
-(1) a throttle's slower kernels make a GPU straggler until NVML is read.
+(1) a throttle's slower kernels make a GPU straggler; NVML (the simulator's libnvidia-ml,
+read when ARGUS_NVML_LIB points at it) adds the `gpu_throttle` finding that explains it.
 `anomalous_window` findings (rank-less) are never false alarms when a fault was planted.
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 SERIOUS = ("warning", "critical")
 KINDS = {
     "straggler": ("straggler",),
-    "throttle": ("straggler",),
+    "throttle": ("gpu_throttle", "straggler"),
     "bubble": ("straggler",),
     "host_stall": ("straggler",),
     "jit_stall": ("straggler", "cpu_hotspot"),
