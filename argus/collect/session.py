@@ -122,6 +122,8 @@ def run_session(
                 if r.get("tgid") in joins:
                     r["gpu"] = joins[r["tgid"]]
         manifest["channels"]["gpu"] = bool(manifest["gpu"].get("available"))
+        if not manifest["channels"]["gpu"]:
+            gpu_frame = None  # no gpu.parquet: the manifest line says why
         path = write_recording(output, manifest, events, stacks, gpu=gpu_frame)
         ok = True
         return SessionResult(path, manifest)
