@@ -385,18 +385,12 @@ def check_bcc(selftest: Callable[[], object] | None = None) -> Check:
 
 
 def _default_nvml_probe() -> str:
-    """Initialise NVML; return "driver X, N GPU(s)". Raises when NVML is unavailable."""
-    import pynvml
+    """Initialise NVML (the library ARGUS_NVML_LIB names, else the driver's libnvidia-ml.so.1);
+    return "driver X, N GPU(s)". Raises when NVML is unavailable."""
+    from argus.collect.nvml import probe_nvml
 
-    pynvml.nvmlInit()
-    try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        if isinstance(driver, bytes):
-            driver = driver.decode()
-        count = pynvml.nvmlDeviceGetCount()
-    finally:
-        pynvml.nvmlShutdown()
-    return f"driver {driver}, {count} GPU(s)"
+    info = probe_nvml()
+    return f"driver {info['driver']}, {info['devices']} GPU(s)"
 
 
 def check_nvml(
@@ -416,6 +410,9 @@ def check_nvml(
             f"NVML not available: GPU counters off ({reason})",
             "Install the NVIDIA driver (libnvidia-ml.so.1) on a GPU node to get GPU counters.",
         )
+    if what.endswith(" 0 GPU(s)"):
+        return Check(name, Status.WARN, f"NVML works but sees no GPU ({what}): GPU counters off",
+                     "Run argus on the GPU node, with access to /dev/nvidia*.")  # fmt: skip
     if visible_devices is not None:
         what += f"; the process sees CUDA_VISIBLE_DEVICES={visible_devices}"
     return Check(name, Status.PASS, what, "")

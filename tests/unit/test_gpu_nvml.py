@@ -385,3 +385,111 @@ def test_gpu_parquet_missing_required_column_is_invalid(tmp_path):
     pl.DataFrame({"ts_ns": [1]}).write_parquet(tmp_path / "a" / schema.GPU)
     with pytest.raises(RecordingInvalid, match="lacks the column"):
         load_recording(tmp_path / "a")
+
+
+# -- doctor -------------------------------------------------------------------------------------
+
+
+def test_doctor_nvml_absent_or_deviceless_is_one_warn_line(tmp_path, monkeypatch):
+    from argus import doctor
+    from argus.doctor import Status
+
+    monkeypatch.setenv(nvml.NVML_LIB_ENV, str(tmp_path / "libnvidia-ml.so.1"))
+    c = doctor.check_nvml()  # the default probe honours ARGUS_NVML_LIB: a missing file
+    assert c.status == Status.WARN and c.detail.startswith("NVML not available: GPU counters off")
+    assert "\n" not in c.detail
+    c = doctor.check_nvml(lambda: "driver 550.54.15, 0 GPU(s)")
+    assert c.status == Status.WARN
+    assert c.detail == "NVML works but sees no GPU (driver 550.54.15, 0 GPU(s)): GPU counters off"
+    assert doctor.check_nvml(lambda: "driver 550.54.15, 8 GPU(s)").status == Status.PASS
+
+
+def test_probe_nvml_reads_driver_and_count():
+    fake = FakeNvml(n=3)
+    assert nvml.probe_nvml(env={}, nvml=fake) == {
+        "driver": "550.54.15",
+        "devices": 3,
+        "library": "libnvidia-ml.so.1",
+    }
+    assert fake.shutdowns == 1
+
+
+# -- diagnosis from samples ---------------------------------------------------------------------
+
+
+def _recording(rows_per_rank: dict[int, list[tuple[int, int]]], interval_s=1.0):
+    """A recording with only gpu samples: rank -> [(sm_clock_mhz, reasons)] one per second."""
+    from argus.recording.io import Recording
+
+    rows = []
+    for rank, samples in rows_per_rank.items():
+        for k, (mhz, reasons) in enumerate(samples):
+            rows.append({"ts_ns": (k + 1) * 1_000_000_000, "device": rank, "rank": rank,
+                         "tgid": 100 + rank, "bus_id": f"b{rank}", "sm_clock_mhz": mhz,
+                         "sm_clock_max_mhz": 1980, "throttle_reasons": reasons,
+                         "throttle": decode_reasons(reasons), "util_gpu_pct": 90,
+                         "power_w": 300.0, "temp_c": 60})  # fmt: skip
+    manifest = {**MANIFEST, "started_ns": 0, "gpu": {"available": True, "interval_s": interval_s}}
+    return Recording(manifest, schema.empty_events(), schema.empty_stacks(), None,
+                     pl.DataFrame(rows, schema=schema.GPU_SCHEMA))  # fmt: skip
+
+
+def test_gpu_throttle_against_other_ranks_with_steps():
+    from argus.analyze import gpu
+
+    ok = [(1980, 0)] * 10
+    slow = [(1980, 0)] * 3 + [(1000, 0x4)] * 4 + [(1980, 0)] * 3  # seconds 4-7 power-capped
+    rec = _recording({0: ok, 1: slow, 2: ok})
+    sec = 1_000_000_000
+    steps = pl.DataFrame({"rank": [1] * 10, "step": list(range(10)),
+                          "start_ns": [k * sec + sec // 2 for k in range(10)],
+                          "end_ns": [k * sec + 14 * sec // 10 for k in range(10)]})  # fmt: skip
+    per_rank = gpu.analyse([rec], None)
+    found = gpu.detect_throttle(per_rank, steps)
+    assert [f["rank"] for f in found] == [1]
+    f = found[0]
+    assert f["kind"] == "gpu_throttle" and f["severity"] == "warning" and f["device"] == 1
+    ev = f["evidence"]
+    assert ev["sm_clock_mhz"] == {"rank": 1000.0, "reference": 1980.0,
+                                  "reference_is": "other_ranks", "max": 1980}  # fmt: skip
+    assert ev["clock_drop"] == 0.495 and ev["expected_slowdown"] == 1.98
+    assert ev["reasons"] == ["SwPowerCap"] and ev["throttled_samples"] == 4
+    assert (ev["from_s"], ev["to_s"]) == (3.5, 7.5)
+    # Samples at 4..7 s, each standing for +-0.5 s: the steps overlapping 3.5-7.5 s.
+    assert (f["start_step"], f["end_step"], ev["steps"]) == (3, 7, 5)
+    # A straggler on rank 1 gets the NVML evidence and the summary says why.
+    strag = [{"kind": "straggler", "rank": 1, "cause": "gpu", "severity": "critical",
+              "summary": "Rank 1 is the straggler.", "evidence": {}}]  # fmt: skip
+    found = gpu.detect_throttle(per_rank, steps, strag)
+    assert found[0]["severity"] == "critical" and found[0]["evidence"]["explains_straggler"]
+    gpu.cite_in_stragglers(strag, per_rank, found)
+    assert strag[0]["evidence"]["nvml"]["throttled"] is True
+    assert strag[0]["evidence"]["nvml"]["throttle"]["clock_drop"] == 0.495
+    assert strag[0]["summary"].endswith("throttled to 1000 MHz vs 1980 MHz (SwPowerCap).")
+
+
+def test_no_gpu_throttle_when_every_gpu_runs_alike_or_idles():
+    from argus.analyze import gpu
+
+    # All power-capped alike: nothing distinguishes a rank.
+    same = [(1500, 0x4)] * 6
+    assert gpu.detect_throttle(gpu.analyse([_recording({0: same, 1: same})])) == []
+    # An idle GPU (GpuIdle) at a low clock is not throttled.
+    idle = [(1980, 0)] * 3 + [(345, 0x1)] * 3
+    assert gpu.detect_throttle(gpu.analyse([_recording({0: [(1980, 0)] * 6, 1: idle})])) == []
+    # A single sample is not enough.
+    one = [(1980, 0)] * 5 + [(1000, 0x20)]
+    assert gpu.detect_throttle(gpu.analyse([_recording({0: [(1980, 0)] * 6, 1: one})])) == []
+    # No gpu.parquet at all.
+    assert gpu.analyse([_recording({})]) == {}
+
+
+def test_lone_rank_needs_a_slowdown_reason_against_its_max_clock():
+    from argus.analyze import gpu
+
+    assert gpu.detect_throttle(gpu.analyse([_recording({0: [(1600, 0)] * 5})])) == []
+    found = gpu.detect_throttle(gpu.analyse([_recording({0: [(1200, 0x40)] * 5})]))
+    assert [f["rank"] for f in found] == [0]
+    assert found[0]["evidence"]["sm_clock_mhz"]["reference_is"] == "max_clock"
+    assert found[0]["evidence"]["reasons"] == ["HwThermalSlowdown"]
+    assert found[0]["start_step"] is None and "0.5-5.5 s" in found[0]["summary"]
