@@ -45,7 +45,7 @@ def _best_shift(ref: pl.DataFrame, other: pl.DataFrame) -> int:
     )
     cands = set((near.get_column("rseq") - near.get_column("seq")).drop_nulls().to_list())
     cands.add(0)
-    best: tuple[float, float, int] | None = None
+    best: tuple[float, float, float, int] | None = None
     for d in sorted(cands, key=abs):
         j = other.with_columns((pl.col("seq") + d).alias("seq")).join(
             ref, on="seq", suffix="_r", how="inner"
@@ -60,7 +60,9 @@ def _best_shift(ref: pl.DataFrame, other: pl.DataFrame) -> int:
         if agree is None or agree < 0.9:
             continue
         dt = j.select((pl.col("t_ns") - pl.col("t_ns_r")).abs().median()).item()
-        key = (0.0 if j.height >= 8 else 1.0, float(dt), abs(d))
+        # The most identical pairs first: a straggler late by about a step puts the NEXT
+        # collective of the others nearest in time (shift +-1 with a few ops mismatched).
+        key = (0.0 if j.height >= 8 else 1.0, -round(float(agree), 3), float(dt), abs(d))
         if best is None or key < best:
             best = key
             best_d = d
@@ -73,7 +75,8 @@ def align_seq(coll: pl.DataFrame) -> pl.DataFrame:
     Per comm, the reference is the rank with the most observed collectives (lowest rank on a
     tie). For every other rank the candidate shifts are those that pair its first collectives
     with the reference's nearest-in-time ones, plus 0; the chosen shift has >= 90% identical
-    (op, bytes) pairs and the smallest median |entry time difference|.
+    (op, bytes) pairs, the most of them, then the smallest median |entry time difference|
+    (a rank late by about one step enters collective k when the others enter k + 1).
     """
     if coll.height == 0:
         return coll if "gseq" in coll.columns else coll.with_columns(pl.col("seq").alias("gseq"))

@@ -40,6 +40,7 @@ STEP_COLUMNS = {
 }
 MAX_PERIOD = 128
 PERIOD_AGREEMENT = 0.75
+GAP_BREAK = 3.0  # idle gaps before markers: a cycle start's gap is >= 3x the others'
 
 
 @dataclass
@@ -110,19 +111,27 @@ def _period(tokens: dict[int, tuple]) -> int | None:
     return None
 
 
-def _gap_bits(t: list[int], end: list[int | None]) -> list[bool | None]:
-    """Per marker: is the idle gap before it (previous end -> entry) a 'long' one."""
-    gaps = [None] + [
+def _gaps(t: list[int], end: list[int | None]) -> list[int | None]:
+    """Per marker: the idle gap before it (previous call's end -> entry), None if unknown."""
+    return [None] + [
         (t[i] - end[i - 1]) if end[i - 1] is not None else None for i in range(1, len(t))
     ]
-    known = sorted(g for g in gaps if g is not None)
-    if len(known) < 4:
-        return [None] * len(t)
-    lo, hi = known[len(known) // 10], known[(len(known) * 9) // 10]
-    if hi <= 4 * max(lo, 1):
-        return [False if g is not None else None for g in gaps]
-    cut = (max(lo, 1) * hi) ** 0.5
-    return [None if g is None else g > cut for g in gaps]
+
+
+def _gap_cut(gaps: list[int]) -> float | None:
+    """The natural break of the idle gaps (pooled over the ranks): the largest ratio between
+    consecutive sorted gaps, >= GAP_BREAK, with >= 2 gaps and >= 3% of them on each side.
+    Gaps inside a step and between steps form two clusters; one collective per step (gloo
+    DDP with one bucket) gives one noisy cluster: no break (None), every marker alike."""
+    known = sorted(max(g, 1) for g in gaps)
+    n = len(known)
+    side = max(2, int(0.03 * n + 0.999))
+    best = None
+    for i in range(side - 1, n - side):
+        ratio = known[i + 1] / known[i]
+        if ratio >= GAP_BREAK and (best is None or ratio > best[0]):
+            best = (ratio, (known[i] * known[i + 1]) ** 0.5)
+    return best[1] if best else None
 
 
 def _rank_markers(
@@ -137,12 +146,10 @@ def _rank_markers(
     )
     markers: list[dict[str, Any]] = []
     if coll_rank is not None:  # token: (op, bytes, wait-before flag or gap bit)
-        rows = (
-            coll_rank.unique("gseq", keep="first")
-            .sort("gseq")
-            .select("gseq", "op", "bytes", "t_ns", "end_ns")
-            .rows()
-        )
+        cr = coll_rank.unique("gseq", keep="first").sort("gseq")
+        if cr["bytes"].null_count() == cr.height:  # c10d probes (gloo) carry no sizes
+            cr = cr.with_columns(pl.col("bytes").fill_null(-1))
+        rows = cr.select("gseq", "op", "bytes", "t_ns", "end_ns").rows()
         wi = 0
         prev_t = None
         prev_seq = None
@@ -155,9 +162,9 @@ def _rank_markers(
             markers.append({"seq": gseq, "tok": (op, nbytes, flag), "t": t, "end": end})
             prev_t, prev_seq = t, gseq
         if not flag_mode:  # used only when every token looks the same (see detect_steps)
-            bits = _gap_bits([m["t"] for m in markers], [m["end"] for m in markers])
-            for m, b in zip(markers, bits, strict=True):
-                m["gap"] = b
+            gaps = _gaps([m["t"] for m in markers], [m["end"] for m in markers])
+            for m, g in zip(markers, gaps, strict=True):
+                m["gap_ns"] = g
     else:
         rows = (
             tl_rank.filter(pl.col("kind").is_in(["sync", "readback"]))
@@ -249,9 +256,13 @@ def detect_steps(tl: pl.DataFrame, coll: pl.DataFrame) -> StepDetection:
     pattern = _choose_pattern(all_markers, flag_mode)
     if pattern and len(pattern) == 1 and not flag_mode:
         # every marker looks alike (equal buckets): tell cycle starts by their long idle gap
+        pooled = [m["gap_ns"] for ms in all_markers for m in ms if m.get("gap_ns") is not None]
+        cut = _gap_cut(pooled) if len(pooled) >= 4 else None
         for markers in all_markers:
             for m in markers:
-                m["tok"] = m["tok"][:-1] + (m.get("gap"),)
+                g = m.get("gap_ns")
+                bit = None if g is None or len(pooled) < 4 else (cut is not None and g > cut)
+                m["tok"] = m["tok"][:-1] + (bit,)
         pattern = _choose_pattern(all_markers, flag_mode)
     if not pattern:
         return StepDetection(pl.DataFrame(schema=STEP_COLUMNS), "none", 0, comm)
@@ -335,7 +346,9 @@ def step_metrics(tl: pl.DataFrame, coll: pl.DataFrame, steps: pl.DataFrame) -> p
     - `sync_wait_ns`: GPU waits entered after the first collective (the end-of-step
       read-back or synchronize waits for the collectives, i.e. for the slowest rank;
       short on the GPU-slow rank itself). Without collectives: the synchronizes.
-    - `coll_wait_ns`: time inside collective calls (blocking for c10d/gloo),
+    - `coll_wait_ns`: time inside collective calls, plus c10d work objects executing on a
+      worker thread (`ProcessGroupGloo::AsyncWork::execute`: gloo waits there for the
+      late ranks),
     - `lateness_ns`: max over the step's collectives of entry time minus the median entry
       time of the same collective on all ranks (host-side arrival lateness),
     - `host_gap_ns`: from the step start to the first traced call (CPU work: data loading).
@@ -367,7 +380,7 @@ def step_metrics(tl: pl.DataFrame, coll: pl.DataFrame, steps: pl.DataFrame) -> p
         )
         return j.filter(pl.col("step").is_not_null() & (pl.col("t_ns") < pl.col("end_ns")))
 
-    ev = assign(tl.select("rank", "t_ns", "dur_ns", "kind"))
+    ev = assign(tl.select("rank", "t_ns", "dur_ns", "kind", "name"))
     # A wait entered before the step's first collective can only wait for the rank's own
     # GPU work (nothing collective is pending yet); one entered after it waits for the
     # collectives too, i.e. for the slowest rank. Without collectives (sync mode): by name.
@@ -378,10 +391,13 @@ def step_metrics(tl: pl.DataFrame, coll: pl.DataFrame, steps: pl.DataFrame) -> p
         .otherwise(pl.col("kind") == "readback")
     )
     end = is_wait & ~own
+    # c10d (gloo) calls return at once; the collective runs (and waits for the late ranks)
+    # in a work object on a worker thread: ProcessGroupGloo::AsyncWork::execute.
+    in_coll = (pl.col("kind") == "collective") | pl.col("name").str.ends_with("Work::execute")
     waits = ev.group_by(["rank", "step"]).agg(
         pl.col("dur_ns").filter(own).sum().alias("compute_wait_ns"),
         pl.col("dur_ns").filter(end).sum().alias("sync_wait_ns"),
-        pl.col("dur_ns").filter(pl.col("kind") == "collective").sum().alias("coll_wait_ns"),
+        pl.col("dur_ns").filter(in_coll).sum().alias("coll_wait_ns"),
         pl.col("t_ns").min().alias("first_call_ns"),
         own.any().alias("_has_rb"),
         end.any().alias("_has_sync"),

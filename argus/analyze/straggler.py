@@ -77,7 +77,8 @@ def _median_of(m: pl.DataFrame, col: str, rank: int, own: bool) -> float | None:
 def detect_stragglers(
     metrics: pl.DataFrame, windows: list[dict[str, Any]], step_ns: float
 ) -> list[dict[str, Any]]:
-    """Straggler findings (see module doc), at most one per rank (its strongest scope)."""
+    """Straggler findings (see module doc), at most one per rank: its strongest scope (GPU
+    over host cause, then the whole recording over a window, then the score)."""
     if metrics.height == 0 or metrics["rank"].n_unique() < 2 or step_ns <= 0:
         return []
     scopes: list[tuple[dict[str, Any] | None, pl.DataFrame]] = [(None, metrics)]
@@ -96,7 +97,8 @@ def detect_stragglers(
                     and s["excess_ns"] >= max(MIN_IMPACT * step_ns, MIN_ABS_NS)
                 ):
                     continue
-                if r in best and best[r]["_rank_key"] >= (cause == "gpu", s["score"]):
+                rkey = (cause == "gpu", window is None, s["score"])  # throughout beats a window
+                if r in best and best[r]["_rank_key"] >= rkey:
                     continue
                 impact = s["excess_ns"] / step_ns
                 what = (
@@ -120,6 +122,7 @@ def detect_stragglers(
                 for key, c in (
                     ("compute_wait_ms", "compute_wait_ns"),
                     ("sync_wait_ms", "sync_wait_ns"),
+                    ("coll_wait_ms", "coll_wait_ns"),
                     ("lateness_ms", "lateness_ns"),
                     ("host_gap_ms", "host_gap_ns"),
                 ):
@@ -133,7 +136,7 @@ def detect_stragglers(
                     if c2 != col and r in scored[c2]:
                         ev[f"{c2[:-3]}_score"] = round(scored[c2][r]["score"], 2)
                 best[r] = {
-                    "_rank_key": (cause == "gpu", s["score"]),
+                    "_rank_key": rkey,
                     "kind": "straggler",
                     "severity": "critical" if impact >= CRITICAL_IMPACT else "warning",
                     "summary": (

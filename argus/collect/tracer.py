@@ -528,7 +528,14 @@ class Tracer:
                     elf = elf_file(m.path)
                 if elf is not None:
                     vaddr = elf.offset_to_vaddr(addr - m.start + m.offset)
-                    fn = elf.function_at(vaddr) if vaddr is not None else None
+                    try:
+                        fn = elf.function_at(vaddr) if vaddr is not None else None
+                    except OSError:  # /proc/PID/root/... is gone once the process exited
+                        other = elf_file(m.path)
+                        try:
+                            fn = other.function_at(vaddr) if other and vaddr is not None else None
+                        except OSError:
+                            fn = None
                     name = short_name(demangle(fn)) if fn else None
                 if name is None:
                     module = f"{module}+{addr - m.start + m.offset:#x}"
