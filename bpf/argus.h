@@ -107,7 +107,8 @@ struct argus_proc_event {
 #define ARGUS_DROP_STACK_MAP_FULL 6
 #define ARGUS_DROP_COUNTS_FULL 7  /* a counts/seq/inflight hash map was full */
 #define ARGUS_DROP_READ_FAULT 8   /* bpf_probe_read_user failed on a captured argument */
-#define ARGUS_NDROPS 9
+#define ARGUS_DROP_HOST_MAP_FULL 9 /* host.bpf.c: a host_counts/preempted/offcpu/blk map was full */
+#define ARGUS_NDROPS 10
 
 /* CPU sample aggregation key. */
 struct argus_stack_key {
@@ -147,6 +148,51 @@ struct argus_seq_key {
 struct argus_count_key {
     __u32 tgid;
     __u32 probe_id;
+};
+
+/* Host context (host.bpf.c): what else on the node explains a slow or stuck rank. */
+#define ARGUS_HOST_CPU 1    /* a traced thread waited runnable while `comm` ran (preempted) */
+#define ARGUS_HOST_TCP 2    /* tcp:tcp_retransmit_skb; tgid 0 = not in a traced task's context */
+#define ARGUS_HOST_OOM 3    /* oom:mark_victim: tgid = the victim, detail = ts_ns, comm = its name */
+#define ARGUS_HOST_BLOCK 4  /* block_rq_issue -> block_rq_complete latency; detail = dev_t */
+
+/* Key of host_counts (cumulative; user space takes deltas per interval). */
+struct argus_host_key {
+    __u32 kind;      /* ARGUS_HOST_* */
+    __u32 tgid;      /* traced process (CPU, TCP), victim (OOM), 0 (node-wide) */
+    __u64 detail;    /* TCP: dport << 32 | IPv4 daddr (network order); OOM: ts_ns; BLOCK: dev */
+    char comm[ARGUS_COMM_LEN];  /* CPU: the competitor that ran instead; OOM: the victim */
+};
+
+struct argus_host_val {
+    __u64 count;
+    __u64 total_ns;  /* CPU: runnable wait; BLOCK: issue -> complete; else 0 */
+};
+
+/* A traced thread switched out while still runnable, waiting to run again. */
+struct argus_preempt {
+    __u64 ts_ns;
+    __u32 tgid;
+    __u32 pad;
+    char comm[ARGUS_COMM_LEN];  /* what ran instead (next_comm) */
+};
+
+#define ARGUS_OFFCPU_USER_DEPTH 32
+#define ARGUS_OFFCPU_KERNEL_DEPTH 16
+#define ARGUS_OFFCPU_SCAN 32
+
+/* The latest blocking (off-CPU) switch of one traced thread: key tid. */
+struct argus_offcpu {
+    __u64 ts_ns;      /* when it blocked */
+    __u32 tgid;
+    __s32 user_len;   /* bytes bpf_get_stack wrote to user[], or -errno */
+    __s32 kernel_len; /* likewise kernel[] */
+    __s32 scan_len;   /* bytes of scan[] read at the user stack pointer, or -errno */
+    char comm[ARGUS_COMM_LEN];
+    __u64 user[ARGUS_OFFCPU_USER_DEPTH];
+    __u64 kernel[ARGUS_OFFCPU_KERNEL_DEPTH];
+    __u64 scan[ARGUS_OFFCPU_SCAN];  /* words at the user sp: the return address a frameless
+                                     * libc wrapper (pause, futex) hides from the FP walk */
 };
 
 #endif /* ARGUS_H */

@@ -46,7 +46,19 @@ DROP_NAMES = (
     "stack_map_full",
     "counts_map_full",
     "read_fault",
+    "host_map_full",
 )
+
+# Host context (host.bpf.c): argus_host_key.kind -> name (host.parquet `kind`).
+HOST_CPU = 1
+HOST_TCP = 2
+HOST_OOM = 3
+HOST_BLOCK = 4
+HOST_KINDS = {HOST_CPU: "cpu_contention", HOST_TCP: "tcp_retransmit", HOST_OOM: "oom_kill",
+              HOST_BLOCK: "block_io"}  # fmt: skip
+OFFCPU_USER_DEPTH = 32
+OFFCPU_KERNEL_DEPTH = 16
+OFFCPU_SCAN = 32
 
 
 class ProbeKey(ct.Structure):
@@ -133,6 +145,42 @@ class CountKey(ct.Structure):
     _fields_ = [("tgid", ct.c_uint32), ("probe_id", ct.c_uint32)]
 
 
+class HostKey(ct.Structure):
+    _fields_ = [
+        ("kind", ct.c_uint32),
+        ("tgid", ct.c_uint32),
+        ("detail", ct.c_uint64),
+        ("comm", ct.c_char * COMM_LEN),
+    ]
+
+
+class HostVal(ct.Structure):
+    _fields_ = [("count", ct.c_uint64), ("total_ns", ct.c_uint64)]
+
+
+class Preempt(ct.Structure):
+    _fields_ = [
+        ("ts_ns", ct.c_uint64),
+        ("tgid", ct.c_uint32),
+        ("pad", ct.c_uint32),
+        ("comm", ct.c_char * COMM_LEN),
+    ]
+
+
+class OffCpu(ct.Structure):
+    _fields_ = [
+        ("ts_ns", ct.c_uint64),
+        ("tgid", ct.c_uint32),
+        ("user_len", ct.c_int32),
+        ("kernel_len", ct.c_int32),
+        ("scan_len", ct.c_int32),
+        ("comm", ct.c_char * COMM_LEN),
+        ("user", ct.c_uint64 * OFFCPU_USER_DEPTH),
+        ("kernel", ct.c_uint64 * OFFCPU_KERNEL_DEPTH),
+        ("scan", ct.c_uint64 * OFFCPU_SCAN),
+    ]
+
+
 # C name -> mirror, for the drift test.
 STRUCTS = {
     "argus_probe_key": ProbeKey,
@@ -145,4 +193,8 @@ STRUCTS = {
     "argus_inflight": Inflight,
     "argus_seq_key": SeqKey,
     "argus_count_key": CountKey,
+    "argus_host_key": HostKey,
+    "argus_host_val": HostVal,
+    "argus_preempt": Preempt,
+    "argus_offcpu": OffCpu,
 }

@@ -124,7 +124,8 @@ def run_session(
         manifest["channels"]["gpu"] = bool(manifest["gpu"].get("available"))
         if not manifest["channels"]["gpu"]:
             gpu_frame = None  # no gpu.parquet: the manifest line says why
-        path = write_recording(output, manifest, events, stacks, gpu=gpu_frame)
+        host_frame = tracer.host_frame() if "host" in opts.channels else None
+        path = write_recording(output, manifest, events, stacks, gpu=gpu_frame, host=host_frame)
         ok = True
         return SessionResult(path, manifest)
     finally:

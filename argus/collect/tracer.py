@@ -41,7 +41,7 @@ HOT_RESCAN_S = 3.0
 
 @dataclass
 class TraceOptions:
-    channels: tuple[str, ...] = ("cuda", "nccl", "torch", "cpu")
+    channels: tuple[str, ...] = ("cuda", "nccl", "torch", "cpu", "host")
     sample_hz: int = 49
     stack_interval_s: float = 1.0
     rescan_s: float = 0.5
@@ -128,6 +128,92 @@ def _fork_child_offset() -> int | None:
     return None
 
 
+def _tp_fields(event: str) -> dict[str, tuple[int, int]] | None:
+    """{field: (offset, size)} of tracepoint `event` ("sched/sched_switch") from tracefs's
+    format file of the running kernel; None when the tracepoint (or tracefs) is absent."""
+    for base in TRACEFS:
+        fmt = Path(base) / "events" / event / "format"
+        try:
+            text = fmt.read_text()
+        except OSError:
+            continue
+        out = {}
+        for line in text.splitlines():
+            line = line.strip()
+            if not line.startswith("field:") or "offset:" not in line:
+                continue
+            try:
+                decl = line.split("field:", 1)[1].split(";", 1)[0]
+                name = decl.split()[-1].split("[", 1)[0]
+                off = int(line.split("offset:")[1].split(";")[0])
+                size = int(line.split("size:")[1].split(";")[0])
+            except (IndexError, ValueError):
+                continue
+            out[name] = (off, size)
+        return out
+    return None
+
+
+# Host channel (host.bpf.c): tracepoint -> (program, {-D name: (field, which of offset/size)}).
+HOST_TRACEPOINTS = {
+    "sched:sched_switch": ("argus_host_switch", {
+        "ARGUS_TP_SS_PREV_STATE_OFF": ("prev_state", 0), "ARGUS_TP_SS_PREV_STATE_SIZE": ("prev_state", 1),
+        "ARGUS_TP_SS_NEXT_COMM_OFF": ("next_comm", 0), "ARGUS_TP_SS_NEXT_PID_OFF": ("next_pid", 0)}),
+    "tcp:tcp_retransmit_skb": ("argus_host_tcp_retrans", {
+        "ARGUS_TP_TCP_DPORT_OFF": ("dport", 0), "ARGUS_TP_TCP_FAMILY_OFF": ("family", 0),
+        "ARGUS_TP_TCP_DADDR_OFF": ("daddr", 0)}),
+    "oom:mark_victim": ("argus_host_oom", {
+        "ARGUS_TP_OOM_PID_OFF": ("pid", 0), "ARGUS_TP_OOM_COMM_OFF": ("comm", 0)}),
+    "block:block_rq_issue": ("argus_host_blk_issue", {
+        "ARGUS_TP_BLK_DEV_OFF": ("dev", 0), "ARGUS_TP_BLK_SECTOR_OFF": ("sector", 0)}),
+    "block:block_rq_complete": ("argus_host_blk_complete", {
+        "ARGUS_TP_BLKC_DEV_OFF": ("dev", 0), "ARGUS_TP_BLKC_SECTOR_OFF": ("sector", 0)}),
+}  # fmt: skip
+
+
+def host_tracepoint_plan() -> tuple[list[str], dict[str, str]]:
+    """(-D cflags with the field offsets of the running kernel, {tracepoint: "ok" | why
+    it is skipped}). A tracepoint this kernel lacks, or one missing a field, is skipped."""
+    cflags: list[str] = []
+    status: dict[str, str] = {}
+    for tp, (_fn, defines) in HOST_TRACEPOINTS.items():
+        fields = _tp_fields(tp.replace(":", "/"))
+        if fields is None:
+            status[tp] = "skipped: not in this kernel (or tracefs is not mounted)"
+            continue
+        missing = sorted({f for f, _ in defines.values() if f not in fields})
+        if missing:
+            status[tp] = f"skipped: the format file has no field {', '.join(missing)}"
+            continue
+        cflags += [f"-D{d}={fields[f][i]}" for d, (f, i) in defines.items()]
+        status[tp] = "ok"
+    if status.get("block:block_rq_issue") != "ok" or status.get("block:block_rq_complete") != "ok":
+        for tp in ("block:block_rq_issue", "block:block_rq_complete"):
+            if status.get(tp) == "ok":
+                status[tp] = "skipped: needs both block_rq_issue and block_rq_complete"
+    return cflags, status
+
+
+def _thread_state(tgid: int, tid: int, proc_root: str) -> str | None:
+    """The state letter of /proc/TGID/task/TID/stat (R, S, D, ...); None if gone."""
+    try:
+        text = Path(proc_root, str(tgid), "task", str(tid), "stat").read_text()
+        return text.rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _host_detail(kind: int, detail: int, comm: bytes) -> str:
+    if kind == abi.HOST_TCP:
+        daddr = detail & 0xFFFFFFFF
+        port = detail >> 32
+        addr = socket.inet_ntoa(daddr.to_bytes(4, "little")) if daddr else "?"
+        return f"{addr}:{port}"
+    if kind == abi.HOST_BLOCK:
+        return f"{detail >> 20}:{detail & 0xFFFFF}"
+    return comm.decode("utf-8", "replace")
+
+
 class Tracer:
     """One tracing session over a set of target processes."""
 
@@ -159,6 +245,11 @@ class Tracer:
         self._hot: dict[int, float] = {}
         self._last_stacks = 0.0
         self._stack_buf = 0
+        self.host_rows: list[dict] = []
+        self.host_status: dict[str, str] = {}
+        self._host_prev: dict[tuple, tuple[int, int]] = {}
+        self._last_host = 0.0
+        self._last_host_ns = 0
         self.started_ns = 0
         self.host = socket.gethostname()
 
@@ -197,12 +288,23 @@ class Tracer:
             sources.append("calls.bpf.c")
         if "cpu" in self.opts.channels:
             sources.append("cpu_stacks.bpf.c")
+        if "host" in self.opts.channels:
+            host_cflags, self.host_status = host_tracepoint_plan()
+            cflags += host_cflags
+            sources.append("host.bpf.c")
         self.session = BpfSession([str(BPF_DIR / f) for f in sources], cflags)
         s = self.session
         s.attach_tracepoint("sched:sched_process_fork", "argus_on_fork")
         s.attach_tracepoint("sched:sched_process_exec", "argus_on_exec")
         s.attach_tracepoint("sched:sched_process_exit", "argus_on_exit")
         s.open_ring_buffer("proc_events", self._on_proc)
+        for tp, st in self.host_status.items():
+            if st == "ok":
+                try:
+                    s.attach_tracepoint(tp, HOST_TRACEPOINTS[tp][0])
+                    self.host_status[tp] = "attached"
+                except Exception as e:  # ProbeAttachFailed: never fatal for host context
+                    self.host_status[tp] = f"failed: {e}"
         if self.specs:
             s.open_ring_buffer("calls", self._on_call)
         self.started_ns = time.monotonic_ns()
@@ -215,7 +317,8 @@ class Tracer:
                         self._watch(child, launcher=True)
         if "cpu" in self.opts.channels:
             s.attach_cpu_clock("argus_cpu_sample", self.opts.sample_hz)
-        self._last_rescan = self._last_stacks = time.monotonic()
+        self._last_rescan = self._last_stacks = self._last_host = time.monotonic()
+        self._last_host_ns = time.monotonic_ns()
 
     def _ring_pages(self) -> int:
         pages = max(1, self.opts.ringbuf_mb * 1024 * 1024 // 4096)
@@ -463,6 +566,8 @@ class Tracer:
                     self._scan(t)
         if "cpu" in self.opts.channels and now - self._last_stacks >= self.opts.stack_interval_s:
             self._drain_stacks(now)
+        if "host" in self.opts.channels and now - self._last_host >= self.opts.stack_interval_s:
+            self._drain_host(now)
 
     def all_exited(self) -> bool:
         return bool(self.targets) and all(t.exited for t in self.targets.values())
@@ -503,11 +608,93 @@ class Tracer:
                     "count": int(value.value),
                     "functions": functions,
                     "modules": modules,
+                    "state": "on_cpu",
+                    "blocked_ns": None,
                 }
             )
         counts.clear()
         stacks.clear()
         self._last_stacks = now
+
+    # -- host context (host.bpf.c) ------------------------------------------------------------
+    def _drain_host(self, now: float) -> None:
+        """host_counts deltas since the last drain -> host rows; each traced thread blocked
+        now -> one off-CPU stack row (its latest blocking stack and for how long)."""
+        s = self.session
+        now_ns = time.monotonic_ns()
+        start_ns, interval_ns = self._last_host_ns, max(0, now_ns - self._last_host_ns)
+        for key, val in s.table("host_counts").items():
+            k = (int(key.kind), int(key.tgid), int(key.detail), bytes(key.comm))
+            count, total = int(val.count), int(val.total_ns)
+            pc, pt = self._host_prev.get(k, (0, 0))
+            self._host_prev[k] = (count, total)
+            if count <= pc:
+                continue
+            kind = abi.HOST_KINDS.get(k[0])
+            if kind is None:
+                continue
+            oom = k[0] == abi.HOST_OOM
+            self.host_rows.append({
+                "ts_ns": k[2] if oom else start_ns,
+                "interval_ns": 0 if oom else interval_ns,
+                "tgid": k[1], "kind": kind, "detail": _host_detail(k[0], k[2], k[3]),
+                "count": count - pc, "total_ns": total - pt,
+            })  # fmt: skip
+        table = s.table("offcpu")
+        for tid_key, e in table.items():
+            tid, tgid = int(tid_key.value), int(e.tgid)
+            state = _thread_state(tgid, tid, self.opts.proc_root)
+            if state is None:
+                try:
+                    del table[tid_key]  # the thread is gone
+                except KeyError:
+                    pass
+                continue
+            if state in ("R",):  # running again since it last blocked
+                continue
+            functions, modules = self._offcpu_frames(tgid, e)
+            self.stack_rows.append({
+                "ts_ns": start_ns, "interval_ns": interval_ns, "tgid": tgid, "tid": tid,
+                "rank": self.ctx.rank_of.get(tgid), "thread": e.comm.decode("utf-8", "replace"),
+                "count": 0, "functions": functions, "modules": modules,
+                "state": "off_cpu", "blocked_ns": max(0, now_ns - int(e.ts_ns)),
+            })  # fmt: skip
+        self._last_host_ns = now_ns
+        self._last_host = now
+
+    def _offcpu_frames(self, tgid: int, e: abi.OffCpu) -> tuple[list[str], list[str]]:
+        """Kernel frames, then user frames (leaf first), as on-CPU rows have them. When the
+        user leaf is in a shared library (a frameless libc wrapper such as pause or a futex
+        wait), its caller's return address is not on the frame-pointer chain: the first
+        word at the user sp that lands in a function of the program (not a .so) and is not
+        already the next frame is inserted after the leaf."""
+        s = self.session
+        functions: list[str] = []
+        modules: list[str] = []
+        for addr in list(e.kernel)[: max(0, e.kernel_len) // 8]:
+            if addr:
+                functions.append(s.ksym(addr))
+                modules.append("[kernel]")
+        user: list[tuple[str, str]] = []
+        for addr in list(e.user)[: max(0, e.user_len) // 8]:
+            if addr:
+                mod, fn = self._symbolize(tgid, addr)
+                user.append((fn or mod, mod.split("+", 1)[0]))
+        if user and ".so" in user[0][1] and e.scan_len > 0:
+            for word in list(e.scan)[: e.scan_len // 8]:
+                mod, fn = self._symbolize(tgid, word)
+                if fn and ".so" not in mod and mod != "[unknown]":
+                    if len(user) < 2 or user[1][0] != fn:
+                        user.insert(1, (fn, mod))
+                    break
+        for fn, mod in user:
+            functions.append(fn)
+            modules.append(mod)
+        return functions, modules
+
+    def host_frame(self) -> pl.DataFrame:
+        rows = [{**r, "rank": self.ctx.rank_of.get(r["tgid"])} for r in self.host_rows]
+        return pl.DataFrame(rows, schema=schema.HOST_SCHEMA) if rows else schema.empty_host()
 
     # -- symbols ------------------------------------------------------------------------------
     def _symbolize(self, tgid: int, addr: int) -> tuple[str, str | None]:
@@ -557,6 +744,8 @@ class Tracer:
         if "cpu" in self.opts.channels:
             self._drain_stacks(time.monotonic(), final=False)
             self._drain_stacks(time.monotonic(), final=True)
+        if "host" in self.opts.channels:
+            self._drain_host(time.monotonic())
         # Re-resolve ranks now known from communicator init for rows decoded below.
         for t in self.targets.values():
             self.ctx.rank_of[t.tgid] = t.rank
@@ -591,7 +780,8 @@ class Tracer:
             "duration_s": round((ended_ns - self.started_ns) / 1e9, 3),
             "end_reason": end_reason,
             "sample_hz": self.opts.sample_hz if "cpu" in self.opts.channels else 0,
-            "channels": {c: c in self.opts.channels for c in ("cuda", "nccl", "torch", "cpu")},
+            "channels": {c: c in self.opts.channels for c in ("cuda", "nccl", "torch", "cpu", "host")},
+            "host": {"enabled": "host" in self.opts.channels, "tracepoints": dict(self.host_status)},
             "ranks": [
                 {
                     "rank": t.rank,

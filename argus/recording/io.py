@@ -23,6 +23,7 @@ from argus.recording import schema
 REQUIRED_EVENT_COLUMNS = ("ts_ns", "tgid", "channel", "name")
 REQUIRED_STACK_COLUMNS = ("ts_ns", "tgid", "count", "functions")
 REQUIRED_GPU_COLUMNS = ("ts_ns", "device")
+REQUIRED_HOST_COLUMNS = ("ts_ns", "kind", "count")
 # Manifest keys without which nothing can be analysed.
 REQUIRED_MANIFEST_KEYS = ("format", "host", "clock")
 
@@ -36,6 +37,7 @@ class Recording:
     stacks: pl.DataFrame
     path: Path | None = field(default=None)
     gpu: pl.DataFrame = field(default_factory=schema.empty_gpu)  # gpu.parquet; empty if absent
+    host_ctx: pl.DataFrame = field(default_factory=schema.empty_host)  # host.parquet; empty if absent
 
     @property
     def host(self) -> str:
@@ -75,9 +77,10 @@ def write_recording(
     events: pl.DataFrame,
     stacks: pl.DataFrame | None = None,
     gpu: pl.DataFrame | None = None,
+    host: pl.DataFrame | None = None,
 ) -> Path:
     """Write `manifest.json`, `events.parquet`, `stacks.parquet` (and `gpu.parquet` when
-    `gpu` is given) into `directory`.
+    `gpu` is given, `host.parquet` when `host` is given) into `directory`.
 
     The directory is created with mode 0700 and the files 0600; frames are coerced to the
     schema first, so what is written always reads back. Returns the directory path.
@@ -94,11 +97,13 @@ def write_recording(
     st = stacks if stacks is not None else schema.empty_stacks()
     st = coerce(st, schema.STACKS_SCHEMA, "stacks")
     gp = coerce(gpu, schema.GPU_SCHEMA, "gpu") if gpu is not None else None
+    hc = coerce(host, schema.HOST_SCHEMA, "host") if host is not None else None
     try:
         for name, writer in (
             (schema.EVENTS, lambda p: ev.write_parquet(p)),
             (schema.STACKS, lambda p: st.write_parquet(p)),
             *([(schema.GPU, lambda p: gp.write_parquet(p))] if gp is not None else []),
+            *([(schema.HOST, lambda p: hc.write_parquet(p))] if hc is not None else []),
             (schema.MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str))),
         ):
             target = path / name
@@ -131,7 +136,8 @@ def load_recording(directory: str | os.PathLike[str]) -> Recording:
     Checks, in order: the directory exists; manifest.json exists, is a JSON object with
     `format == "argus.recording/1"` and the keys analysis needs; events.parquet reads and has
     the required columns; stacks.parquet reads when present (it may be absent when the CPU
-    channel was off), and gpu.parquet likewise (absent without NVML: an empty frame).
+    channel was off), and gpu.parquet likewise (absent without NVML: an empty frame), and
+    host.parquet (absent when the host channel was off: an empty frame).
     Columns are coerced to `schema.EVENTS_SCHEMA` / `STACKS_SCHEMA` / `GPU_SCHEMA`.
     """
     path = Path(directory)
@@ -186,4 +192,14 @@ def load_recording(directory: str | os.PathLike[str]) -> Recording:
         gpu = coerce(gpu, schema.GPU_SCHEMA, str(gpath))
     else:
         gpu = schema.empty_gpu()
-    return Recording(manifest=manifest, events=events, stacks=stacks, path=path, gpu=gpu)
+    hpath = path / schema.HOST
+    if hpath.exists():  # optional: absent when the host channel was off
+        host = _read_parquet(hpath, "host")
+        absent = [c for c in REQUIRED_HOST_COLUMNS if c not in host.columns]
+        if absent:
+            raise RecordingInvalid(f"{hpath} lacks the column(s) {', '.join(absent)}.")
+        host = coerce(host, schema.HOST_SCHEMA, str(hpath))
+    else:
+        host = schema.empty_host()
+    return Recording(manifest=manifest, events=events, stacks=stacks, path=path, gpu=gpu,
+                     host_ctx=host)  # fmt: skip

@@ -6,6 +6,8 @@ A recording is a directory:
 - `events.parquet`  one long frame of traced calls, all ranks (see `EVENTS_SCHEMA`)
 - `stacks.parquet`  CPU samples aggregated per interval (see `STACKS_SCHEMA`)
 - `gpu.parquet`     NVML samples per device, joined to ranks (see `GPU_SCHEMA`); optional
+- `host.parquet`    host context per interval: CPU contention, TCP retransmits, OOM kills,
+                    block I/O latency (see `HOST_SCHEMA`); optional (channel `host`)
 
 Times are node CLOCK_MONOTONIC nanoseconds (`ts_ns`); `manifest["clock"]["mono_to_wall_ns"]`
 converts them to wall time (`argus.recording.clock.mono_to_wall`). Several recordings of one job
@@ -24,6 +26,7 @@ MANIFEST = "manifest.json"
 EVENTS = "events.parquet"
 STACKS = "stacks.parquet"
 GPU = "gpu.parquet"
+HOST = "host.parquet"
 
 # Channels of events.parquet.
 CHANNELS = ("cuda", "nccl", "torch", "proc")
@@ -63,6 +66,11 @@ STACKS_SCHEMA: dict[str, pl.DataType] = {
     "count": pl.Int64,  # samples with exactly this stack in this interval
     "functions": pl.List(pl.Utf8),  # leaf first; kernel frames first, then user frames
     "modules": pl.List(pl.Utf8),  # same length; "[kernel]" for kernel frames
+    # "on_cpu" (null in older recordings): sampled stacks. "off_cpu" (channel host): the
+    # thread's latest blocking stack, one row per interval while it stays blocked; count 0
+    # (not a sample), blocked_ns = how long it had been blocked at the end of the interval.
+    "state": pl.Utf8,
+    "blocked_ns": pl.Int64,
 }
 
 # NVML samples, one row per (sampling pass, device); null = not supported / failed (see
@@ -97,6 +105,19 @@ GPU_SCHEMA: dict[str, pl.DataType] = {
     "nvlink_rx_bytes": pl.Int64,
 }
 
+# Host context (channel `host`), one row per (interval, kind, tgid, detail) with activity.
+HOST_KINDS = ("cpu_contention", "tcp_retransmit", "oom_kill", "block_io")
+HOST_SCHEMA: dict[str, pl.DataType] = {
+    "ts_ns": pl.Int64,  # start of the interval (oom_kill: the kill itself), node monotonic ns
+    "interval_ns": pl.Int64,
+    "tgid": pl.Int32,  # cpu_contention/tcp_retransmit: traced process (0 = node-wide); oom_kill: victim
+    "rank": pl.Int32,  # rank of tgid when it is a traced process
+    "kind": pl.Utf8,  # HOST_KINDS
+    "detail": pl.Utf8,  # competitor comm | "addr:port" | victim comm | device "major:minor"
+    "count": pl.Int64,  # preemptions | retransmits | 1 | completed requests
+    "total_ns": pl.Int64,  # runnable wait | 0 | 0 | summed request latency
+}
+
 # Top-level keys every manifest.json has.
 MANIFEST_KEYS = (
     "format",  # FORMAT
@@ -116,6 +137,7 @@ MANIFEST_KEYS = (
     "counts",  # {"events": {channel: int}, "stack_samples": int}
 )
 # Optional: "gpu": {"available": bool, "reason"?, "devices", "unsupported", ...} (docs/gpu.md)
+# Optional: "host": {"enabled": bool, "tracepoints": {name: "attached" | reason}} (docs/attach.md)
 
 
 def empty_events() -> pl.DataFrame:
@@ -128,3 +150,7 @@ def empty_stacks() -> pl.DataFrame:
 
 def empty_gpu() -> pl.DataFrame:
     return pl.DataFrame(schema=GPU_SCHEMA)
+
+
+def empty_host() -> pl.DataFrame:
+    return pl.DataFrame(schema=HOST_SCHEMA)

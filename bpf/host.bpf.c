@@ -1,0 +1,256 @@
+/* host.bpf.c: host context of the traced processes' node (channel "host"; compiled after
+ * argus.bpf.c): what else on the node explains a slow or a stuck rank.
+ *
+ * Attaches to (tracepoints only; field offsets come from tracefs format files as -D flags,
+ * because the kernel headers bcc compiles with need not match the running kernel):
+ *   sched:sched_switch     argus_host_switch: CPU contention and off-CPU stacks
+ *   tcp:tcp_retransmit_skb argus_host_tcp_retrans
+ *   oom:mark_victim        argus_host_oom
+ *   block:block_rq_issue / block:block_rq_complete   argus_host_blk_issue / _complete
+ * Each is optional: the loader skips a tracepoint the kernel lacks and says so.
+ *
+ * Maps:
+ *   host_counts  argus_host_key (kind, tgid, detail, comm) -> argus_host_val (count,
+ *                total_ns), cumulative; user space takes deltas per interval
+ *   preempted    tid -> argus_preempt: a traced thread switched out while runnable, when, and
+ *                what ran instead; deleted when it runs again (the wait is then aggregated)
+ *   host_pending [0] = entries in `preempted`; while 0, a switch to an untraced thread skips
+ *                the `preempted` lookup
+ *   offcpu       tid -> argus_offcpu: the LATEST blocking switch of each traced thread (since
+ *                when, user + kernel stack, and the words at the user sp)
+ *   offcpu_tmp   per-CPU scratch for building an argus_offcpu (too big for the BPF stack)
+ *   blk_start    (dev, sector) -> issue time of an in-flight block request
+ * Full maps are counted in drops[ARGUS_DROP_HOST_MAP_FULL].
+ *
+ * Cost. sched_switch runs on every context switch of the node: for a switch between
+ * untraced threads it is one hash lookup (watched, by the outgoing tgid) and one array
+ * lookup (host_pending); only while a traced thread is preempted does a switch also look up
+ * the incoming tid in `preempted`. A traced thread switched out runnable adds a clock read and
+ * a hash update; one switched out blocked adds a user and a kernel stack walk and a 680-byte
+ * hash update (the off-CPU stack), like one CPU sample. TCP retransmits and OOM kills are
+ * rare; a block request costs two hash operations at issue and three at completion.
+ */
+#ifndef ARGUS_HOST_KEYS
+#define ARGUS_HOST_KEYS 4096
+#endif
+#ifndef ARGUS_HOST_THREADS
+#define ARGUS_HOST_THREADS 16384
+#endif
+#ifndef ARGUS_BLK_INFLIGHT
+#define ARGUS_BLK_INFLIGHT 8192
+#endif
+
+/* Offsets (format files of the running kernel; defaults: 6.x x86-64). */
+#ifndef ARGUS_TP_SS_PREV_STATE_OFF
+#define ARGUS_TP_SS_PREV_STATE_OFF 32
+#endif
+#ifndef ARGUS_TP_SS_PREV_STATE_SIZE
+#define ARGUS_TP_SS_PREV_STATE_SIZE 8
+#endif
+#ifndef ARGUS_TP_SS_NEXT_COMM_OFF
+#define ARGUS_TP_SS_NEXT_COMM_OFF 40
+#endif
+#ifndef ARGUS_TP_SS_NEXT_PID_OFF
+#define ARGUS_TP_SS_NEXT_PID_OFF 56
+#endif
+/* prev_state of a task switched out while runnable: 0 (TASK_RUNNING), possibly with the
+ * preemption marker TASK_REPORT_MAX (0x100 since 4.14) set; the real states are below it. */
+#ifndef ARGUS_TP_SS_STATE_MASK
+#define ARGUS_TP_SS_STATE_MASK 0xff
+#endif
+#ifndef ARGUS_TP_TCP_DPORT_OFF
+#define ARGUS_TP_TCP_DPORT_OFF 30
+#endif
+#ifndef ARGUS_TP_TCP_FAMILY_OFF
+#define ARGUS_TP_TCP_FAMILY_OFF 32
+#endif
+#ifndef ARGUS_TP_TCP_DADDR_OFF
+#define ARGUS_TP_TCP_DADDR_OFF 38
+#endif
+#ifndef ARGUS_TP_OOM_PID_OFF
+#define ARGUS_TP_OOM_PID_OFF 8
+#endif
+#ifndef ARGUS_TP_OOM_COMM_OFF
+#define ARGUS_TP_OOM_COMM_OFF 12  /* __data_loc: u32 (len << 16 | offset) */
+#endif
+#ifndef ARGUS_TP_BLK_DEV_OFF
+#define ARGUS_TP_BLK_DEV_OFF 8
+#endif
+#ifndef ARGUS_TP_BLK_SECTOR_OFF
+#define ARGUS_TP_BLK_SECTOR_OFF 16
+#endif
+#ifndef ARGUS_TP_BLKC_DEV_OFF
+#define ARGUS_TP_BLKC_DEV_OFF 8
+#endif
+#ifndef ARGUS_TP_BLKC_SECTOR_OFF
+#define ARGUS_TP_BLKC_SECTOR_OFF 16
+#endif
+
+struct argus_blk_key {
+    u32 dev;
+    u32 pad;
+    u64 sector;
+};
+
+BPF_HASH(host_counts, struct argus_host_key, struct argus_host_val, ARGUS_HOST_KEYS);
+BPF_HASH(preempted, u32, struct argus_preempt, ARGUS_HOST_THREADS);
+BPF_ARRAY(host_pending, u64, 1);
+BPF_HASH(offcpu, u32, struct argus_offcpu, ARGUS_HOST_THREADS);
+BPF_PERCPU_ARRAY(offcpu_tmp, struct argus_offcpu, 1);
+BPF_HASH(blk_start, struct argus_blk_key, u64, ARGUS_BLK_INFLIGHT);
+
+static __always_inline void argus_host_add(struct argus_host_key *key, u64 ns)
+{
+    struct argus_host_val zero = {}, *v;
+    v = host_counts.lookup_or_try_init(key, &zero);
+    if (!v) {
+        argus_drop(ARGUS_DROP_HOST_MAP_FULL);
+        return;
+    }
+    __sync_fetch_and_add(&v->count, 1);
+    if (ns)
+        __sync_fetch_and_add(&v->total_ns, ns);
+}
+
+static __always_inline void argus_host_pending_add(s64 d)
+{
+    int zero = 0;
+    u64 *n = host_pending.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, d);
+}
+
+static __always_inline void argus_offcpu_record(void *ctx, u32 tgid, u32 tid, u64 now)
+{
+    int zero = 0;
+    struct argus_offcpu *s = offcpu_tmp.lookup(&zero);
+    if (!s)
+        return;
+    s->ts_ns = now;
+    s->tgid = tgid;
+    bpf_get_current_comm(&s->comm, sizeof(s->comm));
+    s->user_len = bpf_get_stack(ctx, s->user, sizeof(s->user), BPF_F_USER_STACK);
+    if (s->user_len < 0)
+        argus_drop(ARGUS_DROP_STACK_USER);
+    s->kernel_len = bpf_get_stack(ctx, s->kernel, sizeof(s->kernel), 0);
+    if (s->kernel_len < 0)
+        argus_drop(ARGUS_DROP_STACK_KERNEL);
+    s->scan_len = -1;
+#ifndef ARGUS_NO_SP_SCAN
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 sp = 0;
+    if (regs && bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp) == 0 && sp) {
+        long err = bpf_probe_read_user(s->scan, sizeof(s->scan), (void *)sp);
+        s->scan_len = err ? (s32)err : (s32)sizeof(s->scan);
+    }
+#endif
+    if (offcpu.update(&tid, s))
+        argus_drop(ARGUS_DROP_HOST_MAP_FULL);
+}
+
+int argus_host_switch(void *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();  /* still the outgoing task (prev) */
+    u32 tgid = id >> 32, tid = (u32)id;
+    u64 now = 0;
+    u32 *w = watched.lookup(&tgid);
+    if (w && (*w & ARGUS_W_TRACE) && tid) {
+        now = bpf_ktime_get_ns();
+#if ARGUS_TP_SS_PREV_STATE_SIZE == 8
+        s64 state = *(s64 *)((char *)ctx + ARGUS_TP_SS_PREV_STATE_OFF);
+#else
+        s64 state = *(s32 *)((char *)ctx + ARGUS_TP_SS_PREV_STATE_OFF);
+#endif
+        if ((state & ARGUS_TP_SS_STATE_MASK) == 0) {
+            struct argus_preempt p = {};
+            p.ts_ns = now;
+            p.tgid = tgid;
+            bpf_probe_read_kernel(&p.comm, sizeof(p.comm), (char *)ctx + ARGUS_TP_SS_NEXT_COMM_OFF);
+            if (preempted.insert(&tid, &p) == 0)
+                argus_host_pending_add(1);
+            else if (preempted.update(&tid, &p))
+                argus_drop(ARGUS_DROP_HOST_MAP_FULL);
+        } else {
+            argus_offcpu_record(ctx, tgid, tid, now);
+        }
+    }
+    int zero = 0;
+    u64 *pending = host_pending.lookup(&zero);
+    if (!pending || *pending == 0)
+        return 0;
+    u32 next = *(s32 *)((char *)ctx + ARGUS_TP_SS_NEXT_PID_OFF);
+    struct argus_preempt *p = preempted.lookup(&next);
+    if (!p)
+        return 0;
+    if (!now)
+        now = bpf_ktime_get_ns();
+    struct argus_host_key key = {};
+    key.kind = ARGUS_HOST_CPU;
+    key.tgid = p->tgid;
+    __builtin_memcpy(key.comm, p->comm, sizeof(key.comm));
+    u64 waited = now > p->ts_ns ? now - p->ts_ns : 0;
+    if (preempted.delete(&next) == 0)
+        argus_host_pending_add(-1);
+    argus_host_add(&key, waited);
+    return 0;
+}
+
+int argus_host_tcp_retrans(void *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 *w = watched.lookup(&tgid);
+    struct argus_host_key key = {};
+    key.kind = ARGUS_HOST_TCP;
+    key.tgid = (w && (*w & ARGUS_W_TRACE)) ? tgid : 0;
+    u16 dport = *(u16 *)((char *)ctx + ARGUS_TP_TCP_DPORT_OFF);
+    u16 family = *(u16 *)((char *)ctx + ARGUS_TP_TCP_FAMILY_OFF);
+    u32 daddr = 0;
+    if (family == 2 /* AF_INET */)
+        bpf_probe_read_kernel(&daddr, sizeof(daddr), (char *)ctx + ARGUS_TP_TCP_DADDR_OFF);
+    key.detail = ((u64)dport << 32) | daddr;
+    if (key.tgid)
+        bpf_get_current_comm(&key.comm, sizeof(key.comm));
+    argus_host_add(&key, 0);
+    return 0;
+}
+
+int argus_host_oom(void *ctx)
+{
+    struct argus_host_key key = {};
+    key.kind = ARGUS_HOST_OOM;
+    key.tgid = *(s32 *)((char *)ctx + ARGUS_TP_OOM_PID_OFF);
+    key.detail = bpf_ktime_get_ns();
+    u32 loc = *(u32 *)((char *)ctx + ARGUS_TP_OOM_COMM_OFF);
+    bpf_probe_read_kernel_str(&key.comm, sizeof(key.comm), (char *)ctx + (loc & 0xffff));
+    argus_host_add(&key, 0);
+    return 0;
+}
+
+int argus_host_blk_issue(void *ctx)
+{
+    struct argus_blk_key k = {};
+    k.dev = *(u32 *)((char *)ctx + ARGUS_TP_BLK_DEV_OFF);
+    k.sector = *(u64 *)((char *)ctx + ARGUS_TP_BLK_SECTOR_OFF);
+    u64 now = bpf_ktime_get_ns();
+    if (blk_start.update(&k, &now))
+        argus_drop(ARGUS_DROP_HOST_MAP_FULL);
+    return 0;
+}
+
+int argus_host_blk_complete(void *ctx)
+{
+    struct argus_blk_key k = {};
+    k.dev = *(u32 *)((char *)ctx + ARGUS_TP_BLKC_DEV_OFF);
+    k.sector = *(u64 *)((char *)ctx + ARGUS_TP_BLKC_SECTOR_OFF);
+    u64 *t0 = blk_start.lookup(&k);
+    if (!t0)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    u64 lat = now > *t0 ? now - *t0 : 0;
+    blk_start.delete(&k);
+    struct argus_host_key key = {};
+    key.kind = ARGUS_HOST_BLOCK;
+    key.detail = k.dev;
+    argus_host_add(&key, lat);
+    return 0;
+}
