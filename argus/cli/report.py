@@ -10,6 +10,7 @@ from argus.analyze.report import DEFAULT_HANG_AFTER_S, diagnose
 from argus.errors import UsageError
 from argus.present.render import print_report
 from argus.recording.io import load_recording
+from argus.recording.summaries import has_events, has_summaries
 
 
 @click.command(
@@ -32,7 +33,15 @@ Examples:
     metavar="SECONDS",
     help="Ranks blocked this long (and > 5 median steps) at the end of a recording are hung.",
 )
-def command(dirs: tuple[str, ...], as_json: bool, hang_after: float) -> None:
+@click.option(
+    "--from-summaries",
+    is_flag=True,
+    help="Diagnose from the per-step summaries (DIR/summaries/, built from the events when "
+    "absent). Automatic for a DIR that has summaries and no events.",
+)
+def command(
+    dirs: tuple[str, ...], as_json: bool, hang_after: float, from_summaries: bool = False
+) -> None:
     """Diagnose recorded DIR(s): stragglers, stalls, hangs and their causes.
 
     Give one directory per node of the same job; their clocks are aligned on matched
@@ -40,9 +49,24 @@ def command(dirs: tuple[str, ...], as_json: bool, hang_after: float) -> None:
     """
     if hang_after <= 0:
         raise UsageError("--hang-after must be a positive number of seconds.")
-    recordings = [load_recording(d) for d in dirs]
-    report = diagnose(recordings, hang_after_s=hang_after)
+    if any(has_summaries(d) and not has_events(d) for d in dirs) or from_summaries:
+        report = _from_summaries(dirs, hang_after)
+    else:
+        recordings = [load_recording(d) for d in dirs]
+        report = diagnose(recordings, hang_after_s=hang_after)
     if as_json:
         click.echo(json.dumps(report, default=str))
     else:
         print_report(report)
+
+
+def _from_summaries(dirs: tuple[str, ...], hang_after: float) -> dict:
+    """The diagnosis from each DIR's summaries (built from its events where it has none)."""
+    from argus.analyze.summary import build_summaries, diagnose_summaries
+    from argus.recording.summaries import load_summaries
+
+    summs = [
+        load_summaries(d) if has_summaries(d) else build_summaries([load_recording(d)])
+        for d in dirs
+    ]
+    return diagnose_summaries(summs, hang_after_s=hang_after)

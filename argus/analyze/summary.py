@@ -1,0 +1,588 @@
+"""Per-rank-per-step summaries: built from raw events, and the diagnosis from summaries alone.
+
+`build_summaries(recordings)` runs the front half of `report.diagnose` (timeline, matched
+collectives, steps, clock alignment, lateness, step metrics) and keeps, per (rank, step),
+the step boundaries, the exact step metrics every detector reads, per-channel counts, the
+distributions of launch gaps, wait durations and per-(comm, op) collective durations and
+arrival offsets as peaks (`peaks`), and the top CPU stacks by id; per rank a tail record for
+the hang detector. See `argus.recording.summaries` for the layout.
+
+`diagnose_summaries(summaries)` runs the SAME detectors (anomaly, straggler, stall, hang,
+hotspot, gpu) on frames rebuilt from the summaries and assembles the same `argus.report/1`
+object; the per-step loops that are quadratic in ranks (straggler scoring, the ranks table)
+are vectorised so a report of 10,000 ranks takes seconds.
+
+Why peaks by kernel density estimation: the values a step produces (launch gaps, waits) are
+multi-modal (short gaps inside a burst of launches, long ones across a phase change) and span
+orders of magnitude; a Gaussian KDE on log(value) finds the modes without the bin-edge
+artefacts of a histogram and with a handful of numbers per distribution. Each peak keeps its
+location (median of the values in its basin) and how many values fell in it. Distributions
+of <= `MAX_PEAKS` values are stored exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from argus import __version__
+from argus.analyze import anomaly, gpu, hang, hotspot, stall, straggler
+from argus.analyze.align import estimate_offsets
+from argus.analyze.matching import align_seq, collectives, with_lateness
+from argus.analyze.report import DEFAULT_HANG_AFTER_S, KIND_ORDER, SCHEMA, SEVERITY_ORDER
+from argus.analyze.steps import STEP_COLUMNS, detect_steps, step_metrics
+from argus.analyze.timeline import build_stacks, build_timeline, recording_end_ns, shift_hosts
+from argus.recording import schema
+from argus.recording.io import Recording
+from argus.recording.summaries import (
+    STACK_DICT_SCHEMA,
+    STEP_SCHEMA,
+    TAIL_SCHEMA,
+    Summaries,
+)
+
+MAX_PEAKS = 4
+TOP_STACKS = 16  # stacks kept per (rank, sampling interval)
+TAIL_SEQS = 8  # collectives kept per (rank, comm) in the tail
+METRIC_COLS = ("compute_wait_ns", "sync_wait_ns", "coll_wait_ns", "lateness_ns", "host_gap_ns")
+
+
+# ----------------------------------------------------------------------------- peaks
+
+
+def peaks(values: Sequence[float | None], log: bool = True, max_peaks: int = MAX_PEAKS) -> list:
+    """Distribution peaks `[{"ns", "n"}]` of `values` (see module doc), sorted by location."""
+    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if x.size == 0:
+        return []
+    uniq, counts = np.unique(x, return_counts=True)
+    if uniq.size <= max_peaks:
+        return [{"ns": float(u), "n": int(c)} for u, c in zip(uniq, counts, strict=True)]
+    y = np.log(np.maximum(x, 1.0)) if log else x
+    sd = float(y.std())
+    span = float(y.max() - y.min())
+    floor = 0.02 if log else max(span / 200.0, 1.0)
+    bw = max(1.06 * sd * x.size ** -0.2, floor)
+    grid = np.linspace(y.min() - 2 * bw, y.max() + 2 * bw, 192)
+    dens = np.zeros_like(grid)
+    for chunk in np.array_split(y, max(1, y.size // 4096 + 1)):
+        dens += np.exp(-0.5 * ((grid[:, None] - chunk[None, :]) / bw) ** 2).sum(axis=1)
+    inner = (dens[1:-1] > dens[:-2]) & (dens[1:-1] >= dens[2:])
+    tops = np.nonzero(inner)[0] + 1
+    if tops.size == 0:
+        tops = np.array([int(np.argmax(dens))])
+    pairs = zip(tops[:-1], tops[1:], strict=True)
+    cuts = np.array([grid[a + int(np.argmin(dens[a : b + 1]))] for a, b in pairs])
+    basin = np.searchsorted(cuts, y) if cuts.size else np.zeros(y.size, dtype=int)
+    out = []
+    for b in np.unique(basin):
+        sel = x[basin == b]
+        out.append({"ns": float(np.median(sel)), "n": int(sel.size)})
+    out.sort(key=lambda p: -p["n"])
+    return sorted(out[:max_peaks], key=lambda p: p["ns"])
+
+
+def _peaks_col(df: pl.DataFrame, col: str, log: bool) -> list:
+    return [peaks(v or [], log=log) for v in df[col].to_list()]
+
+
+def stack_id(functions: Sequence[str] | None, modules: Sequence[str] | None) -> int:
+    """A stable 63-bit id of one stack (functions and modules, leaf first)."""
+    h = hashlib.blake2b(digest_size=8)
+    for f, m in zip(functions or [], list(modules or []) + [None] * len(functions or []),
+                    strict=False):  # fmt: skip
+        h.update(f"{f}\x00{m}\x01".encode())
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _assign(df: pl.DataFrame, keys: pl.DataFrame) -> pl.DataFrame:
+    """Rows of `df` (rank, t_ns) with the step they fall in (as steps.step_metrics does)."""
+    df = df.filter(pl.col("rank").is_not_null()).sort("t_ns")
+    j = df.join_asof(keys, left_on="t_ns", right_on="start_ns", by="rank", strategy="backward",
+                     check_sortedness=False)  # fmt: skip
+    return j.filter(pl.col("step").is_not_null() & (pl.col("t_ns") < pl.col("end_ns")))
+
+
+def build_summaries(recordings: Sequence[Recording]) -> Summaries:
+    """Summaries of the recordings of one job (usually one node's recording), see module doc."""
+    recordings = list(recordings)
+    tl = build_timeline(recordings)
+    coll = align_seq(collectives(tl))
+    det = detect_steps(tl, coll)
+    alignment = estimate_offsets(det.steps, coll)
+    offsets = alignment["offsets_ns"]
+    steps = det.steps
+    if any(offsets.values()):
+        tl = shift_hosts(tl, offsets, ["t_ns", "end_ns"])
+        coll = shift_hosts(coll, offsets, ["t_ns", "end_ns"])
+        steps = shift_hosts(steps, offsets, ["start_ns", "end_ns", "first_coll_ns",
+                                             "last_coll_ns"])  # fmt: skip
+    coll = with_lateness(coll)
+    stacks = build_stacks(recordings, offsets)
+    metrics = step_metrics(tl, coll, steps)
+    keys = steps.select("rank", "step", "start_ns", "end_ns").sort("start_ns")
+    tgids = dict(tl.filter(pl.col("rank").is_not_null()).unique("rank", keep="first")
+                 .select("rank", "tgid").rows())  # fmt: skip
+
+    # counts and distributions per (rank, step)
+    ev = _assign(tl.select("rank", "t_ns", "dur_ns", "kind", "channel"), keys)
+    launch_gap = (
+        tl.filter((pl.col("kind") == "launch") & pl.col("rank").is_not_null())
+        .sort("t_ns")
+        .with_columns(pl.col("t_ns").diff().over("rank").alias("gap"))
+        .select("rank", "t_ns", "gap")
+    )
+    gaps = _assign(launch_gap, keys).group_by(["rank", "step"]).agg(pl.col("gap").drop_nulls())
+    per = ev.group_by(["rank", "step"]).agg(
+        (pl.col("channel") == "cuda").sum().cast(pl.UInt32).alias("n_cuda"),
+        (pl.col("channel") == "nccl").sum().cast(pl.UInt32).alias("n_nccl"),
+        (pl.col("channel") == "torch").sum().cast(pl.UInt32).alias("n_torch"),
+        (pl.col("kind") == "launch").sum().cast(pl.UInt32).alias("n_launch"),
+        pl.col("kind").is_in(["sync", "readback"]).sum().cast(pl.UInt32).alias("n_wait"),
+        pl.col("dur_ns").filter(pl.col("kind").is_in(["sync", "readback"])).drop_nulls()
+        .alias("waits"),
+    )  # fmt: skip
+    per = per.join(gaps, on=["rank", "step"], how="left")
+    per = per.with_columns(
+        pl.Series("launch_gap", _peaks_col(per, "gap", True), dtype=STEP_SCHEMA["launch_gap"]),
+        pl.Series("wait_dur", _peaks_col(per, "waits", True), dtype=STEP_SCHEMA["wait_dur"]),
+    ).drop("gap", "waits")
+
+    # collectives per (rank, step, comm, op)
+    if coll.height:
+        ca = _assign(coll.select("rank", "t_ns", "comm", "op", "bytes", "dur_ns", "lateness_ns"),
+                     keys)  # fmt: skip
+        cg = ca.group_by(["rank", "step", "comm", "op"], maintain_order=True).agg(
+            pl.len().cast(pl.UInt32).alias("n"),
+            pl.col("bytes").sum().cast(pl.Int64),
+            pl.col("dur_ns").drop_nulls(),
+            pl.col("lateness_ns").drop_nulls(),
+        )
+        cg = cg.with_columns(
+            pl.Series("dur", _peaks_col(cg, "dur_ns", True), dtype=STEP_SCHEMA["wait_dur"]),
+            pl.Series("arrival", _peaks_col(cg, "lateness_ns", False),
+                      dtype=STEP_SCHEMA["wait_dur"]),  # fmt: skip
+        )
+        cg = cg.group_by(["rank", "step"]).agg(
+            pl.struct("comm", "op", "n", "bytes", "dur", "arrival").alias("colls")
+        )
+        per = per.join(cg, on=["rank", "step"], how="left")
+
+    # CPU stacks: ids, top-K per (rank, interval), attached to the step of the interval middle
+    st = stacks.filter(pl.col("rank").is_not_null())
+    dict_rows: dict[int, tuple] = {}
+    if st.height:
+        ids = []
+        for fns, mods in st.select("functions", "modules").rows():
+            sid = stack_id(fns, mods)
+            dict_rows.setdefault(sid, (sid, list(fns or []), list(mods or [])))
+            ids.append(sid)
+        st = st.with_columns(pl.Series("stack_id", ids, dtype=pl.Int64))
+        st = st.group_by(["rank", "ts_ns", "t_ns", "interval_ns", "stack_id"]).agg(
+            pl.col("count").sum()
+        )
+        st = st.with_columns(
+            pl.col("count").rank("ordinal", descending=True).over(["rank", "ts_ns"]).alias("_k")
+        )
+        dropped = st.filter(pl.col("_k") > TOP_STACKS)
+        st = st.filter(pl.col("_k") <= TOP_STACKS).drop("_k").sort("t_ns")
+    stacks_by_step = None
+    if st.height and keys.height:
+        k2 = keys.select("rank", "step", "start_ns").sort("start_ns")
+        back = st.join_asof(k2, left_on="t_ns", right_on="start_ns", by="rank",
+                            strategy="backward", check_sortedness=False)  # fmt: skip
+        fwd = st.join_asof(k2, left_on="t_ns", right_on="start_ns", by="rank",
+                           strategy="forward", check_sortedness=False)  # fmt: skip
+        sj = back.with_columns(
+            pl.col("step").fill_null(fwd["step"]), pl.col("start_ns").fill_null(fwd["start_ns"])
+        ).filter(pl.col("step").is_not_null())
+        stacks_by_step = sj.group_by(["rank", "step"]).agg(
+            pl.struct(
+                (pl.col("t_ns") - pl.col("start_ns")).alias("t_off_ns"),
+                "interval_ns", "stack_id", pl.col("count").cast(pl.UInt32),
+            ).alias("stacks")
+        )  # fmt: skip
+        drop_by_step = (
+            dropped.join_asof(k2, left_on="t_ns", right_on="start_ns", by="rank",
+                              strategy="nearest", check_sortedness=False)  # fmt: skip
+            .group_by(["rank", "step"])
+            .agg(pl.col("count").sum().cast(pl.UInt32).alias("stacks_dropped"))
+        ) if st.height and dropped.height else None
+        per = per.join(stacks_by_step, on=["rank", "step"], how="left")
+        if drop_by_step is not None:
+            per = per.join(drop_by_step, on=["rank", "step"], how="left")
+
+    out = metrics.join(per, on=["rank", "step"], how="left")
+    # back to unaligned host wall time (diagnosis aligns again, as for raw recordings)
+    neg = {h: -o for h, o in offsets.items()}
+    out = shift_hosts(out, neg, ["start_ns", "end_ns", "first_coll_ns", "last_coll_ns"])
+    out = out.with_columns(
+        pl.col("rank").replace_strict(tgids, default=None, return_dtype=pl.Int32).alias("tgid")
+    )
+    out = out.select([pl.col(c).cast(t) if c in out.columns else pl.lit(None, t).alias(c)
+                      for c, t in STEP_SCHEMA.items()]).sort(["step", "rank"])  # fmt: skip
+
+    tail = _tail(tl, coll, stacks, offsets, dict_rows)
+    stack_dict = pl.DataFrame(list(dict_rows.values()), schema=STACK_DICT_SCHEMA, orient="row")
+    ends = {}
+    for rec in recordings:
+        e = recording_end_ns(rec)
+        if e is not None:
+            ends[rec.host] = max(ends.get(rec.host, e), e)
+    meta = {
+        "argus_version": __version__,
+        "host": recordings[0].host if recordings else None,
+        "steps": {"method": det.method, "period": det.period, "comm": det.comm},
+        "ends_ns": ends,
+        "recordings": [
+            {
+                "path": str(rec.path) if rec.path else None,
+                "host": rec.host,
+                "format": rec.manifest.get("format"),
+                "duration_s": rec.manifest.get("duration_s"),
+                "end_reason": rec.manifest.get("end_reason"),
+                "events": rec.events.height,
+                "stack_rows": rec.stacks.height,
+            }
+            for rec in recordings
+        ],
+        "manifest": {k: v for rec in recordings[:1] for k, v in rec.manifest.items()
+                     if k in ("format", "host", "clock", "ranks", "drops", "gpu")},  # fmt: skip
+        "extra_manifests": [
+            {k: v for k, v in rec.manifest.items() if k in ("host", "clock", "ranks", "drops")}
+            for rec in recordings[1:]
+        ],
+    }
+    gpu_frames = [rec.gpu for rec in recordings if getattr(rec, "gpu", None) is not None
+                  and rec.gpu.height]  # fmt: skip
+    g = pl.concat(gpu_frames, how="vertical_relaxed") if gpu_frames else schema.empty_gpu()
+    man = recordings[0].manifest if recordings else {}
+    return Summaries(meta=meta, steps=out, stack_dict=stack_dict, tail=tail, manifest=man, gpu=g)
+
+
+def _tail(tl, coll, stacks, offsets, dict_rows) -> pl.DataFrame:
+    """One row per rank: what detect_hangs needs at the end of the recording (unaligned)."""
+    ranked = tl.filter(pl.col("rank").is_not_null())
+    if ranked.height == 0:
+        return pl.DataFrame(schema=TAIL_SCHEMA)
+    neg = {h: -o for h, o in offsets.items()}
+    ranked = shift_hosts(ranked, neg, ["t_ns"])
+    first = ranked.unique("rank", keep="first").select("rank", "host", "tgid")
+    exited = ranked.filter(pl.col("kind") == "exit").select("rank").unique()
+    last = (
+        ranked.filter(pl.col("kind") != "exit").sort("t_ns").group_by("rank")
+        .agg(pl.col("name").last().alias("last_call"), pl.col("t_ns").last().alias("last_call_ns"))
+    )  # fmt: skip
+    infl = ranked.filter(pl.col("in_flight")).group_by("rank").agg(
+        pl.struct("name", "kind", "t_ns").alias("in_flight")
+    )
+    out = (
+        first.join(last, on="rank", how="left")
+        .join(infl, on="rank", how="left")
+        .with_columns(pl.col("rank").is_in(exited["rank"].implode()).alias("exited"))
+    )
+    if coll.height:
+        cc = (
+            coll.sort("gseq").group_by(["rank", "comm"]).tail(TAIL_SEQS)
+            .group_by("rank").agg(pl.struct("comm", "gseq", "op", "bytes").alias("comms"))
+        )  # fmt: skip
+        out = out.join(cc, on="rank", how="left")
+    st = stacks.filter(pl.col("rank").is_not_null())
+    if st.height:
+        last_ts = st.select("rank", "ts_ns").unique().sort("ts_ns").group_by("rank").tail(
+            hang.LATEST_INTERVALS
+        )
+        rec = st.join(last_ts, on=["rank", "ts_ns"])
+        ids = []
+        for fns, mods in rec.select("functions", "modules").rows():
+            sid = stack_id(fns, mods)
+            dict_rows.setdefault(sid, (sid, list(fns or []), list(mods or [])))
+            ids.append(sid)
+        rec = rec.with_columns(pl.Series("stack_id", ids, dtype=pl.Int64)).group_by(
+            ["rank", "ts_ns", "interval_ns", "stack_id"]).agg(pl.col("count").sum())
+        out = out.join(
+            rec.group_by("rank").agg(
+                pl.struct("ts_ns", "interval_ns", "stack_id", pl.col("count").cast(pl.UInt32))
+                .alias("latest_stacks")),
+            on="rank", how="left",
+        )  # fmt: skip
+    return out.select([pl.col(c).cast(t) if c in out.columns else pl.lit(None, t).alias(c)
+                       for c, t in TAIL_SCHEMA.items()]).sort("rank")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- diagnose
+
+
+def fast_score(m: pl.DataFrame, col: str, step_ns: float) -> dict[int, dict[str, float]]:
+    """`straggler._score`, vectorised (same values): per rank D, noise, score, fraction, n."""
+    v = m.filter(pl.col(col).is_not_null()).select(
+        "rank", "step", pl.col(col).cast(pl.Float64).alias("x")
+    ).unique(["rank", "step"], keep="last")
+    v = v.filter(pl.len().over("step") >= 2)
+    if v.height == 0:
+        return {}
+    v = v.sort(["step", "x", "rank"])
+    step = v["step"].to_numpy()
+    x = v["x"].to_numpy()
+    rank = v["rank"].to_numpy()
+    bounds = np.flatnonzero(np.diff(step)) + 1
+    starts = np.concatenate([[0], bounds])
+    sizes = np.diff(np.concatenate([starts, [len(step)]]))
+    g_start = np.repeat(starts, sizes)
+    n = np.repeat(sizes, sizes)
+    i = np.arange(len(step)) - g_start  # own position in the sorted step
+    m_ = n - 1  # others
+
+    def rem(j):  # j-th smallest of the others
+        return x[g_start + j + (j >= i)]
+
+    odd = (m_ % 2) == 1
+    k = (m_ - 1) // 2
+    med_odd = rem(np.where(odd, k, 0))
+    h = m_ // 2
+    med_even = (rem(np.maximum(h - 1, 0)) + rem(np.where(odd, 0, h))) / 2
+    med = np.where(odd, med_odd, med_even)
+    d = pl.DataFrame({"rank": rank, "d": x - med})
+    # slowest of a step: the largest value, the lowest rank on a tie
+    slow = v.sort(["step", "x", "rank"], descending=[False, True, False]).unique(
+        "step", keep="first"
+    )
+    slowest = dict(slow.group_by("rank").len().rows())
+    n_steps = len(starts)
+    floor = max(0.01 * step_ns, straggler.NOISE_FLOOR_NS)
+    out = {}
+    for r, ds in d.group_by("rank").agg(pl.col("d")).rows():
+        arr = np.asarray(ds, dtype=np.float64)
+        big_d = float(np.median(arr))
+        noise = max(1.4826 * float(np.median(np.abs(arr - big_d))), floor)
+        out[int(r)] = {
+            "excess_ns": big_d,
+            "noise_ns": noise,
+            "score": big_d / noise,
+            "slowest_fraction": slowest.get(r, 0) / n_steps if n_steps else 0.0,
+            "steps": int(arr.size),
+        }
+    return out
+
+
+_SCORE_LOCK = threading.Lock()
+
+
+def _detect_stragglers(metrics, windows, step_ns):
+    """straggler.detect_stragglers with its per-rank scoring vectorised (`fast_score`: the
+    same numbers; the reference loops are quadratic in ranks per step). The module's scoring
+    function is swapped for the call only, under a lock."""
+    with _SCORE_LOCK:
+        ref = straggler._score
+        straggler._score = fast_score
+        try:
+            return straggler.detect_stragglers(metrics, windows, step_ns)
+        finally:
+            straggler._score = ref
+
+
+def _coll_frame(steps: pl.DataFrame) -> pl.DataFrame:
+    """Collective rows rebuilt from the per-step peaks (one row per value in each peak) with
+    what stall._attribute reads: comm, op, t_ns (the step's first collective), dur_ns, bytes."""
+    c = steps.select("rank", "host", pl.coalesce("first_coll_ns", "start_ns").alias("t_ns"),
+                     "colls").explode("colls").drop_nulls("colls").unnest("colls")  # fmt: skip
+    if c.height == 0:
+        return pl.DataFrame(schema={"comm": pl.Utf8, "op": pl.Utf8, "t_ns": pl.Int64,
+                                    "dur_ns": pl.Int64, "bytes": pl.Int64})  # fmt: skip
+    c = c.with_columns((pl.col("bytes") / pl.col("n").cast(pl.Float64)).alias("b1")).drop("n")
+    c = c.explode("dur").drop_nulls("dur").unnest("dur")
+    return c.select(
+        "rank", "host", "comm", "op", "t_ns",
+        pl.col("ns").cast(pl.Int64).alias("dur_ns"),
+        pl.col("b1").cast(pl.Int64).alias("bytes"),
+        pl.int_ranges(0, pl.col("n")).alias("_r"),
+    ).explode("_r").drop("_r")  # fmt: skip
+
+
+def _stack_frame(steps: pl.DataFrame, stack_dict: pl.DataFrame) -> pl.DataFrame:
+    s = steps.select("rank", "host", "start_ns", "stacks").explode("stacks").drop_nulls(
+        "stacks").unnest("stacks")  # fmt: skip
+    if s.height == 0:
+        return schema.empty_stacks().with_columns(pl.lit(None, pl.Utf8).alias("host"),
+                                                  pl.col("ts_ns").alias("t_ns"))  # fmt: skip
+    s = s.with_columns((pl.col("start_ns") + pl.col("t_off_ns")).alias("t_ns"))
+    s = s.with_columns(pl.col("t_ns").alias("ts_ns"), pl.col("count").cast(pl.Int64))
+    return s.join(stack_dict, on="stack_id", how="left").sort("t_ns")
+
+
+def _hang_inputs(summs: Sequence[Summaries], offsets: dict[str, int]):
+    tails = [s.tail for s in summs if s.tail.height]
+    if not tails:
+        return None
+    t = pl.concat(tails, how="vertical_relaxed")
+    t = shift_hosts(t, offsets, ["last_call_ns"])
+    off = pl.col("host").replace_strict(offsets, default=0, return_dtype=pl.Int64) if any(
+        offsets.values()) else pl.lit(0, pl.Int64)  # fmt: skip
+    base = t.select("rank", "host", "tgid")
+    infl = (
+        t.select("rank", "host", "tgid", "in_flight").explode("in_flight").drop_nulls("in_flight")
+        .unnest("in_flight").with_columns(pl.col("t_ns") + off, pl.lit(True).alias("in_flight"))
+    )  # fmt: skip
+    lastc = t.filter(pl.col("last_call").is_not_null()).select(
+        "rank", "host", "tgid", pl.col("last_call").alias("name"), pl.lit("other").alias("kind"),
+        pl.col("last_call_ns").alias("t_ns"), pl.lit(False).alias("in_flight"),
+    )  # fmt: skip
+    exits = t.filter(pl.col("exited")).select(
+        "rank", "host", "tgid", pl.lit("exit").alias("name"), pl.lit("exit").alias("kind"),
+        pl.col("last_call_ns").alias("t_ns"), pl.lit(False).alias("in_flight"),
+    )  # fmt: skip
+    cols = {"rank": pl.Int32, "host": pl.Utf8, "tgid": pl.Int32, "name": pl.Utf8,
+            "kind": pl.Utf8, "t_ns": pl.Int64, "in_flight": pl.Boolean}  # fmt: skip
+    tl = pl.concat([f.select([pl.col(c).cast(d) for c, d in cols.items()])
+                    for f in (infl, lastc, exits)]).sort("t_ns")  # fmt: skip
+    del base
+    coll = t.select("rank", "host", "comms").explode("comms").drop_nulls("comms").unnest("comms")
+    sd = pl.concat([s.stack_dict for s in summs]).unique("stack_id")
+    st = t.select("rank", "latest_stacks").explode("latest_stacks").drop_nulls(
+        "latest_stacks").unnest("latest_stacks")  # fmt: skip
+    st = st.with_columns(pl.col("count").cast(pl.Int64)).join(sd, on="stack_id", how="left")
+    return tl, coll, st
+
+
+def _quantiles(steps: pl.DataFrame) -> dict[int, dict[str, Any]]:
+    if steps.height == 0:
+        return {}
+    out = {}
+    g = steps.group_by("rank").agg(pl.col("step_time_ns").sort())
+    for r, vals in g.rows():
+        v = np.asarray(vals, dtype=np.float64)
+        n = len(v)
+
+        def idx(q: float, n: int = n) -> int:  # report._quantile: round half to even
+            return min(n - 1, int(np.round(q * (n - 1))))
+
+        out[int(r)] = {
+            "steps": len(v),
+            "step_time_ms": {
+                "p50": round(v[idx(0.5)] / 1e6, 3),
+                "p90": round(v[idx(0.9)] / 1e6, 3),
+                "max": round(float(v[-1]) / 1e6, 3),
+            },
+        }
+    return out
+
+
+def diagnose_summaries(
+    summs: Sequence[Summaries],
+    hang_after_s: float = DEFAULT_HANG_AFTER_S,
+    upto_step: int | None = None,
+    with_tail: bool = True,
+) -> dict[str, Any]:
+    """`report.diagnose` from summaries alone (one per node): the same argus.report/1 object.
+
+    `upto_step` keeps the steps <= it (a live diagnosis replayed step by step); `with_tail`
+    False ignores the end-of-recording tail (what a live view has not seen yet)."""
+    summs = list(summs)
+    steps = pl.concat([s.steps for s in summs], how="vertical_relaxed") if summs else (
+        pl.DataFrame(schema=STEP_SCHEMA))  # fmt: skip
+    if upto_step is not None:
+        steps = steps.filter(pl.col("step") <= upto_step)
+    alignment = estimate_offsets(steps.select(list(STEP_COLUMNS)), pl.DataFrame(
+        schema={"host": pl.Utf8}))  # fmt: skip
+    offsets = alignment["offsets_ns"]
+    for s in summs:
+        offsets.setdefault(s.host, 0)
+    steps = shift_hosts(steps, offsets, ["start_ns", "end_ns", "first_coll_ns", "last_coll_ns"])
+    metrics = steps.select(*STEP_COLUMNS, *METRIC_COLS)
+    per_step = anomaly.step_series(metrics)
+    step_ns = float(per_step["step_time_ns"].median()) if per_step.height else 0.0
+
+    windows = anomaly.detect_windows(metrics)
+    stragglers = _detect_stragglers(metrics, windows, step_ns)
+    coll = _coll_frame(steps) if windows else pl.DataFrame()
+    stalls = stall.detect_stalls(metrics, windows, stragglers, coll)
+    hangs: list = []
+    if with_tail:
+        inputs = _hang_inputs(summs, offsets)
+        if inputs is not None:
+            tl, hcoll, hstacks = inputs
+            ends = {}
+            for s in summs:
+                for h, e in (s.meta.get("ends_ns") or {}).items():
+                    ends[h] = max(ends.get(h, e), e) + offsets.get(h, 0)
+            hangs = hang.detect_hangs(tl, hcoll, hstacks, ends, hang_after_s, step_ns or None)
+    if windows or stragglers:
+        sd = pl.concat([s.stack_dict for s in summs]).unique("stack_id")
+        hotspots = hotspot.detect_hotspots(_stack_frame(steps, sd), windows, stragglers)
+    else:
+        hotspots = []
+    recs = [Recording(manifest=s.manifest or (s.meta.get("manifest") or {}),
+                      events=schema.empty_events(), stacks=schema.empty_stacks(), path=s.path,
+                      gpu=s.gpu) for s in summs]  # fmt: skip
+    step_frame = steps.select(list(STEP_COLUMNS))
+    gpu_ranks = gpu.analyse(recs, step_frame, offsets)
+    throttles = gpu.detect_throttle(gpu_ranks, step_frame, stragglers)
+    gpu.cite_in_stragglers(stragglers, gpu_ranks, throttles)
+
+    findings = hangs + stragglers + throttles + stalls + hotspots + windows
+    findings.sort(
+        key=lambda f: (
+            SEVERITY_ORDER.get(f["severity"], 3),
+            KIND_ORDER.get(f["kind"], 9),
+            -(f.get("score") or 0),
+        )
+    )
+    # ranks: the manifests' ranks, then the ranks seen
+    seen: dict[int, dict[str, Any]] = {}
+    for s in summs:
+        mans = [s.manifest or s.meta.get("manifest") or {}] + list(s.meta.get("extra_manifests")
+                                                                   or [])  # fmt: skip
+        for man in mans:
+            for r in man.get("ranks") or []:
+                if isinstance(r, dict) and r.get("rank") is not None:
+                    seen[int(r["rank"])] = {"rank": int(r["rank"]), "tgid": r.get("tgid"),
+                                            "host": r.get("host") or man.get("host") or s.host}
+    for s in summs:
+        for frame in (s.tail, s.steps):
+            if frame.height:
+                for rank, tgid, host in frame.unique("rank", keep="first").select(
+                        "rank", "tgid", "host").rows():  # fmt: skip
+                    seen.setdefault(rank, {"rank": rank, "tgid": tgid, "host": host})
+    q = _quantiles(steps)
+    empty_q = {"steps": 0, "step_time_ms": {"p50": None, "p90": None, "max": None}}
+    ranks = [{**seen[r], **q.get(r, empty_q)} for r in sorted(seen)]
+    meta0 = summs[0].meta if summs else {}
+    det = meta0.get("steps") or {}
+    detected = steps.height > 0
+    drops: dict[str, int] = {}
+    for s in summs:
+        for k, v in ((s.manifest or {}).get("drops") or {}).items():
+            if isinstance(v, int):
+                drops[k] = drops.get(k, 0) + v
+    return {
+        "schema": SCHEMA,
+        "argus_version": __version__,
+        "source": "summaries",
+        "recordings": [r for s in summs for r in s.meta.get("recordings") or []],
+        "ranks": ranks,
+        "steps": {
+            "detected": detected,
+            "count": steps["step"].n_unique() if steps.height else 0,
+            "step_time_ms_p50": round(step_ns / 1e6, 3) if detected else None,
+            "method": det.get("method"),
+            "collectives_per_step": det.get("period") if det.get("method") != "sync" else None,
+            "comm": det.get("comm"),
+        },
+        "clock_alignment": {
+            "reference": alignment["reference"],
+            "offsets_ns": offsets,
+            "residual_ns": alignment["residual_ns"],
+            "pairs": alignment["pairs"],
+            "method": alignment["method"],
+        },
+        "drops": drops,
+        "findings": findings,
+    }

@@ -1,0 +1,156 @@
+"""Per-rank-per-step summaries: size, layout, and the same findings as the raw events.
+
+Every recording in tests/data (the simulator's real recordings and the synthetic ones) and
+every synthetic scenario of test_analyze_scenarios is diagnosed twice, from the raw events
+and from its summaries alone (written to Parquet and read back); the findings must agree on
+kind, rank, severity, and for hangs comm, seq, op, waiting and missing ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import scenarios
+from click.testing import CliRunner
+from test_analyze_scenarios import SCENARIOS
+
+from argus.analyze import straggler
+from argus.analyze.report import diagnose
+from argus.analyze.summary import build_summaries, diagnose_summaries, fast_score, peaks
+from argus.cli import report as report_cmd
+from argus.recording.io import load_recording
+from argus.recording.summaries import (
+    DIR,
+    has_summaries,
+    load_summaries,
+    summary_bytes,
+    write_summaries,
+)
+
+pytestmark = pytest.mark.unit
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+RECORDED = sorted(p.name for p in DATA.iterdir() if (p / "events.parquet").exists())
+
+
+def key(report: dict) -> list[tuple]:
+    return sorted(
+        (f["kind"], f.get("rank"), f["severity"], f.get("comm"), f.get("seq"), f.get("op"),
+         tuple(f.get("waiting_ranks") or ()), tuple(f.get("missing_ranks") or ()))
+        if f["kind"] == "collective_hang" else (f["kind"], f.get("rank"), f["severity"])
+        for f in report["findings"]
+    )  # fmt: skip
+
+
+def roundtrip(summ, tmp_path: Path):
+    write_summaries(tmp_path, summ)
+    return load_summaries(tmp_path)
+
+
+def test_every_recording_in_tests_data_is_covered():
+    assert {"sim_healthy", "sim_straggler", "sim_hang", "sim_link", "sim_jit_stall",
+            "sim_host_stall", "sim_throttle"} <= set(RECORDED)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", RECORDED)
+@pytest.mark.parametrize("hang_after", [2.0, 10.0])
+def test_recorded_findings_equal_from_summaries(name, hang_after, tmp_path):
+    rec = load_recording(DATA / name)
+    raw = diagnose([rec], hang_after_s=hang_after)
+    summ = roundtrip(build_summaries([rec]), tmp_path)
+    from_s = diagnose_summaries([summ], hang_after_s=hang_after)
+    assert key(from_s) == key(raw)
+    assert from_s["steps"]["count"] == raw["steps"]["count"]
+    assert from_s["steps"]["method"] == raw["steps"]["method"]
+    assert [(r["rank"], r["steps"], r["step_time_ms"]) for r in from_s["ranks"]] == [
+        (r["rank"], r["steps"], r["step_time_ms"]) for r in raw["ranks"]
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_synthetic_findings_equal_from_summaries(name):
+    recs = scenarios.simulate(**SCENARIOS[name]).recordings
+    raw = diagnose(recs)
+    assert key(diagnose_summaries([build_summaries(recs)])) == key(raw)
+    # one summary per node, as each node's `argus attach` writes them
+    assert key(diagnose_summaries([build_summaries([r]) for r in recs])) == key(raw)
+
+
+@pytest.mark.parametrize("name", [n for n in RECORDED if n.startswith("sim_")])
+def test_at_most_1kb_per_rank_per_step_on_the_default_job(name, tmp_path):
+    rec = load_recording(DATA / name)
+    summ = build_summaries([rec])
+    write_summaries(tmp_path, summ)
+    per = summary_bytes(tmp_path) / summ.steps.height
+    assert per <= 1024, per
+    raw = sum((DATA / name / f).stat().st_size for f in ("events.parquet", "stacks.parquet"))
+    assert raw > summary_bytes(tmp_path)  # and it is smaller than the raw events
+
+
+def test_layout_modes_and_stack_dictionary(tmp_path):
+    summ = build_summaries([load_recording(DATA / "sim_jit_stall")])
+    out = write_summaries(tmp_path, summ)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    files = sorted(p.name for p in out.iterdir())
+    assert any(f.startswith("part-") for f in files)
+    assert {"meta.json", "stacks.parquet", "tail.parquet"} <= set(files)
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["format"] == "argus.summaries/1"
+    back = load_summaries(tmp_path)
+    ids = back.steps.select(pl.col("stacks").explode().struct.field("stack_id")).drop_nulls()
+    # stacks are referenced by id, each text once in the dictionary
+    assert set(ids.to_series().to_list()) <= set(back.stack_dict["stack_id"].to_list())
+    assert back.stack_dict["stack_id"].is_unique().all()
+    assert back.tail.height == 4 and back.tail["latest_stacks"].list.len().min() > 0
+
+
+def test_partitioned_by_time(tmp_path):
+    summ = build_summaries([load_recording(DATA / "sim_healthy")])
+    write_summaries(tmp_path, summ, partition_s=1.0)
+    parts = sorted((tmp_path / DIR).glob("part-*.parquet"))
+    assert len(parts) >= 3  # the 40 steps span ~2.5 s
+    back = load_summaries(tmp_path)
+    assert back.steps.height == summ.steps.height
+
+
+def test_peaks_find_the_modes():
+    rng = np.random.default_rng(1)
+    vals = list(rng.normal(1_000, 30, 300)) + list(rng.normal(1_000_000, 20_000, 100))
+    p = peaks(vals)
+    assert [q["n"] for q in p] == [300, 100]
+    assert abs(p[0]["ns"] - 1_000) < 50 and abs(p[1]["ns"] - 1_000_000) < 50_000
+    assert peaks([5, 5, 7]) == [{"ns": 5.0, "n": 2}, {"ns": 7.0, "n": 1}]
+    assert peaks([]) == []
+
+
+@pytest.mark.parametrize("name", ["gpu_straggler", "host_stall", "noisy_healthy", "drops"])
+def test_fast_score_equals_the_reference(name):
+    summ = build_summaries(scenarios.simulate(**SCENARIOS[name]).recordings)
+    m = summ.steps
+    for col in ("compute_wait_ns", "lateness_ns"):
+        ref, fast = straggler._score(m, col, 50e6), fast_score(m, col, 50e6)
+        assert ref.keys() == fast.keys()
+        for r in ref:
+            for k in ref[r]:
+                assert fast[r][k] == pytest.approx(ref[r][k], rel=1e-9, abs=1e-6), (r, k)
+
+
+def test_report_cli_reads_a_directory_with_only_summaries(tmp_path):
+    src = DATA / "sim_straggler"
+    d = tmp_path / "rec"
+    d.mkdir()
+    (d / "manifest.json").write_text((src / "manifest.json").read_text())
+    write_summaries(d, build_summaries([load_recording(src)]))
+    assert has_summaries(d) and not (d / "events.parquet").exists()
+    res = CliRunner().invoke(report_cmd.command, [str(d), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert [(f["kind"], f["rank"]) for f in rep["findings"]
+            if f["severity"] != "info"] == [("straggler", 2)]  # fmt: skip
