@@ -8,7 +8,9 @@ that comm is k, missing ranks those whose last seq is lower (they never arrived)
 exited (a `proc` `exit` event). The reported seq is the first collective a missing rank never
 issued (lowest last seq among them + 1): the waiting ranks may have issued later ones too.
 For each missing rank the report gives what it is doing now:
-its latest CPU stacks (the last sampled intervals) and any call it is blocked in.
+its latest CPU stacks (the last sampled intervals) and any call it is blocked in; where the
+host channel recorded it, its latest OFF-CPU stack (where its main thread is blocked, and for
+how long) comes first, since a hung rank is usually asleep and then has no CPU samples.
 """
 
 from __future__ import annotations
@@ -24,9 +26,40 @@ STEP_MULTIPLE = 5.0
 LATEST_INTERVALS = 5
 
 
+def _on_cpu(stacks: pl.DataFrame) -> pl.DataFrame:
+    if "state" not in stacks.columns:
+        return stacks
+    return stacks.filter(pl.col("state").is_null() | (pl.col("state") != "off_cpu"))
+
+
+def latest_offcpu(stacks: pl.DataFrame, rank: int) -> dict[str, Any] | None:
+    """The rank's latest off-CPU stack (host channel): of the last interval's blocked
+    threads, the main thread (tid == tgid) if blocked, else the one blocked longest."""
+    if "state" not in stacks.columns:
+        return None
+    mine = stacks.filter((pl.col("rank") == rank) & (pl.col("state") == "off_cpu"))
+    if mine.height == 0:
+        return None
+    last = mine.filter(pl.col("ts_ns") == pl.col("ts_ns").max())
+    last = last.with_columns((pl.col("tid") == pl.col("tgid")).alias("_main")).sort(
+        ["_main", "blocked_ns"], descending=True, nulls_last=True
+    )
+    row = last.row(0, named=True)
+    fns, mods = row["functions"] or [], row["modules"] or []
+    user = [f for f, m in zip(fns, list(mods) + [None] * len(fns), strict=False)
+            if m != "[kernel]"]  # fmt: skip
+    return {
+        "tid": row["tid"],
+        "thread": row["thread"],
+        "blocked_s": round((row["blocked_ns"] or 0) / 1e9, 3),
+        "function": attribute(fns, mods) or (user[0] if user else None),
+        "functions": list(fns),
+    }
+
+
 def latest_stacks(stacks: pl.DataFrame, rank: int, top: int = 3) -> list[dict[str, Any]]:
     """The rank's most sampled stacks over its last `LATEST_INTERVALS` sampling intervals."""
-    mine = stacks.filter(pl.col("rank") == rank)
+    mine = _on_cpu(stacks).filter(pl.col("rank") == rank)
     if mine.height == 0:
         return []
     last_ts = mine.get_column("ts_ns").unique().sort().tail(LATEST_INTERVALS)
@@ -125,6 +158,7 @@ def _finding(comm, seq, op, waiting, missing, exited, tl, stacks, threshold) -> 
                 "in_flight": fl["name"][0] if fl.height else None,
                 "last_call": lastev["name"][0] if lastev.height else None,
                 "stacks": latest_stacks(stacks, r),
+                "blocked": latest_offcpu(stacks, r),
             }
         )
     waits = [
@@ -142,6 +176,10 @@ def _finding(comm, seq, op, waiting, missing, exited, tl, stacks, threshold) -> 
         for m in missing_stacks:
             if m["exited"]:
                 doing.append(f"rank {m['rank']} exited")
+            elif m["blocked"] and m["blocked"]["function"]:
+                b = m["blocked"]
+                doing.append(f"rank {m['rank']} is blocked in {b['function']} "
+                             f"(off-CPU for {b['blocked_s']:.1f} s)")  # fmt: skip
             elif m["stacks"] and m["stacks"][0]["function"]:
                 doing.append(f"rank {m['rank']} is in {m['stacks'][0]['function']}")
             else:

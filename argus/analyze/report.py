@@ -14,7 +14,8 @@ from typing import Any
 import polars as pl
 
 from argus import __version__
-from argus.analyze import anomaly, gpu, hang, hotspot, stall, straggler
+from argus.analyze import anomaly, gpu, hang, hotspot, pipeline, stall, straggler
+from argus.analyze import host as host_context
 from argus.analyze.align import estimate_offsets
 from argus.analyze.matching import align_seq, collectives, with_lateness
 from argus.analyze.steps import detect_steps, step_metrics
@@ -28,6 +29,10 @@ KIND_ORDER = {
     "collective_hang": 0,
     "straggler": 1,
     "gpu_throttle": 1.5,  # right after the straggler it explains
+    "cpu_contention": 1.6,  # host context (host.parquet) that explains a straggler
+    "oom_kill": 1.7,
+    "tcp_retransmits": 1.8,
+    "block_io_stall": 1.9,
     "collective_stall": 2,
     "cpu_hotspot": 3,
     "anomalous_window": 4,
@@ -115,6 +120,7 @@ def diagnose(
 
     windows = anomaly.detect_windows(metrics)
     stragglers = straggler.detect_stragglers(metrics, windows, step_ns)
+    stragglers += pipeline.detect_slow_stage(recordings, coll, steps, offsets, stragglers)
     stalls = stall.detect_stalls(metrics, windows, stragglers, coll)
     ends = {}
     for rec in recordings:
@@ -122,13 +128,16 @@ def diagnose(
         if e is not None:
             ends[rec.host] = max(ends.get(rec.host, e), e) + offsets.get(rec.host, 0)
     hangs = hang.detect_hangs(tl, coll, stacks, ends, hang_after_s, step_ns or None)
-    hotspots = hotspot.detect_hotspots(stacks, windows, stragglers)
+    on_cpu = stacks.filter(pl.col("state").is_null() | (pl.col("state") != "off_cpu"))
+    hotspots = hotspot.detect_hotspots(on_cpu, windows, stragglers)
 
     gpu_ranks = gpu.analyse(recordings, steps, offsets)  # NVML samples (gpu.parquet)
     throttles = gpu.detect_throttle(gpu_ranks, steps, stragglers)
     gpu.cite_in_stragglers(stragglers, gpu_ranks, throttles)
 
-    findings = hangs + stragglers + throttles + stalls + hotspots + windows
+    host_findings = host_context.detect(recordings, steps, stragglers, step_ns)
+
+    findings = hangs + stragglers + throttles + host_findings + stalls + hotspots + windows
     findings.sort(
         key=lambda f: (
             SEVERITY_ORDER.get(f["severity"], 3),

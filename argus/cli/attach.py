@@ -15,10 +15,11 @@ from argus.present.render import print_report
 from argus.recording.io import load_recording
 
 
-def channels_from_flags(no_cuda: bool, no_nccl: bool, no_torch: bool, no_cpu: bool) -> tuple[str, ...]:
-    off = {"cuda": no_cuda, "nccl": no_nccl, "torch": no_torch, "cpu": no_cpu}
+def channels_from_flags(no_cuda: bool, no_nccl: bool, no_torch: bool, no_cpu: bool,
+                        no_host: bool = False) -> tuple[str, ...]:  # fmt: skip
+    off = {"cuda": no_cuda, "nccl": no_nccl, "torch": no_torch, "cpu": no_cpu, "host": no_host}
     chans = tuple(c for c, disabled in off.items() if not disabled)
-    if not chans:
+    if not [c for c in chans if c != "host"]:  # host context alone explains nothing
         raise UsageError("every channel is switched off: nothing to trace.")
     return chans
 
@@ -77,6 +78,7 @@ Examples:
   argus attach $(pgrep -f torchrun) -d 60 # a torchrun launcher: all its ranks, 60 s
   argus attach 4242 4243 -o /tmp/run1     # two ranks, recording into /tmp/run1
   argus attach 4242 --no-cpu -F 99        # no CPU stacks (or sample at 99 Hz)
+  argus attach 4242 --no-host             # no host context (sched_switch, TCP, OOM, block I/O)
   argus attach 4242 -d 30 --json          # print the argus.report/1 JSON at the end
   argus attach 4242 --gpu-interval 0.5    # NVML GPU counters twice a second (--no-gpu: off)
 """,
@@ -92,6 +94,9 @@ Examples:
 @click.option("--no-nccl", is_flag=True, help="Do not probe NCCL.")
 @click.option("--no-torch", is_flag=True, help="Do not probe PyTorch c10d / autograd.")
 @click.option("--no-cpu", is_flag=True, help="Do not sample CPU stacks.")
+@click.option("--no-host", is_flag=True,
+              help="Do not record host context (CPU contention, off-CPU stacks, TCP "
+              "retransmits, OOM kills, block I/O).")
 @click.option("--no-gpu", is_flag=True, help="Do not sample GPU counters (NVML).")
 @click.option("--gpu-interval", type=float, default=1.0, show_default=True, metavar="SECONDS",
               help="NVML sampling period per GPU (clocks, throttle reasons, power, ...).")
@@ -101,7 +106,8 @@ Examples:
               metavar="SECONDS", help="Blocked this long at the end = hung (diagnosis).")
 @click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as one JSON object.")
 def command(pids, duration, output, frequency, no_cuda, no_nccl, no_torch, no_cpu,
-            ringbuf_mb, hang_after, as_json, no_gpu=False, gpu_interval=1.0) -> int:
+            ringbuf_mb, hang_after, as_json, no_gpu=False, gpu_interval=1.0,
+            no_host=False) -> int:  # fmt: skip
     """Trace running training processes (ranks, or a launcher such as torchrun).
 
     Probes the CUDA runtime and driver, NCCL and PyTorch c10d in every rank, samples CPU
@@ -117,7 +123,7 @@ def command(pids, duration, output, frequency, no_cuda, no_nccl, no_torch, no_cp
     if not 0.01 <= gpu_interval <= 3600:
         raise UsageError("--gpu-interval must be between 0.01 and 3600 seconds.")
     opts = TraceOptions(
-        channels=channels_from_flags(no_cuda, no_nccl, no_torch, no_cpu),
+        channels=channels_from_flags(no_cuda, no_nccl, no_torch, no_cpu, no_host),
         sample_hz=frequency,
         ringbuf_mb=ringbuf_mb,
         gpu_interval_s=None if no_gpu else gpu_interval,

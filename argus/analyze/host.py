@@ -1,0 +1,273 @@
+"""Host context: what else on a rank's node explains its slowness (`host.parquet`).
+
+Metric, per rank (its tgid's rows, the whole recording): the runnable wait of its threads
+(switched out while still runnable, until they ran again), per competitor comm, divided by
+the rank's step count (per second when no steps were found). Competitors that are threads of
+the rank itself are left out (a process contending with itself is not host context).
+
+Detectors:
+- `cpu_contention`: a straggler rank whose runnable wait per step exceeds the median of the
+  other ranks' by >= max(25% of its straggler excess, 0.5 ms): warning (critical when the
+  straggler is), naming the competitor that took most of it; the straggler cites it under
+  `evidence["host"]`. Without a straggler, a rank waiting >= 10% of the step time runnable
+  gives an `info` finding (a healthy job stays free of warnings).
+- `oom_kill`: an OOM victim that is a traced rank: critical; any other victim on the node:
+  info.
+- `tcp_retransmits`: retransmits in a traced rank's context, or node-wide on a straggler's
+  node: warning when the rank is a straggler, else info.
+- `block_io_stall`: a device whose mean request latency is >= 50 ms over >= 5 requests:
+  info (warning when a straggler is on that node).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from statistics import median
+from typing import Any
+
+import polars as pl
+
+from argus.recording.io import Recording
+
+MIN_SHARE_OF_EXCESS = 0.25
+MIN_WAIT_NS = 500_000
+INFO_SHARE_OF_STEP = 0.10
+BLOCK_SLOW_NS = 50_000_000
+BLOCK_MIN_REQUESTS = 5
+
+
+def _frame(recordings: Sequence[Recording]) -> pl.DataFrame:
+    """host.parquet rows of every recording with `host` and `rank` filled by tgid."""
+    frames = []
+    for rec in recordings:
+        h = getattr(rec, "host_ctx", None)
+        if h is None or h.height == 0:
+            continue
+        tgid_rank = {
+            int(r["tgid"]): int(r["rank"])
+            for r in rec.manifest.get("ranks") or []
+            if isinstance(r, dict) and r.get("tgid") is not None and r.get("rank") is not None
+        }
+        h = h.with_columns(
+            pl.coalesce(
+                pl.col("rank"),
+                pl.col("tgid").replace_strict(tgid_rank, default=None, return_dtype=pl.Int32),
+            ).alias("rank"),
+            pl.lit(rec.host, dtype=pl.Utf8).alias("host"),
+        )
+        frames.append(h)
+    if not frames:
+        return pl.DataFrame()
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def _own_threads(recordings: Sequence[Recording]) -> dict[int, set[str]]:
+    """rank -> thread names seen in its own stacks (not competitors)."""
+    out: dict[int, set[str]] = {}
+    for rec in recordings:
+        st = rec.stacks
+        if st.height == 0 or "thread" not in st.columns:
+            continue
+        for rank, thread in st.select("rank", "thread").unique().drop_nulls().rows():
+            out.setdefault(int(rank), set()).add(str(thread))
+    return out
+
+
+def contention(
+    recordings: Sequence[Recording], steps: pl.DataFrame | None = None
+) -> dict[int, dict[str, Any]]:
+    """Per rank: runnable wait per step (or per second) in total and per competitor comm."""
+    h = _frame(recordings)
+    if h.height == 0:
+        return {}
+    cpu = h.filter((pl.col("kind") == "cpu_contention") & pl.col("rank").is_not_null())
+    if cpu.height == 0:
+        return {}
+    own = _own_threads(recordings)
+    n_steps: dict[int, int] = {}
+    if steps is not None and steps.height:
+        n_steps = dict(steps.group_by("rank").len().rows())
+    durations = [float(r.manifest.get("duration_s") or 0) for r in recordings]
+    seconds = max(durations) if durations else 0.0
+    out: dict[int, dict[str, Any]] = {}
+    for (rank,), g in cpu.group_by("rank"):
+        rank = int(rank)
+        per = (
+            g.filter(~pl.col("detail").is_in(sorted(own.get(rank, set()))))
+            .group_by("detail")
+            .agg(pl.col("total_ns").sum(), pl.col("count").sum())
+            .sort("total_ns", descending=True)
+        )
+        n = n_steps.get(rank) or 0
+        div = n if n else max(seconds, 1e-9)
+        unit = "step" if n else "s"
+        out[rank] = {
+            "unit": unit,
+            "wait_ns": float(per["total_ns"].sum()) / div if per.height else 0.0,
+            "competitors": [
+                {"comm": c, "wait_ms": round(t / div / 1e6, 3), "preemptions": int(k)}
+                for c, t, k in per.head(5).rows()
+            ],
+            "tgid": int(g["tgid"][0]),
+            "host": g["host"][0],
+        }
+    return out
+
+
+def _cpu_findings(cont, stragglers, step_ns) -> list[dict[str, Any]]:
+    findings = []
+    strag = {f["rank"]: f for f in stragglers}
+    for rank, c in sorted(cont.items()):
+        others = [o["wait_ns"] for r, o in cont.items() if r != rank]
+        base = median(others) if others else 0.0
+        extra = c["wait_ns"] - base
+        top = c["competitors"][0] if c["competitors"] else None
+        if top is None:
+            continue
+        ev = {
+            "wait_ms_per_" + c["unit"]: round(c["wait_ns"] / 1e6, 3),
+            "others_ms_per_" + c["unit"]: round(base / 1e6, 3),
+            "competitors": c["competitors"],
+            "host": c["host"],
+        }
+        f = strag.get(rank)
+        if f is not None:
+            excess_ns = float(f["evidence"].get("excess_ms", 0)) * 1e6
+            if extra < max(MIN_SHARE_OF_EXCESS * excess_ns, MIN_WAIT_NS):
+                continue
+            severity = "critical" if f["severity"] == "critical" else "warning"
+            explains = min(1.0, extra / excess_ns) if excess_ns else None
+        elif step_ns and c["unit"] == "step" and extra >= max(INFO_SHARE_OF_STEP * step_ns,
+                                                              MIN_WAIT_NS):  # fmt: skip
+            severity, explains = "info", None
+        else:
+            continue
+        per = c["unit"]
+        findings.append(
+            {
+                "kind": "cpu_contention",
+                "severity": severity,
+                "summary": (
+                    f"Rank {rank}'s threads waited {c['wait_ns'] / 1e6:.1f} ms per {per} "
+                    f"runnable (others {base / 1e6:.1f} ms) while '{top['comm']}' ran on "
+                    f"their CPU ({top['wait_ms']:.1f} ms per {per}) on host {c['host']}."
+                ),
+                "rank": rank,
+                "tgid": c["tgid"],
+                "host": c["host"],
+                "competitor": top["comm"],
+                "score": round(extra / 1e6, 3),
+                "explains_fraction_of_excess": round(explains, 3) if explains is not None else None,
+                "evidence": ev,
+            }
+        )
+    return findings
+
+
+def _other_findings(h: pl.DataFrame, stragglers, rank_of_tgid) -> list[dict[str, Any]]:
+    findings: list[dict[str, Any]] = []
+    strag_ranks = {f["rank"] for f in stragglers}
+    strag_hosts = {h_ for f in stragglers for h_ in [f.get("_host")] if h_}
+    oom = h.filter(pl.col("kind") == "oom_kill")
+    for ts, tgid, detail, host, rank in oom.select("ts_ns", "tgid", "detail", "host",
+                                                   "rank").rows():  # fmt: skip
+        rank = rank if rank is not None else rank_of_tgid.get((host, tgid))
+        who = f"rank {rank} (tgid {tgid}, {detail})" if rank is not None else f"{detail} ({tgid})"
+        findings.append(
+            {
+                "kind": "oom_kill",
+                "severity": "critical" if rank is not None else "info",
+                "summary": f"The kernel OOM killer killed {who} on host {host}.",
+                "rank": rank,
+                "tgid": tgid,
+                "comm": detail,
+                "host": host,
+                "ts_ns": ts,
+            }
+        )
+    tcp = h.filter(pl.col("kind") == "tcp_retransmit")
+    if tcp.height:
+        for (host,), g in tcp.group_by("host"):
+            total = int(g["count"].sum())
+            by_rank = g.filter(pl.col("rank").is_not_null()).group_by("rank").agg(pl.col("count").sum())
+            ranks = {int(r): int(n) for r, n in by_rank.rows()}
+            hit = sorted(set(ranks) & strag_ranks) or sorted(
+                r for r in strag_ranks if host in strag_hosts
+            )
+            peers = g.group_by("detail").agg(pl.col("count").sum()).sort("count", descending=True)
+            findings.append(
+                {
+                    "kind": "tcp_retransmits",
+                    "severity": "warning" if hit else "info",
+                    "summary": (
+                        f"{total} TCP retransmit(s) on host {host}"
+                        + (f", {sum(ranks.values())} in rank(s) {sorted(ranks)}" if ranks else "")
+                        + (f"; straggler rank(s) {hit} use this node's network" if hit else "")
+                        + "."
+                    ),
+                    "host": host,
+                    "rank": hit[0] if hit else None,
+                    "count": total,
+                    "per_rank": ranks,
+                    "peers": [{"peer": p, "count": int(n)} for p, n in peers.head(5).rows()],
+                }
+            )
+    blk = h.filter(pl.col("kind") == "block_io")
+    if blk.height:
+        per = blk.group_by("host", "detail").agg(pl.col("count").sum(), pl.col("total_ns").sum())
+        for host, dev, n, tot in per.rows():
+            if n < BLOCK_MIN_REQUESTS or tot / n < BLOCK_SLOW_NS:
+                continue
+            findings.append(
+                {
+                    "kind": "block_io_stall",
+                    "severity": "warning" if host in strag_hosts else "info",
+                    "summary": (f"Block device {dev} on host {host}: {n} requests took "
+                                f"{tot / n / 1e6:.1f} ms on average."),  # fmt: skip
+                    "host": host,
+                    "device": dev,
+                    "requests": int(n),
+                    "mean_latency_ms": round(tot / n / 1e6, 3),
+                }
+            )
+    return findings
+
+
+def detect(
+    recordings: Sequence[Recording],
+    steps: pl.DataFrame | None,
+    stragglers: list[dict[str, Any]],
+    step_ns: float,
+) -> list[dict[str, Any]]:
+    """Host-context findings (see module doc); cites them in `stragglers` (evidence `host`)."""
+    h = _frame(recordings)
+    if h.height == 0:
+        return []
+    rank_of_tgid = {}
+    host_of_rank = {}
+    for rec in recordings:
+        for r in rec.manifest.get("ranks") or []:
+            if isinstance(r, dict) and r.get("tgid") is not None and r.get("rank") is not None:
+                rank_of_tgid[(rec.host, int(r["tgid"]))] = int(r["rank"])
+                host_of_rank[int(r["rank"])] = r.get("host") or rec.host
+    for f in stragglers:
+        f["_host"] = host_of_rank.get(f["rank"])
+    cont = contention(recordings, steps)
+    findings = _cpu_findings(cont, stragglers, step_ns)
+    findings += _other_findings(h, stragglers, rank_of_tgid)
+    for f in stragglers:
+        f.pop("_host", None)
+        mine = [x for x in findings if x.get("rank") == f["rank"] and x["severity"] != "info"]
+        if not mine:
+            continue
+        f["evidence"]["host"] = [
+            {k: x.get(k) for k in ("kind", "summary", "competitor", "count", "comm")
+             if x.get(k) is not None}  # fmt: skip
+            for x in mine
+        ]
+        cpu = next((x for x in mine if x["kind"] == "cpu_contention"), None)
+        if cpu is not None:
+            f["summary"] = f["summary"].rstrip(".") + (
+                f"; host: '{cpu['competitor']}' took its CPU (see cpu_contention)."
+            )
+    return findings

@@ -1,0 +1,166 @@
+"""Host context: host.parquet round trip, the host detector on small frames, and the hang
+finding preferring a missing rank's off-CPU stack."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from argus.analyze import hang
+from argus.analyze import host as host_context
+from argus.recording import schema
+from argus.recording.io import Recording, load_recording, write_recording
+
+pytestmark = pytest.mark.unit
+
+MS = 1_000_000
+
+
+def _manifest(ranks=(0, 1, 2)):
+    return {
+        "format": schema.FORMAT, "host": "node0", "clock": {"mono_to_wall_ns": 0},
+        "duration_s": 10.0,
+        "ranks": [{"rank": r, "tgid": 100 + r, "host": "node0"} for r in ranks],
+    }  # fmt: skip
+
+
+def _host_rows(rows):
+    base = {"ts_ns": 0, "interval_ns": 1_000_000_000, "rank": None, "total_ns": 0}
+    return pl.DataFrame([{**base, **r} for r in rows], schema=schema.HOST_SCHEMA)
+
+
+def _steps(ranks=(0, 1, 2), n=10):
+    return pl.DataFrame({"rank": [r for r in ranks for _ in range(n)],
+                         "step": [s for _ in ranks for s in range(n)]})  # fmt: skip
+
+
+def _straggler(rank=1, excess_ms=20.0, severity="warning"):
+    return {"kind": "straggler", "rank": rank, "severity": severity,
+            "summary": f"Rank {rank} is the straggler.", "score": 9.0,
+            "evidence": {"excess_ms": excess_ms}}  # fmt: skip
+
+
+def _rec(host_rows, stacks=None):
+    return Recording(manifest=_manifest(), events=schema.empty_events(),
+                     stacks=stacks if stacks is not None else schema.empty_stacks(),
+                     host_ctx=host_rows)  # fmt: skip
+
+
+def _contention():
+    rows = [
+        {"tgid": 101, "kind": "cpu_contention", "detail": "cpuhog", "count": 400,
+         "total_ns": 150 * MS},
+        {"tgid": 101, "kind": "cpu_contention", "detail": "kworker/1:0", "count": 5,
+         "total_ns": 1 * MS},
+    ]  # fmt: skip
+    for t in (100, 102):
+        rows.append({"tgid": t, "kind": "cpu_contention", "detail": "kworker/0:1", "count": 4,
+                     "total_ns": 2 * MS})  # fmt: skip
+    return rows
+
+
+def test_host_parquet_round_trip(tmp_path):
+    rows = _host_rows(_contention() + [
+        {"tgid": 0, "kind": "block_io", "detail": "254:0", "count": 3, "total_ns": 3 * MS}])
+    write_recording(tmp_path / "r", _manifest(), schema.empty_events(), host=rows)
+    rec = load_recording(tmp_path / "r")
+    assert rec.host_ctx.schema == pl.Schema(schema.HOST_SCHEMA)
+    assert rec.host_ctx.height == 5
+    assert rec.host_ctx.filter(pl.col("detail") == "cpuhog")["total_ns"].to_list() == [150 * MS]
+
+
+def test_recording_without_host_parquet_has_an_empty_frame_and_old_stacks_read(tmp_path):
+    old = pl.DataFrame({"ts_ns": [1], "tgid": [100], "count": [3], "functions": [["f", "main"]]})
+    write_recording(tmp_path / "r", _manifest(), schema.empty_events(), stacks=old)
+    rec = load_recording(tmp_path / "r")
+    assert rec.host_ctx.height == 0 and set(rec.host_ctx.columns) == set(schema.HOST_SCHEMA)
+    assert rec.stacks["state"].to_list() == [None] and rec.stacks["blocked_ns"].to_list() == [None]
+
+
+def test_contention_names_the_competitor_of_the_straggler_and_is_cited():
+    rec = _rec(_host_rows(_contention()))
+    stragglers = [_straggler(1, excess_ms=20.0)]
+    found = host_context.detect([rec], _steps(), stragglers, step_ns=60 * MS)
+    cpu = [f for f in found if f["kind"] == "cpu_contention"]
+    assert len(cpu) == 1
+    f = cpu[0]
+    assert (f["rank"], f["competitor"], f["severity"]) == (1, "cpuhog", "warning")
+    assert f["evidence"]["wait_ms_per_step"] == pytest.approx(15.1)  # (150 + 1) ms / 10 steps
+    assert f["evidence"]["others_ms_per_step"] == pytest.approx(0.2)
+    assert "cpuhog" in f["summary"]
+    cited = stragglers[0]["evidence"]["host"]
+    assert [c["kind"] for c in cited] == ["cpu_contention"] and cited[0]["competitor"] == "cpuhog"
+    assert "cpuhog" in stragglers[0]["summary"]
+
+
+def test_contention_too_small_for_the_excess_is_not_blamed():
+    rows = _contention()
+    rows[0]["total_ns"] = 2 * MS  # 0.3 ms per step against a 20 ms excess
+    stragglers = [_straggler(1, excess_ms=20.0)]
+    found = host_context.detect([_rec(_host_rows(rows))], _steps(), stragglers, 60 * MS)
+    assert not [f for f in found if f["kind"] == "cpu_contention"]
+    assert "host" not in stragglers[0]["evidence"]
+
+
+def test_contention_by_the_ranks_own_threads_is_not_host_context():
+    rows = _contention()
+    stacks = pl.DataFrame([{"ts_ns": 0, "tgid": 101, "rank": 1, "thread": "cpuhog", "count": 1,
+                            "functions": ["f"], "modules": ["x"]}], schema=schema.STACKS_SCHEMA)
+    found = host_context.detect([_rec(_host_rows(rows), stacks)], _steps(), [_straggler()],
+                                60 * MS)  # fmt: skip
+    assert not [f for f in found if f["kind"] == "cpu_contention"]
+
+
+def test_healthy_contention_without_a_straggler_stays_below_warning():
+    found = host_context.detect([_rec(_host_rows(_contention()))], _steps(), [], 60 * MS)
+    assert found and all(f["severity"] == "info" for f in found)
+
+
+def test_oom_kill_of_a_rank_is_critical_and_of_another_process_info():
+    rows = [
+        {"ts_ns": 5, "interval_ns": 0, "tgid": 102, "kind": "oom_kill", "detail": "rank", "count": 1},
+        {"ts_ns": 6, "interval_ns": 0, "tgid": 999, "kind": "oom_kill", "detail": "chrome", "count": 1},
+    ]  # fmt: skip
+    found = host_context.detect([_rec(_host_rows(rows))], _steps(), [], 60 * MS)
+    by = {f["tgid"]: f for f in found if f["kind"] == "oom_kill"}
+    assert by[102]["severity"] == "critical" and by[102]["rank"] == 2
+    assert by[999]["severity"] == "info" and by[999]["rank"] is None
+
+
+def test_tcp_retransmits_on_the_stragglers_rank_and_slow_block_io():
+    rows = [
+        {"tgid": 101, "kind": "tcp_retransmit", "detail": "10.0.0.2:29500", "count": 7},
+        {"tgid": 0, "kind": "tcp_retransmit", "detail": "10.0.0.3:22", "count": 2},
+        {"tgid": 0, "kind": "block_io", "detail": "259:0", "count": 10, "total_ns": 1000 * MS},
+        {"tgid": 0, "kind": "block_io", "detail": "254:0", "count": 100, "total_ns": 100 * MS},
+    ]  # fmt: skip
+    stragglers = [_straggler(1)]
+    found = host_context.detect([_rec(_host_rows(rows))], _steps(), stragglers, 60 * MS)
+    tcp = next(f for f in found if f["kind"] == "tcp_retransmits")
+    assert (tcp["count"], tcp["per_rank"], tcp["severity"]) == (9, {1: 7}, "warning")
+    assert tcp["peers"][0] == {"peer": "10.0.0.2:29500", "count": 7}
+    blk = [f for f in found if f["kind"] == "block_io_stall"]
+    assert [(b["device"], b["mean_latency_ms"]) for b in blk] == [("259:0", 100.0)]
+    assert [c["kind"] for c in stragglers[0]["evidence"]["host"]] == ["tcp_retransmits"]
+
+
+def test_hang_prefers_the_missing_ranks_off_cpu_stack():
+    rows = [
+        # the last on-CPU samples of rank 1: before it hung
+        {"ts_ns": 1, "tgid": 101, "tid": 101, "rank": 1, "thread": "rank", "count": 5,
+         "functions": ["cpu_busy", "train_step", "main"], "modules": ["rank"] * 3,
+         "state": "on_cpu"},
+        {"ts_ns": 2, "tgid": 101, "tid": 105, "rank": 1, "thread": "helper", "count": 0,
+         "functions": ["futex_wait", "pthread_cond_wait", "helper_loop"],
+         "modules": ["[kernel]", "libc.so.6", "rank"], "state": "off_cpu", "blocked_ns": 9 * 10**9},
+        {"ts_ns": 2, "tgid": 101, "tid": 101, "rank": 1, "thread": "rank", "count": 0,
+         "functions": ["__schedule", "pause", "sim_hang_wait", "train_step", "main"],
+         "modules": ["[kernel]", "libc.so.6", "rank", "rank", "rank"], "state": "off_cpu",
+         "blocked_ns": 12 * 10**9},
+    ]  # fmt: skip
+    stacks = pl.DataFrame(rows, schema=schema.STACKS_SCHEMA)
+    b = hang.latest_offcpu(stacks, 1)
+    assert (b["function"], b["tid"], b["blocked_s"]) == ("sim_hang_wait", 101, 12.0)
+    # on-CPU views ignore off-CPU rows
+    assert [s["function"] for s in hang.latest_stacks(stacks, 1)] == ["cpu_busy"]
+    assert hang.latest_offcpu(stacks, 0) is None
