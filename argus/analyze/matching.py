@@ -96,13 +96,14 @@ def align_seq(coll: pl.DataFrame) -> pl.DataFrame:
 def with_lateness(coll: pl.DataFrame) -> pl.DataFrame:
     """Add `lateness_ns`: entry time minus the median entry time of the same (comm, gseq).
 
-    Only collectives seen on at least two ranks get a value (null otherwise). A host-side
+    Only collectives seen on at least two ranks get a value (null otherwise), never send/recv
+    (a rank's k-th p2p call pairs with one peer, not with everyone's k-th). A host-side
     straggler enters its collectives late; a GPU-side one does not.
     """
     if coll.height == 0:
         return coll.with_columns(pl.lit(None, pl.Int64).alias("lateness_ns"))
     return coll.with_columns(
-        pl.when(pl.len().over(["comm", "gseq"]) >= 2)
+        pl.when((pl.len().over(["comm", "gseq"]) >= 2) & ~pl.col("op").is_in(["send", "recv"]))
         .then(pl.col("t_ns") - pl.col("t_ns").median().over(["comm", "gseq"]))
         .otherwise(None)
         .cast(pl.Int64)

@@ -120,7 +120,7 @@ def diagnose(
 
     windows = anomaly.detect_windows(metrics)
     stragglers = straggler.detect_stragglers(metrics, windows, step_ns)
-    stragglers += pipeline.detect_slow_stage(recordings, coll, steps, offsets, stragglers)
+    stragglers = pipeline.detect_slow_stage(recordings, coll, steps, offsets, stragglers)
     stalls = stall.detect_stalls(metrics, windows, stragglers, coll)
     ends = {}
     for rec in recordings:

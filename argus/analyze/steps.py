@@ -219,6 +219,23 @@ def _choose_pattern(all_markers: list[list[dict[str, Any]]], flag_mode: bool) ->
     return list(best)
 
 
+P2P_OPS = ("send", "recv")
+
+
+def step_comms(coll: pl.DataFrame) -> dict[int, str]:
+    """Per rank, the communicator whose collectives delimit its steps: its busiest one
+    without point-to-point calls (pipeline jobs: the send/recv of the world communicator
+    differ by stage, the data-parallel communicator of each stage repeats one pattern),
+    else its busiest one. A side communicator with a handful of calls (< 8) does not count."""
+    per = (
+        coll.group_by(["rank", "comm"])
+        .agg(pl.len().alias("n"), pl.col("op").is_in(P2P_OPS).any().alias("p2p"))
+        .with_columns((pl.col("p2p") | (pl.col("n") < 8)).alias("p2p"))
+        .sort(["rank", "p2p", "n", "comm"], descending=[False, False, True, False])
+    )
+    return {r: c for r, c in per.unique("rank", keep="first").select("rank", "comm").rows()}
+
+
 def detect_steps(tl: pl.DataFrame, coll: pl.DataFrame) -> StepDetection:
     """Detect the complete steps of every rank (see the module doc for the algorithm).
 
@@ -231,11 +248,11 @@ def detect_steps(tl: pl.DataFrame, coll: pl.DataFrame) -> StepDetection:
     if ranked.height == 0:
         return empty
     comm = None
+    rank_comm: dict[int, str] = {}
     if coll.height:
-        comm = (
-            coll.group_by("comm").len().sort(["len", "comm"], descending=[True, False])["comm"][0]
-        )
-        ranks = coll.filter(pl.col("comm") == comm).get_column("rank").unique().sort().to_list()
+        rank_comm = step_comms(coll)
+        comm = Counter(rank_comm.values()).most_common(1)[0][0]
+        ranks = sorted(rank_comm)
         with_waits = ranked.filter(pl.col("kind").is_in(["sync", "readback"]))["rank"].unique()
         flag_mode = with_waits.len() * 2 >= len(ranks) and with_waits.len() > 0
         method = "collectives" if flag_mode else "torch"
@@ -250,7 +267,11 @@ def detect_steps(tl: pl.DataFrame, coll: pl.DataFrame) -> StepDetection:
     per_rank = {}
     for r in ranks:
         tr = ranked.filter(pl.col("rank") == r)
-        cr = coll.filter((pl.col("rank") == r) & (pl.col("comm") == comm)) if comm else None
+        cr = (
+            coll.filter((pl.col("rank") == r) & (pl.col("comm") == rank_comm[r]))
+            if comm
+            else None
+        )
         per_rank[r] = (_rank_markers(tr, cr, flag_mode), tr["host"][0])
     all_markers = [v[0][0] for v in per_rank.values()]
     pattern = _choose_pattern(all_markers, flag_mode)

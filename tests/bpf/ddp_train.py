@@ -1,7 +1,7 @@
 """A tiny real PyTorch DDP job (CPU, gloo) for the bpf tests: run under torchrun.
 
     torchrun --nproc-per-node=2 tests/bpf/ddp_train.py --steps 13 --go GO --truth DIR
-             [--slow-rank R --slow-ms MS] [--warmup-steps W]
+             [--slow-rank R --slow-ms MS] [--compute-ms MS] [--warmup-steps W]
 
 Each rank imports torch, joins the gloo process group, wraps a tiny model in DDP (its
 parameter broadcast happens here), runs W warm-up steps (default 0), writes
@@ -11,7 +11,10 @@ to observe what its construction does). Then S steps; each step is one forward,
 one backward and one SGD update. The model is small enough for ONE gradient bucket
 (bucket_cap_mb is large), so DDP's reducer issues exactly one c10d allreduce per step.
 `--slow-rank R --slow-ms MS` makes rank R spend MS ms of CPU in `slow_rank_compute()`
-each step (a named function a CPU-stack diagnosis can point at).
+each step (a named function a CPU-stack diagnosis can point at). `--compute-ms MS` makes
+EVERY rank wait MS ms in `model_compute()` each step (a sleep, as a host waiting for its
+GPU: a realistic step length, so that scheduling hiccups of a shared host are small
+against it).
 At the end each rank writes its ground truth to DIR/truth.<rank>.json.
 """
 
@@ -31,6 +34,12 @@ def slow_rank_compute(ms: float) -> int:
     while time.thread_time() < end:
         n += 1
     return n
+
+
+def model_compute(ms: float) -> None:
+    """Every rank's per-step work (`--compute-ms`): a sleep, as a host waiting for its GPU
+    (CPU burns of every rank would make a 2-core test machine the bottleneck)."""
+    time.sleep(ms / 1000.0)
 
 
 def train_step(ddp, opt, x, y) -> float:
@@ -53,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--slow-rank", type=int, default=-1)
     ap.add_argument("--slow-ms", type=float, default=0.0)
+    ap.add_argument("--compute-ms", type=float, default=0.0, help="CPU work of every rank")
     ap.add_argument(
         "--wait-at",
         choices=("step", "ddp"),
@@ -94,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
     losses = []
     for _ in range(args.steps):
+        if args.compute_ms > 0:
+            model_compute(args.compute_ms)
         if rank == args.slow_rank:
             slow_rank_compute(args.slow_ms)
         losses.append(train_step(ddp, opt, x, y))
@@ -109,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "wait_at": args.wait_at,
         "slow_ms": args.slow_ms if rank == args.slow_rank else 0.0,
         "slow_function": "slow_rank_compute" if rank == args.slow_rank else None,
+        "compute_ms": args.compute_ms,
         "params": sum(p.numel() for p in model.parameters()),
         "bucket_sizes": logging.get("bucket_sizes"),
         "rebuilt_bucket_sizes": logging.get("rebuilt_bucket_sizes"),
