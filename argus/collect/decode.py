@@ -205,3 +205,42 @@ def decode_call(call, text: str | None, ctx: DecodeContext, in_flight: bool) -> 
         if info is not None:
             row["comm_rank"], row["comm_nranks"] = info
     return row
+
+
+def pair_completions(events: pl.DataFrame, work: set[str], done: set[str]) -> pl.DataFrame:
+    """Durations for entry-only work probes from the completion call that follows them.
+
+    C++ functions get no return probes (an exception unwinding through a uretprobe's
+    trampoline aborts the process), so e.g. gloo's AsyncWork::execute is timed by the
+    finishWorkGloo / finishWorkGlooError call the same thread makes when the collective is
+    done: per (tgid, tid), a `work` row followed by a `done` row gets dur_ns = done - entry;
+    a `work` row with no completion after it is in flight (blocked when the recording
+    ended).
+    """
+    if events.height == 0 or not work:
+        return events
+    names = pl.col("name").cast(pl.Utf8)
+    ev = events.with_row_index("_i")
+    marks = (
+        ev.filter(names.is_in(list(work | done)))
+        .select("_i", "tgid", "tid", "ts_ns", names.is_in(list(done)).alias("_done"))
+        .sort("tgid", "tid", "ts_ns")
+        .with_columns(
+            pl.col("ts_ns").shift(-1).over("tgid", "tid").alias("_next_ts"),
+            pl.col("_done").shift(-1).over("tgid", "tid").alias("_next_done"),
+        )
+        .filter(~pl.col("_done"))
+        .select(
+            "_i",
+            pl.when(pl.col("_next_done").fill_null(False))
+            .then(pl.col("_next_ts") - pl.col("ts_ns"))
+            .otherwise(None)
+            .alias("_dur"),
+            pl.col("_next_ts").is_null().alias("_open"),
+        )
+    )
+    out = ev.join(marks, on="_i", how="left").with_columns(
+        pl.coalesce("_dur", "dur_ns").alias("dur_ns"),
+        (pl.col("in_flight") | pl.col("_open").fill_null(False)).alias("in_flight"),
+    )
+    return out.drop("_i", "_dur", "_open")

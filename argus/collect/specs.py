@@ -23,7 +23,7 @@ CHANNELS = ("cuda", "nccl", "torch")
 KINDS = (
     "launch", "graph_launch", "memcpy", "sync", "event", "malloc", "free", "device", "module",
     "collective", "p2p", "group", "comm_init", "comm_init_all", "comm_split", "comm_destroy",
-    "pg_collective", "pg_p2p", "pg_work", "autograd",
+    "pg_collective", "pg_p2p", "pg_work", "pg_work_done", "autograd",
 )  # fmt: skip
 # Semantic argument names and what they mean (decoded in argus.collect.decode).
 ARG_FIELDS = (
@@ -168,6 +168,13 @@ def parse_spec(text: str, source: str) -> LibrarySpec:
             if slot is None:
                 raise _fail(where, f"field 'args.{name}': {loc!r} is not reg1..reg6 or stack1..stack4")
             args[name] = slot
+        if exit_ and any(sym.startswith("_Z") for sym in (entry["symbol"], *variants)):
+            raise _fail(
+                where,
+                "field 'exit': no return probes on C++ functions (a C++ exception unwinding "
+                "through a uretprobe's trampoline aborts the process); pair the entry with a "
+                "completion function instead",
+            )
         if ("out" in args or "name" in args) and not exit_:
             raise _fail(where, "fields 'args.out'/'args.name' are read at return: set exit = true")
         if "uid" in args and args["uid"] != abi.REG_ARGS:

@@ -28,7 +28,14 @@ import polars as pl
 from argus import __version__
 from argus.collect import abi, procfs
 from argus.collect.bcc_adapter import BpfSession
-from argus.collect.decode import DecodeContext, ProbeRef, decode_call, decode_records, rows_to_frame
+from argus.collect.decode import (
+    DecodeContext,
+    ProbeRef,
+    decode_call,
+    decode_records,
+    pair_completions,
+    rows_to_frame,
+)
 from argus.collect.specs import CHANNELS, LibrarySpec, load_specs
 from argus.collect.symbols import demangle, elf_file, runtime_address, short_name
 from argus.errors import NotATrainingProcess, PermissionDenied, TargetNotFound
@@ -762,6 +769,9 @@ class Tracer:
         frames = [f for f in (events, inflight, rows_to_frame(proc_rows)) if f.height]
         events = pl.concat(frames, how="vertical_relaxed") if frames else schema.empty_events()
         events = events.sort("ts_ns")
+        work = {r.name for r in self.probe_refs.values() if r.spec.kind == "pg_work"}
+        done = {r.name for r in self.probe_refs.values() if r.spec.kind == "pg_work_done"}
+        events = pair_completions(events, work, done)
         stacks = pl.DataFrame(self.stack_rows, schema=schema.STACKS_SCHEMA) if self.stack_rows else schema.empty_stacks()
         counts = self._call_counts()
         drops = self._drops()

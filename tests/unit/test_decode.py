@@ -109,3 +109,40 @@ def test_return_codes_and_durations(refs):
                         DecodeContext(probes))
     row = ev.row(0, named=True)
     assert (row["dur_ns"], row["bytes"], row["memcpy_kind"], row["ret"]) == (12345, 4096, 2, -1)
+
+
+def test_work_probes_are_timed_by_their_completion_call():
+    from argus.collect.decode import pair_completions, rows_to_frame
+
+    work, done = "AsyncWork::execute", "AsyncWork::finishWorkGloo"
+    rows = [
+        {"ts_ns": 100, "tgid": 1, "tid": 7, "name": work, "in_flight": False},
+        {"ts_ns": 130, "tgid": 1, "tid": 8, "name": "other", "in_flight": False},
+        {"ts_ns": 150, "tgid": 1, "tid": 7, "name": done, "in_flight": False},
+        {"ts_ns": 200, "tgid": 1, "tid": 7, "name": work, "in_flight": False},
+        {"ts_ns": 260, "tgid": 1, "tid": 7, "name": "AsyncWork::finishWorkGlooError", "in_flight": False},
+        {"ts_ns": 300, "tgid": 2, "tid": 9, "name": work, "in_flight": False},  # never finished
+    ]
+    ev = pair_completions(rows_to_frame(rows), {work}, {done, "AsyncWork::finishWorkGlooError"})
+    got = ev.filter(ev["name"] == work).select("ts_ns", "dur_ns", "in_flight").rows()
+    assert got == [(100, 50, False), (200, 60, False), (300, None, True)]
+    assert ev.height == 6
+
+
+def test_cpp_symbols_get_no_return_probes():
+    from argus.collect.specs import parse_spec
+    from argus.errors import SpecInvalid
+
+    text = """
+[library]
+family = "torch"
+channel = "torch"
+files = ["libtorch_cpu.so*"]
+
+[[probe]]
+symbol = "_ZN5torch8autograd6Engine7executeEv"
+kind = "autograd"
+exit = true
+"""
+    with pytest.raises(SpecInvalid, match="no return probes on C\\+\\+ functions"):
+        parse_spec(text, "t.toml")
