@@ -61,6 +61,7 @@ class DecodeContext:
     comm_ids: dict[tuple[int, int], str] = field(default_factory=dict)
     comm_info: dict[tuple[int, int], tuple[int | None, int | None]] = field(default_factory=dict)
     handle_names: dict[tuple[int, int], str] = field(default_factory=dict)
+    alloc_bytes: dict[tuple[int, int], int] = field(default_factory=dict)  # cudaMalloc'd ptrs
     devices: dict[int, int] = field(default_factory=dict)  # tgid -> last cudaSetDevice argument
     _first_use: dict[tuple[int, str], int] = field(default_factory=dict)
     _splits: dict[tuple[int, str], int] = field(default_factory=dict)
@@ -196,6 +197,12 @@ def decode_call(call, text: str | None, ctx: DecodeContext, in_flight: bool) -> 
         if text:
             ctx.handle_names[(tgid, out)] = text
         row["kernel"] = text
+    elif kind == "malloc" and not in_flight:
+        if out and row.get("ret") == 0:
+            ctx.alloc_bytes[(tgid, out)] = a.get("bytes", 0)
+    elif kind == "free" and "ptr" in a:
+        # cudaFree gets a pointer: its size is what the cudaMalloc that returned it asked for.
+        row["bytes"] = ctx.alloc_bytes.pop((tgid, a["ptr"]), None)
     elif kind == "device" and "device" in a:
         ctx.devices[tgid] = _signed32(a["device"])
     elif "comm" in a:

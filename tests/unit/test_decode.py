@@ -146,3 +146,14 @@ exit = true
 """
     with pytest.raises(SpecInvalid, match="no return probes on C\\+\\+ functions"):
         parse_spec(text, "t.toml")
+
+
+def test_free_gets_the_size_of_its_malloc(refs):
+    probes, ids = refs
+    blobs = [
+        record(ids["cudaMalloc"], args=(0x7FF0, 4096), out=0xD000),
+        record(ids["cudaFree"], args=(0xD000,)),
+        record(ids["cudaFree"], args=(0xE000,)),  # allocated before attach: size unknown
+    ]
+    ev = decode_records(blobs, DecodeContext(probes))
+    assert ev["bytes"].to_list() == [4096, 4096, None]
