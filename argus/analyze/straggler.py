@@ -7,11 +7,15 @@ Metrics per (rank, step), from `steps.step_metrics`:
 - `lateness_ns` (host arrival at each collective vs the median arrival): high on a host-slow
   rank (data loading, CPU contention, JIT compile).
 
-Detector, per metric and per scope (the whole recording, then each anomalous window): for
+Detector, per metric and per scope (the whole recording, then each warning anomalous window
+and its peak: its steps >= 2x the baseline): for
 each step, d = own value - median of the other ranks; per rank, D = median of d over the
-steps, noise = max(1.4826 * MAD of d, 1% of the step time, 50 us), score = D / noise. A rank
+steps, noise = max(1.4826 * MAD of d, 1% of the step time, 50 us, in a window: the rank's
+noise over the whole recording), score = D / noise. A rank
 is flagged when it is the slowest in >= 50% of the scope's steps, score >= 4 and D >= 3% of
-the median step time (and >= 0.2 ms). Severity: critical when D >= 25% of the step time.
+the median step time (and >= 0.2 ms); in a window, D must also be >= 25% of the window's
+excess over the baseline (a rank delayed 30 ms in a step that another rank's 500 ms JIT
+compile stretched does not explain it). Severity: critical when D >= 25% of the step time.
 Cause `gpu` when the compute-wait metric flags the rank, else `host`.
 """
 
@@ -28,11 +32,15 @@ MIN_IMPACT = 0.03
 CRITICAL_IMPACT = 0.25
 MIN_ABS_NS = 200_000
 NOISE_FLOOR_NS = 50_000
+PEAK = 2.0  # a window's peak steps: >= 2x its baseline
+EXPLAIN = 0.25  # in a window, a straggler's excess explains >= 25% of the window's
 
 METRICS = (("compute_wait_ns", "gpu"), ("lateness_ns", "host"))
 
 
-def _score(m: pl.DataFrame, col: str, step_ns: float) -> dict[int, dict[str, float]]:
+def _score(
+    m: pl.DataFrame, col: str, step_ns: float, noise_min: dict[int, float] | None = None
+) -> dict[int, dict[str, float]]:
     """Per rank: D (ns), noise, score, fraction of steps slowest, n steps (see module doc)."""
     v = m.filter(pl.col(col).is_not_null()).select("rank", "step", pl.col(col).cast(pl.Float64))
     if v.height == 0:
@@ -57,7 +65,7 @@ def _score(m: pl.DataFrame, col: str, step_ns: float) -> dict[int, dict[str, flo
     for r, ds in d.items():
         big_d = median(ds)
         mad = 1.4826 * median(abs(x - big_d) for x in ds)
-        noise = max(mad, floor)
+        noise = max(mad, floor, (noise_min or {}).get(r, 0.0))
         out[r] = {
             "excess_ns": big_d,
             "noise_ns": noise,
@@ -82,19 +90,55 @@ def detect_stragglers(
     if metrics.height == 0 or metrics["rank"].n_unique() < 2 or step_ns <= 0:
         return []
     scopes: list[tuple[dict[str, Any] | None, pl.DataFrame]] = [(None, metrics)]
-    for w in windows:
+    # Only windows that warn: an `info` window is a hiccup (a few steps ~20-40% slower on a
+    # shared host), and in it whichever rank the scheduler delayed would look like a
+    # straggler. A window's noise is at least the rank's noise over the whole recording: a
+    # window of one or two steps has no spread of its own (MAD 0), so a one-step delay of
+    # a few % of a step would score high.
+    per_step = dict(metrics.group_by("step").agg(pl.col("step_time_ns").median()).rows())
+    for w in (w for w in windows if w["severity"] in ("warning", "critical")):
         sub = metrics.filter(pl.col("step").is_between(w["start_step"], w["end_step"]))
         if sub.height:
             scopes.append((w, sub))
+        # its peak: the steps >= 2x the baseline inside a longer window (a one-step JIT
+        # compile inside a window stretched by the contention it caused)
+        base = w.get("baseline_step_time_ms", 0) * 1e6
+        peak = sorted(
+            st
+            for st, t in per_step.items()
+            if w["start_step"] <= st <= w["end_step"] and t is not None and t >= PEAK * base
+        )
+        if base > 0 and peak and len(peak) < w["steps"]:
+            scopes.append(
+                ({**w, "start_step": peak[0], "end_step": peak[-1]},
+                 metrics.filter(pl.col("step").is_between(peak[0], peak[-1])))
+            )  # fmt: skip
     best: dict[int, dict[str, Any]] = {}
+    whole = {col: _score(metrics, col, step_ns) for col, _ in METRICS}
     for window, m in scopes:
-        scored = {col: _score(m, col, step_ns) for col, _ in METRICS}
+        window_excess = 0.0  # how much longer the window's steps are than the baseline
+        if window is not None:
+            in_scope = [
+                t
+                for st, t in per_step.items()
+                if window["start_step"] <= st <= window["end_step"] and t is not None
+            ]
+            if in_scope:
+                base = window.get("baseline_step_time_ms", 0) * 1e6
+                window_excess = max(0.0, median(in_scope) - base)
+        scored = {
+            col: whole[col]
+            if window is None
+            else _score(m, col, step_ns, {r: x["noise_ns"] for r, x in whole[col].items()})
+            for col, _ in METRICS
+        }
         for col, cause in METRICS:
             for r, s in scored[col].items():
                 if not (
                     s["slowest_fraction"] >= MIN_FRACTION
                     and s["score"] >= MIN_SCORE
                     and s["excess_ns"] >= max(MIN_IMPACT * step_ns, MIN_ABS_NS)
+                    and s["excess_ns"] >= EXPLAIN * window_excess
                 ):
                     continue
                 rkey = (cause == "gpu", window is None, s["score"])  # throughout beats a window
