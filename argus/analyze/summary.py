@@ -178,6 +178,8 @@ def build_summaries(recordings: Sequence[Recording]) -> Summaries:
 
     # CPU stacks: ids, top-K per (rank, interval), attached to the step of the interval middle
     st = stacks.filter(pl.col("rank").is_not_null())
+    if "state" in st.columns:  # the hotspot detector reads on-CPU samples only
+        st = st.filter(pl.col("state").is_null() | (pl.col("state") != "off_cpu"))
     dict_rows: dict[int, tuple] = {}
     if st.height:
         ids = []

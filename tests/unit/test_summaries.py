@@ -38,6 +38,17 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 RECORDED = sorted(p.name for p in DATA.iterdir() if (p / "events.parquet").exists())
 
 
+# Detectors that came after the summaries and do not run on them yet (docs/scaling.md):
+# the host-context findings (host.parquet: cpu_contention, tcp_retransmits, ...) and the
+# slow pipeline stage (argus.analyze.pipeline: p2p stages + NVML busy time).
+HOST_KINDS = {"cpu_contention", "tcp_retransmits", "oom_kill", "block_io_stall"}
+KNOWN_GAPS = {
+    "sim_bubble": "the pipeline-stage detector does not run on summaries yet",
+    "ddp_gloo_healthy": "host-context findings (host.parquet) are not in summaries yet",
+    "ddp_gloo_slow_rank1": "host-context findings (host.parquet) are not in summaries yet",
+}
+
+
 def key(report: dict) -> list[tuple]:
     return sorted(
         (f["kind"], f.get("rank"), f["severity"], f.get("comm"), f.get("seq"), f.get("op"),
@@ -52,12 +63,26 @@ def roundtrip(summ, tmp_path: Path):
     return load_summaries(tmp_path)
 
 
+@pytest.mark.parametrize("name", sorted(KNOWN_GAPS))
+def test_known_gaps_differ_only_by_the_missing_detectors(name):
+    rec = load_recording(DATA / name)
+    raw = [k for k in key(diagnose([rec])) if k[0] not in HOST_KINDS]
+    from_s = key(diagnose_summaries([build_summaries([rec])]))
+    if name == "sim_bubble":  # the stage stragglers are missing, nothing else differs
+        raw = [k for k in raw if k[0] != "straggler"]
+    assert from_s == raw
+
+
 def test_every_recording_in_tests_data_is_covered():
     assert {"sim_healthy", "sim_straggler", "sim_hang", "sim_link", "sim_jit_stall",
             "sim_host_stall", "sim_throttle"} <= set(RECORDED)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", RECORDED)
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_GAPS[n], strict=True))
+     if n in KNOWN_GAPS else n for n in RECORDED],
+)  # fmt: skip
 @pytest.mark.parametrize("hang_after", [2.0, 10.0])
 def test_recorded_findings_equal_from_summaries(name, hang_after, tmp_path):
     rec = load_recording(DATA / name)
