@@ -159,6 +159,8 @@ def _rank_markers(
                 while wi < len(waits) and waits[wi][0] <= prev_t:
                     wi += 1
                 flag = wi < len(waits) and waits[wi][0] < t
+            if end is None and not flag_mode:
+                end = t  # entry-only probes (c10d: no uretprobes on C++) return at once
             markers.append({"seq": gseq, "tok": (op, nbytes, flag), "t": t, "end": end})
             prev_t, prev_seq = t, gseq
         if not flag_mode:  # used only when every token looks the same (see detect_steps)

@@ -74,3 +74,14 @@ def test_hang_names_missing_rank_and_collective(tmp_path):
     assert h["seq"] == fault["params"]["comm_seq"]
     assert h["op"] == "allreduce" and h["comm"] is not None
     assert s["faults"][0]["found"]
+
+
+def test_pipeline_bubble_names_the_slow_stage(tmp_path):
+    # --pp 2: stage 1 = ranks 1, 3 (rank % pp); steps come from each stage's data-parallel
+    # communicator, the slow stage from the GPU busy time the NVML stand-in reports
+    report, truth, s = _run(tmp_path, ["bubble:stage=1,factor=2"], pp=2)
+    assert [r["steps"] > 0 for r in report["ranks"]] == [True] * 4
+    stragglers = [f for f in _serious(report) if f["kind"] == "straggler"]
+    assert sorted(f["rank"] for f in stragglers) == [1, 3]
+    assert all(f["pipeline_stage"] == [1, 3] for f in stragglers)
+    assert s["faults"][0]["found"]
