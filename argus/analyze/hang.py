@@ -11,6 +11,11 @@ For each missing rank the report gives what it is doing now:
 its latest CPU stacks (the last sampled intervals) and any call it is blocked in; where the
 host channel recorded it, its latest OFF-CPU stack (where its main thread is blocked, and for
 how long) comes first, since a hung rank is usually asleep and then has no CPU samples.
+Where the session dumped the ranks' Python stacks at its end (`pystacks.parquet`, taken when
+calls were in flight for long), each missing rank's Python stack (`missing_python_stacks`)
+is given next to one waiting rank's (`waiting_python_stack`), and the summary names the
+missing rank's innermost Python function with file:line: the line of training code it is
+stuck on.
 """
 
 from __future__ import annotations
@@ -57,6 +62,48 @@ def latest_offcpu(stacks: pl.DataFrame, rank: int) -> dict[str, Any] | None:
     }
 
 
+def _where(function: str, file: str | None, line: int | None) -> str:
+    base = (file or "?").rsplit("/", 1)[-1]
+    return f"{function} ({base}:{line})" if line else f"{function} ({base})"
+
+
+def python_stack(pystacks: pl.DataFrame | None, rank: int) -> dict[str, Any] | None:
+    """The rank's Python stack from the end-of-session dump: its main thread (tid == tgid)
+    when that has Python frames, else the first thread that has. `function`/`file`/`line`
+    are its innermost Python frame; `frames` the Python frames, innermost first, as
+    "function (file:line)"."""
+    if pystacks is None or pystacks.height == 0:
+        return None
+    mine = pystacks.filter(pl.col("rank") == rank)
+    if mine.height == 0:
+        return None
+    mine = mine.with_columns((pl.col("tid") == pl.col("tgid")).alias("_main")).sort(
+        ["_main", "tid"], descending=[True, False]
+    )
+    for row in mine.iter_rows(named=True):
+        kinds = row["kinds"] or []
+        py = [i for i, k in enumerate(kinds) if k == "python"]
+        if not py:
+            continue
+        fns, files, lines = row["functions"] or [], row["files"] or [], row["lines"] or []
+        at = [_where(fns[j], files[j], lines[j]) for j in range(len(fns))]
+        i = py[0]
+        return {
+            "rank": rank,
+            "tgid": row["tgid"],
+            "tid": row["tid"],
+            "thread": row["thread"],
+            "state": row["state"],
+            "wchan": row["wchan"],
+            "function": fns[i],
+            "file": files[i],
+            "line": lines[i],
+            "where": at[i],
+            "frames": [at[j] for j in py],
+        }
+    return None
+
+
 def latest_stacks(stacks: pl.DataFrame, rank: int, top: int = 3) -> list[dict[str, Any]]:
     """The rank's most sampled stacks over its last `LATEST_INTERVALS` sampling intervals."""
     mine = _on_cpu(stacks).filter(pl.col("rank") == rank)
@@ -94,8 +141,10 @@ def detect_hangs(
     end_ns: dict[str, int],
     hang_after_s: float,
     step_ns: float | None,
+    pystacks: pl.DataFrame | None = None,
 ) -> list[dict[str, Any]]:
-    """collective_hang findings (see module doc); `end_ns` is each host's recording end."""
+    """collective_hang findings (see module doc); `end_ns` is each host's recording end;
+    `pystacks` the recordings' end-of-session Python stacks (optional)."""
     if tl.height == 0:
         return []
     threshold = max(hang_after_s * 1e9, STEP_MULTIPLE * (step_ns or 0))
@@ -116,7 +165,8 @@ def detect_hangs(
     waiting = {r["rank"]: r for r in stuck.rows(named=True)}
     exited = set(tl.filter(pl.col("kind") == "exit")["rank"].drop_nulls().to_list())
     if coll.height == 0:
-        return [_finding(None, None, None, waiting, [], exited, tl, stacks, threshold)]
+        return [_finding(None, None, None, waiting, [], exited, tl, stacks, threshold,
+                         pystacks)]
     last = coll.group_by(["comm", "rank"]).agg(pl.col("gseq").max().alias("last"))
     best = None
     for comm in last["comm"].unique().sort().to_list():
@@ -130,7 +180,8 @@ def detect_hangs(
         if best is None or cand[:2] > best[:2]:
             best = cand
     if best is None:
-        return [_finding(None, None, None, waiting, [], exited, tl, stacks, threshold)]
+        return [_finding(None, None, None, waiting, [], exited, tl, stacks, threshold,
+                         pystacks)]
     _, _, comm, k, arrived, missing = best
     # The collective the missing ranks never reached: the first one after the lowest last
     # seq among them (the waiting ranks may have issued several more, e.g. later buckets).
@@ -141,10 +192,17 @@ def detect_hangs(
     row = coll.filter((pl.col("comm") == comm) & (pl.col("gseq") == k)).head(1)
     op = row["op"][0] if row.height else None
     return [_finding(comm, k, op, {r: waiting.get(r) for r in arrived}, missing, exited, tl,
-                     stacks, threshold)]  # fmt: skip
+                     stacks, threshold, pystacks)]  # fmt: skip
 
 
-def _finding(comm, seq, op, waiting, missing, exited, tl, stacks, threshold) -> dict[str, Any]:
+def _finding(
+    comm, seq, op, waiting, missing, exited, tl, stacks, threshold, pystacks=None
+) -> dict[str, Any]:
+    missing_py = [p for p in (python_stack(pystacks, r) for r in missing) if p]
+    py_of = {p["rank"]: p for p in missing_py}
+    waiting_py = next(
+        (p for p in (python_stack(pystacks, r) for r in sorted(waiting)) if p), None
+    )
     missing_stacks = []
     for r in missing:
         mine = tl.filter(pl.col("rank") == r)
@@ -174,8 +232,14 @@ def _finding(comm, seq, op, waiting, missing, exited, tl, stacks, threshold) -> 
     if missing:
         doing = []
         for m in missing_stacks:
+            py = py_of.get(m["rank"])
             if m["exited"]:
                 doing.append(f"rank {m['rank']} exited")
+            elif py is not None:
+                b = m["blocked"]
+                extra = (f", off-CPU for {b['blocked_s']:.1f} s" if b and b["blocked_s"]
+                         else "")  # fmt: skip
+                doing.append(f"rank {m['rank']} is stuck in Python {py['where']}{extra}")
             elif m["blocked"] and m["blocked"]["function"]:
                 b = m["blocked"]
                 doing.append(f"rank {m['rank']} is blocked in {b['function']} "
@@ -199,5 +263,7 @@ def _finding(comm, seq, op, waiting, missing, exited, tl, stacks, threshold) -> 
         "missing_ranks": list(missing),
         "waiting": waits,
         "missing_stacks": missing_stacks,
+        "missing_python_stacks": missing_py,
+        "waiting_python_stack": waiting_py,
         "threshold_s": round(threshold / 1e9, 3),
     }

@@ -127,7 +127,10 @@ def diagnose(
         e = recording_end_ns(rec)
         if e is not None:
             ends[rec.host] = max(ends.get(rec.host, e), e) + offsets.get(rec.host, 0)
-    hangs = hang.detect_hangs(tl, coll, stacks, ends, hang_after_s, step_ns or None)
+    pys = [r.pystacks for r in recordings if getattr(r, "pystacks", None) is not None
+           and r.pystacks.height]  # fmt: skip
+    pystacks = pl.concat(pys, how="vertical_relaxed") if pys else None
+    hangs = hang.detect_hangs(tl, coll, stacks, ends, hang_after_s, step_ns or None, pystacks)
     on_cpu = stacks.filter(pl.col("state").is_null() | (pl.col("state") != "off_cpu"))
     hotspots = hotspot.detect_hotspots(on_cpu, windows, stragglers)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from argus.collect import pystacks as pystacks_mod
 from argus.collect.nvml import GpuSampler, disabled
 from argus.collect.tracer import TraceOptions, Tracer
 from argus.errors import KernelFeatureMissing, OutputNotWritable, ProbeAttachFailed
@@ -62,6 +63,22 @@ def check_kernel_features() -> None:
         )
 
 
+def _hang_pystacks(manifest: dict, events, after_s: float | None):
+    """When some rank still had a call in flight for >= after_s at the end (a likely hang),
+    dump the Python stacks of every live traced rank (pystacks.parquet); else nothing (the
+    dump pauses each process for a few ms, so it is taken only when it can explain a hang)."""
+    if after_s is None:
+        return None
+    blocked = pystacks_mod.blocked_tgids(events, int(manifest["ended_ns"]), after_s)
+    if not blocked:
+        return None
+    live = [r for r in manifest.get("ranks", []) if not r.get("exited")]
+    frame, meta = pystacks_mod.capture_ranks(live)
+    meta["blocked_tgids"] = blocked
+    manifest["pystacks"] = meta
+    return frame if meta.get("taken") else None
+
+
 def run_session(
     tgids: list[int],
     output: Path,
@@ -69,6 +86,7 @@ def run_session(
     duration_s: float | None = None,
     on_started: Callable[[Tracer], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    pystacks_after_s: float | None = pystacks_mod.HANG_CAPTURE_AFTER_S,
 ) -> SessionResult:
     """Attach to tgids, trace until a stop condition, write the recording to `output`."""
     check_kernel_features()
@@ -125,7 +143,9 @@ def run_session(
         if not manifest["channels"]["gpu"]:
             gpu_frame = None  # no gpu.parquet: the manifest line says why
         host_frame = tracer.host_frame() if "host" in opts.channels else None
-        path = write_recording(output, manifest, events, stacks, gpu=gpu_frame, host=host_frame)
+        py_frame = _hang_pystacks(manifest, events, pystacks_after_s)
+        path = write_recording(output, manifest, events, stacks, gpu=gpu_frame, host=host_frame,
+                               pystacks=py_frame)  # fmt: skip
         ok = True
         return SessionResult(path, manifest)
     finally:

@@ -38,6 +38,8 @@ class Recording:
     path: Path | None = field(default=None)
     gpu: pl.DataFrame = field(default_factory=schema.empty_gpu)  # gpu.parquet; empty if absent
     host_ctx: pl.DataFrame = field(default_factory=schema.empty_host)  # host.parquet; empty if absent
+    # pystacks.parquet (Python stacks dumped at the end of a hung session); empty if absent
+    pystacks: pl.DataFrame = field(default_factory=schema.empty_pystacks)
 
     @property
     def host(self) -> str:
@@ -78,6 +80,7 @@ def write_recording(
     stacks: pl.DataFrame | None = None,
     gpu: pl.DataFrame | None = None,
     host: pl.DataFrame | None = None,
+    pystacks: pl.DataFrame | None = None,
 ) -> Path:
     """Write `manifest.json`, `events.parquet`, `stacks.parquet` (and `gpu.parquet` when
     `gpu` is given, `host.parquet` when `host` is given) into `directory`.
@@ -98,12 +101,14 @@ def write_recording(
     st = coerce(st, schema.STACKS_SCHEMA, "stacks")
     gp = coerce(gpu, schema.GPU_SCHEMA, "gpu") if gpu is not None else None
     hc = coerce(host, schema.HOST_SCHEMA, "host") if host is not None else None
+    ps = coerce(pystacks, schema.PYSTACKS_SCHEMA, "pystacks") if pystacks is not None else None
     try:
         for name, writer in (
             (schema.EVENTS, lambda p: ev.write_parquet(p)),
             (schema.STACKS, lambda p: st.write_parquet(p)),
             *([(schema.GPU, lambda p: gp.write_parquet(p))] if gp is not None else []),
             *([(schema.HOST, lambda p: hc.write_parquet(p))] if hc is not None else []),
+            *([(schema.PYSTACKS, lambda p: ps.write_parquet(p))] if ps is not None else []),
             (schema.MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str))),
         ):
             target = path / name
@@ -201,5 +206,10 @@ def load_recording(directory: str | os.PathLike[str]) -> Recording:
         host = coerce(host, schema.HOST_SCHEMA, str(hpath))
     else:
         host = schema.empty_host()
+    ppath = path / schema.PYSTACKS
+    if ppath.exists():  # optional: only a session that ended with ranks blocked has it
+        pystacks = coerce(_read_parquet(ppath, "pystacks"), schema.PYSTACKS_SCHEMA, str(ppath))
+    else:
+        pystacks = schema.empty_pystacks()
     return Recording(manifest=manifest, events=events, stacks=stacks, path=path, gpu=gpu,
-                     host_ctx=host)  # fmt: skip
+                     host_ctx=host, pystacks=pystacks)  # fmt: skip

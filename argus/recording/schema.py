@@ -8,6 +8,8 @@ A recording is a directory:
 - `gpu.parquet`     NVML samples per device, joined to ranks (see `GPU_SCHEMA`); optional
 - `host.parquet`    host context per interval: CPU contention, TCP retransmits, OOM kills,
                     block I/O latency (see `HOST_SCHEMA`); optional (channel `host`)
+- `pystacks.parquet` Python + native stacks of every thread of every rank, dumped once when
+                    the session ended with ranks blocked (see `PYSTACKS_SCHEMA`); optional
 
 Times are node CLOCK_MONOTONIC nanoseconds (`ts_ns`); `manifest["clock"]["mono_to_wall_ns"]`
 converts them to wall time (`argus.recording.clock.mono_to_wall`). Several recordings of one job
@@ -27,6 +29,7 @@ EVENTS = "events.parquet"
 STACKS = "stacks.parquet"
 GPU = "gpu.parquet"
 HOST = "host.parquet"
+PYSTACKS = "pystacks.parquet"
 
 # Channels of events.parquet.
 CHANNELS = ("cuda", "nccl", "torch", "proc")
@@ -118,6 +121,22 @@ HOST_SCHEMA: dict[str, pl.DataType] = {
     "total_ns": pl.Int64,  # runnable wait | 0 | 0 | summed request latency
 }
 
+# Python + native stacks (argus.collect.pystacks, py-spy), one row per thread of a traced rank,
+# taken once at the end of a session that ended with calls in flight for long (a hang).
+PYSTACKS_SCHEMA: dict[str, pl.DataType] = {
+    "ts_ns": pl.Int64,  # when the dump was taken, node monotonic ns
+    "tgid": pl.Int32,
+    "tid": pl.Int32,
+    "rank": pl.Int32,
+    "thread": pl.Utf8,  # thread name (py-spy's Python name, else comm)
+    "state": pl.Utf8,  # running | idle (py-spy) | sleeping | disk-wait | ... (/proc)
+    "wchan": pl.Utf8,  # kernel function the thread sleeps in, when it sleeps
+    "functions": pl.List(pl.Utf8),  # innermost first
+    "files": pl.List(pl.Utf8),  # same length; null for frames without a file
+    "lines": pl.List(pl.Int32),  # same length; null where unknown
+    "kinds": pl.List(pl.Utf8),  # same length: python | native | kernel
+}
+
 # Top-level keys every manifest.json has.
 MANIFEST_KEYS = (
     "format",  # FORMAT
@@ -137,6 +156,7 @@ MANIFEST_KEYS = (
     "counts",  # {"events": {channel: int}, "stack_samples": int}
 )
 # Optional: "gpu": {"available": bool, "reason"?, "devices", "unsupported", ...} (docs/gpu.md)
+# Optional: "pystacks": {"taken": bool, "reason": str, "notes": {tgid: str}} (docs/stacks.md)
 # Optional: "host": {"enabled": bool, "tracepoints": {name: "attached" | reason}} (docs/attach.md)
 
 
@@ -154,3 +174,7 @@ def empty_gpu() -> pl.DataFrame:
 
 def empty_host() -> pl.DataFrame:
     return pl.DataFrame(schema=HOST_SCHEMA)
+
+
+def empty_pystacks() -> pl.DataFrame:
+    return pl.DataFrame(schema=PYSTACKS_SCHEMA)
