@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node=2 tests/bpf/ddp_train.py --steps 13 --go GO --truth DIR
              [--slow-rank R --slow-ms MS] [--compute-ms MS] [--warmup-steps W]
+             [--hang-rank R --hang-step S]
 
 Each rank imports torch, joins the gloo process group, wraps a tiny model in DDP (its
 parameter broadcast happens here), runs W warm-up steps (default 0), writes
@@ -15,6 +16,9 @@ each step (a named function a CPU-stack diagnosis can point at). `--compute-ms M
 EVERY rank wait MS ms in `model_compute()` each step (a sleep, as a host waiting for its
 GPU: a realistic step length, so that scheduling hiccups of a shared host are small
 against it).
+`--hang-rank R --hang-step S` makes rank R block forever in `stuck_in_data_loading()` (a
+sleep: off-CPU, as a rank waiting on a dead data loader) before the forward of step S, so
+the other ranks wait in that step's allreduce; it writes DIR/hung.<rank> first.
 At the end each rank writes its ground truth to DIR/truth.<rank>.json.
 """
 
@@ -34,6 +38,13 @@ def slow_rank_compute(ms: float) -> int:
     while time.thread_time() < end:
         n += 1
     return n
+
+
+def stuck_in_data_loading(truth: Path, rank: int) -> None:
+    """`--hang-rank`: never returns (a rank whose input pipeline is stuck)."""
+    (truth / f"hung.{rank}").write_text(str(os.getpid()))
+    while True:
+        time.sleep(3600)
 
 
 def model_compute(ms: float) -> None:
@@ -63,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow-rank", type=int, default=-1)
     ap.add_argument("--slow-ms", type=float, default=0.0)
     ap.add_argument("--compute-ms", type=float, default=0.0, help="CPU work of every rank")
+    ap.add_argument("--hang-rank", type=int, default=-1)
+    ap.add_argument("--hang-step", type=int, default=-1)
     ap.add_argument(
         "--wait-at",
         choices=("step", "ddp"),
@@ -103,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         wait_go()
 
     losses = []
-    for _ in range(args.steps):
+    for step in range(args.steps):
+        if rank == args.hang_rank and step == args.hang_step:
+            stuck_in_data_loading(truth, rank)
         if args.compute_ms > 0:
             model_compute(args.compute_ms)
         if rank == args.slow_rank:
