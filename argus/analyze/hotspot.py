@@ -13,6 +13,12 @@ Scopes: a straggler in a window (its samples in the window vs its samples elsewh
 the other ranks' samples when it has fewer than MIN_SAMPLES elsewhere), a
 straggler throughout (its samples vs the other ranks'), and an anomalous window without a
 straggler (all ranks in the window vs elsewhere).
+
+Python frames: a frame whose module is "py:FILE:FIRSTLINE" (`PY_MODULE`, docs/stacks.md) is a
+Python function of the interpreter's frame chain. When a sample carries Python frames, it is
+charged to them only ("fn (file.py:line)"), innermost first: the interpreter's own C frames
+(`_PyEval_EvalFrameDefault`, ...), which a statically linked python3 does not put in a `.so`,
+would otherwise name the interpreter instead of the training code.
 """
 
 from __future__ import annotations
@@ -34,8 +40,31 @@ IDLE = frozenset(
 WAIT_PREFIXES = ("cuda", "cuStream", "cuCtx", "cuEvent", "cuMemcpy", "nccl", "argus_sim_")
 
 
+PY_MODULE = "py:"
+
+
+def python_label(fn: str, mod: str) -> str:
+    """"fn (file.py:line)" for a Python frame whose module is "py:/path/file.py:line"."""
+    path, _, line = mod[len(PY_MODULE) :].rpartition(":")
+    if not path:
+        path, line = line, ""
+    base = path.rsplit("/", 1)[-1]
+    return f"{fn} ({base}:{line})" if line else f"{fn} ({base})"
+
+
+def _python_frames(functions: list[str], modules: list[str | None]) -> list[str]:
+    out = []
+    for fn, mod in zip(functions, modules, strict=False):
+        if fn is not None and mod and mod.startswith(PY_MODULE):
+            label = python_label(fn, mod)
+            if label not in out:
+                out.append(label)
+    return out
+
+
 def attribute(functions: list[str] | None, modules: list[str] | None) -> str | None:
-    """The function one sample is charged to (None: idle, waiting, or kernel only)."""
+    """The function one sample is charged to (None: idle, waiting, or kernel only); the
+    innermost Python frame when the sample has Python frames."""
     if not functions:
         return None
     modules = list(modules or [None] * len(functions))
@@ -50,6 +79,9 @@ def attribute(functions: list[str] | None, modules: list[str] | None) -> str | N
         if mod == "[kernel]" or fn in IDLE:
             continue
         user.append((fn, mod))
+    py = _python_frames(functions, modules)
+    if py and user:
+        return py[0]
     for fn, mod in user:
         if not mod or ".so" not in mod:
             return fn
@@ -60,6 +92,9 @@ def _own_frames(functions: list[str], modules: list[str] | None) -> list[str]:
     """The program's own frames of a sample, leaf first (no shared library, kernel, idle)."""
     modules = list(modules or [])
     modules += [None] * (len(functions) - len(modules))
+    py = _python_frames(functions, modules)
+    if py:
+        return py
     out = []
     for fn, mod in zip(functions, modules, strict=False):
         if fn is None or mod == "[kernel]" or fn in IDLE or (mod and ".so" in mod):

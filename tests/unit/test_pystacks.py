@@ -127,3 +127,21 @@ def test_recorded_hang_names_the_missing_ranks_python_function(tmp_path):
              if f["kind"] == "collective_hang"]  # fmt: skip
     assert h0["missing_python_stacks"] == [] and h0["waiting_python_stack"] is None
     assert "rank 3 is in cpu_busy" in h0["summary"]
+
+
+def test_hotspot_attribution_prefers_the_innermost_python_frame():
+    from argus.analyze.hotspot import _own_frames, attribute
+
+    fns = ["do_syscall_64", "_PyEval_EvalFrameDefault", "burn", "_PyEval_EvalFrameDefault",
+           "main", "_start"]  # fmt: skip
+    mods = ["[kernel]", "/usr/bin/python3.11", "py:/job/train.py:12", "/usr/bin/python3.11",
+            "py:/job/train.py:40", "/usr/bin/python3.11"]  # fmt: skip
+    assert attribute(fns, mods) == "burn (train.py:12)"
+    assert _own_frames(fns, mods) == ["burn (train.py:12)", "main (train.py:40)"]
+    # no Python frames: as before (the leaf-most frame outside a shared library)
+    assert attribute(["_PyEval_EvalFrameDefault", "x"], ["/usr/bin/python3.11", None]) == (
+        "_PyEval_EvalFrameDefault"
+    )
+    # waiting in the CUDA API stays unattributed even under Python frames
+    assert attribute(["cudaStreamSynchronize", "step"], ["libcudart.so.12",
+                                                         "py:/job/train.py:3"]) is None
