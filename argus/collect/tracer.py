@@ -579,6 +579,86 @@ class Tracer:
     def all_exited(self) -> bool:
         return bool(self.targets) and all(t.exited for t in self.targets.values())
 
+    # -- node-wide service (argus daemon): targets added while running, incremental drain ---
+    def add_target(self, tgid: int) -> bool:
+        """Trace one more process while running (a rank found by `argus daemon`'s scan).
+        False when it is argus itself, already watched, or gone."""
+        if tgid in self.targets or tgid == os.getpid():
+            return False
+        try:
+            procfs.process_state(tgid, self.opts.proc_root)
+        except TargetNotFound:
+            return False
+        self._watch(tgid, launcher=False)
+        self._hot[tgid] = time.monotonic() + HOT_RESCAN_S
+        return True
+
+    def probes_of(self, tgid: int) -> int:
+        """Probe-table entries (symbols probed) in one traced process."""
+        t = self.targets.get(tgid)
+        return sum(len(a.keys) for a in t.attached.values()) if t else 0
+
+    @property
+    def mono_to_wall_ns(self) -> int:
+        return self._mono_to_wall
+
+    def drops(self) -> dict[str, int]:
+        return self._drops()
+
+    def drain(self) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+        """What was recorded since the last drain, without stopping: (events decoded so far
+        with the lifecycle rows, calls in flight now, new stack rows, new host rows).
+        Drained rows leave memory; `finish` then returns only what came after."""
+        n = len(self.proc_events)
+        self.session.consume()
+        self._handle_proc_events(n)
+        for t in self.targets.values():
+            if t.rank is not None:
+                self.ctx.rank_of[t.tgid] = t.rank
+        blobs, self.blobs = self.blobs, []
+        procs, self.proc_events = self.proc_events, []
+        stack_rows, self.stack_rows = self.stack_rows, []
+        host_rows, self.host_rows = self.host_rows, []
+        events = decode_records(blobs, self.ctx)
+        proc_rows = [
+            {"ts_ns": e["ts_ns"], "tgid": e["tgid"] if e["what"] != abi.PROC_FORK else e["child"],
+             "tid": e["tgid"], "rank": self.ctx.rank_of.get(e["tgid"]), "channel": "proc",
+             "name": {abi.PROC_FORK: "fork", abi.PROC_EXEC: "exec", abi.PROC_EXIT: "exit"}[e["what"]],
+             "in_flight": False}
+            for e in procs
+            if e["what"] != abi.PROC_FORK or e["child"] in self.targets
+        ]  # fmt: skip
+        frames = [f for f in (events, rows_to_frame(proc_rows)) if f.height]
+        events = pl.concat(frames, how="vertical_relaxed").sort("ts_ns") if frames else (
+            schema.empty_events())  # fmt: skip
+        work = {r.name for r in self.probe_refs.values() if r.spec.kind == "pg_work"}
+        done = {r.name for r in self.probe_refs.values() if r.spec.kind == "pg_work_done"}
+        events = pair_completions(events, work, done)
+        inflight = self._inflight_rows() if self.specs else schema.empty_events()
+        stacks = pl.DataFrame(stack_rows, schema=schema.STACKS_SCHEMA) if stack_rows else (
+            schema.empty_stacks())  # fmt: skip
+        host = pl.DataFrame([{**r, "rank": self.ctx.rank_of.get(r["tgid"])} for r in host_rows],
+                            schema=schema.HOST_SCHEMA) if host_rows else schema.empty_host()
+        return events, inflight, stacks, host
+
+    def forget_exited(self) -> list[int]:
+        """Drop the state of processes that had already exited at the previous call (their
+        last stacks are symbolized by now): a long-running tracer does not grow with every
+        job that came and went. Returns the tgids forgotten."""
+        gone = [tgid for tgid in getattr(self, "_exited_before", ()) if tgid in self.targets
+                and self.targets[tgid].exited]  # fmt: skip
+        for tgid in gone:
+            del self.targets[tgid]
+            self._hot.pop(tgid, None)
+            self.ctx.rank_of.pop(tgid, None)
+            self.ctx.devices.pop(tgid, None)
+        if gone:
+            drop = set(gone)
+            self._sym_cache = {k: v for k, v in self._sym_cache.items() if k[0] not in drop}
+            self._host_prev = {k: v for k, v in self._host_prev.items() if k[1] not in drop}
+        self._exited_before = {t.tgid for t in self.targets.values() if t.exited}
+        return gone
+
     # -- CPU stacks ------------------------------------------------------------------------
     def _drain_stacks(self, now: float, final: bool = False) -> None:
         s = self.session
@@ -791,7 +871,8 @@ class Tracer:
             "end_reason": end_reason,
             "sample_hz": self.opts.sample_hz if "cpu" in self.opts.channels else 0,
             "channels": {c: c in self.opts.channels for c in ("cuda", "nccl", "torch", "cpu", "host")},
-            "host": {"enabled": "host" in self.opts.channels, "tracepoints": dict(self.host_status)},
+            "host_context": {"enabled": "host" in self.opts.channels,
+                             "tracepoints": dict(self.host_status)},
             "ranks": [
                 {
                     "rank": t.rank,

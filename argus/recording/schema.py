@@ -157,7 +157,7 @@ MANIFEST_KEYS = (
 )
 # Optional: "gpu": {"available": bool, "reason"?, "devices", "unsupported", ...} (docs/gpu.md)
 # Optional: "pystacks": {"taken": bool, "reason": str, "notes": {tgid: str}} (docs/stacks.md)
-# Optional: "host": {"enabled": bool, "tracepoints": {name: "attached" | reason}} (docs/attach.md)
+# Optional: "host_context": {"enabled": bool, "tracepoints": {name: "attached" | reason}} (docs/attach.md)
 
 
 def empty_events() -> pl.DataFrame:

@@ -76,7 +76,7 @@ def test_cpu_hog_on_a_ranks_cpu_is_named(tmp_path):
         for p in hog:
             p.kill()
             p.wait()
-    assert rec.manifest["host"]["tracepoints"]["sched:sched_switch"] == "attached"
+    assert rec.manifest["host_context"]["tracepoints"]["sched:sched_switch"] == "attached"
     h = rec.host_ctx.filter(pl.col("kind") == "cpu_contention")
     mine = h.filter(pl.col("rank") == 1).group_by("detail").agg(pl.col("total_ns").sum())
     top = mine.sort("total_ns", descending=True)["detail"][0]
