@@ -17,7 +17,7 @@ from argus import __version__
 from argus.errors import ArgusError
 
 # Subcommand modules; each exposes `command`, a click.Command.
-_COMMANDS = ("doctor", "attach", "report", "export", "demo", "summarize", "stacks")
+_COMMANDS = ("doctor", "attach", "report", "export", "demo", "summarize", "stacks", "daemon", "top")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,0 +1,141 @@
+"""The live state of jobs (`argus.live/1`): what `argus top` shows and the daemon exports.
+
+`job_view(job, recording, summaries, report)` turns the recent window of one job (a
+recording, its per-rank-per-step summaries and its diagnosis) into one JSON-ready dict:
+per rank the recent step time, compute vs wait, arrival lateness, the last collective and
+its sequence number, the hottest CPU frame, and the straggler / hang flags of the report.
+The daemon serves a list of these as `GET /state`; `argus top` renders them; readers
+(`argus.present.top`) produce the same dict from a recording, so the view is tested on
+recorded data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from argus.recording.io import Recording
+from argus.recording.summaries import Summaries
+
+SCHEMA = "argus.live/1"
+RECENT_STEPS = 5  # the per-rank numbers are medians over the rank's last RECENT_STEPS steps
+
+
+def _ms(ns: float | None) -> float | None:
+    return None if ns is None else round(float(ns) / 1e6, 3)
+
+
+def _hot_frames(stacks: pl.DataFrame) -> dict[int, str]:
+    """rank -> the user frame that is the leaf of most on-CPU samples (kernel frames and
+    frames without a name skipped)."""
+    if not stacks.height:
+        return {}
+    st = stacks.filter(
+        pl.col("rank").is_not_null() & (pl.col("state").is_null() | (pl.col("state") != "off_cpu"))
+    )
+    out: dict[int, str] = {}
+    counts: dict[int, dict[str, int]] = {}
+    for rank, count, functions, modules in st.select("rank", "count", "functions",
+                                                     "modules").rows():  # fmt: skip
+        leaf = None
+        for fn, mod in zip(functions or [], modules or [], strict=False):
+            if mod != "[kernel]" and fn and "+0x" not in fn and not fn.startswith("["):
+                leaf = fn
+                break
+        if leaf is None:
+            continue
+        per = counts.setdefault(int(rank), {})
+        per[leaf] = per.get(leaf, 0) + int(count or 0)
+    for rank, per in counts.items():
+        out[rank] = max(per.items(), key=lambda kv: (kv[1], kv[0]))[0]
+    return out
+
+
+def _last_collectives(summ: Summaries) -> dict[int, tuple[str | None, int | None]]:
+    out: dict[int, tuple[str | None, int | None]] = {}
+    if not summ.tail.height:
+        return out
+    for rank, comms in summ.tail.select("rank", "comms").rows():
+        best = None
+        for c in comms or []:
+            if c.get("gseq") is not None and (best is None or c["gseq"] > best["gseq"]):
+                best = c
+        if rank is not None:
+            out[int(rank)] = (best["op"], int(best["gseq"])) if best else (None, None)
+    return out
+
+
+def job_view(job: str, rec: Recording, summ: Summaries, report: dict[str, Any],
+             probes: dict[int, int] | None = None, exited: set[int] | None = None,
+             ) -> dict[str, Any]:  # fmt: skip
+    """One job's live state (see the module doc). `probes`: tgid -> probes attached;
+    `exited`: tgids known to have exited."""
+    probes = probes or {}
+    exited = exited or set()
+    steps = summ.steps
+    hot = _hot_frames(rec.stacks)
+    last = _last_collectives(summ)
+    stragglers = {f["rank"]: f for f in report.get("findings", []) if f.get("kind") == "straggler"
+                  and f.get("severity") in ("warning", "critical")}  # fmt: skip
+    hangs = [f for f in report.get("findings", []) if f.get("kind") == "collective_hang"]
+    waited: dict[int, float] = {}
+    hung_missing: set[int] = set()
+    for h in hangs:
+        for w in h.get("waiting") or []:
+            waited[w["rank"]] = max(waited.get(w["rank"], 0.0), w.get("waited_s") or 0.0)
+        hung_missing.update(h.get("missing_ranks") or [])
+    ranks = []
+    for r in report.get("ranks", []):
+        rank = r["rank"]
+        mine = steps.filter(pl.col("rank") == rank).sort("step").tail(RECENT_STEPS) if (
+            steps.height) else steps  # fmt: skip
+
+        def med(col: str, mine: pl.DataFrame = mine) -> float | None:
+            v = mine[col].drop_nulls() if mine.height else None
+            return float(v.median()) if v is not None and len(v) else None
+
+        step_ns = med("step_time_ns")
+        wait_ns = None
+        if mine.height:
+            w = mine.select((pl.col("coll_wait_ns").fill_null(0) + pl.col("sync_wait_ns")
+                             .fill_null(0) + pl.col("compute_wait_ns").fill_null(0))
+                            .alias("w"))["w"]  # fmt: skip
+            wait_ns = float(w.median())
+        op, seq = last.get(rank, (None, None))
+        s = stragglers.get(rank)
+        tgid = r.get("tgid")
+        ranks.append({
+            "rank": rank, "tgid": tgid, "host": r.get("host"), "steps": r.get("steps", 0),
+            "step_time_ms": _ms(step_ns),
+            "compute_ms": _ms(None if step_ns is None or wait_ns is None
+                              else max(0.0, step_ns - wait_ns)),
+            "wait_ms": _ms(wait_ns),
+            "coll_wait_ms": _ms(med("coll_wait_ns")),
+            "lateness_ms": _ms(med("lateness_ns")),
+            "last_collective": op, "last_seq": seq,
+            "hot_frame": hot.get(rank),
+            "straggler": s is not None,
+            "straggler_score": round(float(s["score"]), 3) if s and s.get("score") is not None
+            else 0.0,
+            "hang": rank in waited or rank in hung_missing,
+            "hang_waited_s": waited.get(rank, 0.0),
+            "probes": probes.get(tgid, 0) if tgid is not None else 0,
+            "exited": tgid in exited,
+        })  # fmt: skip
+    return {
+        "job": job,
+        "host": rec.host,
+        "ranks": ranks,
+        "steps": report.get("steps", {}),
+        "findings": [
+            {k: f.get(k) for k in ("kind", "severity", "summary", "rank", "score") if k in f}
+            for f in report.get("findings", [])
+        ][:10],  # fmt: skip
+        "drops": report.get("drops", {}),
+    }
+
+
+def node_state(host: str, jobs: list[dict[str, Any]], now_ns: int, **extra: Any) -> dict:
+    """The whole node's state: {"schema", "host", "now_ns", "jobs": [job_view...], ...}."""
+    return {"schema": SCHEMA, "host": host, "now_ns": now_ns, "jobs": jobs, **extra}
