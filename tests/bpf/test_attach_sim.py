@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from argus.collect.session import run_session
 from argus.collect.tracer import TraceOptions
 from argus.recording.io import load_recording
+from argus.recording.schema import MANIFEST_KEYS
 from argus.sim.launcher import SimConfig, start_job
 
 pytestmark = pytest.mark.bpf
@@ -67,6 +69,8 @@ def test_every_rank_is_identified(traced):
         libs = {lib["name"] for lib in by_tgid[r["tgid"]]["libraries"]}
         assert {"libcudart", "libnccl", "libcuda"} <= libs
     assert rec.manifest["end_reason"] == "targets_exited"
+    assert rec.manifest["host"] == socket.gethostname()  # the hostname, nothing else
+    assert set(MANIFEST_KEYS) <= set(rec.manifest)
 
 
 def test_recorded_counts_equal_truth_for_every_probed_symbol(traced):
