@@ -21,6 +21,7 @@ Cause `gpu` when the compute-wait metric flags the rank, else `host`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from statistics import median
 from typing import Any
 
@@ -83,10 +84,17 @@ def _median_of(m: pl.DataFrame, col: str, rank: int, own: bool) -> float | None:
 
 
 def detect_stragglers(
-    metrics: pl.DataFrame, windows: list[dict[str, Any]], step_ns: float
+    metrics: pl.DataFrame,
+    windows: list[dict[str, Any]],
+    step_ns: float,
+    score: Callable[..., dict[int, dict[str, float]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Straggler findings (see module doc), at most one per rank: its strongest scope (GPU
-    over host cause, then the whole recording over a window, then the score)."""
+    over host cause, then the whole recording over a window, then the score).
+
+    `score` replaces the per-rank scoring (`_score`): the summary path passes a vectorised
+    implementation with the same values (argus.analyze.summary.fast_score)."""
+    _score_fn = score or _score
     if metrics.height == 0 or metrics["rank"].n_unique() < 2 or step_ns <= 0:
         return []
     scopes: list[tuple[dict[str, Any] | None, pl.DataFrame]] = [(None, metrics)]
@@ -114,7 +122,7 @@ def detect_stragglers(
                  metrics.filter(pl.col("step").is_between(peak[0], peak[-1])))
             )  # fmt: skip
     best: dict[int, dict[str, Any]] = {}
-    whole = {col: _score(metrics, col, step_ns) for col, _ in METRICS}
+    whole = {col: _score_fn(metrics, col, step_ns) for col, _ in METRICS}
     for window, m in scopes:
         window_excess = 0.0  # how much longer the window's steps are than the baseline
         if window is not None:
@@ -129,7 +137,7 @@ def detect_stragglers(
         scored = {
             col: whole[col]
             if window is None
-            else _score(m, col, step_ns, {r: x["noise_ns"] for r, x in whole[col].items()})
+            else _score_fn(m, col, step_ns, {r: x["noise_ns"] for r, x in whole[col].items()})
             for col, _ in METRICS
         }
         for col, cause in METRICS:

@@ -23,7 +23,6 @@ of <= `MAX_PEAKS` values are stored exactly.
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -381,20 +380,10 @@ def fast_score(
     return out
 
 
-_SCORE_LOCK = threading.Lock()
-
-
 def _detect_stragglers(metrics, windows, step_ns):
     """straggler.detect_stragglers with its per-rank scoring vectorised (`fast_score`: the
-    same numbers; the reference loops are quadratic in ranks per step). The module's scoring
-    function is swapped for the call only, under a lock."""
-    with _SCORE_LOCK:
-        ref = straggler._score
-        straggler._score = fast_score
-        try:
-            return straggler.detect_stragglers(metrics, windows, step_ns)
-        finally:
-            straggler._score = ref
+    same numbers; the reference loops are quadratic in ranks per step)."""
+    return straggler.detect_stragglers(metrics, windows, step_ns, score=fast_score)
 
 
 def _coll_frame(steps: pl.DataFrame) -> pl.DataFrame:
