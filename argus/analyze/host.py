@@ -191,9 +191,10 @@ def _other_findings(h: pl.DataFrame, stragglers, rank_of_tgid) -> list[dict[str,
             total = int(g["count"].sum())
             by_rank = g.filter(pl.col("rank").is_not_null()).group_by("rank").agg(pl.col("count").sum())
             ranks = {int(r): int(n) for r, n in by_rank.rows()}
-            hit = sorted(set(ranks) & strag_ranks) or sorted(
-                r for r in strag_ranks if host in strag_hosts
-            )
+            # A warning only when the straggler's own process retransmits: node-wide counts
+            # come from every process on the node (package mirrors, other jobs) and explain
+            # nothing about a rank by themselves (info).
+            hit = sorted(set(ranks) & strag_ranks)
             peers = g.group_by("detail").agg(pl.col("count").sum()).sort("count", descending=True)
             findings.append(
                 {
