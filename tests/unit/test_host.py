@@ -164,3 +164,10 @@ def test_hang_prefers_the_missing_ranks_off_cpu_stack():
     # on-CPU views ignore off-CPU rows
     assert [s["function"] for s in hang.latest_stacks(stacks, 1)] == ["cpu_busy"]
     assert hang.latest_offcpu(stacks, 0) is None
+
+
+def test_node_wide_retransmits_alone_are_info():
+    rows = [{"tgid": 0, "kind": "tcp_retransmit", "detail": "10.0.0.3:22", "count": 5}]
+    found = host_context.detect([_rec(_host_rows(rows))], _steps(), [_straggler()], 60 * MS)
+    tcp = next(f for f in found if f["kind"] == "tcp_retransmits")
+    assert (tcp["count"], tcp["severity"]) == (5, "info")
