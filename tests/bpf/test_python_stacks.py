@@ -39,6 +39,8 @@ parked_in_named_function()
 '''
 DEBIAN = "/usr/bin/python3.11"
 PYENV = "/root/.pyenv/versions/3.11.7/bin/python3.11"
+PYENV_310 = "/root/.pyenv/versions/3.10.13/bin/python3.10"
+PYENV_312 = "/root/.pyenv/versions/3.12.1/bin/python3.12"
 
 
 def _line_of(text: str, needle: str) -> int:
@@ -51,7 +53,7 @@ def _need_py_spy():
         pytest.skip("py-spy is not installed: `make setup` (pip install py-spy)")
 
 
-@pytest.mark.parametrize("python", [DEBIAN, PYENV])
+@pytest.mark.parametrize("python", [DEBIAN, PYENV, PYENV_310, PYENV_312])
 def test_stacks_of_a_python_process(tmp_path, python, capsys):
     if not Path(python).exists():
         pytest.skip(f"{python} is not on this machine")
