@@ -10,7 +10,7 @@ plain dicts only: it imports neither the analysers nor the collectors.
 |---|---|
 | straggler, bubble | `straggler` on each faulty rank |
 | throttle | `gpu_throttle` or `straggler` on each faulty rank (1) |
-| host_stall | `straggler` on the rank |
+| host_stall | `straggler` or `cpu_hotspot` (its data loading) on the rank |
 | jit_stall | `straggler` or `cpu_hotspot` on the rank |
 | link | `collective_stall` |
 | hang | `collective_hang` whose `missing_ranks` are the hung ranks |
@@ -29,7 +29,7 @@ KINDS = {
     "straggler": ("straggler",),
     "throttle": ("gpu_throttle", "straggler"),
     "bubble": ("straggler",),
-    "host_stall": ("straggler",),
+    "host_stall": ("straggler", "cpu_hotspot"),  # the hotspot names its data loading
     "jit_stall": ("straggler", "cpu_hotspot"),
     "link": ("collective_stall",),
     "hang": ("collective_hang",),
