@@ -8,11 +8,13 @@ from pathlib import Path
 import click
 
 from argus.analyze.report import DEFAULT_HANG_AFTER_S, diagnose
+from argus.analyze.summary import build_summaries
 from argus.collect.session import default_output_dir, run_session
-from argus.collect.tracer import Tracer, TraceOptions
+from argus.collect.tracer import TraceOptions, Tracer
 from argus.errors import UsageError
 from argus.present.render import print_report
 from argus.recording.io import load_recording
+from argus.recording.summaries import write_summaries
 
 
 def channels_from_flags(no_cuda: bool, no_nccl: bool, no_torch: bool, no_cpu: bool,
@@ -31,7 +33,9 @@ def describe_targets(tracer: Tracer) -> str:
     if ranks:
         parts.append(
             f"{len(ranks)} rank process(es) "
-            + ", ".join(f"{t.tgid}" + (f" (rank {t.rank})" if t.rank is not None else "") for t in ranks)
+            + ", ".join(
+                f"{t.tgid}" + (f" (rank {t.rank})" if t.rank is not None else "") for t in ranks
+            )
         )
     if launchers:
         parts.append(f"launcher(s) {', '.join(map(str, launchers))} (their new ranks too)")
@@ -70,6 +74,16 @@ def summary_lines(manifest: dict, path: Path) -> list[str]:
     return lines
 
 
+def write_summary_files(recording) -> None:
+    """DIR/summaries/: what the diagnosis needs per rank per step, kept when the raw events
+    are not (docs/scaling.md). A failure here is a warning: the recording is already safe."""
+    try:
+        summ = build_summaries([recording])
+        write_summaries(recording.path, summ)
+    except Exception as e:  # noqa: BLE001 - never lose a finished recording over its summary
+        click.echo(f"argus: WARNING: could not write summaries: {e}", err=True)
+
+
 @click.command(
     "attach",
     epilog="""\b
@@ -105,9 +119,11 @@ Examples:
 @click.option("--hang-after", type=float, default=DEFAULT_HANG_AFTER_S, show_default=True,
               metavar="SECONDS", help="Blocked this long at the end = hung (diagnosis).")
 @click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as one JSON object.")
+@click.option("--no-summaries", is_flag=True,
+              help="Do not write the per-rank-per-step summaries (DIR/summaries/).")
 def command(pids, duration, output, frequency, no_cuda, no_nccl, no_torch, no_cpu,
             ringbuf_mb, hang_after, as_json, no_gpu=False, gpu_interval=1.0,
-            no_host=False) -> int:  # fmt: skip
+            no_host=False, no_summaries=False) -> int:  # fmt: skip
     """Trace running training processes (ranks, or a launcher such as torchrun).
 
     Probes the CUDA runtime and driver, NCCL and PyTorch c10d in every rank, samples CPU
@@ -142,7 +158,10 @@ def command(pids, duration, output, frequency, no_cuda, no_nccl, no_torch, no_cp
     result = run_session(list(pids), output, opts, duration, on_started=started)
     for line in summary_lines(result.manifest, result.path):
         click.echo(f"argus: {line}", err=True)
-    report = diagnose([load_recording(result.path)], hang_after_s=hang_after)
+    recording = load_recording(result.path)
+    if not no_summaries:
+        write_summary_files(recording)
+    report = diagnose([recording], hang_after_s=hang_after)
     if as_json:
         click.echo(json.dumps(report, default=str))
     else:
