@@ -1,0 +1,333 @@
+"""argus daemon on the simulator: a job started after the daemon is traced without any
+command, its straggler shows in /metrics, in a real Prometheus and in `argus top --daemon`;
+targets killed, the daemon killed, and many short jobs in a row leave nothing behind.
+
+Every daemon here traces only a PRIVATE copy of the simulator (its own stub library inodes),
+so simulated jobs of other test runs on this machine are not traced and do not share its
+uprobes (a uprobe lives on the library file's inode)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from argus.present.top import DaemonReader, render
+from argus.recording.summaries import load_summaries
+from argus.sim.launcher import SimConfig, find_build_dir, start_job
+
+pytestmark = pytest.mark.bpf
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    src = find_build_dir()
+    if not (src / "sim/argus-sim-rank").exists():
+        pytest.skip("the simulator is not built: run `make setup`")
+    dst = tmp_path_factory.mktemp("privbuild")
+    for d in ("sim", "stubs"):
+        shutil.copytree(src / d, dst / d, symlinks=True)
+    return dst
+
+
+class Daemon:
+    def __init__(self, tmp: Path, build: Path, **output):
+        self.out = tmp / "out"
+        cfg = tmp / "daemon.toml"
+        out = {"interval_s": 1, "window_s": 15, **output}
+        cfg.write_text(
+            "[discover]\nlibraries = false\n"
+            f'include_exe = ["{build}/sim/argus-sim-rank"]\n'
+            "[output]\n" + "".join(f"{k} = {v}\n" for k, v in out.items() if k != "job_grace_s")
+            + (f"[diagnosis]\njob_grace_s = {out['job_grace_s']}\n" if "job_grace_s" in out else "")
+        )  # fmt: skip
+        self.log = open(tmp / "daemon.log", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from argus.cli import run; run()", "daemon", "-o", str(self.out), "--config", str(cfg),
+             "--metrics-addr", "127.0.0.1:0"],
+            stdout=subprocess.DEVNULL, stderr=self.log, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+        deadline = time.monotonic() + 60
+        self.port = None
+        while time.monotonic() < deadline and self.port is None:
+            self.log.seek(0)
+            m = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", self.log.read())
+            if m:
+                self.port = int(m.group(1))
+            elif self.proc.poll() is not None:
+                break
+            else:
+                time.sleep(0.2)
+        assert self.port, self.text()
+
+    def text(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+            return r.read()
+
+    def state(self) -> dict:
+        return json.loads(self.get("/state"))
+
+    def job_of(self, tgids) -> dict | None:
+        for job in self.state()["jobs"]:
+            if {r["tgid"] for r in job["ranks"]} >= set(tgids):
+                return job
+        return None
+
+    def wait_for(self, pred, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            v = pred()
+            if v:
+                return v
+            assert self.proc.poll() is None, self.text()
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}; daemon log:\n{self.text()[-3000:]}")
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+def _perf_fds(pid: int) -> int:
+    return sum(1 for fd in os.listdir(f"/proc/{pid}/fd")
+               if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]")  # fmt: skip
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _breakpoint_pages_kb(pid: int, build: Path) -> int:
+    """Anonymous kB in the executable mappings of the private stub libraries: a uprobe's
+    breakpoint is written into a private copy of the text page; when the last uprobe on
+    it is removed the kernel maps the file's page back (0 kB)."""
+    total, inside = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = " r-xp " in line and str(build / "stubs") in line
+        elif inside and line.startswith("Anonymous:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, build):
+    d = Daemon(tmp_path_factory.mktemp("daemon"), build)
+    yield d
+    if d.proc.poll() is None:
+        d.stop()
+    d.log.close()
+
+
+@pytest.fixture(scope="module")
+def straggler_job(daemon, build):
+    # Started AFTER the daemon; nothing tells the daemon about it.
+    job = start_job(SimConfig(ranks=3, steps=2000, faults=["straggler:rank=1,factor=1.6"],
+                              build_dir=str(build), quiet=True))  # fmt: skip
+    ranks = job.wait_ready()
+    yield job, ranks
+    job.close()
+
+
+def test_job_started_later_is_traced_and_its_straggler_exported(daemon, straggler_job, build):
+    job, ranks = straggler_job
+
+    def flagged():
+        j = daemon.job_of(ranks)
+        return j if j and any(r["straggler"] for r in j["ranks"]) else None
+
+    j = daemon.wait_for(flagged, 60, "the straggler in /state")
+    by_rank = {r["rank"]: r for r in j["ranks"]}
+    assert sorted(by_rank) == [0, 1, 2]
+    assert {r["tgid"] for r in j["ranks"]} == set(ranks)
+    assert [r for r in by_rank if by_rank[r]["straggler"]] == [1]
+    assert all(r["probes"] > 0 for r in j["ranks"])
+    assert j["job"].startswith("torchelastic-")  # the simulator sets TORCHELASTIC_RUN_ID
+    text = daemon.get("/metrics").decode()
+    score = {}
+    for m in re.finditer(r'^argus_straggler_score\{(.*)\} (\S+)$', text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if labels["job_id"] == j["job"]:
+            score[int(labels["rank"])] = float(m.group(2))
+    assert score[1] > 0 and score[0] == 0 and score[2] == 0
+    assert set(labels) == {"job_id", "rank", "host"}
+    assert re.search(r'^argus_step_time_seconds\{.*rank="1".*\} 0\.\d+', text, re.M)
+    # argus top --daemon: the straggler's row is flagged
+    console = Console(width=150, record=True, force_terminal=False)
+    console.print(render(DaemonReader(f"http://127.0.0.1:{daemon.port}").read()))
+    lines = console.export_text().splitlines()
+    row = next(ln for ln in lines if re.match(rf"\s*1\s+{ranks[1]}\s", ln))
+    assert "STRAGGLER" in row
+    assert not any("STRAGGLER" in ln for ln in lines if re.match(rf"\s*[02]\s+{ranks[0]}|\s*[02]\s+{ranks[2]}", ln))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_real_prometheus_scrapes_the_daemon(daemon, straggler_job, tmp_path):
+    prom = shutil.which("prometheus")
+    if prom is None:
+        pytest.skip("Debian's prometheus package is not installed: run `make setup`")
+    job, ranks = straggler_job
+    port = _free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: argus\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{daemon.port}']\n"
+    )
+    p = subprocess.Popen([prom, f"--config.file={tmp_path / 'prometheus.yml'}",
+                          f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                          f"--web.listen-address=127.0.0.1:{port}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        def query(q: str):
+            url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                return None
+            return body["data"]["result"] if body.get("status") == "success" else None
+
+        res = daemon.wait_for(lambda: query('argus_straggler_score{rank="1"} > 0'), 60,
+                              "Prometheus to scrape the straggler score")  # fmt: skip
+        assert res[0]["metric"]["job"] == "argus"  # Prometheus's scrape job, ours is job_id
+        assert res[0]["metric"]["job_id"].startswith("torchelastic-")
+        steps = daemon.wait_for(lambda: query("argus_step_time_seconds"), 30, "step times")
+        assert {s["metric"]["rank"] for s in steps} >= {"0", "1", "2"}
+        assert all(0 < float(s["value"][1]) < 5 for s in steps)
+        up = query('up{job="argus"}')
+        assert up and up[0]["value"][1] == "1"
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
+def test_a_rank_killed_mid_step_leaves_the_daemon_running(daemon, straggler_job, build):
+    other, other_ranks = straggler_job
+    job = start_job(SimConfig(ranks=3, steps=2000, build_dir=str(build), quiet=True))
+    try:
+        ranks = job.wait_ready()
+        daemon.wait_for(lambda: daemon.job_of(ranks), 30, "the job to be traced")
+        os.kill(ranks[2], signal.SIGKILL)  # mid-step (steps are ~55 ms, always running)
+
+        def exited():
+            j = daemon.job_of(ranks)
+            return j and 2 in [r["rank"] for r in j["ranks"] if r["exited"]]
+
+        daemon.wait_for(exited, 30, "rank 2 to be seen exited")
+        # the simulator's launcher then stops the job; the daemon goes on with the other job
+        job.wait(timeout=30)
+        t0 = daemon.state()["now_ns"]
+        daemon.wait_for(lambda: daemon.state()["now_ns"] > t0, 15, "a new state")
+        j = daemon.job_of(other_ranks)
+        assert j is not None and not any(r["exited"] for r in j["ranks"])
+        assert daemon.state()["targets"] == 3  # the other job's ranks only
+        assert b"argus_step_time_seconds" in daemon.get("/metrics")
+    finally:
+        job.close()
+
+
+def test_sigterm_flushes_readable_segments(daemon, straggler_job):
+    job, ranks = straggler_job
+    time.sleep(1.5)
+    assert daemon.stop() == 0
+    assert "everything flushed" in daemon.text()
+    segs = sorted(daemon.out.glob("jobs/torchelastic-*/*/summaries/meta.json"))
+    assert segs, daemon.text()
+    seen_ranks = set()
+    written = []
+    for meta in segs:
+        s = load_summaries(meta.parent.parent)
+        if set(s.steps["tgid"].to_list()) <= set(ranks):
+            seen_ranks |= set(s.steps["rank"].to_list())
+            written += s.steps.select("rank", "start_ns").rows()
+    assert seen_ranks == {0, 1, 2}
+    assert len(written) == len(set(written)), "a step was written twice"
+    assert job.proc.poll() is None  # the target keeps running after the daemon stops
+
+
+def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, build):
+    d = Daemon(tmp_path, build, interval_s=0.5, job_grace_s=1)
+    try:
+        time.sleep(2)
+        base_fds = _perf_fds(d.proc.pid)
+        rss = []
+        n_jobs, deadline = 0, time.monotonic() + 60
+        while n_jobs < 50 and time.monotonic() < deadline:
+            batch = []
+            for i in range(5):  # 5 tiny jobs at a time: 2 ranks x 3 steps each
+                go = tmp_path / f"go-{n_jobs + i}"
+                job = start_job(SimConfig(ranks=2, steps=3, step_ms=5, cpu_ms=1,
+                                          kernels_per_step=8, wait_go=str(go),
+                                          build_dir=str(build), quiet=True))  # fmt: skip
+                batch.append((job, job.wait_ready(), go))
+            for _job, ranks, _go in batch:  # each job is traced before it may start
+                d.wait_for(lambda ranks=ranks: d.job_of(ranks), 30, f"job {ranks} traced")
+            for job, _ranks, go in batch:
+                go.touch()
+            for job, _ranks, _go in batch:
+                assert job.wait(timeout=60) == 0
+                job.close()
+            n_jobs += len(batch)
+            rss.append(_rss_kb(d.proc.pid))
+        assert n_jobs >= 20, f"only {n_jobs} jobs fit in 60 s"
+
+        def idle():
+            s = d.state()
+            return s if (s["targets"], s["uprobes"], len(s["jobs"])) == (0, 0, 0) else None
+
+        d.wait_for(idle, 30, "every job to be forgotten")
+        assert _perf_fds(d.proc.pid) == base_fds
+        # memory: no growth with the number of jobs once warmed up (first batches excluded)
+        growth_mb = (rss[-1] - rss[min(2, len(rss) - 1)]) / 1024
+        assert growth_mb < 40, (rss, n_jobs)
+        drops = d.state()["drops"]
+        assert drops["call_ringbuf"] == 0 and drops["proc_ringbuf"] == 0, drops
+    finally:
+        assert d.stop() == 0
+
+
+def test_daemon_killed_leaves_no_probes_and_targets_keep_running(tmp_path, build):
+    d = Daemon(tmp_path, build)
+    job = start_job(SimConfig(ranks=2, steps=5000, build_dir=str(build), quiet=True))
+    try:
+        ranks = job.wait_ready()
+        d.wait_for(lambda: d.job_of(ranks), 30, "the job to be traced")
+        assert all(_breakpoint_pages_kb(r, build) > 0 for r in ranks)  # probes are in place
+        d.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_breakpoint_pages_kb(r, build) for r in ranks):
+            time.sleep(0.2)
+        assert [_breakpoint_pages_kb(r, build) for r in ranks] == [0, 0]
+        time.sleep(1)
+        assert job.proc.poll() is None
+        for r in ranks:
+            state = Path(f"/proc/{r}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            assert state in "RS", state
+    finally:
+        job.close()
