@@ -1,0 +1,111 @@
+"""Unit tier: the daemon's config and job grouping, the live state, the metrics exposition
+and `argus top` rendered at a fixed terminal size from recorded data with a frozen clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from rich.console import Console
+
+from argus.daemon.config import load_config
+from argus.daemon.discovery import job_key
+from argus.errors import UsageError
+from argus.present.metrics import LiveCollector
+from argus.present.top import RecordingReader, render
+
+pytestmark = pytest.mark.unit
+DATA = Path(__file__).resolve().parents[1] / "data"
+FROZEN_NS = 1_900_000_000_000_000_000
+
+
+@pytest.fixture(scope="module")
+def slow_rank1():
+    return RecordingReader([DATA / "ddp_gloo_slow_rank1"], now_ns=FROZEN_NS - 3_000_000_000)
+
+
+def test_config_rules_and_unknown_keys(tmp_path):
+    cfg = tmp_path / "d.toml"
+    cfg.write_text('[discover]\nlibraries = false\ninclude_comm = ["train*"]\n'
+                   'exclude_exe = ["/opt/bad/*"]\n[output]\ninterval_s = 2\n')  # fmt: skip
+    c = load_config(cfg, window_s=30)
+    assert (c.interval_s, c.window_s, c.libraries) == (2, 30, False)
+    assert c.wants("trainer", "/usr/bin/python3", training=False)
+    assert not c.wants("trainer", "/opt/bad/python3", training=True)  # exclusion wins
+    assert not c.wants("bash", "/bin/bash", training=True)  # libraries = false
+    assert load_config(None).wants("python3", "/usr/bin/python3", training=True)
+    cfg.write_text("[discover]\ninclud_comm = []\n")
+    with pytest.raises(UsageError, match="includ_comm"):
+        load_config(cfg)
+    cfg.write_text("[output]\ninterval_s = -1\n")
+    with pytest.raises(UsageError, match="interval_s"):
+        load_config(cfg)
+
+
+def test_job_grouping_never_mixes_jobs(tmp_path):
+    fake = tmp_path / "proc"
+    (fake / "7").mkdir(parents=True)
+    (fake / "7" / "cgroup").write_text("0::/kubepods/pod-a/c1\n")
+    assert job_key(7, {"SLURM_JOB_ID": "42", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"},
+                   str(fake)) == "slurm-42"  # fmt: skip
+    a = job_key(7, {"TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"},
+                str(fake))  # fmt: skip
+    b = job_key(7, {"MASTER_ADDR": "n1", "MASTER_PORT": "29501"}, str(fake))
+    assert a.startswith("master-n1-29500") and b.startswith("master-n1-29501") and a != b
+    assert job_key(7, {"TORCHELASTIC_RUN_ID": "r1"}, str(fake)).startswith("torchelastic-r1")
+    assert job_key(7, {"POD_NAME": "w-0", "POD_NAMESPACE": "ml"}, str(fake)) == "pod-ml-w-0"
+    assert job_key(7, {}, str(fake)) == "cgroup-kubepods_pod-a_c1"
+    assert job_key(8, {}, str(fake)) == "pid-8"
+
+
+def test_top_renders_the_straggler_at_a_fixed_size(slow_rank1):
+    state = slow_rank1.read()
+    console = Console(width=120, height=30, record=True, force_terminal=False, color_system=None)
+    console.print(render(state, sort="rank", now_ns=FROZEN_NS))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert "updated 3 s ago" in lines[0] and "jobs 1" in lines[0]
+    rows = {int(ln.split()[0]): ln for ln in lines if ln.strip()[:1].isdigit()
+            and len(ln.split()) > 5}  # fmt: skip
+    assert sorted(rows) == [0, 1, 2]
+    assert "STRAGGLER" in rows[1] and "STRAGGLER" not in rows[0] + rows[2]
+    assert "allreduce" in rows[1]
+    assert max(len(ln) for ln in lines) <= 120
+    # sorted by lateness, descending: the straggler first
+    console = Console(width=120, record=True, force_terminal=False, color_system=None)
+    console.print(render(state, sort="late", reverse=True, now_ns=FROZEN_NS))
+    first = next(ln for ln in console.export_text().splitlines() if ln.strip()[:1].isdigit()
+                 and len(ln.split()) > 5)  # fmt: skip
+    assert first.split()[0] == "1"
+
+
+def test_top_highlights_a_hang():
+    state = {"host": "h", "now_ns": FROZEN_NS, "jobs": [{"job": "j", "steps": {}, "findings": [
+        {"kind": "collective_hang", "severity": "critical", "summary": "Hang at allreduce seq 9"}],
+        "ranks": [{"rank": 0, "tgid": 10, "hang": True, "hang_waited_s": 12.5},
+                  {"rank": 1, "tgid": 11, "hang": False}]}]}  # fmt: skip
+    console = Console(width=100, record=True, force_terminal=False, color_system=None)
+    console.print(render(state, now_ns=FROZEN_NS))
+    text = console.export_text()
+    assert "CRITICAL: Hang at allreduce seq 9" in text
+    assert "HANG 12.5s" in next(ln for ln in text.splitlines() if ln.strip().startswith("0 "))
+
+
+def test_metrics_exposition_is_bounded(slow_rank1):
+    state = dict(slow_rank1.read(), targets=3, uprobes=40, drops={"call_ringbuf": 0})
+    reg = CollectorRegistry()
+    reg.register(LiveCollector(lambda: state))
+    text = generate_latest(reg).decode()
+    job = state["jobs"][0]["job"]
+    assert f'argus_straggler_score{{host="vm",job_id="{job}",rank="1"}}' in text
+    score1 = float(text.split(f'argus_straggler_score{{host="vm",job_id="{job}",rank="1"}} ')[1]
+                   .split()[0])  # fmt: skip
+    assert score1 > 0
+    assert f'argus_straggler_score{{host="vm",job_id="{job}",rank="0"}} 0.0' in text
+    assert 'argus_drops_total{host="vm",kind="call_ringbuf"} 0.0' in text
+    labels = set()
+    for line in text.splitlines():
+        if line.startswith("argus_") and "{" in line:
+            labels |= {kv.split("=")[0] for kv in line.split("{")[1].split("}")[0].split(",")}
+    assert labels == {"host", "job_id", "rank", "kind"}
