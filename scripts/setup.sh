@@ -3,7 +3,8 @@
 #
 # What it changes OUTSIDE the repository (all as root, each only when missing):
 #   1. Debian packages: python3-bpfcc bpfcc-tools (bcc 0.26 + libbcc), python3-venv, gcc, make,
-#      linux-headers-amd64 (kernel headers bcc compiles against), tmux (live-view tests).
+#      linux-headers-amd64 (kernel headers bcc compiles against), tmux (live-view tests),
+#      prometheus (the daemon test scrapes argus with a real server; its own service is not used).
 #   2. When /lib/modules/$(uname -r)/build is missing (kernels without their own headers, e.g.
 #      Firecracker VMs): two symlinks, /lib/modules/$(uname -r)/build -> the newest
 #      /usr/src/linux-headers-*-amd64 and .../source -> the matching *-common dir.
@@ -14,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf 'setup: %s\n' "$*" >&2; }
-PKGS=(python3-bpfcc bpfcc-tools python3-venv python3-pip gcc make linux-headers-amd64 tmux)
+PKGS=(python3-bpfcc bpfcc-tools python3-venv python3-pip gcc make linux-headers-amd64 tmux prometheus)
 
 need_root() {
   if [ "$(id -u)" -ne 0 ]; then
