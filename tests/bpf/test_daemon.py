@@ -297,11 +297,18 @@ def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, build):
             rss.append(_rss_kb(d.proc.pid))
         assert n_jobs >= 20, f"only {n_jobs} jobs fit in 60 s"
 
+        last = {}
+
         def idle():
-            s = d.state()
+            s = last["s"] = d.state()
             return s if (s["targets"], s["uprobes"], len(s["jobs"])) == (0, 0, 0) else None
 
-        d.wait_for(idle, 30, "every job to be forgotten")
+        try:
+            d.wait_for(idle, 60, "every job to be forgotten")
+        except AssertionError:
+            s = last["s"]
+            raise AssertionError((s["targets"], s["uprobes"], [(j["job"], [(r["rank"], r["exited"])
+                                  for r in j["ranks"]]) for j in s["jobs"]], s["errors"])) from None
         assert _perf_fds(d.proc.pid) == base_fds
         # memory: no growth with the number of jobs once warmed up (first batches excluded)
         growth_mb = (rss[-1] - rss[min(2, len(rss) - 1)]) / 1024
