@@ -547,9 +547,15 @@ class Tracer:
                     self._hot[t.tgid] = time.monotonic() + HOT_RESCAN_S
             elif ev["what"] == abi.PROC_EXIT:
                 t = self.targets.get(ev["tgid"])
-                if t is not None and not t.exited:
-                    t.exited = True
-                    self._detach_target(t)
+                if t is not None:
+                    self._mark_exited(t)
+
+    def _mark_exited(self, t: _Target) -> None:
+        """The one way a target ends: its shared uprobes are released and its probe-table
+        entries removed, however its exit was noticed (tracepoint or a rescan)."""
+        if not t.exited:
+            t.exited = True
+            self._detach_target(t)
 
     def poll(self, timeout_s: float = 0.1) -> None:
         """Drain ring buffers, follow process lifecycle, rescan, aggregate CPU stacks."""
@@ -568,7 +574,7 @@ class Tracer:
             for t in list(self.targets.values()):
                 if not t.exited:
                     if not Path(self.opts.proc_root, str(t.tgid)).exists():
-                        t.exited = True
+                        self._mark_exited(t)
                         continue
                     self._scan(t)
         if "cpu" in self.opts.channels and now - self._last_stacks >= self.opts.stack_interval_s:

@@ -32,15 +32,26 @@ pytestmark = pytest.mark.bpf
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def build(tmp_path_factory) -> Path:
+def _private_build(dst: Path) -> Path:
+    """A private copy of the simulator: a daemon configured for it sees only its jobs."""
     src = find_build_dir()
     if not (src / "sim/argus-sim-rank").exists():
         pytest.skip("the simulator is not built: run `make setup`")
-    dst = tmp_path_factory.mktemp("privbuild")
     for d in ("sim", "stubs"):
         shutil.copytree(src / d, dst / d, symlinks=True)
     return dst
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    return _private_build(tmp_path_factory.mktemp("privbuild"))
+
+
+@pytest.fixture
+def own_build(tmp_path) -> Path:
+    """For tests with a daemon of their own: the module's straggler job (still running on
+    the shared copy) must not be visible to it."""
+    return _private_build(tmp_path / "ownbuild")
 
 
 class Daemon:
@@ -271,7 +282,8 @@ def test_sigterm_flushes_readable_segments(daemon, straggler_job):
     assert job.proc.poll() is None  # the target keeps running after the daemon stops
 
 
-def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, build):
+def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, own_build):
+    build = own_build
     d = Daemon(tmp_path, build, interval_s=0.5, job_grace_s=1)
     try:
         time.sleep(2)
@@ -319,7 +331,8 @@ def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, build):
         assert d.stop() == 0
 
 
-def test_daemon_killed_leaves_no_probes_and_targets_keep_running(tmp_path, build):
+def test_daemon_killed_leaves_no_probes_and_targets_keep_running(tmp_path, own_build):
+    build = own_build
     d = Daemon(tmp_path, build)
     job = start_job(SimConfig(ranks=2, steps=5000, build_dir=str(build), quiet=True))
     try:
