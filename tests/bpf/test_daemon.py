@@ -300,7 +300,7 @@ def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, own_build):
                 batch.append((job, job.wait_ready(), go))
             for _job, ranks, _go in batch:  # each job is traced before it may start
                 d.wait_for(lambda ranks=ranks: d.job_of(ranks), 30, f"job {ranks} traced")
-            for job, _ranks, go in batch:
+            for _job, _ranks, go in batch:
                 go.touch()
             for job, _ranks, _go in batch:
                 assert job.wait(timeout=60) == 0

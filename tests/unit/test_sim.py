@@ -7,7 +7,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -107,8 +106,9 @@ def test_collective_completes_at_slowest_arrival_plus_cost(tmp_path):
         assert nccl.ncclCommDestroy(comm) == 0
         print(json.dumps({"arrive": t_arrive, "enq": t_enq, "end": t_end}))
     """
-    from sim_helpers import CTYPES_PRELUDE
     import textwrap
+
+    from sim_helpers import CTYPES_PRELUDE
     env = {**os.environ, "ARGUS_SIM_JOB": f"t{os.getpid()}c", "ARGUS_SIM_NODE": f"t{os.getpid()}c"}
     idfile = str(tmp_path / "uid")
     procs = [subprocess.Popen([sys.executable, "-c", CTYPES_PRELUDE + textwrap.dedent(code),
@@ -173,7 +173,7 @@ def test_straggler_lengthens_every_ranks_median_step(baseline, tmp_path):
                                 "spec": "straggler:rank=2,factor=2.0"}]
     base = [statistics.median(r["step_time_ms"]) for r in baseline["ranks"]]
     slow = [statistics.median(r["step_time_ms"]) for r in truth["ranks"]]
-    for b, s in zip(base, slow):
+    for b, s in zip(base, slow, strict=True):
         assert s / b > 1.3
 
 
