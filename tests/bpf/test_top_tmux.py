@@ -43,7 +43,8 @@ def test_top_in_tmux_shows_the_straggler_and_quits_on_q(tmp_path):
         # The size comes from the tmux pane, not from variables pytest may have set.
         argus = REPO / ".venv" / "bin" / "argus"
         cmd = f"env -u COLUMNS -u LINES {argus} top {job.launcher_pid}"
-        assert _tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "30", cmd).returncode == 0
+        started = _tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "30", cmd)
+        assert started.returncode == 0, started.stderr
 
         def straggler_row() -> bool:
             rows = [ln.split() for ln in _screen(session).splitlines()]
