@@ -109,3 +109,45 @@ def test_metrics_exposition_is_bounded(slow_rank1):
         if line.startswith("argus_") and "{" in line:
             labels |= {kv.split("=")[0] for kv in line.split("{")[1].split("}")[0].split(",")}
     assert labels == {"host", "job_id", "rank", "kind"}
+
+
+def test_sighup_reload_applies_a_good_config_and_keeps_the_old_on_a_bad_one(tmp_path):
+    from argus.daemon.service import Daemon, DaemonOptions
+
+    cfg = tmp_path / "d.toml"
+    cfg.write_text("[output]\ninterval_s = 2\nmax_disk_mb = 50\n")
+    d = Daemon(DaemonOptions(output=tmp_path / "out", metrics_addr=None, config_path=cfg))
+    assert (d.config.interval_s, d.config.max_disk_mb) == (2, 50)
+    cfg.write_text("[output]\ninterval_s = 5\nmax_disk_mb = 10\n")
+    d.request_reload()  # what SIGHUP does
+    d._do_reload()
+    assert (d.config.interval_s, d.config.max_disk_mb) == (5, 10)
+    assert d.scanner.config is d.config
+    cfg.write_text("[output]\ninterval_s = -3\n")  # invalid: rejected, the old one stays
+    d._do_reload()
+    assert (d.config.interval_s, d.config.max_disk_mb) == (5, 10)
+    assert "keeping the previous config" in d.errors[-1]
+
+
+def test_disk_budget_removes_the_oldest_segments_first(tmp_path):
+    import os
+
+    from argus.daemon.service import JOBS_DIR, Daemon, DaemonOptions
+
+    cfg = tmp_path / "d.toml"
+    cfg.write_text("[output]\nmax_disk_mb = 1\n")
+    d = Daemon(DaemonOptions(output=tmp_path / "out", metrics_addr=None, config_path=cfg))
+    segs = []
+    for i, job in enumerate(["job-a", "job-b", "job-a", "job-b", "job-a"]):
+        seg = tmp_path / "out" / JOBS_DIR / job / f"{1000 + i}"
+        seg.mkdir(parents=True)
+        (seg / "data").write_bytes(b"x" * 300_000)  # 5 x 300 kB against a 1 MiB budget
+        os.utime(seg, ns=(i * 10**9, i * 10**9))
+        segs.append(seg)
+    d._enforce_budget()
+    # 1.5 MB -> at most 1 MiB: the two oldest go, the three newest stay
+    assert [s.exists() for s in segs] == [False, False, True, True, True]
+    d.config.max_disk_mb = 0.01  # far below one segment: only the newest one is kept
+    d._enforce_budget()
+    assert [s.exists() for s in segs] == [False, False, False, False, True]
+    assert not (tmp_path / "out" / JOBS_DIR / "job-b").exists()  # empty job dirs removed
