@@ -39,6 +39,7 @@ STEPS = 13
 ALLREDUCE = "c10d::ProcessGroupGloo::allreduce"
 BROADCAST = "c10d::ProcessGroupGloo::broadcast"
 ALLGATHER = "c10d::ProcessGroupGloo::allgather"
+BARRIER = "c10d::ProcessGroupGloo::barrier"  # ddp_train.py's one barrier before teardown
 PG_WORK = "c10d::ProcessGroupGloo::AsyncWork::execute"
 # Entry probes only on C++ (see cuda_probes/torch.toml): execute's duration comes from the
 # finishWorkGloo call it makes on the same thread when the collective is done.
@@ -182,8 +183,9 @@ def test_exact_collective_counts_per_rank(ddp2):
             ALLREDUCE: STEPS,  # one bucket, one allreduce per step
             AUTOGRAD: STEPS,  # one backward per step
             BROADCAST: 2,  # bucket rebuild in step 2 (construction's were before go)
-            PG_WORK: STEPS + 2,  # every collective runs once on the gloo worker thread
-            PG_DONE: STEPS + 2,  # ... and completes there
+            BARRIER: 1,
+            PG_WORK: STEPS + 3,  # every collective runs once on the gloo worker thread
+            PG_DONE: STEPS + 3,  # ... and completes there
         }
         assert kernel == expected, t["rank"]
         assert rows == expected, t["rank"]
@@ -212,7 +214,7 @@ def test_pg_work_runs_on_a_gloo_worker_thread_with_durations(ddp2):
     launcher, truth, timing, rec = ddp2
     for t in truth:
         work = rec.events.filter((pl.col("tgid") == t["pid"]) & (pl.col("name") == PG_WORK))
-        assert work.height == STEPS + 2
+        assert work.height == STEPS + 3  # the collectives and the final barrier
         assert work["dur_ns"].null_count() == 0 and work["dur_ns"].min() > 0
         assert not work["in_flight"].any()
         assert t["pid"] not in work["tid"].to_list()  # not the main thread
@@ -225,7 +227,8 @@ def test_after_warmup_allreduce_seq_is_0_to_steps(ddp2_warm):
     _check_ranks(launcher, truth, rec)
     for t in truth:
         kernel, rows = _counts(rec, t["pid"])
-        assert kernel == rows == {ALLREDUCE: STEPS, AUTOGRAD: STEPS, PG_WORK: STEPS, PG_DONE: STEPS}
+        assert kernel == rows == {ALLREDUCE: STEPS, AUTOGRAD: STEPS, BARRIER: 1,
+                                  PG_WORK: STEPS + 1, PG_DONE: STEPS + 1}  # fmt: skip
         ar = rec.events.filter((pl.col("tgid") == t["pid"]) & (pl.col("name") == ALLREDUCE)).sort(
             "ts_ns"
         )
@@ -244,8 +247,9 @@ def test_ddp_construction_collectives(ddp2_init):
             BROADCAST: 2 + 2,
             ALLREDUCE: STEPS,
             AUTOGRAD: STEPS,
-            PG_WORK: STEPS + 5,
-            PG_DONE: STEPS + 5,
+            BARRIER: 1,
+            PG_WORK: STEPS + 6,
+            PG_DONE: STEPS + 6,
         }
         assert kernel == rows == expected
         coll = rec.events.filter(
@@ -287,4 +291,4 @@ def test_cli_attach_to_4_rank_torchrun(tmp_path, monkeypatch, capsys):
     for t in truth:
         kernel, rows = _counts(rec, t["pid"])
         assert kernel[ALLREDUCE] == rows[ALLREDUCE] == STEPS, t["rank"]
-        assert kernel[PG_WORK] == STEPS + 2
+        assert kernel[PG_WORK] == STEPS + 3
