@@ -18,7 +18,8 @@ STEP_S = 0.06  # a healthy simulated step, for the hang timing below
 HANG_AFTER_S = 2.0
 
 
-def run_demo(ranks: int, faults: list[str], steps: int, output: Path, pp: int = 1):
+def run_demo(ranks: int, faults: list[str], steps: int, output: Path, pp: int = 1,
+             sample_hz: int | None = None):
     """Simulate, attach to the launcher (ranks wait for a go file), diagnose.
 
     Returns (report, truth, session result). A hang needs the recording to end while the
@@ -63,7 +64,8 @@ def run_demo(ranks: int, faults: list[str], steps: int, output: Path, pp: int = 
         raise ArgusError(msg) from e
     try:
         job.wait_ready()
-        result = run_session([job.launcher_pid], output, TraceOptions(), duration_s=duration,
+        opts = TraceOptions() if sample_hz is None else TraceOptions(sample_hz=sample_hz)
+        result = run_session([job.launcher_pid], output, opts, duration_s=duration,
                              on_started=lambda tracer: go.touch())  # fmt: skip
         if job.proc.poll() is None and hang_start is not None:
             job.terminate()

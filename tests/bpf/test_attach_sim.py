@@ -142,10 +142,12 @@ def test_cpu_stacks_name_the_busy_function_on_its_rank(traced):
     # 400 ms of wall time CPU-busy is ~20 samples at 49 Hz on an idle core; on a loaded 2-core
     # box the rank is on-CPU for only part of it: samples only come while it runs.
     assert jit["count"].sum() >= 3
-    # The sampled stack walks down through the named functions of the rank program.
-    frames = jit["functions"][0].to_list()
-    assert frames.index("jit_compile_graph") > frames.index("cpu_busy")
-    assert "main" in frames
+    # The sampled stacks walk down through the named functions of the rank program. (A
+    # sample taken inside the vDSO's clock_gettime, which keeps no frame pointer, loses its
+    # caller cpu_busy: check the order on the frames every sample has.)
+    for frames in jit["functions"].to_list():
+        assert frames.index("jit_compile_graph") < frames.index("main")
+    assert any("cpu_busy" in f for f in jit["functions"].to_list())
 
 
 def test_ranks_started_after_attach_are_traced(tmp_path):

@@ -14,8 +14,8 @@ from argus.sim.expect import SERIOUS, score
 pytestmark = pytest.mark.bpf
 
 
-def _run(tmp_path, faults, ranks=4, steps=30, pp=1):
-    report, truth, _ = run_demo(ranks, list(faults), steps, tmp_path / "rec", pp)
+def _run(tmp_path, faults, ranks=4, steps=30, pp=1, sample_hz=None):
+    report, truth, _ = run_demo(ranks, list(faults), steps, tmp_path / "rec", pp, sample_hz)
     return report, truth, score(report, truth)
 
 
@@ -45,7 +45,10 @@ def test_straggler_kinds_name_the_rank_and_cause(tmp_path, spec, rank, cause):
 
 
 def test_jit_stall_names_the_compile_function_on_its_rank(tmp_path):
-    report, truth, s = _run(tmp_path, ["jit_stall:rank=1,ms=400,start=10"])
+    # The differential profile needs >= 10 samples on each side. At the default 49 Hz the
+    # normal steps of a 30-step job hold only a handful (3 ms of data loading a step), so
+    # the test samples at 199 Hz (`-F 199`): ~80 samples in the stall, ~18 in the rest.
+    report, truth, s = _run(tmp_path, ["jit_stall:rank=1,ms=400,start=10"], sample_hz=199)
     kinds = {(f["kind"], f.get("rank")) for f in _serious(report)}
     assert ("straggler", 1) in kinds
     hot = [f for f in _serious(report) if f["kind"] == "cpu_hotspot"]
