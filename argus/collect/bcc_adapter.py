@@ -65,6 +65,26 @@ def _last_lines(text: str, n: int = 3) -> str:
     return " / ".join(lines[-n:])
 
 
+def _compile(bcc, text: str, cflags: list[str], what: str, detail_lines: int):
+    """bcc.BPF(text) with libbcc's and clang's output captured, every failure typed: no
+    kernel headers, a refused load, or a compile error quoting the compiler's last lines."""
+    capture = _CaptureOutput()
+    try:
+        with capture:
+            return bcc.BPF(text=text.encode(), **({"cflags": cflags} if cflags else {}))
+    except Exception as e:  # bcc raises bare Exception on compile failure
+        out = capture.text + "\n" + str(e)
+        if any(marker in out for marker in _HEADER_MARKERS):
+            raise KernelFeatureMissing(
+                "bcc cannot compile BPF programs: kernel headers for this kernel were not found",
+                remedy=HEADERS_REMEDY,
+            ) from e
+        if "Operation not permitted" in out or "Permission denied" in out:
+            raise PermissionDenied(f"the kernel refused to load {what}") from e
+        detail = _last_lines(capture.text, detail_lines) or str(e)
+        raise ProbeAttachFailed(f"bcc failed to compile {what}: {detail}") from e
+
+
 def bcc_selftest() -> SelftestResult:
     """Import bcc, compile a one-line BPF program and load it into the kernel (no attach).
 
@@ -79,19 +99,7 @@ def bcc_selftest() -> SelftestResult:
         raise ProbeAttachFailed(f"bcc is not importable ({e})", remedy=BCC_MISSING_REMEDY) from e
     version = str(getattr(bcc, "__version__", "unknown"))
     t0 = time.monotonic()
-    capture = _CaptureOutput()
-    try:
-        with capture:
-            prog = bcc.BPF(text=SELFTEST_SOURCE.encode())
-    except Exception as e:  # bcc raises bare Exception on compile failure
-        text = capture.text + "\n" + str(e)
-        if any(marker in text for marker in _HEADER_MARKERS):
-            raise KernelFeatureMissing(
-                "bcc cannot compile BPF programs: kernel headers for this kernel were not found",
-                remedy=HEADERS_REMEDY,
-            ) from e
-        detail = _last_lines(capture.text) or str(e)
-        raise ProbeAttachFailed(f"bcc failed to compile a test program: {detail}") from e
+    prog = _compile(bcc, SELFTEST_SOURCE, [], "a test program", detail_lines=3)
     try:
         try:
             with _CaptureOutput():
@@ -147,21 +155,7 @@ class BpfSession:
             text = "".join(f'#line 1 "{src}"\n' + Path(src).read_text() + "\n" for src in sources)
         src_file = ", ".join(Path(src).name for src in sources) or "<text>"
         self._bcc = bcc
-        capture = _CaptureOutput()
-        try:
-            with capture:
-                self._b = bcc.BPF(text=text.encode(), cflags=cflags)
-        except Exception as e:  # bcc raises bare Exception
-            text = capture.text + "\n" + str(e)
-            if any(marker in text for marker in _HEADER_MARKERS):
-                raise KernelFeatureMissing(
-                    "bcc cannot compile BPF programs: no kernel headers for this kernel",
-                    remedy=HEADERS_REMEDY,
-                ) from e
-            if "Operation not permitted" in text or "Permission denied" in text:
-                raise PermissionDenied("the kernel refused to load argus's BPF programs") from e
-            detail = _last_lines(capture.text, 6) or str(e)
-            raise ProbeAttachFailed(f"bcc failed to compile {src_file}: {detail}") from e
+        self._b = _compile(bcc, text, cflags, src_file, detail_lines=6)
         self._rings: list[str] = []
 
     @classmethod
