@@ -4,8 +4,11 @@ Metric: per step, the median across ranks of the step time. Detector: baseline =
 percentile of that series (robust to windows covering up to ~70% of the run), noise =
 1.4826 * MAD of the steps below the median; a step is anomalous when it exceeds the baseline by
 both 20% and 5 noise units. Anomalous steps separated by at most one normal step are merged
-into a window. A warning needs a slowdown >= 2x, or >= 1.3x over >= 2 steps; anything less
-is `info` (a hiccup: on a shared host, CPU contention alone slows a few steps by ~20%).
+into a window. A warning needs a slowdown >= 2x, or >= 1.3x sustained over >= 3 steps;
+anything less is `info` (a hiccup: on a shared host, CPU contention alone slows a step or two
+by ~30%). A window that starts within the first WARMUP_STEPS steps of the recording and is
+not >= 2x is `info` marked `warmup` (the first steps of a job are slow by nature: allocator,
+autotuning, connection set-up; nothing before them gives a baseline to judge them by).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import polars as pl
 REL_THRESHOLD = 0.20
 NOISE_UNITS = 5.0
 WARN_SLOWDOWN = 2.0  # a single step this much slower is a warning
-WARN_SLOWDOWN_RUN = 1.3  # a run of >= 2 steps this much slower is a warning
+WARN_SLOWDOWN_RUN = 1.3  # a run of >= WARN_RUN_STEPS steps this much slower is a warning
+WARN_RUN_STEPS = 3
+WARMUP_STEPS = 3
 
 
 def step_series(metrics: pl.DataFrame) -> pl.DataFrame:
@@ -86,8 +91,12 @@ def detect_windows(metrics: pl.DataFrame) -> list[dict[str, Any]]:
         win_ms = median(inside) / 1e6
         slow = median(inside) / base
         n = b - a + 1
+        warmup = a < WARMUP_STEPS and slow < WARN_SLOWDOWN
         severity = (
-            "warning" if slow >= WARN_SLOWDOWN or (n >= 2 and slow >= WARN_SLOWDOWN_RUN) else "info"
+            "warning"
+            if slow >= WARN_SLOWDOWN
+            or (n >= WARN_RUN_STEPS and slow >= WARN_SLOWDOWN_RUN and not warmup)
+            else "info"
         )
         out.append(
             {
@@ -95,7 +104,8 @@ def detect_windows(metrics: pl.DataFrame) -> list[dict[str, Any]]:
                 "severity": severity,
                 "summary": (
                     f"Steps {rows[a]['step']}-{rows[b]['step']} took {win_ms:.1f} ms "
-                    f"(median), {slow:.1f}x the baseline of {base / 1e6:.1f} ms."
+                    f"(median), {slow:.1f}x the baseline of {base / 1e6:.1f} ms"
+                    + (" (warm-up: the first steps of the recording)." if warmup else ".")
                 ),
                 "start_step": int(rows[a]["step"]),
                 "end_step": int(rows[b]["step"]),
@@ -106,6 +116,7 @@ def detect_windows(metrics: pl.DataFrame) -> list[dict[str, Any]]:
                 "window_step_time_ms": round(win_ms, 3),
                 "slowdown": round(slow, 2),
                 "threshold_ms": round(thr / 1e6, 3),
+                "warmup": warmup,
             }
         )
     return out
