@@ -11,7 +11,8 @@ Detector, per metric and per scope (the whole recording, then each warning anoma
 and its peak: its steps >= 2x the baseline): for
 each step, d = own value - median of the other ranks; per rank, D = median of d over the
 steps, noise = max(1.4826 * MAD of d, 1% of the step time, 50 us, in a window: the rank's
-noise over the whole recording), score = D / noise. A rank
+noise over the steps outside every warning window, or over the whole recording when fewer
+than 5 such steps remain), score = D / noise. A rank
 is flagged when it is the slowest in >= 50% of the scope's steps, score >= 4 and D >= 3% of
 the median step time (and >= 0.2 ms); in a window, D must also be >= 25% of the window's
 excess over the baseline (a rank delayed 30 ms in a step that another rank's 500 ms JIT
@@ -35,6 +36,7 @@ MIN_ABS_NS = 200_000
 NOISE_FLOOR_NS = 50_000
 PEAK = 2.0  # a window's peak steps: >= 2x its baseline
 EXPLAIN = 0.25  # in a window, a straggler's excess explains >= 25% of the window's
+MIN_CALM_STEPS = 5  # steps outside the warning windows needed to measure a rank's own noise
 
 METRICS = (("compute_wait_ns", "gpu"), ("lateness_ns", "host"))
 
@@ -123,6 +125,17 @@ def detect_stragglers(
             )  # fmt: skip
     best: dict[int, dict[str, Any]] = {}
     whole = {col: _score_fn(metrics, col, step_ns) for col, _ in METRICS}
+    # A window's noise floor: each rank's noise over the steps outside every warning window
+    # (its normal behaviour). The whole recording's noise would include the window itself:
+    # a rank slowed from mid-run has a bimodal series whose spread is the fault's own size.
+    calm = metrics
+    for w in (w for w in windows if w["severity"] in ("warning", "critical")):
+        calm = calm.filter(~pl.col("step").is_between(w["start_step"], w["end_step"]))
+    base_noise = (
+        {col: _score_fn(calm, col, step_ns) for col, _ in METRICS}
+        if calm["step"].n_unique() >= MIN_CALM_STEPS
+        else whole
+    )
     for window, m in scopes:
         window_excess = 0.0  # how much longer the window's steps are than the baseline
         if window is not None:
@@ -137,7 +150,7 @@ def detect_stragglers(
         scored = {
             col: whole[col]
             if window is None
-            else _score_fn(m, col, step_ns, {r: x["noise_ns"] for r, x in whole[col].items()})
+            else _score_fn(m, col, step_ns, {r: x["noise_ns"] for r, x in base_noise[col].items()})
             for col, _ in METRICS
         }
         for col, cause in METRICS:
