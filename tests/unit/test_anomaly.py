@@ -18,7 +18,9 @@ def _metrics(slow: dict[int, float], steps: int = 30, ranks: int = 3) -> pl.Data
     for k in range(steps):
         dur = int(BASE_MS * 1e6 * slow.get(k, 1.0)) + (k % 3) * 100_000
         for r in range(ranks):
-            rows.append({"rank": r, "step": k, "step_time_ns": dur, "start_ns": t, "end_ns": t + dur})
+            rows.append(
+                {"rank": r, "step": k, "step_time_ns": dur, "start_ns": t, "end_ns": t + dur}
+            )
         t += dur
     return pl.DataFrame(rows)
 

@@ -26,7 +26,7 @@ STEP_MS = [61.4, 57.6, 58.0, 57.6, 54.5, 56.7, 57.6, 57.6, 57.3,
 
 def _metrics(late_ms: list[float]) -> pl.DataFrame:
     rows, t = [], 0
-    for step, (late, dur) in enumerate(zip(late_ms, STEP_MS)):
+    for step, (late, dur) in enumerate(zip(late_ms, STEP_MS, strict=True)):
         for rank, sign in ((0, 1), (1, -1)):
             rows.append({
                 "rank": rank, "step": step, "step_time_ns": int(dur * 1e6),
@@ -48,7 +48,9 @@ def _find(late_ms):
 
 def test_moderate_stall_from_mid_run_is_found_in_its_window():
     windows, found = _find(LATE_MS)
-    assert [(w["start_step"], w["end_step"], w["severity"]) for w in windows] == [(9, 29, "warning")]
+    assert [(w["start_step"], w["end_step"], w["severity"]) for w in windows] == [
+        (9, 29, "warning")
+    ]
     assert [(f["rank"], f["cause"], f["start_step"], f["end_step"]) for f in found] == [
         (0, "host", 9, 29)
     ]
