@@ -10,6 +10,7 @@ from argus.analyze.report import DEFAULT_HANG_AFTER_S, diagnose
 from argus.errors import UsageError
 from argus.present.render import print_report
 from argus.recording.io import load_recording
+from argus.recording.segments import expand_dirs
 from argus.recording.summaries import has_events, has_summaries
 
 
@@ -19,6 +20,8 @@ from argus.recording.summaries import has_events, has_summaries
 Examples:
   argus report /var/lib/argus/run1           # readable diagnosis of one node's recording
   argus report node0/ node1/                 # one job recorded on two nodes, clocks aligned
+  argus report /var/lib/argus                # the daemon's job there, every segment merged
+  argus report n0/jobs/slurm-42 n1/jobs/slurm-42  # a job's segments on two nodes' daemons
   argus report run1 --json | jq .findings    # machine-readable argus.report/1 object
   argus report run1 --hang-after 30          # call a hang only after 30 s without progress
 """,
@@ -45,14 +48,17 @@ def command(
     """Diagnose recorded DIR(s): stragglers, stalls, hangs and their causes.
 
     Give one directory per node of the same job; their clocks are aligned on matched
-    collectives. Without --json a table is printed; with --json exactly one JSON object.
+    collectives. A DIR may also be an `argus daemon` output directory, one of its job
+    directories (DIR/jobs/<job>) or a segment: a node's segments are merged into one
+    continuous run. Without --json a table is printed; with --json exactly one JSON object.
     """
     if hang_after <= 0:
         raise UsageError("--hang-after must be a positive number of seconds.")
-    if any(has_summaries(d) and not has_events(d) for d in dirs) or from_summaries:
-        report = _from_summaries(dirs, hang_after)
+    paths = expand_dirs(dirs)
+    if any(has_summaries(d) and not has_events(d) for d in paths) or from_summaries:
+        report = _from_summaries(paths, hang_after)
     else:
-        recordings = [load_recording(d) for d in dirs]
+        recordings = [load_recording(d) for d in paths]
         report = diagnose(recordings, hang_after_s=hang_after)
     if as_json:
         click.echo(json.dumps(report, default=str))
@@ -60,8 +66,10 @@ def command(
         print_report(report)
 
 
-def _from_summaries(dirs: tuple[str, ...], hang_after: float) -> dict:
-    """The diagnosis from each DIR's summaries (built from its events where it has none)."""
+def _from_summaries(dirs, hang_after: float) -> dict:
+    """The diagnosis from each DIR's summaries (built from its events where it has none);
+    one node's segments merged, step ids aligned across nodes (`argus.analyze.merge`)."""
+    from argus.analyze.merge import merge_nodes
     from argus.analyze.summary import build_summaries, diagnose_summaries
     from argus.recording.summaries import load_summaries
 
@@ -69,4 +77,4 @@ def _from_summaries(dirs: tuple[str, ...], hang_after: float) -> dict:
         load_summaries(d) if has_summaries(d) else build_summaries([load_recording(d)])
         for d in dirs
     ]
-    return diagnose_summaries(summs, hang_after_s=hang_after)
+    return diagnose_summaries(merge_nodes(summs), hang_after_s=hang_after)
