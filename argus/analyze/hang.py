@@ -119,7 +119,9 @@ def latest_stacks(stacks: pl.DataFrame, rank: int, top: int = 3) -> list[dict[st
         frames[key] = (fns or [], mods or [])
     total = sum(c.values()) or 1
     out = []
-    for key, n in c.most_common(top):
+    # most samples first; ties by the stack's text, so the order does not depend on row order
+    ranked = sorted(c.items(), key=lambda kv: (-kv[1], tuple(f or "" for f in kv[0])))
+    for key, n in ranked[:top]:
         fns, mods = frames[key]
         user = [f for f, m in zip(fns, list(mods) + [None] * len(fns), strict=False)
                 if m != "[kernel]"]  # fmt: skip

@@ -22,6 +22,7 @@ Detectors:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from statistics import median
 from typing import Any
 
@@ -34,6 +35,42 @@ MIN_WAIT_NS = 500_000
 INFO_SHARE_OF_STEP = 0.10
 BLOCK_SLOW_NS = 50_000_000
 BLOCK_MIN_REQUESTS = 5
+
+
+@dataclass
+class HostContext:
+    """What the host-context detectors read, from recordings (`context`) or from summaries
+    (`argus.analyze.summary`, which stores exactly these): the host.parquet rows with `host`
+    and `rank` filled, each rank's own thread names (never competitors), which rank a
+    (host, tgid) is and which host a rank runs on (the manifests), and the recording's
+    duration (the per-second unit when no steps were found)."""
+
+    rows: pl.DataFrame = field(default_factory=pl.DataFrame)
+    own_threads: dict[int, set[str]] = field(default_factory=dict)
+    rank_of_tgid: dict[tuple[str, int], int] = field(default_factory=dict)
+    host_of_rank: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def rank_maps(manifests: Sequence[tuple[dict[str, Any], str]]):
+    """(host, tgid) -> rank and rank -> host from (manifest, host of its recording) pairs."""
+    rank_of_tgid: dict[tuple[str, int], int] = {}
+    host_of_rank: dict[int, str] = {}
+    for man, host in manifests:
+        for r in man.get("ranks") or []:
+            if isinstance(r, dict) and r.get("tgid") is not None and r.get("rank") is not None:
+                rank_of_tgid[(host, int(r["tgid"]))] = int(r["rank"])
+                host_of_rank[int(r["rank"])] = r.get("host") or host
+    return rank_of_tgid, host_of_rank
+
+
+def context(recordings: Sequence[Recording]) -> HostContext:
+    """The HostContext of raw recordings."""
+    rank_of_tgid, host_of_rank = rank_maps([(r.manifest, r.host) for r in recordings])
+    durations = [float(r.manifest.get("duration_s") or 0) for r in recordings]
+    return HostContext(rows=_frame(recordings), own_threads=_own_threads(recordings),
+                       rank_of_tgid=rank_of_tgid, host_of_rank=host_of_rank,
+                       seconds=max(durations) if durations else 0.0)  # fmt: skip
 
 
 def _frame(recordings: Sequence[Recording]) -> pl.DataFrame:
@@ -74,21 +111,21 @@ def _own_threads(recordings: Sequence[Recording]) -> dict[int, set[str]]:
 
 
 def contention(
-    recordings: Sequence[Recording], steps: pl.DataFrame | None = None
+    source: Sequence[Recording] | HostContext, steps: pl.DataFrame | None = None
 ) -> dict[int, dict[str, Any]]:
     """Per rank: runnable wait per step (or per second) in total and per competitor comm."""
-    h = _frame(recordings)
+    ctx = source if isinstance(source, HostContext) else context(source)
+    h = ctx.rows
     if h.height == 0:
         return {}
     cpu = h.filter((pl.col("kind") == "cpu_contention") & pl.col("rank").is_not_null())
     if cpu.height == 0:
         return {}
-    own = _own_threads(recordings)
+    own = ctx.own_threads
     n_steps: dict[int, int] = {}
     if steps is not None and steps.height:
         n_steps = dict(steps.group_by("rank").len().rows())
-    durations = [float(r.manifest.get("duration_s") or 0) for r in recordings]
-    seconds = max(durations) if durations else 0.0
+    seconds = ctx.seconds
     out: dict[int, dict[str, Any]] = {}
     for (rank,), g in cpu.group_by("rank"):
         rank = int(rank)
@@ -96,7 +133,7 @@ def contention(
             g.filter(~pl.col("detail").is_in(sorted(own.get(rank, set()))))
             .group_by("detail")
             .agg(pl.col("total_ns").sum(), pl.col("count").sum())
-            .sort("total_ns", descending=True)
+            .sort(["total_ns", "detail"], descending=[True, False])
         )
         n = n_steps.get(rank) or 0
         div = n if n else max(seconds, 1e-9)
@@ -189,13 +226,15 @@ def _other_findings(h: pl.DataFrame, stragglers, rank_of_tgid) -> list[dict[str,
     if tcp.height:
         for (host,), g in tcp.group_by("host"):
             total = int(g["count"].sum())
-            by_rank = g.filter(pl.col("rank").is_not_null()).group_by("rank").agg(pl.col("count").sum())
+            by_rank = (g.filter(pl.col("rank").is_not_null()).group_by("rank")
+                       .agg(pl.col("count").sum()))  # fmt: skip
             ranks = {int(r): int(n) for r, n in by_rank.rows()}
             # A warning only when the straggler's own process retransmits: node-wide counts
             # come from every process on the node (package mirrors, other jobs) and explain
             # nothing about a rank by themselves (info).
             hit = sorted(set(ranks) & strag_ranks)
-            peers = g.group_by("detail").agg(pl.col("count").sum()).sort("count", descending=True)
+            peers = g.group_by("detail").agg(pl.col("count").sum()).sort(
+                ["count", "detail"], descending=[True, False])  # fmt: skip
             findings.append(
                 {
                     "kind": "tcp_retransmits",
@@ -235,27 +274,22 @@ def _other_findings(h: pl.DataFrame, stragglers, rank_of_tgid) -> list[dict[str,
 
 
 def detect(
-    recordings: Sequence[Recording],
+    source: Sequence[Recording] | HostContext,
     steps: pl.DataFrame | None,
     stragglers: list[dict[str, Any]],
     step_ns: float,
 ) -> list[dict[str, Any]]:
-    """Host-context findings (see module doc); cites them in `stragglers` (evidence `host`)."""
-    h = _frame(recordings)
+    """Host-context findings (see module doc); cites them in `stragglers` (evidence `host`).
+    `source`: raw recordings or their HostContext (e.g. rebuilt from summaries)."""
+    ctx = source if isinstance(source, HostContext) else context(source)
+    h = ctx.rows
     if h.height == 0:
         return []
-    rank_of_tgid = {}
-    host_of_rank = {}
-    for rec in recordings:
-        for r in rec.manifest.get("ranks") or []:
-            if isinstance(r, dict) and r.get("tgid") is not None and r.get("rank") is not None:
-                rank_of_tgid[(rec.host, int(r["tgid"]))] = int(r["rank"])
-                host_of_rank[int(r["rank"])] = r.get("host") or rec.host
     for f in stragglers:
-        f["_host"] = host_of_rank.get(f["rank"])
-    cont = contention(recordings, steps)
+        f["_host"] = ctx.host_of_rank.get(f["rank"])
+    cont = contention(ctx, steps)
     findings = _cpu_findings(cont, stragglers, step_ns)
-    findings += _other_findings(h, stragglers, rank_of_tgid)
+    findings += _other_findings(h, stragglers, ctx.rank_of_tgid)
     for f in stragglers:
         f.pop("_host", None)
         mine = [x for x in findings if x.get("rank") == f["rank"] and x["severity"] != "info"]

@@ -38,8 +38,14 @@ def stages(coll: pl.DataFrame) -> list[list[int]]:
     """The pipeline stages (lists of ranks), or [] when the job makes no send/recv."""
     if coll.height == 0 or not coll["op"].is_in(P2P_OPS).any():
         return []
+    return stages_of(step_comms(coll))
+
+
+def stages_of(step_comm: dict[int, str]) -> list[list[int]]:
+    """Ranks grouped by the communicator that delimits their steps (`steps.step_comms`), of
+    a job that makes send/recv: the stages, or [] when there is one group."""
     groups: dict[str, list[int]] = {}
-    for r, c in sorted(step_comms(coll).items()):
+    for r, c in sorted(step_comm.items()):
         groups.setdefault(c, []).append(r)
     return sorted(groups.values()) if len(groups) > 1 else []
 
@@ -59,14 +65,14 @@ def _util(recordings: Sequence[Recording], steps: pl.DataFrame, offsets_ns) -> d
 
 def detect_slow_stage(
     recordings: Sequence[Recording],
-    coll: pl.DataFrame,
+    st: list[list[int]],
     steps: pl.DataFrame,
     offsets_ns: dict[str, int] | None,
     stragglers: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """`stragglers` plus a finding for each rank of a slow pipeline stage (see module doc);
-    a rank's window-scoped finding gives way to its stage finding."""
-    st = stages(coll)
+    `st` are the stages (`stages(coll)`); a rank's window-scoped finding gives way to its
+    stage finding."""
     if not st:
         return stragglers
     util = _util(recordings, steps, offsets_ns)

@@ -1,16 +1,23 @@
 """Assembly of the `argus.report/1` object from one or several recordings (one per node).
 
-`diagnose` runs the whole pipeline: timeline -> collectives matched across ranks -> steps ->
-clock alignment of the nodes -> per-step metrics -> anomalous windows -> stragglers ->
-collective stalls -> hangs -> CPU hotspots, and returns a JSON-ready dict.
+`diagnose` builds the detectors' inputs from raw events: timeline -> collectives matched
+across ranks -> steps -> clock alignment of the nodes -> per-step metrics, CPU stacks, NVML
+samples, host context, pipeline stages. `argus.analyze.summary.diagnose_summaries` builds
+the same inputs from per-rank-per-step summaries. Both hand them (an `Evidence`) to
+`assemble_report`, the one place that runs the detectors (anomalous windows -> stragglers
+and the slow pipeline stage -> collective stalls -> hangs -> CPU hotspots -> GPU throttling
+-> host context), sorts the findings and builds the report object: a detector added there
+runs on both paths.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from statistics import median
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from argus import __version__
@@ -39,56 +46,159 @@ KIND_ORDER = {
 }
 
 
+@dataclass
+class Evidence:
+    """What the detectors read, on the aligned clock, from raw events or from summaries.
+
+    The callables build the costly inputs only when a detector needs them: `collectives()`
+    (comm, op, t_ns, dur_ns, bytes: stall attribution, read only with anomalous windows),
+    `hangs(hang_after_s, step_ns)` (the hang findings), `cpu_stacks(windows)` (on-CPU stack
+    rows: rank, t_ns, interval_ns, functions, modules, count; read only with windows or
+    stragglers)."""
+
+    recordings: list[Recording]  # manifests and NVML samples (events may be empty)
+    manifests: list[tuple[dict[str, Any], str]]  # (manifest, host) per recording: ranks, drops
+    recording_info: list[dict[str, Any]]  # the report's `recordings` entries
+    steps: pl.DataFrame  # complete steps, steps.STEP_COLUMNS
+    metrics: pl.DataFrame  # STEP_COLUMNS + the step metrics (steps.step_metrics)
+    detection: dict[str, Any]  # detected, method, period, comm
+    alignment: dict[str, Any]  # align.estimate_offsets
+    seen: pl.DataFrame  # rank, tgid, host of the ranks seen in the data (first wins)
+    stages: list[list[int]]  # pipeline stages (pipeline.stages), [] when not a pipeline
+    host: host_context.HostContext
+    collectives: Callable[[], pl.DataFrame]
+    hangs: Callable[[float, float | None], list[dict[str, Any]]]
+    cpu_stacks: Callable[[list[dict[str, Any]]], pl.DataFrame]
+    score: Callable[..., dict[int, dict[str, float]]] | None = None  # straggler scoring
+    extra: dict[str, Any] = field(default_factory=dict)  # top-level keys (e.g. "source")
+
+
 def _ms(x: float | None) -> float | None:
     return None if x is None else round(x / 1e6, 3)
 
 
-def _quantile(vals: list[int], q: float) -> float | None:
-    if not vals:
-        return None
-    v = sorted(vals)
-    return float(v[min(len(v) - 1, int(round(q * (len(v) - 1))))])
+def _quantiles(steps: pl.DataFrame) -> dict[int, dict[str, Any]]:
+    """Per rank: complete steps and step_time_ms p50/p90/max (nearest rank, half to even)."""
+    if steps.height == 0:
+        return {}
+    out = {}
+    g = steps.group_by("rank").agg(pl.col("step_time_ns").sort())
+    for r, vals in g.rows():
+        v = np.asarray(vals, dtype=np.float64)
+        n = len(v)
+
+        def idx(q: float, n: int = n) -> int:
+            return min(n - 1, int(np.round(q * (n - 1))))
+
+        out[int(r)] = {
+            "steps": n,
+            "step_time_ms": {"p50": _ms(v[idx(0.5)]), "p90": _ms(v[idx(0.9)]),
+                             "max": _ms(float(v[-1]))},  # fmt: skip
+        }
+    return out
 
 
-def _drops(recordings: Sequence[Recording]) -> dict[str, int]:
+def _ranks(ev: Evidence) -> list[dict[str, Any]]:
+    """The ranks table: the manifests' ranks, then the ranks seen in the data."""
+    seen: dict[int, dict[str, Any]] = {}
+    for man, host in ev.manifests:
+        for r in man.get("ranks") or []:
+            if isinstance(r, dict) and r.get("rank") is not None:
+                seen[int(r["rank"])] = {"rank": int(r["rank"]), "tgid": r.get("tgid"),
+                                        "host": r.get("host") or host}  # fmt: skip
+    if ev.seen.height:
+        for rank, tgid, host in ev.seen.select("rank", "tgid", "host").rows():
+            if rank is not None:
+                seen.setdefault(rank, {"rank": rank, "tgid": tgid, "host": host})
+    q = _quantiles(ev.steps)
+    empty = {"steps": 0, "step_time_ms": {"p50": None, "p90": None, "max": None}}
+    return [{**seen[r], **q.get(r, empty)} for r in sorted(seen)]
+
+
+def _drops(manifests: Sequence[tuple[dict[str, Any], str]]) -> dict[str, int]:
     total: dict[str, int] = {}
-    for rec in recordings:
-        for k, v in (rec.manifest.get("drops") or {}).items():
+    for man, _host in manifests:
+        for k, v in (man.get("drops") or {}).items():
             if isinstance(v, int):
                 total[k] = total.get(k, 0) + v
     return total
 
 
-def _ranks(recordings: Sequence[Recording], tl: pl.DataFrame, steps: pl.DataFrame) -> list:
-    seen: dict[int, dict[str, Any]] = {}
-    for rec in recordings:
-        for r in rec.manifest.get("ranks") or []:
-            if isinstance(r, dict) and r.get("rank") is not None:
-                seen[int(r["rank"])] = {"rank": int(r["rank"]), "tgid": r.get("tgid"),
-                                        "host": r.get("host") or rec.host}  # fmt: skip
-    if tl.height:
-        for rank, tgid, host in (
-            tl.filter(pl.col("rank").is_not_null())
-            .unique("rank", keep="first")
-            .select("rank", "tgid", "host")
-            .rows()
-        ):
-            seen.setdefault(rank, {"rank": rank, "tgid": tgid, "host": host})
-    out = []
-    for rank in sorted(seen):
-        st = steps.filter(pl.col("rank") == rank)["step_time_ns"].to_list() if steps.height else []
-        out.append(
-            {
-                **seen[rank],
-                "steps": len(st),
-                "step_time_ms": {
-                    "p50": _ms(_quantile(st, 0.5)),
-                    "p90": _ms(_quantile(st, 0.9)),
-                    "max": _ms(max(st) if st else None),
-                },
-            }
-        )
-    return out
+def sort_findings(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Most important first: severity (critical first), then kind (KIND_ORDER), then score."""
+    return sorted(
+        findings,
+        key=lambda f: (
+            SEVERITY_ORDER.get(f["severity"], 3),
+            KIND_ORDER.get(f["kind"], 9),
+            -(f.get("score") or 0),
+        ),
+    )
+
+
+def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) -> dict[str, Any]:
+    """Run every detector on `ev` (see module doc for the order) and build the argus.report/1
+    object. A healthy job yields no warning/critical findings."""
+    metrics, steps = ev.metrics, ev.steps
+    offsets = ev.alignment["offsets_ns"]
+    per_step = anomaly.step_series(metrics)
+    step_ns = float(median(per_step["step_time_ns"].to_list())) if per_step.height else 0.0
+
+    windows = anomaly.detect_windows(metrics)
+    stragglers = straggler.detect_stragglers(metrics, windows, step_ns, score=ev.score)
+    stragglers = pipeline.detect_slow_stage(ev.recordings, ev.stages, steps, offsets, stragglers)
+    stalls = stall.detect_stalls(metrics, windows, stragglers,
+                                 ev.collectives() if windows else pl.DataFrame())  # fmt: skip
+    hangs = ev.hangs(hang_after_s, step_ns or None)
+    hotspots = (hotspot.detect_hotspots(ev.cpu_stacks(windows), windows, stragglers)
+                if windows or stragglers else [])  # fmt: skip
+    gpu_ranks = gpu.analyse(ev.recordings, steps, offsets)  # NVML samples (gpu.parquet)
+    throttles = gpu.detect_throttle(gpu_ranks, steps, stragglers)
+    gpu.cite_in_stragglers(stragglers, gpu_ranks, throttles)
+    host_findings = host_context.detect(ev.host, steps, stragglers, step_ns)
+
+    findings = sort_findings(
+        hangs + stragglers + throttles + host_findings + stalls + hotspots + windows
+    )
+    det = ev.detection
+    detected = bool(det.get("detected"))
+    return {
+        "schema": SCHEMA,
+        "argus_version": __version__,
+        **ev.extra,
+        "recordings": ev.recording_info,
+        "ranks": _ranks(ev),
+        "steps": {
+            "detected": detected,
+            "count": steps["step"].n_unique() if steps.height else 0,
+            "step_time_ms_p50": _ms(step_ns) if detected else None,
+            "method": det.get("method"),
+            "collectives_per_step": det.get("period") if det.get("method") != "sync" else None,
+            "comm": det.get("comm"),
+        },
+        "clock_alignment": {
+            "reference": ev.alignment["reference"],
+            "offsets_ns": offsets,
+            "residual_ns": ev.alignment["residual_ns"],
+            "pairs": ev.alignment["pairs"],
+            "method": ev.alignment["method"],
+        },
+        "drops": _drops(ev.manifests),
+        "findings": findings,
+    }
+
+
+def recording_info(rec: Recording) -> dict[str, Any]:
+    """The report's `recordings` entry of one raw recording."""
+    return {
+        "path": str(rec.path) if rec.path else None,
+        "host": rec.host,
+        "format": rec.manifest.get("format"),
+        "duration_s": rec.manifest.get("duration_s"),
+        "end_reason": rec.manifest.get("end_reason"),
+        "events": rec.events.height,
+        "stack_rows": rec.stacks.height,
+    }
 
 
 def diagnose(
@@ -96,9 +206,7 @@ def diagnose(
 ) -> dict[str, Any]:
     """The diagnosis of one job from its recordings (one per node): an argus.report/1 dict.
 
-    Findings are sorted by severity (critical first), then kind (hang, straggler, stall,
-    hotspot, window), then score. A healthy job yields no warning/critical findings.
-    """
+    Builds the `Evidence` from the raw events (see module doc) and `assemble_report`s it."""
     recordings = list(recordings)
     tl = build_timeline(recordings)
     coll = align_seq(collectives(tl))
@@ -115,71 +223,34 @@ def diagnose(
     coll = with_lateness(coll)
     stacks = build_stacks(recordings, offsets)
     metrics = step_metrics(tl, coll, steps)
-    per_step = anomaly.step_series(metrics)
-    step_ns = float(median(per_step["step_time_ns"].to_list())) if per_step.height else 0.0
 
-    windows = anomaly.detect_windows(metrics)
-    stragglers = straggler.detect_stragglers(metrics, windows, step_ns)
-    stragglers = pipeline.detect_slow_stage(recordings, coll, steps, offsets, stragglers)
-    stalls = stall.detect_stalls(metrics, windows, stragglers, coll)
-    ends = {}
-    for rec in recordings:
-        e = recording_end_ns(rec)
-        if e is not None:
-            ends[rec.host] = max(ends.get(rec.host, e), e) + offsets.get(rec.host, 0)
-    pys = [r.pystacks for r in recordings if getattr(r, "pystacks", None) is not None
-           and r.pystacks.height]  # fmt: skip
-    pystacks = pl.concat(pys, how="vertical_relaxed") if pys else None
-    hangs = hang.detect_hangs(tl, coll, stacks, ends, hang_after_s, step_ns or None, pystacks)
-    on_cpu = stacks.filter(pl.col("state").is_null() | (pl.col("state") != "off_cpu"))
-    hotspots = hotspot.detect_hotspots(on_cpu, windows, stragglers)
+    def hangs(after_s: float, step_ns: float | None) -> list[dict[str, Any]]:
+        ends: dict[str, int] = {}
+        for rec in recordings:
+            e = recording_end_ns(rec)
+            if e is not None:
+                ends[rec.host] = max(ends.get(rec.host, e), e) + offsets.get(rec.host, 0)
+        pys = [r.pystacks for r in recordings if getattr(r, "pystacks", None) is not None
+               and r.pystacks.height]  # fmt: skip
+        pystacks = pl.concat(pys, how="vertical_relaxed") if pys else None
+        return hang.detect_hangs(tl, coll, stacks, ends, after_s, step_ns, pystacks)
 
-    gpu_ranks = gpu.analyse(recordings, steps, offsets)  # NVML samples (gpu.parquet)
-    throttles = gpu.detect_throttle(gpu_ranks, steps, stragglers)
-    gpu.cite_in_stragglers(stragglers, gpu_ranks, throttles)
-
-    host_findings = host_context.detect(recordings, steps, stragglers, step_ns)
-
-    findings = hangs + stragglers + throttles + host_findings + stalls + hotspots + windows
-    findings.sort(
-        key=lambda f: (
-            SEVERITY_ORDER.get(f["severity"], 3),
-            KIND_ORDER.get(f["kind"], 9),
-            -(f.get("score") or 0),
-        )
-    )
-    n_steps = steps["step"].n_unique() if steps.height else 0
-    return {
-        "schema": SCHEMA,
-        "argus_version": __version__,
-        "recordings": [
-            {
-                "path": str(rec.path) if rec.path else None,
-                "host": rec.host,
-                "format": rec.manifest.get("format"),
-                "duration_s": rec.manifest.get("duration_s"),
-                "end_reason": rec.manifest.get("end_reason"),
-                "events": rec.events.height,
-                "stack_rows": rec.stacks.height,
-            }
-            for rec in recordings
-        ],
-        "ranks": _ranks(recordings, tl, steps),
-        "steps": {
-            "detected": det.detected,
-            "count": n_steps,
-            "step_time_ms_p50": _ms(step_ns) if det.detected else None,
-            "method": det.method,
-            "collectives_per_step": det.period if det.method != "sync" else None,
-            "comm": det.comm,
-        },
-        "clock_alignment": {
-            "reference": alignment["reference"],
-            "offsets_ns": offsets,
-            "residual_ns": alignment["residual_ns"],
-            "pairs": alignment["pairs"],
-            "method": alignment["method"],
-        },
-        "drops": _drops(recordings),
-        "findings": findings,
-    }
+    ev = Evidence(
+        recordings=recordings,
+        manifests=[(rec.manifest, rec.host) for rec in recordings],
+        recording_info=[recording_info(rec) for rec in recordings],
+        steps=steps,
+        metrics=metrics,
+        detection={"detected": det.detected, "method": det.method, "period": det.period,
+                   "comm": det.comm},  # fmt: skip
+        alignment=alignment,
+        seen=tl.filter(pl.col("rank").is_not_null()).unique("rank", keep="first")
+        .select("rank", "tgid", "host") if tl.height else pl.DataFrame(),
+        stages=pipeline.stages(coll),
+        host=host_context.context(recordings),
+        collectives=lambda: coll,
+        hangs=hangs,
+        cpu_stacks=lambda _windows: stacks.filter(
+            pl.col("state").is_null() | (pl.col("state") != "off_cpu")),
+    )  # fmt: skip
+    return assemble_report(ev, hang_after_s)

@@ -30,15 +30,18 @@ import numpy as np
 import polars as pl
 
 from argus import __version__
-from argus.analyze import anomaly, gpu, hang, hotspot, stall, straggler
+from argus.analyze import hang, pipeline, straggler
+from argus.analyze import host as host_context
+from argus.analyze import steps as steps_mod
 from argus.analyze.align import estimate_offsets
 from argus.analyze.matching import align_seq, collectives, with_lateness
-from argus.analyze.report import DEFAULT_HANG_AFTER_S, KIND_ORDER, SCHEMA, SEVERITY_ORDER
+from argus.analyze.report import DEFAULT_HANG_AFTER_S, Evidence, assemble_report
 from argus.analyze.steps import STEP_COLUMNS, detect_steps, step_metrics
 from argus.analyze.timeline import build_stacks, build_timeline, recording_end_ns, shift_hosts
 from argus.recording import schema
 from argus.recording.io import Recording
 from argus.recording.summaries import (
+    HOST_SUMMARY_SCHEMA,
     STACK_DICT_SCHEMA,
     STEP_SCHEMA,
     TAIL_SCHEMA,
@@ -231,7 +234,8 @@ def build_summaries(recordings: Sequence[Recording]) -> Summaries:
     out = out.select([pl.col(c).cast(t) if c in out.columns else pl.lit(None, t).alias(c)
                       for c, t in STEP_SCHEMA.items()]).sort(["step", "rank"])  # fmt: skip
 
-    tail = _tail(tl, coll, stacks, offsets, dict_rows)
+    hctx = host_context.context(recordings)
+    tail = _with_rank_context(_tail(tl, coll, stacks, offsets, dict_rows), coll, hctx)
     stack_dict = pl.DataFrame(list(dict_rows.values()), schema=STACK_DICT_SCHEMA, orient="row")
     ends = {}
     for rec in recordings:
@@ -266,7 +270,36 @@ def build_summaries(recordings: Sequence[Recording]) -> Summaries:
                   and rec.gpu.height]  # fmt: skip
     g = pl.concat(gpu_frames, how="vertical_relaxed") if gpu_frames else schema.empty_gpu()
     man = recordings[0].manifest if recordings else {}
-    return Summaries(meta=meta, steps=out, stack_dict=stack_dict, tail=tail, manifest=man, gpu=g)
+    hrows = hctx.rows.select([pl.col(c).cast(t) for c, t in HOST_SUMMARY_SCHEMA.items()]) if (
+        hctx.rows.height) else pl.DataFrame(schema=HOST_SUMMARY_SCHEMA)  # fmt: skip
+    return Summaries(meta=meta, steps=out, stack_dict=stack_dict, tail=tail, manifest=man, gpu=g,
+                     host_ctx=hrows)  # fmt: skip
+
+
+def _with_rank_context(tail: pl.DataFrame, coll: pl.DataFrame, hctx) -> pl.DataFrame:
+    """The tail plus what the whole recording says per rank: `step_comm` and `p2p` (the
+    pipeline stages, `pipeline.stages`), and `threads`: its own thread names that the host
+    context names as competitors (`host.contention` leaves them out)."""
+    if tail.height == 0:
+        return tail
+    comm = steps_mod.step_comms(coll) if coll.height else {}
+    p2p = (dict(coll.group_by("rank").agg(pl.col("op").is_in(steps_mod.P2P_OPS).any()).rows())
+           if coll.height else {})  # fmt: skip
+    named: dict[int, set[str]] = {}
+    h = hctx.rows
+    if h.height:
+        for rank, detail in (h.filter((pl.col("kind") == "cpu_contention")
+                                      & pl.col("rank").is_not_null())
+                             .select("rank", "detail").unique().rows()):  # fmt: skip
+            named.setdefault(int(rank), set()).add(detail)
+    ranks = tail["rank"].to_list()
+    threads = [sorted(hctx.own_threads.get(r, set()) & named.get(r, set())) or None
+               for r in ranks]  # fmt: skip
+    return tail.with_columns(
+        pl.Series("step_comm", [comm.get(r) for r in ranks], dtype=pl.Utf8),
+        pl.Series("p2p", [bool(p2p.get(r, False)) for r in ranks], dtype=pl.Boolean),
+        pl.Series("threads", threads, dtype=pl.List(pl.Utf8)),
+    )
 
 
 def _tail(tl, coll, stacks, offsets, dict_rows) -> pl.DataFrame:
@@ -380,12 +413,6 @@ def fast_score(
     return out
 
 
-def _detect_stragglers(metrics, windows, step_ns):
-    """straggler.detect_stragglers with its per-rank scoring vectorised (`fast_score`: the
-    same numbers; the reference loops are quadratic in ranks per step)."""
-    return straggler.detect_stragglers(metrics, windows, step_ns, score=fast_score)
-
-
 def _coll_frame(steps: pl.DataFrame) -> pl.DataFrame:
     """Collective rows rebuilt from the per-step peaks (one row per value in each peak) with
     what stall._attribute reads: comm, op, t_ns (the step's first collective), dur_ns, bytes."""
@@ -468,27 +495,42 @@ def _hang_inputs(summs: Sequence[Summaries], offsets: dict[str, int]):
     return tl, coll, st
 
 
-def _quantiles(steps: pl.DataFrame) -> dict[int, dict[str, Any]]:
-    if steps.height == 0:
-        return {}
-    out = {}
-    g = steps.group_by("rank").agg(pl.col("step_time_ns").sort())
-    for r, vals in g.rows():
-        v = np.asarray(vals, dtype=np.float64)
-        n = len(v)
-
-        def idx(q: float, n: int = n) -> int:  # report._quantile: round half to even
-            return min(n - 1, int(np.round(q * (n - 1))))
-
-        out[int(r)] = {
-            "steps": len(v),
-            "step_time_ms": {
-                "p50": round(v[idx(0.5)] / 1e6, 3),
-                "p90": round(v[idx(0.9)] / 1e6, 3),
-                "max": round(float(v[-1]) / 1e6, 3),
-            },
-        }
+def _manifests(summs: Sequence[Summaries]) -> list[tuple[dict[str, Any], str]]:
+    """(manifest, host) of every recording the summaries were built from."""
+    out = []
+    for s in summs:
+        out.append((s.manifest or s.meta.get("manifest") or {}, s.host))
+        for man in s.meta.get("extra_manifests") or []:
+            out.append((man, str(man.get("host") or s.host)))
     return out
+
+
+def _host_context(summs: Sequence[Summaries], manifests) -> host_context.HostContext:
+    rows = [s.host_ctx for s in summs if s.host_ctx.height]
+    own: dict[int, set[str]] = {}
+    for s in summs:
+        if s.tail.height:
+            for rank, threads in s.tail.select("rank", "threads").rows():
+                if threads:
+                    own.setdefault(int(rank), set()).update(threads)
+    rank_of_tgid, host_of_rank = host_context.rank_maps(manifests)
+    durations = [float(r.get("duration_s") or 0) for s in summs
+                 for r in s.meta.get("recordings") or []]  # fmt: skip
+    return host_context.HostContext(
+        rows=pl.concat(rows, how="vertical_relaxed") if rows else pl.DataFrame(),
+        own_threads=own, rank_of_tgid=rank_of_tgid, host_of_rank=host_of_rank,
+        seconds=max(durations) if durations else 0.0,
+    )  # fmt: skip
+
+
+def _stages(summs: Sequence[Summaries]) -> list[list[int]]:
+    tails = [s.tail.select("rank", "step_comm", "p2p") for s in summs if s.tail.height]
+    if not tails:
+        return []
+    t = pl.concat(tails)
+    if not t["p2p"].fill_null(False).any():
+        return []
+    return pipeline.stages_of(dict(t.drop_nulls("step_comm").select("rank", "step_comm").rows()))
 
 
 def diagnose_summaries(
@@ -497,7 +539,8 @@ def diagnose_summaries(
     upto_step: int | None = None,
     with_tail: bool = True,
 ) -> dict[str, Any]:
-    """`report.diagnose` from summaries alone (one per node): the same argus.report/1 object.
+    """`report.diagnose` from summaries alone (one per node): the same argus.report/1 object,
+    by the same `report.assemble_report` on an `Evidence` rebuilt from the summaries.
 
     `upto_step` keeps the steps <= it (a live diagnosis replayed step by step); `with_tail`
     False ignores the end-of-recording tail (what a live view has not seen yet)."""
@@ -512,94 +555,45 @@ def diagnose_summaries(
     for s in summs:
         offsets.setdefault(s.host, 0)
     steps = shift_hosts(steps, offsets, ["start_ns", "end_ns", "first_coll_ns", "last_coll_ns"])
-    metrics = steps.select(*STEP_COLUMNS, *METRIC_COLS)
-    per_step = anomaly.step_series(metrics)
-    step_ns = float(per_step["step_time_ns"].median()) if per_step.height else 0.0
 
-    windows = anomaly.detect_windows(metrics)
-    stragglers = _detect_stragglers(metrics, windows, step_ns)
-    coll = _coll_frame(steps) if windows else pl.DataFrame()
-    stalls = stall.detect_stalls(metrics, windows, stragglers, coll)
-    hangs: list = []
-    if with_tail:
-        inputs = _hang_inputs(summs, offsets)
-        if inputs is not None:
-            tl, hcoll, hstacks = inputs
-            ends = {}
-            for s in summs:
-                for h, e in (s.meta.get("ends_ns") or {}).items():
-                    ends[h] = max(ends.get(h, e), e) + offsets.get(h, 0)
-            hangs = hang.detect_hangs(tl, hcoll, hstacks, ends, hang_after_s, step_ns or None)
-    if windows or stragglers:
+    def hangs(after_s: float, step_ns: float | None) -> list[dict[str, Any]]:
+        inputs = _hang_inputs(summs, offsets) if with_tail else None
+        if inputs is None:
+            return []
+        tl, hcoll, hstacks = inputs
+        ends: dict[str, int] = {}
+        for s in summs:
+            for h, e in (s.meta.get("ends_ns") or {}).items():
+                ends[h] = max(ends.get(h, e), e) + offsets.get(h, 0)
+        return hang.detect_hangs(tl, hcoll, hstacks, ends, after_s, step_ns)
+
+    def cpu_stacks(windows: list[dict[str, Any]]) -> pl.DataFrame:
         sd = pl.concat([s.stack_dict for s in summs]).unique("stack_id")
-        frame = _merge_stacks(_stack_frame(steps, sd), windows)
-        hotspots = hotspot.detect_hotspots(frame, windows, stragglers)
-    else:
-        hotspots = []
+        return _merge_stacks(_stack_frame(steps, sd), windows)
+
+    manifests = _manifests(summs)
     recs = [Recording(manifest=s.manifest or (s.meta.get("manifest") or {}),
                       events=schema.empty_events(), stacks=schema.empty_stacks(), path=s.path,
                       gpu=s.gpu) for s in summs]  # fmt: skip
-    step_frame = steps.select(list(STEP_COLUMNS))
-    gpu_ranks = gpu.analyse(recs, step_frame, offsets)
-    throttles = gpu.detect_throttle(gpu_ranks, step_frame, stragglers)
-    gpu.cite_in_stragglers(stragglers, gpu_ranks, throttles)
-
-    findings = hangs + stragglers + throttles + stalls + hotspots + windows
-    findings.sort(
-        key=lambda f: (
-            SEVERITY_ORDER.get(f["severity"], 3),
-            KIND_ORDER.get(f["kind"], 9),
-            -(f.get("score") or 0),
-        )
+    det = (summs[0].meta if summs else {}).get("steps") or {}
+    tails = [s.tail.select("rank", "tgid", "host") for s in summs if s.tail.height]
+    seen = pl.concat(tails + [steps.select("rank", "tgid", "host")], how="vertical_relaxed")
+    ev = Evidence(
+        recordings=recs,
+        manifests=manifests,
+        recording_info=[r for s in summs for r in s.meta.get("recordings") or []],
+        steps=steps.select(list(STEP_COLUMNS)),
+        metrics=steps.select(*STEP_COLUMNS, *METRIC_COLS),
+        detection={"detected": steps.height > 0, "method": det.get("method"),
+                   "period": det.get("period"), "comm": det.get("comm")},  # fmt: skip
+        alignment=alignment,
+        seen=seen.unique("rank", keep="first", maintain_order=True),
+        stages=_stages(summs),
+        host=_host_context(summs, manifests),
+        collectives=lambda: _coll_frame(steps),
+        hangs=hangs,
+        cpu_stacks=cpu_stacks,
+        score=fast_score,
+        extra={"source": "summaries"},
     )
-    # ranks: the manifests' ranks, then the ranks seen
-    seen: dict[int, dict[str, Any]] = {}
-    for s in summs:
-        mans = [s.manifest or s.meta.get("manifest") or {}] + list(s.meta.get("extra_manifests")
-                                                                   or [])  # fmt: skip
-        for man in mans:
-            for r in man.get("ranks") or []:
-                if isinstance(r, dict) and r.get("rank") is not None:
-                    seen[int(r["rank"])] = {"rank": int(r["rank"]), "tgid": r.get("tgid"),
-                                            "host": r.get("host") or man.get("host") or s.host}
-    for s in summs:
-        for frame in (s.tail, s.steps):
-            if frame.height:
-                for rank, tgid, host in frame.unique("rank", keep="first").select(
-                        "rank", "tgid", "host").rows():  # fmt: skip
-                    seen.setdefault(rank, {"rank": rank, "tgid": tgid, "host": host})
-    q = _quantiles(steps)
-    empty_q = {"steps": 0, "step_time_ms": {"p50": None, "p90": None, "max": None}}
-    ranks = [{**seen[r], **q.get(r, empty_q)} for r in sorted(seen)]
-    meta0 = summs[0].meta if summs else {}
-    det = meta0.get("steps") or {}
-    detected = steps.height > 0
-    drops: dict[str, int] = {}
-    for s in summs:
-        for k, v in ((s.manifest or {}).get("drops") or {}).items():
-            if isinstance(v, int):
-                drops[k] = drops.get(k, 0) + v
-    return {
-        "schema": SCHEMA,
-        "argus_version": __version__,
-        "source": "summaries",
-        "recordings": [r for s in summs for r in s.meta.get("recordings") or []],
-        "ranks": ranks,
-        "steps": {
-            "detected": detected,
-            "count": steps["step"].n_unique() if steps.height else 0,
-            "step_time_ms_p50": round(step_ns / 1e6, 3) if detected else None,
-            "method": det.get("method"),
-            "collectives_per_step": det.get("period") if det.get("method") != "sync" else None,
-            "comm": det.get("comm"),
-        },
-        "clock_alignment": {
-            "reference": alignment["reference"],
-            "offsets_ns": offsets,
-            "residual_ns": alignment["residual_ns"],
-            "pairs": alignment["pairs"],
-            "method": alignment["method"],
-        },
-        "drops": drops,
-        "findings": findings,
-    }
+    return assemble_report(ev, hang_after_s)

@@ -10,9 +10,14 @@ of) `events.parquet` / `stacks.parquet` / `gpu.parquet`, a folder `summaries/`:
   `stack_id` -> functions/modules. Steps and the tail refer to stacks by id only.
 - `tail.parquet`             one row per rank (`TAIL_SCHEMA`): what the hang detector needs
   at the end of a recording (calls in flight, last aligned seq per communicator with the
-  ops of the last few seqs, exit, latest CPU stacks).
+  ops of the last few seqs, exit, latest CPU stacks), and per rank what the whole recording
+  says about it: the communicator that delimits its steps and whether it makes send/recv
+  (pipeline stages), its own thread names that the host context names as competitors.
 - `gpu-<start_ns>.parquet`   the NVML samples (`schema.GPU_SCHEMA`; already one row per
   device per second, i.e. a summary); absent without NVML.
+- `host-<ts_ns>.parquet`     the host context (`HOST_SUMMARY_SCHEMA`: `host.parquet`'s rows,
+  already one row per (interval, kind, tgid, detail), with `rank` filled from the manifest
+  and the recording's `host`); absent without the host channel.
 - `meta.json`                `{"format": "argus.summaries/1", "steps": {method, period,
   comm}, "recordings": [...], "drops": {...}, "ranks": [...], "partition_s", "bytes"}`.
 
@@ -115,7 +120,14 @@ TAIL_SCHEMA: dict[str, pl.DataType] = {
         pl.Struct({"ts_ns": pl.Int64, "interval_ns": pl.Int64, "stack_id": pl.Int64,
                    "count": pl.UInt32})  # fmt: skip
     ),
+    "step_comm": pl.Utf8,  # the communicator whose collectives delimit its steps
+    "p2p": pl.Boolean,  # it made send/recv calls (a pipeline job)
+    # its own threads named as cpu_contention competitors in the host context (the host
+    # detector leaves a rank's own threads out): only those, not every thread name
+    "threads": pl.List(pl.Utf8),
 }
+
+HOST_SUMMARY_SCHEMA: dict[str, pl.DataType] = {**schema.HOST_SCHEMA, "host": pl.Utf8}
 
 
 @dataclass
@@ -129,6 +141,7 @@ class Summaries:
     manifest: dict[str, Any] = field(default_factory=dict)
     gpu: pl.DataFrame = field(default_factory=schema.empty_gpu)
     path: Path | None = None
+    host_ctx: pl.DataFrame = field(default_factory=lambda: _empty(HOST_SUMMARY_SCHEMA))
 
     @property
     def host(self) -> str:
@@ -192,6 +205,10 @@ def write_summaries(
             g0 = int(summ.gpu["ts_ns"].min())
             p = out / f"gpu-{g0}.parquet"
             sizes[p.name] = _write(p, lambda t: summ.gpu.write_parquet(t))
+        if summ.host_ctx.height:
+            hc = summ.host_ctx.select([pl.col(c).cast(t) for c, t in HOST_SUMMARY_SCHEMA.items()])
+            p = out / f"host-{int(hc['ts_ns'].min())}.parquet"
+            sizes[p.name] = _write(p, lambda t: hc.write_parquet(t))
         meta = dict(summ.meta, format=FORMAT, partition_s=partition_s)
         meta["bytes"] = sizes
         _write(out / META, lambda t: t.write_text(json.dumps(meta, indent=1, default=str)))
@@ -246,5 +263,6 @@ def load_summaries(directory: str | os.PathLike[str]) -> Summaries:
     tail = read([sdir / TAIL] if (sdir / TAIL).exists() else [], TAIL_SCHEMA)
     gfiles = sorted(sdir.glob("gpu-*.parquet"))
     gpu = read(gfiles, schema.GPU_SCHEMA) if gfiles else schema.empty_gpu()
+    hc = read(sorted(sdir.glob("host-*.parquet")), HOST_SUMMARY_SCHEMA)
     return Summaries(meta=meta, steps=steps, stack_dict=sd, tail=tail, manifest=manifest,
-                     gpu=gpu, path=path)  # fmt: skip
+                     gpu=gpu, path=path, host_ctx=hc)  # fmt: skip

@@ -8,6 +8,7 @@ kind, rank, severity, and for hangs comm, seq, op, waiting and missing ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 from pathlib import Path
@@ -23,6 +24,7 @@ from argus.analyze import straggler
 from argus.analyze.report import diagnose
 from argus.analyze.summary import build_summaries, diagnose_summaries, fast_score, peaks
 from argus.cli import report as report_cmd
+from argus.recording import schema
 from argus.recording.io import load_recording
 from argus.recording.summaries import (
     DIR,
@@ -36,17 +38,6 @@ pytestmark = pytest.mark.unit
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 RECORDED = sorted(p.name for p in DATA.iterdir() if (p / "events.parquet").exists())
-
-
-# Detectors that came after the summaries and do not run on them yet (docs/scaling.md):
-# the host-context findings (host.parquet: cpu_contention, tcp_retransmits, ...) and the
-# slow pipeline stage (argus.analyze.pipeline: p2p stages + NVML busy time).
-HOST_KINDS = {"cpu_contention", "tcp_retransmits", "oom_kill", "block_io_stall"}
-KNOWN_GAPS = {
-    "sim_bubble": "the pipeline-stage detector does not run on summaries yet",
-    "ddp_gloo_healthy": "host-context findings (host.parquet) are not in summaries yet",
-    "ddp_gloo_slow_rank1": "host-context findings (host.parquet) are not in summaries yet",
-}
 
 
 def key(report: dict) -> list[tuple]:
@@ -63,26 +54,12 @@ def roundtrip(summ, tmp_path: Path):
     return load_summaries(tmp_path)
 
 
-@pytest.mark.parametrize("name", sorted(KNOWN_GAPS))
-def test_known_gaps_differ_only_by_the_missing_detectors(name):
-    rec = load_recording(DATA / name)
-    raw = [k for k in key(diagnose([rec])) if k[0] not in HOST_KINDS]
-    from_s = key(diagnose_summaries([build_summaries([rec])]))
-    if name == "sim_bubble":  # the stage stragglers are missing, nothing else differs
-        raw = [k for k in raw if k[0] != "straggler"]
-    assert from_s == raw
-
-
 def test_every_recording_in_tests_data_is_covered():
     assert {"sim_healthy", "sim_straggler", "sim_hang", "sim_link", "sim_jit_stall",
             "sim_host_stall", "sim_throttle"} <= set(RECORDED)  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_GAPS[n], strict=True))
-     if n in KNOWN_GAPS else n for n in RECORDED],
-)  # fmt: skip
+@pytest.mark.parametrize("name", RECORDED)
 @pytest.mark.parametrize("hang_after", [2.0, 10.0])
 def test_recorded_findings_equal_from_summaries(name, hang_after, tmp_path):
     rec = load_recording(DATA / name)
@@ -90,11 +67,64 @@ def test_recorded_findings_equal_from_summaries(name, hang_after, tmp_path):
     summ = roundtrip(build_summaries([rec]), tmp_path)
     from_s = diagnose_summaries([summ], hang_after_s=hang_after)
     assert key(from_s) == key(raw)
+    assert from_s["findings"] == raw["findings"]  # evidence and summaries included
     assert from_s["steps"]["count"] == raw["steps"]["count"]
     assert from_s["steps"]["method"] == raw["steps"]["method"]
     assert [(r["rank"], r["steps"], r["step_time_ms"]) for r in from_s["ranks"]] == [
         (r["rank"], r["steps"], r["step_time_ms"]) for r in raw["ranks"]
     ]
+
+
+def test_host_and_pipeline_findings_come_from_summaries_alone(tmp_path):
+    """The recordings with host context and a pipeline do yield those findings from the
+    summaries (so the equality above is not an equality of nothing)."""
+    def kinds(name):
+        s = roundtrip(build_summaries([load_recording(DATA / name)]), tmp_path / name)
+        return [(f["kind"], f.get("rank"), f["severity"], f.get("pipeline_stage"))
+                for f in diagnose_summaries([s])["findings"] if f["kind"] != "anomalous_window"]
+    assert kinds("sim_bubble") == [("straggler", 1, "critical", [1, 3]),
+                                   ("straggler", 3, "critical", [1, 3]),
+                                   ("cpu_contention", 1, "critical", None)]  # fmt: skip
+    assert kinds("ddp_gloo_slow_rank1") == [("straggler", 1, "critical", None),
+                                            ("cpu_contention", 0, "info", None),
+                                            ("tcp_retransmits", None, "info", None)]  # fmt: skip
+
+
+def test_every_host_context_kind_from_summaries(tmp_path):
+    """sim_straggler (rank 2 GPU-slow, 40 steps of 81 ms) with planted host context: a
+    competitor of rank 2, rank 0's own thread named as a competitor (not host context),
+    an OOM kill of rank 3 and of another process, a slow disk, retransmits of rank 2."""
+    rec = load_recording(DATA / "sim_straggler")
+    tgid = {r["rank"]: r["tgid"] for r in rec.manifest["ranks"]}
+    ms = 1_000_000
+    t0 = rec.manifest["started_ns"]
+    rows = [
+        (tgid[2], "cpu_contention", "cpuhog", 300, 200 * ms),  # 5 ms per step
+        (tgid[0], "cpu_contention", "argus-sim-rank", 50, 400 * ms),  # its own thread
+        (tgid[0], "cpu_contention", "kworker/0:1", 2, 1 * ms),
+        (tgid[1], "cpu_contention", "kworker/1:1", 2, 1 * ms),
+        (tgid[3], "cpu_contention", "kworker/3:1", 2, 1 * ms),
+        (tgid[3], "oom_kill", "argus-sim-rank", 1, 0),
+        (4242, "oom_kill", "chrome", 1, 0),
+        (0, "block_io", "254:0", 6, 480 * ms),  # 80 ms per request
+        (tgid[2], "tcp_retransmit", "10.0.0.2:29500", 3, 0),
+    ]
+    host = pl.DataFrame(
+        [{"ts_ns": t0, "interval_ns": 10**10, "tgid": t, "rank": None, "kind": k, "detail": d,
+          "count": n, "total_ns": tot} for t, k, d, n, tot in rows],
+        schema=schema.HOST_SCHEMA,
+    )  # fmt: skip
+    rec = dataclasses.replace(rec, host_ctx=host)
+    raw = diagnose([rec])
+    from_s = diagnose_summaries([roundtrip(build_summaries([rec]), tmp_path)])
+    assert from_s["findings"] == raw["findings"]
+    got = [(f["kind"], f.get("rank"), f["severity"]) for f in from_s["findings"]]
+    assert got == [("oom_kill", 3, "critical"), ("straggler", 2, "warning"),
+                   ("cpu_contention", 2, "warning"), ("tcp_retransmits", 2, "warning"),
+                   ("block_io_stall", None, "warning"), ("oom_kill", None, "info")]  # fmt: skip
+    assert from_s["findings"][2]["competitor"] == "cpuhog"
+    assert [e["kind"] for e in from_s["findings"][1]["evidence"]["host"]] == [
+        "cpu_contention", "tcp_retransmits"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
