@@ -6,8 +6,21 @@ profile of a set of samples is, per function of the program itself (frames not i
 library `*.so*`), its inclusive share of the attributed samples (a generic busy leaf shared
 by several callers does not hide the caller that changed); the differential is
 share(anomalous) - share(normal), and the hotspot is the function whose share grew the most
-(the leaf-most on a tie; >= 10 points, >= 10 samples). `attribute` (one function per sample:
-the leaf-most own frame) names what a hung rank is doing.
+(the leaf-most on a tie; >= 10 points). `attribute` (one function per sample: the leaf-most
+own frame) names what a hung rank is doing.
+
+Evidence (`significant`): a share is estimated from >= MIN_SAMPLES (10) attributed samples,
+so with >= 10 on each side the growth of the shares is enough. A thin baseline (< 10
+samples: a rank idle outside a short window, other ranks that mostly wait for their GPU)
+has no estimable share, yet a function that fills the anomalous side and is (almost) never
+seen in the baseline is the clearest hotspot there is. Then the question is whether the
+function's samples are concentrated on the anomalous side by more than chance: of the
+a + b samples of the function among the A + B attributed samples of both sides, at least a
+fall on the anomalous side with probability P (the one-sided Fisher exact test, the
+hypergeometric tail). The function must have >= MIN_SAMPLES samples on the anomalous side
+and P <= MAX_P (0.01). With 10 of 10 anomalous samples and 3 baseline samples without it,
+P = 1/C(13, 3) = 0.0035: a finding; with 2 baseline samples, P = 1/C(12, 2) = 0.015: not
+(two samples say too little about normal time); a baseline of 0 samples says nothing.
 
 Scopes: a straggler in a window (its samples in the window vs its samples elsewhere, or vs
 the other ranks' samples when it has fewer than MIN_SAMPLES elsewhere), a
@@ -24,6 +37,7 @@ would otherwise name the interpreter instead of the training code.
 from __future__ import annotations
 
 from collections import Counter
+from math import exp, lgamma
 from typing import Any
 
 import polars as pl
@@ -31,6 +45,7 @@ import polars as pl
 MIN_DELTA = 0.10
 WARN_DELTA = 0.20
 MIN_SAMPLES = 10
+MAX_P = 0.01  # thin baseline: one-sided Fisher exact test (see module doc)
 
 IDLE = frozenset(
     "poll ppoll epoll_wait epoll_pwait select pselect nanosleep clock_nanosleep usleep sleep "
@@ -154,16 +169,42 @@ def differential(anomalous: pl.DataFrame, normal: pl.DataFrame) -> list[dict[str
     )
 
 
+def _log_comb(n: int, k: int) -> float:
+    return lgamma(n + 1) - lgamma(k + 1) - lgamma(n - k + 1)
+
+
+def fisher_greater(a: int, total_a: int, b: int, total_b: int) -> float:
+    """One-sided Fisher exact test: the probability that, of the a + b samples of a function
+    among total_a + total_b samples, at least `a` fall among the `total_a` ones by chance
+    (the hypergeometric upper tail)."""
+    n, k = total_a + total_b, a + b
+    if total_a == 0 or k == 0:
+        return 1.0
+    log_all = _log_comb(n, total_a)
+    hi = min(total_a, k)
+    return min(1.0, sum(exp(_log_comb(k, x) + _log_comb(n - k, total_a - x) - log_all)
+                        for x in range(a, hi + 1) if total_a - x <= n - k))  # fmt: skip
+
+
+def significant(row: dict[str, Any]) -> bool:
+    """Enough evidence that the function's share grew (see module doc): >= MIN_SAMPLES on
+    each side, or, against a thinner baseline, >= MIN_SAMPLES of the function on the
+    anomalous side and a one-sided Fisher exact p <= MAX_P."""
+    if row["total_anomalous"] < MIN_SAMPLES:
+        return False
+    if row["total_normal"] >= MIN_SAMPLES:
+        return True
+    return row["samples_anomalous"] >= MIN_SAMPLES and fisher_greater(
+        row["samples_anomalous"], row["total_anomalous"], row["samples_normal"],
+        row["total_normal"]) <= MAX_P  # fmt: skip
+
+
 def _finding(diff, rank, scope: str, extra: dict[str, Any]) -> dict[str, Any] | None:
     if not diff:
         return None
     top = diff[0]
     delta = top["share_anomalous"] - top["share_normal"]
-    if (
-        delta < MIN_DELTA
-        or top["total_anomalous"] < MIN_SAMPLES
-        or top["total_normal"] < MIN_SAMPLES
-    ):
+    if delta < MIN_DELTA or not significant(top):
         return None
     who = f"rank {rank}" if rank is not None else "all ranks"
     return {

@@ -1,0 +1,111 @@
+"""cpu_hotspot on synthetic stacks: the evidence rule (>= 10 samples each side, or a thin
+baseline and a one-sided Fisher exact test), exact findings and the negative cases."""
+
+from __future__ import annotations
+
+from math import comb
+
+import polars as pl
+import pytest
+
+from argus.analyze import hotspot
+
+pytestmark = pytest.mark.unit
+
+MS = 1_000_000
+WINDOW = {"start_step": 5, "end_step": 7, "start_ns": 500 * MS, "end_ns": 800 * MS,
+          "severity": "warning"}  # fmt: skip
+
+
+def _stacks(rows):
+    """rows: (rank, t_ms, functions, count); program frames (module "train"), 10 ms intervals."""
+    return pl.DataFrame(
+        [{"rank": r, "t_ns": t * MS, "interval_ns": 10 * MS, "functions": fns,
+          "modules": ["train"] * len(fns), "count": n} for r, t, fns, n in rows],
+        schema={"rank": pl.Int32, "t_ns": pl.Int64, "interval_ns": pl.Int64,
+                "functions": pl.List(pl.Utf8), "modules": pl.List(pl.Utf8), "count": pl.Int64},
+    )  # fmt: skip
+
+
+def _straggler(rank, window=None):
+    return {"kind": "straggler", "rank": rank, "severity": "warning",
+            "start_step": window and window["start_step"],
+            "end_step": window and window["end_step"]}  # fmt: skip
+
+
+def _short(f):
+    return {k: f[k] for k in ("kind", "severity", "rank", "function", "share_anomalous",
+                              "share_normal", "samples_anomalous", "samples_normal")}  # fmt: skip
+
+
+def test_fisher_tail_is_the_hypergeometric_tail():
+    assert hotspot.fisher_greater(10, 10, 0, 3) == pytest.approx(1 / comb(13, 3))
+    assert hotspot.fisher_greater(10, 10, 0, 2) == pytest.approx(1 / comb(12, 2))
+    # 2 of the function's 3 samples among 5 of 10: P(X >= 2), X ~ Hypergeom(10, 3, 5)
+    expect = (comb(3, 2) * comb(7, 3) + comb(3, 3) * comb(7, 2)) / comb(10, 5)
+    assert hotspot.fisher_greater(2, 5, 1, 5) == pytest.approx(expect)
+    assert hotspot.fisher_greater(10, 10, 0, 0) == 1.0  # no baseline: no evidence
+
+
+def test_straggler_busy_in_a_function_the_idle_other_ranks_never_run():
+    # rank 1 decodes images all the time (40 samples); ranks 0 and 2 wait for their GPU and
+    # have 2 samples each of their own: 4 baseline samples, fewer than MIN_SAMPLES
+    st = _stacks([(1, 100 + i, ["decode_jpeg", "load_batch", "main"], 1) for i in range(40)]
+                 + [(r, 100, ["train_step", "main"], 2) for r in (0, 2)])  # fmt: skip
+    found = hotspot.detect_hotspots(st, [], [_straggler(1)])
+    assert [_short(f) for f in found] == [
+        {"kind": "cpu_hotspot", "severity": "warning", "rank": 1, "function": "decode_jpeg",
+         "share_anomalous": 1.0, "share_normal": 0.0, "samples_anomalous": 40,
+         "samples_normal": 0}]  # fmt: skip
+    assert found[0]["compared_with"] == "other_ranks"
+    assert found[0]["summary"] == (
+        "On rank 1, decode_jpeg took 100% of CPU samples on this rank vs 0% vs the other ranks."
+    )
+
+
+def test_window_function_never_seen_outside_it_with_a_thin_baseline():
+    inside = [(0, 500 + 10 * i, ["jit_compile", "forward", "main"], 1) for i in range(12)]
+    for n_out in (3, 2):
+        outside = [(0, 100 + 10 * i, ["forward", "main"], 1) for i in range(n_out)]
+        found = hotspot.detect_hotspots(_stacks(inside + outside), [WINDOW], [])
+        if n_out == 3:  # P = 1/C(15, 3) = 0.0022
+            assert [_short(f) for f in found] == [
+                {"kind": "cpu_hotspot", "severity": "warning", "rank": None,
+                 "function": "jit_compile", "share_anomalous": 1.0, "share_normal": 0.0,
+                 "samples_anomalous": 12, "samples_normal": 0}]  # fmt: skip
+            assert (found[0]["start_step"], found[0]["end_step"]) == (5, 7)
+        else:  # P = 1/C(14, 2) = 0.011 > MAX_P: two samples say too little about normal time
+            assert found == []
+
+
+def test_too_few_samples_of_the_function_inside_is_not_a_hotspot():
+    # 9 samples of it inside (< MIN_SAMPLES) against a thin baseline
+    inside = [(0, 500 + 10 * i, ["jit_compile", "main"], 1) for i in range(9)]
+    inside += [(0, 505, ["forward", "main"], 1)]
+    outside = [(0, 100 + 10 * i, ["forward", "main"], 1) for i in range(5)]
+    assert hotspot.detect_hotspots(_stacks(inside + outside), [WINDOW], []) == []
+
+
+@pytest.mark.parametrize("n_out", [5, 40])
+def test_a_function_equally_common_in_and_out_of_the_window_is_not_a_hotspot(n_out):
+    # thin (5) and thick (40) baselines: half the samples in parse_batch, half in forward,
+    # inside and outside the window alike
+    rows = []
+    for t0, n in ((500, 40), (100, n_out)):
+        for i in range(n):
+            fn = "parse_batch" if i % 2 == 0 else "forward"
+            rows.append((0, t0 + i, [fn, "main"], 1))
+    assert hotspot.detect_hotspots(_stacks(rows), [WINDOW], []) == []
+    assert hotspot.detect_hotspots(_stacks(rows), [WINDOW], [_straggler(0, WINDOW)]) == []
+
+
+def test_a_thick_baseline_keeps_the_share_rule():
+    # >= 10 samples each side: the share growth alone decides (here 12 points, an info)
+    inside = [(0, 500 + i, ["jit_compile" if i < 12 else "forward", "main"], 1)
+              for i in range(100)]  # fmt: skip
+    outside = [(0, 100 + i, ["forward", "main"], 1) for i in range(100)]
+    found = hotspot.detect_hotspots(_stacks(inside + outside), [WINDOW], [])
+    assert [_short(f) for f in found] == [
+        {"kind": "cpu_hotspot", "severity": "info", "rank": None, "function": "jit_compile",
+         "share_anomalous": 0.12, "share_normal": 0.0, "samples_anomalous": 12,
+         "samples_normal": 0}]  # fmt: skip
