@@ -569,3 +569,36 @@ def rank_identity(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> dic
         "source": source,
         "env": env,
     }
+
+
+def parent(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> int | None:
+    """The parent process (ppid from /proc/TGID/stat); None when unknown."""
+    return _stat_ppid(_read_proc(tgid, "stat", proc_root))
+
+
+def worker_of(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> int | None:
+    """The rank process this one is a worker of, else None.
+
+    A process is a worker of its parent when both have the same rank identity (a rank, and
+    the same rank / local rank / world size from the allowlisted environment) and the parent
+    itself maps the training libraries: PyTorch DataLoader workers (forked, or spawned with
+    the environment inherited), a rank's compile workers. They are not ranks: tracing them
+    as such would make a second rank with the same number. A rank started by a wrapper
+    (a shell script with RANK set running python) is still a rank: the wrapper maps no
+    training library. A rank whose parent is a training process with the same RANK (a
+    Python launcher that set its own RANK and runs the trainer as a child) is taken for a
+    worker: a limit, docs/daemon.md."""
+    try:
+        mine = rank_identity(tgid, proc_root)
+        if mine["rank"] is None:
+            return None
+        ppid = parent(tgid, proc_root)
+        if ppid is None or ppid <= 1:
+            return None
+        theirs = rank_identity(ppid, proc_root)
+        same = all(mine[k] == theirs[k] for k in ("rank", "local_rank", "world_size"))
+        if not same or not is_training_process(mapped_libraries(ppid, proc_root)):
+            return None
+    except (TargetNotFound, OSError):
+        return None
+    return ppid

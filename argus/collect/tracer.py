@@ -83,6 +83,7 @@ class _Target:
     maps: list[procfs.Mapping] = field(default_factory=list)
     scanned_ns: int = 0  # monotonic time of the last scan that read the maps
     rank_launcher: bool = False  # maps PyTorch but only starts ranks (torchrun): never probed
+    worker_of: int | None = None  # a rank's worker (DataLoader, same RANK): never probed
 
 
 # torchrun imports torch, so it maps libtorch_cpu like its ranks: recognised by name.
@@ -364,6 +365,10 @@ class Tracer:
         if t.rank_launcher:
             t.libraries = [lib.to_dict() for lib in libs]
             return  # its ranks are watched through it; it is not probed itself
+        if t.launcher and not t.traced and t.worker_of is None:
+            t.worker_of = procfs.worker_of(t.tgid, self.opts.proc_root)
+        if t.worker_of is not None:
+            return  # a worker of a rank (forked with its RANK): not a second rank
         for lib in new:
             specs = self._specs_for(lib)
             t.attached[lib.path] = _Attached(lib.path, lib.host_path)

@@ -3,7 +3,10 @@
 `Scanner.scan()` lists /proc, and for each process not seen before (a PID is keyed with its
 start time, so a reused PID is a new process) reads its mapped libraries; a process that
 maps nothing interesting yet is looked at again on the next scans for `PENDING_S` (ranks
-that import torch a few seconds after exec). `job_key()` groups ranks into jobs by what
+that import torch a few seconds after exec). A child of a rank with the same rank identity
+(a DataLoader worker, `procfs.worker_of`) is not a rank: it is never traced (its data
+loading shows in the rank as the wait for the next batch, `host_gap`). `job_key()` groups
+ranks into jobs by what
 launchers and schedulers leave in the allowlisted environment, never mixing two jobs:
 
 1. SLURM_JOB_ID (unique in the cluster) -> `slurm-<id>`
@@ -155,6 +158,8 @@ class Scanner:
             return None
         if ident["rank"] is None and _is_launcher(tgid, self.proc_root):
             return None  # torchrun maps libtorch but only starts ranks: its ranks are found
+        if procfs.worker_of(tgid, self.proc_root) is not None:
+            return None  # a DataLoader worker of a rank (same RANK, forked): not a rank
         return Found(tgid, comm, exe, job_key(tgid, ident["env"], self.proc_root), ident["rank"])
 
 

@@ -306,3 +306,33 @@ def test_rank_identity_fallbacks_and_bad_values(proc: Path) -> None:
 def test_environ_values_are_capped() -> None:
     env = procfs.parse_environ(b"MASTER_ADDR=" + b"a" * 5000 + b"\0")
     assert len(env["MASTER_ADDR"]) == 256
+
+
+# ------------------------------------------------------------------------------ rank workers
+
+
+def test_dataloader_workers_are_not_ranks(proc: Path) -> None:
+    """A rank's forked DataLoader workers inherit RANK: workers of the rank, not ranks; a
+    rank started by a shell wrapper with RANK set is a rank (the wrapper maps no library)."""
+    from argus.daemon.config import DaemonConfig
+    from argus.daemon.discovery import Scanner
+
+    torch = lib_maps("/opt/venv/torch/lib/libtorch_cpu.so", 0x7F0000000000)
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "n1",
+           "MASTER_PORT": "29500"}  # fmt: skip
+    make_process(proc, 50, name="torchrun", ppid=1, maps=torch,
+                 environ={"MASTER_ADDR": "n1", "MASTER_PORT": "29500"},
+                 cmdline=("/usr/bin/python3", "/usr/local/bin/torchrun", "train.py"))  # fmt: skip
+    make_process(proc, 60, name="python", ppid=50, maps=torch, environ=env)  # the rank
+    for w in (61, 62):  # its DataLoader workers (num_workers=2)
+        make_process(proc, w, name="pt_data_worker", ppid=60, maps=torch, environ=env)
+    make_process(proc, 70, name="bash", ppid=50, environ={**env, "RANK": "0", "LOCAL_RANK": "0"},
+                 cmdline=("/bin/bash", "run.sh"), exe="/bin/bash")  # fmt: skip
+    make_process(proc, 71, name="python", ppid=70, maps=torch,
+                 environ={**env, "RANK": "0", "LOCAL_RANK": "0"})  # fmt: skip
+    other = {**env, "RANK": "0", "LOCAL_RANK": "0"}  # a child with another rank: a rank
+    make_process(proc, 80, name="python", ppid=60, maps=torch, environ=other)
+    assert [procfs.worker_of(t, proc) for t in (60, 61, 62, 71, 80)] == [None, 60, 60, None, None]
+    assert procfs.parent(62, proc) == 60
+    found = Scanner(DaemonConfig(), str(proc)).scan()
+    assert sorted((f.tgid, f.rank) for f in found) == [(60, 1), (71, 0), (80, 0)]
