@@ -108,7 +108,9 @@ struct argus_proc_event {
 #define ARGUS_DROP_COUNTS_FULL 7  /* a counts/seq/inflight hash map was full */
 #define ARGUS_DROP_READ_FAULT 8   /* bpf_probe_read_user failed on a captured argument */
 #define ARGUS_DROP_HOST_MAP_FULL 9 /* host.bpf.c: a host_counts/preempted/offcpu/blk map was full */
-#define ARGUS_NDROPS 10
+#define ARGUS_DROP_PY_WALK 10     /* a read failed walking a Python thread list or frame chain */
+#define ARGUS_DROP_PY_MAP_FULL 11 /* py_stacks0/1 was full: the sample kept its native stack only */
+#define ARGUS_NDROPS 12
 
 /* CPU sample aggregation key. */
 struct argus_stack_key {
@@ -117,7 +119,52 @@ struct argus_stack_key {
     __s32 user_stack_id;
     __s32 kernel_stack_id;
     char comm[ARGUS_COMM_LEN];
+    __u64 py_stack_id;  /* key of py_stacks0/1 (the Python frames), 0: none */
 };
+
+/* Python frames in CPU samples (cpu_stacks.bpf.c; argus/collect/pyframes.py finds and
+ * validates the layout of one interpreter per process and writes its argus_py_proc). */
+#define ARGUS_PY_DEPTH 32       /* Python frames kept per sample, innermost first */
+#define ARGUS_PY_THREADS 32     /* thread states searched for the sampled thread */
+#define ARGUS_PY_CFRAME (1u << 0)    /* ts_frame points to a _PyCFrame: + cframe_frame */
+#define ARGUS_PY_PTHREAD (1u << 1)   /* ts_tid is pthread_self(): the tid is at +pthread_tid */
+#define ARGUS_PY_IS_ENTRY (1u << 2)  /* byte frame_entry != 0: outermost frame of one C eval */
+#define ARGUS_PY_OWNER (1u << 3)     /* byte frame_owner == 3 (FRAME_OWNED_BY_CSTACK): a shim */
+#define ARGUS_PY_ALL_ENTRY (1u << 4) /* every frame is its own C eval call (3.10) */
+#define ARGUS_PY_CODE_ENTRY 1ull     /* bit 0 of argus_py_stack.code[i]: an entry frame */
+
+/* Value of py_procs (key: tgid): where the interpreter's structures are. */
+struct argus_py_proc {
+    __u64 runtime;        /* address of _PyRuntime in the process */
+    __u32 version;        /* 0x030b for 3.11 (informational) */
+    __u32 flags;          /* ARGUS_PY_* */
+    __u32 interp_head;    /* _PyRuntime -> interpreters.head */
+    __u32 threads_head;   /* PyInterpreterState -> first PyThreadState */
+    __u32 ts_next;        /* PyThreadState -> next */
+    __u32 ts_tid;         /* PyThreadState -> native_thread_id (or thread_id, ARGUS_PY_PTHREAD) */
+    __u32 ts_frame;       /* PyThreadState -> frame / cframe / current_frame */
+    __u32 cframe_frame;   /* _PyCFrame -> current_frame (ARGUS_PY_CFRAME) */
+    __u32 frame_code;     /* frame -> code object */
+    __u32 frame_prev;     /* frame -> the calling frame */
+    __u32 frame_entry;    /* frame -> is_entry byte (ARGUS_PY_IS_ENTRY) */
+    __u32 frame_owner;    /* frame -> owner byte (ARGUS_PY_OWNER) */
+    __u32 pthread_tid;    /* glibc struct pthread -> tid (ARGUS_PY_PTHREAD) */
+    __u32 pad;
+};
+
+/* Value of py_stacks0/1 (key: a hash of code[]): one Python stack. */
+struct argus_py_stack {
+    __u32 depth;          /* valid entries of code[] */
+    __u32 truncated;      /* 1: the chain had more than ARGUS_PY_DEPTH frames */
+    __u64 code[ARGUS_PY_DEPTH];  /* code object address | ARGUS_PY_CODE_ENTRY, innermost first */
+};
+
+/* py_stats: index -> samples (argus_py_* of the manifest's python_stacks). */
+#define ARGUS_PY_STAT_WALKED 0    /* a Python stack was recorded */
+#define ARGUS_PY_STAT_NO_THREAD 1 /* the sampled thread has no PyThreadState (native thread) */
+#define ARGUS_PY_STAT_NO_FRAME 2  /* a thread state with no Python frame (idle, finalizing) */
+#define ARGUS_PY_STAT_TRUNCATED 3 /* more than ARGUS_PY_DEPTH frames: innermost kept */
+#define ARGUS_PY_NSTATS 4
 
 /* Per-thread stack of calls waiting for their return probe. */
 struct argus_frame {

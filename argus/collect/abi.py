@@ -47,6 +47,8 @@ DROP_NAMES = (
     "counts_map_full",
     "read_fault",
     "host_map_full",
+    "py_walk_failed",
+    "py_stack_map_full",
 )
 
 # Host context (host.bpf.c): argus_host_key.kind -> name (host.parquet `kind`).
@@ -56,6 +58,16 @@ HOST_OOM = 3
 HOST_BLOCK = 4
 HOST_KINDS = {HOST_CPU: "cpu_contention", HOST_TCP: "tcp_retransmit", HOST_OOM: "oom_kill",
               HOST_BLOCK: "block_io"}  # fmt: skip
+# Python frames in CPU samples (ARGUS_PY_*).
+PY_DEPTH = 32
+PY_THREADS = 32
+PY_CFRAME = 1 << 0
+PY_PTHREAD = 1 << 1
+PY_IS_ENTRY = 1 << 2
+PY_OWNER = 1 << 3
+PY_ALL_ENTRY = 1 << 4
+PY_CODE_ENTRY = 1
+PY_STAT_NAMES = ("walked", "no_thread_state", "no_frame", "truncated")  # py_stats, in order
 OFFCPU_USER_DEPTH = 32
 OFFCPU_KERNEL_DEPTH = 16
 OFFCPU_SCAN = 32
@@ -115,6 +127,35 @@ class StackKey(ct.Structure):
         ("user_stack_id", ct.c_int32),
         ("kernel_stack_id", ct.c_int32),
         ("comm", ct.c_char * COMM_LEN),
+        ("py_stack_id", ct.c_uint64),
+    ]
+
+
+class PyProc(ct.Structure):
+    _fields_ = [
+        ("runtime", ct.c_uint64),
+        ("version", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("interp_head", ct.c_uint32),
+        ("threads_head", ct.c_uint32),
+        ("ts_next", ct.c_uint32),
+        ("ts_tid", ct.c_uint32),
+        ("ts_frame", ct.c_uint32),
+        ("cframe_frame", ct.c_uint32),
+        ("frame_code", ct.c_uint32),
+        ("frame_prev", ct.c_uint32),
+        ("frame_entry", ct.c_uint32),
+        ("frame_owner", ct.c_uint32),
+        ("pthread_tid", ct.c_uint32),
+        ("pad", ct.c_uint32),
+    ]
+
+
+class PyStack(ct.Structure):
+    _fields_ = [
+        ("depth", ct.c_uint32),
+        ("truncated", ct.c_uint32),
+        ("code", ct.c_uint64 * PY_DEPTH),
     ]
 
 
@@ -189,6 +230,8 @@ STRUCTS = {
     "argus_call_str": CallStr,
     "argus_proc_event": ProcEvent,
     "argus_stack_key": StackKey,
+    "argus_py_proc": PyProc,
+    "argus_py_stack": PyStack,
     "argus_frame": Frame,
     "argus_inflight": Inflight,
     "argus_seq_key": SeqKey,

@@ -91,6 +91,23 @@ class ElfFile:
         # through its own /proc/PID/root path, and its .symtab has 530k symbols.
         return _function_table(self.path, (".symtab", ".dynsym"))
 
+    def symbol(self, name: str) -> Symbol | None:
+        """A defined symbol of any type (data too: `_PyRuntime`) by exact name, from the
+        dynamic hash table, else a scan of .dynsym and .symtab."""
+        hit = self._hash.get(name)
+        if hit is not None:
+            return hit
+        return _any_symbol(self.path, name)
+
+    def load_base(self, mappings) -> int | None:
+        """What the loader added to this file's ELF addresses in a process (0 for a non-PIE
+        executable), from the file's mappings there (objects with start and offset)."""
+        for m in mappings:
+            for p_vaddr, p_offset, _ in self._loads:
+                if p_offset & ~0xFFF == m.offset:
+                    return m.start - (p_vaddr & ~0xFFF)
+        return None
+
     def defines(self, name: str) -> bool:
         return self.lookup(name) is not None
 
@@ -193,6 +210,19 @@ def _function_table_cached(path: str, names: tuple[str, ...], *identity: int) ->
                 if name not in out:
                     out[name] = Symbol(name, value, size)
     return out
+
+
+def _any_symbol(path: str, name: str) -> Symbol | None:
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        for secname in (".dynsym", ".symtab"):
+            sec = elf.get_section_by_name(secname)
+            if not isinstance(sec, SymbolTableSection):
+                continue
+            for s in sec.get_symbol_by_name(name) or ():
+                if s["st_shndx"] != "SHN_UNDEF" and s["st_value"]:
+                    return Symbol(s.name, s["st_value"], s["st_size"])
+    return None
 
 
 class _HashLookup:

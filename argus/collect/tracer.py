@@ -36,6 +36,7 @@ from argus.collect.decode import (
     pair_completions,
     rows_to_frame,
 )
+from argus.collect.pyframes import PythonStacks
 from argus.collect.specs import CHANNELS, LibrarySpec, load_specs
 from argus.collect.symbols import demangle, elf_file, runtime_address, short_name
 from argus.errors import NotATrainingProcess, PermissionDenied, TargetNotFound
@@ -253,6 +254,7 @@ class Tracer:
         self._hot: dict[int, float] = {}
         self._last_stacks = 0.0
         self._stack_buf = 0
+        self.pystacks: PythonStacks | None = None  # Python frames in CPU samples (pyframes.py)
         self.host_rows: list[dict] = []
         self.host_status: dict[str, str] = {}
         self._host_prev: dict[tuple, tuple[int, int]] = {}
@@ -302,6 +304,8 @@ class Tracer:
             sources.append("host.bpf.c")
         self.session = BpfSession([str(BPF_DIR / f) for f in sources], cflags)
         s = self.session
+        if "cpu" in self.opts.channels:
+            self.pystacks = PythonStacks(s, self.opts.proc_root)
         s.attach_tracepoint("sched:sched_process_fork", "argus_on_fork")
         s.attach_tracepoint("sched:sched_process_exec", "argus_on_exec")
         s.attach_tracepoint("sched:sched_process_exit", "argus_on_exit")
@@ -359,6 +363,7 @@ class Tracer:
         t.scanned_ns = time.monotonic_ns()
         new = [lib for lib in libs if lib.path not in t.attached]
         if not new and t.traced:
+            self._py_ensure(t)
             return
         if t.launcher and not t.traced and procfs.is_training_process(libs):
             t.rank_launcher = t.rank_launcher or _is_rank_launcher(t.tgid, self.opts.proc_root)
@@ -387,6 +392,12 @@ class Tracer:
             flags = abi.W_TRACE | (abi.W_DESCEND if t.launcher else 0)
             self._set_watched(t.tgid, flags)
         t.libraries = [lib.to_dict() for lib in libs]
+        self._py_ensure(t)
+
+    def _py_ensure(self, t: _Target) -> None:
+        """A traced process that runs CPython gets Python frames in its CPU samples."""
+        if self.pystacks is not None and t.traced and not t.exited:
+            self.pystacks.ensure(t.tgid, t.maps, t.exe)
 
     def _specs_for(self, lib: procfs.MappedLibrary) -> list[LibrarySpec]:
         name = os.path.basename(lib.path)
@@ -485,6 +496,8 @@ class Tracer:
                     status["tgids"].append(t.tgid)
 
     def _detach_target(self, t: _Target) -> None:
+        if self.pystacks is not None:
+            self.pystacks.forget(t.tgid)
         table = self.session.table("probes")
         for att in t.attached.values():
             for key in att.uprobes:
@@ -663,6 +676,8 @@ class Tracer:
             self._hot.pop(tgid, None)
             self.ctx.rank_of.pop(tgid, None)
             self.ctx.devices.pop(tgid, None)
+            if self.pystacks is not None:
+                self.pystacks.drop(tgid)
         if gone:
             drop = set(gone)
             self._sym_cache = {k: v for k, v in self._sym_cache.items() if k[0] not in drop}
@@ -680,6 +695,8 @@ class Tracer:
             time.sleep(0.002)  # samples already past the flag check finish in microseconds
         counts = s.table(f"stack_counts{old}")
         stacks = s.table(f"stacks{old}")
+        if self.pystacks is not None:
+            self.pystacks.take(old)
         interval_ns = int(self.opts.stack_interval_s * 1e9)
         ts_ns = time.monotonic_ns() - interval_ns
         for key, value in counts.items():
@@ -695,6 +712,9 @@ class Tracer:
                     mod, fn = self._symbolize(tgid, addr)
                     functions.append(fn or mod)
                     modules.append(mod.split("+", 1)[0])
+            if key.py_stack_id and self.pystacks is not None:
+                functions, modules = self.pystacks.merge(tgid, int(key.py_stack_id), functions,
+                                                         modules)  # fmt: skip
             self.stack_rows.append(
                 {
                     "ts_ns": ts_ns,
@@ -866,6 +886,7 @@ class Tracer:
         stacks = pl.DataFrame(self.stack_rows, schema=schema.STACKS_SCHEMA) if self.stack_rows else schema.empty_stacks()
         counts = self._call_counts()
         drops = self._drops()
+        python_stacks = self.pystacks.manifest() if self.pystacks is not None else None
         for t in self.targets.values():
             if not t.exited:
                 self._detach_target(t)
@@ -903,6 +924,7 @@ class Tracer:
             "launchers": [t.tgid for t in self.targets.values() if t.launcher and not t.traced],
             "probes": sorted(self.probe_status.values(), key=lambda p: (p["channel"], p["symbol"])),
             "drops": drops,
+            "python_stacks": python_stacks,
             "call_counts": counts,
             "counts": {
                 "events": {

@@ -68,3 +68,9 @@ def test_constants_match_the_header():
     assert value("ARGUS_OFFCPU_USER_DEPTH") == abi.OFFCPU_USER_DEPTH
     assert value("ARGUS_OFFCPU_KERNEL_DEPTH") == abi.OFFCPU_KERNEL_DEPTH
     assert value("ARGUS_OFFCPU_SCAN") == abi.OFFCPU_SCAN
+    assert value("ARGUS_DROP_PY_WALK") == abi.DROP_NAMES.index("py_walk_failed")
+    assert value("ARGUS_DROP_PY_MAP_FULL") == abi.DROP_NAMES.index("py_stack_map_full")
+    for name in ("DEPTH", "THREADS", "CFRAME", "PTHREAD", "IS_ENTRY", "OWNER", "ALL_ENTRY"):
+        assert value(f"ARGUS_PY_{name}") == getattr(abi, f"PY_{name}"), name
+    assert value("ARGUS_PY_NSTATS") == len(abi.PY_STAT_NAMES)
+    assert value("ARGUS_PY_STAT_TRUNCATED") == abi.PY_STAT_NAMES.index("truncated")
