@@ -349,7 +349,8 @@ def choose_layout(mem: Memory, interp: Interpreter) -> Layout:
     return lay
 
 
-def walk(mem: Memory, lay: Layout, tstate: int, depth: int = abi.PY_DEPTH) -> list[tuple[int, bool]]:
+def walk(mem: Memory, lay: Layout, tstate: int, depth: int = abi.PY_DEPTH
+         ) -> list[tuple[int, bool]]:  # fmt: skip
     """[(code address, is_entry)] of one thread, innermost first: what the BPF walk records
     (same rules, read through /proc/PID/mem; for tests and checks)."""
     out: list[tuple[int, bool]] = []

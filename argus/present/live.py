@@ -3,7 +3,8 @@
 `job_view(job, recording, summaries, report)` turns the recent window of one job (a
 recording, its per-rank-per-step summaries and its diagnosis) into one JSON-ready dict:
 per rank the recent step time, compute vs wait, arrival lateness, the last collective and
-its sequence number, the hottest CPU frame, and the straggler / hang flags of the report.
+its sequence number, the hottest CPU frame (a Python function when the samples have Python
+frames), and the straggler / hang flags of the report.
 The daemon serves a list of these as `GET /state`; `argus top` renders them; readers
 (`argus.present.top`) produce the same dict from a recording, so the view is tested on
 recorded data.
@@ -15,6 +16,7 @@ from typing import Any
 
 import polars as pl
 
+from argus.analyze.hotspot import attribute
 from argus.recording.io import Recording
 from argus.recording.summaries import Summaries
 
@@ -27,27 +29,34 @@ def _ms(ns: float | None) -> float | None:
 
 
 def _hot_frames(stacks: pl.DataFrame) -> dict[int, str]:
-    """rank -> the user frame that is the leaf of most on-CPU samples (kernel frames and
-    frames without a name skipped)."""
+    """rank -> the function most of its on-CPU samples are charged to, as the differential
+    profile charges them (`hotspot.attribute`: the innermost Python frame "fn (file.py:line)"
+    when the sample has Python frames, else the leaf-most frame of the program itself;
+    samples waiting for the GPU or a collective and idle ones count for nothing). A rank
+    whose samples are all waiting or idle shows its most frequent named user leaf frame."""
     if not stacks.height:
         return {}
     st = stacks.filter(
         pl.col("rank").is_not_null() & (pl.col("state").is_null() | (pl.col("state") != "off_cpu"))
     )
     out: dict[int, str] = {}
-    counts: dict[int, dict[str, int]] = {}
+    charged: dict[int, dict[str, int]] = {}
+    leaves: dict[int, dict[str, int]] = {}
     for rank, count, functions, modules in st.select("rank", "count", "functions",
                                                      "modules").rows():  # fmt: skip
-        leaf = None
+        n = int(count or 0)
+        who = attribute(functions, modules)
+        if who is not None and "+0x" not in who and not who.startswith("["):
+            per = charged.setdefault(int(rank), {})
+            per[who] = per.get(who, 0) + n
+            continue
         for fn, mod in zip(functions or [], modules or [], strict=False):
             if mod != "[kernel]" and fn and "+0x" not in fn and not fn.startswith("["):
-                leaf = fn
+                per = leaves.setdefault(int(rank), {})
+                per[fn] = per.get(fn, 0) + n
                 break
-        if leaf is None:
-            continue
-        per = counts.setdefault(int(rank), {})
-        per[leaf] = per.get(leaf, 0) + int(count or 0)
-    for rank, per in counts.items():
+    for rank in set(charged) | set(leaves):
+        per = charged.get(rank) or leaves[rank]
         out[rank] = max(per.items(), key=lambda kv: (kv[1], kv[0]))[0]
     return out
 
