@@ -199,7 +199,9 @@ def write_summaries(
             sizes[p.name] = _write(p, lambda t: _empty(STEP_SCHEMA).write_parquet(t))
         sd = summ.stack_dict.select([pl.col(c).cast(t) for c, t in STACK_DICT_SCHEMA.items()])
         sizes[STACK_DICT] = _write(out / STACK_DICT, lambda t: sd.write_parquet(t))
-        tl = summ.tail.select([pl.col(c).cast(t) for c, t in TAIL_SCHEMA.items()])
+        # columns a writer does not know (an older caller) are written as nulls
+        tl = summ.tail.select([pl.col(c).cast(t) if c in summ.tail.columns
+                               else pl.lit(None, t).alias(c) for c, t in TAIL_SCHEMA.items()])
         sizes[TAIL] = _write(out / TAIL, lambda t: tl.write_parquet(t))
         if summ.gpu.height:
             g0 = int(summ.gpu["ts_ns"].min())
