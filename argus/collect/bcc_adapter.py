@@ -213,6 +213,18 @@ class BpfSession:
         except Exception as e:
             raise ProbeAttachFailed(f"cannot open the cpu-clock perf event at {hz} Hz: {e}") from e
 
+    def prog_stats(self, fn_name: str) -> tuple[int, int]:
+        """(runs, total run time in ns) of a loaded program, from its fdinfo; both stay 0
+        unless the kernel counts them (sysctl kernel.bpf_stats_enabled=1; benchmarks)."""
+        fn = self._b.funcs.get(fn_name.encode())
+        if fn is None:
+            raise ProbeAttachFailed(f"program {fn_name} is not loaded")
+        stats = {}
+        for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines():
+            key, _, value = line.partition(":")
+            stats[key.strip()] = value.strip()
+        return int(stats.get("run_cnt", 0)), int(stats.get("run_time_ns", 0))
+
     # maps ----------------------------------------------------------------------------------
     def table(self, name: str):
         return self._b.get_table(name.encode())
