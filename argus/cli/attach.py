@@ -60,6 +60,16 @@ def summary_lines(manifest: dict, path: Path) -> list[str]:
             "WARNING: dropped " + ", ".join(f"{k}={v}" for k, v in drops.items())
             + " (raise --ringbuf-mb, or lower -F for stack maps)"
         )
+    py = {tgid: p for tgid, p in ((manifest.get("python_stacks") or {}).get("processes") or {}
+                                  ).items() if p["status"] != "not_python"}  # fmt: skip
+    if py:
+        ok = [p for p in py.values() if p["status"] == "attached"]
+        versions = ", ".join(sorted({p["python"] for p in ok if p.get("python")}))
+        line = f"Python frames in CPU samples: {len(ok)} of {len(py)} Python process(es)"
+        lines.append(line + (f" (Python {versions})" if versions else ""))
+        for tgid, p in list(py.items())[:5]:
+            if p["status"] != "attached":
+                lines.append(f"  no Python frames for {tgid}: {p['note'][:160]}")
     gpu = manifest.get("gpu")
     if isinstance(gpu, dict):
         if gpu.get("available"):

@@ -58,6 +58,10 @@ class LayoutRefused(Exception):
         self.transient = transient
 
 
+class NotPython(LayoutRefused):
+    """No mapped file of the process defines _PyRuntime: not a CPython process."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """Byte offsets of one CPython minor version (x86-64)."""
@@ -189,7 +193,7 @@ def find_interpreter(tgid: int, maps, proc_root: str = "/proc", exe: str | None 
         if code_t is None or uni_t is None:
             raise LayoutRefused(f"{path} does not export PyCode_Type / PyUnicode_Type")
         version = None
-        pyv = elf.symbol("Py_Version")  # const unsigned long PY_VERSION_HEX (3.11+)
+        pyv = elf.symbol("Py_Version", scan=False)  # const PY_VERSION_HEX, exported (3.11+)
         if pyv is not None:
             raw = elf.read(pyv.vaddr, 4)
             if len(raw) == 4:
@@ -204,7 +208,7 @@ def find_interpreter(tgid: int, maps, proc_root: str = "/proc", exe: str | None 
                     break
         return Interpreter(path, version, base + rt.vaddr, base + code_t.vaddr,
                            base + uni_t.vaddr)  # fmt: skip
-    raise LayoutRefused("no CPython found (no mapped file defines _PyRuntime)")
+    raise NotPython("no CPython found (no mapped file defines _PyRuntime)")
 
 
 class Memory:
@@ -469,7 +473,7 @@ def merge_frames(functions: list[str], modules: list[str], py: list[tuple[str, s
 @dataclass
 class _Proc:
     tgid: int
-    status: str = "pending"  # pending | attached | refused
+    status: str = "pending"  # pending | attached | refused | not_python
     note: str = ""
     tries: int = 0
     last_try: float = 0.0
@@ -508,7 +512,9 @@ class PythonStacks:
             if mem is not None:
                 mem.close()
             p.note = str(e)
-            if not e.transient or p.tries >= MAX_TRIES:
+            if isinstance(e, NotPython):
+                p.status = "not_python"
+            elif not e.transient or p.tries >= MAX_TRIES:
                 p.status = "refused"
             return
         except OSError as e:

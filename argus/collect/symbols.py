@@ -91,11 +91,12 @@ class ElfFile:
         # through its own /proc/PID/root path, and its .symtab has 530k symbols.
         return _function_table(self.path, (".symtab", ".dynsym"))
 
-    def symbol(self, name: str) -> Symbol | None:
+    def symbol(self, name: str, scan: bool = True) -> Symbol | None:
         """A defined symbol of any type (data too: `_PyRuntime`) by exact name, from the
-        dynamic hash table, else a scan of .dynsym and .symtab."""
+        dynamic hash table, else (scan) a scan of .dynsym and .symtab (slow: ~0.5 s for
+        a 10k-symbol library)."""
         hit = self._hash.get(name)
-        if hit is not None:
+        if hit is not None or not scan:
             return hit
         return _any_symbol(self.path, name)
 
@@ -213,6 +214,12 @@ def _function_table_cached(path: str, names: tuple[str, ...], *identity: int) ->
 
 
 def _any_symbol(path: str, name: str) -> Symbol | None:
+    st = os.stat(path)
+    return _any_symbol_cached(path, name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _any_symbol_cached(path: str, name: str, *identity: int) -> Symbol | None:
     with open(path, "rb") as f:
         elf = ELFFile(f)
         for secname in (".dynsym", ".symtab"):

@@ -176,3 +176,20 @@ def test_merge_puts_python_frames_at_the_eval_frames():
     fns, _ = pyframes.merge_frames(["leaf", "[unknown]"], ["libc.so.6", "[unknown]"], py)
     assert fns == ["leaf", "[unknown]", "inner", "mid", "top"]
     assert pyframes.merge_frames(native, mods, []) == (native, mods)
+
+
+def test_attach_summary_names_python_frames_and_refusals(tmp_path):
+    from argus.cli.attach import summary_lines
+
+    manifest = {"duration_s": 3.0, "end_reason": "duration", "ranks": [], "probes": [],
+                "counts": {"events": {}, "stack_samples": 10}, "drops": {},
+                "python_stacks": {"processes": {
+                    "10": {"status": "attached", "python": "3.11", "note": ""},
+                    "11": {"status": "refused", "python": None,
+                           "note": "Python 3.9 is not supported (3.10, 3.11, 3.12, 3.13+)"},
+                    "12": {"status": "not_python", "python": None, "note": "no CPython found"},
+                }}}  # fmt: skip
+    lines = summary_lines(manifest, tmp_path)
+    assert "Python frames in CPU samples: 1 of 2 Python process(es) (Python 3.11)" in lines
+    assert "  no Python frames for 11: Python 3.9 is not supported (3.10, 3.11, 3.12, 3.13+)" in lines
+    assert not any("12" in ln for ln in lines)
