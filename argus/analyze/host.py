@@ -6,11 +6,12 @@ the rank's step count (per second when no steps were found). Competitors that ar
 the rank itself are left out (a process contending with itself is not host context).
 
 Detectors:
-- `cpu_contention`: a straggler rank whose runnable wait per step exceeds the median of the
-  other ranks' by >= max(25% of its straggler excess, 0.5 ms): warning (critical when the
-  straggler is), naming the competitor that took most of it; the straggler cites it under
-  `evidence["host"]`. Without a straggler, a rank waiting >= 10% of the step time runnable
-  gives an `info` finding (a healthy job stays free of warnings).
+- `cpu_contention`: a host-side straggler rank (cause `host`: it arrives late) whose runnable
+  wait per step exceeds the median of the other ranks' by >= max(25% of its straggler excess,
+  0.5 ms): warning (critical when the straggler is), naming the competitor that took most of
+  it; the straggler cites it under `evidence["host"]`. Any other rank (no straggler, or a
+  GPU-side one, whose excess CPU time cannot explain) waiting >= 10% of the step time
+  runnable gives an `info` finding (a healthy job stays free of warnings).
 - `oom_kill`: an OOM victim that is a traced rank: critical; any other victim on the node:
   info.
 - `tcp_retransmits`: retransmits in a traced rank's context, or node-wide on a straggler's
@@ -168,8 +169,13 @@ def _cpu_findings(cont, stragglers, step_ns) -> list[dict[str, Any]]:
             "host": c["host"],
         }
         f = strag.get(rank)
+        # Only a host-side straggler's excess (late arrival, in ms per step) can be explained
+        # by CPU taken from its threads; a GPU-side one (its own GPU work is slower, or its
+        # pipeline stage's GPU is busier) is judged like a rank that is no straggler.
+        if f is not None and (f.get("cause") != "host" or not f["evidence"].get("excess_ms")):
+            f = None
         if f is not None:
-            excess_ns = float(f["evidence"].get("excess_ms", 0)) * 1e6
+            excess_ns = float(f["evidence"]["excess_ms"]) * 1e6
             if extra < max(MIN_SHARE_OF_EXCESS * excess_ns, MIN_WAIT_NS):
                 continue
             severity = "critical" if f["severity"] == "critical" else "warning"

@@ -34,8 +34,8 @@ def _steps(ranks=(0, 1, 2), n=10):
                          "step": [s for _ in ranks for s in range(n)]})  # fmt: skip
 
 
-def _straggler(rank=1, excess_ms=20.0, severity="warning"):
-    return {"kind": "straggler", "rank": rank, "severity": severity,
+def _straggler(rank=1, excess_ms=20.0, severity="warning", cause="host"):
+    return {"kind": "straggler", "rank": rank, "severity": severity, "cause": cause,
             "summary": f"Rank {rank} is the straggler.", "score": 9.0,
             "evidence": {"excess_ms": excess_ms}}  # fmt: skip
 
@@ -100,6 +100,19 @@ def test_contention_too_small_for_the_excess_is_not_blamed():
     found = host_context.detect([_rec(_host_rows(rows))], _steps(), stragglers, 60 * MS)
     assert not [f for f in found if f["kind"] == "cpu_contention"]
     assert "host" not in stragglers[0]["evidence"]
+
+
+def test_contention_does_not_explain_a_gpu_side_straggler():
+    # a GPU straggler (slower GPU work) and a pipeline-stage straggler (no ms excess, GPU
+    # busy time): CPU taken from their threads cannot explain them; 15.1 ms runnable per
+    # 60 ms step (>= 10%) is still worth an info line
+    stage = _straggler(1, excess_ms=None, severity="critical", cause="gpu")
+    for strag in (_straggler(1, cause="gpu"), stage):
+        found = host_context.detect([_rec(_host_rows(_contention()))], _steps(), [strag],
+                                    60 * MS)  # fmt: skip
+        cpu = [(f["rank"], f["severity"]) for f in found if f["kind"] == "cpu_contention"]
+        assert cpu == [(1, "info")]
+        assert "host" not in strag["evidence"]
 
 
 def test_contention_by_the_ranks_own_threads_is_not_host_context():

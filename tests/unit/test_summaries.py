@@ -82,9 +82,10 @@ def test_host_and_pipeline_findings_come_from_summaries_alone(tmp_path):
         s = roundtrip(build_summaries([load_recording(DATA / name)]), tmp_path / name)
         return [(f["kind"], f.get("rank"), f["severity"], f.get("pipeline_stage"))
                 for f in diagnose_summaries([s])["findings"] if f["kind"] != "anomalous_window"]
+    # (rank 1's 1.9 ms of runnable wait per step cannot explain its stage's busier GPU: no
+    # cpu_contention finding for a GPU-side straggler below 10% of the step)
     assert kinds("sim_bubble") == [("straggler", 1, "critical", [1, 3]),
-                                   ("straggler", 3, "critical", [1, 3]),
-                                   ("cpu_contention", 1, "critical", None)]  # fmt: skip
+                                   ("straggler", 3, "critical", [1, 3])]  # fmt: skip
     assert kinds("ddp_gloo_slow_rank1") == [("straggler", 1, "critical", None),
                                             ("cpu_contention", 0, "info", None),
                                             ("tcp_retransmits", None, "info", None)]  # fmt: skip
@@ -99,7 +100,7 @@ def test_every_host_context_kind_from_summaries(tmp_path):
     ms = 1_000_000
     t0 = rec.manifest["started_ns"]
     rows = [
-        (tgid[2], "cpu_contention", "cpuhog", 300, 200 * ms),  # 5 ms per step
+        (tgid[2], "cpu_contention", "cpuhog", 300, 480 * ms),  # 12 ms per step
         (tgid[0], "cpu_contention", "argus-sim-rank", 50, 400 * ms),  # its own thread
         (tgid[0], "cpu_contention", "kworker/0:1", 2, 1 * ms),
         (tgid[1], "cpu_contention", "kworker/1:1", 2, 1 * ms),
@@ -119,12 +120,14 @@ def test_every_host_context_kind_from_summaries(tmp_path):
     from_s = diagnose_summaries([roundtrip(build_summaries([rec]), tmp_path)])
     assert from_s["findings"] == raw["findings"]
     got = [(f["kind"], f.get("rank"), f["severity"]) for f in from_s["findings"]]
+    # rank 2 is a GPU-side straggler: CPU taken from its threads cannot explain it, so the
+    # contention (12 ms of an 81 ms step, >= 10%) is an info line, not cited by the straggler
     assert got == [("oom_kill", 3, "critical"), ("straggler", 2, "warning"),
-                   ("cpu_contention", 2, "warning"), ("tcp_retransmits", 2, "warning"),
-                   ("block_io_stall", None, "warning"), ("oom_kill", None, "info")]  # fmt: skip
-    assert from_s["findings"][2]["competitor"] == "cpuhog"
+                   ("tcp_retransmits", 2, "warning"), ("block_io_stall", None, "warning"),
+                   ("cpu_contention", 2, "info"), ("oom_kill", None, "info")]  # fmt: skip
+    assert from_s["findings"][4]["competitor"] == "cpuhog"
     assert [e["kind"] for e in from_s["findings"][1]["evidence"]["host"]] == [
-        "cpu_contention", "tcp_retransmits"]  # fmt: skip
+        "tcp_retransmits"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
