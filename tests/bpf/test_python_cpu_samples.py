@@ -20,6 +20,7 @@ import pytest
 from test_torch_ddp import SCRIPT, Job  # tests/ is on the path (pyproject pythonpath)
 
 from argus.analyze.hotspot import attribute
+from argus.analyze.report import diagnose
 from argus.collect.session import run_session
 from argus.collect.tracer import TraceOptions
 from argus.recording.io import load_recording
@@ -156,3 +157,8 @@ def test_ddp_rank_burning_cpu_in_python_is_attributed_there(tmp_path):
     # rank 0 does not run it
     shares0, _ = _shares(rec.stacks, pids[0], pids[0])
     assert shares0.get(want, 0) == 0, shares0
+    # the diagnosis names the Python function as the slow rank's CPU hotspot
+    report = diagnose([rec])
+    hot = [f for f in report["findings"] if f["kind"] == "cpu_hotspot"]
+    print([(f["rank"], f["function"], f["share_anomalous"]) for f in hot])
+    assert hot and hot[0]["rank"] == 1 and hot[0]["function"] == want, report["findings"]
