@@ -24,7 +24,8 @@ def refs():
     return out, by_name
 
 
-def record(probe_id, tgid=100, tid=100, ts=1000, dur=50, args=(), uid=0, out=0, seq=-1, ret=0, text=None):
+def record(probe_id, tgid=100, tid=100, ts=1000, dur=50, args=(), uid=0, out=0, seq=-1, ret=0,
+           text=None):
     call = abi.Call(type=abi.REC_CALL_STR if text else abi.REC_CALL, probe_id=probe_id, tgid=tgid,
                     tid=tid, ts_ns=ts, dur_ns=dur, uid_hash=uid, out=out, seq=seq, ret=ret)
     for i, a in enumerate(args):
@@ -82,7 +83,8 @@ def test_split_communicators_get_the_same_id_across_ranks(refs):
 def test_unknown_communicators_are_named_by_first_use(refs):
     probes, ids = refs
     ctx = DecodeContext(probes)
-    blobs = [record(ids["ncclAllReduce"], args=(0, 0, 1, 7, 0, h, 0, 0), seq=0) for h in (0xC, 0xD, 0xC)]
+    blobs = [record(ids["ncclAllReduce"], args=(0, 0, 1, 7, 0, h, 0, 0), seq=0)
+             for h in (0xC, 0xD, 0xC)]
     ev = decode_records(blobs, ctx)
     assert ev["comm"].to_list() == ["anon0", "anon1", "anon0"]
 
@@ -93,7 +95,8 @@ def test_kernel_names_and_driver_handles(refs):
     ctx = DecodeContext(probes, kernel_name=lambda tgid, addr: names.get((tgid, addr)))
     blobs = [
         record(ids["cudaLaunchKernel"], args=(0x401000, 0, 0, 0, 0, 0, 0, 0x42)),
-        record(ids["cuModuleGetFunction"], args=(0x8000, 0x1, 0x2000), out=0xF00, text="ampere_sgemm"),
+        record(ids["cuModuleGetFunction"], args=(0x8000, 0x1, 0x2000), out=0xF00,
+               text="ampere_sgemm"),
         record(ids["cuLaunchKernel"], args=(0xF00,)),
         record(ids["cudaLaunchKernel"], args=(0x999,)),
     ]
@@ -105,8 +108,8 @@ def test_kernel_names_and_driver_handles(refs):
 
 def test_return_codes_and_durations(refs):
     probes, ids = refs
-    ev = decode_records([record(ids["cudaMemcpy"], dur=12345, args=(0, 0, 4096, 2), ret=(1 << 32) - 1)],
-                        DecodeContext(probes))
+    rec = record(ids["cudaMemcpy"], dur=12345, args=(0, 0, 4096, 2), ret=(1 << 32) - 1)
+    ev = decode_records([rec], DecodeContext(probes))
     row = ev.row(0, named=True)
     assert (row["dur_ns"], row["bytes"], row["memcpy_kind"], row["ret"]) == (12345, 4096, 2, -1)
 
@@ -120,7 +123,8 @@ def test_work_probes_are_timed_by_their_completion_call():
         {"ts_ns": 130, "tgid": 1, "tid": 8, "name": "other", "in_flight": False},
         {"ts_ns": 150, "tgid": 1, "tid": 7, "name": done, "in_flight": False},
         {"ts_ns": 200, "tgid": 1, "tid": 7, "name": work, "in_flight": False},
-        {"ts_ns": 260, "tgid": 1, "tid": 7, "name": "AsyncWork::finishWorkGlooError", "in_flight": False},
+        {"ts_ns": 260, "tgid": 1, "tid": 7, "name": "AsyncWork::finishWorkGlooError",
+         "in_flight": False},
         {"ts_ns": 300, "tgid": 2, "tid": 9, "name": work, "in_flight": False},  # never finished
     ]
     ev = pair_completions(rows_to_frame(rows), {work}, {done, "AsyncWork::finishWorkGlooError"})
@@ -157,3 +161,51 @@ def test_free_gets_the_size_of_its_malloc(refs):
     ]
     ev = decode_records(blobs, DecodeContext(probes))
     assert ev["bytes"].to_list() == [4096, 4096, None]
+
+
+def test_bulk_decode_equals_the_per_record_decode(refs):
+    """Launch/sync/copy records are decoded in bulk (numpy): the frame must be the one
+    decoding every record alone gives, row for row, mixed with every other probe's records
+    (communicator bookkeeping in record order, strings, unknown probe ids, negative codes)."""
+    from argus.collect.decode import _bulk_ok, decode_call, rows_to_frame
+
+    probes, ids = refs
+    rng = np.random.default_rng(3)
+    names = {(100, 0x401000): "gemm", (200, 0x401000): "gemm_b", (100, 0x402000): "softmax"}
+    stubs = [0x401000, 0x402000, 0x999]
+
+    def ctx():
+        return DecodeContext(probes, rank_of={100: 0, 200: None},
+                             kernel_name=lambda tgid, addr: names.get((tgid, addr)))  # fmt: skip
+
+    blobs = []
+    for _ in range(3000):
+        pid = int(rng.integers(0, len(probes) + 2))  # a couple of unknown ids too
+        args = [int(x) for x in rng.integers(0, 1 << 40, 10)]
+        args[0] = stubs[int(rng.integers(0, 3))]
+        text = "kern" if rng.random() < 0.05 else None
+        blobs.append(record(pid, tgid=int(rng.choice([100, 200])), tid=int(rng.integers(1, 9)),
+                            ts=int(rng.integers(0, 1 << 50)), dur=int(rng.integers(0, 1 << 30)),
+                            args=args, out=int(rng.integers(0, 1 << 20)),
+                            seq=int(rng.integers(-1, 5)), ret=int(rng.integers(0, 1 << 32)),
+                            text=text))  # fmt: skip
+    assert sum(_bulk_ok(probes[ids[s]]) for s in ("cudaLaunchKernel", "cudaMemcpy",
+                                                   "cudaStreamSynchronize")) == 3  # fmt: skip
+    ref_ctx = ctx()
+    rows = []
+    for b in blobs:
+        if b[:4] == b"\x02\x00\x00\x00":
+            rec = np.frombuffer(b, dtype=np.dtype(abi.CallStr))[0]
+            row = decode_call(rec["call"], bytes(rec["str"]).split(b"\0", 1)[0].decode(), ref_ctx,
+                              in_flight=False)  # fmt: skip
+        else:
+            row = decode_call(np.frombuffer(b, dtype=np.dtype(abi.Call))[0], None, ref_ctx,
+                              in_flight=False)  # fmt: skip
+        if row is not None:
+            rows.append(row)
+    expect = rows_to_frame(rows)
+    got = decode_records(blobs, ctx())
+    assert got.height == expect.height > 2000
+    assert got.schema == expect.schema
+    assert got.to_dicts() == expect.to_dicts()
+    assert decode_records([], ctx()).height == 0
