@@ -481,6 +481,7 @@ class _Proc:
     reader: CodeReader | None = None
     version: str | None = None
     layout_source: str | None = None
+    detached: bool = False  # its py_procs entry was removed (exit, exec)
 
 
 class PythonStacks:
@@ -496,6 +497,9 @@ class PythonStacks:
     def ensure(self, tgid: int, maps, exe: str | None = None) -> None:
         """Configure tgid's interpreter once (retried while it is still starting up)."""
         p = self.procs.setdefault(tgid, _Proc(tgid))
+        if p.detached:  # traced again after an exec: a new image, a new interpreter
+            self.drop(tgid)
+            p = self.procs[tgid] = _Proc(tgid)
         now = time.monotonic()
         if p.status != "pending" or now - p.last_try < RETRY_S:
             return
@@ -539,6 +543,8 @@ class PythonStacks:
             pass
         if p.status == "pending":
             del self.procs[tgid]
+        else:
+            p.detached = True  # names stay readable for the samples still to drain
 
     def drop(self, tgid: int) -> None:
         p = self.procs.pop(tgid, None)

@@ -194,3 +194,47 @@ def test_attach_summary_names_python_frames_and_refusals(tmp_path):
     refused = "  no Python frames for 11: Python 3.9 is not supported (3.10, 3.11, 3.12, 3.13+)"
     assert refused in lines
     assert not any("for 12:" in ln for ln in lines)
+
+
+class _FakeTable(dict):
+    def __setitem__(self, k, v):
+        super().__setitem__(k.value, v)
+
+    def __delitem__(self, k):
+        super().__delitem__(k.value)
+
+
+class _FakeSession:
+    def __init__(self):
+        self.tables = {"py_procs": _FakeTable()}
+
+    def table(self, name):
+        return self.tables[name]
+
+
+def test_session_configures_forgets_and_reconfigures_after_exec(child):
+    which, pid, maps, python, src = child
+    sess = _FakeSession()
+    ps = pyframes.PythonStacks(sess)
+    ps.ensure(pid, maps, os.path.realpath(python))
+    st = ps.manifest()["processes"][str(pid)]
+    assert st["status"] == "attached" and st["note"] == "", st
+    cfg = sess.tables["py_procs"][pid]
+    assert cfg.runtime and cfg.frame_prev == pyframes.choose_layout(
+        pyframes.Memory(pid), pyframes.find_interpreter(pid, maps, exe=python)).frame_prev
+    # a traced process that exec's: its entry leaves the kernel, the next scan configures
+    # the new image again
+    ps.forget(pid)
+    assert pid not in sess.tables["py_procs"]
+    ps.ensure(pid, maps, os.path.realpath(python))
+    assert pid in sess.tables["py_procs"]
+    # a process that is not Python is "not_python", never "refused"
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.05)
+        smaps = procfs.parse_maps(Path(f"/proc/{sleeper.pid}/maps").read_text())
+        ps.ensure(sleeper.pid, smaps, procfs.exe(sleeper.pid))
+        assert ps.manifest()["processes"][str(sleeper.pid)]["status"] == "not_python"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
