@@ -513,7 +513,37 @@ def inspect_process(
             )
         )
     info["visible_devices"] = env.get("CUDA_VISIBLE_DEVICES")
+    if expect_rank:
+        py = _python_frames_check(tgid, proc_root, info)
+        if py is not None:
+            checks.append(py)
     return checks, info
+
+
+def _python_frames_check(tgid: int, proc_root: str, info: dict[str, object]) -> Check | None:
+    """Can CPU samples of this process carry Python frames (argus/collect/pyframes.py)?
+    None when it does not run CPython."""
+    from argus.collect import pyframes  # noqa: PLC0415 - only for processes being inspected
+
+    name = f"python {tgid}"
+    try:
+        maps = procfs.parse_maps(Path(proc_root, str(tgid), "maps").read_text())
+        found = pyframes.describe(tgid, maps, proc_root, exe=info.get("exe"))  # type: ignore[arg-type]
+    except pyframes.NotPython:
+        return None
+    except pyframes.LayoutRefused as err:
+        info["python_frames"] = {"ok": False, "note": str(err)}
+        return Check(name, Status.WARN, f"no Python frames in CPU samples: {err}",
+                     "The native stacks are still sampled; see docs/stacks.md (versions).")
+    except OSError as err:
+        info["python_frames"] = {"ok": False, "note": str(err)}
+        return Check(name, Status.WARN, f"cannot read the interpreter's memory ({err})",
+                     "Run as root (reading another process's memory needs CAP_SYS_PTRACE).")
+    info["python_frames"] = {"ok": True, "python": found["python"], "layout": found["layout"]}
+    return Check(name, Status.PASS,
+                 f"CPython {found['python']} ({found['interpreter']}, layout from "
+                 f"{found['layout']}, checked on {len(found['threads'])} thread(s)): CPU "
+                 "samples will carry Python frames")
 
 
 def _opt(v: object) -> str:

@@ -83,6 +83,10 @@ def test_real_libcudart_process_is_reported(cudart_process: tuple[int, Path]) ->
     assert cudart["soname"] == "libcudart.so.12"
     assert int(str(cudart["base"]), 16) > 0
     assert "hunter2" not in repr(report.to_json_obj())
+    # the process is Python (ctypes loads the library): its CPU samples get Python frames
+    py = by[f"python {tgid}"]
+    assert py.status == Status.PASS and py.detail.startswith("CPython 3."), py
+    assert info["python_frames"]["ok"] is True  # type: ignore[index]
     assert report.ok
 
 
