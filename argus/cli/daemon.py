@@ -21,10 +21,11 @@ def parse_addr(text: str) -> tuple[str, int]:
     "daemon",
     epilog="""\b
 Examples:
-  argus daemon                                  # summaries into /var/lib/argus, metrics on 127.0.0.1:9464
+  argus daemon                      # summaries in /var/lib/argus, metrics on 127.0.0.1:9464
   argus daemon -o /tmp/argus -i 2               # another directory, a window every 2 s
   argus daemon --config /etc/argus/daemon.toml  # discovery rules, budgets (SIGHUP reloads it)
   argus daemon --metrics-addr 127.0.0.1:0       # any free port (printed on stderr)
+  argus daemon --gpu-interval 0.5               # NVML GPU counters twice a second (--no-gpu: off)
   curl -s 127.0.0.1:9464/metrics                # Prometheus exposition
   argus top --daemon                            # the live view of every job it traces
 """,
@@ -84,9 +85,12 @@ Examples:
     metavar="HZ",
     help="CPU stack sampling frequency.",
 )
+@click.option("--no-gpu", is_flag=True, help="Do not sample GPU counters (NVML).")
+@click.option("--gpu-interval", type=float, default=1.0, show_default=True, metavar="SECONDS",
+              help="NVML sampling period (GPU clocks, throttle reasons, power, ...).")  # fmt: skip
 @click.pass_context
 def command(ctx, output, metrics_addr, config_path, interval, window, max_disk_mb,
-            frequency) -> int:  # fmt: skip
+            frequency, no_gpu=False, gpu_interval=1.0) -> int:  # fmt: skip
     """Trace every training process on this node as it starts, until SIGTERM.
 
     Processes that map libcudart, libcuda, libnccl or libtorch (or match the config's
@@ -101,13 +105,15 @@ def command(ctx, output, metrics_addr, config_path, interval, window, max_disk_m
 
     if not 1 <= frequency <= 10000:
         raise UsageError("-F/--frequency must be between 1 and 10000 Hz.")
+    if not 0.01 <= gpu_interval <= 3600:
+        raise UsageError("--gpu-interval must be between 0.01 and 3600 seconds.")
     addr = None if metrics_addr == "off" else parse_addr(metrics_addr)
     logging.basicConfig(level=logging.DEBUG if (ctx.obj or {}).get("verbose") else logging.INFO,
                         format="%(message)s")  # fmt: skip
     opts = DaemonOptions(
         output=output, metrics_addr=addr, config_path=config_path,
         overrides={"interval_s": interval, "window_s": window, "max_disk_mb": max_disk_mb},
-        trace=TraceOptions(sample_hz=frequency, gpu_interval_s=None),
+        trace=TraceOptions(sample_hz=frequency, gpu_interval_s=None if no_gpu else gpu_interval),
     )  # fmt: skip
     d = Daemon(opts)
     d.start()

@@ -489,6 +489,25 @@ class GpuSampler:
         except Exception:  # noqa: BLE001
             pass
 
+    # -- long-running use (argus daemon) -------------------------------------------------------
+    @property
+    def library(self) -> str:
+        return self.env.get(NVML_LIB_ENV) or "libnvidia-ml.so.1"
+
+    def take(self) -> list[dict[str, Any]]:
+        """The samples taken since the last take (they leave the sampler: a daemon's memory
+        does not grow with time); rank/tgid are joined by `assign_ranks`."""
+        with self._lock:
+            rows, self.rows = self.rows, []
+            del self._pass_ns[:-1000]
+        return rows
+
+    def close(self) -> None:
+        """After stop(): release NVML (a sampler that was never finish()ed)."""
+        if self.available:
+            self._shutdown()
+            self.available = False
+
     # -- end --------------------------------------------------------------------------------
     def finish(
         self, ranks: list[dict[str, Any]]
@@ -508,19 +527,11 @@ class GpuSampler:
             self._error("processes", -1, err)
         self._shutdown()
         joins = join_devices(ranks, self.devices, self.processes)
-        by_dev: dict[int, tuple[int | None, int]] = {}
         rank_of = {int(r["tgid"]): r.get("rank") for r in ranks if r.get("tgid") is not None}
-        order = sorted(joins, key=lambda t: (rank_of.get(t) is None, rank_of.get(t) or 0, t))
-        for tgid in order:
-            j = joins[tgid]
-            if j.get("device") is not None and j["device"] not in by_dev:
-                by_dev[j["device"]] = (rank_of.get(tgid), tgid)
         with self._lock:
             rows = list(self.rows)
             pass_ns = sorted(self._pass_ns)
-        for row in rows:
-            row["rank"], row["tgid"] = by_dev.get(row["device"], (None, None))
-        frame = pl.DataFrame(rows, schema=schema.GPU_SCHEMA) if rows else schema.empty_gpu()
+        frame = _frame(rows, joins, rank_of)
         devices = []
         for d in self.devices:
             users = [(rank_of.get(t), t) for t, j in joins.items() if j.get("device") == d["index"]]
@@ -542,6 +553,33 @@ class GpuSampler:
             },
         }
         return manifest, frame, joins
+
+
+def _frame(rows: list[dict[str, Any]], joins: Mapping[int, dict[str, Any]],
+           rank_of: Mapping[int, int | None]) -> pl.DataFrame:  # fmt: skip
+    """GPU_SCHEMA rows with rank/tgid: each device's lowest rank among the processes joined
+    to it (a device shared by several ranks is attributed to one)."""
+    by_dev: dict[int, tuple[int | None, int]] = {}
+    order = sorted(joins, key=lambda t: (rank_of.get(t) is None, rank_of.get(t) or 0, t))
+    for tgid in order:
+        j = joins[tgid]
+        if j.get("device") is not None and j["device"] not in by_dev:
+            by_dev[j["device"]] = (rank_of.get(tgid), tgid)
+    rows = [dict(row) for row in rows]
+    for row in rows:
+        row["rank"], row["tgid"] = by_dev.get(row["device"], (None, None))
+    return pl.DataFrame(rows, schema=schema.GPU_SCHEMA) if rows else schema.empty_gpu()
+
+
+def assign_ranks(rows: list[dict[str, Any]], ranks: list[dict[str, Any]],
+                 devices: list[dict[str, Any]],
+                 processes: Mapping[int, set[int]] | None = None) -> pl.DataFrame:  # fmt: skip
+    """Samples (`GpuSampler.take`) as a GPU_SCHEMA frame joined to `ranks` (manifest-like
+    dicts: tgid, rank, local_rank, env, cuda_device) as `finish` joins them; rows of devices
+    no given rank uses keep rank/tgid null."""
+    joins = join_devices(ranks, devices, processes)
+    rank_of = {int(r["tgid"]): r.get("rank") for r in ranks if r.get("tgid") is not None}
+    return _frame(rows, joins, rank_of)
 
 
 class _NotFound(Exception):

@@ -9,11 +9,20 @@ Loop (single thread; the HTTP server answers from its own threads with the last 
   (exits detach there);
 - every `SCAN_S` (1 s): /proc is scanned for new processes (`discovery.Scanner`); each new
   rank is added to the tracer and to its job (`discovery.job_key`);
-- every `interval_s`: `Tracer.drain()` -> rows split by job -> each job keeps the last
-  `window_s` of rows; from that window: `build_summaries` (the per-rank-per-step summaries),
-  `diagnose` (the argus.report/1 of the window), `job_view` (the live state). The steps not
-  written before go to `OUTPUT/jobs/<job>/<wall ns>/` (manifest.json + summaries/, readable
-  by `argus report`); the oldest segments are removed above `max_disk_mb`.
+- every `interval_s`: `Tracer.drain()` -> rows split by job -> incremental analysis per
+  job (`_analyse`): `build_summaries` runs on the rows since the start of the job's last
+  `OVERLAP_STEPS` summarised steps only (the new steps plus a fixed overlap, whose
+  (rank, start_ns) pairs map the build's step ids onto the job's continuous ids); the new
+  steps join the job's summaries, kept for the last `window_s` (at most `MAX_DIAG_STEPS`
+  steps); `diagnose_summaries` runs on those (the same detectors as `argus report`, on
+  per-step rows: no raw event is re-read), `job_view` makes the live state. The new steps
+  go to `OUTPUT/jobs/<job>/<wall ns>/` (manifest.json + summaries/, step ids continuous
+  across a job's segments, so `argus report OUTPUT` merges them); the oldest segments are
+  removed above `max_disk_mb`. So the work of an interval grows with the steps it brought,
+  not with the window (docs/daemon.md has the measured /state staleness).
+- NVML (when `TraceOptions.gpu_interval_s` is set and a library answers): one
+  `GpuSampler` thread for the node; every interval its new samples are joined to the ranks
+  of each job (`nvml.assign_ranks`) and kept with the job's summaries (gpu_throttle).
 A failure while handling one job (or one target) is logged and never stops the daemon.
 """
 
@@ -36,8 +45,9 @@ import polars as pl
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from argus import __version__
-from argus.analyze.report import diagnose
-from argus.analyze.summary import build_summaries
+from argus.analyze.hang import LATEST_INTERVALS
+from argus.analyze.summary import build_summaries, diagnose_summaries
+from argus.collect.nvml import GpuSampler, assign_ranks
 from argus.collect.session import check_kernel_features
 from argus.collect.tracer import TraceOptions, Tracer
 from argus.daemon.config import DaemonConfig, load_config
@@ -46,11 +56,19 @@ from argus.present.live import job_view, node_state
 from argus.present.metrics import LiveCollector
 from argus.recording import schema
 from argus.recording.io import Recording
-from argus.recording.summaries import Summaries, write_summaries
+from argus.recording.summaries import (
+    STACK_DICT_SCHEMA,
+    STEP_SCHEMA,
+    TAIL_SCHEMA,
+    Summaries,
+    write_summaries,
+)
 
 log = logging.getLogger("argus.daemon")
 SCAN_S = 1.0
 JOBS_DIR = "jobs"
+OVERLAP_STEPS = 8  # summarised steps re-read by the next build (boundaries + id mapping)
+MAX_DIAG_STEPS = 2000  # steps of a job the diagnosis reads at most (besides window_s)
 
 
 @dataclass
@@ -59,19 +77,38 @@ class DaemonOptions:
     metrics_addr: tuple[str, int] | None = ("127.0.0.1", 9464)
     config_path: Path | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # CLI flags over the file
-    trace: TraceOptions = field(default_factory=lambda: TraceOptions(gpu_interval_s=None))
+    trace: TraceOptions = field(default_factory=TraceOptions)  # NVML on (1 s) when present
     pids: list[int] | None = None  # fixed targets (argus top PID...): no node-wide scan
+
+
+def _empty(s: dict) -> pl.DataFrame:
+    return pl.DataFrame(schema=s)
 
 
 @dataclass
 class _Job:
+    """One job's state between intervals (see the module doc)."""
+
     key: str
     tgids: set[int] = field(default_factory=set)
-    chunks: list[tuple[int, pl.DataFrame, pl.DataFrame, pl.DataFrame]] = field(default_factory=list)
+    # raw rows not yet behind the overlap: events, stacks, host context (monotonic ts_ns)
+    events: pl.DataFrame = field(default_factory=schema.empty_events)
+    stacks: pl.DataFrame = field(default_factory=schema.empty_stacks)
+    host: pl.DataFrame = field(default_factory=schema.empty_host)
+    # the summaries the diagnosis reads: continuous step ids, the last window_s
+    steps: pl.DataFrame = field(default_factory=lambda: _empty(STEP_SCHEMA))
+    stack_dict: pl.DataFrame = field(default_factory=lambda: _empty(STACK_DICT_SCHEMA))
+    tail: pl.DataFrame = field(default_factory=lambda: _empty(TAIL_SCHEMA))
+    gpu: pl.DataFrame = field(default_factory=schema.empty_gpu)
+    meta: dict[str, Any] = field(default_factory=dict)
     watermark: dict[int, int] = field(default_factory=dict)  # rank -> last step start written
+    next_id: int = 0  # the job's next step id
+    started_ns: int | None = None  # monotonic ns of the first rows
     view: dict[str, Any] | None = None
     ended_mono: float | None = None
     segments: int = 0
+    last_seg: dict[str, Any] | None = None  # the last segment written: path, steps, gpu, host
+    host_wm: int = -1  # the newest host-context row written (ts_ns)
 
 
 class Daemon:
@@ -91,13 +128,20 @@ class Daemon:
         self.registry = CollectorRegistry()
         self.registry.register(LiveCollector(self.state))
         self.errors: list[str] = []
+        self.gpu: GpuSampler | None = None
+        self.flush_s: float | None = None
+        self._final_flush = True
 
     # -- state shared with the HTTP threads ----------------------------------------------
     def state(self) -> dict[str, Any]:
         with self._lock:
             return self._state
 
-    def stop(self, reason: str = "requested") -> None:
+    def stop(self, reason: str = "requested", flush: bool = True) -> None:
+        """End run() at its next poll. flush=False is argus top's quit: no last analysis
+        (nothing will read it) and the probes are released by a background holder process
+        (`_hand_off_probes`) instead of in this one, which can then exit at once."""
+        self._final_flush = self._final_flush and flush
         self._stop = reason
 
     def request_reload(self) -> None:
@@ -113,6 +157,9 @@ class Daemon:
             self._http = _serve(self, *self.opts.metrics_addr)
         self.tracer = Tracer(self.opts.trace)
         self.tracer.start(self.tracer.plan(self.opts.pids) if self.opts.pids else [])
+        if self.opts.trace.gpu_interval_s:
+            self.gpu = GpuSampler(self.opts.trace.gpu_interval_s)
+            self.gpu.start()  # its own thread; no NVML = no samples, a line in /state
 
     @property
     def metrics_port(self) -> int | None:
@@ -141,13 +188,20 @@ class Daemon:
                     last_flush = now
                     self.flush()
             signal.signal(signal.SIGINT, signal.SIG_IGN) if install_signals else None
-            self.flush()
+            if self._final_flush:
+                self.flush()
         finally:
             try:
-                self.tracer.finish(self._stop or "error")  # detaches every probe
+                if self._final_flush:
+                    self.tracer.finish(self._stop or "error")  # drains, detaches every probe
             finally:
                 if self.tracer.session is not None:
-                    self.tracer.session.close()
+                    if not self._final_flush:
+                        _hand_off_probes()
+                    self.tracer.session.close()  # detaches every probe (perf-event fds)
+                if self.gpu is not None:
+                    self.gpu.stop()
+                    self.gpu.close()
                 if self._http is not None:
                     self._http.shutdown()
                     self._http.server_close()
@@ -204,51 +258,80 @@ class Daemon:
 
     # -- the interval --------------------------------------------------------------------
     def flush(self) -> None:
-        """Drain the tracer, then per job: window, summaries, diagnosis, segment, state."""
+        """Drain the tracer (and NVML), then per job: new summaries, diagnosis, segment,
+        live state."""
+        t0 = time.monotonic()
         tr = self.tracer
         try:
             events, inflight, stacks, host = tr.drain()
         except Exception as e:
             self._error(f"drain failed: {e}")
             return
+        gpu_rows = self.gpu.take() if self.gpu is not None else []
         now_ns = time.monotonic_ns()
         now = time.monotonic()
-        keep_ns = int(self.config.window_s * 1e9)
         views = []
         for key, job in list(self.jobs.items()):
             tg = sorted(job.tgids)
             try:
                 sel = pl.col("tgid").is_in(tg)
-                job.chunks.append((now_ns, events.filter(sel), stacks.filter(sel),
-                                   host.filter(sel)))  # fmt: skip
-                job.chunks = [c for c in job.chunks if c[0] >= now_ns - keep_ns]
+                ev = events.filter(sel)
+                self._add_rows(job, ev, stacks.filter(sel), host.filter(sel), now_ns)
                 alive = [t for t in tg if t in tr.targets and not tr.targets[t].exited]
                 if not alive and job.ended_mono is None:
                     job.ended_mono = now
                 if job.ended_mono is not None and now - job.ended_mono > self.config.job_grace_s:
                     self._forget(job)
                     continue
-                if job.ended_mono is not None and job.view is not None and not any(
-                        c[1].height for c in job.chunks[-1:]):  # fmt: skip
+                if job.ended_mono is not None and job.view is not None and not ev.height:
                     views.append(job.view)  # ended, nothing new: keep the last view
                     continue
-                job.view = self._analyse(job, inflight.filter(sel), now_ns)
+                job.view = self._analyse(job, inflight.filter(sel), self._job_gpu(job, gpu_rows),
+                                         now_ns)  # fmt: skip
                 views.append(job.view)
             except Exception as e:
                 self._error(f"job {key}: analysis failed: {type(e).__name__}: {e}")
                 if job.view is not None:
                     views.append(job.view)
         tr.forget_exited()
+        self.flush_s = round(time.monotonic() - t0, 3)
+        gpu_state = None
+        if self.gpu is not None:
+            gpu_state = {"available": self.gpu.available, "reason": self.gpu.reason,
+                         "devices": len(self.gpu.devices), "passes": self.gpu.passes}
         with self._lock:
             self._state = node_state(
                 self.host, views, time.time_ns(),
                 targets=sum(1 for t in tr.targets.values() if t.traced and not t.exited),
                 uprobes=len(tr._uprobes), drops=tr.drops(), errors=list(self.errors),
-                version=__version__)  # fmt: skip
+                version=__version__, flush_s=self.flush_s, gpu=gpu_state)  # fmt: skip
         try:
             self._enforce_budget()
         except OSError as e:
             self._error(f"disk budget: {e}")
+
+    def _add_rows(self, job: _Job, ev, st, hc, now_ns: int) -> None:
+        if job.started_ns is None:
+            job.started_ns = now_ns - int(self.config.interval_s * 1e9)
+        for name, new in (("events", ev), ("stacks", st), ("host", hc)):
+            if new.height:
+                old = getattr(job, name)
+                setattr(job, name, pl.concat([old, new], how="vertical_relaxed")
+                        if old.height else new)  # fmt: skip
+
+    def _job_gpu(self, job: _Job, rows: list[dict[str, Any]]) -> pl.DataFrame:
+        """The new NVML samples of the devices this job's ranks use (rank/tgid filled)."""
+        if not rows or self.gpu is None:
+            return schema.empty_gpu()
+        tr = self.tracer
+        ranks = []
+        for tgid in sorted(job.tgids):
+            t = tr.targets.get(tgid)
+            if t is not None and t.traced:
+                ranks.append({"tgid": tgid, "rank": t.rank, "local_rank": t.local_rank,
+                              "env": t.env, "cuda_device": tr.ctx.devices.get(tgid)})  # fmt: skip
+        frame = assign_ranks(rows, ranks, self.gpu.devices, self.gpu.processes)
+        return frame.filter(pl.col("tgid").is_not_null())
 
     def _forget(self, job: _Job) -> None:
         for t in job.tgids:
@@ -264,71 +347,180 @@ class Daemon:
                 continue
             ranks.append({"rank": t.rank, "local_rank": t.local_rank, "world_size": t.world_size,
                           "tgid": tgid, "host": self.host, "exe": t.exe, "env": t.env,
-                          "exited": t.exited, "libraries": t.libraries})  # fmt: skip
+                          "exited": t.exited, "libraries": t.libraries,
+                          "cuda_device": tr.ctx.devices.get(tgid)})  # fmt: skip
+        gpu = None
+        if self.gpu is not None:
+            gpu = ({"available": True, "library": self.gpu.library, "driver": self.gpu.driver,
+                    "interval_s": self.gpu.interval_s, "devices": self.gpu.devices}
+                   if self.gpu.available else
+                   {"available": False,
+                    "reason": self.gpu.reason or "NVML not opened yet"})  # fmt: skip
         return {
             "format": schema.FORMAT, "argus_version": __version__, "host": self.host,
             "kernel": os.uname().release, "clock": {"mono_to_wall_ns": tr.mono_to_wall_ns},
             "started_ns": start_ns, "ended_ns": end_ns,
             "duration_s": round((end_ns - start_ns) / 1e9, 3), "end_reason": "daemon_window",
             "sample_hz": tr.opts.sample_hz if "cpu" in tr.opts.channels else 0,
-            "channels": {c: c in tr.opts.channels for c in ("cuda", "nccl", "torch", "cpu", "host")},
+            "channels": {**{c: c in tr.opts.channels for c in ("cuda", "nccl", "torch", "cpu",
+                                                                "host")},
+                         "gpu": bool(gpu and gpu.get("available"))},
             "ranks": ranks, "probes": [], "drops": {}, "job": job.key,
+            **({"gpu": gpu} if gpu is not None else {}),
         }  # fmt: skip
 
-    def _analyse(self, job: _Job, inflight: pl.DataFrame, now_ns: int) -> dict[str, Any]:
-        def cat(i: int, empty) -> pl.DataFrame:
-            frames = [c[i] for c in job.chunks if c[i].height]
-            return pl.concat(frames, how="vertical_relaxed") if frames else empty()
-
-        ev = cat(1, schema.empty_events)
-        if inflight.height:
-            ev = pl.concat([ev, inflight], how="vertical_relaxed")
-        start_ns = job.chunks[0][0] - int(self.config.interval_s * 1e9) if job.chunks else now_ns
-        manifest = self._manifest(job, start_ns, now_ns)
-        rec = Recording(
-            manifest=manifest,
-            events=ev.sort("ts_ns"),
-            stacks=cat(2, schema.empty_stacks),
-            host_ctx=cat(3, schema.empty_host),
-        )
-        summ = build_summaries([rec])
-        report = diagnose([rec], hang_after_s=self.config.hang_after_s)
-        tr = self.tracer
-        exited = {t for t in job.tgids if t not in tr.targets or tr.targets[t].exited}
-        view = job_view(job.key, rec, summ, report, {t: tr.probes_of(t) for t in job.tgids},
-                        exited)  # fmt: skip
-        view["segments"] = job.segments
-        self._write_segment(job, summ, manifest)
-        view["segments"] = job.segments
-        return view
-
-    def _write_segment(self, job: _Job, summ: Summaries, manifest: dict[str, Any]) -> None:
-        """The steps of the window not written before -> OUTPUT/jobs/<job>/<wall ns>/."""
-        steps = summ.steps
-        if not steps.height:
-            return
+    def _new_steps(self, job: _Job, steps: pl.DataFrame, final: bool = False) -> pl.DataFrame:
+        """The build's steps not summarised before, with the job's continuous step ids: the
+        build numbers its steps from 0; the overlap steps, known by (rank, start_ns), give
+        the shift (else the new steps follow the last id). `final`: every rank has exited
+        (the last step keeps the CPU samples after it, as at the end of a recording)."""
         wm = job.watermark
         new = steps.filter(pl.col("start_ns") > pl.col("rank").replace_strict(
             wm, default=-1, return_dtype=pl.Int64))  # fmt: skip
         if not new.height:
-            return
+            return new
+        known = steps.join(job.steps.select("rank", "start_ns", pl.col("step").alias("_g")),
+                           on=["rank", "start_ns"])  # fmt: skip
+        if known.height:
+            shift = int((known["_g"] - known["step"]).mode().sort()[-1])
+        else:
+            shift = job.next_id - int(new["step"].min())
+        new = new.with_columns(pl.col("step") + shift)
+        new = new.filter(pl.col("step") >= 0)
+        # CPU samples after a rank's last complete step are the next step's (build_summaries
+        # gives them to the nearest step): it gets them in the next build
+        last = steps.group_by("rank").agg(pl.col("start_ns").max().alias("_last"))
+        if final:
+            last = last.with_columns(pl.lit(None, pl.Int64).alias("_last"))
+        new = new.join(last, on="rank", how="left").with_row_index("_i")
+        ex = new.filter(pl.col("start_ns") == pl.col("_last")).select(
+            "_i", "step_time_ns", "stacks").explode("stacks")  # fmt: skip
+        if ex.height:
+            kept = ex.filter(pl.col("stacks").struct.field("t_off_ns") < pl.col("step_time_ns"))
+            kept = kept.group_by("_i").agg(pl.col("stacks").alias("_kept"))
+            new = new.join(kept, on="_i", how="left").with_columns(
+                pl.when(pl.col("start_ns") == pl.col("_last")).then(pl.col("_kept"))
+                .otherwise(pl.col("stacks")).alias("stacks")).drop("_kept")  # fmt: skip
+        new = new.drop("_i", "_last")
         for rank, last in new.group_by("rank").agg(pl.col("start_ns").max()).rows():
             wm[rank] = max(wm.get(rank, -1), int(last))
-        wall = int(new["end_ns"].max())
-        seg = self.opts.output / JOBS_DIR / job.key / str(wall)
+        if new.height:
+            job.next_id = max(job.next_id, int(new["step"].max()) + 1)
+        return new
+
+    def _cut(self, job: _Job, now_ns: int) -> None:
+        """Keep the raw rows from the start of each rank's OVERLAP_STEPS-th last summarised
+        step (the next build re-reads them: boundaries and id mapping), at most window_s."""
+        floor = now_ns - int(self.config.window_s * 1e9)
+        cut = floor
+        if job.steps.height:
+            starts = (job.steps.sort("start_ns").group_by("rank")
+                      .agg(pl.col("start_ns").tail(OVERLAP_STEPS).first())["start_ns"])  # fmt: skip
+            cut = max(floor, int(starts.min()) - self.tracer.mono_to_wall_ns)
+        keep = pl.col("ts_ns") >= cut
+        job.events = job.events.filter(keep)
+        job.host = job.host.filter(keep)
+        # stack rows: the intervals reaching past the cut, and each rank's latest ones (the
+        # hang detector's latest stacks, as at the end of a recording)
+        st = job.stacks
+        if st.height:
+            latest = pl.col("ts_ns").rank("dense", descending=True).over("tgid") <= (
+                LATEST_INTERVALS)  # fmt: skip
+            job.stacks = st.filter((pl.col("ts_ns") + pl.col("interval_ns").fill_null(0) >= cut)
+                                   | latest)  # fmt: skip
+        job.started_ns = max(job.started_ns or cut, cut)
+
+    def _analyse(self, job: _Job, inflight: pl.DataFrame, gpu_new: pl.DataFrame,
+                 now_ns: int) -> dict[str, Any]:  # fmt: skip
+        ev = job.events
+        if inflight.height:
+            ev = pl.concat([ev, inflight], how="vertical_relaxed")
+        manifest = self._manifest(job, job.started_ns or now_ns, now_ns)
+        rec = Recording(manifest=manifest, events=ev.sort("ts_ns"), stacks=job.stacks,
+                        host_ctx=job.host)  # fmt: skip
+        t0 = time.perf_counter()
+        summ = build_summaries([rec])
+        t1 = time.perf_counter()
+        tr = self.tracer
+        final = all(t not in tr.targets or tr.targets[t].exited for t in job.tgids)
+        new = self._new_steps(job, summ.steps, final)
+        # the job's summaries: the window's steps, each rank's latest tail, their stacks
+        steps = pl.concat([job.steps, new.select(job.steps.columns)], how="vertical_relaxed")
+        if steps.height:
+            newest = int(steps["end_ns"].max())
+            steps = steps.filter((pl.col("end_ns") >= newest - int(self.config.window_s * 1e9))
+                                 & (pl.col("step") > int(steps["step"].max()) - MAX_DIAG_STEPS))
+        job.steps = steps
+        tails = [t for t in (summ.tail, job.tail) if t.height]
+        job.tail = pl.concat(tails, how="diagonal_relaxed").unique(
+            "rank", keep="first", maintain_order=True).sort("rank") if tails else job.tail
+        job.meta = summ.meta
+        if gpu_new.height:
+            job.gpu = (pl.concat([job.gpu, gpu_new], how="vertical_relaxed") if job.gpu.height
+                       else gpu_new)  # fmt: skip
+        if job.gpu.height:
+            job.gpu = job.gpu.filter(pl.col("ts_ns") >= now_ns - int(self.config.window_s * 1e9))
+        used = _stack_ids(job.steps) | _stack_ids(job.tail)
+        sd = pl.concat([summ.stack_dict, job.stack_dict], how="vertical_relaxed")
+        job.stack_dict = sd.unique("stack_id", keep="first").filter(
+            pl.col("stack_id").is_in(sorted(used)))  # fmt: skip
+        self._write_segment(job, new, summ, gpu_new, manifest)
+        self._cut(job, now_ns)
+        extra = {}
+        if hasattr(summ, "host_ctx"):  # host-context summaries (when the format has them)
+            extra["host_ctx"] = summ.host_ctx
+        diag = Summaries(meta=summ.meta, steps=job.steps, stack_dict=job.stack_dict,
+                         tail=job.tail, manifest=manifest, gpu=job.gpu, **extra)  # fmt: skip
+        t2 = time.perf_counter()
+        report = diagnose_summaries([diag], hang_after_s=self.config.hang_after_s)
+        t3 = time.perf_counter()
+        exited = {t for t in job.tgids if t not in tr.targets or tr.targets[t].exited}
+        view = job_view(job.key, rec, diag, report, {t: tr.probes_of(t) for t in job.tgids},
+                        exited)  # fmt: skip
+        view["segments"] = job.segments
+        # what the interval cost: rows re-read, steps summarised and diagnosed, seconds
+        view["analysis"] = {"raw_events": ev.height, "new_steps": new.height,
+                            "window_steps": job.steps.height,
+                            "summaries_s": round(t1 - t0, 3), "diagnosis_s": round(t3 - t2, 3)}
+        return view
+
+    def _write_segment(self, job: _Job, new: pl.DataFrame, summ: Summaries,
+                       gpu_new: pl.DataFrame, manifest: dict[str, Any]) -> None:  # fmt: skip
+        """The new steps (continuous ids) -> OUTPUT/jobs/<job>/<wall ns>/. An interval
+        without new steps (a hang, the end of a job) rewrites the job's last segment with
+        the current tail, end time, NVML and host rows, so the hang detector reading the
+        disk sees the job's latest state."""
+        host_new = getattr(summ, "host_ctx", None)
+        if host_new is not None and host_new.height:
+            host_new = host_new.filter(pl.col("ts_ns") > job.host_wm)
+            if host_new.height:
+                job.host_wm = int(host_new["ts_ns"].max())
+        if new.height:
+            wall = int(new["end_ns"].max())
+            seg = self.opts.output / JOBS_DIR / job.key / str(wall)
+            job.last_seg = {"path": seg, "steps": new, "gpu": gpu_new, "host": host_new}
+            job.segments += 1
+        elif job.last_seg is not None and job.last_seg["path"].exists():
+            last = job.last_seg
+            seg = last["path"]
+            for k, v in (("gpu", gpu_new), ("host", host_new)):
+                if v is not None and v.height:
+                    last[k] = (pl.concat([last[k], v], how="vertical_relaxed")
+                               if last[k] is not None and last[k].height else v)  # fmt: skip
+        else:
+            return
+        last = job.last_seg
         seg.mkdir(mode=0o700, parents=True, exist_ok=True)
-        used = set(new.explode("stacks")["stacks"].struct.field("stack_id").drop_nulls()
-                   .to_list()) if "stacks" in new.columns else set()  # fmt: skip
-        sd = summ.stack_dict.filter(pl.col("stack_id").is_in(sorted(used))) if used else (
-            summ.stack_dict.head(0))  # fmt: skip
-        out = Summaries(meta=dict(summ.meta, job=job.key), steps=new, stack_dict=sd,
-                        tail=summ.tail, manifest=manifest)  # fmt: skip
+        used = _stack_ids(last["steps"]) | _stack_ids(job.tail)
+        sd = job.stack_dict.filter(pl.col("stack_id").is_in(sorted(used)))
+        extra = {"host_ctx": last["host"]} if last["host"] is not None else {}
+        out = Summaries(meta=dict(summ.meta, job=job.key), steps=last["steps"], stack_dict=sd,
+                        tail=job.tail, manifest=manifest, gpu=last["gpu"], **extra)  # fmt: skip
         write_summaries(seg, out)
         tmp = seg / ".manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=1, default=str))
         os.chmod(tmp, 0o600)
         os.replace(tmp, seg / "manifest.json")
-        job.segments += 1
 
     def _enforce_budget(self) -> None:
         """Remove the oldest segments (any job) while the total exceeds max_disk_mb; the
@@ -354,6 +546,46 @@ class Daemon:
         for jd in root.iterdir():
             if jd.is_dir() and not any(jd.iterdir()):
                 jd.rmdir()
+
+
+_HOLDER_PIPES: list[int] = []
+
+
+def _hand_off_probes() -> None:
+    """Let a child process release the probes, so that this one can exit at once.
+
+    Removing a uprobe costs the kernel a synchronisation per probe (measured here: about
+    0.23 s each, 15 s for the 64 uprobes of a 3-rank simulated job, whether the fds are
+    closed by bcc's cleanup or by the process exit). The child inherits every fd (each perf
+    event and BPF object gets a second reference), becomes its own session with its stdio
+    on /dev/null (a closing terminal does not signal it), and blocks until this process is
+    gone (the pipe's write end closes with it), then exits: its exit drops the last
+    references, and the kernel detaches every probe then. This process closes its own
+    references meanwhile (fast: not the last ones) and exits without waiting. The child
+    runs no Python beyond os calls (forked from a threaded process)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the holder
+        try:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(w)
+            os.read(r, 1)  # EOF when the parent has exited
+        finally:
+            os._exit(0)
+    os.close(r)
+    _HOLDER_PIPES.append(w)  # open until this process exits
+
+
+def _stack_ids(frame: pl.DataFrame) -> set[int]:
+    """Stack ids a steps frame (`stacks`) or a tail (`latest_stacks`) refers to."""
+    col = "stacks" if "stacks" in frame.columns else "latest_stacks"
+    if not frame.height or col not in frame.columns:
+        return set()
+    ids = frame.select(pl.col(col).explode().struct.field("stack_id")).to_series()
+    return set(ids.drop_nulls().to_list())
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -410,7 +642,9 @@ class AttachReader:
         return self.daemon.state()
 
     def close(self) -> None:
-        self.daemon.stop("requested")
+        """Stop at once: no last analysis (nobody reads it); the probes are released by a
+        background holder process when this one exits (`_hand_off_probes`)."""
+        self.daemon.stop("requested", flush=False)
         self._thread.join(timeout=30)
         if self._tmp is not None:
             self._tmp.cleanup()

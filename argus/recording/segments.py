@@ -23,8 +23,6 @@ from argus.recording.summaries import TAIL_SCHEMA, Summaries, has_events, has_su
 JOBS = "jobs"
 
 
-
-
 def is_segment(directory: str | os.PathLike[str]) -> bool:
     """A directory `argus report` reads as one unit: a recording or a summaries folder."""
     return has_summaries(directory) or has_events(directory)

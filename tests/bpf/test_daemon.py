@@ -1,6 +1,8 @@
 """argus daemon on the simulator: a job started after the daemon is traced without any
 command, its straggler shows in /metrics, in a real Prometheus and in `argus top --daemon`;
-targets killed, the daemon killed, and many short jobs in a row leave nothing behind.
+its rotated segments merge into one continuous `argus report`; NVML samples (the stand-in
+libnvidia-ml) give gpu_throttle live; a real DataLoader's workers are not ranks; targets
+killed, the daemon killed, and many short jobs in a row leave nothing behind.
 
 Every daemon here traces only a PRIVATE copy of the simulator (its own stub library inodes),
 so simulated jobs of other test runs on this machine are not traced and do not share its
@@ -24,6 +26,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from argus.cli import main
 from argus.present.top import DaemonReader, render
 from argus.recording.summaries import load_summaries
 from argus.sim.launcher import SimConfig, find_build_dir, start_job
@@ -55,14 +58,15 @@ def own_build(tmp_path) -> Path:
 
 
 class Daemon:
-    def __init__(self, tmp: Path, build: Path, **output):
+    def __init__(self, tmp: Path, build: Path, env: dict | None = None,
+                 discover: str | None = None, **output):  # fmt: skip
         self.out = tmp / "out"
         cfg = tmp / "daemon.toml"
         out = {"interval_s": 1, "window_s": 15, **output}
         cfg.write_text(
             "[discover]\nlibraries = false\n"
-            f'include_exe = ["{build}/sim/argus-sim-rank"]\n'
-            "[output]\n" + "".join(f"{k} = {v}\n" for k, v in out.items() if k != "job_grace_s")
+            + (discover or f'include_exe = ["{build}/sim/argus-sim-rank"]\n')
+            + "[output]\n" + "".join(f"{k} = {v}\n" for k, v in out.items() if k != "job_grace_s")
             + (f"[diagnosis]\njob_grace_s = {out['job_grace_s']}\n" if "job_grace_s" in out else "")
         )  # fmt: skip
         self.log = open(tmp / "daemon.log", "w+")  # noqa: SIM115
@@ -70,7 +74,7 @@ class Daemon:
             [sys.executable, "-c", "from argus.cli import run; run()", "daemon", "-o", str(self.out), "--config", str(cfg),
              "--metrics-addr", "127.0.0.1:0"],
             stdout=subprocess.DEVNULL, stderr=self.log, cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})  # fmt: skip
         deadline = time.monotonic() + 60
         self.port = None
         while time.monotonic() < deadline and self.port is None:
@@ -263,23 +267,50 @@ def test_a_rank_killed_mid_step_leaves_the_daemon_running(daemon, straggler_job,
         job.close()
 
 
-def test_sigterm_flushes_readable_segments(daemon, straggler_job):
+def test_sigterm_flushes_readable_segments_that_merge_into_one_run(daemon, straggler_job,
+                                                                    capsys):  # fmt: skip
     job, ranks = straggler_job
     time.sleep(1.5)
     assert daemon.stop() == 0
     assert "everything flushed" in daemon.text()
-    segs = sorted(daemon.out.glob("jobs/torchelastic-*/*/summaries/meta.json"))
+    segs = sorted(daemon.out.glob("jobs/torchelastic-*/*/summaries/meta.json"),
+                  key=lambda m: int(m.parent.parent.name))  # fmt: skip
     assert segs, daemon.text()
     seen_ranks = set()
-    written = []
-    for meta in segs:
+    written = []  # (segment index, rank, step, start_ns)
+    job_dirs = set()
+    for i, meta in enumerate(segs):
         s = load_summaries(meta.parent.parent)
         if set(s.steps["tgid"].to_list()) <= set(ranks):
             seen_ranks |= set(s.steps["rank"].to_list())
-            written += s.steps.select("rank", "start_ns").rows()
+            written += [(i, *r) for r in s.steps.select("rank", "step", "start_ns").rows()]
+            job_dirs.add(meta.parent.parent.parent)
     assert seen_ranks == {0, 1, 2}
-    assert len(written) == len(set(written)), "a step was written twice"
+    keys = [(r, st) for _i, r, _s, st in written]
+    assert len(keys) == len(set(keys)), "a step was written twice"
     assert job.proc.poll() is None  # the target keeps running after the daemon stops
+    # rotation: the job's steps span several segments, with continuous step ids
+    (job_dir,) = job_dirs
+    assert len({i for i, *_ in written}) >= 3
+    per_rank: dict[int, list[tuple[int, int, int]]] = {}
+    for i, rank, step, start in written:
+        per_rank.setdefault(rank, []).append((start, step, i))
+    for rank, rows in per_rank.items():
+        rows.sort()
+        ids = [step for _start, step, _i in rows]
+        assert ids == list(range(ids[0], ids[0] + len(ids))), (rank, ids)  # no gap, in order
+        assert [i for *_x, i in rows] == sorted(i for *_x, i in rows)  # segments in time order
+    # argus report over the job's directory merges every segment into one run (the output
+    # directory holds two jobs here: the killed one too)
+    assert main(["report", str(job_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"]["count"] == len({step for _i, _r, step, _s in written})
+    assert {r["rank"]: r["steps"] for r in report["ranks"]} == {
+        rank: len(rows) for rank, rows in per_rank.items()}  # fmt: skip
+    assert len(report["recordings"]) == len({i for i, *_ in written})
+    stragglers = [f["rank"] for f in report["findings"] if f["kind"] == "straggler"
+                  and f["severity"] in ("warning", "critical")]  # fmt: skip
+    assert stragglers == [1]
 
 
 def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, own_build):
@@ -351,3 +382,93 @@ def test_daemon_killed_leaves_no_probes_and_targets_keep_running(tmp_path, own_b
             assert state in "RS", state
     finally:
         job.close()
+
+
+def test_nvml_in_the_daemon_finds_the_throttled_gpu(tmp_path, own_build, capsys):
+    """The daemon samples NVML (here the simulator's libnvidia-ml stand-in, which reads the
+    simulated GPUs of its node): rank 1's throttled GPU is a gpu_throttle finding live and in
+    the report of its segments."""
+    node = f"dmn{os.getpid()}"
+    stub = own_build / "stubs" / "libnvidia-ml.so.1"
+    d = Daemon(tmp_path, own_build, env={"ARGUS_NVML_LIB": str(stub), "ARGUS_SIM_NODE": node,
+                                         "ARGUS_SIM_GPUS": "4"})  # 4 simulated GPUs  # fmt: skip
+    job = start_job(SimConfig(ranks=3, steps=3000, faults=["throttle:rank=1,mhz=1200"],
+                              node=node, build_dir=str(own_build), quiet=True))  # fmt: skip
+    try:
+        ranks = job.wait_ready()
+
+        def throttled():
+            j = d.job_of(ranks)
+            return j if j and any(f["kind"] == "gpu_throttle" for f in j["findings"]) else None
+
+        j = d.wait_for(throttled, 90, "gpu_throttle in /state")
+        assert [f["rank"] for f in j["findings"] if f["kind"] == "gpu_throttle"] == [1]
+        gpu = d.state()["gpu"]
+        assert (gpu["available"], gpu["devices"], gpu["reason"]) == (True, 4, None)
+    finally:
+        assert d.stop() == 0
+        job.close()
+    (job_dir,) = {p.parents[2] for p in d.out.glob("jobs/*/*/summaries/gpu-*.parquet")}
+    joined = set()
+    for seg in job_dir.iterdir():
+        g = load_summaries(seg).gpu
+        joined |= set(g.select("rank", "device").unique().rows())
+    assert joined == {(0, 0), (1, 1), (2, 2)}  # LOCAL_RANK -> device; device 3 unused
+    assert main(["report", str(d.out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    f = next(f for f in report["findings"] if f["kind"] == "gpu_throttle")
+    assert (f["rank"], f["device"], f["evidence"]["reasons"]) == (1, 1, ["SwThermalSlowdown"])
+    assert f["evidence"]["sm_clock_mhz"]["rank"] == 1200.0
+
+
+DATALOADER = """
+import ctypes, os, time
+ctypes.CDLL(None).prctl(15, b"argus-dltest", 0, 0, 0)  # PR_SET_NAME: the daemon's rule
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+class Data(Dataset):
+    def __len__(self):
+        return 1 << 30
+
+    def __getitem__(self, i):
+        time.sleep(0.002)
+        return torch.zeros(4)
+
+it = iter(DataLoader(Data(), batch_size=4, num_workers=2, multiprocessing_context="fork"))
+next(it)
+print("ready", os.getpid(), flush=True)
+while True:
+    next(it)
+"""
+
+
+def test_dataloader_workers_are_not_traced_as_ranks(tmp_path, own_build):
+    """A real torch DataLoader (num_workers=2, forked workers that inherit RANK=0 and map
+    libtorch): the daemon traces the rank process only."""
+    pytest.importorskip("torch")
+    d = Daemon(tmp_path, own_build, discover='include_comm = ["argus-dltest", "pt_data_worker"]\n')
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+    (tmp_path / "dl.py").write_text(DATALOADER)
+    p = subprocess.Popen([sys.executable, str(tmp_path / "dl.py")], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("ready"), line
+        workers = [int(c) for c in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
+        assert len(workers) == 2
+        for w in workers:  # the workers match the daemon's rules: only the worker rule skips them
+            assert Path(f"/proc/{w}/comm").read_text().strip() == "pt_data_worker"
+            assert b"RANK=0" in Path(f"/proc/{w}/environ").read_bytes().split(b"\0")
+        j = d.wait_for(lambda: d.job_of([p.pid]), 60, "the rank to be traced")
+        seen = d.state()["now_ns"]
+        d.wait_for(lambda: d.state()["now_ns"] > seen, 15, "a later state")  # scans since
+        j = d.job_of([p.pid])
+        assert [(r["rank"], r["tgid"]) for r in j["ranks"]] == [(0, p.pid)]
+        assert d.state()["targets"] == 1
+        assert not any(r["tgid"] in workers for jb in d.state()["jobs"] for r in jb["ranks"])
+    finally:
+        p.kill()
+        p.wait()
+        assert d.stop() == 0

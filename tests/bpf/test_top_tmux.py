@@ -1,8 +1,9 @@
 """`argus top` once in a real terminal (tmux) against the simulator: the live screen shows
-the straggler, keys sort and quit."""
+the straggler, keys sort and quit; quitting detaches every probe and the job runs on."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from argus.sim.launcher import SimConfig, start_job
+from argus.sim.launcher import SimConfig, find_build_dir, start_job
 
 pytestmark = pytest.mark.bpf
 REPO = Path(__file__).resolve().parents[2]
@@ -33,10 +34,33 @@ def _wait(pred, timeout: float) -> bool:
     return False
 
 
+def _cmdline(p: Path) -> str:
+    try:
+        return p.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def _breakpoint_pages_kb(pid: int, stubs: Path) -> int:
+    """Anonymous kB in the executable mappings of the (private) stub libraries: a uprobe's
+    breakpoint lives in a private copy of the text page until its last uprobe is removed."""
+    total, inside = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = " r-xp " in line and str(stubs) in line
+        elif inside and line.startswith("Anonymous:"):
+            total += int(line.split()[1])
+    return total
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make setup)")
 def test_top_in_tmux_shows_the_straggler_and_quits_on_q(tmp_path):
+    src = find_build_dir()
+    for d in ("sim", "stubs"):  # a private copy: no other test's uprobes on its inodes
+        shutil.copytree(src / d, tmp_path / "build" / d, symlinks=True)
+    stubs = tmp_path / "build" / "stubs"
     job = start_job(SimConfig(ranks=3, steps=3000, faults=["straggler:rank=1,factor=1.6"],
-                              quiet=True))  # fmt: skip
+                              build_dir=str(tmp_path / "build"), quiet=True))  # fmt: skip
     session = f"argus-top-{job.launcher_pid}"
     try:
         ranks = job.wait_ready()
@@ -53,6 +77,7 @@ def test_top_in_tmux_shows_the_straggler_and_quits_on_q(tmp_path):
             return row is not None and "STRAGGLER" in row
 
         assert _wait(straggler_row, 90), _screen(session)
+        assert all(_breakpoint_pages_kb(r, stubs) > 0 for r in ranks)  # probes in place
         screen = _screen(session)
         assert "sort rank" in screen.splitlines()[0]
         for rank, tgid in ((0, ranks[0]), (2, ranks[2])):  # only rank 1 is flagged
@@ -62,6 +87,16 @@ def test_top_in_tmux_shows_the_straggler_and_quits_on_q(tmp_path):
         assert _wait(lambda: "sort step" in _screen(session).splitlines()[0], 10), _screen(session)
         _tmux("send-keys", "-t", session, "q")
         assert _wait(lambda: _tmux("has-session", "-t", session).returncode != 0, 60)
+        # quitting skipped the last analysis, not the teardown: the probes are released by
+        # a background holder process once argus has exited (the kernel takes ~0.2 s per
+        # uprobe); then every probe is gone (the text pages are the file's again) and the
+        # job goes on
+        _wait(lambda: not any(_breakpoint_pages_kb(r, stubs) for r in ranks), 120)
+        assert [_breakpoint_pages_kb(r, stubs) for r in ranks] == [0, 0, 0]
+        assert job.proc.poll() is None
+        holders = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+                   and _cmdline(p).endswith(f"top {job.launcher_pid}")]  # fmt: skip
+        assert holders == []  # the holder has exited too
     finally:
         _tmux("kill-session", "-t", session)
         job.close()
