@@ -283,6 +283,20 @@ def _pthread_tid_offset(mem: Memory, pthreads: list[int], tids: set[int]) -> int
     return GLIBC_PTHREAD_TID if GLIBC_PTHREAD_TID in common else min(common)
 
 
+def thread_map(mem: Memory, lay: Layout, runtime: int, pthread_tid: int = 0) -> dict[int, int]:
+    """tid -> PyThreadState address of every thread state of the interpreter (a layout
+    already validated); thread states not yet bound to a thread are left out."""
+    _, states = _thread_states(mem, lay, runtime)
+    out = {}
+    for ts in states:
+        tid = mem.u64(ts + lay.ts_tid)
+        if lay.pthread:
+            tid = mem.u32(tid + pthread_tid) if tid else 0
+        if tid and tid < 1 << 32:
+            out[tid] = ts
+    return out
+
+
 def validate(mem: Memory, interp: Interpreter, lay: Layout, tids: set[int]) -> Validated:
     """Check `lay` against the live process (see the module doc); LayoutRefused if wrong."""
     try:
@@ -482,6 +496,7 @@ class _Proc:
     version: str | None = None
     layout_source: str | None = None
     detached: bool = False  # its py_procs entry was removed (exit, exec)
+    pthread_tid: int = 0
 
 
 class PythonStacks:
@@ -529,6 +544,8 @@ class PythonStacks:
         self.session.table("py_procs")[ct.c_uint32(tgid)] = bpf_config(interp, v)
         p.status, p.note, p.interp = "attached", "", interp
         p.reader = CodeReader(mem, interp, v.layout)
+        p.pthread_tid = v.pthread_tid
+        self._seed_threads(v.threads)
         p.version = ".".join(map(str, v.layout.version))
         p.layout_source = v.layout.source
 
@@ -551,8 +568,28 @@ class PythonStacks:
         if p is not None and p.reader is not None:
             p.reader.mem.close()
 
+    def _seed_threads(self, threads: dict[int, int]) -> None:
+        table = self.session.table("py_tstates")
+        for tid, ts in threads.items():
+            table[ct.c_uint32(tid)] = ct.c_uint64(ts)
+
+    def refresh_threads(self) -> None:
+        """Tell the kernel where every thread's PyThreadState is (py_tstates), from the
+        interpreter's thread list read through /proc/PID/mem: the BPF walk then finds a
+        thread with one confirming read, whatever the number of threads (its own search
+        covers only the ARGUS_PY_THREADS newest thread states). Called at each drain."""
+        for p in self.procs.values():
+            if p.status != "attached" or p.detached or p.reader is None:
+                continue
+            try:
+                threads = thread_map(p.reader.mem, p.reader.lay, p.interp.runtime, p.pthread_tid)
+            except (OSError, LayoutRefused):
+                continue  # exiting; the BPF search still works
+            self._seed_threads(threads)
+
     def take(self, buf: int) -> None:
         """Read and clear py_stacks<buf> (the half user space drains)."""
+        self.refresh_threads()
         table = self.session.table(f"py_stacks{buf}")
         self._stacks = {}
         for k, st in table.items():

@@ -131,6 +131,49 @@ def test_busy_python_function_owns_the_cpu_samples(tmp_path, which):
     assert "_PyEval_EvalFrameDefault" not in best["functions"]
 
 
+MANY = """
+import ctypes, sys, threading, time
+ctypes.CDLL(sys.argv[1])
+def parked():
+    time.sleep(3600)
+for i in range(48):  # more thread states than the BPF search covers (ARGUS_PY_THREADS)
+    threading.Thread(target=parked, daemon=True).start()
+def main_thread_burns():
+    end = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < end:
+        pass
+print("ready", flush=True)
+sys.stdin.readline()
+main_thread_burns()
+"""
+
+
+def test_main_thread_found_among_many_thread_states(tmp_path):
+    """The interpreter lists thread states newest first: with 48 younger threads the main
+    thread is beyond the in-kernel search; user space hands its thread state to the kernel."""
+    src = tmp_path / "many.py"
+    src.write_text(MANY)
+    proc = subprocess.Popen([PYTHONS["debian-3.11"], str(src), str(STUB_CUDART), "3"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+
+        def go(_tracer):
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+
+        opts = TraceOptions(channels=("cuda", "cpu"), sample_hz=99, gpu_interval_s=None)
+        result = run_session([proc.pid], tmp_path / "rec", opts, duration_s=20, on_started=go)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    rec = load_recording(result.path)
+    shares, total = _shares(rec.stacks, proc.pid, proc.pid)
+    want = f"main_thread_burns (many.py:{_line_of(MANY, 'def main_thread_burns')})"
+    assert total >= 100 and shares.get(want, 0) / total > 0.5, (want, total, shares)
+
+
 def test_ddp_rank_burning_cpu_in_python_is_attributed_there(tmp_path):
     """Real torchrun DDP (gloo): rank 1 spends 60 ms of CPU per step in slow_rank_compute()."""
     job = Job(tmp_path, 2, 40, "--slow-rank", "1", "--slow-ms", "60")

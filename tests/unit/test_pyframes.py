@@ -206,7 +206,7 @@ class _FakeTable(dict):
 
 class _FakeSession:
     def __init__(self):
-        self.tables = {"py_procs": _FakeTable()}
+        self.tables = {"py_procs": _FakeTable(), "py_tstates": _FakeTable()}
 
     def table(self, name):
         return self.tables[name]
@@ -220,6 +220,11 @@ def test_session_configures_forgets_and_reconfigures_after_exec(child):
     st = ps.manifest()["processes"][str(pid)]
     assert st["status"] == "attached" and st["note"] == "", st
     cfg = sess.tables["py_procs"][pid]
+    # every thread's PyThreadState is handed to the kernel (the BPF search is a fallback)
+    assert set(sess.tables["py_tstates"]) == {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+    sess.tables["py_tstates"].clear()
+    ps.refresh_threads()
+    assert pid in sess.tables["py_tstates"]
     assert cfg.runtime and cfg.frame_prev == pyframes.choose_layout(
         pyframes.Memory(pid), pyframes.find_interpreter(pid, maps, exe=python)).frame_prev
     # a traced process that exec's: its entry leaves the kernel, the next scan configures
