@@ -157,6 +157,7 @@ class BpfSession:
         self._bcc = bcc
         self._b = _compile(bcc, text, cflags, src_file, detail_lines=6)
         self._rings: list[str] = []
+        self._closer = None  # detaches in the background (detach_uprobe(background=True))
 
     @classmethod
     def from_text(cls, text: str, cflags: list[str]) -> BpfSession:
@@ -178,13 +179,41 @@ class BpfSession:
                 f"in {tgid}: {detail}"
             ) from e
 
-    def detach_uprobe(self, path: str, addr: int, tgid: int, ret: bool = False) -> None:
-        detach = self._b.detach_uretprobe if ret else self._b.detach_uprobe
+    def detach_uprobe(self, path: str, addr: int, tgid: int, ret: bool = False,
+                      background: bool = False) -> None:  # fmt: skip
+        """Detach one uprobe. `background`: forget it now and close its perf event in a
+        worker thread: the kernel's removal of a uprobe waits for a synchronisation (about
+        0.23 s per probe measured here), which must not stall a poll loop when a job's last
+        rank exits; `close()` waits for the pending ones."""
+        b = self._b
+        if background:
+            try:
+                path_b, vaddr = b._check_path_symbol(path.encode(), b"", addr, tgid)
+                ev_name = b._get_uprobe_evname(b"r" if ret else b"p", path_b, vaddr, tgid)
+                fd = b.uprobe_fds.get(ev_name)
+                if fd is None:
+                    return
+                b._del_uprobe_fd(ev_name)
+            except Exception:  # noqa: BLE001 - already gone: nothing to undo
+                return
+            if self._closer is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._closer = ThreadPoolExecutor(max_workers=8,
+                                                  thread_name_prefix="argus-detach")  # fmt: skip
+            self._closer.submit(self._close_uprobe, ev_name, fd)
+            return
+        detach = b.detach_uretprobe if ret else b.detach_uprobe
         try:
             with _CaptureOutput():
                 detach(name=path.encode(), addr=addr, pid=tgid)
         except Exception:  # noqa: BLE001 - already gone (process exited): nothing to undo
             pass
+
+    def _close_uprobe(self, ev_name: bytes, fd: int) -> None:
+        lib = self._bcc.lib
+        lib.bpf_close_perf_event_fd(fd)  # ctypes: the GIL is released while the kernel works
+        lib.bpf_detach_uprobe(ev_name)  # a tracefs-created event: removed; else nothing
 
     def uprobe_count(self) -> int:
         return len(self._b.uprobe_fds)
@@ -253,11 +282,16 @@ class BpfSession:
         raw = self._b.ksym(addr, show_module=False, show_offset=False)
         return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
-    def close(self) -> None:
-        """Detach everything and free the maps (idempotent)."""
+    def close(self, wait: bool = True) -> None:
+        """Detach everything and free the maps (idempotent). `wait=False`: background
+        detaches not started yet are dropped (their fds close with the process: argus top's
+        quit, whose holder process releases them)."""
         b = getattr(self, "_b", None)
         if b is None:
             return
+        closer, self._closer = getattr(self, "_closer", None), None
+        if closer is not None:
+            closer.shutdown(wait=wait, cancel_futures=not wait)
         self._b = None
         try:
             with _CaptureOutput():

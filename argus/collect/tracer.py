@@ -437,7 +437,7 @@ class Tracer:
         entry[1] -= 1
         if entry[1] <= 0:
             del self._uprobes[key]
-            self.session.detach_uprobe(entry[0], key[2], -1, ret=key[3])
+            self.session.detach_uprobe(entry[0], key[2], -1, ret=key[3], background=True)
 
     def _attach_library(self, t: _Target, lib: procfs.MappedLibrary, specs: list[LibrarySpec]):
         elf = elf_file(lib.host_path)

@@ -198,7 +198,8 @@ class Daemon:
                 if self.tracer.session is not None:
                     if not self._final_flush:
                         _hand_off_probes()
-                    self.tracer.session.close()  # detaches every probe (perf-event fds)
+                    # detaches every probe (perf-event fds)
+                    self.tracer.session.close(wait=self._final_flush)
                 if self.gpu is not None:
                     self.gpu.stop()
                     self.gpu.close()
