@@ -474,3 +474,53 @@ def test_dataloader_workers_are_not_traced_as_ranks(tmp_path, own_build):
         p.kill()
         p.wait()
         assert d.stop() == 0
+
+
+LAUNCHER = """
+import os, subprocess, sys
+# a launcher like torchrun: no RANK of its own, it sets RANK for its child
+env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+p = subprocess.Popen([sys.executable, sys.argv[1]], env=env, stdout=sys.stdout)
+sys.exit(p.wait())
+"""
+
+
+def test_attach_to_a_launcher_skips_the_ranks_dataloader_workers(tmp_path):
+    """`argus attach <launcher>` follows its descendants: the rank it starts is traced, the
+    rank's DataLoader workers (forked after attach, with the rank's RANK) are not."""
+    pytest.importorskip("torch")
+    from argus.collect.session import run_session
+    from argus.collect.tracer import TraceOptions
+
+    # the rank creates its DataLoader when told to (after attach): its workers are forked
+    # while traced, through the fork tracepoint of a watched launcher's descendant
+    script = DATALOADER.replace("it = iter(", "import sys\nsys.stdin.readline()\nit = iter(")
+    (tmp_path / "dl.py").write_text(script)
+    (tmp_path / "launch.py").write_text(LAUNCHER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    p = subprocess.Popen([sys.executable, str(tmp_path / "launch.py"), str(tmp_path / "dl.py")],
+                         env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def go(_tracer) -> None:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+
+    try:
+        children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+        deadline = time.monotonic() + 30
+        while not children.read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the launcher has started its rank
+        res = run_session([p.pid], tmp_path / "rec", TraceOptions(gpu_interval_s=None),
+                          duration_s=20, on_started=go)  # fmt: skip
+        line = p.stdout.readline()
+        assert line.startswith("ready"), line
+        rank = int(line.split()[1])
+        workers = [int(c) for c in
+                   Path(f"/proc/{rank}/task/{rank}/children").read_text().split()]  # fmt: skip
+    finally:
+        p.kill()
+        p.wait()
+    assert len(workers) == 2
+    assert [(r["rank"], r["tgid"]) for r in res.manifest["ranks"]] == [(0, rank)]
