@@ -2,8 +2,9 @@
 several nodes, as the inputs of one diagnosis (`argus report DIR...`).
 
 `merge_nodes(summaries)` groups the summaries by host (a node's recordings or segments),
-concatenates each node's segments (`recording.summaries.merge_segments`: the daemon numbers
-a job's steps continuously across its segments), then puts every node's step ids in the
+concatenates each node's segments (`recording.segments.merge_segments`: the daemon numbers
+a job's steps continuously across its segments; the segments of a restarted daemon are
+numbered on, `continue_ids`), then puts every node's step ids in the
 reference node's numbering (`align_step_ids`), so that `diagnose_summaries` matches the
 k-th step of every node (it aligns the clocks on the ends of equal step ids).
 
@@ -64,18 +65,45 @@ def align_step_ids(nodes: Sequence[Summaries]) -> list[Summaries]:
     out = []
     for s in nodes:
         d = 0 if s is ref else step_shift(ref, s)
-        if d:
-            s = Summaries(meta=s.meta, steps=s.steps.with_columns(pl.col("step") + d),
-                          stack_dict=s.stack_dict, tail=s.tail, manifest=s.manifest, gpu=s.gpu,
-                          path=s.path)  # fmt: skip
-        out.append(s)
+        out.append(_renumber(s, d))
+    return out
+
+
+def _renumber(s: Summaries, shift: int) -> Summaries:
+    if not shift:
+        return s
+    return Summaries(**{**s.__dict__, "steps": s.steps.with_columns(pl.col("step") + shift)})
+
+
+def continue_ids(runs: Sequence[Summaries]) -> list[Summaries]:
+    """Consecutive runs on one node (a daemon restarted mid-job numbers from 0 again): each
+    run's ids continue the previous run's, plus the steps that fit in the gap between them
+    (gap / median step time, rounded): same clock, no overlap, so no matching is needed."""
+    out: list[Summaries] = []
+    for s in sorted(runs, key=lambda r: int(r.steps["start_ns"].min() or 0)
+                    if r.steps.height else 0):  # fmt: skip
+        if not out or not s.steps.height or not any(o.steps.height for o in out):
+            out.append(s)
+            continue
+        prev = pl.concat([o.steps for o in out if o.steps.height], how="vertical_relaxed")
+        step_ns = float(prev["step_time_ns"].median() or 0)
+        gap = int(s.steps["start_ns"].min()) - int(prev["end_ns"].max())
+        missing = max(0, round(gap / step_ns)) if step_ns > 0 else 0
+        out.append(_renumber(s, int(prev["step"].max()) + 1 + missing - int(s.steps["step"].min())))
     return out
 
 
 def merge_nodes(summaries: Sequence[Summaries]) -> list[Summaries]:
     """One `Summaries` per host (its segments merged), step ids aligned across hosts; in the
-    order the hosts first appear."""
-    by_host: dict[str, list[Summaries]] = {}
+    order the hosts first appear. A host's segments written by several daemon runs
+    (manifest `daemon_run`: the daemon was restarted) are numbered on from run to run
+    (`continue_ids`) before they are merged."""
+    by_host: dict[str, dict[str, list[Summaries]]] = {}
     for s in summaries:
-        by_host.setdefault(s.host, []).append(s)
-    return align_step_ids([merge_segments(v) for v in by_host.values()])
+        run = str((s.manifest or {}).get("daemon_run") or "")
+        by_host.setdefault(s.host, {}).setdefault(run, []).append(s)
+    nodes = []
+    for runs in by_host.values():
+        merged = [merge_segments(v) for v in runs.values()]
+        nodes.append(merge_segments(continue_ids(merged)) if len(merged) > 1 else merged[0])
+    return align_step_ids(nodes)

@@ -130,6 +130,7 @@ class Daemon:
         self.errors: list[str] = []
         self.gpu: GpuSampler | None = None
         self.flush_s: float | None = None
+        self.run_id = f"{self.host}-{os.getpid()}-{time.time_ns()}"
         self._final_flush = True
 
     # -- state shared with the HTTP threads ----------------------------------------------
@@ -367,6 +368,7 @@ class Daemon:
                                                                 "host")},
                          "gpu": bool(gpu and gpu.get("available"))},
             "ranks": ranks, "probes": [], "drops": {}, "job": job.key,
+            "daemon_run": self.run_id,  # segments of one daemon run number steps on
             **({"gpu": gpu} if gpu is not None else {}),
         }  # fmt: skip
 

@@ -44,13 +44,16 @@ def _cut(summ: Summaries, bounds: list[int]) -> list[Summaries]:
     return out
 
 
-def _write_segments(out: Path, job: str, segs: list[Summaries]) -> list[Path]:
+def _write_segments(out: Path, job: str, segs: list[Summaries], run: str | None = None,
+                    first: int = 0) -> list[Path]:  # fmt: skip
     paths = []
     for i, s in enumerate(segs):
         end = int(s.steps["end_ns"].max()) if s.steps.height else i
         d = out / JOBS / job / str(end)
         write_summaries(d, s)
-        man = dict(s.manifest or s.meta.get("manifest") or {}, started_ns=1000 + i)
+        man = dict(s.manifest or s.meta.get("manifest") or {}, started_ns=1000 + first + i)
+        if run is not None:
+            man["daemon_run"] = run
         (d / "manifest.json").write_text(json.dumps(man, default=str))
         paths.append(d)
     return paths
@@ -154,3 +157,21 @@ def test_which_directories_report_accepts(tmp_path, capsys):
     assert expand_dirs([DATA / "sim_straggler"]) == [DATA / "sim_straggler"]
     assert load_summaries(expand_dirs([tmp_path / "out" / JOBS / "job-a"])[0]).steps.height == (
         whole.steps.height)  # fmt: skip
+
+
+def test_a_restarted_daemons_segments_are_numbered_on(tmp_path, capsys):
+    """The daemon restarted mid-job: its second run numbers the job's steps from 0 again, in
+    the same job directory; the steps it missed meanwhile are counted from the gap."""
+    whole = build_summaries([load_recording(DATA / "sim_straggler")])
+    kept = whole.steps.filter(~pl.col("step").is_between(15, 17))
+    gap = Summaries(meta=whole.meta, steps=kept, stack_dict=whole.stack_dict, tail=whole.tail,
+                    manifest=whole.manifest)  # fmt: skip
+    first, second = _cut(gap, [0, 18])
+    second.steps = second.steps.with_columns(pl.col("step") - 18)  # the new run's own ids
+    _write_segments(tmp_path / "out", "torchelastic-x", _cut(first, [0, 7]), run="run-a")
+    _write_segments(tmp_path / "out", "torchelastic-x", _cut(second, [0, 9]), run="run-b",
+                    first=10)  # fmt: skip
+    (merged,) = merge_nodes([load_summaries(p) for p in expand_dirs([tmp_path / "out"])])
+    assert merged.steps.select("rank", "step", "start_ns").sort("rank", "step").rows() == (
+        kept.select("rank", "step", "start_ns").sort("rank", "step").rows())  # fmt: skip
+    _same(_report(capsys, str(tmp_path / "out")), diagnose_summaries([gap]))
