@@ -68,6 +68,11 @@ class LiveCollector(Collector):
                               "ranks mapping the same library).", labels=["host"])  # fmt: skip
         g.add_metric([host], float(state.get("uprobes") or 0))
         yield g
+        if state.get("flush_s") is not None:  # a daemon falling behind shows here first
+            g = GaugeMetricFamily("argus_analysis_seconds", "How long the last interval's drain "
+                                  "and analysis took (all jobs).", labels=["host"])  # fmt: skip
+            g.add_metric([host], float(state["flush_s"]))
+            yield g
         c = CounterMetricFamily("argus_drops", "Events lost in BPF, by kind (node-wide).",
                                 labels=["host", "kind"])  # fmt: skip
         for kind, v in sorted((state.get("drops") or {}).items()):

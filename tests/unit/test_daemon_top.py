@@ -93,7 +93,8 @@ def test_top_highlights_a_hang():
 
 
 def test_metrics_exposition_is_bounded(slow_rank1):
-    state = dict(slow_rank1.read(), targets=3, uprobes=40, drops={"call_ringbuf": 0})
+    state = dict(slow_rank1.read(), targets=3, uprobes=40, drops={"call_ringbuf": 0},
+                 flush_s=0.25)  # fmt: skip
     reg = CollectorRegistry()
     reg.register(LiveCollector(lambda: state))
     text = generate_latest(reg).decode()
@@ -104,6 +105,7 @@ def test_metrics_exposition_is_bounded(slow_rank1):
     assert score1 > 0
     assert f'argus_straggler_score{{host="vm",job_id="{job}",rank="0"}} 0.0' in text
     assert 'argus_drops_total{host="vm",kind="call_ringbuf"} 0.0' in text
+    assert 'argus_analysis_seconds{host="vm"} 0.25' in text
     labels = set()
     for line in text.splitlines():
         if line.startswith("argus_") and "{" in line:
