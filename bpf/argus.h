@@ -220,8 +220,9 @@ struct argus_host_val {
 struct argus_preempt {
     __u64 ts_ns;
     __u32 tgid;
-    __u32 pad;
-    char comm[ARGUS_COMM_LEN];  /* what ran instead (next_comm) */
+    __u32 woken;                /* 0: switched out runnable; 1: woken, not yet on a CPU */
+    char comm[ARGUS_COMM_LEN];  /* what ran instead (next_comm; for a woken thread, filled
+                                   at switch-in with the task that held the CPU) */
 };
 
 #define ARGUS_OFFCPU_USER_DEPTH 32

@@ -4,6 +4,7 @@
  * Attaches to (tracepoints only; field offsets come from tracefs format files as -D flags,
  * because the kernel headers bcc compiles with need not match the running kernel):
  *   sched:sched_switch     argus_host_switch: CPU contention and off-CPU stacks
+ *   sched:sched_wakeup     argus_host_wakeup: run-queue latency of woken traced threads
  *   tcp:tcp_retransmit_skb argus_host_tcp_retrans
  *   oom:mark_victim        argus_host_oom
  *   block:block_rq_issue / block:block_rq_complete   argus_host_blk_issue / _complete
@@ -12,8 +13,12 @@
  * Maps:
  *   host_counts  argus_host_key (kind, tgid, detail, comm) -> argus_host_val (count,
  *                total_ns), cumulative; user space takes deltas per interval
- *   preempted    tid -> argus_preempt: a traced thread switched out while runnable, when, and
- *                what ran instead; deleted when it runs again (the wait is then aggregated)
+ *   preempted    tid -> argus_preempt: a traced thread switched out while runnable (when,
+ *                and what ran instead), or woken onto a busy CPU (when, and what ran on
+ *                it); deleted when it runs again, the wait aggregated under that comm
+ *   cpu_curr     cpu -> what runs on it now (tid, comm), updated at every switch
+ *   traced_tids  LRU tid -> tgid of traced threads seen switching out (a wakeup names only
+ *                the thread; this says whether it is traced)
  *   host_pending [0] = entries in `preempted`; while 0, a switch to an untraced thread skips
  *                the `preempted` lookup
  *   offcpu       tid -> argus_offcpu: the LATEST blocking switch of each traced thread (since
@@ -27,7 +32,9 @@
  * lookup (host_pending); only while a traced thread is preempted does a switch also look up
  * the incoming tid in `preempted`. A traced thread switched out runnable adds a clock read and
  * a hash update; one switched out blocked adds a user and a kernel stack walk and a 680-byte
- * hash update (the off-CPU stack), like one CPU sample. TCP retransmits and OOM kills are
+ * hash update (the off-CPU stack), like one CPU sample. Every switch also writes its CPU's
+ * cpu_curr slot (20 bytes). sched_wakeup runs on every wakeup of the node: one LRU lookup; a
+ * traced thread woken onto a busy CPU adds an array lookup, a clock read and a hash insert. TCP retransmits and OOM kills are
  * rare; a block request costs two hash operations at issue and three at completion.
  */
 #ifndef ARGUS_HOST_KEYS
@@ -57,6 +64,15 @@
  * preemption marker TASK_REPORT_MAX (0x100 since 4.14) set; the real states are below it. */
 #ifndef ARGUS_TP_SS_STATE_MASK
 #define ARGUS_TP_SS_STATE_MASK 0xff
+#endif
+#ifndef ARGUS_TP_WK_PID_OFF
+#define ARGUS_TP_WK_PID_OFF 24
+#endif
+#ifndef ARGUS_TP_WK_CPU_OFF
+#define ARGUS_TP_WK_CPU_OFF 32
+#endif
+#ifndef ARGUS_MAX_CPUS
+#define ARGUS_MAX_CPUS 1024
 #endif
 #ifndef ARGUS_TP_TCP_DPORT_OFF
 #define ARGUS_TP_TCP_DPORT_OFF 30
@@ -95,6 +111,13 @@ struct argus_blk_key {
 BPF_HASH(host_counts, struct argus_host_key, struct argus_host_val, ARGUS_HOST_KEYS);
 BPF_HASH(preempted, u32, struct argus_preempt, ARGUS_HOST_THREADS);
 BPF_ARRAY(host_pending, u64, 1);
+BPF_TABLE("lru_hash", u32, u32, traced_tids, ARGUS_HOST_THREADS);
+/* what runs on each CPU now (comm, tid 0 = idle): a woken thread waits behind it */
+struct argus_cpu_curr {
+    u32 tid;
+    char comm[ARGUS_COMM_LEN];
+};
+BPF_ARRAY(cpu_curr, struct argus_cpu_curr, ARGUS_MAX_CPUS);
 BPF_HASH(offcpu, u32, struct argus_offcpu, ARGUS_HOST_THREADS);
 BPF_PERCPU_ARRAY(offcpu_tmp, struct argus_offcpu, 1);
 BPF_HASH(blk_start, struct argus_blk_key, u64, ARGUS_BLK_INFLIGHT);
@@ -153,9 +176,16 @@ int argus_host_switch(void *ctx)
     u64 id = bpf_get_current_pid_tgid();  /* still the outgoing task (prev) */
     u32 tgid = id >> 32, tid = (u32)id;
     u64 now = 0;
+    u32 cpu = bpf_get_smp_processor_id();
+    struct argus_cpu_curr *cur = cpu_curr.lookup(&cpu);
+    if (cur) {
+        cur->tid = *(s32 *)((char *)ctx + ARGUS_TP_SS_NEXT_PID_OFF);
+        bpf_probe_read_kernel(&cur->comm, sizeof(cur->comm), (char *)ctx + ARGUS_TP_SS_NEXT_COMM_OFF);
+    }
     u32 *w = watched.lookup(&tgid);
     if (w && (*w & ARGUS_W_TRACE) && tid) {
         now = bpf_ktime_get_ns();
+        traced_tids.update(&tid, &tgid);
 #if ARGUS_TP_SS_PREV_STATE_SIZE == 8
         s64 state = *(s64 *)((char *)ctx + ARGUS_TP_SS_PREV_STATE_OFF);
 #else
@@ -187,11 +217,37 @@ int argus_host_switch(void *ctx)
     struct argus_host_key key = {};
     key.kind = ARGUS_HOST_CPU;
     key.tgid = p->tgid;
-    __builtin_memcpy(key.comm, p->comm, sizeof(key.comm));
     u64 waited = now > p->ts_ns ? now - p->ts_ns : 0;
+    __builtin_memcpy(key.comm, p->comm, sizeof(key.comm));
     if (preempted.delete(&next) == 0)
         argus_host_pending_add(-1);
     argus_host_add(&key, waited);
+    return 0;
+}
+
+int argus_host_wakeup(void *ctx)
+{
+    u32 tid = *(s32 *)((char *)ctx + ARGUS_TP_WK_PID_OFF);
+    u32 *tgid = traced_tids.lookup(&tid);
+    if (!tgid)
+        return 0;
+    u32 *w = watched.lookup(tgid);
+    if (!w || !(*w & ARGUS_W_TRACE))
+        return 0;
+    /* the competitor: what runs on the CPU the thread is queued on; an idle CPU (or one
+     * running the thread's own process) runs it at once: nothing to count */
+    u32 cpu = *(s32 *)((char *)ctx + ARGUS_TP_WK_CPU_OFF);
+    struct argus_cpu_curr *cur = cpu_curr.lookup(&cpu);
+    if (!cur || cur->tid == 0 || cur->tid == tid)
+        return 0;
+    struct argus_preempt p = {};
+    p.ts_ns = bpf_ktime_get_ns();
+    p.tgid = *tgid;
+    p.woken = 1;
+    bpf_probe_read_kernel(&p.comm, sizeof(p.comm), cur->comm);
+    /* insert only: a thread already waiting (preempted, or woken twice) keeps its start */
+    if (preempted.insert(&tid, &p) == 0)
+        argus_host_pending_add(1);
     return 0;
 }
 

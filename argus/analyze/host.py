@@ -29,6 +29,8 @@ from typing import Any
 
 import polars as pl
 
+from argus.errors import RecordingInvalid
+from argus.recording.clock import mono_to_wall_offset
 from argus.recording.io import Recording
 
 MIN_SHARE_OF_EXCESS = 0.25
@@ -36,6 +38,7 @@ MIN_WAIT_NS = 500_000
 INFO_SHARE_OF_STEP = 0.10
 BLOCK_SLOW_NS = 50_000_000
 BLOCK_MIN_REQUESTS = 5
+EXPLAIN_SHARE = 0.5  # a window explained by contention: its runnable growth / its excess
 
 
 @dataclass
@@ -312,3 +315,117 @@ def detect(
                 f"; host: '{cpu['competitor']}' took its CPU (see cpu_contention)."
             )
     return findings
+
+
+def explain_windows(
+    ctx: HostContext,
+    windows: list[dict[str, Any]],
+    manifests: Sequence[tuple[dict[str, Any], str]],
+    offsets_ns: dict[str, int],
+    job_ranks: Sequence[int],
+) -> None:
+    """Mark anomalous windows that CPU contention on the nodes explains (in place).
+
+    Metric, per rank: its threads' runnable wait per ns of wall time (cpu_contention rows,
+    own threads excluded; a row's wait is spread evenly over its interval, and every
+    interval its node reported counts as observed time), inside the window and outside every
+    warning window; growth per step = (inside - outside) x the window's median step time. A
+    window is explained when the lower-quartile growth over the job's ranks (so nearly every
+    rank, not one straggler) is >= EXPLAIN_SHARE of the window's excess over the baseline:
+    it gets `cause` "cpu_contention", `competitor` (the comm with the most runnable time in
+    the window), `competitors` (the top 3, runnable ms per rank per step while each ran),
+    `runnable_growth_ms` (median over ranks) and, below 2x, severity `info`
+    (the job is healthy; its node is busy). Host rows are on each node's monotonic clock and
+    are moved to the windows' aligned wall clock with the manifests' clock offsets.
+    """
+    warn = [w for w in windows if w["severity"] != "info"]
+    h = ctx.rows
+    if not warn or h.height == 0:
+        return
+    wall: dict[str, int] = {}
+    for man, host in manifests:
+        try:
+            wall.setdefault(host, mono_to_wall_offset(man))
+        except RecordingInvalid:
+            continue
+    cpu = h.filter(
+        (pl.col("kind") == "cpu_contention") & pl.col("interval_ns").gt(0)
+        & pl.col("host").is_in(sorted(wall))
+    )  # fmt: skip
+    if cpu.height == 0:
+        return
+    shift = {hst: wall[hst] + int(offsets_ns.get(hst, 0)) for hst in wall}
+    intervals: dict[str, set[tuple[int, int]]] = {}  # per host: the intervals it reported
+    rows = []  # (rank, competitor, t0, t1, runnable ns)
+    for rank, detail, t0, iv, tot, hst in cpu.select(
+        "rank", "detail", "ts_ns", "interval_ns", "total_ns", "host"
+    ).rows():
+        a = t0 + shift[hst]
+        intervals.setdefault(hst, set()).add((a, a + iv))
+        if rank is not None and detail not in ctx.own_threads.get(int(rank), set()):
+            rows.append((int(rank), detail, a, a + iv, float(tot)))
+    # every rank of the job on a node that recorded host context; one without rows had no
+    # runnable wait at all (growth 0)
+    ranks = sorted(int(r) for r in job_ranks if ctx.host_of_rank.get(int(r)) in intervals)
+    if len(ranks) < 2:
+        return
+    spans = [(w["start_ns"], w["end_ns"]) for w in warn]
+
+    def overlap(a0: int, a1: int, b0: int, b1: int) -> int:
+        return max(0, min(a1, b1) - max(a0, b0))
+
+    def wait_in(r0: int, r1: int, t0: int, t1: int, tot: float) -> float:
+        return tot * overlap(r0, r1, t0, t1) / (r1 - r0)
+
+    # outside every warning window: per rank, runnable wait and observed time
+    out_time = {
+        hst: sum((b - a) - sum(overlap(a, b, x, y) for x, y in spans) for a, b in ivs)
+        for hst, ivs in intervals.items()
+    }
+    out_wait = dict.fromkeys(ranks, 0.0)
+    for rank, _d, t0, t1, tot in rows:
+        if rank in out_wait:
+            out_wait[rank] += tot - sum(wait_in(t0, t1, x, y, tot) for x, y in spans)
+    for w in warn:
+        a, b = w["start_ns"], w["end_ns"]
+        step_ns = w["window_step_time_ms"] * 1e6
+        excess = step_ns - w["baseline_step_time_ms"] * 1e6
+        if b <= a or excess <= 0:
+            continue
+        in_time = {hst: sum(overlap(x, y, a, b) for x, y in ivs) for hst, ivs in intervals.items()}
+        in_wait = dict.fromkeys(ranks, 0.0)
+        by_comm: dict[str, float] = {}
+        for rank, detail, t0, t1, tot in rows:
+            share = wait_in(t0, t1, a, b, tot) if rank in in_wait else 0.0
+            if share > 0:
+                in_wait[rank] += share
+                by_comm[detail] = by_comm.get(detail, 0.0) + share
+        growth = []
+        for r in ranks:
+            hst = ctx.host_of_rank[r]
+            if in_time[hst] <= 0:
+                break  # the window is not covered by this node's host context
+            rate_out = out_wait[r] / out_time[hst] if out_time[hst] > 0 else 0.0
+            growth.append((in_wait[r] / in_time[hst] - rate_out) * step_ns)
+        if len(growth) < len(ranks) or not by_comm:
+            continue
+        growth.sort()
+        if growth[(len(growth) - 1) // 4] < EXPLAIN_SHARE * excess:
+            continue
+        comms = sorted(by_comm, key=lambda c: (-by_comm[c], c))
+        top = comms[0]
+        grew = median(growth)
+        per_step = max(1, int(w.get("steps") or 1)) * len(ranks)
+        w["cause"] = "cpu_contention"
+        w["competitor"] = top
+        w["competitors"] = [
+            {"comm": c, "wait_ms_per_step": round(by_comm[c] / per_step / 1e6, 3)}
+            for c in comms[:3]
+        ]
+        w["runnable_growth_ms"] = round(grew / 1e6, 3)
+        if w["slowdown"] < 2.0:
+            w["severity"] = "info"
+        w["summary"] = w["summary"].rstrip(".") + (
+            f": every rank waited {grew / 1e6:.1f} ms more per step runnable while "
+            f"'{top}' ran on their CPUs (CPU contention on the node, not the job)."
+        )

@@ -145,6 +145,10 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     step_ns = float(median(per_step["step_time_ns"].to_list())) if per_step.height else 0.0
 
     windows = anomaly.detect_windows(metrics)
+    # a window that CPU contention on the node explains is the node's, not the job's: info
+    # below 2x, and no scope for stragglers or stalls (which read warning windows only)
+    job_ranks = metrics["rank"].unique().to_list() if metrics.height else []
+    host_context.explain_windows(ev.host, windows, ev.manifests, offsets, job_ranks)
     stragglers = straggler.detect_stragglers(metrics, windows, step_ns, score=ev.score)
     stragglers = pipeline.detect_slow_stage(ev.recordings, ev.stages, steps, offsets, stragglers)
     stalls = stall.detect_stalls(metrics, windows, stragglers,

@@ -203,7 +203,7 @@ class Preempt(ct.Structure):
     _fields_ = [
         ("ts_ns", ct.c_uint64),
         ("tgid", ct.c_uint32),
-        ("pad", ct.c_uint32),
+        ("woken", ct.c_uint32),
         ("comm", ct.c_char * COMM_LEN),
     ]
 

@@ -168,6 +168,8 @@ HOST_TRACEPOINTS = {
     "sched:sched_switch": ("argus_host_switch", {
         "ARGUS_TP_SS_PREV_STATE_OFF": ("prev_state", 0), "ARGUS_TP_SS_PREV_STATE_SIZE": ("prev_state", 1),
         "ARGUS_TP_SS_NEXT_COMM_OFF": ("next_comm", 0), "ARGUS_TP_SS_NEXT_PID_OFF": ("next_pid", 0)}),
+    "sched:sched_wakeup": ("argus_host_wakeup", {
+        "ARGUS_TP_WK_PID_OFF": ("pid", 0), "ARGUS_TP_WK_CPU_OFF": ("target_cpu", 0)}),
     "tcp:tcp_retransmit_skb": ("argus_host_tcp_retrans", {
         "ARGUS_TP_TCP_DPORT_OFF": ("dport", 0), "ARGUS_TP_TCP_FAMILY_OFF": ("family", 0),
         "ARGUS_TP_TCP_DADDR_OFF": ("daddr", 0)}),

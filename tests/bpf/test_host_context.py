@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import polars as pl
@@ -24,9 +26,11 @@ pytestmark = pytest.mark.bpf
 # A busy loop named "cpuhog" pinned to one CPU at nice -10, so that on a shared box the hog,
 # not whatever else runs there, is what takes the rank's CPU. It dies with its parent
 # (PR_SET_PDEATHSIG) and after 120 s at the latest, so a killed test leaves no hog behind.
-HOG = ("import ctypes, os, time; ctypes.CDLL(None).prctl(1, 9); os.sched_setaffinity(0, {%d}); "
-       "os.nice(-10); open('/proc/self/comm', 'w').write('cpuhog'); end = time.time() + 120\n"
-       "while time.time() < end: pass")
+HOG = (
+    "import ctypes, os, time; ctypes.CDLL(None).prctl(1, 9); os.sched_setaffinity(0, {%d}); "
+    "os.nice(-10); open('/proc/self/comm', 'w').write('cpuhog'); end = time.time() + 120\n"
+    "while time.time() < end: pass"
+)
 HOGS = 1
 
 
@@ -53,7 +57,8 @@ def _record(tmp_path, cfg: SimConfig, duration_s: float, before=None):
         if before is not None:
             before(ranks)
         result = run_session([job.launcher_pid], tmp_path / "rec", TraceOptions(),
-                             duration_s=duration_s, on_started=lambda tracer: go.touch())  # fmt: skip
+                             duration_s=duration_s,
+                             on_started=lambda tracer: go.touch())  # fmt: skip
     finally:
         if job.proc.poll() is None:
             job.terminate()
@@ -76,7 +81,8 @@ def test_cpu_hog_on_a_ranks_cpu_is_named(tmp_path):
         for p in hog:
             p.kill()
             p.wait()
-    assert rec.manifest["host_context"]["tracepoints"]["sched:sched_switch"] == "attached"
+    tps = rec.manifest["host_context"]["tracepoints"]
+    assert (tps["sched:sched_switch"], tps["sched:sched_wakeup"]) == ("attached", "attached")
     h = rec.host_ctx.filter(pl.col("kind") == "cpu_contention")
     mine = h.filter(pl.col("rank") == 1).group_by("detail").agg(pl.col("total_ns").sum())
     top = mine.sort("total_ns", descending=True)["detail"][0]
@@ -108,3 +114,56 @@ def test_hung_ranks_off_cpu_stack_names_where_it_blocks(tmp_path):
     blocked = h["missing_stacks"][0]["blocked"]
     assert blocked["function"] == "sim_hang_wait" and blocked["blocked_s"] > 0
     assert "blocked in sim_hang_wait" in h["summary"]
+
+
+def test_a_hog_on_every_ranks_cpu_explains_the_slow_steps(tmp_path):
+    """Mid-run, one nice -10 busy loop on each rank's CPU for 4 s: each rank's 10 ms of CPU
+    work per step gets a tenth of its CPU, so every step slows down. The anomalous window
+    over those steps is the node's (cpuhog took the CPUs), not the job's."""
+    hogs: list[subprocess.Popen] = []
+    span: list[int] = []
+    src = HOG
+
+    def hog_later():
+        time.sleep(2.0)
+        span.append(time.time_ns())
+        hogs.extend(subprocess.Popen([sys.executable, "-c", src % c]) for c in (0, 1))
+        time.sleep(4.0)
+        for p in hogs:
+            p.kill()
+        span.append(time.time_ns())
+
+    def pin(ranks):
+        _pin(ranks[0], 0)
+        _pin(ranks[1], 1)
+        threading.Thread(target=hog_later, daemon=True).start()
+
+    try:
+        _, rec = _record(tmp_path, SimConfig(ranks=2, steps=120, cpu_ms=10.0), 90, pin)
+    finally:
+        for p in hogs:
+            p.kill()
+            p.wait()
+    assert len(span) == 2
+    report = diagnose([rec])
+    found = [(f["kind"], f["severity"], f.get("rank"), f["summary"]) for f in report["findings"]]
+    windows = [f for f in report["findings"] if f["kind"] == "anomalous_window"]
+
+    def overlap(w):
+        return max(0, min(w["end_ns"], span[1]) - max(w["start_ns"], span[0]))
+
+    hit = max(windows, key=overlap, default=None)
+    assert hit is not None and overlap(hit) >= 1_000_000_000, found
+    assert hit.get("cause") == "cpu_contention", found
+    # on a shared box other processes take the CPUs too; the hog is among the top three
+    assert "cpuhog" in [c["comm"] for c in hit["competitors"]], hit
+    assert hit["severity"] == ("info" if hit["slowdown"] < 2 else "warning")
+    # the job itself is healthy: no straggler or stall is built on the node's slow steps
+    assert not [
+        f
+        for f in report["findings"]
+        if f["kind"] in ("straggler", "collective_stall")
+        and f.get("start_step") is not None
+        and f["start_step"] <= hit["end_step"]
+        and f["end_step"] >= hit["start_step"]
+    ], found

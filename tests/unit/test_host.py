@@ -60,8 +60,10 @@ def _contention():
 
 
 def test_host_parquet_round_trip(tmp_path):
-    rows = _host_rows(_contention() + [
-        {"tgid": 0, "kind": "block_io", "detail": "254:0", "count": 3, "total_ns": 3 * MS}])
+    rows = _host_rows(
+        _contention()
+        + [{"tgid": 0, "kind": "block_io", "detail": "254:0", "count": 3, "total_ns": 3 * MS}]
+    )
     write_recording(tmp_path / "r", _manifest(), schema.empty_events(), host=rows)
     rec = load_recording(tmp_path / "r")
     assert rec.host_ctx.schema == pl.Schema(schema.HOST_SCHEMA)
@@ -117,8 +119,20 @@ def test_contention_does_not_explain_a_gpu_side_straggler():
 
 def test_contention_by_the_ranks_own_threads_is_not_host_context():
     rows = _contention()
-    stacks = pl.DataFrame([{"ts_ns": 0, "tgid": 101, "rank": 1, "thread": "cpuhog", "count": 1,
-                            "functions": ["f"], "modules": ["x"]}], schema=schema.STACKS_SCHEMA)
+    stacks = pl.DataFrame(
+        [
+            {
+                "ts_ns": 0,
+                "tgid": 101,
+                "rank": 1,
+                "thread": "cpuhog",
+                "count": 1,
+                "functions": ["f"],
+                "modules": ["x"],
+            }
+        ],
+        schema=schema.STACKS_SCHEMA,
+    )
     found = host_context.detect([_rec(_host_rows(rows), stacks)], _steps(), [_straggler()],
                                 60 * MS)  # fmt: skip
     assert not [f for f in found if f["kind"] == "cpu_contention"]
@@ -131,8 +145,10 @@ def test_healthy_contention_without_a_straggler_stays_below_warning():
 
 def test_oom_kill_of_a_rank_is_critical_and_of_another_process_info():
     rows = [
-        {"ts_ns": 5, "interval_ns": 0, "tgid": 102, "kind": "oom_kill", "detail": "rank", "count": 1},
-        {"ts_ns": 6, "interval_ns": 0, "tgid": 999, "kind": "oom_kill", "detail": "chrome", "count": 1},
+        {"ts_ns": 5, "interval_ns": 0, "tgid": 102, "kind": "oom_kill", "detail": "rank",
+         "count": 1},
+        {"ts_ns": 6, "interval_ns": 0, "tgid": 999, "kind": "oom_kill", "detail": "chrome",
+         "count": 1},
     ]  # fmt: skip
     found = host_context.detect([_rec(_host_rows(rows))], _steps(), [], 60 * MS)
     by = {f["tgid"]: f for f in found if f["kind"] == "oom_kill"}
@@ -184,3 +200,77 @@ def test_node_wide_retransmits_alone_are_info():
     found = host_context.detect([_rec(_host_rows(rows))], _steps(), [_straggler()], 60 * MS)
     tcp = next(f for f in found if f["kind"] == "tcp_retransmits")
     assert (tcp["count"], tcp["severity"]) == (5, "info")
+
+
+# -- anomalous windows explained by CPU contention on the node --------------------------------
+
+S = 1_000_000_000
+
+
+def _window(start_s, end_s, slowdown=1.5, base_ms=60.0):
+    return {"kind": "anomalous_window", "severity": "warning",
+            "summary": f"Steps 10-20 took {base_ms * slowdown:.1f} ms (median).",
+            "start_ns": start_s * S, "end_ns": end_s * S, "slowdown": slowdown,
+            "baseline_step_time_ms": base_ms,
+            "window_step_time_ms": base_ms * slowdown}  # fmt: skip
+
+
+def _per_second(waits):
+    """cpu_contention rows, one interval per second: {(rank, second): (comm, runnable ms)}."""
+    return _host_rows([
+        {"ts_ns": sec * S, "interval_ns": S, "tgid": 100 + rank, "kind": "cpu_contention",
+         "detail": comm, "count": 10, "total_ns": int(ms * MS)}
+        for (rank, sec), (comm, ms) in sorted(waits.items())
+    ])  # fmt: skip
+
+
+def _explain(waits, window, ranks=(0, 1, 2), offsets=None):
+    ctx = host_context.context([_rec(_per_second(waits))])
+    host_context.explain_windows(ctx, [window], [(_manifest(), "node0")], offsets or {},
+                                 list(ranks))  # fmt: skip
+    return window
+
+
+def test_a_window_every_rank_lost_to_a_competitor_is_the_nodes_not_the_jobs():
+    # seconds 0-9, window 4-7: outside, 20 ms runnable per s (kworker); inside, 300 ms per s
+    # (cpuhog): growth (0.3 - 0.02) x 90 ms = 25.2 ms per step >= 50% of the 30 ms excess
+    waits = {(r, s): ("kworker/0:1", 20.0) for r in range(3) for s in range(10)}
+    waits.update({(r, s): ("cpuhog", 300.0) for r in range(3) for s in (4, 5, 6)})
+    w = _explain(waits, _window(4, 7))
+    assert (w["severity"], w["cause"], w["competitor"]) == ("info", "cpu_contention", "cpuhog")
+    assert w["runnable_growth_ms"] == pytest.approx(25.2)
+    # per rank per step in the window (its steps unknown here: 1): 3 s x 300 ms
+    assert w["competitors"] == [{"comm": "cpuhog", "wait_ms_per_step": 900.0}]
+    assert "'cpuhog' ran on their CPUs" in w["summary"]
+
+
+def test_contention_of_one_rank_does_not_explain_a_job_wide_window():
+    waits = {(r, s): ("kworker/0:1", 20.0) for r in range(3) for s in range(10)}
+    waits.update({(1, s): ("cpuhog", 300.0) for s in (4, 5, 6)})  # rank 1 only: a straggler
+    w = _explain(waits, _window(4, 7))
+    assert w["severity"] == "warning" and "cause" not in w
+
+
+def test_too_little_contention_and_a_2x_window_stay_warnings():
+    waits = {(r, s): ("kworker/0:1", 20.0) for r in range(3) for s in range(10)}
+    waits.update({(r, s): ("cpuhog", 100.0) for r in range(3) for s in (4, 5, 6)})
+    w = _explain(waits, _window(4, 7))  # (0.1 - 0.02) x 90 = 7.2 ms of a 30 ms excess
+    assert w["severity"] == "warning" and "cause" not in w
+    waits.update({(r, s): ("cpuhog", 700.0) for r in range(3) for s in (4, 5, 6)})
+    w = _explain(waits, _window(4, 7, slowdown=2.5))
+    assert (w["severity"], w["cause"]) == ("warning", "cpu_contention")
+
+
+def test_window_explanation_uses_the_aligned_clock_and_the_ranks_with_host_context():
+    waits = {(r, s): ("kworker/0:1", 20.0) for r in range(3) for s in range(10)}
+    waits.update({(r, s): ("cpuhog", 300.0) for r in range(3) for s in (4, 5, 6)})
+    # the node's clock is 3 s behind the reference: its seconds 4-6 are aligned 7-9
+    assert _explain(waits, _window(4, 7), offsets={"node0": 3 * S})["severity"] == "warning"
+    w = _explain(waits, _window(7, 10), offsets={"node0": 3 * S})
+    assert (w["severity"], w["competitor"]) == ("info", "cpuhog")
+    # rank 3 ran on a node that recorded no host context: judged on the ranks that did
+    w = _explain(waits, _window(4, 7), ranks=(0, 1, 2, 3))
+    assert (w["severity"], w["cause"]) == ("info", "cpu_contention")
+    # ranks 1 and 2 recorded no contention at all (growth 0): the lower quartile is theirs
+    only0 = {k: v for k, v in waits.items() if k[0] == 0}
+    assert _explain(only0, _window(4, 7))["severity"] == "warning"
