@@ -69,6 +69,7 @@ SCAN_S = 1.0
 JOBS_DIR = "jobs"
 OVERLAP_STEPS = 8  # summarised steps re-read by the next build (boundaries + id mapping)
 MAX_DIAG_STEPS = 2000  # steps of a job the diagnosis reads at most (besides window_s)
+SETTLE_S = 2.0  # a new job's ranks traced together this long before its first build
 
 
 @dataclass
@@ -109,6 +110,7 @@ class _Job:
     segments: int = 0
     last_seg: dict[str, Any] | None = None  # the last segment written: path, steps, gpu, host
     host_wm: int = -1  # the newest host-context row written (ts_ns)
+    joined_ns: int | None = None  # monotonic ns when its latest rank was added
 
 
 class Daemon:
@@ -241,6 +243,7 @@ class Daemon:
             if job is None:
                 job = self.jobs[f.job] = _Job(f.job)
             job.tgids.add(f.tgid)
+            job.joined_ns = time.monotonic_ns()
             job.ended_mono = None
             self.job_of[f.tgid] = f.job
             added.append(f.tgid)
@@ -288,11 +291,17 @@ class Daemon:
                 if job.ended_mono is not None and job.view is not None and not ev.height:
                     views.append(job.view)  # ended, nothing new: keep the last view
                     continue
+                if self._settling(job, now_ns):
+                    continue
                 job.view = self._analyse(job, inflight.filter(sel), self._job_gpu(job, gpu_rows),
                                          now_ns)  # fmt: skip
                 views.append(job.view)
             except Exception as e:
                 self._error(f"job {key}: analysis failed: {type(e).__name__}: {e}")
+                try:
+                    self._cut(job, now_ns)  # the raw rows stay bounded all the same
+                except Exception:  # noqa: BLE001
+                    pass
                 if job.view is not None:
                     views.append(job.view)
         tr.forget_exited()
@@ -311,6 +320,24 @@ class Daemon:
             self._enforce_budget()
         except OSError as e:
             self._error(f"disk budget: {e}")
+
+    def _settling(self, job: _Job, now_ns: int) -> bool:
+        """Before a job's first steps: wait until all its ranks found so far have been
+        traced together for SETTLE_S (or two intervals), and drop the rows from before the
+        last one joined. Ranks are attached one scan after another, each with its own
+        collective counters: a first build over a short, staggered start matches their
+        collectives on too few pairs and numbers their steps inconsistently."""
+        if job.steps.height or job.joined_ns is None:
+            return False
+        if now_ns - job.joined_ns < int(max(SETTLE_S, 2 * self.config.interval_s) * 1e9):
+            return True
+        keep = pl.col("ts_ns") >= job.joined_ns
+        job.events = job.events.filter(keep)
+        job.host = job.host.filter(keep)
+        job.stacks = job.stacks.filter(
+            pl.col("ts_ns") + pl.col("interval_ns").fill_null(0) >= job.joined_ns)
+        job.started_ns = max(job.started_ns or job.joined_ns, job.joined_ns)
+        return False
 
     def _add_rows(self, job: _Job, ev, st, hc, now_ns: int) -> None:
         if job.started_ns is None:
@@ -389,6 +416,21 @@ class Daemon:
         else:
             shift = job.next_id - int(new["step"].min())
         new = new.with_columns(pl.col("step") + shift)
+        # per rank, the ids must go on from the rank's last step: the next id, plus the steps
+        # that fit in the time between (a step the build could not close on that rank); a
+        # build whose collectives were matched differently for one rank cannot renumber it
+        if job.steps.height:
+            prev = job.steps.sort("start_ns").group_by("rank").agg(
+                pl.col("step").last().alias("_id"), pl.col("end_ns").last().alias("_end"),
+                pl.col("step_time_ns").median().alias("_dt"))  # fmt: skip
+            first = new.sort("start_ns").group_by("rank").agg(
+                pl.col("step").first().alias("_first"), pl.col("start_ns").first().alias("_s"))
+            fix = first.join(prev, on="rank").with_columns(
+                (pl.col("_id") + 1 + ((pl.col("_s") - pl.col("_end")) / pl.col("_dt"))
+                 .round().cast(pl.Int64).clip(lower_bound=0) - pl.col("_first"))
+                .alias("_fix")).select("rank", "_fix")  # fmt: skip
+            new = new.join(fix, on="rank", how="left").with_columns(
+                (pl.col("step") + pl.col("_fix").fill_null(0)).alias("step")).drop("_fix")
         new = new.filter(pl.col("step") >= 0)
         # CPU samples after a rank's last complete step are the next step's (build_summaries
         # gives them to the nearest step): it gets them in the next build

@@ -454,7 +454,8 @@ def test_dataloader_workers_are_not_traced_as_ranks(tmp_path, own_build):
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
     (tmp_path / "dl.py").write_text(DATALOADER)
     p = subprocess.Popen([sys.executable, str(tmp_path / "dl.py")], env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         start_new_session=True)  # its workers die with it: killpg  # fmt: skip
     try:
         line = p.stdout.readline()
         assert line.startswith("ready"), line
@@ -471,7 +472,7 @@ def test_dataloader_workers_are_not_traced_as_ranks(tmp_path, own_build):
         assert d.state()["targets"] == 1
         assert not any(r["tgid"] in workers for jb in d.state()["jobs"] for r in jb["ranks"])
     finally:
-        p.kill()
+        os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         assert d.stop() == 0
 
@@ -501,7 +502,7 @@ def test_attach_to_a_launcher_skips_the_ranks_dataloader_workers(tmp_path):
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     p = subprocess.Popen([sys.executable, str(tmp_path / "launch.py"), str(tmp_path / "dl.py")],
                          env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL)  # fmt: skip
+                         stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
 
     def go(_tracer) -> None:
         p.stdin.write("go\n")
@@ -520,7 +521,7 @@ def test_attach_to_a_launcher_skips_the_ranks_dataloader_workers(tmp_path):
         workers = [int(c) for c in
                    Path(f"/proc/{rank}/task/{rank}/children").read_text().split()]  # fmt: skip
     finally:
-        p.kill()
+        os.killpg(p.pid, signal.SIGKILL)  # the launcher, its rank and the rank's workers
         p.wait()
     assert len(workers) == 2
     assert [(r["rank"], r["tgid"]) for r in res.manifest["ranks"]] == [(0, rank)]
