@@ -525,3 +525,30 @@ def test_attach_to_a_launcher_skips_the_ranks_dataloader_workers(tmp_path):
         p.wait()
     assert len(workers) == 2
     assert [(r["rank"], r["tgid"]) for r in res.manifest["ranks"]] == [(0, rank)]
+
+
+def test_a_hang_is_diagnosed_live_and_from_the_segments(tmp_path, own_build, capsys):
+    """Rank 1 of a simulated job stops before a collective: the daemon's live state flags
+    the hang, and `argus report` over the job's segments (the last one rewritten with the
+    latest tail while no step completes) finds the same hang."""
+    d = Daemon(tmp_path, own_build, window_s=30)
+    job = start_job(SimConfig(ranks=3, steps=5000, faults=["hang:rank=1,start=60"],
+                              build_dir=str(own_build), quiet=True))  # fmt: skip
+    try:
+        ranks = job.wait_ready()
+
+        def hung():
+            j = d.job_of(ranks)
+            return j if j and any(f["kind"] == "collective_hang" for f in j["findings"]) else None
+
+        j = d.wait_for(hung, 90, "the hang in /state")
+        assert {r["rank"]: r["hang"] for r in j["ranks"]} == {0: True, 1: True, 2: True}
+    finally:
+        assert d.stop() == 0
+        job.close()
+    (job_dir,) = list((d.out / "jobs").iterdir())
+    assert main(["report", str(job_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (h,) = [f for f in report["findings"] if f["kind"] == "collective_hang"]
+    assert (h["missing_ranks"], h["waiting_ranks"]) == ([1], [0, 2])
+    assert h["op"] == "allreduce"
