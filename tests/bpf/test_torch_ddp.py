@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -92,10 +93,39 @@ class Job:
         ]
 
     def close(self) -> None:
+        """Stop torchrun and its ranks. torchrun stops its workers on SIGTERM, but each runs
+        in a session of its own, so a torchrun that does not get to (SIGKILL, a timeout)
+        leaves them orphaned: they are found first and killed by PID."""
         if self.proc.poll() is None:
-            self.proc.kill()  # torchrun's ranks die with it (it kills its workers on SIGTERM)
-            self.proc.wait()
+            ranks = _ranks_of(self.proc.pid)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            for pid in ranks:
+                try:
+                    if SCRIPT.name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGKILL)
+                except (FileNotFoundError, ProcessLookupError):
+                    pass
         self.log.close()
+
+
+def _ranks_of(launcher: int) -> list[int]:
+    """PIDs of the launcher's children (torchrun's ranks), from /proc/PID/stat."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == launcher:
+            out.append(int(d.name))
+    return out
 
 
 def _record(tmp: Path, nproc: int, *extra: str):
