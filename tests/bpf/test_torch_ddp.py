@@ -177,7 +177,10 @@ def _counts(rec, pid: int) -> tuple[dict, dict]:
 def _check_ranks(launcher: int, truth: list[dict], rec) -> dict[int, int]:
     """Every rank recorded with the RANK of its environment; torchrun is no rank. rank -> tgid."""
     m = rec.manifest
-    assert not any(m["drops"][k] for k in m["drops"] if not k.startswith("stack_")), m["drops"]
+    # nothing lost; a sampled stack walk (native or Python) may fail now and then, e.g. on a
+    # rank that is exiting, and is counted, not lost data
+    walks = ("stack_user_walk", "stack_kernel_walk", "stack_map_full", "py_walk_failed")
+    assert {k: v for k, v in m["drops"].items() if v and k not in walks} == {}
     ranks = {r["rank"]: r for r in m["ranks"]}
     assert sorted(ranks) == list(range(len(truth)))
     assert launcher not in {r["tgid"] for r in m["ranks"]}
