@@ -29,6 +29,7 @@ from typing import Any
 
 import polars as pl
 
+from argus.analyze.anomaly import WARN_SLOWDOWN
 from argus.errors import RecordingInvalid
 from argus.recording.clock import mono_to_wall_offset
 from argus.recording.io import Recording
@@ -423,7 +424,7 @@ def explain_windows(
             for c in comms[:3]
         ]
         w["runnable_growth_ms"] = round(grew / 1e6, 3)
-        if w["slowdown"] < 2.0:
+        if w["slowdown"] < WARN_SLOWDOWN:
             w["severity"] = "info"
         w["summary"] = w["summary"].rstrip(".") + (
             f": every rank waited {grew / 1e6:.1f} ms more per step runnable while "

@@ -35,7 +35,12 @@ from argus.analyze import host as host_context
 from argus.analyze import steps as steps_mod
 from argus.analyze.align import estimate_offsets
 from argus.analyze.matching import align_seq, collectives, with_lateness
-from argus.analyze.report import DEFAULT_HANG_AFTER_S, Evidence, assemble_report
+from argus.analyze.report import (
+    DEFAULT_HANG_AFTER_S,
+    Evidence,
+    assemble_report,
+    recording_info,
+)
 from argus.analyze.steps import STEP_COLUMNS, detect_steps, step_metrics
 from argus.analyze.timeline import build_stacks, build_timeline, recording_end_ns, shift_hosts
 from argus.recording import schema
@@ -247,18 +252,7 @@ def build_summaries(recordings: Sequence[Recording]) -> Summaries:
         "host": recordings[0].host if recordings else None,
         "steps": {"method": det.method, "period": det.period, "comm": det.comm},
         "ends_ns": ends,
-        "recordings": [
-            {
-                "path": str(rec.path) if rec.path else None,
-                "host": rec.host,
-                "format": rec.manifest.get("format"),
-                "duration_s": rec.manifest.get("duration_s"),
-                "end_reason": rec.manifest.get("end_reason"),
-                "events": rec.events.height,
-                "stack_rows": rec.stacks.height,
-            }
-            for rec in recordings
-        ],
+        "recordings": [recording_info(rec) for rec in recordings],
         "manifest": {k: v for rec in recordings[:1] for k, v in rec.manifest.items()
                      if k in ("format", "host", "clock", "ranks", "drops", "gpu")},  # fmt: skip
         "extra_manifests": [

@@ -64,6 +64,29 @@ def _line_of(text: str, needle: str) -> int:
     return next(i for i, ln in enumerate(text.splitlines(), 1) if needle in ln)
 
 
+def _trace_python(tmp_path: Path, python: str, name: str, text: str):
+    """Run `text` as tmp_path/name under `python` (it loads the stand-in libcudart, prints
+    ready and waits for go on stdin); trace it (cuda + cpu at 99 Hz) until it exits."""
+    src = tmp_path / name
+    src.write_text(text)
+    proc = subprocess.Popen([python, str(src), str(STUB_CUDART), "3"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+
+        def go(_tracer):
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+
+        opts = TraceOptions(channels=("cuda", "cpu"), sample_hz=99, gpu_interval_s=None)
+        result = run_session([proc.pid], tmp_path / "rec", opts, duration_s=20, on_started=go)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc, load_recording(result.path)
+
+
 def _shares(stacks: pl.DataFrame, tgid: int, tid: int | None = None) -> tuple[dict, int]:
     """{attributed frame: samples} of the on-CPU samples of tgid (thread tid), and the total."""
     rows = stacks.filter((pl.col("tgid") == tgid) & (pl.col("state") == "on_cpu"))
@@ -85,24 +108,8 @@ def test_busy_python_function_owns_the_cpu_samples(tmp_path, which):
         pytest.skip(f"{python} is not on this machine")
     if not STUB_CUDART.exists():
         pytest.skip("build/stubs is missing: run `make setup`")
+    proc, rec = _trace_python(tmp_path, python, "busy.py", BUSY)
     src = tmp_path / "busy.py"
-    src.write_text(BUSY)
-    proc = subprocess.Popen([python, str(src), str(STUB_CUDART), "3"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-
-        def go(_tracer):
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-
-        opts = TraceOptions(channels=("cuda", "cpu"), sample_hz=99, gpu_interval_s=None)
-        result = run_session([proc.pid], tmp_path / "rec", opts, duration_s=20, on_started=go)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-    rec = load_recording(result.path)
     py = rec.manifest["python_stacks"]
     st = py["processes"][str(proc.pid)]
     assert st["status"] == "attached", st
@@ -151,24 +158,7 @@ main_thread_burns()
 def test_main_thread_found_among_many_thread_states(tmp_path):
     """The interpreter lists thread states newest first: with 48 younger threads the main
     thread is beyond the in-kernel search; user space hands its thread state to the kernel."""
-    src = tmp_path / "many.py"
-    src.write_text(MANY)
-    proc = subprocess.Popen([PYTHONS["debian-3.11"], str(src), str(STUB_CUDART), "3"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-
-        def go(_tracer):
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-
-        opts = TraceOptions(channels=("cuda", "cpu"), sample_hz=99, gpu_interval_s=None)
-        result = run_session([proc.pid], tmp_path / "rec", opts, duration_s=20, on_started=go)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-    rec = load_recording(result.path)
+    proc, rec = _trace_python(tmp_path, PYTHONS["debian-3.11"], "many.py", MANY)
     shares, total = _shares(rec.stacks, proc.pid, proc.pid)
     want = f"main_thread_burns (many.py:{_line_of(MANY, 'def main_thread_burns')})"
     assert total >= 100 and shares.get(want, 0) / total > 0.5, (want, total, shares)

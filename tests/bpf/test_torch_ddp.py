@@ -28,8 +28,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from argus.collect import procfs
 from argus.collect.session import run_session
 from argus.collect.tracer import TraceOptions
+from argus.errors import TargetNotFound
 from argus.recording.io import load_recording
 
 pytestmark = pytest.mark.bpf
@@ -97,7 +99,10 @@ class Job:
         in a session of its own, so a torchrun that does not get to (SIGKILL, a timeout)
         leaves them orphaned: they are found first and killed by PID."""
         if self.proc.poll() is None:
-            ranks = _ranks_of(self.proc.pid)
+            try:
+                ranks = procfs.children(self.proc.pid)
+            except TargetNotFound:  # torchrun ended meanwhile
+                ranks = []
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=30)
@@ -111,21 +116,6 @@ class Job:
                 except (FileNotFoundError, ProcessLookupError):
                     pass
         self.log.close()
-
-
-def _ranks_of(launcher: int) -> list[int]:
-    """PIDs of the launcher's children (torchrun's ranks), from /proc/PID/stat."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == launcher:
-            out.append(int(d.name))
-    return out
 
 
 def _record(tmp: Path, nproc: int, *extra: str):
