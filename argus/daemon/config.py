@@ -22,6 +22,7 @@ Unknown keys are an error naming the key (a typo must not silently change what i
 from __future__ import annotations
 
 import fnmatch
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -60,36 +61,83 @@ _SECTIONS = {
     "output": ("interval_s", "window_s", "max_disk_mb"),
     "diagnosis": ("hang_after_s", "job_grace_s"),
 }
+# The command-line flags that override keys (their errors name the flag, not a file).
+_FLAGS = {"interval_s": "-i/--interval", "window_s": "--window", "max_disk_mb": "--max-disk-mb"}
+# Durations (the `*_s` keys) are at most a year: a longer one overflows the daemon's timers.
+MAX_SECONDS = 365 * 24 * 3600
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _name(name: str) -> str:
+    """A section or key name as an error shows it: as written, quoted when not printable."""
+    return name if name.isprintable() else repr(name)
+
+
+def _checked(name: str, kind: str, value, where: str):
+    """`value` of key `name` as its declared type `kind`, else a UsageError naming `where`.
+
+    bool: true or false (not a number); list[str]: strings only; float: an int or float (not
+    a boolean: `true` is an int in Python), finite, positive, and for durations <= a year."""
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise UsageError(f"{where} must be true or false (found {_show(value)}).")
+        return value
+    if kind.startswith("list"):
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise UsageError(
+                f"{where} must be a list of strings (fnmatch patterns), found {_show(value)}."
+            )
+        return list(value)
+    number = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise UsageError(f"{where} must be a finite positive number (found {_show(value)}).")
+    if name.endswith("_s") and number > MAX_SECONDS:
+        raise UsageError(f"{where} must be at most {MAX_SECONDS} seconds (one year), "
+                         f"found {_show(value)}.")  # fmt: skip
+    return number
 
 
 def load_config(path: str | Path | None, **overrides) -> DaemonConfig:
-    """Read the TOML file (None: defaults), then apply non-None overrides (CLI flags)."""
+    """Read the TOML file (None: defaults), then apply non-None overrides (CLI flags).
+
+    Validated: the file is readable, UTF-8 and TOML; every top-level name is a known section
+    and a table; every key is known in its section and of its declared type (see `_checked`).
+    Any defect is one UsageError naming the file, the section and the key (or the flag)."""
     values: dict = {}
+    types = {f.name: f.type for f in fields(DaemonConfig)}
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(Path(path).read_bytes().decode())
         except OSError as e:
             raise UsageError(f"cannot read the config file {path}: {e.strerror}.") from e
+        except UnicodeDecodeError as e:
+            raise UsageError(
+                f"the config file {path} is not UTF-8 text (byte {e.start} is invalid)."
+            ) from e
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"the config file {path} is not valid TOML: {e}.") from e
         for section, body in data.items():
-            if section not in _SECTIONS or not isinstance(body, dict):
-                raise UsageError(
-                    f"{path}: unknown section [{section}] (known: {', '.join(_SECTIONS)})."
-                )
+            if section not in _SECTIONS:
+                raise UsageError(f"{path}: unknown section [{_name(section)}] "
+                                 f"(known: {', '.join(_SECTIONS)}).")  # fmt: skip
+            if not isinstance(body, dict):
+                raise UsageError(f"{path}: [{section}] must be a table of keys, "
+                                 f"found {_show(body)}.")  # fmt: skip
             for key, value in body.items():
                 if key not in _SECTIONS[section]:
-                    raise UsageError(f"{path}: unknown key {key} in [{section}].")
-                values[key] = value
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    types = {f.name: f.type for f in fields(DaemonConfig)}
-    for key, value in values.items():
-        if types[key] == "bool" and not isinstance(value, bool):
-            raise UsageError(f"{key} must be true or false.")
-        if types[key] == "float" and (not isinstance(value, int | float) or value <= 0):
-            raise UsageError(f"{key} must be a positive number.")
-        if types[key].startswith("list") and (
-            not isinstance(value, list) or not all(isinstance(x, str) for x in value)
-        ):
-            raise UsageError(f"{key} must be a list of strings (fnmatch patterns).")
+                    raise UsageError(f"{path}: unknown key {_name(key)} in [{section}] "
+                                     f"(known: {', '.join(_SECTIONS[section])}).")  # fmt: skip
+                values[key] = _checked(key, types[key], value, f"{path}: [{section}] {key}")
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = _checked(key, types[key], value, _FLAGS.get(key, key))
     return DaemonConfig(**values)
