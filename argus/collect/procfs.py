@@ -114,6 +114,12 @@ def process_state(
         )
         err.reason = "missing"  # type: ignore[attr-defined]
         raise err
+    if status.get("State", "")[:1] in ("Z", "X"):
+        # A zombie (exited, not reaped yet): its entry stays, but nothing is left to trace.
+        err = _missing(tgid)
+        err.message = f"process {tgid} has exited (a zombie its parent has not reaped yet)"
+        err.args = (err.message,)
+        raise err
     uid = int(status.get("Uid", "-1").split()[0]) if status.get("Uid") else -1
     ppid = int(status.get("PPid", "0") or 0)
     comm_name = status.get("Name", "")
@@ -133,6 +139,34 @@ def process_state(
     if access != "readable":
         raise _access_error(tgid, access, uid)
     return info
+
+
+def state(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> str | None:
+    """The state letter of /proc/TGID/stat (R, S, D, Z, X, ...); None when the entry is gone."""
+    try:
+        text = _read(_pdir(tgid, proc_root) / "stat").decode("utf-8", "replace")
+    except OSError:
+        return None
+    rest = text[text.rfind(")") + 1 :].split()
+    return rest[0] if rest else None
+
+
+def alive(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> bool:
+    """False when the process is gone: its /proc entry is missing, or it is a zombie (Z) or
+    dead (X) whose parent has not reaped it yet (its entry stays, with nothing left to
+    trace: no maps, no threads running)."""
+    return state(tgid, proc_root) not in (None, "Z", "X", "x")
+
+
+def exited_error(tgid: int) -> TargetNotFound:
+    """A target that was there when argus started and is gone now."""
+    err = TargetNotFound(
+        f"process {tgid} exited while argus was starting",
+        remedy="Attach to a process that is still running (`ps -p PID`); a job attached "
+        "through its launcher keeps being traced while the launcher runs.",
+    )
+    err.reason = "exited"  # type: ignore[attr-defined]
+    return err
 
 
 def _access_error(tgid: int, access: Access, uid: int | None) -> TargetNotFound:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from argus.collect import procfs
 from argus.collect import pystacks as pystacks_mod
 from argus.collect.nvml import GpuSampler, disabled
 from argus.collect.tracer import TraceOptions, Tracer
@@ -107,6 +108,8 @@ def run_session(
     gpu = GpuSampler(opts.gpu_interval_s) if opts.gpu_interval_s else None
     try:
         tracer.start(plan)
+        if tracer.all_exited():  # every target ended before its exit could be traced
+            raise procfs.exited_error(plan[0][0])
         attached = sum(
             len(p["tgids"]) for p in tracer.probe_status.values() if p["status"] == "attached"
         )

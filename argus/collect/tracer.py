@@ -329,6 +329,11 @@ class Tracer:
                 for child in procfs.descendants(tgid, self.opts.proc_root):
                     if child != os.getpid():  # never trace argus itself (attached via a shell)
                         self._watch(child, launcher=True)
+        # Exits before the targets were in the watched map fired no tracepoint: this one
+        # check closes that window (a zombie counts as gone: its /proc entry stays).
+        for t in list(self.targets.values()):
+            if not procfs.alive(t.tgid, self.opts.proc_root):
+                self._mark_exited(t)
         if "cpu" in self.opts.channels:
             s.attach_cpu_clock("argus_cpu_sample", self.opts.sample_hz)
         self._last_rescan = self._last_stacks = self._last_host = time.monotonic()
@@ -593,7 +598,7 @@ class Tracer:
             self._last_rescan = now
             for t in list(self.targets.values()):
                 if not t.exited:
-                    if not Path(self.opts.proc_root, str(t.tgid)).exists():
+                    if not procfs.alive(t.tgid, self.opts.proc_root):
                         self._mark_exited(t)
                         continue
                     self._scan(t)

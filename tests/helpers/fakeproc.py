@@ -9,6 +9,9 @@ import subprocess
 from pathlib import Path
 
 
+_STATES = {"R": "running", "S": "sleeping", "D": "disk sleep", "Z": "zombie", "X": "dead"}
+
+
 def make_process(
     proc_root: Path,
     tgid: int,
@@ -22,21 +25,24 @@ def make_process(
     exe: str | None = "/usr/bin/python3.11",
     children: list[int] | None = None,
     status_tgid: int | None = None,
+    state: str = "S",
 ) -> Path:
     """A fake /proc/TGID: status, stat, comm, maps, environ, cmdline, exe, root/.
 
     `children` writes task/TGID/children (CONFIG_PROC_CHILDREN); None leaves it out so
     the ppid scan of */stat is used. `status_tgid` fakes a thread (Tgid != the dir name).
+    `state` is the state letter (Z: a zombie its parent has not reaped).
     """
     d = proc_root / str(tgid)
     (d / "root").mkdir(parents=True, exist_ok=True)
     (d / "task" / str(tgid)).mkdir(parents=True, exist_ok=True)
     t = status_tgid if status_tgid is not None else tgid
     (d / "status").write_text(
-        f"Name:\t{name}\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t{t}\nPid:\t{tgid}\n"
+        f"Name:\t{name}\nUmask:\t0022\nState:\t{state} ({_STATES.get(state, '?')})\n"
+        f"Tgid:\t{t}\nPid:\t{tgid}\n"
         f"PPid:\t{ppid}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t0\t0\t0\t0\n"
     )
-    (d / "stat").write_text(f"{tgid} ({name}) S {ppid} {tgid} {tgid} 0 -1 4194304 0\n")
+    (d / "stat").write_text(f"{tgid} ({name}) {state} {ppid} {tgid} {tgid} 0 -1 4194304 0\n")
     (d / "comm").write_text(name + "\n")
     (d / "maps").write_text(maps)
     env = environ or {}

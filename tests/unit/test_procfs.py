@@ -53,6 +53,21 @@ def test_missing_process_raises_target_not_found(proc: Path) -> None:
     assert ei.value.exit_code == 1
 
 
+def test_a_zombie_is_gone_though_its_entry_stays(proc: Path) -> None:
+    make_process(proc, 100, name="launcher", state="Z")
+    make_process(proc, 101, name="rank", state="R")
+    make_process(proc, 102, name="waiting", state="S")
+    assert [procfs.alive(t, proc) for t in (100, 101, 102, 103)] == [False, True, True, False]
+    assert procfs.state(100, proc) == "Z" and procfs.state(103, proc) is None
+    with pytest.raises(TargetNotFound) as ei:
+        procfs.process_state(100, proc)
+    assert str(ei.value) == "process 100 has exited (a zombie its parent has not reaped yet)"
+    assert ei.value.reason == "missing"
+    err = procfs.exited_error(100)
+    assert str(err) == "process 100 exited while argus was starting"
+    assert err.reason == "exited" and err.exit_code == 1
+
+
 def test_readable_process(proc: Path) -> None:
     make_process(proc, 100, name="trainer", uid=1000, ppid=7)
     info = procfs.process_state(100, proc, euid=1000)
