@@ -8,7 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-
 _STATES = {"R": "running", "S": "sleeping", "D": "disk sleep", "Z": "zombie", "X": "dead"}
 
 
