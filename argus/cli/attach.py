@@ -168,7 +168,7 @@ def command(pids, duration, output, frequency, no_cuda, no_nccl, no_torch, no_cp
     result = run_session(list(pids), output, opts, duration, on_started=started)
     for line in summary_lines(result.manifest, result.path):
         click.echo(f"argus: {line}", err=True)
-    recording = load_recording(result.path)
+    recording = result.recording or load_recording(result.path)
     if not no_summaries:
         write_summary_files(recording)
     report = diagnose([recording], hang_after_s=hang_after)

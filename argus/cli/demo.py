@@ -75,7 +75,7 @@ def run_demo(ranks: int, faults: list[str], steps: int, output: Path, pp: int = 
             job.terminate()
     truth = json.loads(Path(cfg.truth).read_text())
     shutil.rmtree(work, ignore_errors=True)
-    report = diagnose([load_recording(result.path)],
+    report = diagnose([result.recording or load_recording(result.path)],
                       hang_after_s=HANG_AFTER_S if hang_start is not None else 10.0)  # fmt: skip
     return report, truth, result
 

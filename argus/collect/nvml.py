@@ -502,6 +502,12 @@ class GpuSampler:
             del self._pass_ns[:-1000]
         return rows
 
+    def rows_since(self, start: int) -> tuple[list[dict[str, Any]], int]:
+        """(the samples after the first `start`, the count now): a session writing its
+        recording in parts reads the new ones without taking them (`finish` joins them all)."""
+        with self._lock:
+            return self.rows[start:], len(self.rows)
+
     def close(self) -> None:
         """After stop(): release NVML (a sampler that was never finish()ed)."""
         if self.available:

@@ -242,6 +242,9 @@ class Tracer:
                     self._probe_id[(lib.family, sym)] = pid
         self.targets: dict[int, _Target] = {}
         self.blobs: list[bytes] = []
+        self._ring_total = 0  # ring records already drained (drain() empties self.blobs)
+        # entry-only work calls (gloo) not completed at the last drain: paired in the next
+        self._open_work: pl.DataFrame | None = None
         self.proc_events: list[dict] = []
         self.stack_rows: list[dict] = []
         self.probe_status: dict[tuple, dict] = {}
@@ -637,9 +640,12 @@ class Tracer:
         return self._drops()
 
     def drain(self) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-        """What was recorded since the last drain, without stopping: (events decoded so far
-        with the lifecycle rows, calls in flight now, new stack rows, new host rows).
-        Drained rows leave memory; `finish` then returns only what came after."""
+        """What was recorded since the last drain, without stopping: (events that are final,
+        calls in flight now, new stack rows, new host rows). In flight: the kernel's
+        in-flight calls and the entry-only work calls whose completion has not been seen
+        yet; those are paired with their completion by a later drain (or `finish`), so a
+        collective that spans a drain is one row with its duration. Drained rows leave
+        memory; `finish` then returns only what came after."""
         n = len(self.proc_events)
         self.session.consume()
         self._handle_proc_events(n)
@@ -647,30 +653,52 @@ class Tracer:
             if t.rank is not None:
                 self.ctx.rank_of[t.tgid] = t.rank
         blobs, self.blobs = self.blobs, []
+        self._ring_total += len(blobs)
         procs, self.proc_events = self.proc_events, []
         stack_rows, self.stack_rows = self.stack_rows, []
         host_rows, self.host_rows = self.host_rows, []
-        events = decode_records(blobs, self.ctx)
-        proc_rows = [
-            {"ts_ns": e["ts_ns"], "tgid": e["tgid"] if e["what"] != abi.PROC_FORK else e["child"],
-             "tid": e["tgid"], "rank": self.ctx.rank_of.get(e["tgid"]), "channel": "proc",
-             "name": {abi.PROC_FORK: "fork", abi.PROC_EXEC: "exec", abi.PROC_EXIT: "exit"}[e["what"]],
-             "in_flight": False}
-            for e in procs
-            if e["what"] != abi.PROC_FORK or e["child"] in self.targets
-        ]  # fmt: skip
-        frames = [f for f in (events, rows_to_frame(proc_rows)) if f.height]
-        events = pl.concat(frames, how="vertical_relaxed").sort("ts_ns") if frames else (
-            schema.empty_events())  # fmt: skip
-        work = {r.name for r in self.probe_refs.values() if r.spec.kind == "pg_work"}
-        done = {r.name for r in self.probe_refs.values() if r.spec.kind == "pg_work_done"}
-        events = pair_completions(events, work, done)
+        events, still_open = self._paired(decode_records(blobs, self.ctx), procs)
+        self._open_work = still_open
         inflight = self._inflight_rows() if self.specs else schema.empty_events()
+        if still_open.height:
+            inflight = pl.concat([inflight, still_open.with_columns(pl.lit(True).alias("in_flight"))],
+                                 how="vertical_relaxed")  # fmt: skip
         stacks = pl.DataFrame(stack_rows, schema=schema.STACKS_SCHEMA) if stack_rows else (
             schema.empty_stacks())  # fmt: skip
         host = pl.DataFrame([{**r, "rank": self.ctx.rank_of.get(r["tgid"])} for r in host_rows],
                             schema=schema.HOST_SCHEMA) if host_rows else schema.empty_host()
         return events, inflight, stacks, host
+
+    def _proc_rows(self, procs: list[dict]) -> pl.DataFrame:
+        """Lifecycle rows (fork of a traced process, exec, exit) of the proc ring buffer."""
+        names = {abi.PROC_FORK: "fork", abi.PROC_EXEC: "exec", abi.PROC_EXIT: "exit"}
+        return rows_to_frame([
+            {"ts_ns": e["ts_ns"], "tgid": e["tgid"] if e["what"] != abi.PROC_FORK else e["child"],
+             "tid": e["tgid"], "rank": self.ctx.rank_of.get(e["tgid"]), "channel": "proc",
+             "name": names[e["what"]], "in_flight": False}
+            for e in procs
+            if e["what"] != abi.PROC_FORK or e["child"] in self.targets
+        ])  # fmt: skip
+
+    def _paired(self, decoded: pl.DataFrame, procs: list[dict],
+                extra: pl.DataFrame | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """(events sorted by time with entry-only work calls paired to their completions,
+        the work calls with no completion yet: in flight). The work calls still open at the
+        previous drain join this pairing."""
+        frames = [f for f in (decoded, self._open_work, extra, self._proc_rows(procs))
+                  if f is not None and f.height]  # fmt: skip
+        self._open_work = None
+        events = pl.concat(frames, how="vertical_relaxed").sort("ts_ns") if frames else (
+            schema.empty_events())  # fmt: skip
+        work = {r.name for r in self.probe_refs.values() if r.spec.kind == "pg_work"}
+        done = {r.name for r in self.probe_refs.values() if r.spec.kind == "pg_work_done"}
+        events = pair_completions(events, work, done)
+        if not work or not events.height:
+            return events, schema.empty_events()
+        still = (pl.col("name").cast(pl.Utf8).is_in(list(work)) & pl.col("in_flight")
+                 & pl.col("dur_ns").is_null())  # fmt: skip
+        return events.filter(~still), events.filter(still).with_columns(
+            pl.lit(False).alias("in_flight"))
 
     def forget_exited(self) -> list[int]:
         """Drop the state of processes that had already exited at the previous call (their
@@ -859,8 +887,12 @@ class Tracer:
         return self._symbolize(tgid, addr)[1]
 
     # -- finish ----------------------------------------------------------------------------
-    def finish(self, end_reason: str) -> tuple[dict, pl.DataFrame, pl.DataFrame]:
-        """Stop, drain everything still in the kernel, detach; return the recording parts."""
+    def finish(self, end_reason: str, close: bool = True
+               ) -> tuple[dict, pl.DataFrame, pl.DataFrame]:  # fmt: skip
+        """Stop, drain everything still in the kernel; return the recording parts (what came
+        after the last `drain`). `close`: detach every probe and free the BPF object here
+        (about 0.23 s per uprobe); else the probes are made inert (the filter maps emptied)
+        and the caller closes the session (`BpfSession.close(background=True)`)."""
         s = self.session
         ended_ns = time.monotonic_ns()
         n = len(self.proc_events)
@@ -874,31 +906,29 @@ class Tracer:
         # Re-resolve ranks now known from communicator init for rows decoded below.
         for t in self.targets.values():
             self.ctx.rank_of[t.tgid] = t.rank
-        events = decode_records(self.blobs, self.ctx)
-        inflight = self._inflight_rows()
-        proc_rows = [
-            {"ts_ns": e["ts_ns"], "tgid": e["tgid"] if e["what"] != abi.PROC_FORK else e["child"],
-             "tid": e["tgid"], "rank": self.ctx.rank_of.get(e["tgid"]), "channel": "proc",
-             "name": {abi.PROC_FORK: "fork", abi.PROC_EXEC: "exec", abi.PROC_EXIT: "exit"}[e["what"]],
-             "in_flight": False}
-            for e in self.proc_events
-            if e["what"] != abi.PROC_FORK or e["child"] in self.targets
-        ]
-        frames = [f for f in (events, inflight, rows_to_frame(proc_rows)) if f.height]
-        events = pl.concat(frames, how="vertical_relaxed") if frames else schema.empty_events()
-        events = events.sort("ts_ns")
-        work = {r.name for r in self.probe_refs.values() if r.spec.kind == "pg_work"}
-        done = {r.name for r in self.probe_refs.values() if r.spec.kind == "pg_work_done"}
-        events = pair_completions(events, work, done)
+        events, still_open = self._paired(decode_records(self.blobs, self.ctx),
+                                          self.proc_events, self._inflight_rows())  # fmt: skip
+        if still_open.height:  # a work call that never completed: blocked at the end
+            events = pl.concat([events, still_open.with_columns(pl.lit(True).alias("in_flight"))],
+                               how="vertical_relaxed").sort("ts_ns")  # fmt: skip
         stacks = pl.DataFrame(self.stack_rows, schema=schema.STACKS_SCHEMA) if self.stack_rows else schema.empty_stacks()
-        counts = self._call_counts()
-        drops = self._drops()
+        manifest = self.manifest(end_reason, ended_ns, events, stacks)
+        if close:
+            for t in self.targets.values():
+                if not t.exited:
+                    self._detach_target(t)
+            s.close()
+        else:
+            for name in ("probes", "watched"):
+                s.table(name).clear()
+        return manifest, events, stacks
+
+    def manifest(self, end_reason: str, ended_ns: int, events: pl.DataFrame,
+                 stacks: pl.DataFrame) -> dict:  # fmt: skip
+        """The recording's manifest as of now: targets, probes, drops and exact call counts
+        so far; `counts` of the given rows (a part's own; `merge_parts` sums a session's)."""
         python_stacks = self.pystacks.manifest() if self.pystacks is not None else None
-        for t in self.targets.values():
-            if not t.exited:
-                self._detach_target(t)
-        s.close()
-        manifest = {
+        return {
             "format": schema.FORMAT,
             "argus_version": __version__,
             "host": self.host,
@@ -930,9 +960,9 @@ class Tracer:
             ],
             "launchers": [t.tgid for t in self.targets.values() if t.launcher and not t.traced],
             "probes": sorted(self.probe_status.values(), key=lambda p: (p["channel"], p["symbol"])),
-            "drops": drops,
+            "drops": self._drops(),
             "python_stacks": python_stacks,
-            "call_counts": counts,
+            "call_counts": self._call_counts(),
             "counts": {
                 "events": {
                     str(k): int(v)
@@ -941,10 +971,9 @@ class Tracer:
                 if events.height
                 else {},
                 "stack_samples": int(stacks["count"].sum()) if stacks.height else 0,
-                "ring_records": len(self.blobs),
+                "ring_records": self._ring_total + len(self.blobs),  # since the start
             },
         }
-        return manifest, events, stacks
 
     def _inflight_rows(self) -> pl.DataFrame:
         rows = []

@@ -75,7 +75,13 @@ def test_every_rank_is_identified(traced):
 
 def test_recorded_counts_equal_truth_for_every_probed_symbol(traced):
     ranks, truth, result, rec = traced
-    assert not any(rec.manifest["drops"].values()), rec.manifest["drops"]
+    # no call lost; a sampled stack walk may fail when a rank exits mid-sample (the sample
+    # is kept, without that stack): counted, and rare
+    drops = rec.manifest["drops"]
+    walks = ("stack_user_walk", "stack_kernel_walk", "py_walk_failed")
+    assert {k: v for k, v in drops.items() if v and k not in walks} == {}, drops
+    samples = rec.manifest["counts"]["stack_samples"]
+    assert sum(drops[k] for k in walks) <= max(2, samples // 100), (drops, samples)
     attached = {p["name"] for p in rec.manifest["probes"] if p["status"] == "attached"}
     # Every probe the stand-ins export must have attached (the _ptsz variants included).
     for must in ("cudaLaunchKernel", "cudaLaunchKernel_ptsz", "cudaMemcpy", "cudaStreamSynchronize",
