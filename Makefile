@@ -35,6 +35,10 @@ test-unit: setup ## run the unit tier only (no root, no bcc)
 test-bpf: setup ## run the bpf tier only (root: real probes on real processes)
 	$(PYTEST) tests -q -m bpf
 
+.PHONY: test-stress
+test-stress: setup ## the bpf tier with one CPU-bound process per core beside it (a busy machine)
+	scripts/with-load $(PYTEST) tests -q -m bpf
+
 .PHONY: bench
 bench: setup ## measure probe costs and tracing overhead (root; prints one table)
 	$(PY) scripts/bench
