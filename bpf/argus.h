@@ -202,6 +202,9 @@ struct argus_count_key {
 #define ARGUS_HOST_TCP 2    /* tcp:tcp_retransmit_skb; tgid 0 = not in a traced task's context */
 #define ARGUS_HOST_OOM 3    /* oom:mark_victim: tgid = the victim, detail = ts_ns, comm = its name */
 #define ARGUS_HOST_BLOCK 4  /* block_rq_issue -> block_rq_complete latency; detail = dev_t */
+#define ARGUS_HOST_CPU_WAIT 5  /* runnable waits that began in one ARGUS_WAIT_BUCKET_NS slot:
+                                  detail = the slot's start (ts_ns), comm = what ran instead;
+                                  user space deletes the key once it has read it */
 
 /* Key of host_counts (cumulative; user space takes deltas per interval). */
 struct argus_host_key {

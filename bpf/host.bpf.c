@@ -12,7 +12,9 @@
  *
  * Maps:
  *   host_counts  argus_host_key (kind, tgid, detail, comm) -> argus_host_val (count,
- *                total_ns), cumulative; user space takes deltas per interval
+ *                total_ns), cumulative; user space takes deltas per interval. Runnable
+ *                waits are also summed per 10 ms slot of their start (kind CPU_WAIT,
+ *                detail = the slot), keys that user space deletes once read
  *   preempted    tid -> argus_preempt: a traced thread switched out while runnable (when,
  *                and what ran instead), or woken onto a busy CPU (when, and what ran on
  *                it); deleted when it runs again, the wait aggregated under that comm
@@ -38,7 +40,11 @@
  * rare; a block request costs two hash operations at issue and three at completion.
  */
 #ifndef ARGUS_HOST_KEYS
-#define ARGUS_HOST_KEYS 4096
+#define ARGUS_HOST_KEYS 16384
+#endif
+/* runnable waits are also summed per time slot of this length (ARGUS_HOST_CPU_WAIT) */
+#ifndef ARGUS_WAIT_BUCKET_NS
+#define ARGUS_WAIT_BUCKET_NS 10000000ULL
 #endif
 #ifndef ARGUS_HOST_THREADS
 #define ARGUS_HOST_THREADS 16384
@@ -219,8 +225,14 @@ int argus_host_switch(void *ctx)
     key.tgid = p->tgid;
     u64 waited = now > p->ts_ns ? now - p->ts_ns : 0;
     __builtin_memcpy(key.comm, p->comm, sizeof(key.comm));
+    u64 since = p->ts_ns;
     if (preempted.delete(&next) == 0)
         argus_host_pending_add(-1);
+    argus_host_add(&key, waited);
+    /* the same wait in the time slot it began in: a slow step is checked against the waits
+     * inside it (keys deleted by user space once read: bounded by the slots of a drain) */
+    key.kind = ARGUS_HOST_CPU_WAIT;
+    key.detail = since - since % ARGUS_WAIT_BUCKET_NS;
     argus_host_add(&key, waited);
     return 0;
 }

@@ -1,8 +1,8 @@
 """Anomalous windows: runs of steps whose job-wide step time is far above the baseline.
 
 Metric: per step, the median across ranks of the step time. Detector: baseline = the 25th
-percentile of that series (robust to windows covering up to ~70% of the run), noise =
-1.4826 * MAD of the steps below the median; a step is anomalous when it exceeds the baseline by
+percentile of that series (robust to windows covering up to ~70% of the run), noise = the
+smaller of the lower half's MAD and the consecutive differences' (see `baseline`); a step is anomalous when it exceeds the baseline by
 both 20% and 5 noise units. Anomalous steps separated by at most one normal step are merged
 into a window. A warning needs a slowdown >= 2x, or >= 1.3x sustained over >= 3 steps;
 anything less is `info` (a hiccup: on a shared host, CPU contention alone slows a step or two
@@ -51,7 +51,12 @@ def step_series(metrics: pl.DataFrame) -> pl.DataFrame:
 
 
 def baseline(values: list[float]) -> tuple[float, float]:
-    """(baseline, noise) of a step-time series: 25th percentile and MAD of the lower half."""
+    """(baseline, noise) of a step-time series in step order: the 25th percentile, and the
+    smaller of two robust spreads: 1.4826 x the MAD of the lower half, and 1.4826 x the
+    median absolute difference of consecutive steps / sqrt(2). The first alone is inflated
+    when a slow window covers half the run or more (its steps join the lower half); the
+    second is not moved by a level shift (a window adds two large differences, a one-step
+    hiccup two), so a fault that slows most of a short recording is still seen."""
     v = sorted(values)
     if not v:
         return 0.0, 0.0
@@ -59,6 +64,9 @@ def baseline(values: list[float]) -> tuple[float, float]:
     lower = v[: max(1, (len(v) + 1) // 2)]
     m = median(lower)
     noise = 1.4826 * median(abs(x - m) for x in lower)
+    if len(values) >= 5:
+        diffs = [abs(b - a) for a, b in zip(values, values[1:], strict=False)]
+        noise = min(noise, 1.4826 * median(diffs) / 2**0.5)
     return float(base), float(noise)
 
 

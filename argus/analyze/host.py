@@ -29,7 +29,7 @@ from typing import Any
 
 import polars as pl
 
-from argus.analyze.anomaly import WARN_SLOWDOWN
+from argus.analyze.anomaly import WARN_RUN_STEPS, WARN_SLOWDOWN
 from argus.errors import RecordingInvalid
 from argus.recording.clock import mono_to_wall_offset
 from argus.recording.io import Recording
@@ -324,6 +324,7 @@ def explain_windows(
     manifests: Sequence[tuple[dict[str, Any], str]],
     offsets_ns: dict[str, int],
     job_ranks: Sequence[int],
+    metrics: pl.DataFrame | None = None,
 ) -> None:
     """Mark anomalous windows that CPU contention on the nodes explains (in place).
 
@@ -338,24 +339,29 @@ def explain_windows(
     `runnable_growth_ms` (median over ranks) and, below 2x, severity `info`
     (the job is healthy; its node is busy). Host rows are on each node's monotonic clock and
     are moved to the windows' aligned wall clock with the manifests' clock offsets.
+    A short window that one rank's long runnable waits explain is the node's too
+    (`_explain_by_long_waits`; `metrics` says which rank arrived late).
     """
     warn = [w for w in windows if w["severity"] != "info"]
     h = ctx.rows
     if not warn or h.height == 0:
         return
-    wall: dict[str, int] = {}
-    for man, host in manifests:
-        try:
-            wall.setdefault(host, mono_to_wall_offset(man))
-        except RecordingInvalid:
-            continue
-    cpu = h.filter(
+    shift = _shifts(manifests, offsets_ns)
+    _explain_by_every_rank(ctx, warn, shift, job_ranks)
+    _explain_by_long_waits(ctx, [w for w in warn if "cause" not in w], shift, metrics)
+
+
+def _explain_by_every_rank(ctx: HostContext, warn: list[dict[str, Any]], shift: dict[str, int],
+                           job_ranks: Sequence[int]) -> None:  # fmt: skip
+    """explain_windows' first rule: the runnable wait of (nearly) every rank grew. The
+    waits are the 10 ms slots (cpu_wait) where a node recorded them, else its 1 s
+    intervals (cpu_contention, older recordings); the observed time is the intervals'."""
+    cpu = ctx.rows.filter(
         (pl.col("kind") == "cpu_contention") & pl.col("interval_ns").gt(0)
-        & pl.col("host").is_in(sorted(wall))
+        & pl.col("host").is_in(sorted(shift))
     )  # fmt: skip
     if cpu.height == 0:
         return
-    shift = {hst: wall[hst] + int(offsets_ns.get(hst, 0)) for hst in wall}
     intervals: dict[str, set[tuple[int, int]]] = {}  # per host: the intervals it reported
     rows = []  # (rank, competitor, t0, t1, runnable ns)
     for rank, detail, t0, iv, tot, hst in cpu.select(
@@ -365,6 +371,10 @@ def explain_windows(
         intervals.setdefault(hst, set()).add((a, a + iv))
         if rank is not None and detail not in ctx.own_threads.get(int(rank), set()):
             rows.append((int(rank), detail, a, a + iv, float(tot)))
+    fine = _slot_waits(ctx, shift)
+    if fine:
+        fine_hosts = {ctx.host_of_rank.get(r[0]) for r in fine}
+        rows = [r for r in rows if ctx.host_of_rank.get(r[0]) not in fine_hosts] + fine
     # every rank of the job on a node that recorded host context; one without rows had no
     # runnable wait at all (growth 0)
     ranks = sorted(int(r) for r in job_ranks if ctx.host_of_rank.get(int(r)) in intervals)
@@ -430,3 +440,142 @@ def explain_windows(
             f": every rank waited {grew / 1e6:.1f} ms more per step runnable while "
             f"'{top}' ran on their CPUs (CPU contention on the node, not the job)."
         )
+
+
+def _slot_waits(ctx: HostContext, shift: dict[str, int]) -> list[tuple[int, str, int, int, float]]:
+    """cpu_wait rows of the ranks on the aligned clock: (rank, competitor, t0, t1, runnable
+    ns), own threads excluded; a row's wait is spread evenly over [t0, t1)."""
+    h = ctx.rows
+    if h.height == 0:
+        return []
+    waits = h.filter((pl.col("kind") == "cpu_wait") & pl.col("rank").is_not_null()
+                     & pl.col("host").is_in(sorted(shift)) & pl.col("interval_ns").gt(0))
+    rows = []
+    for rank, detail, t0, iv, tot, hst in waits.select("rank", "detail", "ts_ns", "interval_ns",
+                                                       "total_ns", "host").rows():  # fmt: skip
+        if detail not in ctx.own_threads.get(int(rank), set()):
+            a = t0 + shift[hst]
+            rows.append((int(rank), detail, a, a + int(iv), float(tot)))
+    return rows
+
+
+def _waited(rows, a: int, b: int) -> dict[int, dict[str, float]]:
+    """Per rank, per competitor: runnable ns inside [a, b)."""
+    out: dict[int, dict[str, float]] = {}
+    for rank, detail, t0, t1, tot in rows:
+        ov = max(0, min(t1, b) - max(t0, a))
+        if ov:
+            comm = out.setdefault(rank, {})
+            comm[detail] = comm.get(detail, 0.0) + tot * ov / (t1 - t0)
+    return out
+
+
+def _explain_by_long_waits(ctx: HostContext, windows: list[dict[str, Any]],
+                           shift: dict[str, int], metrics: pl.DataFrame | None) -> None:
+    """A short window (fewer than WARN_RUN_STEPS steps) that one rank's runnable waits
+    explain: that rank's cpu_wait rows (its waits summed per 10 ms slot, behind each
+    competitor; own threads excluded) inside the window, per step, are >= EXPLAIN_SHARE of
+    the window's excess, and the window without them (its step time minus them) would be
+    below the warning slowdown. The rank is the one that arrived latest in the window (the
+    median `lateness_ns`; ranks that wait in a collective are not the cause), or the one
+    that waited most when lateness is not known. Such a window is a hiccup of the node (a
+    busy CPU delayed one rank for a step or two): severity `info`, `cause`
+    "cpu_contention", `rank`, `competitor`, `runnable_ms_per_step`. A longer window stays a
+    warning (a rank delayed step after step is a straggler, and the cpu_contention finding
+    names what took its CPU)."""
+    short = [w for w in windows if int(w.get("steps") or 0) < WARN_RUN_STEPS]
+    rows = _slot_waits(ctx, shift) if short else []
+    if not rows:
+        return
+    for w in short:
+        a, b = w["start_ns"], w["end_ns"]
+        n = max(1, int(w.get("steps") or 1))
+        base = w["baseline_step_time_ms"] * 1e6
+        step_ns = w["window_step_time_ms"] * 1e6
+        excess = step_ns - base
+        if b <= a or excess <= 0 or base <= 0:
+            continue
+        per_rank = _waited(rows, a, b)
+        if not per_rank:
+            continue
+        rank = _latest_rank(metrics, w) if metrics is not None else None
+        if rank is None:
+            rank = max(per_rank, key=lambda r: (sum(per_rank[r].values()), -r))
+        if rank not in per_rank:
+            continue  # the late rank did not wait for its CPU
+        waited = sum(per_rank[rank].values()) / n
+        if waited < EXPLAIN_SHARE * excess or (step_ns - waited) / base >= WARN_SLOWDOWN:
+            continue
+        top = max(per_rank[rank], key=lambda c: (per_rank[rank][c], c))
+        w.update(cause="cpu_contention", rank=rank, competitor=top, severity="info",
+                 runnable_ms_per_step=round(waited / 1e6, 3))  # fmt: skip
+        w["summary"] = w["summary"].rstrip(".") + (
+            f": rank {rank} waited {waited / 1e6:.1f} ms per step runnable while '{top}' ran "
+            f"on its CPU (a busy node delayed it; the job itself is not slower)."
+        )
+
+
+def explain_stragglers(ctx: HostContext, stragglers: list[dict[str, Any]],
+                       metrics: pl.DataFrame, manifests: Sequence[tuple[dict[str, Any], str]],
+                       offsets_ns: dict[str, int]) -> None:  # fmt: skip
+    """Demote (in place) a host-side straggler of a short scope (fewer than
+    WARN_RUN_STEPS steps) that its own runnable waits explain: inside its steps (their span
+    on the aligned clock) it waited runnable >= EXPLAIN_SHARE of its excess per step, and
+    without those waits its excess would be below one baseline step (it would not have
+    doubled a step by itself). A 400 ms JIT compile that also waited 800 ms for a busy CPU
+    stays a straggler; a rank a busy node delayed 80 ms in one step becomes `info`, with
+    `evidence["runnable_ms_per_step"]` and the competitor in its summary."""
+    cand = [f for f in stragglers if f.get("cause") == "host" and f.get("start_step") is not None
+            and f["end_step"] - f["start_step"] + 1 < WARN_RUN_STEPS]  # fmt: skip
+    if not cand or metrics.height == 0:
+        return
+    rows = _slot_waits(ctx, _shifts(manifests, offsets_ns))
+    if not rows:
+        return
+    for f in cand:
+        m = metrics.filter((pl.col("rank") == f["rank"])
+                           & pl.col("step").is_between(f["start_step"], f["end_step"]))
+        if m.height == 0:
+            continue
+        a, b = int(m["start_ns"].min()), int(m["end_ns"].max())
+        mine = _waited(rows, a, b).get(f["rank"])
+        if not mine:
+            continue
+        waited = sum(mine.values()) / m.height
+        excess = float(f["evidence"].get("excess_ms") or 0) * 1e6
+        base = float(m["step_time_ns"].median()) - excess
+        if excess <= 0 or waited < EXPLAIN_SHARE * excess or excess - waited >= max(base, 0.0):
+            continue
+        top = max(mine, key=lambda c: (mine[c], c))
+        f["severity"] = "info"
+        f["evidence"]["runnable_ms_per_step"] = round(waited / 1e6, 3)
+        f["evidence"]["competitor"] = top
+        f["summary"] = f["summary"].rstrip(".") + (
+            f"; it waited {waited / 1e6:.1f} ms per step runnable while '{top}' ran on its CPU "
+            f"(a busy node delayed it)."
+        )
+
+
+def _shifts(manifests: Sequence[tuple[dict[str, Any], str]],
+            offsets_ns: dict[str, int]) -> dict[str, int]:  # fmt: skip
+    """Per host: monotonic -> aligned wall clock (mono_to_wall + the alignment offset)."""
+    out: dict[str, int] = {}
+    for man, host in manifests:
+        try:
+            out.setdefault(host, mono_to_wall_offset(man) + int(offsets_ns.get(host, 0)))
+        except RecordingInvalid:
+            continue
+    return out
+
+
+def _latest_rank(metrics: pl.DataFrame, w: dict[str, Any]) -> int | None:
+    """The rank with the highest median arrival lateness over the window's steps."""
+    if metrics.height == 0 or "lateness_ns" not in metrics.columns:
+        return None
+    m = metrics.filter(pl.col("step").is_between(w["start_step"], w["end_step"])
+                       & pl.col("lateness_ns").is_not_null())  # fmt: skip
+    if m.height == 0:
+        return None
+    late = m.group_by("rank").agg(pl.col("lateness_ns").median()).sort(
+        ["lateness_ns", "rank"], descending=[True, False])  # fmt: skip
+    return int(late["rank"][0])

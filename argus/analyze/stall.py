@@ -83,6 +83,7 @@ def detect_stalls(
             s.get("start_step") is None
             or (s["start_step"] <= w["end_step"] and s["end_step"] >= w["start_step"])
             for s in stragglers
+            if s["severity"] != "info"  # a rank a busy node delayed (host.explain_stragglers)
         ):
             continue
         win = _profile(metrics.filter(pl.col("step").is_between(w["start_step"], w["end_step"])))

@@ -56,8 +56,10 @@ HOST_CPU = 1
 HOST_TCP = 2
 HOST_OOM = 3
 HOST_BLOCK = 4
+HOST_CPU_WAIT = 5
 HOST_KINDS = {HOST_CPU: "cpu_contention", HOST_TCP: "tcp_retransmit", HOST_OOM: "oom_kill",
-              HOST_BLOCK: "block_io"}  # fmt: skip
+              HOST_BLOCK: "block_io", HOST_CPU_WAIT: "cpu_wait"}  # fmt: skip
+WAIT_BUCKET_NS = 10_000_000  # ARGUS_WAIT_BUCKET_NS: the time slots of cpu_wait rows
 # Python frames in CPU samples (ARGUS_PY_*).
 PY_DEPTH = 32
 PY_THREADS = 32

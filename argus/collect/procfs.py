@@ -399,8 +399,30 @@ def library_family(path: str) -> str | None:
     return None
 
 
+_SONAMES: dict[tuple[int, int, int, int], str | None] = {}
+_SONAMES_MAX = 4096
+
+
 def read_soname(path: str | os.PathLike[str]) -> str | None:
-    """DT_SONAME of an ELF shared object, or None (not ELF, unreadable, no soname)."""
+    """DT_SONAME of an ELF shared object, or None (not ELF, unreadable, no soname).
+
+    Cached by file identity (device, inode, size, mtime): a tracer rescans its targets'
+    mapped libraries for the life of the job, and parsing the same ELF headers again on
+    every rescan cost a large part of a core with real torch ranks (~50 libraries each)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _SONAMES:
+        return _SONAMES[key]
+    if len(_SONAMES) >= _SONAMES_MAX:
+        _SONAMES.clear()
+    _SONAMES[key] = name = _parse_soname(path)
+    return name
+
+
+def _parse_soname(path: str | os.PathLike[str]) -> str | None:
     try:
         from elftools.common.exceptions import ELFError
         from elftools.elf.dynamic import DynamicSection
@@ -472,16 +494,18 @@ def host_path(tgid: int, path: str, proc_root: str | os.PathLike[str] = "/proc")
     return str(_pdir(tgid, proc_root) / "root" / path.lstrip("/"))
 
 
-def mapped_libraries(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> list[MappedLibrary]:
+def mapped_libraries(tgid: int, proc_root: str | os.PathLike[str] = "/proc",
+                     maps_text: str | None = None) -> list[MappedLibrary]:
     """Which CUDA / NCCL / torch / NVML / Python libraries the process maps, and where.
 
     Parses /proc/TGID/maps, groups file mappings by path, keeps paths whose file name
     matches a family in LIBRARY_FAMILIES, and for each reads DT_SONAME (pyelftools,
     through /proc/TGID/root) and picks the most specific version of: the file name
     (libcudart.so.12.4.127), the soname, the pip wheel's dist-info. One entry per distinct
-    path, in the order first mapped.
+    path, in the order first mapped. `maps_text`: /proc/TGID/maps as the caller read it.
     """
-    text = _read_proc(tgid, "maps", proc_root).decode("utf-8", "replace")
+    text = maps_text if maps_text is not None else (
+        _read_proc(tgid, "maps", proc_root).decode("utf-8", "replace"))  # fmt: skip
     by_path: dict[str, list[Mapping]] = {}
     for m in parse_maps(text):
         if library_family(m.path) is not None:

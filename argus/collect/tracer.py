@@ -82,6 +82,7 @@ class _Target:
     libraries: list[dict] = field(default_factory=list)
     attached: dict[str, _Attached] = field(default_factory=dict)  # library path -> probes
     maps: list[procfs.Mapping] = field(default_factory=list)
+    maps_text: str | None = None  # /proc/TGID/maps at the last full scan
     scanned_ns: int = 0  # monotonic time of the last scan that read the maps
     rank_launcher: bool = False  # maps PyTorch but only starts ranks (torchrun): never probed
     worker_of: int | None = None  # a rank's worker (DataLoader, same RANK): never probed
@@ -365,10 +366,19 @@ class Tracer:
         if t.exited:
             return
         try:
-            libs = procfs.mapped_libraries(t.tgid, self.opts.proc_root)
             text = (Path(self.opts.proc_root) / str(t.tgid) / "maps").read_text()
+        except OSError:
+            return
+        if text == t.maps_text and (t.traced or t.worker_of is not None or t.rank_launcher):
+            # nothing mapped or unmapped since the last scan: nothing to probe or forget
+            t.scanned_ns = time.monotonic_ns()
+            self._py_ensure(t)
+            return
+        try:
+            libs = procfs.mapped_libraries(t.tgid, self.opts.proc_root, maps_text=text)
         except (TargetNotFound, OSError):
             return
+        t.maps_text = text
         t.maps = procfs.parse_maps(text)
         t.scanned_ns = time.monotonic_ns()
         new = [lib for lib in libs if lib.path not in t.attached]
@@ -571,6 +581,7 @@ class Tracer:
                     t.attached.clear()
                     t.traced = False
                     t.rank_launcher = False
+                    t.maps_text = None
                     self._scan(t)
                     self._hot[t.tgid] = time.monotonic() + HOT_RESCAN_S
             elif ev["what"] == abi.PROC_EXIT:
@@ -776,9 +787,21 @@ class Tracer:
         s = self.session
         now_ns = time.monotonic_ns()
         start_ns, interval_ns = self._last_host_ns, max(0, now_ns - self._last_host_ns)
-        for key, val in s.table("host_counts").items():
+        table = s.table("host_counts")
+        for key, val in table.items():
             k = (int(key.kind), int(key.tgid), int(key.detail), bytes(key.comm))
             count, total = int(val.count), int(val.total_ns)
+            if k[0] == abi.HOST_CPU_WAIT:  # the waits that began in one slot, then gone
+                self.host_rows.append({
+                    "ts_ns": k[2], "interval_ns": max(abi.WAIT_BUCKET_NS, total), "tgid": k[1],
+                    "kind": "cpu_wait", "detail": _host_detail(k[0], k[2], k[3]),
+                    "count": count, "total_ns": total,
+                })  # fmt: skip
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
+                continue
             pc, pt = self._host_prev.get(k, (0, 0))
             self._host_prev[k] = (count, total)
             if count <= pc:

@@ -47,7 +47,9 @@ def _pin(tgid: int, cpu: int) -> None:
             pass
 
 
-def _record(tmp_path, cfg: SimConfig, duration_s: float, before=None):
+def _record(tmp_path, cfg: SimConfig, duration_s: float, before=None, traced=None):
+    """Start the job, `before(ranks)`, attach, release the job once the probes are live and
+    call `traced()` then; record for duration_s (or until the job ends)."""
     go = tmp_path / "go"
     cfg.wait_go, cfg.truth, cfg.quiet = str(go), str(tmp_path / "truth.json"), True
     job = start_job(cfg)
@@ -58,7 +60,7 @@ def _record(tmp_path, cfg: SimConfig, duration_s: float, before=None):
             before(ranks)
         result = run_session([job.launcher_pid], tmp_path / "rec", TraceOptions(),
                              duration_s=duration_s,
-                             on_started=lambda tracer: go.touch())  # fmt: skip
+                             on_started=lambda tracer: (go.touch(), traced and traced()))
     finally:
         if job.proc.poll() is None:
             job.terminate()
@@ -125,7 +127,7 @@ def test_a_hog_on_every_ranks_cpu_explains_the_slow_steps(tmp_path):
     src = HOG
 
     def hog_later():
-        time.sleep(2.0)
+        time.sleep(2.0)  # 2 s of the job's own pace first (tracing is live: the baseline)
         span.append(time.time_ns())
         hogs.extend(subprocess.Popen([sys.executable, "-c", src % c]) for c in (0, 1))
         time.sleep(4.0)
@@ -136,10 +138,12 @@ def test_a_hog_on_every_ranks_cpu_explains_the_slow_steps(tmp_path):
     def pin(ranks):
         _pin(ranks[0], 0)
         _pin(ranks[1], 1)
+
+    def traced():  # the hog's time is counted from the moment the job is traced
         threading.Thread(target=hog_later, daemon=True).start()
 
     try:
-        _, rec = _record(tmp_path, SimConfig(ranks=2, steps=120, cpu_ms=10.0), 90, pin)
+        _, rec = _record(tmp_path, SimConfig(ranks=2, steps=120, cpu_ms=10.0), 90, pin, traced)
     finally:
         for p in hogs:
             p.kill()

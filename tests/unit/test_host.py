@@ -274,3 +274,76 @@ def test_window_explanation_uses_the_aligned_clock_and_the_ranks_with_host_conte
     # ranks 1 and 2 recorded no contention at all (growth 0): the lower quartile is theirs
     only0 = {k: v for k, v in waits.items() if k[0] == 0}
     assert _explain(only0, _window(4, 7))["severity"] == "warning"
+
+
+# -- a short window one rank's long runnable waits explain -----------------------------------
+
+
+def _long_waits(waits):
+    """cpu_wait rows: [(rank, start ms, length ms, competitor)]."""
+    return _host_rows([
+        {"ts_ns": int(t0 * MS), "interval_ns": int(ms * MS), "tgid": 100 + rank,
+         "kind": "cpu_wait", "detail": comm, "count": 1, "total_ns": int(ms * MS)}
+        for rank, t0, ms, comm in waits
+    ])  # fmt: skip
+
+
+def _short(start_ms, end_ms, window_ms, base_ms=80.0, steps=1):
+    return {"kind": "anomalous_window", "severity": "warning", "summary": "Steps 27-27 ...",
+            "start_ns": int(start_ms * MS), "end_ns": int(end_ms * MS), "steps": steps,
+            "start_step": 27, "end_step": 27 + steps - 1, "slowdown": window_ms / base_ms,
+            "baseline_step_time_ms": base_ms, "window_step_time_ms": window_ms}  # fmt: skip
+
+
+def _late(rank):
+    """Step metrics of steps 27-28: `rank` arrives 140 ms late, the others on time."""
+    return pl.DataFrame({"rank": [0, 1, 2] * 2, "step": [27] * 3 + [28] * 3,
+                         "lateness_ns": [140 * MS if r == rank else 0 for r in (0, 1, 2)] * 2})
+
+
+def _explain_long(rows, window, metrics):
+    ctx = host_context.context([_rec(_long_waits(rows))])
+    host_context.explain_windows(ctx, [window], [(_manifest(), "node0")], {}, [0, 1, 2],
+                                 metrics)  # fmt: skip
+    return window
+
+
+def test_a_one_step_hiccup_that_the_late_ranks_runnable_waits_explain_is_info():
+    # step 27: 300 ms against a baseline of 80 ms (3.75x); rank 1 arrived 140 ms late, and
+    # was runnable but not running for 150 ms of it (two waits behind 'python3'); without
+    # them the step is 150 ms, under 2x: a busy node delayed it
+    rows = [(1, 1000, 90, "python3"), (1, 1100, 60, "python3"), (1, 1180, 3000, "python3"),
+            (0, 1010, 40, "kworker/0:1")]  # the third starts at 1180: 120 ms inside
+    w = _explain_long(rows, _short(1000, 1300, 300.0), _late(1))
+    assert (w["severity"], w["cause"], w["rank"], w["competitor"]) == (
+        "info", "cpu_contention", 1, "python3")
+    assert w["runnable_ms_per_step"] == pytest.approx(270.0)
+    assert "rank 1 waited 270.0 ms per step runnable while 'python3'" in w["summary"]
+
+
+def test_long_waits_of_a_rank_that_was_not_late_do_not_explain_the_step():
+    rows = [(0, 1000, 200, "python3")]  # rank 0 waited, but rank 1 made the step late
+    w = _explain_long(rows, _short(1000, 1300, 300.0), _late(1))
+    assert w["severity"] == "warning" and "cause" not in w
+
+
+def test_a_step_still_slow_without_the_waits_and_a_long_window_stay_warnings():
+    # a 400 ms JIT compile on rank 1 that also waited 200 ms for its CPU: 680 ms - 200 ms is
+    # still 6x the baseline: the compile is the cause
+    rows = [(1, 1000, 200, "python3")]
+    w = _explain_long(rows, _short(1000, 1680, 680.0), _late(1))
+    assert w["severity"] == "warning" and "cause" not in w
+    # three steps delayed step after step: a straggler, named by the straggler detector
+    rows = [(1, 1000 + 300 * i, 250, "python3") for i in range(3)]
+    w = _explain_long(rows, _short(1000, 1900, 300.0, steps=3), _late(1))
+    assert w["severity"] == "warning" and "cause" not in w
+    # waits by the rank's own threads are not host context
+    ctx_rows = [(1, 1000, 200, "pt_autograd_0")]
+    stacks = pl.DataFrame({"rank": [1], "thread": ["pt_autograd_0"], "ts_ns": [0], "count": [1],
+                           "functions": [["f"]]})  # fmt: skip
+    rec = Recording(manifest=_manifest(), events=schema.empty_events(),
+                    stacks=stacks, host_ctx=_long_waits(ctx_rows))  # fmt: skip
+    w = _short(1000, 1300, 300.0)
+    host_context.explain_windows(host_context.context([rec]), [w], [(_manifest(), "node0")],
+                                 {}, [0, 1, 2], _late(1))  # fmt: skip
+    assert w["severity"] == "warning" and "cause" not in w
