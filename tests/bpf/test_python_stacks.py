@@ -43,6 +43,20 @@ PYENV_310 = "/root/.pyenv/versions/3.10.13/bin/python3.10"
 PYENV_312 = "/root/.pyenv/versions/3.12.1/bin/python3.12"
 
 
+def _wait_asleep(pid: int, timeout: float = 30.0) -> None:
+    """Until the process's main thread sleeps in the kernel (nanosleep), i.e. it has reached
+    the call the test looks for (a spinner holding the GIL can delay it on a busy box)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "nanosleep" in Path(f"/proc/{pid}/wchan").read_text():
+                return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} never went to sleep")
+
+
 def _line_of(text: str, needle: str) -> int:
     return next(i for i, ln in enumerate(text.splitlines(), 1) if needle in ln)
 
@@ -62,7 +76,7 @@ def test_stacks_of_a_python_process(tmp_path, python, capsys):
     proc = subprocess.Popen([python, str(src)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.2)  # the spinner thread has started
+        _wait_asleep(proc.pid)  # the main thread is parked in its named function
         assert main(["stacks", str(proc.pid), "--json"]) == 0
         out = json.loads(capsys.readouterr().out)
         [p] = out["processes"]
@@ -93,7 +107,7 @@ def test_stacks_of_a_python_process(tmp_path, python, capsys):
 def test_stacks_of_a_native_process(capsys):
     proc = subprocess.Popen([shutil.which("sleep") or "/bin/sleep", "300"])
     try:
-        time.sleep(0.2)
+        _wait_asleep(proc.pid)
         d = dump_process(proc.pid)
         assert not d.python and "not a Python process" in d.note
         [t] = d.threads
