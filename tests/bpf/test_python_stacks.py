@@ -44,12 +44,14 @@ PYENV_312 = "/root/.pyenv/versions/3.12.1/bin/python3.12"
 
 
 def _wait_asleep(pid: int, timeout: float = 30.0) -> None:
-    """Until the process's main thread sleeps in the kernel (nanosleep), i.e. it has reached
-    the call the test looks for (a spinner holding the GIL can delay it on a busy box)."""
+    """Until the process's main thread sleeps in the kernel in time.sleep (nanosleep; select
+    before Python 3.11), i.e. it has reached the call the test looks for (a spinner holding
+    the GIL can delay it on a busy box)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if "nanosleep" in Path(f"/proc/{pid}/wchan").read_text():
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+            if "nanosleep" in wchan or "poll_schedule_timeout" in wchan:
                 return
         except OSError:
             pass
