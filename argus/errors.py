@@ -41,7 +41,9 @@ class PermissionDenied(ArgusError):
 class KernelFeatureMissing(ArgusError):
     """The running kernel lacks something tracing needs (uprobes, BPF, perf events...)."""
 
-    default_remedy = "Run `argus doctor` to see which kernel feature is missing and how to enable it."
+    default_remedy = (
+        "Run `argus doctor` to see which kernel feature is missing and how to enable it."
+    )
 
 
 class TargetNotFound(ArgusError):
@@ -74,7 +76,16 @@ class SpecInvalid(ArgusError):
 class RecordingInvalid(ArgusError):
     """A recording directory is missing, truncated or of an unknown version."""
 
-    default_remedy = "Point argus at a directory written by `argus attach` (it holds manifest.json)."
+    default_remedy = (
+        "Point argus at a directory written by `argus attach` (it holds manifest.json)."
+    )
+
+
+class RecordingDamaged(RecordingInvalid):
+    """A file of a recording (or of its summaries) is truncated, corrupt or malformed: the
+    message names the file and what is wrong with it."""
+
+    default_remedy = "Record it again (argus attach -o DIR), or restore the directory from a copy."
 
 
 class OutputNotWritable(ArgusError):

@@ -47,7 +47,8 @@ EVENTS_SCHEMA: dict[str, pl.DataType] = {
     "stream": pl.UInt64,  # CUDA stream handle (0 = legacy default stream)
     "bytes": pl.Int64,  # memcpy bytes, malloc size, collective payload (count * dtype size)
     "memcpy_kind": pl.Int8,  # cudaMemcpyKind for memcpy calls
-    "op": pl.Categorical,  # collectives: allreduce|allgather|reducescatter|broadcast|reduce|send|recv|...
+    # collectives: allreduce|allgather|reducescatter|broadcast|reduce|send|recv|...
+    "op": pl.Categorical,
     "redop": pl.Categorical,  # NCCL reduce op: sum|prod|max|min|avg
     "dtype": pl.Categorical,  # NCCL datatype: float32, bfloat16, ...
     "count": pl.Int64,  # collective element count
@@ -109,11 +110,15 @@ GPU_SCHEMA: dict[str, pl.DataType] = {
 }
 
 # Host context (channel `host`), one row per (interval, kind, tgid, detail) with activity.
-HOST_KINDS = ("cpu_contention", "tcp_retransmit", "oom_kill", "block_io")
+# cpu_wait: the runnable waits of a traced process that began in one 10 ms slot (ts_ns),
+# behind one competitor (detail): interval_ns = max(10 ms, total_ns), the span they cover;
+# cpu_contention sums the same waits per 1 s interval.
+HOST_KINDS = ("cpu_contention", "tcp_retransmit", "oom_kill", "block_io", "cpu_wait")
 HOST_SCHEMA: dict[str, pl.DataType] = {
     "ts_ns": pl.Int64,  # start of the interval (oom_kill: the kill itself), node monotonic ns
     "interval_ns": pl.Int64,
-    "tgid": pl.Int32,  # cpu_contention/tcp_retransmit: traced process (0 = node-wide); oom_kill: victim
+    # cpu_contention/tcp_retransmit: traced process (0 = node-wide); oom_kill: victim
+    "tgid": pl.Int32,
     "rank": pl.Int32,  # rank of tgid when it is a traced process
     "kind": pl.Utf8,  # HOST_KINDS
     "detail": pl.Utf8,  # competitor comm | "addr:port" | victim comm | device "major:minor"
@@ -137,6 +142,18 @@ PYSTACKS_SCHEMA: dict[str, pl.DataType] = {
     "kinds": pl.List(pl.Utf8),  # same length: python | native | kernel
 }
 
+# What every real recording keeps and the analyzers rely on (`argus.recording.io` rejects a
+# file that breaks it): per file, the columns whose values lie in [low, high) when not null
+# (counts, sizes and durations are never negative; summaries keep sample counts as UInt32;
+# sizes below 1 TiB per call, so that sums over a step cannot overflow), and the list
+# columns that run in parallel (one entry per frame).
+VALUE_RANGES: dict[str, dict[str, tuple[int, int]]] = {
+    EVENTS: {"dur_ns": (0, 2**62), "bytes": (0, 2**40), "count": (0, 2**40), "seq": (0, 2**62)},
+    STACKS: {"count": (0, 2**32), "interval_ns": (0, 2**62), "blocked_ns": (0, 2**62)},
+    HOST: {"count": (0, 2**62), "total_ns": (0, 2**62), "interval_ns": (0, 2**62)},
+}
+SAME_LENGTH: dict[str, tuple[str, ...]] = {PYSTACKS: ("functions", "files", "lines", "kinds")}
+
 # Top-level keys every manifest.json has.
 MANIFEST_KEYS = (
     "format",  # FORMAT
@@ -150,14 +167,19 @@ MANIFEST_KEYS = (
     "end_reason",  # duration | interrupt | sigterm | targets_exited
     "sample_hz",  # CPU sampling frequency, 0 when the cpu channel is off
     "channels",  # {"cuda": bool, "nccl": bool, "torch": bool, "cpu": bool}
-    "ranks",  # [{"rank", "local_rank", "world_size", "tgid", "host", "exe", "env", "libraries": [{"name", "path", "version"}]}]
-    "probes",  # [{"channel", "library", "symbol", "kind": "entry"|"exit", "status": "attached"|"failed"|"missing", "reason", "tgids"}]
+    # [{"rank", "local_rank", "world_size", "tgid", "host", "exe", "env",
+    #   "libraries": [{"name", "path", "version"}]}]
+    "ranks",
+    # [{"channel", "library", "symbol", "kind": "entry"|"exit",
+    #   "status": "attached"|"failed"|"missing", "reason", "tgids"}]
+    "probes",
     "drops",  # {"events_ringbuf": int, "stack_walk_failed": int, "stack_map_full": int, ...}
     "counts",  # {"events": {channel: int}, "stack_samples": int}
 )
 # Optional: "gpu": {"available": bool, "reason"?, "devices", "unsupported", ...} (docs/gpu.md)
 # Optional: "pystacks": {"taken": bool, "reason": str, "notes": {tgid: str}} (docs/stacks.md)
-# Optional: "host_context": {"enabled": bool, "tracepoints": {name: "attached" | reason}} (docs/attach.md)
+# Optional: "host_context": {"enabled": bool, "tracepoints": {name: "attached" | reason}}
+# (docs/attach.md)
 
 
 def empty_events() -> pl.DataFrame:

@@ -29,16 +29,27 @@ peaks: a list of `{ns, n}` (peak location and the number of values in its basin)
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from argus.errors import OutputNotWritable, RecordingInvalid
+from argus.errors import OutputNotWritable, RecordingDamaged, RecordingInvalid
 from argus.recording import schema
+from argus.recording.io import (
+    REQUIRED_GPU_COLUMNS,
+    REQUIRED_HOST_COLUMNS,
+    check_manifest,
+    check_value,
+    coerce,
+    read_json,
+    read_parquet,
+)
 
 FORMAT = "argus.summaries/1"
 DIR = "summaries"
@@ -46,6 +57,9 @@ META = "meta.json"
 STACK_DICT = "stacks.parquet"
 TAIL = "tail.parquet"
 DEFAULT_PARTITION_S = 3600
+# partition_s bounds: a window of whole nanoseconds, and one whose ns fit in 64 bits.
+MIN_PARTITION_S = 0.001
+MAX_PARTITION_S = 10 * 365 * 24 * 3600
 
 PEAKS = pl.List(pl.Struct({"ns": pl.Float32, "n": pl.UInt32}))
 
@@ -160,15 +174,27 @@ def has_events(directory: str | os.PathLike[str]) -> bool:
     return (Path(directory) / schema.EVENTS).exists()
 
 
-def _write(path: Path, writer) -> int:
+def _parquet(df: pl.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    return buf.getvalue()
+
+
+def _stage(path: Path, data: bytes, staged: list[tuple[Path, Path]]) -> int:
+    """Write `data` to `.<name>.tmp` (0600) next to `path`, append (tmp, path) to `staged`;
+    returns its size. A failure (an OSError: disk full, file too large) removes the
+    temporary file. Written by Python, not polars, so that the error says what happened."""
     tmp = path.parent / f".{path.name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.close(fd)
-    os.chmod(tmp, 0o600)
-    writer(tmp)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-    return path.stat().st_size
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o600)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    staged.append((tmp, path))
+    return len(data)
 
 
 def write_summaries(
@@ -176,13 +202,18 @@ def write_summaries(
 ) -> Path:
     """Write `summ` into `directory/summaries/` (0700 folder, 0600 files); returns the folder.
 
-    Existing part files are replaced (a recording is summarised once, at its end)."""
+    Existing part files are replaced (a recording is summarised once, at its end). Nothing
+    changes unless everything was written: each file goes to a temporary `.<name>.tmp`
+    first; only when all are written are they renamed into place (meta.json last) and the
+    part files of an earlier write that this one lacks removed. A failure (disk full, a file
+    too large) removes the temporary files, and the folder when this call created it, and
+    raises OutputNotWritable."""
     out = Path(directory) / DIR
+    created = not out.exists()
+    staged: list[tuple[Path, Path]] = []
     try:
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(out, 0o700)
-        for old in out.glob("*.parquet"):
-            old.unlink()
         sizes: dict[str, int] = {}
         steps = summ.steps.select([pl.col(c).cast(t) for c, t in STEP_SCHEMA.items()])
         width = int(partition_s * 1e9)
@@ -193,29 +224,41 @@ def write_summaries(
             ):
                 p = out / f"part-{int(part)}.parquet"
                 part_df = df.drop("_part")
-                sizes[p.name] = _write(p, part_df.write_parquet)
+                sizes[p.name] = _stage(p, _parquet(part_df), staged)
         else:
             p = out / "part-0.parquet"
-            sizes[p.name] = _write(p, lambda t: _empty(STEP_SCHEMA).write_parquet(t))
+            sizes[p.name] = _stage(p, _parquet(_empty(STEP_SCHEMA)), staged)
         sd = summ.stack_dict.select([pl.col(c).cast(t) for c, t in STACK_DICT_SCHEMA.items()])
-        sizes[STACK_DICT] = _write(out / STACK_DICT, lambda t: sd.write_parquet(t))
+        sizes[STACK_DICT] = _stage(out / STACK_DICT, _parquet(sd), staged)
         # columns a writer does not know (an older caller) are written as nulls
         tl = summ.tail.select([pl.col(c).cast(t) if c in summ.tail.columns
                                else pl.lit(None, t).alias(c) for c, t in TAIL_SCHEMA.items()])
-        sizes[TAIL] = _write(out / TAIL, lambda t: tl.write_parquet(t))
+        sizes[TAIL] = _stage(out / TAIL, _parquet(tl), staged)
         if summ.gpu.height:
             g0 = int(summ.gpu["ts_ns"].min())
             p = out / f"gpu-{g0}.parquet"
-            sizes[p.name] = _write(p, lambda t: summ.gpu.write_parquet(t))
+            sizes[p.name] = _stage(p, _parquet(summ.gpu), staged)
         if summ.host_ctx.height:
             hc = summ.host_ctx.select([pl.col(c).cast(t) for c, t in HOST_SUMMARY_SCHEMA.items()])
             p = out / f"host-{int(hc['ts_ns'].min())}.parquet"
-            sizes[p.name] = _write(p, lambda t: hc.write_parquet(t))
+            sizes[p.name] = _stage(p, _parquet(hc), staged)
         meta = dict(summ.meta, format=FORMAT, partition_s=partition_s)
         meta["bytes"] = sizes
-        _write(out / META, lambda t: t.write_text(json.dumps(meta, indent=1, default=str)))
+        _stage(out / META, json.dumps(meta, indent=1, default=str).encode(), staged)
+        for tmp, target in staged[:-1]:
+            os.replace(tmp, target)
+        for old in out.glob("*.parquet"):
+            if old.name not in sizes:
+                old.unlink()
+        os.replace(*staged[-1])
     except OSError as err:
-        raise OutputNotWritable(f"Cannot write the summaries in {out}: {err}.") from err
+        for tmp, _target in staged:
+            tmp.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise OutputNotWritable(
+            f"Cannot write the summaries in {out}: {err.strerror or err}."
+        ) from err
     return out
 
 
@@ -224,47 +267,79 @@ def summary_bytes(directory: str | os.PathLike[str]) -> int:
     return sum(f.stat().st_size for f in (Path(directory) / DIR).iterdir() if f.is_file())
 
 
+# Columns a summaries file must have (with a value in every row); the others may be absent.
+STEP_REQUIRED = ("host", "rank", "step", "start_ns", "end_ns", "step_time_ns")
+STACK_DICT_REQUIRED = ("stack_id", "functions")
+TAIL_REQUIRED = ("host", "rank")
+HOST_SUMMARY_REQUIRED = ("host", *REQUIRED_HOST_COLUMNS)
+# meta.json keys the analysis reads and their kinds (`argus.recording.io.check_manifest`'s).
+META_KINDS = {"host": "text", "steps": "dict", "ends_ns": "dict", "recordings": "list",
+              "manifest": "dict", "extra_manifests": "list", "partition_s": "number",
+              "bytes": "dict"}  # fmt: skip
+
+
+def _check_meta(meta: Any, mpath: Path) -> dict[str, Any]:
+    """`meta` if it is an `argus.summaries/1` object whose keys have their kinds: META_KINDS,
+    `ends_ns` host -> ns, `recordings[]` objects with a number `duration_s`, `manifest` and
+    `extra_manifests[]` manifests (`check_manifest`), `steps` with text `method` / `comm`."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise RecordingInvalid(f"{mpath} does not declare format {FORMAT}.")
+    for key, kind in META_KINDS.items():
+        check_value(meta.get(key), kind, str(mpath), key)
+    for h, e in (meta.get("ends_ns") or {}).items():
+        check_value(e, "ns", str(mpath), f"ends_ns.{h}")
+    for i, r in enumerate(meta.get("recordings") or []):
+        if not isinstance(r, dict):
+            raise RecordingDamaged(f"{mpath}: recordings[{i}] is not an object.")
+        check_value(r.get("duration_s"), "number", str(mpath), f"recordings[{i}].duration_s")
+    if meta.get("manifest") is not None:
+        check_manifest(meta["manifest"], f"{mpath} (manifest)")
+    for i, m in enumerate(meta.get("extra_manifests") or []):
+        check_manifest(m, f"{mpath} (extra_manifests[{i}])")
+    for key in ("method", "comm"):
+        check_value((meta.get("steps") or {}).get(key), "text", str(mpath), f"steps.{key}")
+    check_value((meta.get("steps") or {}).get("period"), "number", str(mpath), "steps.period")
+    return meta
+
+
 def load_summaries(directory: str | os.PathLike[str]) -> Summaries:
-    """Read `directory/summaries/` (and `directory/manifest.json` when present)."""
+    """Read and validate `directory/summaries/` (and `directory/manifest.json` when present).
+
+    Checks: meta.json is UTF-8 JSON of format `argus.summaries/1` with keys of their kinds
+    (`_check_meta`); the manifest (the directory's, else meta's) passes `check_manifest`;
+    every parquet file reads, has its required columns (`*_REQUIRED`, a value in every row)
+    and columns that hold their schema's types (`io.coerce`); a RecordingInvalid naming the
+    file and the defect otherwise."""
     path = Path(directory)
     sdir = path / DIR
     mpath = sdir / META
     if not mpath.exists():
         raise RecordingInvalid(f"{path} has no {DIR}/{META}, so it holds no argus summaries.")
-    try:
-        meta = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RecordingInvalid(f"{mpath} is not valid JSON ({err}).") from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise RecordingInvalid(f"{mpath} does not declare format {FORMAT}.")
+    meta = _check_meta(read_json(mpath), mpath)
     manifest: dict[str, Any] = {}
     if (path / schema.MANIFEST).exists():
-        try:
-            manifest = json.loads((path / schema.MANIFEST).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RecordingInvalid(f"{path / schema.MANIFEST} is not valid JSON ({err}).") from err
+        manifest = check_manifest(read_json(path / schema.MANIFEST), path / schema.MANIFEST)
     manifest = manifest or dict(meta.get("manifest") or {})
 
-    def read(files: list[Path], target: dict[str, pl.DataType]) -> pl.DataFrame:
+    def read(files: list[Path], target: dict[str, pl.DataType], required=(), ranges=None):
         frames = []
         for f in files:
-            try:
-                frames.append(pl.read_parquet(f))
-            except Exception as err:  # truncated / corrupt
-                raise RecordingInvalid(
-                    f"{f} is not a readable parquet file ({type(err).__name__})."
-                ) from err
+            df = read_parquet(f)
+            absent = [c for c in required if c not in df.columns]
+            if absent:
+                raise RecordingDamaged(f"{f} lacks the column(s) {', '.join(absent)}.")
+            frames.append(coerce(df, target, str(f), required, ranges, strict=True))
         if not frames:
             return _empty(target)
-        df = pl.concat(frames, how="vertical_relaxed")
-        return df.select([pl.col(c).cast(t) if c in df.columns else pl.lit(None, t).alias(c)
-                          for c, t in target.items()])  # fmt: skip
+        return pl.concat(frames, how="vertical")
 
-    steps = read(sorted(sdir.glob("part-*.parquet")), STEP_SCHEMA)
-    sd = read([sdir / STACK_DICT] if (sdir / STACK_DICT).exists() else [], STACK_DICT_SCHEMA)
-    tail = read([sdir / TAIL] if (sdir / TAIL).exists() else [], TAIL_SCHEMA)
+    steps = read(sorted(sdir.glob("part-*.parquet")), STEP_SCHEMA, STEP_REQUIRED)
+    sd = read([sdir / STACK_DICT] if (sdir / STACK_DICT).exists() else [], STACK_DICT_SCHEMA,
+              STACK_DICT_REQUIRED)  # fmt: skip
+    tail = read([sdir / TAIL] if (sdir / TAIL).exists() else [], TAIL_SCHEMA, TAIL_REQUIRED)
     gfiles = sorted(sdir.glob("gpu-*.parquet"))
-    gpu = read(gfiles, schema.GPU_SCHEMA) if gfiles else schema.empty_gpu()
-    hc = read(sorted(sdir.glob("host-*.parquet")), HOST_SUMMARY_SCHEMA)
+    gpu = read(gfiles, schema.GPU_SCHEMA, REQUIRED_GPU_COLUMNS)
+    hc = read(sorted(sdir.glob("host-*.parquet")), HOST_SUMMARY_SCHEMA, HOST_SUMMARY_REQUIRED,
+              schema.VALUE_RANGES[schema.HOST])  # fmt: skip
     return Summaries(meta=meta, steps=steps, stack_dict=sd, tail=tail, manifest=manifest,
                      gpu=gpu, path=path, host_ctx=hc)  # fmt: skip
