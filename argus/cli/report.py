@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import click
 
@@ -52,8 +53,8 @@ def command(
     directories (DIR/jobs/<job>) or a segment: a node's segments are merged into one
     continuous run. Without --json a table is printed; with --json exactly one JSON object.
     """
-    if hang_after <= 0:
-        raise UsageError("--hang-after must be a positive number of seconds.")
+    if not math.isfinite(hang_after) or hang_after <= 0:
+        raise UsageError("--hang-after must be a finite positive number of seconds.")
     paths = expand_dirs(dirs)
     if any(has_summaries(d) and not has_events(d) for d in paths) or from_summaries:
         report = _from_summaries(paths, hang_after)

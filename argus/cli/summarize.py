@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from argus.errors import UsageError
 from argus.recording import schema
 from argus.recording.io import load_recording
-from argus.recording.summaries import DEFAULT_PARTITION_S, summary_bytes, write_summaries
+from argus.recording.summaries import (
+    DEFAULT_PARTITION_S,
+    MAX_PARTITION_S,
+    MIN_PARTITION_S,
+    summary_bytes,
+    write_summaries,
+)
 
 
 @click.command(
@@ -33,18 +41,23 @@ def command(dirs: tuple[str, ...], summaries_only: bool, partition_s: float) -> 
     """
     from argus.analyze.summary import build_summaries
 
-    if partition_s <= 0:
-        raise UsageError("--partition must be a positive number of seconds.")
+    if not (math.isfinite(partition_s) and MIN_PARTITION_S <= partition_s <= MAX_PARTITION_S):
+        raise UsageError(f"--partition must be between {MIN_PARTITION_S} and {MAX_PARTITION_S} "
+                         f"seconds (ten years).")  # fmt: skip
+    # every DIR is loaded and summarised before any is written: a bad one leaves all as they were
+    done = []
     for d in dirs:
         rec = load_recording(d)
-        summ = build_summaries([rec])
-        out = write_summaries(d, summ, partition_s=partition_s)
-        n = max(summ.steps.height, 1)
         raw = sum((rec.path / f).stat().st_size for f in (schema.EVENTS, schema.STACKS, schema.GPU)
                   if (rec.path / f).exists())  # fmt: skip
+        done.append((d, rec.path, raw, build_summaries([rec])))
+        del rec
+    for d, path, raw, summ in done:
+        out = write_summaries(d, summ, partition_s=partition_s)
+        n = max(summ.steps.height, 1)
         size = summary_bytes(d)
         click.echo(f"argus: {out}: {summ.steps.height} rank-steps, {size / n:.0f} B per rank "
                    f"per step (raw events {raw / n:.0f} B)", err=True)  # fmt: skip
         if summaries_only:
             for f in (schema.EVENTS, schema.STACKS, schema.GPU):
-                (rec.path / f).unlink(missing_ok=True)
+                (path / f).unlink(missing_ok=True)

@@ -13,7 +13,9 @@ RELATIVE TO THE EARLIEST EVENT (aligned wall clock); the absolute origin is in
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -107,8 +109,24 @@ def chrome_trace(
 
 
 def write_chrome_trace(path: str, recordings: Sequence[Recording], report=None) -> int:
-    """Write the trace JSON to `path`; return the number of trace events."""
+    """Write the trace JSON to `path`; return the number of trace events.
+
+    The JSON goes to a temporary file next to `path`, renamed over it once complete: a
+    failure (disk full, a file too large) leaves no partial trace, and an existing `path`
+    untouched. A `path` that exists and is no regular file (a FIFO, /dev/stdout) is written
+    directly."""
     trace = chrome_trace(recordings, report)
-    with open(path, "w") as fh:
-        json.dump(trace, fh)
+    target = Path(path)
+    if target.exists() and not target.is_file():
+        with open(target, "w") as fh:
+            json.dump(trace, fh)
+        return len(trace["traceEvents"])
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(trace, fh)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return len(trace["traceEvents"])
