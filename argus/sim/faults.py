@@ -16,6 +16,7 @@ KINDS: dict[str, dict[str, float]] = {
     "throttle": {"mhz": 0.0, "factor": 0.0, "reasons": float(0x20)},
 }
 COMMON = ("rank", "ranks", "start", "steps")
+HANG_COMMS = ("dp", "tp")  # hang: comm=dp (default: the gradient allreduces) or comm=tp
 MAX_SM_MHZ = 1980
 DEFAULT_THROTTLE_MHZ = 1200
 
@@ -47,6 +48,8 @@ class Fault:
         """The form argus-sim-rank reads: kind:ranks=..,start=..,steps=..,value=..,..."""
         value, value2, at = 0.0, 0.0, -1
         p = self.params
+        if self.kind == "hang":
+            value = float(HANG_COMMS.index(p.get("comm", "dp")))
         if self.kind in ("straggler", "link", "bubble"):
             value = p["factor"]
         elif self.kind in ("host_stall", "jit_stall"):
@@ -71,8 +74,11 @@ def _num(spec: str, key: str, val: str, integer: bool = False) -> float:
     return v
 
 
-def parse_fault(spec: str, nranks: int, pp: int = 1, buckets: int = 4) -> Fault:
-    """Parse and validate one `KIND:key=val,...` spec for a job of nranks ranks."""
+def parse_fault(spec: str, nranks: int, pp: int = 1, buckets: int = 4, *, tp: int = 1,
+                layers: int = 4, warmup_steps: int = 0) -> Fault:
+    """Parse and validate one `KIND:key=val,...` spec for a job of nranks ranks (tp, layers:
+    the --tp shape; warmup_steps: steps run before the go file, whose collectives come
+    before a hang's `comm_seq`)."""
     kind, _, rest = spec.partition(":")
     kind = kind.strip()
     if kind not in KINDS:
@@ -87,8 +93,16 @@ def parse_fault(spec: str, nranks: int, pp: int = 1, buckets: int = 4) -> Fault:
         key = key.strip()
         if not eq:
             raise FaultSpecError(f"fault {spec!r}: key {key!r} has no value (use {key}=...).")
+        if kind == "hang" and key == "comm":
+            if val.strip() not in HANG_COMMS or (val.strip() == "tp" and tp < 2):
+                raise FaultSpecError(
+                    f"fault {spec!r}: key 'comm' must be dp or tp (tp needs --tp 2 or more).")
+            given.add(key)
+            params["comm"] = val.strip()
+            continue
         if key not in COMMON and key not in params:
-            known = ", ".join(list(COMMON) + list(KINDS[kind]))
+            extra = ["comm"] if kind == "hang" else []
+            known = ", ".join(list(COMMON) + list(KINDS[kind]) + extra)
             raise FaultSpecError(f"fault {spec!r}: unknown key {key!r} for {kind} (known: {known}).")
         given.add(key)
         if key in ("rank", "ranks"):
@@ -144,13 +158,18 @@ def parse_fault(spec: str, nranks: int, pp: int = 1, buckets: int = 4) -> Fault:
     if kind == "hang":
         if steps is not None:
             raise FaultSpecError(f"fault {spec!r}: key 'steps' does not apply to a hang (it lasts forever).")
+        on_tp = params.get("comm") == "tp"
+        per_step = 2 * layers if on_tp else buckets  # collectives per step on that comm
         if params["at"] < 0:
-            params["at"] = float(start * buckets)  # the first gradient allreduce of `start`
+            params["at"] = float(start * per_step)  # the first one of step `start`
         params["at"] = float(int(params["at"]))
-        # sequence number on the data-parallel communicator where the others wait: with
-        # --pp 1 that is the world communicator, whose collective 0 is DDP's broadcast
-        params["comm_seq"] = params["at"] + (1 if pp == 1 else 0)
+        # sequence number on that communicator where the others wait: with --pp 1 and
+        # --tp 1 the gradients go to the world communicator, whose collective 0 is DDP's
+        # broadcast; split communicators start at 0; a warm-up step came first
+        world_dp = pp == 1 and tp == 1 and not on_tp
+        params["comm_seq"] = params["at"] + (1 if world_dp else 0) + warmup_steps * per_step
     ints = ("at", "comm_seq", "stage", "reasons", "mhz")
-    params = {k: (int(v) if k in ints else v) for k, v in params.items()}
+    params = {k: (int(v) if k in ints and not isinstance(v, str) else v)
+              for k, v in params.items()}
     return Fault(kind=kind, ranks=sorted(set(ranks)), start=start, steps=steps, params=params,
                  spec=spec)

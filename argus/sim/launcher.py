@@ -47,7 +47,11 @@ class SimConfig:
     faults: list[str] = field(default_factory=list)
     truth: str | None = None
     wait_go: str | None = None
+    wait_at: str = "init"             # "init": before any CUDA call; "step": after init + 1 step
     pp: int = 1
+    tp: int = 1                       # tensor-parallel ranks per group (ncclCommSplit)
+    layers: int = 4                   # --tp: layers, each with a TP allreduce fwd and bwd
+    sync_every: int = 1               # the host reads the loss back every N steps
     kernels_per_step: int = 96
     launch_rate: float | None = None  # launches/s per rank; overrides kernels_per_step
     step_ms: float = 50.0             # GPU time of one step at speed 1.0
@@ -90,6 +94,19 @@ def _validate(cfg: SimConfig) -> list[Fault]:
         raise FaultSpecError("--ranks must be between 1 and 64.")
     if cfg.pp < 1 or cfg.ranks % cfg.pp:
         raise FaultSpecError(f"--pp {cfg.pp} must divide --ranks {cfg.ranks}.")
+    if cfg.tp < 1 or cfg.ranks % cfg.tp:
+        raise FaultSpecError(f"--tp {cfg.tp} must divide --ranks {cfg.ranks}.")
+    if cfg.tp > 1 and cfg.pp > 1:
+        raise FaultSpecError("--tp and --pp cannot be combined (use one of them).")
+    if cfg.layers < 1:
+        raise FaultSpecError("--layers must be >= 1.")
+    if cfg.sync_every < 1:
+        raise FaultSpecError("--sync-every must be >= 1.")
+    if cfg.sync_every > 1 and cfg.duration_s is not None:
+        raise FaultSpecError("--sync-every needs --steps: with --duration every rank must "
+                             "read the loss back every step.")
+    if cfg.wait_at not in ("init", "step"):
+        raise FaultSpecError(f"--wait-at must be init or step, not {cfg.wait_at!r}.")
     if cfg.steps is not None and cfg.steps < 1:
         raise FaultSpecError("--steps must be >= 1.")
     if cfg.duration_s is not None and cfg.duration_s <= 0:
@@ -98,7 +115,9 @@ def _validate(cfg: SimConfig) -> list[Fault]:
         raise FaultSpecError("--buckets must be between 1 and 64.")
     if cfg.kernels_per_step < 8:
         raise FaultSpecError("--kernels-per-step must be >= 8.")
-    return [parse_fault(s, cfg.ranks, cfg.pp, cfg.buckets) for s in cfg.faults]
+    warmup = 1 if cfg.wait_at == "step" else 0
+    return [parse_fault(s, cfg.ranks, cfg.pp, cfg.buckets, tp=cfg.tp, layers=cfg.layers,
+                        warmup_steps=warmup) for s in cfg.faults]
 
 
 def _kernels_per_step(cfg: SimConfig) -> int:
@@ -152,6 +171,8 @@ class _Job:
             "ARGUS_SIM_STEP_MS": str(c.step_ms), "ARGUS_SIM_CPU_MS": str(c.cpu_ms),
             "ARGUS_SIM_BUCKETS": str(c.buckets), "ARGUS_SIM_BUCKET_MB": str(c.bucket_mb),
             "ARGUS_SIM_PP": str(c.pp), "ARGUS_SIM_SEED": str(c.seed),
+            "ARGUS_SIM_TP": str(c.tp), "ARGUS_SIM_LAYERS": str(c.layers),
+            "ARGUS_SIM_SYNC_EVERY": str(c.sync_every), "ARGUS_SIM_WAIT_AT": c.wait_at,
             "ARGUS_SIM_LOG_EVERY": str(c.log_every),
             "ARGUS_SIM_FAULTS": ";".join(f.normalised(c.buckets) for f in self.faults),
             "ARGUS_SIM_WAIT_GO": os.path.abspath(c.wait_go) if c.wait_go else "",
@@ -366,7 +387,9 @@ class SimJob:
 
 
 def config_to_argv(cfg: SimConfig) -> list[str]:
-    a = ["--ranks", str(cfg.ranks), "--pp", str(cfg.pp), "--step-ms", str(cfg.step_ms),
+    a = ["--ranks", str(cfg.ranks), "--pp", str(cfg.pp), "--tp", str(cfg.tp),
+         "--layers", str(cfg.layers), "--sync-every", str(cfg.sync_every),
+         "--wait-at", cfg.wait_at, "--step-ms", str(cfg.step_ms),
          "--cpu-ms", str(cfg.cpu_ms), "--buckets", str(cfg.buckets), "--bucket-mb",
          str(cfg.bucket_mb), "--seed", str(cfg.seed), "--log-every", str(cfg.log_every),
          "--kernels-per-step", str(cfg.kernels_per_step)]
@@ -411,6 +434,7 @@ faults (repeatable --fault KIND:key=val,...; rank=R or ranks=R+R, start=STEP, st
   host_stall:rank=1,ms=40,start=10   rank 1's data loading takes 40 ms longer (CPU-busy)
   link:rank=3,factor=4               collectives through rank 3 cost 4x
   hang:rank=1,start=20               rank 1 stops forever before step 20's first allreduce
+  hang:rank=1,start=20,comm=tp       (with --tp) ... before step 20's first TP allreduce
   jit_stall:rank=0,ms=800,start=5    rank 0 compiles a graph for 800 ms in step 5
   bubble:stage=1,factor=2            (with --pp) pipeline stage 1 is 2x slower
   throttle:rank=0,mhz=1100           rank 0's SM clock drops to 1100 MHz (NVML shows it)
@@ -420,6 +444,8 @@ examples:
   scripts/simulate --ranks 4 --steps 50 --fault straggler:rank=2,factor=1.5 --truth t.json
   scripts/simulate --ranks 4 --duration 30 --wait-go /tmp/go # attach a tracer, then touch /tmp/go
   scripts/simulate --ranks 4 --steps 100 --fault hang:rank=1,start=10 --timeout 5
+  scripts/simulate --ranks 4 --tp 2 --steps 100 --wait-go /tmp/go --wait-at step
+                                           # Megatron-shaped, communicators made before go
 """
 
 
@@ -439,8 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", metavar="FILE", help="write the ground truth JSON to FILE")
     p.add_argument("--wait-go", metavar="FILE", help="ranks wait, with no CUDA call made, "
                    "until FILE exists")
+    p.add_argument("--wait-at", choices=("init", "step"), default="init",
+                   help="with --wait-go: wait before any CUDA/NCCL call (init, default) or "
+                   "after init and one warm-up step, communicators made (step)")
     p.add_argument("--pp", type=int, default=1, metavar="STAGES",
                    help="pipeline-parallel stages (default 1: pure data parallel)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel group size: ncclCommSplit TP and DP communicators, "
+                   "a TP allreduce per layer forward and backward (default 1)")
+    p.add_argument("--layers", type=int, default=4, help="layers with --tp (default 4)")
+    p.add_argument("--sync-every", type=int, default=1, metavar="N",
+                   help="the host reads the loss back only every N steps (default 1)")
     p.add_argument("--kernels-per-step", type=int, default=96, metavar="K")
     p.add_argument("--launch-rate", type=float, metavar="PER_S",
                    help="target kernel launches per second per rank (sets K)")
@@ -463,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = SimConfig(
         ranks=args.ranks, steps=args.steps, duration_s=args.duration, faults=args.fault,
-        truth=args.truth, wait_go=args.wait_go, pp=args.pp,
+        truth=args.truth, wait_go=args.wait_go, wait_at=args.wait_at, pp=args.pp,
+        tp=args.tp, layers=args.layers, sync_every=args.sync_every,
         kernels_per_step=args.kernels_per_step, launch_rate=args.launch_rate,
         step_ms=args.step_ms, cpu_ms=args.cpu_ms, buckets=args.buckets,
         bucket_mb=args.bucket_mb, seed=args.seed, timeout_s=args.timeout, node=args.node,

@@ -10,6 +10,15 @@
  * named host stubs (some with C++-mangled names) exactly like nvcc-generated code, a few
  * through the driver API (cuLaunchKernel) as cuBLAS does.
  *
+ * With ARGUS_SIM_TP > 1 (tensor parallel, Megatron-shaped): ncclCommSplit makes a TP
+ * communicator (ranks r / tp) and a DP one (ranks r % tp); every layer issues a TP
+ * ncclAllReduce on the compute stream in forward and in backward, the gradient buckets go
+ * to the DP communicator, and every 5th step an ncclAllGather + ncclBroadcast on the world
+ * communicator (metrics). ARGUS_SIM_SYNC_EVERY = N > 1: the host reads the loss back only
+ * every Nth step, so it runs ahead of the virtual GPU in between (no per-step host sync).
+ * ARGUS_SIM_WAIT_AT = step: the go file is waited for after init and one warm-up step (the
+ * communicators exist before a tracer attaches), not before the first CUDA call.
+ *
  * Every CUDA/NCCL call goes through CALL(), which counts it on the caller side; the
  * stand-in libraries count the same calls on their side. Both go to the truth file
  * <ARGUS_SIM_JOB_DIR>/rank-<RANK>.json at exit or on SIGTERM/SIGINT.
@@ -75,6 +84,8 @@ static int caller_slot(const char *name)
 /* ------------------------------------------------------------ configuration */
 static int g_rank, g_local_rank, g_world, g_pp = 1, g_stage, g_dp;
 static int g_steps = 50, g_kernels = 96, g_buckets = 4, g_log_every = 10;
+static int g_tp = 1, g_layers = 4, g_sync_every = 1, g_wait_at_step, g_warmup_steps;
+#define METRICS_EVERY 5 /* --tp: the world allgather + broadcast period */
 static double g_duration_s, g_step_ms = 50.0, g_cpu_ms = 3.0, g_bucket_mb = 25.0;
 static const char *g_jobdir;
 static uint64_t g_t0;
@@ -86,7 +97,7 @@ struct fault {
     unsigned long long ranks; /* bitmask */
     int start, steps;         /* steps < 0: until the end */
     double value, value2;
-    long at;                  /* hang: collective index */
+    long at;                  /* hang: collective index (value: 0 = DP comm, 1 = TP comm) */
 };
 static struct fault g_faults[MAXF];
 static int g_nfaults;
@@ -154,7 +165,7 @@ static int fault_active(const struct fault *f, int step)
 /* ------------------------------------------------------------ truth */
 static volatile int g_steps_done;
 static volatile int g_hung;
-static unsigned long long g_coll_world, g_coll_dp, g_p2p_send, g_p2p_recv;
+static unsigned long long g_coll_world, g_coll_dp, g_coll_tp, g_p2p_send, g_p2p_recv;
 static double *g_step_ms_list;
 static pthread_mutex_t g_truth_lock = PTHREAD_MUTEX_INITIALIZER;
 static int g_truth_written;
@@ -179,8 +190,13 @@ static void write_truth(const char *how)
                 "\"exit\": \"%s\", \"hung\": %s, \"steps_completed\": %d, ",
             g_rank, g_local_rank, (int)getpid(), g_stage, how, g_hung ? "true" : "false",
             g_steps_done);
-    dprintf(fd, "\"collectives\": {\"world\": %llu%s", g_coll_world, g_pp > 1 ? ", " : "");
-    if (g_pp > 1)
+    if (g_wait_at_step)
+        dprintf(fd, "\"warmup_steps\": %d, ", g_warmup_steps);
+    dprintf(fd, "\"collectives\": {\"world\": %llu%s", g_coll_world,
+            (g_pp > 1 || g_tp > 1) ? ", " : "");
+    if (g_tp > 1)
+        dprintf(fd, "\"tp\": %llu, ", g_coll_tp);
+    if (g_pp > 1 || g_tp > 1)
         dprintf(fd, "\"dp\": %llu", g_coll_dp);
     dprintf(fd, "}, \"p2p\": {\"send\": %llu, \"recv\": %llu}, ", g_p2p_send, g_p2p_recv);
     dprintf(fd, "\"step_time_ms\": [");
@@ -371,24 +387,35 @@ static int stop_step(void)
     return n > 0 ? atoi(buf) : -1;
 }
 
-static ncclComm_t g_world_comm, g_dp_comm;
+static ncclComm_t g_world_comm, g_dp_comm, g_tp_comm;
 static cudaStream_t g_compute, g_comm;
 static cudaEvent_t g_ev_bucket[64], g_ev_comm_done;
-static long g_dp_coll_index; /* collectives issued on the data-parallel communicator */
+/* collectives issued on the data-parallel (0) and tensor-parallel (1) communicators since
+ * the first counted step (the warm-up step of ARGUS_SIM_WAIT_AT=step is not counted) */
+static long g_coll_index[2];
 
-static void maybe_hang_before_dp_collective(void)
+static void maybe_hang_before_collective(int comm)
 {
     for (int i = 0; i < g_nfaults; i++)
         if (g_faults[i].kind == F_HANG && fault_mine(&g_faults[i]) &&
-            g_faults[i].at == g_dp_coll_index)
+            (int)g_faults[i].value == comm && g_faults[i].at == g_coll_index[comm])
             sim_hang_wait();
+}
+
+static void tp_allreduce(size_t count)
+{
+    maybe_hang_before_collective(1);
+    /* in the layer's data path: on the compute stream, as Megatron's TP allreduces */
+    CK(CALL(ncclAllReduce, d_out, d_out, count, ncclBfloat16, ncclSum, g_tp_comm, g_compute));
+    g_coll_index[1]++;
+    g_coll_tp++;
 }
 
 static void dp_allreduce(size_t count)
 {
-    maybe_hang_before_dp_collective();
+    maybe_hang_before_collective(0);
     CK(CALL(ncclAllReduce, d_grads, d_grads, count, ncclBfloat16, ncclSum, g_dp_comm, g_comm));
-    g_dp_coll_index++;
+    g_coll_index[0]++;
     if (g_dp_comm == g_world_comm)
         g_coll_world++;
     else
@@ -444,6 +471,132 @@ static void apply_faults(int step, double *stall_ms, double *jit_ms)
     last_mhz = mhz;
 }
 
+/* ------------------------------------------------------------ one training step */
+static int g_nfwd, g_nbwd, g_nopt, g_micro = 4;
+static size_t g_bucket_count;
+static float g_loss;
+
+/* whether this step ends with the host reading the loss back (every step by default) */
+static int host_syncs(int step)
+{
+    return g_sync_every <= 1 || step < 0 || (step + 1) % g_sync_every == 0;
+}
+
+static void enqueue_bucket(int b, size_t count)
+{
+    CK(CALL(cudaEventRecord, g_ev_bucket[b], g_compute));
+    CK(CALL(cudaStreamWaitEvent, g_comm, g_ev_bucket[b], 0));
+    dp_allreduce(count);
+}
+
+/* step < 0: the warm-up step of ARGUS_SIM_WAIT_AT=step (no fault is active in it) */
+static void run_step(int step)
+{
+    int nfwd = g_nfwd, nbwd = g_nbwd, nopt = g_nopt;
+    double stall_ms, jit_ms;
+    apply_faults(step, &stall_ms, &jit_ms);
+    data_loader_next_batch(g_cpu_ms + stall_ms);
+    if (jit_ms > 0)
+        jit_compile_graph(jit_ms);
+    CK(CALL(cudaMemcpyAsync, d_in, d_out, (size_t)8 << 20, cudaMemcpyHostToDevice, g_compute));
+    int sync = host_syncs(step);
+
+    if (g_tp > 1) {
+        /* Megatron-shaped: per layer the TP allreduce of the row-parallel output (forward)
+         * and of the column-parallel input grad (backward), on the compute stream */
+        int per_f = nfwd / g_layers > 0 ? nfwd / g_layers : 1;
+        int per_b = nbwd / g_layers > 0 ? nbwd / g_layers : 1;
+        size_t act = (size_t)2 << 20; /* 4 MB of bf16 activations */
+        for (int l = 0; l < g_layers; l++) {
+            for (int i = 0; i < per_f; i++)
+                launch_one(fwd_stubs[i % 5], l * per_f + i, g_compute);
+            tp_allreduce(act);
+        }
+        launch_one(k_cross_entropy, 2, g_compute);
+        if (sync)
+            CK(CALL(cudaMemcpy, &g_loss, d_loss, sizeof g_loss, cudaMemcpyDeviceToHost));
+        int b = 0;
+        for (int l = 0; l < g_layers; l++) {
+            for (int i = 0; i < per_b; i++)
+                launch_one(bwd_stubs[i % 4], nfwd + l * per_b + i, g_compute);
+            tp_allreduce(act);
+            for (int target = (l + 1) * g_buckets / g_layers; b < target; b++)
+                enqueue_bucket(b, g_bucket_count / g_tp);
+        }
+        for (; b < g_buckets; b++)
+            enqueue_bucket(b, g_bucket_count / g_tp);
+    } else if (g_pp == 1) {
+        for (int i = 0; i < nfwd; i++)
+            launch_one(fwd_stubs[i % 5], i, g_compute);
+        launch_one(k_cross_entropy, 2, g_compute);
+        /* loss.item() after forward (logging, NaN/inf check): a blocking read-back that
+         * waits for this rank's OWN forward only (no collective is pending yet), as most
+         * real training loops do; it is what makes a GPU-slow rank visible host-side. */
+        if (sync)
+            CK(CALL(cudaMemcpy, &g_loss, d_loss, sizeof g_loss, cudaMemcpyDeviceToHost));
+        int per = nbwd / g_buckets;
+        for (int b = 0; b < g_buckets; b++) {
+            int n = (b == g_buckets - 1) ? nbwd - per * b : per;
+            for (int i = 0; i < n; i++)
+                launch_one(bwd_stubs[i % 4], nfwd + per * b + i, g_compute);
+            enqueue_bucket(b, g_bucket_count);
+        }
+    } else {
+        /* GPipe-like: all forward micro-batches, then all backward ones */
+        int prev = g_rank - 1, next = g_rank + 1, micro = g_micro;
+        int per_mb_f = nfwd / micro > 0 ? nfwd / micro : 1;
+        int per_mb_b = nbwd / micro > 0 ? nbwd / micro : 1;
+        size_t act = (size_t)4 << 20;
+        for (int m = 0; m < micro; m++) {
+            if (g_stage > 0)
+                p2p(0, prev, act);
+            for (int i = 0; i < per_mb_f; i++)
+                launch_one(fwd_stubs[i % 5], i, g_compute);
+            if (g_stage < g_pp - 1)
+                p2p(1, next, act);
+        }
+        if (g_stage == g_pp - 1)
+            launch_one(k_cross_entropy, 2, g_compute);
+        for (int m = 0; m < micro; m++) {
+            if (g_stage < g_pp - 1)
+                p2p(0, next, act);
+            for (int i = 0; i < per_mb_b; i++)
+                launch_one(bwd_stubs[i % 4], nfwd + i, g_compute);
+            if (g_stage > 0)
+                p2p(1, prev, act);
+        }
+        for (int b = 0; b < g_buckets; b++)
+            enqueue_bucket(b, g_bucket_count / g_pp);
+    }
+    CK(CALL(cudaEventRecord, g_ev_comm_done, g_comm));
+    CK(CALL(cudaStreamWaitEvent, g_compute, g_ev_comm_done, 0));
+    launch_one(k_grad_norm, 1, g_compute);
+    for (int i = 1; i < nopt; i++)
+        launch_one(k_fused_adam, nfwd + nbwd + i, g_compute);
+    if (g_tp > 1 && step >= 0 && step % METRICS_EVERY == METRICS_EVERY - 1) {
+        /* metrics: every rank's loss gathered, rank 0's decision (stop?) broadcast */
+        CK(CALL(ncclAllGather, d_loss, d_out, 1, ncclFloat32, g_world_comm, g_compute));
+        CK(CALL(ncclBroadcast, d_loss, d_loss, 1, ncclFloat32, 0, g_world_comm, g_compute));
+        g_coll_world += 2;
+    }
+    if (sync)
+        CK(CALL(cudaMemcpy, &g_loss, d_loss, sizeof g_loss, cudaMemcpyDeviceToHost));
+}
+
+/* announce readiness, then wait for the go file */
+static void announce_and_wait_go(void)
+{
+    char path[4200];
+    snprintf(path, sizeof path, "%s/ready-%d", g_jobdir, g_rank);
+    char pidbuf[32];
+    int pl = snprintf(pidbuf, sizeof pidbuf, "%d\n", (int)getpid());
+    write_file_atomic(path, pidbuf, (size_t)pl);
+    const char *go = getenv("ARGUS_SIM_WAIT_GO");
+    if (go && *go)
+        while (!file_exists(go))
+            sleep_ms(2);
+}
+
 /* ------------------------------------------------------------ main */
 int main(void)
 {
@@ -460,9 +613,15 @@ int main(void)
     g_bucket_mb = env_d("ARGUS_SIM_BUCKET_MB", 25.0);
     g_pp = env_i("ARGUS_SIM_PP", 1);
     g_log_every = env_i("ARGUS_SIM_LOG_EVERY", 10);
+    g_tp = env_i("ARGUS_SIM_TP", 1);
+    g_layers = env_i("ARGUS_SIM_LAYERS", 4);
+    g_sync_every = env_i("ARGUS_SIM_SYNC_EVERY", 1);
+    const char *wait_at = getenv("ARGUS_SIM_WAIT_AT");
+    g_wait_at_step = wait_at && strcmp(wait_at, "step") == 0;
     parse_faults(getenv("ARGUS_SIM_FAULTS"));
     if (!g_jobdir || g_world < 1 || g_pp < 1 || g_world % g_pp != 0 || g_kernels < 8 ||
-        g_buckets < 1 || g_buckets > 64) {
+        g_buckets < 1 || g_buckets > 64 || g_tp < 1 || g_world % g_tp != 0 ||
+        (g_tp > 1 && g_pp > 1) || g_layers < 1 || g_sync_every < 1) {
         fprintf(stderr, "argus-sim-rank: bad configuration (run it through scripts/simulate)\n");
         return 2;
     }
@@ -485,16 +644,9 @@ int main(void)
     if (getppid() == 1)
         kill(getpid(), SIGTERM);
 
-    /* announce readiness, then wait for the go file without touching CUDA */
-    char path[4200];
-    snprintf(path, sizeof path, "%s/ready-%d", g_jobdir, g_rank);
-    char pidbuf[32];
-    int pl = snprintf(pidbuf, sizeof pidbuf, "%d\n", (int)getpid());
-    write_file_atomic(path, pidbuf, (size_t)pl);
-    const char *go = getenv("ARGUS_SIM_WAIT_GO");
-    if (go && *go)
-        while (!file_exists(go))
-            sleep_ms(2);
+    /* by default: wait for the go file without touching CUDA */
+    if (!g_wait_at_step)
+        announce_and_wait_go();
 
     g_t0 = mono_ns();
     /* ---- init, like torch.distributed + DDP ---- */
@@ -537,10 +689,15 @@ int main(void)
     CK(CALL(ncclCommUserRank, g_world_comm, &me));
     CK(CALL(ncclCommCuDevice, g_world_comm, &cdev));
     CK(CALL(ncclCommGetAsyncError, g_world_comm, &async_err));
-    if (g_pp > 1)
+    if (g_pp > 1) {
         CK(CALL(ncclCommSplit, g_world_comm, g_stage, g_rank, &g_dp_comm, NULL));
-    else
+    } else if (g_tp > 1) {
+        /* tensor-parallel groups of consecutive ranks, data-parallel across them */
+        CK(CALL(ncclCommSplit, g_world_comm, g_rank / g_tp, g_rank, &g_tp_comm, NULL));
+        CK(CALL(ncclCommSplit, g_world_comm, g_rank % g_tp, g_rank, &g_dp_comm, NULL));
+    } else {
         g_dp_comm = g_world_comm;
+    }
 
     /* DDP broadcasts the initial parameters from rank 0 */
     CK(CALL(ncclBroadcast, d_grads, d_grads, 1 << 20, ncclFloat32, 0, g_world_comm, g_comm));
@@ -564,21 +721,29 @@ int main(void)
     }
 
     /* kernel plan: g_kernels per step, GPU time ~g_step_ms at speed 1 */
-    int nfwd = g_kernels * 35 / 100, nopt = g_kernels * 15 / 100;
-    int nbwd = g_kernels - nfwd - nopt;
+    g_nfwd = g_kernels * 35 / 100;
+    g_nopt = g_kernels * 15 / 100;
+    g_nbwd = g_kernels - g_nfwd - g_nopt;
     double wsum = 0;
     for (int i = 0; i < g_kernels; i++)
         wsum += weights[i % 8];
     g_unit_ns = g_step_ms * 1e6 / wsum;
-    if (g_pp > 1)
-        g_unit_ns /= 1.0; /* per stage: each stage does its share of the layers */
-    size_t bucket_count = (size_t)(g_bucket_mb * 1048576.0 / 2);
-    int micro = 4;
+    g_bucket_count = (size_t)(g_bucket_mb * 1048576.0 / 2);
+
+    if (g_wait_at_step) {
+        /* the communicators exist and one step ran before a tracer attaches (the usual
+         * case: jobs are traced long after their start); its collectives are not counted
+         * for the hang faults' indices */
+        run_step(-1);
+        g_warmup_steps = 1;
+        g_coll_index[0] = g_coll_index[1] = 0;
+        announce_and_wait_go();
+        g_t0 = mono_ns();
+    }
 
     char stop_path[4200];
     snprintf(stop_path, sizeof stop_path, "%s/stop", g_jobdir);
     int stop_at = -1;
-    float loss = 0;
     for (int step = 0; step < max_steps; step++) {
         if (g_duration_s > 0) {
             if (g_rank == 0 && stop_at < 0 && (mono_ns() - g_t0) / 1e9 >= g_duration_s) {
@@ -592,74 +757,14 @@ int main(void)
                 break;
         }
         uint64_t t_step = mono_ns();
-        double stall_ms, jit_ms;
-        apply_faults(step, &stall_ms, &jit_ms);
-        data_loader_next_batch(g_cpu_ms + stall_ms);
-        if (jit_ms > 0)
-            jit_compile_graph(jit_ms);
-        CK(CALL(cudaMemcpyAsync, d_in, d_out, (size_t)8 << 20, cudaMemcpyHostToDevice, g_compute));
-
-        if (g_pp == 1) {
-            for (int i = 0; i < nfwd; i++)
-                launch_one(fwd_stubs[i % 5], i, g_compute);
-            launch_one(k_cross_entropy, 2, g_compute);
-            /* loss.item() after forward (logging, NaN/inf check): a blocking read-back that
-             * waits for this rank's OWN forward only (no collective is pending yet), as most
-             * real training loops do; it is what makes a GPU-slow rank visible host-side. */
-            CK(CALL(cudaMemcpy, &loss, d_loss, sizeof loss, cudaMemcpyDeviceToHost));
-            int per = nbwd / g_buckets;
-            for (int b = 0; b < g_buckets; b++) {
-                int n = (b == g_buckets - 1) ? nbwd - per * b : per;
-                for (int i = 0; i < n; i++)
-                    launch_one(bwd_stubs[i % 4], nfwd + per * b + i, g_compute);
-                CK(CALL(cudaEventRecord, g_ev_bucket[b], g_compute));
-                CK(CALL(cudaStreamWaitEvent, g_comm, g_ev_bucket[b], 0));
-                dp_allreduce(bucket_count);
-            }
-        } else {
-            /* GPipe-like: all forward micro-batches, then all backward ones */
-            int prev = g_rank - 1, next = g_rank + 1;
-            int per_mb_f = nfwd / micro > 0 ? nfwd / micro : 1;
-            int per_mb_b = nbwd / micro > 0 ? nbwd / micro : 1;
-            size_t act = (size_t)4 << 20;
-            for (int m = 0; m < micro; m++) {
-                if (g_stage > 0)
-                    p2p(0, prev, act);
-                for (int i = 0; i < per_mb_f; i++)
-                    launch_one(fwd_stubs[i % 5], i, g_compute);
-                if (g_stage < g_pp - 1)
-                    p2p(1, next, act);
-            }
-            if (g_stage == g_pp - 1)
-                launch_one(k_cross_entropy, 2, g_compute);
-            for (int m = 0; m < micro; m++) {
-                if (g_stage < g_pp - 1)
-                    p2p(0, next, act);
-                for (int i = 0; i < per_mb_b; i++)
-                    launch_one(bwd_stubs[i % 4], nfwd + i, g_compute);
-                if (g_stage > 0)
-                    p2p(1, prev, act);
-            }
-            for (int b = 0; b < g_buckets; b++) {
-                CK(CALL(cudaEventRecord, g_ev_bucket[b], g_compute));
-                CK(CALL(cudaStreamWaitEvent, g_comm, g_ev_bucket[b], 0));
-                dp_allreduce(bucket_count / g_pp);
-            }
-        }
-        CK(CALL(cudaEventRecord, g_ev_comm_done, g_comm));
-        CK(CALL(cudaStreamWaitEvent, g_compute, g_ev_comm_done, 0));
-        launch_one(k_grad_norm, 1, g_compute);
-        for (int i = 1; i < nopt; i++)
-            launch_one(k_fused_adam, nfwd + nbwd + i, g_compute);
-        CK(CALL(cudaMemcpy, &loss, d_loss, sizeof loss, cudaMemcpyDeviceToHost));
-
+        run_step(step);
         double ms = (mono_ns() - t_step) / 1e6;
         if (g_steps_done < 100000)
             g_step_ms_list[g_steps_done] = ms;
         g_steps_done++;
         if (g_log_every > 0 && (step + 1) % g_log_every == 0)
             fprintf(stderr, "[rank %d] step %d step_time_ms %.1f loss %.4f\n", g_rank, step + 1,
-                    ms, loss);
+                    ms, g_loss);
     }
 
     CK(CALL(cudaDeviceSynchronize));
@@ -672,6 +777,8 @@ int main(void)
     CK(CALL(cudaEventDestroy, g_ev_comm_done));
     CK(CALL(cudaStreamDestroy, g_compute));
     CK(CALL(cudaStreamDestroy, g_comm));
+    if (g_tp_comm)
+        CK(CALL(ncclCommDestroy, g_tp_comm));
     if (g_dp_comm != g_world_comm)
         CK(CALL(ncclCommDestroy, g_dp_comm));
     CK(CALL(ncclCommDestroy, g_world_comm));
