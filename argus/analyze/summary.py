@@ -118,12 +118,100 @@ def _assign(df: pl.DataFrame, keys: pl.DataFrame) -> pl.DataFrame:
     return j.filter(pl.col("step").is_not_null() & (pl.col("t_ns") < pl.col("end_ns")))
 
 
-def build_summaries(recordings: Sequence[Recording]) -> Summaries:
-    """Summaries of the recordings of one job (usually one node's recording), see module doc."""
+def _known_shifts(coll: pl.DataFrame, shifts: dict[tuple[int, str], int]) -> pl.DataFrame:
+    """`gseq` of the collectives whose (tgid, comm) has a known shift: `seq + shift`; the
+    other ranks of such a comm move by the build's offset to that numbering (the mode over
+    the known rows), so every rank of the comm is in the caller's numbering."""
+    if not shifts or coll.height == 0:
+        return coll
+    known = pl.DataFrame(
+        [(t, c, d) for (t, c), d in shifts.items()],
+        schema={"tgid": coll.schema["tgid"], "comm": pl.Utf8, "_k": pl.Int64}, orient="row",
+    )  # fmt: skip
+    c = coll.join(known, on=["tgid", "comm"], how="left")
+    offs = (c.filter(pl.col("_k").is_not_null())
+            .group_by("comm").agg((pl.col("seq") + pl.col("_k") - pl.col("gseq"))
+                                  .mode().min().alias("_o")))  # fmt: skip
+    c = c.join(offs, on="comm", how="left").with_columns(
+        pl.when(pl.col("_k").is_not_null()).then(pl.col("seq") + pl.col("_k"))
+        .otherwise(pl.col("gseq") + pl.col("_o").fill_null(0)).alias("gseq")
+    )  # fmt: skip
+    return c.drop("_k", "_o").sort(["rank", "comm", "gseq"])
+
+
+def _realign_by_steps(coll: pl.DataFrame, steps: pl.DataFrame) -> dict[int, int]:
+    """rank -> the correction of its `gseq` on its step communicator that makes its steps
+    start at the same collective as the reference rank's steps of the same time.
+
+    `align_seq` chooses among shifts whose pairs agree on (op, bytes) by the median entry
+    time difference: with identical buckets (DDP's equal-sized buckets, the simulator's)
+    a shift by one bucket pairs most collectives with the rank's neighbouring bucket of the
+    same step and only the step's last one across steps, so the median barely moves and the
+    wrong shift can win (seen on daemon windows of a few steps under CPU load: ranks off by
+    one bucket, step ids interleaved, a waiting rank counted as missing). Steps do not have
+    that ambiguity: every rank's step ends at the same end-of-step wait (the GPU finishes
+    a step only when every rank's collectives arrived), so the same step starts at nearly
+    the same time on every rank. Per rank, its steps are paired with the reference's (the
+    rank with the most steps) by nearest start (within half the median step time); when at
+    least 3 pairs are found and >= 75% of them differ by the same non-zero number of
+    collectives at the step's first collective, that is the rank's correction."""
+    if steps.height == 0 or coll.height == 0:
+        return {}
+    rank_comm = steps_mod.step_comms(coll)
+    rc = pl.DataFrame({"rank": list(rank_comm), "comm": list(rank_comm.values())},
+                      schema={"rank": coll.schema["rank"], "comm": pl.Utf8})  # fmt: skip
+    first = (coll.join(rc, on=["rank", "comm"]).select("rank", "comm", "t_ns", "gseq")
+             .unique(["rank", "t_ns"], keep="first"))  # fmt: skip
+    f = steps.select("rank", "start_ns", pl.col("first_coll_ns").alias("t_ns")).with_columns(
+        pl.col("rank").cast(coll.schema["rank"])).join(first, on=["rank", "t_ns"])  # fmt: skip
+    if f.height == 0:
+        return {}
+    counts = f.group_by("rank").len().sort(["len", "rank"], descending=[True, False])
+    ref = counts["rank"][0]
+    half = int((steps["step_time_ns"].median() or 0) // 2)
+    fr = f.filter(pl.col("rank") == ref)
+    ref_comm = fr["comm"][0]
+    fr = fr.select("start_ns", pl.col("gseq").alias("_g")).sort("start_ns")
+    out: dict[int, int] = {}
+    for rank in counts["rank"].to_list()[1:]:
+        fo = f.filter((pl.col("rank") == rank) & (pl.col("comm") == ref_comm)).sort("start_ns")
+        if fo.height < 3 or half <= 0:
+            continue
+        j = fo.join_asof(fr, on="start_ns", strategy="nearest", tolerance=half).drop_nulls("_g")
+        if j.height < 3:
+            continue
+        diff = (j["_g"] - j["gseq"]).value_counts(sort=True)
+        d, n = int(diff[0, 0]), int(diff[0, 1])
+        if d != 0 and n >= 0.75 * j.height:
+            out[int(rank)] = d
+    return out
+
+
+def build_summaries(recordings: Sequence[Recording],
+                    seq_shifts: dict[tuple[int, str], int] | None = None) -> Summaries:
+    """Summaries of the recordings of one job (usually one node's recording), see module doc.
+
+    `seq_shifts` ((tgid, comm) -> gseq - seq, the daemon's numbering of a job's collectives
+    from its earlier builds) numbers those collectives as before instead of aligning them
+    again, so that tails (and steps) of consecutive builds over a moving window agree; the
+    shifts this build used are then in `meta["seq_shifts"]` (`[tgid, comm, shift, n]`, NCCL
+    collectives only: their `seq` is the tracer's per-process counter, stable across builds,
+    where a c10d call's is its index in this build)."""
     recordings = list(recordings)
     tl = build_timeline(recordings)
     coll = align_seq(collectives(tl))
+    if seq_shifts:
+        coll = _known_shifts(coll, seq_shifts)
     det = detect_steps(tl, coll)
+    if det.method == "collectives" and (fix := _realign_by_steps(coll, det.steps)):
+        comm_of = steps_mod.step_comms(coll)
+        move = pl.col("rank").replace_strict(fix, default=0, return_dtype=pl.Int64)
+        on_comm = pl.col("comm") == pl.col("rank").replace_strict(
+            comm_of, default=None, return_dtype=pl.Utf8)  # fmt: skip
+        coll = coll.with_columns(pl.when(on_comm).then(pl.col("gseq") + move)
+                                 .otherwise(pl.col("gseq")).alias("gseq"))  # fmt: skip
+        coll = coll.sort(["rank", "comm", "gseq"])
+        det = detect_steps(tl, coll)
     alignment = estimate_offsets(det.steps, coll)
     offsets = alignment["offsets_ns"]
     steps = det.steps
@@ -260,6 +348,11 @@ def build_summaries(recordings: Sequence[Recording]) -> Summaries:
             for rec in recordings[1:]
         ],
     }
+    if seq_shifts is not None:
+        used = coll.filter(pl.col("channel") == "nccl").group_by(["tgid", "comm"]).agg(
+            (pl.col("gseq") - pl.col("seq")).first().alias("d"), pl.len().alias("n"))
+        meta["seq_shifts"] = [[int(t), str(c), int(d), int(n)] for t, c, d, n in
+                              used.sort(["tgid", "comm"]).rows()]  # fmt: skip
     gpu_frames = [rec.gpu for rec in recordings if getattr(rec, "gpu", None) is not None
                   and rec.gpu.height]  # fmt: skip
     g = pl.concat(gpu_frames, how="vertical_relaxed") if gpu_frames else schema.empty_gpu()

@@ -46,7 +46,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from argus import __version__
 from argus.analyze.hang import LATEST_INTERVALS
-from argus.analyze.summary import build_summaries, diagnose_summaries
+from argus.analyze.summary import TAIL_SEQS, build_summaries, diagnose_summaries
 from argus.collect.nvml import GpuSampler, assign_ranks
 from argus.collect.session import check_kernel_features
 from argus.collect.tracer import TraceOptions, Tracer
@@ -70,6 +70,10 @@ JOBS_DIR = "jobs"
 OVERLAP_STEPS = 8  # summarised steps re-read by the next build (boundaries + id mapping)
 MAX_DIAG_STEPS = 2000  # steps of a job the diagnosis reads at most (besides window_s)
 SETTLE_S = 2.0  # a new job's ranks traced together this long before its first build
+LEARN_SEQS = 8  # collectives of a (tgid, comm) in one build before its numbering is kept
+# Tests only: milliseconds flush() sleeps before it drains (a daemon descheduled on a busy
+# node, reproduced on purpose); 0 or unset in production. Read at start-up.
+DELAY_ENV = "ARGUS_DAEMON_TEST_DRAIN_DELAY_MS"
 
 
 @dataclass
@@ -111,6 +115,10 @@ class _Job:
     last_seg: dict[str, Any] | None = None  # the last segment written: path, steps, gpu, host
     host_wm: int = -1  # the newest host-context row written (ts_ns)
     joined_ns: int | None = None  # monotonic ns when its latest rank was added
+    # (tgid, comm) -> gseq - seq: the job's numbering of its NCCL collectives, kept from build
+    # to build (the tracer's seq counts per process since attach), so every build's tails and
+    # steps number collectives alike whatever its window holds
+    seq_shifts: dict[tuple[int, str], int] = field(default_factory=dict)
 
 
 class Daemon:
@@ -134,6 +142,7 @@ class Daemon:
         self.flush_s: float | None = None
         self.run_id = f"{self.host}-{os.getpid()}-{time.time_ns()}"
         self._final_flush = True
+        self.drain_delay_s = _env_ms(DELAY_ENV) / 1000.0
 
     # -- state shared with the HTTP threads ----------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -267,6 +276,8 @@ class Daemon:
         live state."""
         t0 = time.monotonic()
         tr = self.tracer
+        if self.drain_delay_s > 0:  # tests only (DELAY_ENV): a late drain, on purpose
+            time.sleep(self.drain_delay_s)
         try:
             events, inflight, stacks, host = tr.drain()
         except Exception as e:
@@ -402,8 +413,9 @@ class Daemon:
     def _new_steps(self, job: _Job, steps: pl.DataFrame, final: bool = False) -> pl.DataFrame:
         """The build's steps not summarised before, with the job's continuous step ids: the
         build numbers its steps from 0; the overlap steps, known by (rank, start_ns), give
-        the shift (else the new steps follow the last id). `final`: every rank has exited
-        (the last step keeps the CPU samples after it, as at the end of a recording)."""
+        the shift for a rank new to the job (else the new steps follow the last id); a rank
+        with steps goes on from its own ids (`_continue_ids`). `final`: every rank has
+        exited (the last step keeps the CPU samples after it, as at the end of a recording)."""
         wm = job.watermark
         new = steps.filter(pl.col("start_ns") > pl.col("rank").replace_strict(
             wm, default=-1, return_dtype=pl.Int64))  # fmt: skip
@@ -416,21 +428,8 @@ class Daemon:
         else:
             shift = job.next_id - int(new["step"].min())
         new = new.with_columns(pl.col("step") + shift)
-        # per rank, the ids must go on from the rank's last step: the next id, plus the steps
-        # that fit in the time between (a step the build could not close on that rank); a
-        # build whose collectives were matched differently for one rank cannot renumber it
         if job.steps.height:
-            prev = job.steps.sort("start_ns").group_by("rank").agg(
-                pl.col("step").last().alias("_id"), pl.col("end_ns").last().alias("_end"),
-                pl.col("step_time_ns").median().alias("_dt"))  # fmt: skip
-            first = new.sort("start_ns").group_by("rank").agg(
-                pl.col("step").first().alias("_first"), pl.col("start_ns").first().alias("_s"))
-            fix = first.join(prev, on="rank").with_columns(
-                (pl.col("_id") + 1 + ((pl.col("_s") - pl.col("_end")) / pl.col("_dt"))
-                 .round().cast(pl.Int64).clip(lower_bound=0) - pl.col("_first"))
-                .alias("_fix")).select("rank", "_fix")  # fmt: skip
-            new = new.join(fix, on="rank", how="left").with_columns(
-                (pl.col("step") + pl.col("_fix").fill_null(0)).alias("step")).drop("_fix")
+            new = _continue_ids(job.steps, steps, new)
         new = new.filter(pl.col("step") >= 0)
         # CPU samples after a rank's last complete step are the next step's (build_summaries
         # gives them to the nearest step): it gets them in the next build
@@ -484,8 +483,11 @@ class Daemon:
         rec = Recording(manifest=manifest, events=ev.sort("ts_ns"), stacks=job.stacks,
                         host_ctx=job.host)  # fmt: skip
         t0 = time.perf_counter()
-        summ = build_summaries([rec])
+        summ = build_summaries([rec], seq_shifts=job.seq_shifts)
         t1 = time.perf_counter()
+        for tgid, comm, shift, n in summ.meta.pop("seq_shifts", []):
+            if (tgid, comm) in job.seq_shifts or n >= LEARN_SEQS:
+                job.seq_shifts[(tgid, comm)] = shift
         tr = self.tracer
         final = all(t not in tr.targets or tr.targets[t].exited for t in job.tgids)
         new = self._new_steps(job, summ.steps, final)
@@ -496,9 +498,7 @@ class Daemon:
             steps = steps.filter((pl.col("end_ns") >= newest - int(self.config.window_s * 1e9))
                                  & (pl.col("step") > int(steps["step"].max()) - MAX_DIAG_STEPS))
         job.steps = steps
-        tails = [t for t in (summ.tail, job.tail) if t.height]
-        job.tail = pl.concat(tails, how="diagonal_relaxed").unique(
-            "rank", keep="first", maintain_order=True).sort("rank") if tails else job.tail
+        job.tail = _merge_tail(summ.tail, job.tail)
         job.meta = summ.meta
         if gpu_new.height:
             job.gpu = (pl.concat([job.gpu, gpu_new], how="vertical_relaxed") if job.gpu.height
@@ -622,6 +622,98 @@ def _hand_off_probes() -> None:
             os._exit(0)
     os.close(r)
     _HOLDER_PIPES.append(w)  # open until this process exits
+
+
+def _continue_ids(done: pl.DataFrame, steps: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
+    """The ids of a build's new steps (`new`, already shifted onto the job's numbering) for
+    the ranks that have steps in `done` (the job's summaries): each rank goes on from its
+    own ids, whatever numbering the build chose.
+
+    Per rank, the anchor is its latest step that the build found again (same start_ns):
+    from it, a step that starts where the previous one ended is the next id; a step after a
+    hole (the build could not close a step on this rank) keeps the build's distance, at
+    least 1. Without an anchor (its overlap aged out of the raw rows), the first new step
+    follows the rank's last id plus the steps that fit in the time between (median step
+    time). A build's ids are dense over every rank's cycle starts: when one rank's
+    collectives were matched a bucket off, the ranks' cycle starts interleave and the
+    build's ids advance by 2 per step (seen: 52, 54 under CPU load); the ids here do not
+    depend on that."""
+    prev = {r: (i, e, dt) for r, i, e, dt in done.sort("start_ns").group_by("rank").agg(
+        pl.col("step").last(), pl.col("end_ns").last(),
+        pl.col("step_time_ns").median()).rows()}  # fmt: skip
+    ids_of = {(r, s): i for r, s, i in done.select("rank", "start_ns", "step").rows()}
+    by_rank: dict[int, list[tuple[int, int, int]]] = {}
+    for r, b, st, en in steps.sort("start_ns").select("rank", "step", "start_ns",
+                                                       "end_ns").rows():  # fmt: skip
+        by_rank.setdefault(r, []).append((b, st, en))
+    want = {(r, st) for r, st in new.select("rank", "start_ns").rows()}
+    out: dict[tuple[int, int], int] = {}
+    for r, rows in by_rank.items():
+        if r not in prev:
+            continue  # a rank new to the job: the build's ids, shifted (see _new_steps)
+        cur = None  # (build id, job id, end_ns) of the previous step
+        for b, st, en in rows:
+            if (r, st) in ids_of:
+                cur = (b, ids_of[(r, st)], en)
+                continue
+            if (r, st) not in want:
+                continue
+            if cur is None:
+                last_id, last_end, dt = prev[r]
+                gap = round((st - last_end) / dt) if dt else 0
+                j = last_id + 1 + max(0, gap)
+            elif st == cur[2]:
+                j = cur[1] + 1
+            else:
+                j = cur[1] + max(1, b - cur[0])
+            out[(r, st)] = j
+            cur = (b, j, en)
+    if not out:
+        return new
+    fixed = pl.DataFrame([(r, st, j) for (r, st), j in out.items()],
+                         schema={"rank": new.schema["rank"], "start_ns": pl.Int64,
+                                 "_id": pl.Int64}, orient="row")  # fmt: skip
+    return new.join(fixed, on=["rank", "start_ns"], how="left").with_columns(
+        pl.coalesce("_id", "step").alias("step")).drop("_id")
+
+
+def _env_ms(name: str) -> float:
+    """A non-negative number of milliseconds from the environment (0 when unset or bad)."""
+    try:
+        v = float(os.environ.get(name) or 0)
+    except ValueError:
+        return 0.0
+    return v if v > 0 and v == v and v < 3_600_000 else 0.0
+
+
+def _merge_tail(new: pl.DataFrame, old: pl.DataFrame) -> pl.DataFrame:
+    """The job's tail after a build: each rank's row of the build (what it does now), else
+    its previous row (a rank whose raw rows all aged out, e.g. hung for longer than the
+    window). A rank's collectives (`comms`) are the union of the previous row's and the
+    build's (same process: one numbering, `_Job.seq_shifts`), the last TAIL_SEQS per comm:
+    a window that lost a rank's older rows to the window does not make it look as if it
+    never issued them (the hang detector's waiting/missing ranks come from these)."""
+    if not old.height:
+        return new.sort("rank") if new.height else new
+    if not new.height:
+        return old
+    cols = new.columns
+    same = new.select("rank", "tgid").join(old.select("rank", "tgid"), on=["rank", "tgid"])
+    both = pl.concat([
+        new.join(same, on=["rank", "tgid"]).select("rank", "comms", pl.lit(0).alias("_o")),
+        old.join(same, on=["rank", "tgid"]).select("rank", "comms", pl.lit(1).alias("_o")),
+    ], how="vertical_relaxed").explode("comms").drop_nulls("comms")  # fmt: skip
+    if both.height:
+        both = both.with_columns(pl.col("comms").struct.field("comm").alias("_c"),
+                                 pl.col("comms").struct.field("gseq").alias("_g"))  # fmt: skip
+        merged = (both.sort("_o").unique(["rank", "_c", "_g"], keep="first")
+                  .sort(["rank", "_c", "_g"]).group_by(["rank", "_c"], maintain_order=True)
+                  .tail(TAIL_SEQS).group_by("rank", maintain_order=True)
+                  .agg(pl.col("comms").alias("_comms")))  # fmt: skip
+        new = new.join(merged, on="rank", how="left").with_columns(
+            pl.coalesce("_comms", "comms").alias("comms")).drop("_comms")  # fmt: skip
+    kept = old.join(new.select("rank"), on="rank", how="anti")
+    return pl.concat([new.select(cols), kept.select(cols)], how="vertical_relaxed").sort("rank")
 
 
 def _stack_ids(frame: pl.DataFrame) -> set[int]:

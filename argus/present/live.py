@@ -4,7 +4,8 @@
 recording, its per-rank-per-step summaries and its diagnosis) into one JSON-ready dict:
 per rank the recent step time, compute vs wait, arrival lateness, the last collective and
 its sequence number, the hottest CPU frame (a Python function when the samples have Python
-frames), and the straggler / hang flags of the report.
+frames), and the straggler / hang flags of the report; a hang finding keeps its comm, seq,
+op, waiting and missing ranks.
 The daemon serves a list of these as `GET /state`; `argus top` renders them; readers
 (`argus.present.top`) produce the same dict from a recording, so the view is tested on
 recorded data.
@@ -22,6 +23,9 @@ from argus.recording.summaries import Summaries
 
 SCHEMA = "argus.live/1"
 RECENT_STEPS = 5  # the per-rank numbers are medians over the rank's last RECENT_STEPS steps
+# a collective_hang finding keeps where it hangs and who waits / never arrived (what
+# `argus report` says of the same segments; an operator goes to the missing ranks' nodes)
+_HANG_KEYS = ("comm", "seq", "op", "waiting_ranks", "missing_ranks")
 
 
 def _ms(ns: float | None) -> float | None:
@@ -138,7 +142,8 @@ def job_view(job: str, rec: Recording, summ: Summaries, report: dict[str, Any],
         "ranks": ranks,
         "steps": report.get("steps", {}),
         "findings": [
-            {k: f.get(k) for k in ("kind", "severity", "summary", "rank", "score") if k in f}
+            {k: f.get(k) for k in ("kind", "severity", "summary", "rank", "score", *_HANG_KEYS)
+             if k in f}
             for f in report.get("findings", [])
         ][:10],  # fmt: skip
         "drops": report.get("drops", {}),
