@@ -71,8 +71,8 @@ class Daemon:
         )  # fmt: skip
         self.log = open(tmp / "daemon.log", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from argus.cli import run; run()", "daemon", "-o", str(self.out), "--config", str(cfg),
-             "--metrics-addr", "127.0.0.1:0"],
+            [sys.executable, "-c", "from argus.cli import run; run()", "daemon",
+             "-o", str(self.out), "--config", str(cfg), "--metrics-addr", "127.0.0.1:0"],
             stdout=subprocess.DEVNULL, stderr=self.log, cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})  # fmt: skip
         deadline = time.monotonic() + 60
@@ -194,7 +194,8 @@ def test_job_started_later_is_traced_and_its_straggler_exported(daemon, straggle
     lines = console.export_text().splitlines()
     row = next(ln for ln in lines if re.match(rf"\s*1\s+{ranks[1]}\s", ln))
     assert "STRAGGLER" in row
-    assert not any("STRAGGLER" in ln for ln in lines if re.match(rf"\s*[02]\s+{ranks[0]}|\s*[02]\s+{ranks[2]}", ln))
+    others = rf"\s*[02]\s+{ranks[0]}|\s*[02]\s+{ranks[2]}"
+    assert not any("STRAGGLER" in ln for ln in lines if re.match(others, ln))
 
 
 def _free_port() -> int:
@@ -527,28 +528,145 @@ def test_attach_to_a_launcher_skips_the_ranks_dataloader_workers(tmp_path):
     assert [(r["rank"], r["tgid"]) for r in res.manifest["ranks"]] == [(0, rank)]
 
 
+def _live_hang(d: Daemon, ranks) -> dict | None:
+    j = d.job_of(ranks)
+    hangs = [f for f in (j or {}).get("findings", []) if f["kind"] == "collective_hang"]
+    return hangs[0] if hangs else None
+
+
+def _hang_of_segments(job_dir: Path, capsys) -> dict:
+    assert main(["report", str(job_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (h,) = [f for f in report["findings"] if f["kind"] == "collective_hang"]
+    return h
+
+
+HANG_KEYS = ("waiting_ranks", "missing_ranks", "comm", "seq", "op")
+
+
+def _released(d: Daemon, cfg: SimConfig, go: Path) -> tuple:
+    """Start a simulated job that waits for `go`, release it once the daemon traces every
+    rank (so no step of it goes unseen, however slow the machine)."""
+    job = start_job(cfg)
+    ranks = job.wait_ready()
+    d.wait_for(lambda: d.job_of(ranks), 60, "every rank to be traced")
+    go.touch()
+    return job, ranks
+
+
 def test_a_hang_is_diagnosed_live_and_from_the_segments(tmp_path, own_build, capsys):
     """Rank 1 of a simulated job stops before a collective: the daemon's live state flags
     the hang, and `argus report` over the job's segments (the last one rewritten with the
-    latest tail while no step completes) finds the same hang."""
+    latest tail while no step completes) finds the same hang: the same waiting and missing
+    ranks, comm, seq and op."""
     d = Daemon(tmp_path, own_build, window_s=30)
-    job = start_job(SimConfig(ranks=3, steps=5000, faults=["hang:rank=1,start=60"],
-                              build_dir=str(own_build), quiet=True))  # fmt: skip
+    go = tmp_path / "go"
+    job, ranks = _released(d, SimConfig(ranks=3, steps=5000, faults=["hang:rank=1,start=60"],
+                                        wait_go=str(go), build_dir=str(own_build),
+                                        quiet=True), go)  # fmt: skip
     try:
-        ranks = job.wait_ready()
-
-        def hung():
-            j = d.job_of(ranks)
-            return j if j and any(f["kind"] == "collective_hang" for f in j["findings"]) else None
-
-        j = d.wait_for(hung, 90, "the hang in /state")
+        live = d.wait_for(lambda: _live_hang(d, ranks), 90, "the hang in /state")
+        j = d.job_of(ranks)
         assert {r["rank"]: r["hang"] for r in j["ranks"]} == {0: True, 1: True, 2: True}
+        assert (live["waiting_ranks"], live["missing_ranks"], live["op"]) == ([0, 2], [1],
+                                                                             "allreduce")
     finally:
         assert d.stop() == 0
         job.close()
     (job_dir,) = list((d.out / "jobs").iterdir())
+    h = _hang_of_segments(job_dir, capsys)
+    assert {k: h[k] for k in HANG_KEYS} == {k: live[k] for k in HANG_KEYS}
+
+
+# -- whatever the drain timing (docs/daemon.md): the drain is delayed ON PURPOSE -----------
+# ARGUS_DAEMON_TEST_DRAIN_DELAY_MS makes every flush sleep before it drains (as a daemon
+# descheduled on a busy node does): the loop does not poll meanwhile, so each drain brings
+# ~1.7 intervals of rows and lands at another point of the ranks' steps (inside a wait,
+# right after a boundary, ...), and its in-flight snapshot with it.
+DELAY_MS = 700
+
+
+def _delayed(tmp_path: Path, build: Path, **output) -> Daemon:
+    return Daemon(tmp_path, build, env={"ARGUS_DAEMON_TEST_DRAIN_DELAY_MS": str(DELAY_MS)},
+                  **output)  # fmt: skip
+
+
+def test_delayed_drains_keep_each_ranks_step_ids_continuous(tmp_path, own_build, capsys):
+    """A 3-rank job (rank 1 a GPU straggler) under a daemon whose drains come 0.7 s late:
+    per rank the segments' ids are consecutive and none twice, one id is one step on every
+    rank, and `argus report` over the segments counts exactly those steps."""
+    d = _delayed(tmp_path, own_build)
+    go = tmp_path / "go"
+    job, ranks = _released(d, SimConfig(ranks=3, steps=5000,
+                                        faults=["straggler:rank=1,factor=1.6"],
+                                        wait_go=str(go), build_dir=str(own_build),
+                                        quiet=True), go)  # fmt: skip
+    try:
+        j = d.wait_for(lambda: (x := d.job_of(ranks)) and x.get("segments", 0) >= 12 and x,
+                       120, "12 segments")  # fmt: skip
+        assert j["job"].startswith("torchelastic-")
+        assert d.state()["flush_s"] >= DELAY_MS / 1000  # the delay is in effect
+    finally:
+        assert d.stop() == 0
+        job.close()
+    (job_dir,) = list((d.out / "jobs").iterdir())
+    rows = []  # (rank, step, start_ns, step_time_ns)
+    for seg in sorted(job_dir.iterdir(), key=lambda p: int(p.name)):
+        rows += load_summaries(seg).steps.select("rank", "step", "start_ns",
+                                                 "step_time_ns").rows()  # fmt: skip
+    keys = [(r, st) for r, _s, st, _t in rows]
+    assert len(keys) == len(set(keys)), "a step was written twice"
+    ids_of: dict[int, list[tuple[int, int]]] = {}
+    for rank, step, start, _t in rows:
+        ids_of.setdefault(rank, []).append((start, step))
+    assert sorted(ids_of) == [0, 1, 2]
+    for rank, pairs in ids_of.items():
+        ids = [step for _start, step in sorted(pairs)]
+        assert ids == list(range(ids[0], ids[0] + len(ids))), (rank, ids)
+        assert len(ids) >= 12 * 5, (rank, len(ids))  # 12 segments of ~10 steps each
+    # one id, one step: the ranks' starts of an id lie within half a step time (a rank
+    # numbered a step off would put every id off; a stall now and then is allowed)
+    half = sorted(t for *_x, t in rows)[len(rows) // 2] // 2
+    by_id: dict[int, list[int]] = {}
+    for _rank, step, start, _t in rows:
+        by_id.setdefault(step, []).append(start)
+    shared = [v for v in by_id.values() if len(v) == 3]
+    assert len(shared) >= 50
+    assert sum(max(v) - min(v) < half for v in shared) >= 0.9 * len(shared)
     assert main(["report", str(job_dir), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    (h,) = [f for f in report["findings"] if f["kind"] == "collective_hang"]
-    assert (h["missing_ranks"], h["waiting_ranks"]) == ([1], [0, 2])
-    assert h["op"] == "allreduce"
+    assert report["steps"]["count"] == len(by_id)
+    assert {r["rank"]: r["steps"] for r in report["ranks"]} == {
+        rank: len(pairs) for rank, pairs in ids_of.items()}  # fmt: skip
+
+
+def test_delayed_drains_and_a_hang_older_than_the_window(tmp_path, own_build, capsys):
+    """Rank 1 hangs; the daemon's drains come 0.7 s late and its window is 4 s, so by the
+    time the hang is 10 s old (hang_after_s) the raw rows of its start have aged out: the
+    live finding names ranks 0 and 2 waiting and rank 1 missing in every state from the
+    first one on, and `argus report` over the segments says exactly the same."""
+    d = _delayed(tmp_path, own_build, window_s=4)
+    go = tmp_path / "go"
+    job, ranks = _released(d, SimConfig(ranks=3, steps=5000, faults=["hang:rank=1,start=40"],
+                                        wait_go=str(go), build_dir=str(own_build),
+                                        quiet=True), go)  # fmt: skip
+    seen = []
+    try:
+        first = d.wait_for(lambda: _live_hang(d, ranks), 120, "the hang in /state")
+        seen.append(first)
+        for _ in range(3):  # three later states: the finding stays
+            t = d.state()["now_ns"]
+            d.wait_for(lambda t=t: d.state()["now_ns"] > t, 30, "a later state")
+            seen.append(_live_hang(d, ranks))
+        assert d.state()["flush_s"] >= DELAY_MS / 1000  # the delay is in effect
+    finally:
+        assert d.stop() == 0
+        job.close()
+    for live in seen:
+        assert live is not None
+        assert (live["waiting_ranks"], live["missing_ranks"], live["op"]) == ([0, 2], [1],
+                                                                             "allreduce")
+        assert (live["comm"], live["seq"]) == (first["comm"], first["seq"])
+    (job_dir,) = list((d.out / "jobs").iterdir())
+    h = _hang_of_segments(job_dir, capsys)
+    assert {k: h[k] for k in HANG_KEYS} == {k: first[k] for k in HANG_KEYS}
