@@ -170,21 +170,20 @@ def _realign_by_steps(coll: pl.DataFrame, steps: pl.DataFrame) -> dict[int, int]
     ref = counts["rank"][0]
     half = int((steps["step_time_ns"].median() or 0) // 2)
     fr = f.filter(pl.col("rank") == ref)
+    if half <= 0:
+        return {}
     ref_comm = fr["comm"][0]
     fr = fr.select("start_ns", pl.col("gseq").alias("_g")).sort("start_ns")
-    out: dict[int, int] = {}
-    for rank in counts["rank"].to_list()[1:]:
-        fo = f.filter((pl.col("rank") == rank) & (pl.col("comm") == ref_comm)).sort("start_ns")
-        if fo.height < 3 or half <= 0:
-            continue
-        j = fo.join_asof(fr, on="start_ns", strategy="nearest", tolerance=half).drop_nulls("_g")
-        if j.height < 3:
-            continue
-        diff = (j["_g"] - j["gseq"]).value_counts(sort=True)
-        d, n = int(diff[0, 0]), int(diff[0, 1])
-        if d != 0 and n >= 0.75 * j.height:
-            out[int(rank)] = d
-    return out
+    others = f.filter((pl.col("rank") != ref) & (pl.col("comm") == ref_comm)).sort("start_ns")
+    pairs = others.join_asof(fr, on="start_ns", strategy="nearest",
+                             tolerance=half).drop_nulls("_g")  # fmt: skip
+    votes = (pairs.group_by("rank", (pl.col("_g") - pl.col("gseq")).alias("d")).len()
+             .sort(["rank", "len", "d"], descending=[False, True, False])
+             .with_columns(pl.col("len").sum().over("rank").alias("n"))
+             .unique("rank", keep="first", maintain_order=True))  # fmt: skip
+    ok = votes.filter((pl.col("n") >= 3) & (pl.col("d") != 0)
+                      & (pl.col("len") >= 0.75 * pl.col("n")))  # fmt: skip
+    return {int(r): int(d) for r, d in ok.select("rank", "d").rows()}
 
 
 def build_summaries(recordings: Sequence[Recording],

@@ -641,7 +641,9 @@ def _continue_ids(done: pl.DataFrame, steps: pl.DataFrame, new: pl.DataFrame) ->
     prev = {r: (i, e, dt) for r, i, e, dt in done.sort("start_ns").group_by("rank").agg(
         pl.col("step").last(), pl.col("end_ns").last(),
         pl.col("step_time_ns").median()).rows()}  # fmt: skip
-    ids_of = {(r, s): i for r, s, i in done.select("rank", "start_ns", "step").rows()}
+    ids_of = {(r, s): i for r, s, i in done.join(steps.select("rank", "start_ns"),
+                                                 on=["rank", "start_ns"])
+              .select("rank", "start_ns", "step").rows()}  # the build's steps known before
     by_rank: dict[int, list[tuple[int, int, int]]] = {}
     for r, b, st, en in steps.sort("start_ns").select("rank", "step", "start_ns",
                                                        "end_ns").rows():  # fmt: skip
