@@ -84,13 +84,17 @@ def said(findings: list[dict]) -> str:
 
 
 def score(report: dict, truth: dict) -> dict:
-    """Per run: found (None on healthy runs), steps_ok, false_alarm, wrong, other."""
+    """Per run: found (None on healthy runs), steps_ok, ranks_ok, false_alarm, wrong, other."""
     findings = report.get("findings") or []
     serious = [f for f in findings if f.get("severity") in SERIOUS]
     st = report.get("steps") or {}
     count = st.get("count") if st.get("detected") else 0
     lo, hi = truth["steps"]["min"], truth["steps"]["max"]
+    named = {r.get("tgid"): r.get("rank") for r in report.get("ranks") or []}
+    real = {r.get("pid"): r.get("rank") for r in truth["ranks"]}
     out = {"steps_argus": count, "steps_job": [lo, hi],
+           # every rank process found, with its own rank number (launchers that set no RANK)
+           "ranks_ok": named == real, "ranks_argus": sorted(named.items(), key=str),
            "steps_ok": count is not None and lo - 2 <= count <= hi + 2,
            "serious": [{k: f.get(k) for k in ("kind", "severity", "rank", "missing_ranks",
                                               "waiting_ranks", "comm", "seq", "op", "score")
