@@ -10,6 +10,8 @@ with one sentence on any defect, so that the analysis never sees malformed input
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
@@ -138,6 +140,34 @@ def coerce(
     return out
 
 
+def parquet_bytes(df: pl.DataFrame) -> bytes:
+    """`df` as a parquet file, in memory: written to disk by Python (`replace_file`), so that
+    a full disk is an OSError that says so, not a polars error about thrift."""
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    return buf.getvalue()
+
+
+def file_digest(data: bytes) -> dict[str, Any]:
+    """What a manifest (`files`) or meta.json records of a file it vouches for."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def replace_file(target: Path, data: bytes) -> None:
+    """Write `data` to `target` (0600) through a temporary `.<name>.tmp` renamed over it: a
+    reader sees the old file or the new one, never half of one; a failure leaves no .tmp."""
+    tmp = target.parent / f".{target.name}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_recording(
     directory: str | os.PathLike[str],
     manifest: dict[str, Any],
@@ -151,7 +181,9 @@ def write_recording(
     `gpu` is given, `host.parquet` when `host` is given) into `directory`.
 
     The directory is created with mode 0700 and the files 0600; frames are coerced to the
-    schema first, so what is written always reads back. Returns the directory path.
+    schema first, so what is written always reads back. Each file is written to a temporary
+    name and renamed into place; the manifest, last, records each parquet file's size and
+    SHA-256 (`files`), which `load_recording` checks before decoding. Returns the path.
     """
     path = Path(directory)
     try:
@@ -167,23 +199,16 @@ def write_recording(
     gp = coerce(gpu, schema.GPU_SCHEMA, "gpu") if gpu is not None else None
     hc = coerce(host, schema.HOST_SCHEMA, "host") if host is not None else None
     ps = coerce(pystacks, schema.PYSTACKS_SCHEMA, "pystacks") if pystacks is not None else None
+    files: dict[str, dict[str, Any]] = {}
     try:
-        for name, writer in (
-            (schema.EVENTS, lambda p: ev.write_parquet(p)),
-            (schema.STACKS, lambda p: st.write_parquet(p)),
-            *([(schema.GPU, lambda p: gp.write_parquet(p))] if gp is not None else []),
-            *([(schema.HOST, lambda p: hc.write_parquet(p))] if hc is not None else []),
-            *([(schema.PYSTACKS, lambda p: ps.write_parquet(p))] if ps is not None else []),
-            (schema.MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str))),
-        ):
-            target = path / name
-            tmp = path / f".{name}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.close(fd)
-            os.chmod(tmp, 0o600)
-            writer(tmp)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, target)
+        for name, df in ((schema.EVENTS, ev), (schema.STACKS, st), (schema.GPU, gp),
+                         (schema.HOST, hc), (schema.PYSTACKS, ps)):  # fmt: skip
+            if df is not None:
+                data = parquet_bytes(df)
+                files[name] = file_digest(data)
+                replace_file(path / name, data)
+        manifest[schema.FILES] = files  # written last: it vouches for the files above
+        replace_file(path / schema.MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
     except OSError as err:
         raise OutputNotWritable(f"Cannot write the recording in {path}: {err}.") from err
     return path
@@ -214,18 +239,54 @@ def _rust_panics_quiet():
                 os.write(2, tmp.read())
 
 
-def read_parquet(p: Path) -> pl.DataFrame:
+def read_parquet(
+    p: Path,
+    expect: dict[str, Any] | None = None,
+    target: dict[str, pl.DataType] | None = None,
+    required: tuple[str, ...] = (),
+) -> pl.DataFrame:
     """`p` as a frame, else a RecordingInvalid: missing, a folder, truncated or corrupt
-    (whatever polars raises, a Rust panic included)."""
+    (whatever polars raises, a Rust panic included).
+
+    `expect` is what the writer recorded of the file (`file_digest`: `bytes`, and `sha256`
+    when known). A file that does not match it is not decoded: a damaged page header can
+    make polars abort the whole process (an allocation of exabytes) where no exception
+    handler runs. Only its footer is read, to name the defect when it shows there (not
+    parquet, a `required` column absent, a column whose type cannot hold `target`'s), else
+    the mismatch itself is the error. Files without a record (recordings of older versions)
+    are decoded as they are."""
     try:
-        with _rust_panics_quiet():
-            return pl.read_parquet(p)
+        data = p.read_bytes()
     except FileNotFoundError as err:
         raise RecordingInvalid(f"The recording has no {p.name} ({p}).") from err
+    except OSError as err:
+        raise RecordingDamaged(f"{p} cannot be read ({err.strerror}).") from err
+    size, sha = (expect or {}).get("bytes"), (expect or {}).get("sha256")
+    if expect is None:
+        mismatch = None
+    elif len(data) != size:
+        mismatch = f"it has {len(data)} bytes, its writer recorded {size}"
+    elif sha is not None and hashlib.sha256(data).hexdigest() != sha:
+        mismatch = "its content differs from what its writer recorded (SHA-256)"
+    else:
+        mismatch = None
+    try:
+        with _rust_panics_quiet():
+            if mismatch is not None:
+                found = pl.read_parquet_schema(io.BytesIO(data))
+            else:
+                return pl.read_parquet(io.BytesIO(data))
     except (Exception, pl.exceptions.PanicException) as err:
         raise RecordingDamaged(
             f"{p} is not a readable parquet file (truncated or corrupt: {type(err).__name__})."
         ) from err
+    absent = [c for c in required if c not in found]
+    if absent:
+        raise RecordingDamaged(f"{p} lacks the column(s) {', '.join(absent)}.")
+    for name, dtype in (target or {}).items():
+        if name in found and not _holds(found[name], dtype):
+            raise RecordingDamaged(f"{p} has a column {name} of type {found[name]}, not {dtype}.")
+    raise RecordingDamaged(f"{p} is damaged: {mismatch}.")
 
 
 I64 = 2**63
@@ -253,7 +314,7 @@ MANIFEST_KINDS = {
     "format": "text", "host": "text", "clock": "dict", "started_ns": "ns", "ended_ns": "ns",
     "duration_s": "number", "end_reason": "text", "sample_hz": "number", "channels": "dict",
     "ranks": "list", "probes": "list", "drops": "dict", "counts": "dict", "gpu": "dict",
-    "pystacks": "dict", "host_context": "dict",
+    "pystacks": "dict", "host_context": "dict", "files": "dict",
 }  # fmt: skip
 RANK_KINDS = {"rank": "id", "local_rank": "id", "world_size": "id", "tgid": "id", "host": "text",
               "exe": "text", "env": "dict", "libraries": "list", "exited": "bool",
@@ -293,6 +354,11 @@ def check_manifest(manifest: Any, where: str | os.PathLike[str], required=()) ->
             check_value(rank.get(key), kind, str(where), f"ranks[{i}].{key}")
     for name, v in (manifest.get("drops") or {}).items():
         check_value(v, "count", str(where), f"drops.{name}")
+    for name, rec in (manifest.get(schema.FILES) or {}).items():
+        if not isinstance(rec, dict) or rec.get("bytes") is None:
+            raise RecordingDamaged(f"{where}: {schema.FILES}.{name} is not an object with bytes.")
+        check_value(rec.get("bytes"), "count", str(where), f"{schema.FILES}.{name}.bytes")
+        check_value(rec.get("sha256"), "text", str(where), f"{schema.FILES}.{name}.sha256")
     if isinstance(manifest.get("gpu"), dict):
         check_value(manifest["gpu"].get("interval_s"), "number", str(where), "gpu.interval_s")
     return manifest
@@ -347,7 +413,7 @@ def load_recording(directory: str | os.PathLike[str]) -> Recording:
         if name != schema.EVENTS and not p.exists():
             frames[name] = pl.DataFrame(schema=target)
             continue
-        df = read_parquet(p)
+        df = read_parquet(p, (manifest.get(schema.FILES) or {}).get(name), target, req)
         absent = [c for c in req if c not in df.columns]
         if absent:
             raise RecordingDamaged(f"{p} lacks the column(s) {', '.join(absent)}.")

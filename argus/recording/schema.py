@@ -144,13 +144,11 @@ PYSTACKS_SCHEMA: dict[str, pl.DataType] = {
 
 # What every real recording keeps and the analyzers rely on (`argus.recording.io` rejects a
 # file that breaks it): per file, the columns whose values lie in [low, high) when not null
-# (counts, sizes and durations are never negative; summaries keep sample counts as UInt32;
-# sizes below 1 TiB per call, so that sums over a step cannot overflow), and the list
-# columns that run in parallel (one entry per frame).
+# (summaries keep sample counts as UInt32; a call moves less than 256 TiB, so that sums over
+# a step cannot overflow), and the list columns that run in parallel (one entry per frame).
 VALUE_RANGES: dict[str, dict[str, tuple[int, int]]] = {
-    EVENTS: {"dur_ns": (0, 2**62), "bytes": (0, 2**40), "count": (0, 2**40), "seq": (0, 2**62)},
-    STACKS: {"count": (0, 2**32), "interval_ns": (0, 2**62), "blocked_ns": (0, 2**62)},
-    HOST: {"count": (0, 2**62), "total_ns": (0, 2**62), "interval_ns": (0, 2**62)},
+    EVENTS: {"bytes": (0, 2**48)},
+    STACKS: {"count": (0, 2**32)},
 }
 SAME_LENGTH: dict[str, tuple[str, ...]] = {PYSTACKS: ("functions", "files", "lines", "kinds")}
 
@@ -176,6 +174,9 @@ MANIFEST_KEYS = (
     "drops",  # {"events_ringbuf": int, "stack_walk_failed": int, "stack_map_full": int, ...}
     "counts",  # {"events": {channel: int}, "stack_samples": int}
 )
+# Optional: "files": {name: {"bytes": int, "sha256": hex}}, the parquet files written with the
+# manifest (`argus.recording.io.write_recording`); the loader checks them before decoding
+FILES = "files"
 # Optional: "gpu": {"available": bool, "reason"?, "devices", "unsupported", ...} (docs/gpu.md)
 # Optional: "pystacks": {"taken": bool, "reason": str, "notes": {tgid: str}} (docs/stacks.md)
 # Optional: "host_context": {"enabled": bool, "tracepoints": {name: "attached" | reason}}

@@ -29,7 +29,6 @@ peaks: a list of `{ns, n}` (peak location and the number of values in its basin)
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -47,6 +46,8 @@ from argus.recording.io import (
     check_manifest,
     check_value,
     coerce,
+    file_digest,
+    parquet_bytes,
     read_json,
     read_parquet,
 )
@@ -174,16 +175,11 @@ def has_events(directory: str | os.PathLike[str]) -> bool:
     return (Path(directory) / schema.EVENTS).exists()
 
 
-def _parquet(df: pl.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    df.write_parquet(buf)
-    return buf.getvalue()
-
-
-def _stage(path: Path, data: bytes, staged: list[tuple[Path, Path]]) -> int:
-    """Write `data` to `.<name>.tmp` (0600) next to `path`, append (tmp, path) to `staged`;
-    returns its size. A failure (an OSError: disk full, file too large) removes the
-    temporary file. Written by Python, not polars, so that the error says what happened."""
+def _stage(path: Path, data: bytes, staged: list[tuple[Path, Path]], sha: dict[str, str]) -> int:
+    """Write `data` to `.<name>.tmp` (0600) next to `path`, append (tmp, path) to `staged`,
+    record its SHA-256 in `sha`; returns its size. A failure (an OSError: disk full, file too
+    large) removes the temporary file. Written by Python, not polars, so that the error says
+    what happened."""
     tmp = path.parent / f".{path.name}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -194,6 +190,7 @@ def _stage(path: Path, data: bytes, staged: list[tuple[Path, Path]]) -> int:
         tmp.unlink(missing_ok=True)
         raise
     staged.append((tmp, path))
+    sha[path.name] = file_digest(data)["sha256"]
     return len(data)
 
 
@@ -202,7 +199,9 @@ def write_summaries(
 ) -> Path:
     """Write `summ` into `directory/summaries/` (0700 folder, 0600 files); returns the folder.
 
-    Existing part files are replaced (a recording is summarised once, at its end). Nothing
+    meta.json records each parquet file's size (`bytes`) and SHA-256 (`sha256`), which
+    `load_summaries` checks before decoding. Existing part files are replaced (a recording
+    is summarised once, at its end). Nothing
     changes unless everything was written: each file goes to a temporary `.<name>.tmp`
     first; only when all are written are they renamed into place (meta.json last) and the
     part files of an earlier write that this one lacks removed. A failure (disk full, a file
@@ -215,6 +214,7 @@ def write_summaries(
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(out, 0o700)
         sizes: dict[str, int] = {}
+        sha: dict[str, str] = {}
         steps = summ.steps.select([pl.col(c).cast(t) for c, t in STEP_SCHEMA.items()])
         width = int(partition_s * 1e9)
         if steps.height:
@@ -224,27 +224,28 @@ def write_summaries(
             ):
                 p = out / f"part-{int(part)}.parquet"
                 part_df = df.drop("_part")
-                sizes[p.name] = _stage(p, _parquet(part_df), staged)
+                sizes[p.name] = _stage(p, parquet_bytes(part_df), staged, sha)
         else:
             p = out / "part-0.parquet"
-            sizes[p.name] = _stage(p, _parquet(_empty(STEP_SCHEMA)), staged)
+            sizes[p.name] = _stage(p, parquet_bytes(_empty(STEP_SCHEMA)), staged, sha)
         sd = summ.stack_dict.select([pl.col(c).cast(t) for c, t in STACK_DICT_SCHEMA.items()])
-        sizes[STACK_DICT] = _stage(out / STACK_DICT, _parquet(sd), staged)
+        sizes[STACK_DICT] = _stage(out / STACK_DICT, parquet_bytes(sd), staged, sha)
         # columns a writer does not know (an older caller) are written as nulls
         tl = summ.tail.select([pl.col(c).cast(t) if c in summ.tail.columns
                                else pl.lit(None, t).alias(c) for c, t in TAIL_SCHEMA.items()])
-        sizes[TAIL] = _stage(out / TAIL, _parquet(tl), staged)
+        sizes[TAIL] = _stage(out / TAIL, parquet_bytes(tl), staged, sha)
         if summ.gpu.height:
             g0 = int(summ.gpu["ts_ns"].min())
             p = out / f"gpu-{g0}.parquet"
-            sizes[p.name] = _stage(p, _parquet(summ.gpu), staged)
+            sizes[p.name] = _stage(p, parquet_bytes(summ.gpu), staged, sha)
         if summ.host_ctx.height:
             hc = summ.host_ctx.select([pl.col(c).cast(t) for c, t in HOST_SUMMARY_SCHEMA.items()])
             p = out / f"host-{int(hc['ts_ns'].min())}.parquet"
-            sizes[p.name] = _stage(p, _parquet(hc), staged)
+            sizes[p.name] = _stage(p, parquet_bytes(hc), staged, sha)
         meta = dict(summ.meta, format=FORMAT, partition_s=partition_s)
         meta["bytes"] = sizes
-        _stage(out / META, json.dumps(meta, indent=1, default=str).encode(), staged)
+        meta["sha256"] = dict(sha)
+        _stage(out / META, json.dumps(meta, indent=1, default=str).encode(), staged, sha)
         for tmp, target in staged[:-1]:
             os.replace(tmp, target)
         for old in out.glob("*.parquet"):
@@ -275,7 +276,7 @@ HOST_SUMMARY_REQUIRED = ("host", *REQUIRED_HOST_COLUMNS)
 # meta.json keys the analysis reads and their kinds (`argus.recording.io.check_manifest`'s).
 META_KINDS = {"host": "text", "steps": "dict", "ends_ns": "dict", "recordings": "list",
               "manifest": "dict", "extra_manifests": "list", "partition_s": "number",
-              "bytes": "dict"}  # fmt: skip
+              "bytes": "dict", "sha256": "dict"}  # fmt: skip
 
 
 def _check_meta(meta: Any, mpath: Path) -> dict[str, Any]:
@@ -288,6 +289,10 @@ def _check_meta(meta: Any, mpath: Path) -> dict[str, Any]:
         check_value(meta.get(key), kind, str(mpath), key)
     for h, e in (meta.get("ends_ns") or {}).items():
         check_value(e, "ns", str(mpath), f"ends_ns.{h}")
+    for name, n in (meta.get("bytes") or {}).items():
+        check_value(n, "count", str(mpath), f"bytes.{name}")
+    for name, h in (meta.get("sha256") or {}).items():
+        check_value(h, "text", str(mpath), f"sha256.{name}")
     for i, r in enumerate(meta.get("recordings") or []):
         if not isinstance(r, dict):
             raise RecordingDamaged(f"{mpath}: recordings[{i}] is not an object.")
@@ -321,10 +326,14 @@ def load_summaries(directory: str | os.PathLike[str]) -> Summaries:
         manifest = check_manifest(read_json(path / schema.MANIFEST), path / schema.MANIFEST)
     manifest = manifest or dict(meta.get("manifest") or {})
 
+    sizes, shas = meta.get("bytes") or {}, meta.get("sha256") or {}
+
     def read(files: list[Path], target: dict[str, pl.DataType], required=(), ranges=None):
         frames = []
         for f in files:
-            df = read_parquet(f)
+            size = sizes.get(f.name)  # what the writer recorded (older ones: the size only)
+            expect = None if size is None else {"bytes": size, "sha256": shas.get(f.name)}
+            df = read_parquet(f, expect, target, required)
             absent = [c for c in required if c not in df.columns]
             if absent:
                 raise RecordingDamaged(f"{f} lacks the column(s) {', '.join(absent)}.")
@@ -340,6 +349,6 @@ def load_summaries(directory: str | os.PathLike[str]) -> Summaries:
     gfiles = sorted(sdir.glob("gpu-*.parquet"))
     gpu = read(gfiles, schema.GPU_SCHEMA, REQUIRED_GPU_COLUMNS)
     hc = read(sorted(sdir.glob("host-*.parquet")), HOST_SUMMARY_SCHEMA, HOST_SUMMARY_REQUIRED,
-              schema.VALUE_RANGES[schema.HOST])  # fmt: skip
+              schema.VALUE_RANGES.get(schema.HOST))  # fmt: skip
     return Summaries(meta=meta, steps=steps, stack_dict=sd, tail=tail, manifest=manifest,
                      gpu=gpu, path=path, host_ctx=hc)  # fmt: skip
