@@ -16,13 +16,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # tests/: helpers
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers, workloads
 
-import launch  # noqa: E402
-import shapes as zoo  # noqa: E402
 from helpers.cli import ARGUS, ArgusProcess  # noqa: E402
+
+from workloads import launch  # noqa: E402
+from workloads import shapes as zoo  # noqa: E402
 
 SERIOUS = ("warning", "critical")
 FAULTS = ("healthy", "straggler5", "straggler10", "straggler25", "hang", "slow_stage")
@@ -226,13 +225,14 @@ def daemon_check(shape: str, tmp: Path, rng: random.Random, verbose: bool) -> di
         pids = job.wait_ready()
         job.release()
         t0 = time.monotonic()
-        seen_one, score_at, jobs_view = None, None, []
+        seen_one, score_at, jobs_view, most = None, None, [], 0
         while time.monotonic() - t0 < DAEMON_DEADLINE_S + 30:
             state = json.loads(get("/state"))
             jobs_view = [{"job": j.get("job"), "ranks": sorted(
                 (r.get("rank"), r.get("tgid")) for r in j.get("ranks", [])
                 if r.get("tgid") in pids)} for j in state.get("jobs", [])]  # fmt: skip
             jobs_view = [j for j in jobs_view if j["ranks"]]
+            most = max(most, len(jobs_view))  # jobs holding any of our ranks, at worst
             ours = [j for j in jobs_view if len(j["ranks"]) == 4]
             if seen_one is None and len(jobs_view) == 1 and ours:
                 seen_one = time.monotonic() - t0
@@ -246,8 +246,8 @@ def daemon_check(shape: str, tmp: Path, rng: random.Random, verbose: bool) -> di
             time.sleep(0.5)
         result.update(one_job_with_4_ranks_s=None if seen_one is None else round(seen_one, 1),
                       straggler_score_s=None if score_at is None else round(score_at, 1),
-                      jobs_seen=jobs_view,
-                      one_job_ok=seen_one is not None,
+                      jobs_seen=jobs_view, most_jobs_at_once=most,
+                      one_job_ok=seen_one is not None and most == 1,
                       straggler_ok=score_at is not None
                       and score_at <= DAEMON_DEADLINE_S)  # fmt: skip
     finally:
@@ -266,3 +266,32 @@ def daemon_check(shape: str, tmp: Path, rng: random.Random, verbose: bool) -> di
     return result
 
 
+
+
+class Runs:
+    """For a test module: each (shape, "healthy" | "fault") run made once, on first use, and
+    kept (a run that could not be made too: its error is raised again, never retried). A
+    fault run's straggler is a percentage of the shape's healthy run's median step."""
+
+    def __init__(self, tmp_factory, faults: dict[str, launch.Faults], run_s: float = RUN_S):
+        self.tmp_factory, self.faults, self.run_s = tmp_factory, faults, run_s
+        self.done: dict[tuple[str, str], dict | BaseException] = {}
+
+    def get(self, shape: str, which: str) -> dict:
+        key = (shape, which)
+        if key not in self.done:
+            base = launch.SIM_STEP_MS if shape in zoo.SIM_SHAPES else 40.0
+            if which == "fault" and self.faults[shape].straggler:
+                base = self.get(shape, "healthy")["step_ms_job"] or base
+            planted = launch.Faults() if which == "healthy" else self.faults[shape]
+            launcher = "sim" if shape in zoo.SIM_SHAPES else "torchrun"
+            tmp = self.tmp_factory.mktemp(f"{shape}-{which}")
+            try:
+                self.done[key] = one_run(shape, launcher, planted, base, tmp,
+                                         run_s=self.run_s, keep_report=True)  # fmt: skip
+            except Exception as e:  # kept, and raised again for each test that needs it
+                self.done[key] = e
+        got = self.done[key]
+        if isinstance(got, BaseException):
+            raise got
+        return got

@@ -35,8 +35,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-import shapes as zoo  # noqa: E402
+sys.path.insert(0, str(HERE.parent))  # tests/
+from workloads import shapes as zoo  # noqa: E402
 
 TRAIN = HERE / "train.py"
 SHELL = HERE / "shell_launch.sh"
