@@ -88,6 +88,15 @@ class RecordingDamaged(RecordingInvalid):
     default_remedy = "Record it again (argus attach -o DIR), or restore the directory from a copy."
 
 
+def cannot_read(err: OSError) -> RecordingInvalid:
+    """The one sentence for a file or folder of a recording that this user may not read (a
+    PermissionError while loading: `sudo argus attach` writes 0700 folders)."""
+    return RecordingInvalid(
+        f"{err.filename} cannot be read ({err.strerror}).",
+        "Run argus as a user that may read the recording (its owner, or root).",
+    )
+
+
 class OutputNotWritable(ArgusError):
     """The output directory cannot be created or written."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from argus.analyze.report import DEFAULT_HANG_AFTER_S, diagnose
-from argus.errors import OutputNotWritable
+from argus.errors import OutputNotWritable, cannot_read
 from argus.present.chrome import write_chrome_trace
 from argus.recording.io import load_recording
 
@@ -29,8 +29,11 @@ def command(dirs: tuple[str, ...], fmt: str, output: str) -> None:
 
     Times are microseconds from the earliest event on the aligned wall clock.
     """
-    recordings = [load_recording(d) for d in dirs]
-    report = diagnose(recordings, hang_after_s=DEFAULT_HANG_AFTER_S)
+    try:
+        recordings = [load_recording(d) for d in dirs]
+        report = diagnose(recordings, hang_after_s=DEFAULT_HANG_AFTER_S)
+    except PermissionError as err:
+        raise cannot_read(err) from err
     try:
         n = write_chrome_trace(output, recordings, report)
     except OSError as err:

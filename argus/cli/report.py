@@ -8,7 +8,7 @@ import math
 import click
 
 from argus.analyze.report import DEFAULT_HANG_AFTER_S, diagnose
-from argus.errors import UsageError
+from argus.errors import UsageError, cannot_read
 from argus.present.render import print_report
 from argus.recording.io import load_recording
 from argus.recording.segments import expand_dirs
@@ -55,12 +55,15 @@ def command(
     """
     if not math.isfinite(hang_after) or hang_after <= 0:
         raise UsageError("--hang-after must be a finite positive number of seconds.")
-    paths = expand_dirs(dirs)
-    if any(has_summaries(d) and not has_events(d) for d in paths) or from_summaries:
-        report = _from_summaries(paths, hang_after)
-    else:
-        recordings = [load_recording(d) for d in paths]
-        report = diagnose(recordings, hang_after_s=hang_after)
+    try:
+        paths = expand_dirs(dirs)
+        if any(has_summaries(d) and not has_events(d) for d in paths) or from_summaries:
+            report = _from_summaries(paths, hang_after)
+        else:
+            recordings = [load_recording(d) for d in paths]
+            report = diagnose(recordings, hang_after_s=hang_after)
+    except PermissionError as err:
+        raise cannot_read(err) from err
     if as_json:
         click.echo(json.dumps(report, default=str))
     else:

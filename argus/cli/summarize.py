@@ -6,7 +6,7 @@ import math
 
 import click
 
-from argus.errors import UsageError
+from argus.errors import UsageError, cannot_read
 from argus.recording import schema
 from argus.recording.io import load_recording
 from argus.recording.summaries import (
@@ -47,7 +47,10 @@ def command(dirs: tuple[str, ...], summaries_only: bool, partition_s: float) -> 
     # every DIR is loaded and summarised before any is written: a bad one leaves all as they were
     done = []
     for d in dirs:
-        rec = load_recording(d)
+        try:
+            rec = load_recording(d)
+        except PermissionError as err:
+            raise cannot_read(err) from err
         raw = sum((rec.path / f).stat().st_size for f in (schema.EVENTS, schema.STACKS, schema.GPU)
                   if (rec.path / f).exists())  # fmt: skip
         done.append((d, rec.path, raw, build_summaries([rec])))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import resource
 import shutil
 import signal
@@ -528,6 +529,32 @@ def test_a_damaged_page_header_is_found_before_polars_decodes_it(bases, tmp_path
         assert _one_sentence(run.stderr) == (
             f"{d / schema.EVENTS} is damaged: its content differs from what its writer "
             "recorded (SHA-256).")  # fmt: skip
+
+
+def test_a_folder_this_user_may_not_read(bases, capfd):
+    """summaries/ is 0700 (`sudo argus attach` writes it so): another user's `argus report`
+    gets one sentence naming the file, not a PermissionError traceback. As root the command
+    runs as nobody in a child process; otherwise the folder is made unreadable."""
+    root = Path(tempfile.mkdtemp(prefix="argus-perm-"))
+    try:
+        d = Path(shutil.copytree(bases["summ_gpu"], root / "run"))
+        for p in (root, d, *[p for p in d.iterdir() if p.name != DIR]):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        (d / DIR).chmod(0o700 if os.geteuid() == 0 else 0)
+        args = ["report", str(d), "--from-summaries"]
+        if os.geteuid() == 0:
+            run = subprocess.run([sys.executable, "-c", "import sys; from argus.cli import main; "
+                                  "sys.exit(main(sys.argv[1:]))", *args], user=65534,
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+            rc, out, err = run.returncode, run.stdout, run.stderr
+        else:
+            rc, out, err = _cli(capfd, *args)
+        assert (rc, out) == (1, "")
+        assert _one_sentence(err) == (f"{d / DIR / 'meta.json'} cannot be read "
+                                      "(Permission denied).")  # fmt: skip
+    finally:
+        (root / "run" / DIR).chmod(0o700)
+        shutil.rmtree(root)
 
 
 # -- writes that fail half-way leave nothing behind ---------------------------------------
