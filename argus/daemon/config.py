@@ -63,6 +63,8 @@ _SECTIONS = {
 }
 # The command-line flags that override keys (their errors name the flag, not a file).
 _FLAGS = {"interval_s": "-i/--interval", "window_s": "--window", "max_disk_mb": "--max-disk-mb"}
+# The remedy of a defect in the file.
+FIX = "Fix it in the config file; docs/daemon.md lists the sections and keys."
 # Durations (the `*_s` keys) are at most a year: a longer one overflows the daemon's timers.
 MAX_SECONDS = 365 * 24 * 3600
 
@@ -106,6 +108,34 @@ def _checked(name: str, kind: str, value, where: str):
     return number
 
 
+def _read(path: Path, types: dict[str, str]) -> dict:
+    """The validated values of the TOML file `path` (see `load_config`)."""
+    values: dict = {}
+    try:
+        data = tomllib.loads(Path(path).read_bytes().decode())
+    except OSError as e:
+        raise UsageError(f"cannot read the config file {path}: {e.strerror}.") from e
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"the config file {path} is not UTF-8 text (byte {e.start} is invalid)."
+        ) from e
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"the config file {path} is not valid TOML: {e}.") from e
+    for section, body in data.items():
+        if section not in _SECTIONS:
+            raise UsageError(f"{path}: unknown section [{_name(section)}] "
+                             f"(known: {', '.join(_SECTIONS)}).")  # fmt: skip
+        if not isinstance(body, dict):
+            raise UsageError(f"{path}: [{section}] must be a table of keys, "
+                             f"found {_show(body)}.")  # fmt: skip
+        for key, value in body.items():
+            if key not in _SECTIONS[section]:
+                raise UsageError(f"{path}: unknown key {_name(key)} in [{section}] "
+                                 f"(known: {', '.join(_SECTIONS[section])}).")  # fmt: skip
+            values[key] = _checked(key, types[key], value, f"{path}: [{section}] {key}")
+    return values
+
+
 def load_config(path: str | Path | None, **overrides) -> DaemonConfig:
     """Read the TOML file (None: defaults), then apply non-None overrides (CLI flags).
 
@@ -116,27 +146,10 @@ def load_config(path: str | Path | None, **overrides) -> DaemonConfig:
     types = {f.name: f.type for f in fields(DaemonConfig)}
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_bytes().decode())
-        except OSError as e:
-            raise UsageError(f"cannot read the config file {path}: {e.strerror}.") from e
-        except UnicodeDecodeError as e:
-            raise UsageError(
-                f"the config file {path} is not UTF-8 text (byte {e.start} is invalid)."
-            ) from e
-        except tomllib.TOMLDecodeError as e:
-            raise UsageError(f"the config file {path} is not valid TOML: {e}.") from e
-        for section, body in data.items():
-            if section not in _SECTIONS:
-                raise UsageError(f"{path}: unknown section [{_name(section)}] "
-                                 f"(known: {', '.join(_SECTIONS)}).")  # fmt: skip
-            if not isinstance(body, dict):
-                raise UsageError(f"{path}: [{section}] must be a table of keys, "
-                                 f"found {_show(body)}.")  # fmt: skip
-            for key, value in body.items():
-                if key not in _SECTIONS[section]:
-                    raise UsageError(f"{path}: unknown key {_name(key)} in [{section}] "
-                                     f"(known: {', '.join(_SECTIONS[section])}).")  # fmt: skip
-                values[key] = _checked(key, types[key], value, f"{path}: [{section}] {key}")
+            values = _read(Path(path), types)
+        except UsageError as e:
+            e.remedy = FIX
+            raise
     for key, value in overrides.items():
         if value is not None:
             values[key] = _checked(key, types[key], value, _FLAGS.get(key, key))
