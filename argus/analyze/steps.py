@@ -21,6 +21,7 @@ logging call every N steps) are absorbed into the step they fall in.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
 from statistics import median
@@ -311,8 +312,8 @@ def detect_steps(tl: pl.DataFrame, coll: pl.DataFrame) -> StepDetection:
             return None
 
         def last_before(s: int, *, _seqs=seqs) -> int | None:
-            prev = [x for x in _seqs if x < s]
-            return prev[-1] if prev else None
+            i = bisect_left(_seqs, s)
+            return _seqs[i - 1] if i else None
 
         bounds = []
         for s in starts:
@@ -336,7 +337,7 @@ def detect_steps(tl: pl.DataFrame, coll: pl.DataFrame) -> StepDetection:
                 end = None
             if end is None or end <= start:
                 continue
-            last = max(x for x in seqs if s <= x < s + p)
+            last = seqs[bisect_left(seqs, s + p) - 1]  # the cycle's last marker seen
             rows.append(
                 {
                     "rank": r,

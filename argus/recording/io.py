@@ -375,6 +375,8 @@ def load_recording(directory: str | os.PathLike[str]) -> Recording:
     channel was off: an empty frame), and pystacks.parquet. Columns are coerced to
     `schema.EVENTS_SCHEMA` / `STACKS_SCHEMA` / `GPU_SCHEMA` / `HOST_SCHEMA` /
     `PYSTACKS_SCHEMA`; the required columns must have a value in every row.
+    A directory without manifest.json whose parts/ holds the parts of a session that
+    stopped early (SIGKILL, OOM) is read from them (`argus.recording.parts.load_parts`).
     """
     path = Path(directory)
     if not path.exists():
@@ -383,6 +385,10 @@ def load_recording(directory: str | os.PathLike[str]) -> Recording:
         raise RecordingInvalid(f"{path} is not a directory.")
     mpath = path / schema.MANIFEST
     if not mpath.exists():
+        from argus.recording import parts  # parts builds on this module
+
+        if parts.has_parts(path):  # a session that stopped before merging its parts
+            return parts.load_parts(path)
         raise RecordingInvalid(f"{path} has no {schema.MANIFEST}, so it is not an argus recording.")
     manifest = read_json(mpath)
     if not isinstance(manifest, dict):

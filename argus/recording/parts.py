@@ -164,7 +164,11 @@ class PartWriter:
         """One part: DIR/parts/<n>-<n>/ (a complete recording, its manifest written last)."""
         n = self._next
         self._next += 1
-        path = self.directory / PARTS / f"{n:06d}-{n:06d}"
+        root = self.directory / PARTS
+        if n == 0:
+            root.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(root, 0o700)  # the umask does not widen it: readable by its owner only
+        path = root / f"{n:06d}-{n:06d}"
         man = dict(manifest, part={"index": n})
         write_recording(path, man, events, stacks, gpu=gpu, host=host)
         rec = Recording(  # coerced to the schema, as a reader of the part will see it

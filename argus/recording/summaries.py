@@ -172,7 +172,14 @@ def has_summaries(directory: str | os.PathLike[str]) -> bool:
 
 
 def has_events(directory: str | os.PathLike[str]) -> bool:
-    return (Path(directory) / schema.EVENTS).exists()
+    """A raw recording: its events.parquet, or the parts of a session that stopped before
+    merging them (argus.recording.parts)."""
+    d = Path(directory)
+    if (d / schema.EVENTS).exists():
+        return True
+    from argus.recording.parts import has_parts  # parts builds on io, which imports this
+
+    return has_parts(d)
 
 
 def _stage(path: Path, data: bytes, staged: list[tuple[Path, Path]], sha: dict[str, str]) -> int:

@@ -1,13 +1,18 @@
-"""`argus attach` end to end through the CLI: recording, summaries, diagnosis, JSON."""
+"""`argus attach` end to end, run as a user runs it (a separate process): recording,
+summaries, diagnosis, JSON; `-d`; a recording that survives SIGKILL; SIGTERM."""
 
 from __future__ import annotations
 
 import json
+import signal
+import time
 
 import pytest
 
 from argus.cli import main
+from argus.recording.io import load_recording
 from argus.sim.launcher import SimConfig, start_job
+from helpers.cli import ArgusProcess
 
 pytestmark = pytest.mark.bpf
 
@@ -17,31 +22,128 @@ def _findings(report):
                   if f["severity"] in ("warning", "critical"))  # fmt: skip
 
 
-def test_attach_writes_recording_and_summaries_and_prints_the_report(tmp_path, capsys):
+def _job(tmp_path, **kw):
     go = tmp_path / "go"
-    job = start_job(SimConfig(ranks=3, steps=30, faults=["straggler:rank=1,factor=1.6"],
-                              wait_go=str(go), truth=str(tmp_path / "truth.json")))
+    job = start_job(SimConfig(wait_go=str(go), truth=str(tmp_path / "truth.json"), quiet=True,
+                              **kw))  # fmt: skip
+    job.wait_ready()
+    return job, go
+
+
+def test_attach_writes_recording_and_summaries_and_prints_the_report(tmp_path, capsys):
+    job, go = _job(tmp_path, ranks=3, steps=30, faults=["straggler:rank=1,factor=1.6"])
+    out = tmp_path / "rec"
     try:
-        job.wait_ready()
-        # The go file appears as soon as attach has started: the CLI has no hook, so a
-        # watcher thread would race it; releasing now only costs the first steps.
-        go.touch()
-        out = tmp_path / "rec"
-        rc = main(["attach", str(job.launcher_pid), "-o", str(out), "--json", "--no-cpu"])
-        job.wait(60)
+        cli = ArgusProcess(["attach", str(job.launcher_pid), "-o", str(out), "--json",
+                            "--no-cpu"])  # fmt: skip
+        cli.wait_for("argus: tracing")
+        go.touch()  # released once its probes are live
+        rc = cli.wait(120)
+        assert job.wait(60) == 0
     finally:
-        if job.proc.poll() is None:
-            job.terminate()
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    report = json.loads(captured.out)  # exactly one JSON object on stdout
+        cli.kill()
+        job.close()
+    assert rc == 0, cli.err
+    report = json.loads(cli.out)  # exactly one JSON object on stdout
     assert report["schema"] == "argus.report/1"
-    assert "argus: tracing" in captured.err and "recorded" in captured.err
+    assert "recorded" in cli.err and "Traceback" not in cli.err
     assert (out / "manifest.json").stat().st_mode & 0o777 == 0o600
     assert (out.stat().st_mode & 0o777) == 0o700
+    assert not (out / "parts").exists()  # merged into the recording at the end
     assert any((out / "summaries").iterdir())
+    rec = load_recording(out)
+    truth = job.truth()
+    assert rec.manifest["end_reason"] == "targets_exited"
+    steps = truth["ranks"][0]["steps_completed"]
+    assert report["steps"]["count"] in range(steps - 2, steps + 1)
+    # every launch of every rank is in the merged recording (written in parts), exactly once
+    names = ["cudaLaunchKernel", "cudaLaunchKernel_ptsz"]
+    launches = rec.events.filter(rec.events["name"].cast(str).is_in(names))
+    assert launches.height == sum(r["library_calls"]["libcudart.so.12"][n]
+                                  for r in truth["ranks"] for n in names)  # fmt: skip
+    assert launches.unique(["tgid", "tid", "ts_ns"]).height == launches.height
     # The summaries alone give the same serious findings as the raw events.
     assert main(["report", str(out), "--json", "--from-summaries"]) == 0
     from_summaries = json.loads(capsys.readouterr().out)
     assert _findings(from_summaries) == _findings(report)
     assert ("straggler", 1) in _findings(report)
+
+
+def test_duration_is_tracing_time_and_the_command_returns_soon_after(tmp_path):
+    """-d N: N s of tracing from the 'tracing' line; the command (diagnosis printed) returns
+    within N + 2 s: the probes' release (~0.23 s per uprobe in the kernel) happens in the
+    background, after the recording is complete."""
+    job, go = _job(tmp_path, ranks=4, duration_s=120)
+    out = tmp_path / "rec"
+    try:
+        cli = ArgusProcess(["attach", str(job.launcher_pid), "-d", "10", "-o", str(out)])
+        traced_at = cli.wait_for("argus: tracing")
+        go.touch()
+        rc = cli.wait(120)
+        ended_at = time.monotonic()
+    finally:
+        cli.kill()
+        job.close()
+    assert rc == 0, cli.err
+    rec = load_recording(out)
+    assert rec.manifest["end_reason"] == "duration"
+    assert 10.0 <= rec.manifest["duration_s"] < 11.0, rec.manifest["duration_s"]
+    # quiet, it returns ~11.3 s after the tracing line (README); a loaded 2-core box adds a
+    # second or two to the diagnosis; waiting for the probes' release took it to 20 s
+    assert ended_at - traced_at < 14.0, (ended_at - traced_at, cli.err)
+    assert rec.manifest["counts"]["events"]["nccl"] > 0
+
+
+def test_a_sigkilled_attach_leaves_a_readable_recording(tmp_path, capsys):
+    """SIGKILL (or the OOM killer) after N s: the parts written so far hold >= N - 2 s, and
+    `argus report` reads them (the recording says it is unfinished)."""
+    job, go = _job(tmp_path, ranks=2, duration_s=120)
+    out = tmp_path / "rec"
+    try:
+        cli = ArgusProcess(["attach", str(job.launcher_pid), "-o", str(out), "--no-summaries"])
+        traced_at = cli.wait_for("argus: tracing")
+        go.touch()
+        time.sleep(max(0.0, traced_at + 6.0 - time.monotonic()))  # N = 6 s of tracing
+        killed_at = time.monotonic()
+        cli.signal(signal.SIGKILL)
+        cli.wait(30)
+    finally:
+        cli.kill()
+        job.close()
+    assert not (out / "manifest.json").exists()  # never merged: it was killed
+    assert main(["report", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (info,) = report["recordings"]
+    assert info["end_reason"] == "unfinished"
+    rec = load_recording(out)
+    traced_s = (killed_at - traced_at)
+    span_s = (int(rec.events["ts_ns"].max()) - rec.manifest["started_ns"]) / 1e9
+    assert span_s >= traced_s - 2.0, (span_s, traced_s)
+    assert {r["rank"] for r in report["ranks"]} == {0, 1}
+    assert report["steps"]["count"] >= 10
+    assert (out / "parts").stat().st_mode & 0o777 == 0o700
+    for f in (out / "parts").rglob("*"):
+        assert f.stat().st_mode & 0o777 == (0o700 if f.is_dir() else 0o600), f
+
+
+def test_sigterm_ends_the_attach_with_a_complete_recording(tmp_path):
+    job, go = _job(tmp_path, ranks=2, duration_s=120)
+    out = tmp_path / "rec"
+    try:
+        cli = ArgusProcess(["attach", str(job.launcher_pid), "-o", str(out)])
+        cli.wait_for("argus: tracing")
+        go.touch()
+        # wait for the first parts (the job is stepping and traced), then stop
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list((out / "parts").glob("*"))) < 3:
+            time.sleep(0.05)
+        cli.signal(signal.SIGTERM)
+        rc = cli.wait(60)
+    finally:
+        cli.kill()
+        job.close()
+    assert rc == 0, cli.err
+    rec = load_recording(out)
+    assert rec.manifest["end_reason"] == "sigterm"
+    assert not (out / "parts").exists()
+    assert rec.events.height > 0 and "Traceback" not in cli.err

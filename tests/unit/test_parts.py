@@ -55,6 +55,7 @@ def test_a_killed_session_is_read_from_its_parts_once_per_row(tmp_path):
     # parts 0-3 and 4-7 compacted; 8 and 9 on their own
     assert names == ["000000-000003", "000004-000007", "000008-000008", "000009-000009"]
     assert has_parts(tmp_path)
+    assert (tmp_path / PARTS).stat().st_mode & 0o777 == 0o700
     rec = load_parts(tmp_path)
     assert rec.manifest["end_reason"] == UNFINISHED and rec.manifest["parts"] == 4
     calls = rec.events.filter(~pl.col("in_flight"))
