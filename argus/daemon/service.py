@@ -12,7 +12,8 @@ Loop (single thread; the HTTP server answers from its own threads with the last 
 - every `interval_s`: `Tracer.drain()` -> rows split by job -> incremental analysis per
   job (`_analyse`): `build_summaries` runs on the rows since the start of the job's last
   `OVERLAP_STEPS` summarised steps only (the new steps plus a fixed overlap, whose
-  (rank, start_ns) pairs map the build's step ids onto the job's continuous ids); the new
+  (rank, start_ns) pairs anchor each rank's new ids to its own previous ones; the job's
+  collectives keep one numbering from build to build, `_Job.seq_shifts`); the new
   steps join the job's summaries, kept for the last `window_s` (at most `MAX_DIAG_STEPS`
   steps); `diagnose_summaries` runs on those (the same detectors as `argus report`, on
   per-step rows: no raw event is re-read), `job_view` makes the live state. The new steps
@@ -485,9 +486,13 @@ class Daemon:
         t0 = time.perf_counter()
         summ = build_summaries([rec], seq_shifts=job.seq_shifts)
         t1 = time.perf_counter()
+        renumbered = set()  # processes whose numbering this build corrected (by the steps)
         for tgid, comm, shift, n in summ.meta.pop("seq_shifts", []):
-            if (tgid, comm) in job.seq_shifts or n >= LEARN_SEQS:
+            old = job.seq_shifts.get((tgid, comm))
+            if old is not None or n >= LEARN_SEQS:
                 job.seq_shifts[(tgid, comm)] = shift
+            if old is not None and old != shift:
+                renumbered.add(tgid)
         tr = self.tracer
         final = all(t not in tr.targets or tr.targets[t].exited for t in job.tgids)
         new = self._new_steps(job, summ.steps, final)
@@ -498,7 +503,7 @@ class Daemon:
             steps = steps.filter((pl.col("end_ns") >= newest - int(self.config.window_s * 1e9))
                                  & (pl.col("step") > int(steps["step"].max()) - MAX_DIAG_STEPS))
         job.steps = steps
-        job.tail = _merge_tail(summ.tail, job.tail)
+        job.tail = _merge_tail(summ.tail, job.tail, renumbered)
         job.meta = summ.meta
         if gpu_new.height:
             job.gpu = (pl.concat([job.gpu, gpu_new], how="vertical_relaxed") if job.gpu.height
@@ -688,19 +693,23 @@ def _env_ms(name: str) -> float:
     return v if v > 0 and v == v and v < 3_600_000 else 0.0
 
 
-def _merge_tail(new: pl.DataFrame, old: pl.DataFrame) -> pl.DataFrame:
+def _merge_tail(new: pl.DataFrame, old: pl.DataFrame,
+                renumbered: set[int] = frozenset()) -> pl.DataFrame:  # fmt: skip
     """The job's tail after a build: each rank's row of the build (what it does now), else
     its previous row (a rank whose raw rows all aged out, e.g. hung for longer than the
     window). A rank's collectives (`comms`) are the union of the previous row's and the
-    build's (same process: one numbering, `_Job.seq_shifts`), the last TAIL_SEQS per comm:
-    a window that lost a rank's older rows to the window does not make it look as if it
-    never issued them (the hang detector's waiting/missing ranks come from these)."""
+    build's (same process: one numbering, `_Job.seq_shifts`; not for a process in
+    `renumbered`, whose numbering the build just corrected), the last TAIL_SEQS per comm:
+    a window that lost a rank's older rows does not make it look as if it never issued
+    them (the hang detector's waiting/missing ranks come from these)."""
     if not old.height:
         return new.sort("rank") if new.height else new
     if not new.height:
         return old
     cols = new.columns
     same = new.select("rank", "tgid").join(old.select("rank", "tgid"), on=["rank", "tgid"])
+    if renumbered:
+        same = same.filter(~pl.col("tgid").is_in(sorted(renumbered)))
     both = pl.concat([
         new.join(same, on=["rank", "tgid"]).select("rank", "comms", pl.lit(0).alias("_o")),
         old.join(same, on=["rank", "tgid"]).select("rank", "comms", pl.lit(1).alias("_o")),
