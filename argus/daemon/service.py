@@ -12,8 +12,9 @@ Loop (single thread; the HTTP server answers from its own threads with the last 
 - every `interval_s`: `Tracer.drain()` -> rows split by job -> incremental analysis per
   job (`_analyse`): `build_summaries` runs on the rows since the start of the job's last
   `OVERLAP_STEPS` summarised steps only (the new steps plus a fixed overlap, whose
-  (rank, start_ns) pairs anchor each rank's new ids to its own previous ones; the job's
-  collectives keep one numbering from build to build, `_Job.seq_shifts`); the new
+  (rank, start_ns) pairs anchor each rank's new ids to its own previous ones,
+  `_assign_ids`; the job's collectives keep one numbering from build to build,
+  `_Job.seq_shifts`); the new
   steps join the job's summaries, kept for the last `window_s` (at most `MAX_DIAG_STEPS`
   steps); `diagnose_summaries` runs on those (the same detectors as `argus report`, on
   per-step rows: no raw event is re-read), `job_view` makes the live state. The new steps
@@ -29,6 +30,7 @@ A failure while handling one job (or one target) is logged and never stops the d
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -412,25 +414,16 @@ class Daemon:
         }  # fmt: skip
 
     def _new_steps(self, job: _Job, steps: pl.DataFrame, final: bool = False) -> pl.DataFrame:
-        """The build's steps not summarised before, with the job's continuous step ids: the
-        build numbers its steps from 0; the overlap steps, known by (rank, start_ns), give
-        the shift for a rank new to the job (else the new steps follow the last id); a rank
-        with steps goes on from its own ids (`_continue_ids`). `final`: every rank has
-        exited (the last step keeps the CPU samples after it, as at the end of a recording)."""
+        """The build's steps not summarised before, with the job's continuous step ids
+        (`_assign_ids`: from each rank's own ids and the steps' times, never from the
+        build's numbering). `final`: every rank has exited (the last step keeps the CPU
+        samples after it, as at the end of a recording)."""
         wm = job.watermark
         new = steps.filter(pl.col("start_ns") > pl.col("rank").replace_strict(
             wm, default=-1, return_dtype=pl.Int64))  # fmt: skip
         if not new.height:
             return new
-        known = steps.join(job.steps.select("rank", "start_ns", pl.col("step").alias("_g")),
-                           on=["rank", "start_ns"])  # fmt: skip
-        if known.height:
-            shift = int((known["_g"] - known["step"]).mode().sort()[-1])
-        else:
-            shift = job.next_id - int(new["step"].min())
-        new = new.with_columns(pl.col("step") + shift)
-        if job.steps.height:
-            new = _continue_ids(job.steps, steps, new)
+        new = _assign_ids(job.steps, steps, new, job.next_id)
         new = new.filter(pl.col("step") >= 0)
         # CPU samples after a rank's last complete step are the next step's (build_summaries
         # gives them to the nearest step): it gets them in the next build
@@ -629,59 +622,95 @@ def _hand_off_probes() -> None:
     _HOLDER_PIPES.append(w)  # open until this process exits
 
 
-def _continue_ids(done: pl.DataFrame, steps: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
-    """The ids of a build's new steps (`new`, already shifted onto the job's numbering) for
-    the ranks that have steps in `done` (the job's summaries): each rank goes on from its
-    own ids, whatever numbering the build chose.
+def _assign_ids(done: pl.DataFrame, steps: pl.DataFrame, new: pl.DataFrame,
+                next_id: int) -> pl.DataFrame:  # fmt: skip
+    """The job's ids of a build's new steps (`new`, rows of the build's `steps`), given the
+    job's summaries so far (`done`) and its next free id.
 
-    Per rank, the anchor is its latest step that the build found again (same start_ns):
-    from it, a step that starts where the previous one ended is the next id; a step after a
-    hole (the build could not close a step on this rank) keeps the build's distance, at
-    least 1. Without an anchor (its overlap aged out of the raw rows), the first new step
-    follows the rank's last id plus the steps that fit in the time between (median step
-    time). A build's ids are dense over every rank's cycle starts: when one rank's
-    collectives were matched a bucket off, the ranks' cycle starts interleave and the
-    build's ids advance by 2 per step (seen: 52, 54 under CPU load); the ids here do not
-    depend on that."""
-    prev = {r: (i, e, dt) for r, i, e, dt in done.sort("start_ns").group_by("rank").agg(
-        pl.col("step").last(), pl.col("end_ns").last(),
-        pl.col("step_time_ns").median()).rows()}  # fmt: skip
-    ids_of = {(r, s): i for r, s, i in done.join(steps.select("rank", "start_ns"),
-                                                 on=["rank", "start_ns"])
-              .select("rank", "start_ns", "step").rows()}  # the build's steps known before
-    by_rank: dict[int, list[tuple[int, int, int]]] = {}
-    for r, b, st, en in steps.sort("start_ns").select("rank", "step", "start_ns",
-                                                       "end_ns").rows():  # fmt: skip
-        by_rank.setdefault(r, []).append((b, st, en))
+    A build's own ids are not used: they depend on how the build matched the ranks'
+    collectives (dense over every rank's cycle starts: one rank matched a bucket off
+    interleaves the cycle starts and the ids advance by 2 per step, seen as 52, 54 under
+    CPU load) and on the step detector's numbering. Instead:
+    - a rank with steps goes on from its own: from its latest step the build found again
+      (same start_ns), else its last one; the next step is the next id, plus the steps that
+      fit in a hole between them (a step the build could not close on this rank: the time
+      from the previous end to this start over the rank's median step time, rounded);
+    - a rank new to the job (or every rank, in a job's first build, after numbering the
+      rank with the most steps from `next_id`) takes the id of the numbered step that
+      starts nearest to each of its steps, within half the median step time (every rank's
+      step ends at the same end-of-step wait, so one step starts at nearly the same time
+      on every rank); its steps without such a neighbour go on from the previous one (or
+      back from the next one) as above, and its ids only increase."""
+    allsteps = pl.concat([done.select("step_time_ns"), steps.select("step_time_ns")])
+    dt_all = float(allsteps["step_time_ns"].median() or 0) or 1.0
+    half = dt_all / 2
+    rows: dict[int, list[tuple[int, int]]] = {}
+    for r, st, en in steps.sort("start_ns").select("rank", "start_ns", "end_ns").rows():
+        rows.setdefault(r, []).append((st, en))
+    dts = {r: float(dt or 0) or dt_all for r, dt in pl.concat([
+        done.select("rank", "step_time_ns"), steps.select("rank", "step_time_ns")],
+        how="vertical_relaxed").group_by("rank").agg(pl.col("step_time_ns").median()).rows()}
+    prev = {r: (i, e) for r, i, e in done.sort("start_ns").group_by("rank").agg(
+        pl.col("step").last(), pl.col("end_ns").last()).rows()}  # fmt: skip
+    ids: dict[tuple[int, int], int] = {
+        (r, st): i for r, st, i in done.join(steps.select("rank", "start_ns"),
+                                             on=["rank", "start_ns"])
+        .select("rank", "start_ns", "step").rows()}  # fmt: skip
     want = {(r, st) for r, st in new.select("rank", "start_ns").rows()}
-    out: dict[tuple[int, int], int] = {}
-    for r, rows in by_rank.items():
-        if r not in prev:
-            continue  # a rank new to the job: the build's ids, shifted (see _new_steps)
-        cur = None  # (build id, job id, end_ns) of the previous step
-        for b, st, en in rows:
-            if (r, st) in ids_of:
-                cur = (b, ids_of[(r, st)], en)
-                continue
-            if (r, st) not in want:
-                continue
-            if cur is None:
-                last_id, last_end, dt = prev[r]
-                gap = round((st - last_end) / dt) if dt else 0
-                j = last_id + 1 + max(0, gap)
-            elif st == cur[2]:
-                j = cur[1] + 1
-            else:
-                j = cur[1] + max(1, b - cur[0])
-            out[(r, st)] = j
-            cur = (b, j, en)
-    if not out:
-        return new
-    fixed = pl.DataFrame([(r, st, j) for (r, st), j in out.items()],
+
+    def after(prev_id: int, prev_end: int, start: int, r: int) -> int:
+        return prev_id + 1 + max(0, round((start - prev_end) / dts[r]))
+
+    for r in sorted(set(rows) & set(prev)):  # ranks with steps: go on from their own ids
+        cur = prev[r]
+        for st, en in rows[r]:
+            if (r, st) in ids:
+                cur = (ids[(r, st)], en)
+            elif (r, st) in want:
+                ids[(r, st)] = after(cur[0], cur[1], st, r)
+                cur = (ids[(r, st)], en)
+    rest = sorted(set(rows) - set(prev), key=lambda r: (-len(rows[r]), r))
+    first_build = not done.height
+    if first_build and rest:  # the rank with the most steps, numbered from 0 (shifted below)
+        r0 = rest.pop(0)
+        cur = None
+        for st, en in rows[r0]:
+            ids[(r0, st)] = 0 if cur is None else after(cur[0], cur[1], st, r0)
+            cur = (ids[(r0, st)], en)
+    if rest:
+        ref = sorted((st, i) for (_r, st), i in ids.items())
+        starts = [st for st, _i in ref]
+        for r in rest:
+            got: list[int | None] = []
+            for st, _en in rows[r]:
+                k = bisect.bisect_left(starts, st)
+                near = [j for j in (k - 1, k) if 0 <= j < len(starts)]
+                best = min(near, key=lambda j: abs(starts[j] - st)) if near else None
+                got.append(ref[best][1] if best is not None and abs(starts[best] - st) <= half
+                           else None)  # fmt: skip
+            if all(g is None for g in got):  # nothing to match: after everything numbered
+                top = max((i for i in ids.values()), default=next_id - 1)
+                got[0] = top + 1
+            lead = next(i for i, g in enumerate(got) if g is not None)
+            for i in range(lead + 1, len(got)):  # forward: matched if it increases, else on
+                (st, _en), (_pst, pen) = rows[r][i], rows[r][i - 1]
+                on = after(got[i - 1], pen, st, r)
+                if got[i] is None or got[i] <= got[i - 1]:
+                    got[i] = on
+            for i in range(lead - 1, -1, -1):  # back from the first matched step
+                (st, en), (nst, _nen) = rows[r][i], rows[r][i + 1]
+                got[i] = got[i + 1] - 1 - max(0, round((nst - en) / dts[r]))
+            for (st, _en), g in zip(rows[r], got, strict=True):
+                if (r, st) in want:
+                    ids[(r, st)] = g
+    if first_build and ids:
+        base = next_id - min(ids.values())
+        ids = {k: v + base for k, v in ids.items()}
+    fixed = pl.DataFrame([(r, st, j) for (r, st), j in ids.items() if (r, st) in want],
                          schema={"rank": new.schema["rank"], "start_ns": pl.Int64,
                                  "_id": pl.Int64}, orient="row")  # fmt: skip
     return new.join(fixed, on=["rank", "start_ns"], how="left").with_columns(
-        pl.coalesce("_id", "step").alias("step")).drop("_id")
+        pl.col("_id").alias("step")).drop("_id").filter(pl.col("step").is_not_null())
 
 
 def _env_ms(name: str) -> float:
