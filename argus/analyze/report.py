@@ -149,7 +149,8 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     # below 2x, and no scope for stragglers or stalls (which read warning windows only)
     job_ranks = metrics["rank"].unique().to_list() if metrics.height else []
     host_context.explain_windows(ev.host, windows, ev.manifests, offsets, job_ranks, metrics)
-    stragglers = straggler.detect_stragglers(metrics, windows, step_ns, score=ev.score)
+    stragglers = straggler.detect_stragglers(metrics, windows, step_ns, score=ev.score,
+                                             pipeline=bool(ev.stages))  # fmt: skip
     host_context.explain_stragglers(ev.host, stragglers, metrics, ev.manifests, offsets)
     stragglers = pipeline.detect_slow_stage(ev.recordings, ev.stages, steps, offsets, stragglers)
     stalls = stall.detect_stalls(metrics, windows, stragglers,

@@ -1,22 +1,31 @@
 """Training steps found in the event stream, without any framework hook, and per-step metrics.
 
-A step of data-parallel training repeats one pattern of collectives. Three modes, tried in
-order:
+A training step repeats one pattern of calls. Per rank, the markers are its collectives on
+EVERY communicator it uses, merged in time order (a tensor-parallel allreduce per layer, the
+data-parallel gradient buckets, a pipeline's send/recv: one step is the period of the whole
+pattern, not of one group's collective); without collectives, its GPU waits (syncs,
+blocking read-backs). A marker's token is (communicator, op, bytes).
 
-- `collectives`: the ranks wait for their GPU (a sync or blocking read-back) between the last
-  collective of a step and the first of the next; a marker (collective of the busiest comm)
-  preceded by such a wait starts a cycle. The dominant cycle signature (the (op, bytes) tuple
-  of the collectives between two cycle starts) is then matched against the sequence (by
-  aligned `gseq`, so dropped events are wildcards); the step boundary is the END of the first
-  wait after the previous collective (the end-of-step synchronize).
-- `torch` (c10d only, gloo) or `sync` (no collectives, e.g. one GPU): the smallest period `p`
-  of the marker tokens (>= 75% of tokens equal to the one `p` later), rotated so the cycle
-  starts after the largest idle gap; the boundary is the end of the marker before a cycle.
-- `none`: nothing periodic (a CPU-only process, too few events).
+- The cycle: for each candidate period p (in markers), the most common window of p tokens
+  and its non-overlapping occurrences (`_occurrences`); the cycle is the smallest p whose
+  occurrences cover >= 95% of what the best candidate covers. Calls that are not part of
+  every step (a logging allgather every 5 steps) are absorbed into the step they fall in;
+  they do not make the pattern 5 steps long. When every marker looks alike (one bucket per
+  step, or equal buckets), a marker also carries whether a long idle precedes it (the
+  natural break of the pooled gaps, `_gap_cut`; a GPU wait counts as idle).
+- The phase: the rotation of the window whose occurrences are preceded by the longest idle
+  (median): a step starts after its end-of-step wait, not in the middle of its backward.
+- Boundary: the end of the first GPU wait between the previous marker and the cycle's first
+  marker (the end-of-step synchronize), else the previous marker's end (or entry).
+- Step ids: when every rank's cycles start on one communicator, the aligned sequence number
+  of the starting collective (the same on every rank); otherwise (pipeline stages start
+  their steps on different calls) each rank's steps are matched to the reference rank's
+  (the most steps) by nearest start, within half a step.
 
-Only complete steps count: a step needs the boundary before it and the one after it, so the
-partial first and last steps of a recording are dropped. Extra calls between cycles (a
-logging call every N steps) are absorbed into the step they fall in.
+Methods: `collectives` (NCCL, or c10d with GPU waits), `torch` (c10d calls only, gloo),
+`sync` (no collectives: the waits; each rank's steps numbered from 0), `none` (nothing
+periodic). Only complete steps count: a step needs the boundary before it and the one
+after it, so the partial first and last steps of a recording are dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from dataclasses import dataclass
 from statistics import median
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 STEP_COLUMNS = {
@@ -39,9 +49,12 @@ STEP_COLUMNS = {
     "first_coll_ns": pl.Int64,
     "last_coll_ns": pl.Int64,
 }
-MAX_PERIOD = 128
-PERIOD_AGREEMENT = 0.75
+MAX_PERIOD = 512  # markers per step at most (a 64-layer TP model: ~260 allreduces)
+MAX_MARKERS = 4096  # markers per rank the period search reads (the first ones)
+MIN_AGREEMENT = 0.5  # a candidate period: >= 50% of markers equal to the one p later
+COVER_SHARE = 0.95  # the cycle: the smallest period covering >= 95% of the best's coverage
 GAP_BREAK = 3.0  # idle gaps before markers: a cycle start's gap is >= 3x the others'
+P2P_OPS = ("send", "recv")
 
 
 @dataclass
@@ -51,72 +64,11 @@ class StepDetection:
     steps: pl.DataFrame
     method: str  # collectives | torch | sync | none
     period: int  # markers per cycle
-    comm: str | None  # the communicator whose collectives delimit steps
+    comm: str | None  # the communicator whose collectives start the steps (most ranks)
 
     @property
     def detected(self) -> bool:
         return self.steps.height > 0
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    return all(x is None or y is None or x == y for x, y in zip(a, b, strict=True))
-
-
-def _matches(tokens: dict[int, tuple], s: int, pattern: list[tuple]) -> bool:
-    """Pattern at seq s: first token known and equal, no known token different, half known."""
-    first = tokens.get(s)
-    if first is None or not _same(first, pattern[0]) or None in first[:-1]:
-        return False
-    known = 0
-    for i, pat in enumerate(pattern):
-        tok = tokens.get(s + i)
-        if tok is None:
-            continue
-        if not _same(tok, pat):
-            return False
-        known += 1
-    return known * 2 >= len(pattern)
-
-
-def _scan(tokens: dict[int, tuple], pattern: list[tuple], starts: list[int] | None) -> list[int]:
-    """Cycle starts: left-to-right, non-overlapping occurrences of `pattern`."""
-    p = len(pattern)
-    seqs = sorted(tokens)
-    out: list[int] = []
-    nxt = -(1 << 62)
-    for s in starts if starts is not None else seqs:
-        if s < nxt:
-            continue
-        if _matches(tokens, s, pattern):
-            out.append(s)
-            nxt = s + p
-    return out
-
-
-def _period(tokens: dict[int, tuple]) -> int | None:
-    """Smallest p with >= 75% of known tokens equal to the token p later (and >= 2 pairs)."""
-    seqs = sorted(tokens)
-    if len(seqs) < 3:
-        return None
-    span = seqs[-1] - seqs[0]
-    for p in range(1, min(MAX_PERIOD, span // 2) + 1):
-        comps = agree = 0
-        for s in seqs:
-            t2 = tokens.get(s + p)
-            if t2 is None:
-                continue
-            comps += 1
-            agree += _same(tokens[s], t2)
-        if comps >= 2 and agree >= PERIOD_AGREEMENT * comps:
-            return p
-    return None
-
-
-def _gaps(t: list[int], end: list[int | None]) -> list[int | None]:
-    """Per marker: the idle gap before it (previous call's end -> entry), None if unknown."""
-    return [None] + [
-        (t[i] - end[i - 1]) if end[i - 1] is not None else None for i in range(1, len(t))
-    ]
 
 
 def _gap_cut(gaps: list[int]) -> float | None:
@@ -135,101 +87,217 @@ def _gap_cut(gaps: list[int]) -> float | None:
     return best[1] if best else None
 
 
-def _rank_markers(
-    tl_rank: pl.DataFrame, coll_rank: pl.DataFrame | None, flag_mode: bool
-) -> tuple[list[dict[str, Any]], list[tuple[int, int | None]]]:
-    """Markers (seq, token, t, end) of one rank and its completed waits (t, end)."""
-    waits = (
-        tl_rank.filter(pl.col("kind").is_in(["sync", "readback"]))
-        .select("t_ns", "end_ns")
-        .sort("t_ns")
-        .rows()
-    )
-    markers: list[dict[str, Any]] = []
-    if coll_rank is not None:  # token: (op, bytes, wait-before flag or gap bit)
-        cr = coll_rank.unique("gseq", keep="first").sort("gseq")
-        if cr["bytes"].null_count() == cr.height:  # c10d probes (gloo) carry no sizes
-            cr = cr.with_columns(pl.col("bytes").fill_null(-1))
-        rows = cr.select("gseq", "op", "bytes", "t_ns", "end_ns").rows()
-        wi = 0
-        prev_t = None
-        prev_seq = None
-        for gseq, op, nbytes, t, end in rows:
-            flag = None
-            if flag_mode and prev_t is not None and prev_seq == gseq - 1:
-                while wi < len(waits) and waits[wi][0] <= prev_t:
-                    wi += 1
-                flag = wi < len(waits) and waits[wi][0] < t
-            if end is None and not flag_mode:
-                end = t  # entry-only probes (c10d: no uretprobes on C++) return at once
-            markers.append({"seq": gseq, "tok": (op, nbytes, flag), "t": t, "end": end})
-            prev_t, prev_seq = t, gseq
-        if not flag_mode:  # used only when every token looks the same (see detect_steps)
-            gaps = _gaps([m["t"] for m in markers], [m["end"] for m in markers])
-            for m, g in zip(markers, gaps, strict=True):
-                m["gap_ns"] = g
+@dataclass
+class _Markers:
+    """One rank's markers in time order: tokens (ints), entry/end times, the idle before each
+    (from the previous marker's end, or its entry for entry-only calls; a GPU wait in between
+    makes it at least that wait), and the collective each is (comm, aligned seq)."""
+
+    tok: np.ndarray  # int64 token ids
+    t: list[int]
+    end: list[int]  # end, or entry for calls without a return
+    idle: list[int | None]
+    comm: list[str | None]
+    gseq: list[int | None]
+    p2p: list[bool]  # a send/recv (its seq is the rank's own count)
+    waited: list[bool]  # a GPU wait between the previous marker and this one
+    waits: list[tuple[int, int | None]]  # the rank's GPU waits (entry, end), by entry
+
+    @property
+    def wait_t(self) -> list[int]:
+        return [w[0] for w in self.waits]
+
+
+def _markers(tl_rank: pl.DataFrame, coll_rank: pl.DataFrame | None,
+             vocab: dict[tuple, int]) -> _Markers:  # fmt: skip
+    waits = (tl_rank.filter(pl.col("kind").is_in(["sync", "readback"]))
+             .select("t_ns", "end_ns").sort("t_ns").rows())  # fmt: skip
+    if coll_rank is not None:
+        cr = coll_rank.unique(["comm", "gseq"], keep="first").sort("t_ns")
+        rows = [((c, op, -1 if b is None else b), t, e, c, g, op in P2P_OPS)
+                for c, op, b, t, e, g in
+                cr.select("comm", "op", "bytes", "t_ns", "end_ns", "gseq").rows()]  # fmt: skip
+    else:  # the waits are the markers: a step ends with its last one
+        waits = []
+        rows = [((name, -1 if k is None else k, -1 if b is None else b), t, e, None, None,
+                 False)
+                for name, k, b, t, e in tl_rank.filter(pl.col("kind").is_in(["sync", "readback"]))
+                .sort("t_ns").select("name", "memcpy_kind", "bytes", "t_ns", "end_ns").rows()]
+    tok = np.fromiter((vocab.setdefault(r[0], len(vocab)) for r in rows), dtype=np.int64,
+                      count=len(rows))  # fmt: skip
+    t = [r[1] for r in rows]
+    end = [r[2] if r[2] is not None else r[1] for r in rows]
+    wt = [w[0] for w in waits]
+    idle: list[int | None] = [None]
+    waited = [False]
+    for i in range(1, len(rows)):
+        gap = t[i] - end[i - 1]
+        j = bisect_left(wt, t[i - 1])  # the waits entered after the previous marker
+        w = j < len(waits) and waits[j][0] < t[i]
+        if w and waits[j][1] is not None:
+            gap = max(gap, waits[j][1] - waits[j][0])
+        idle.append(gap)
+        waited.append(bool(w))
+    return _Markers(tok, t, end, idle, [r[3] for r in rows], [r[4] for r in rows],
+                    [r[5] for r in rows], waited, waits)
+
+
+def _windows(tok: np.ndarray, p: int) -> np.ndarray:
+    """An id per window of p tokens starting at each position (equal windows, equal ids)."""
+    n = tok.size - p + 1
+    if n <= 0:
+        return np.empty(0, dtype=np.int64)
+    view = np.lib.stride_tricks.sliding_window_view(tok, p)
+    _u, inv = np.unique(view, axis=0, return_inverse=True)
+    return inv.reshape(-1).astype(np.int64)
+
+
+def _occurrences(win: np.ndarray, w: int, p: int) -> list[int]:
+    """Positions of window id w, left to right, not overlapping."""
+    out: list[int] = []
+    nxt = -1
+    for i in np.flatnonzero(win == w).tolist():
+        if i >= nxt:
+            out.append(i)
+            nxt = i + p
+    return out
+
+
+def _cycle(m: _Markers) -> tuple[int, list[int], bool] | None:
+    """(markers per step, positions where the steps start, whether a step's markers are one
+    token repeated) of one rank's markers: by its GPU waits when it has them, else by the
+    tokens' period (module doc)."""
+    if sum(m.waited) >= 2:
+        return _cycle_by_waits(m)
+    return _cycle_by_tokens(m)
+
+
+def _cycle_by_waits(m: _Markers) -> tuple[int, list[int], bool] | None:
+    """Steps of a rank that waits for its GPU. The waits cut the markers into segments;
+    segment signatures (their tokens) repeat with a period of k segments (the smallest k
+    with >= 75% of segments equal to the one k later: a forward and a backward separated by
+    a loss read-back are 2); the step starts at the segment signature that follows the
+    longest waits (median). With k = 1 every segment is a step, unless the waits come every
+    N steps: a segment whose long idle gaps (their natural break, `_gap_cut`, over the
+    rank's segments) cut it into equal parts of >= 2 distinct tokens is that many steps
+    (parts of one token repeated may be one step's equal buckets: a job whose steps hold
+    one kind of collective and that waits only every N steps is seen as N-step steps, a
+    limit)."""
+    n = len(m.t)
+    cuts = [i for i in range(n) if m.waited[i]]
+    bounds = list(zip(cuts, cuts[1:] + [n], strict=True))
+    sig_id: dict[tuple, int] = {}
+    sigs = [sig_id.setdefault(tuple(m.tok[a:b].tolist()), len(sig_id)) for a, b in bounds]
+    full = sigs[:-1]  # the last segment may be cut short by the end of the recording
+    k = 1
+    for q in range(1, min(8, len(full) // 2) + 1):
+        pairs = len(full) - q
+        if pairs >= 2 and sum(full[j] == full[j + q] for j in range(pairs)) >= 0.75 * pairs:
+            k = q
+            break
+    if k == 1:
+        starts = cuts
     else:
-        rows = (
-            tl_rank.filter(pl.col("kind").is_in(["sync", "readback"]))
-            .sort("t_ns")
-            .select("name", "memcpy_kind", "bytes", "t_ns", "end_ns")
-            .rows()
-        )
-        for i, (name, kind, nbytes, t, end) in enumerate(rows):
-            tok = (name, -1 if kind is None else kind, -1 if nbytes is None else nbytes, None)
-            markers.append({"seq": i, "tok": tok, "t": t, "end": end})
-    return markers, waits
+        counts = Counter(full)
+        regular = [sg for sg, c in counts.items() if c >= 0.5 * len(full) / k]
 
+        def wait_before(sg: int) -> float:
+            vals = [m.idle[a] for (a, _b), x in zip(bounds, sigs, strict=True)
+                    if x == sg and m.idle[a] is not None]
+            return median(vals) if vals else -1.0
 
-def _choose_pattern(all_markers: list[list[dict[str, Any]]], flag_mode: bool) -> list[tuple] | None:
-    """The cycle pattern shared by the ranks (see module doc)."""
-    if flag_mode:
-        sigs: Counter = Counter()
-        for markers in all_markers:
-            starts = [i for i, m in enumerate(markers) if m["tok"][-1] is True]
-            for a, b in zip(starts, starts[1:], strict=False):
-                seg = markers[a:b]
-                if seg[-1]["seq"] - seg[0]["seq"] == len(seg) - 1:
-                    sigs[tuple(m["tok"] for m in seg)] += 1
-        if not sigs:
-            return None
-        return list(sigs.most_common(1)[0][0])
-    periods = Counter()
-    for markers in all_markers:
-        p = _period({m["seq"]: m["tok"] for m in markers})
-        if p:
-            periods[p] += 1
-    if not periods:
+        head = max(regular, key=lambda sg: (wait_before(sg), counts[sg], -sg))
+        starts = [a for (a, _b), x in zip(bounds, sigs, strict=True) if x == head]
+    if len(starts) < 2:
         return None
-    p = periods.most_common(1)[0][0]
-    windows: Counter = Counter()
-    gaps: dict[tuple, list[int]] = {}
-    for markers in all_markers:
-        by_seq = {m["seq"]: m for m in markers}
-        for m in markers:
-            win = [by_seq.get(m["seq"] + i) for i in range(p)]
-            if any(w is None or None in w["tok"][:-1] for w in win):
-                continue
-            key = tuple(w["tok"] for w in win)
-            windows[key] += 1
-            prev = by_seq.get(m["seq"] - 1)
-            if prev is not None and prev["end"] is not None:
-                gaps.setdefault(key, []).append(m["t"] - prev["end"])
-    if not windows:
+    if k == 1:
+        starts = _split_by_gaps(m, starts)
+    dist = Counter(b - a for a, b in zip(starts, starts[1:], strict=False))
+    p = dist.most_common(1)[0][0]
+    first = starts[0]
+    uniform = bool(np.all(m.tok[first:first + p] == m.tok[first]))
+    return p, starts, uniform
+
+
+def _split_by_gaps(m: _Markers, starts: list[int]) -> list[int]:
+    """Segments between waits that hold several steps (the host waits every N steps only):
+    where the long idle gaps inside the segments (the natural break of those gaps) cut a
+    segment into r >= 2 parts of one signature, each part is a step."""
+    inner = [m.idle[i] for a, b in zip(starts, starts[1:], strict=False)
+             for i in range(a + 1, b) if m.idle[i] is not None]  # fmt: skip
+    cut = _gap_cut(inner) if len(inner) >= 4 else None
+    if cut is None:
+        return starts
+    out = []
+    for a, b in zip(starts, starts[1:] + [len(m.t)], strict=True):
+        cuts = [a] + [i for i in range(a + 1, b) if m.idle[i] is not None and m.idle[i] > cut]
+        parts = [tuple(m.tok[x:y].tolist()) for x, y in zip(cuts, cuts[1:] + [b], strict=True)]
+        whole = b < len(m.t) or len(parts) == 1
+        # parts of one token repeated (equal buckets) are one step's buckets, not steps
+        steps = len(parts) >= 2 and whole and len(set(parts)) == 1 and len(set(parts[0])) >= 2
+        out += cuts if steps else [a]
+    return out
+
+
+def _cycle_by_tokens(m: _Markers) -> tuple[int, list[int], bool] | None:
+    """Steps of a rank that never waits for its GPU (c10d calls only): the period of its
+    tokens (module doc)."""
+    tok = m.tok[:MAX_MARKERS]
+    n = tok.size
+    if n < 3:
         return None
-    top = [w for w, _ in windows.most_common(p)]
-    best = max(top, key=lambda w: (median(gaps[w]) if gaps.get(w) else -1, windows[w]))
-    return list(best)
+    cands = []
+    for p in range(1, min(MAX_PERIOD, n // 2) + 1):
+        if np.mean(tok[:-p] == tok[p:]) >= MIN_AGREEMENT:
+            cands.append(p)
+    best: dict[int, tuple[float, int, np.ndarray]] = {}
+    for p in cands:
+        win = _windows(tok, p)
+        ids, counts = np.unique(win, return_counts=True)
+        w = int(ids[np.argmax(counts)])
+        occ = _occurrences(win, w, p)
+        if len(occ) >= 2:
+            best[p] = (len(occ) * p / n, w, win)
+    if not best:
+        return None
+    top = max(c for c, _w, _win in best.values())
+    p = min(q for q, (c, _w, _win) in best.items() if c >= COVER_SHARE * top)
+    _c, w, win = best[p]
+    occ = _occurrences(win, w, p)
+    # the phase: the rotation whose starts follow the longest idle
+    idle = m.idle[:n]
+
+    def preceding(r: int) -> float:
+        vals = [idle[i + r] for i in occ if i + r < n and idle[i + r] is not None]
+        return median(vals) if vals else -1.0
+
+    r = max(range(p), key=lambda r: (preceding(r), -r))
+    if r:
+        w = int(win[occ[0] + r]) if occ[0] + r < win.size else w
+    uniform = bool(np.all(tok[occ[0]:occ[0] + p] == tok[occ[0]]))
+    starts = _occurrences(_windows(m.tok, p), w, p)
+    return p, starts, uniform
 
 
-P2P_OPS = ("send", "recv")
+def _with_gap_bits(all_m: dict[int, _Markers]) -> None:
+    """Every marker alike: add to each token whether a GPU wait precedes it (a wait between
+    two collectives ends a step, or its forward), or on a rank that never waits, a long idle
+    (the natural break of those ranks' pooled idle gaps, `_gap_cut`). In place."""
+    pooled = [g for m in all_m.values() if not any(m.waited) for g in m.idle if g is not None]
+    cut = _gap_cut(pooled) if len(pooled) >= 4 else None
+    for m in all_m.values():
+        if any(m.waited):  # the rank waits for its GPU: its waits mark the steps
+            bits = np.array(m.waited, dtype=np.int64)
+        else:
+            bits = np.array([1 if cut is not None and g is not None and g > cut else 0
+                             for g in m.idle], dtype=np.int64)  # fmt: skip
+        m.tok = m.tok * 2 + bits
 
 
 def step_comms(coll: pl.DataFrame) -> dict[int, str]:
-    """Per rank, the communicator whose collectives delimit its steps: its busiest one
-    without point-to-point calls (pipeline jobs: the send/recv of the world communicator
-    differ by stage, the data-parallel communicator of each stage repeats one pattern),
-    else its busiest one. A side communicator with a handful of calls (< 8) does not count."""
+    """Per rank, its busiest communicator without point-to-point calls (a pipeline stage's
+    data-parallel communicator: ranks that share it form a stage), else its busiest one.
+    A side communicator with a handful of calls (< 8) does not count."""
     per = (
         coll.group_by(["rank", "comm"])
         .agg(pl.len().alias("n"), pl.col("op").is_in(P2P_OPS).any().alias("p2p"))
@@ -237,6 +305,67 @@ def step_comms(coll: pl.DataFrame) -> dict[int, str]:
         .sort(["rank", "p2p", "n", "comm"], descending=[False, False, True, False])
     )
     return {r: c for r, c in per.unique("rank", keep="first").select("rank", "comm").rows()}
+
+
+def _close(m: _Markers, i: int) -> int | None:
+    """The step boundary after marker i: the end of the first GPU wait entered after it and
+    before the next marker (the end-of-step synchronize); else its end, when a marker
+    follows (no wait in this step) or the rank never waits (c10d calls only). None when the
+    recording ended first."""
+    if i < 0 or i >= len(m.t):
+        return None
+    nxt = m.t[i + 1] if i + 1 < len(m.t) else None
+    j = bisect_left(m.wait_t, m.t[i])
+    if j < len(m.waits) and (nxt is None or m.waits[j][0] < nxt):
+        end = m.waits[j][1]
+        return end if end is not None and (nxt is None or end <= nxt) else None
+    return m.end[i] if nxt is not None or not m.waits else None
+
+
+def _rank_steps(m: _Markers, p: int, starts: list[int]) -> list[dict[str, Any]]:
+    """The complete cycles of one rank: start/end times, first/last marker times, start key.
+    A cycle runs from its first marker to the next cycle's (the last one: p markers)."""
+    out = []
+    for k, a in enumerate(starts):
+        b = starts[k + 1] if k + 1 < len(starts) else a + p
+        if b - a >= 2 * p or b > len(m.t):
+            continue  # a hole in the data (drops, a stall without calls): do not glue
+        start, end = _close(m, a - 1), _close(m, b - 1)
+        if start is None or end is None or end <= start:
+            continue
+        # first/last collective: of the group kind where the step has one (a pipeline
+        # stage's data-parallel allreduce, not its sends): what step_metrics splits at
+        coll = [i for i in range(a, b) if not m.p2p[i]] or list(range(a, b))
+        out.append({"start_ns": start, "end_ns": end, "first_coll_ns": m.t[coll[0]],
+                    "last_coll_ns": m.t[coll[-1]], "key": (m.comm[a], m.gseq[a], m.p2p[a])})
+    return out
+
+
+def _global_ids(per_rank: dict[int, list[dict[str, Any]]]) -> dict[int, list[int]]:
+    """Step ids shared by the ranks (module doc): by the starting collective when every
+    rank's steps start on one communicator, else by nearest start to the reference's."""
+    keys = [s["key"] for steps in per_rank.values() for s in steps]
+    # a send/recv's sequence number counts one rank's own calls: no cross-rank identity
+    if len({k[0] for k in keys}) == 1 and all(k[0] is not None and k[1] is not None
+                                              and not k[2] for k in keys):  # fmt: skip
+        keys = sorted({s["key"][1] for steps in per_rank.values() for s in steps})
+        dense = {k: i for i, k in enumerate(keys)}
+        return {r: [dense[s["key"][1]] for s in steps] for r, steps in per_rank.items()}
+    ref = max(per_rank, key=lambda r: (len(per_rank[r]), -r))
+    ref_starts = [s["start_ns"] for s in per_rank[ref]]
+    times = [s["end_ns"] - s["start_ns"] for steps in per_rank.values() for s in steps]
+    half = median(times) / 2 if times else 0
+    out: dict[int, list[int]] = {}
+    for r, steps in per_rank.items():
+        ids = []
+        for s in steps:
+            j = bisect_left(ref_starts, s["start_ns"])
+            near = [k for k in (j - 1, j) if 0 <= k < len(ref_starts)]
+            k = min(near, key=lambda k: abs(ref_starts[k] - s["start_ns"]), default=None)
+            ids.append(k if k is not None and abs(ref_starts[k] - s["start_ns"]) <= half
+                       else None)  # fmt: skip
+        out[r] = ids
+    return out
 
 
 def detect_steps(tl: pl.DataFrame, coll: pl.DataFrame) -> StepDetection:
@@ -250,115 +379,59 @@ def detect_steps(tl: pl.DataFrame, coll: pl.DataFrame) -> StepDetection:
     ranked = tl.filter(pl.col("rank").is_not_null())
     if ranked.height == 0:
         return empty
-    comm = None
-    rank_comm: dict[int, str] = {}
+    waited = ranked.filter(pl.col("kind").is_in(["sync", "readback"]))["rank"].unique()
     if coll.height:
-        rank_comm = step_comms(coll)
-        comm = Counter(rank_comm.values()).most_common(1)[0][0]
-        ranks = sorted(rank_comm)
-        with_waits = ranked.filter(pl.col("kind").is_in(["sync", "readback"]))["rank"].unique()
-        flag_mode = with_waits.len() * 2 >= len(ranks) and with_waits.len() > 0
-        method = "collectives" if flag_mode else "torch"
+        ranks = sorted(coll["rank"].unique().to_list())
+        method = ("collectives" if (coll["channel"] == "nccl").any()
+                  or (waited.len() * 2 >= len(ranks) and waited.len() > 0) else "torch")
     else:
-        ranks = (
-            ranked.filter(pl.col("kind").is_in(["sync", "readback"]))["rank"].unique().sort()
-        ).to_list()
-        flag_mode = False
+        ranks = waited.sort().to_list()
         method = "sync"
     if not ranks:
         return empty
-    per_rank = {}
+    vocab: dict[tuple, int] = {}
+    all_m: dict[int, _Markers] = {}
+    hosts: dict[int, str] = {}
     for r in ranks:
         tr = ranked.filter(pl.col("rank") == r)
-        cr = (
-            coll.filter((pl.col("rank") == r) & (pl.col("comm") == rank_comm[r]))
-            if comm
-            else None
-        )
-        per_rank[r] = (_rank_markers(tr, cr, flag_mode), tr["host"][0])
-    all_markers = [v[0][0] for v in per_rank.values()]
-    pattern = _choose_pattern(all_markers, flag_mode)
-    if pattern and len(pattern) == 1 and not flag_mode:
-        # every marker looks alike (equal buckets): tell cycle starts by their long idle gap
-        pooled = [m["gap_ns"] for ms in all_markers for m in ms if m.get("gap_ns") is not None]
-        cut = _gap_cut(pooled) if len(pooled) >= 4 else None
-        for markers in all_markers:
-            for m in markers:
-                g = m.get("gap_ns")
-                bit = None if g is None or len(pooled) < 4 else (cut is not None and g > cut)
-                m["tok"] = m["tok"][:-1] + (bit,)
-        pattern = _choose_pattern(all_markers, flag_mode)
-    if not pattern:
-        return StepDetection(pl.DataFrame(schema=STEP_COLUMNS), "none", 0, comm)
-    p = len(pattern)
+        cr = coll.filter(pl.col("rank") == r) if method != "sync" else None
+        all_m[r] = _markers(tr, cr, vocab)
+        hosts[r] = tr["host"][0] if tr.height else None
+    cycles = {r: _cycle(m) for r, m in all_m.items()}
+    uniform = [c[2] for r, c in cycles.items() if c is not None and sum(all_m[r].waited) < 2]
+    if uniform and sum(uniform) * 2 >= len(uniform):
+        # every marker of a cycle alike: cycle starts are told by their long idle gap
+        _with_gap_bits(all_m)
+        cycles = {r: _cycle(m) for r, m in all_m.items()}
+    per_rank: dict[int, list[dict[str, Any]]] = {}
+    periods: Counter = Counter()
+    for r, c in cycles.items():
+        if c is None:
+            continue
+        steps = _rank_steps(all_m[r], c[0], c[1])
+        if steps:
+            per_rank[r] = steps
+            periods[c[0]] += 1
+    if not per_rank:
+        return StepDetection(pl.DataFrame(schema=STEP_COLUMNS), "none", 0, None)
+    if method == "sync":
+        ids = {r: list(range(len(s))) for r, s in per_rank.items()}
+    else:
+        ids = _global_ids(per_rank)
     rows = []
-    for r, ((markers, waits), host) in per_rank.items():
-        tokens = {m["seq"]: m["tok"] for m in markers}
-        by_seq = {m["seq"]: m for m in markers}
-        seqs = sorted(by_seq)
-        candidates = [m["seq"] for m in markers if m["tok"][-1] is True] if flag_mode else None
-        starts = _scan(tokens, pattern, candidates)
-
-        def boundary_after(seq: int, *, _by=by_seq, _waits=waits) -> int | None:
-            """The step boundary that follows marker `seq` (None when not observed)."""
-            m = _by.get(seq)
-            if m is None:
-                return None
-            if not flag_mode:
-                return m["end"]
-            for t, end in _waits:  # first wait entered after the marker
-                if t > m["t"]:
-                    return end
-            return None
-
-        def last_before(s: int, *, _seqs=seqs) -> int | None:
-            i = bisect_left(_seqs, s)
-            return _seqs[i - 1] if i else None
-
-        bounds = []
-        for s in starts:
-            prev = last_before(s)
-            if prev is None or (not flag_mode and prev != s - 1):
-                bounds.append(None)
-            else:
-                b = boundary_after(prev)
-                bounds.append(b if b is not None and b <= by_seq[s]["t"] else None)
-        for i, s in enumerate(starts):
-            start = bounds[i]
-            if start is None:
+    for r, steps in per_rank.items():
+        for i, s in zip(ids[r], steps, strict=True):
+            if i is None:
                 continue
-            if i + 1 < len(starts):
-                if starts[i + 1] - s >= 2 * p:
-                    continue  # a hole in the data: do not glue two distant cycles
-                end = bounds[i + 1]
-            elif (s + p - 1) in by_seq:  # the last cycle: closed by the wait after it
-                end = boundary_after(s + p - 1)
-            else:
-                end = None
-            if end is None or end <= start:
-                continue
-            last = seqs[bisect_left(seqs, s + p) - 1]  # the cycle's last marker seen
-            rows.append(
-                {
-                    "rank": r,
-                    "host": host,
-                    "step": s,
-                    "start_ns": start,
-                    "end_ns": end,
-                    "step_time_ns": end - start,
-                    "first_coll_ns": by_seq[s]["t"] if method != "sync" else None,
-                    "last_coll_ns": by_seq[last]["t"] if method != "sync" else None,
-                }
-            )
-    steps = pl.DataFrame(rows, schema=STEP_COLUMNS)
-    if steps.height:
-        if method == "sync":
-            steps = steps.with_columns(
-                pl.col("step").rank("ordinal").over("rank").cast(pl.Int64) - 1
-            )
-        else:
-            steps = steps.with_columns(pl.col("step").rank("dense").cast(pl.Int64) - 1)
-    return StepDetection(steps.sort(["rank", "step"]), method, p, comm)
+            rows.append({"rank": r, "host": hosts[r], "step": i, "start_ns": s["start_ns"],
+                         "end_ns": s["end_ns"], "step_time_ns": s["end_ns"] - s["start_ns"],
+                         "first_coll_ns": s["first_coll_ns"] if method != "sync" else None,
+                         "last_coll_ns": s["last_coll_ns"] if method != "sync" else None})
+    steps = pl.DataFrame(rows, schema=STEP_COLUMNS).unique(["rank", "step"], keep="first")
+    if steps.height and method != "sync":
+        steps = steps.with_columns(pl.col("step").rank("dense").cast(pl.Int64) - 1)
+    comm = Counter(s["key"][0] for ss in per_rank.values() for s in ss[:1]).most_common(1)[0][0]
+    return StepDetection(steps.sort(["rank", "step"]), method, periods.most_common(1)[0][0], comm)
 
 
 def step_metrics(tl: pl.DataFrame, coll: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:

@@ -6,6 +6,10 @@ Metrics per (rank, step), from `steps.step_metrics`:
   "who waits least on communication" view calls it healthy.
 - `lateness_ns` (host arrival at each collective vs the median arrival): high on a host-slow
   rank (data loading, CPU contention, JIT compile).
+- `host_gap_ns` (from the step's start to its first traced call: the host work before the
+  step's GPU work, data loading above all): high on a host-slow rank even where its late
+  arrival is diluted (a tensor-parallel peer waits for it, the next calls of both are late
+  together). Not compared across pipeline stages (their host work differs by role).
 
 Detector, per metric and per scope (the whole recording, then each warning anomalous window
 and its peak: its steps >= 2x the baseline): for
@@ -13,7 +17,8 @@ each step, d = own value - median of the other ranks; per rank, D = median of d 
 steps, noise = max(1.4826 * MAD of d, 1% of the step time, 50 us, in a window: the rank's
 noise over the steps outside every warning window, or over the whole recording when fewer
 than 5 such steps remain), score = D / noise. A rank
-is flagged when it is the slowest in >= 50% of the scope's steps, score >= 4 and D >= 3% of
+is flagged when it has the metric in >= 50% of the scope's steps and is the slowest in
+>= 50% of those, score >= 4 and D >= 3% of
 the median step time (and >= 0.2 ms); in a window, D must also be >= 25% of the window's
 excess over the baseline (a rank delayed 30 ms in a step that another rank's 500 ms JIT
 compile stretched does not explain it). Severity: critical when D >= 25% of the step time.
@@ -38,7 +43,13 @@ PEAK = 2.0  # a window's peak steps: >= 2x its baseline
 EXPLAIN = 0.25  # in a window, a straggler's excess explains >= 25% of the window's
 MIN_CALM_STEPS = 5  # steps outside the warning windows needed to measure a rank's own noise
 
-METRICS = (("compute_wait_ns", "gpu"), ("lateness_ns", "host"))
+METRICS = (("compute_wait_ns", "gpu"), ("lateness_ns", "host"), ("host_gap_ns", "host"))
+WHAT = {
+    "compute_wait_ns": "waits longer for its own GPU work (read-back)",
+    "lateness_ns": "arrives late at collectives (host side)",
+    "host_gap_ns": "works longer on the host before its first call of the step (data "
+                   "loading, CPU work)",
+}
 
 
 def _score(
@@ -90,13 +101,17 @@ def detect_stragglers(
     windows: list[dict[str, Any]],
     step_ns: float,
     score: Callable[..., dict[int, dict[str, float]]] | None = None,
+    pipeline: bool = False,
 ) -> list[dict[str, Any]]:
     """Straggler findings (see module doc), at most one per rank: its strongest scope (GPU
     over host cause, then the whole recording over a window, then the score).
 
     `score` replaces the per-rank scoring (`_score`): the summary path passes a vectorised
-    implementation with the same values (argus.analyze.summary.fast_score)."""
+    implementation with the same values (argus.analyze.summary.fast_score). `pipeline`:
+    the ranks are pipeline stages, whose host work differs by role (the first stage loads
+    the data): `host_gap_ns` is not compared across them."""
     _score_fn = score or _score
+    metrics_used = tuple((c, k) for c, k in METRICS if not (pipeline and c == "host_gap_ns"))
     if metrics.height == 0 or metrics["rank"].n_unique() < 2 or step_ns <= 0:
         return []
     scopes: list[tuple[dict[str, Any] | None, pl.DataFrame]] = [(None, metrics)]
@@ -124,7 +139,7 @@ def detect_stragglers(
                  metrics.filter(pl.col("step").is_between(peak[0], peak[-1])))
             )  # fmt: skip
     best: dict[int, dict[str, Any]] = {}
-    whole = {col: _score_fn(metrics, col, step_ns) for col, _ in METRICS}
+    whole = {col: _score_fn(metrics, col, step_ns) for col, _ in metrics_used}
     # A window's noise floor: each rank's noise over the steps outside every warning window
     # (its normal behaviour). The whole recording's noise would include the window itself:
     # a rank slowed from mid-run has a bimodal series whose spread is the fault's own size.
@@ -132,7 +147,7 @@ def detect_stragglers(
     for w in (w for w in windows if w["severity"] in ("warning", "critical")):
         calm = calm.filter(~pl.col("step").is_between(w["start_step"], w["end_step"]))
     base_noise = (
-        {col: _score_fn(calm, col, step_ns) for col, _ in METRICS}
+        {col: _score_fn(calm, col, step_ns) for col, _ in metrics_used}
         if calm["step"].n_unique() >= MIN_CALM_STEPS
         else whole
     )
@@ -151,12 +166,16 @@ def detect_stragglers(
             col: whole[col]
             if window is None
             else _score_fn(m, col, step_ns, {r: x["noise_ns"] for r, x in base_noise[col].items()})
-            for col, _ in METRICS
+            for col, _ in metrics_used
         }
-        for col, cause in METRICS:
+        in_scope_steps = m["step"].n_unique()
+        for col, cause in metrics_used:
             for r, s in scored[col].items():
                 if not (
-                    s["slowest_fraction"] >= MIN_FRACTION
+                    # a metric the rank has in a few of the scope's steps says nothing of
+                    # the rank throughout (a read-back in its first step only)
+                    s["steps"] >= MIN_FRACTION * in_scope_steps
+                    and s["slowest_fraction"] >= MIN_FRACTION
                     and s["score"] >= MIN_SCORE
                     and s["excess_ns"] >= max(MIN_IMPACT * step_ns, MIN_ABS_NS)
                     and s["excess_ns"] >= EXPLAIN * window_excess
@@ -166,11 +185,7 @@ def detect_stragglers(
                 if r in best and best[r]["_rank_key"] >= rkey:
                     continue
                 impact = s["excess_ns"] / step_ns
-                what = (
-                    "waits longer for its own GPU work (read-back)"
-                    if cause == "gpu"
-                    else "arrives late at collectives (host side)"
-                )
+                what = WHAT[col]
                 where = (
                     f" in steps {window['start_step']}-{window['end_step']}"
                     if window
@@ -197,7 +212,7 @@ def detect_stragglers(
                             "rank": round(own, 3),
                             "others": round(oth, 3) if oth is not None else None,
                         }
-                for c2, _ in METRICS:
+                for c2, _ in metrics_used:
                     if c2 != col and r in scored[c2]:
                         ev[f"{c2[:-3]}_score"] = round(scored[c2][r]["score"], 2)
                 best[r] = {

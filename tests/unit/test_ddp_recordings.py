@@ -58,9 +58,11 @@ def test_ddp_healthy_has_no_warning():
 
 def test_pipeline_bubble_names_the_slow_stage():
     report, truth = _diag("sim_bubble")
-    # steps on every rank: each stage's data-parallel communicator, not the p2p world one
-    assert [r["steps"] for r in report["ranks"]] == [29] * 4
-    assert report["steps"]["collectives_per_step"] == 4
+    # steps of the whole pattern on every rank: a stage's 4 sends, 4 receives and 4
+    # data-parallel allreduces; the job's 30 steps, less a partial one at the edges
+    assert [r["steps"] for r in report["ranks"]] == [30, 30, 29, 29]
+    assert [r["steps_completed"] for r in truth["ranks"]] == [30] * 4
+    assert report["steps"]["count"] == 30 and report["steps"]["collectives_per_step"] == 12
     stragglers = _stragglers(report)
     assert sorted(f["rank"] for f in stragglers) == [1, 3]
     for f in stragglers:
