@@ -8,8 +8,10 @@ the rank itself are left out (a process contending with itself is not host conte
 Detectors:
 - `cpu_contention`: a host-side straggler rank (cause `host`: it arrives late) whose runnable
   wait per step exceeds the median of the other ranks' by >= max(25% of its straggler excess,
-  0.5 ms): warning (critical when the straggler is), naming the competitor that took most of
-  it; the straggler cites it under `evidence["host"]`. Any other rank (no straggler, or a
+  0.5 ms): warning (critical when the straggler is) when that explains >= 50% of the excess,
+  naming the competitor that took most of it, and the straggler cites it under
+  `evidence["host"]`; below 50%, info (a rank busy on its own CPU work is preempted more on
+  a busy node: its own work is the cause). Any other rank (no straggler, or a
   GPU-side one, whose excess CPU time cannot explain) waiting >= 10% of the step time
   runnable gives an `info` finding (a healthy job stays free of warnings).
 - `oom_kill`: an OOM victim that is a traced rank: critical; any other victim on the node:
@@ -182,8 +184,12 @@ def _cpu_findings(cont, stragglers, step_ns) -> list[dict[str, Any]]:
             excess_ns = float(f["evidence"]["excess_ms"]) * 1e6
             if extra < max(MIN_SHARE_OF_EXCESS * excess_ns, MIN_WAIT_NS):
                 continue
-            severity = "critical" if f["severity"] == "critical" else "warning"
             explains = min(1.0, extra / excess_ns) if excess_ns else None
+            # the cause when it explains most of the excess; a share of it otherwise (a rank
+            # busy on its CPU is preempted more on a busy node: it waits more, but its own
+            # work is what makes it late)
+            severity = ("info" if explains is not None and explains < EXPLAIN_SHARE
+                        else "critical" if f["severity"] == "critical" else "warning")
         elif step_ns and c["unit"] == "step" and extra >= max(INFO_SHARE_OF_STEP * step_ns,
                                                               MIN_WAIT_NS):  # fmt: skip
             severity, explains = "info", None

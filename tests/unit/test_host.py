@@ -95,6 +95,18 @@ def test_contention_names_the_competitor_of_the_straggler_and_is_cited():
     assert "cpuhog" in stragglers[0]["summary"]
 
 
+def test_contention_that_explains_a_third_of_the_excess_is_a_share_not_the_cause():
+    # rank 1 waited 14.9 ms per step more than the others of a 45 ms excess (33%): a rank
+    # busy on its own CPU work is preempted more on a busy node; its own work is the cause
+    rec = _rec(_host_rows(_contention()))
+    stragglers = [_straggler(1, excess_ms=45.0)]
+    found = host_context.detect([rec], _steps(), stragglers, step_ns=60 * MS)
+    (cpu,) = [f for f in found if f["kind"] == "cpu_contention"]
+    assert (cpu["rank"], cpu["severity"]) == (1, "info")
+    assert cpu["explains_fraction_of_excess"] == pytest.approx(0.331, abs=1e-3)
+    assert "host" not in stragglers[0]["evidence"]  # not cited as the straggler's cause
+
+
 def test_contention_too_small_for_the_excess_is_not_blamed():
     rows = _contention()
     rows[0]["total_ns"] = 2 * MS  # 0.3 ms per step against a 20 ms excess
