@@ -593,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
         "identity_from": source, "exit": None, "hung": False, "hang_site": None,
         "warmup_steps": args.warmup_steps, "steps_completed": 0, "step_time_ms": step_times,
         "collectives": {}, "straggler_ms": 0.0, "device_scale": 1.0,
+        # the job's planted faults (every rank's copy; straggler_ms / device_scale / hung:
+        # what applies to this rank)
+        "faults": {"straggler": args.straggler, "straggler_base_ms": args.straggler_base_ms,
+                   "hang": hang, "slow_stage": args.slow_stage},
     }  # fmt: skip
     truth = Truth(out / f"truth.{rank}.json", record)
 
