@@ -10,11 +10,16 @@ blocking read-backs). A marker's token is (communicator, op, bytes).
   and its non-overlapping occurrences (`_occurrences`); the cycle is the smallest p whose
   occurrences cover >= 95% of what the best candidate covers. Calls that are not part of
   every step (a logging allgather every 5 steps) are absorbed into the step they fall in;
-  they do not make the pattern 5 steps long. When every marker looks alike (one bucket per
-  step, or equal buckets), a marker also carries whether a long idle precedes it (the
-  natural break of the pooled gaps, `_gap_cut`; a GPU wait counts as idle).
-- The phase: the rotation of the window whose occurrences are preceded by the longest idle
-  (median): a step starts after its end-of-step wait, not in the middle of its backward.
+  they do not make the pattern 5 steps long. On a rank that never waits for its GPU (c10d
+  calls only), the long idle gaps (their natural break, `_gap_cut`) cut the steps as waits
+  do when that makes the steps clearly more regular in time (the spread of their
+  start-to-start times below 3/4 of the token period's): equal buckets, or a pipeline
+  stage's micro-batches, repeat their tokens within a step.
+- The phase: the rotation of the window with the most occurrences (calls that are not in
+  every step come between steps), then the one preceded by the longest idle (median): a
+  step starts after its end-of-step wait, not in the middle of its backward. With GPU
+  waits, the waits cut the markers into segments and the step starts at the segment that
+  follows the longest waits (`_cycle_by_waits`).
 - Boundary: the end of the first GPU wait between the previous marker and the cycle's first
   marker (the end-of-step synchronize), else the previous marker's end (or entry).
 - Step ids: when every rank's cycles start on one communicator, the aligned sequence number
@@ -72,19 +77,30 @@ class StepDetection:
 
 
 def _gap_cut(gaps: list[int]) -> float | None:
-    """The natural break of the idle gaps (pooled over the ranks): the largest ratio between
-    consecutive sorted gaps, >= GAP_BREAK, with >= 2 gaps and >= 3% of them on each side.
-    Gaps inside a step and between steps form two clusters; one collective per step (gloo
-    DDP with one bucket) gives one noisy cluster: no break (None), every marker alike."""
-    known = sorted(max(g, 1) for g in gaps)
-    n = len(known)
-    side = max(2, int(0.03 * n + 0.999))
-    best = None
-    for i in range(side - 1, n - side):
-        ratio = known[i + 1] / known[i]
-        if ratio >= GAP_BREAK and (best is None or ratio > best[0]):
-            best = (ratio, (known[i] * known[i + 1]) ** 0.5)
-    return best[1] if best else None
+    """The natural break of the idle gaps (pooled over the ranks): the two-class split of
+    their logarithms with the largest between-class variance (Otsu), kept when the classes
+    (>= 3 gaps and >= 5% of them each) differ >= GAP_BREAK-fold (geometric means) and by
+    >= 2 within-class standard deviations. Gaps inside a step and between steps form two
+    clusters; one collective per step (gloo DDP with one bucket) gives one noisy cluster:
+    no break (None), every marker alike."""
+    x = np.sort(np.log(np.maximum(np.asarray(gaps, dtype=np.float64), 1.0)))
+    n = x.size
+    side = max(3, int(0.05 * n + 0.999))
+    if n < 2 * side:
+        return None
+    c, c2 = np.cumsum(x), np.cumsum(x * x)
+    i = np.arange(side, n - side + 1)
+    m0, m1 = c[i - 1] / i, (c[-1] - c[i - 1]) / (n - i)
+    between = (i / n) * (1 - i / n) * (m1 - m0) ** 2
+    k = int(np.argmax(between))
+    j = int(i[k])
+    var0 = c2[j - 1] / j - m0[k] ** 2
+    var1 = (c2[-1] - c2[j - 1]) / (n - j) - m1[k] ** 2
+    within = float(np.sqrt(max(0.0, (j * var0 + (n - j) * var1) / n)))
+    gap = float(m1[k] - m0[k])
+    if gap < np.log(GAP_BREAK) or gap < 2 * within:
+        return None
+    return float(np.exp((x[j - 1] + x[j]) / 2))
 
 
 @dataclass
@@ -163,20 +179,24 @@ def _occurrences(win: np.ndarray, w: int, p: int) -> list[int]:
     return out
 
 
-def _cycle(m: _Markers) -> tuple[int, list[int], bool] | None:
+def _cycle(m: _Markers) -> tuple[int, list[int], bool, bool] | None:
     """(markers per step, positions where the steps start, whether a step's markers are one
-    token repeated) of one rank's markers: by its GPU waits when it has them, else by the
-    tokens' period (module doc)."""
+    token repeated, whether the starts follow a cut: a GPU wait or a long idle) of one
+    rank's markers: by its GPU waits when it has them, else by the tokens' period (module
+    doc)."""
     if sum(m.waited) >= 2:
-        return _cycle_by_waits(m)
+        return _cycle_by_waits(m, m.waited)
     return _cycle_by_tokens(m)
 
 
-def _cycle_by_waits(m: _Markers) -> tuple[int, list[int], bool] | None:
-    """Steps of a rank that waits for its GPU. The waits cut the markers into segments;
-    segment signatures (their tokens) repeat with a period of k segments (the smallest k
-    with >= 75% of segments equal to the one k later: a forward and a backward separated by
-    a loss read-back are 2); the step starts at the segment signature that follows the
+def _cycle_by_waits(m: _Markers,
+                    cut_before: list[bool]) -> tuple[int, list[int], bool, bool] | None:
+    """Steps of a rank that waits for its GPU (`cut_before`: a wait precedes the marker), or
+    whose markers are alike and cut by long idle gaps. These cut the markers into segments;
+    segment signatures (their tokens) repeat with a period of k segments (1 when one
+    signature makes >= 70% of them: the others are steps with extra calls; else the
+    smallest k with >= 75% of segments equal to the one k later: a forward and a backward
+    separated by a loss read-back are 2); the step starts at the segment signature that follows the
     longest waits (median). With k = 1 every segment is a step, unless the waits come every
     N steps: a segment whose long idle gaps (their natural break, `_gap_cut`, over the
     rank's segments) cut it into equal parts of >= 2 distinct tokens is that many steps
@@ -184,13 +204,14 @@ def _cycle_by_waits(m: _Markers) -> tuple[int, list[int], bool] | None:
     one kind of collective and that waits only every N steps is seen as N-step steps, a
     limit)."""
     n = len(m.t)
-    cuts = [i for i in range(n) if m.waited[i]]
+    cuts = [i for i in range(n) if cut_before[i]]
     bounds = list(zip(cuts, cuts[1:] + [n], strict=True))
     sig_id: dict[tuple, int] = {}
     sigs = [sig_id.setdefault(tuple(m.tok[a:b].tolist()), len(sig_id)) for a, b in bounds]
     full = sigs[:-1]  # the last segment may be cut short by the end of the recording
     k = 1
-    for q in range(1, min(8, len(full) // 2) + 1):
+    top_share = Counter(full).most_common(1)[0][1] / len(full) if full else 1.0
+    for q in range(1, min(8, len(full) // 2) + 1) if top_share < 0.7 else ():
         pairs = len(full) - q
         if pairs >= 2 and sum(full[j] == full[j + q] for j in range(pairs)) >= 0.75 * pairs:
             k = q
@@ -216,7 +237,7 @@ def _cycle_by_waits(m: _Markers) -> tuple[int, list[int], bool] | None:
     p = dist.most_common(1)[0][0]
     first = starts[0]
     uniform = bool(np.all(m.tok[first:first + p] == m.tok[first]))
-    return p, starts, uniform
+    return p, starts, uniform, True
 
 
 def _split_by_gaps(m: _Markers, starts: list[int]) -> list[int]:
@@ -239,7 +260,7 @@ def _split_by_gaps(m: _Markers, starts: list[int]) -> list[int]:
     return out
 
 
-def _cycle_by_tokens(m: _Markers) -> tuple[int, list[int], bool] | None:
+def _cycle_by_tokens(m: _Markers) -> tuple[int, list[int], bool, bool] | None:
     """Steps of a rank that never waits for its GPU (c10d calls only): the period of its
     tokens (module doc)."""
     tok = m.tok[:MAX_MARKERS]
@@ -264,34 +285,59 @@ def _cycle_by_tokens(m: _Markers) -> tuple[int, list[int], bool] | None:
     p = min(q for q, (c, _w, _win) in best.items() if c >= COVER_SHARE * top)
     _c, w, win = best[p]
     occ = _occurrences(win, w, p)
-    # the phase: the rotation whose starts follow the longest idle
+    # the phase: the rotation with the most occurrences (calls that are not in every step
+    # come between steps: a rotation that has them inside its window loses those steps),
+    # then the one whose starts follow the longest idle
     idle = m.idle[:n]
 
-    def preceding(r: int) -> float:
+    def phase(r: int) -> tuple[int, float, int]:
+        if occ[0] + r >= win.size:
+            return (0, -1.0, -r)
+        wr = int(win[occ[0] + r])
         vals = [idle[i + r] for i in occ if i + r < n and idle[i + r] is not None]
-        return median(vals) if vals else -1.0
+        return (len(_occurrences(win, wr, p)), median(vals) if vals else -1.0, -r)
 
-    r = max(range(p), key=lambda r: (preceding(r), -r))
+    r = max(range(p), key=phase)
     if r:
-        w = int(win[occ[0] + r]) if occ[0] + r < win.size else w
+        w = int(win[occ[0] + r])
     uniform = bool(np.all(tok[occ[0]:occ[0] + p] == tok[occ[0]]))
     starts = _occurrences(_windows(m.tok, p), w, p)
-    return p, starts, uniform
+    return p, starts, uniform, False
 
 
-def _with_gap_bits(all_m: dict[int, _Markers]) -> None:
-    """Every marker alike: add to each token whether a GPU wait precedes it (a wait between
-    two collectives ends a step, or its forward), or on a rank that never waits, a long idle
-    (the natural break of those ranks' pooled idle gaps, `_gap_cut`). In place."""
-    pooled = [g for m in all_m.values() if not any(m.waited) for g in m.idle if g is not None]
-    cut = _gap_cut(pooled) if len(pooled) >= 4 else None
-    for m in all_m.values():
-        if any(m.waited):  # the rank waits for its GPU: its waits mark the steps
-            bits = np.array(m.waited, dtype=np.int64)
-        else:
-            bits = np.array([1 if cut is not None and g is not None and g > cut else 0
-                             for g in m.idle], dtype=np.int64)  # fmt: skip
-        m.tok = m.tok * 2 + bits
+def _spread(m: _Markers, starts: list[int]) -> float:
+    """Coefficient of variation of the time between consecutive step starts."""
+    d = np.diff(np.asarray([m.t[i] for i in starts], dtype=np.float64))
+    return float(d.std() / d.mean()) if d.size >= 2 and d.mean() > 0 else float("inf")
+
+
+def _gap_cuts(m: _Markers, levels: int = 3) -> list[float]:
+    """Candidate step-cutting idle thresholds of one rank: the natural break of its idle
+    gaps (`_gap_cut`), then that of the gaps above it, and so on (a pipeline stage's gaps:
+    a send right after a receive, the compute between micro-batches, the optimizer between
+    steps)."""
+    gaps = [g for g in m.idle if g is not None]
+    out: list[float] = []
+    while gaps and len(out) < levels:
+        cut = _gap_cut(gaps) if len(gaps) >= 6 else None
+        if cut is None:
+            break
+        out.append(cut)
+        gaps = [g for g in gaps if g > cut]
+    return out
+
+
+def _by_gaps(m: _Markers) -> tuple[int, list[int], bool, bool] | None:
+    """The steps of a rank that never waits for its GPU, cut where its long idle gaps are:
+    of the candidate thresholds (`_gap_cuts`), the one whose steps are the most regular in
+    time (`_spread`)."""
+    best = None
+    for cut in _gap_cuts(m):
+        flags = [g is not None and g > cut for g in m.idle]
+        c = _cycle_by_waits(m, flags) if sum(flags) >= 2 else None
+        if c is not None and (best is None or _spread(m, c[1]) < _spread(m, best[1])):
+            best = c
+    return best
 
 
 def step_comms(coll: pl.DataFrame) -> dict[int, str]:
@@ -322,17 +368,32 @@ def _close(m: _Markers, i: int) -> int | None:
     return m.end[i] if nxt is not None or not m.waits else None
 
 
-def _rank_steps(m: _Markers, p: int, starts: list[int]) -> list[dict[str, Any]]:
+def _rank_steps(m: _Markers, p: int, starts: list[int], cut: bool) -> list[dict[str, Any]]:
     """The complete cycles of one rank: start/end times, first/last marker times, start key.
     A cycle runs from its first marker to the next cycle's (the last one: p markers)."""
     out = []
+    spans = [m.t[b] - m.t[a] for a, b in zip(starts, starts[1:], strict=False)]
+    typical = median(spans) if spans else 0
+    ends = starts[1:] + [starts[-1] + p] if starts else []
+    # a hole in the data (a missed start, drops, the job's set-up calls): do not glue steps
+    hole = [b > len(m.t) or (b - a >= 2 * p and k + 1 < len(starts)
+                             and m.t[b] - m.t[a] > 1.5 * typical)
+            for k, (a, b) in enumerate(zip(starts, ends, strict=True))]  # fmt: skip
+    used = False  # the cycle before was a step
     for k, a in enumerate(starts):
-        b = starts[k + 1] if k + 1 < len(starts) else a + p
-        if b - a >= 2 * p or b > len(m.t):
-            continue  # a hole in the data (drops, a stall without calls): do not glue
+        b = ends[k]
+        # its start is a step boundary: a cut (a GPU wait, a long idle), the end of the
+        # step before it, or the end of the pattern's last marker (a step seen in part at
+        # the start of the recording; not a call of the job's set-up, DDP's broadcasts)
+        before = cut or used or (a >= 1 and a + p <= len(m.t)
+                                 and m.tok[a - 1] == m.tok[a + p - 1])  # fmt: skip
+        used = False
+        if hole[k] or not before:
+            continue
         start, end = _close(m, a - 1), _close(m, b - 1)
         if start is None or end is None or end <= start:
             continue
+        used = True
         # first/last collective: of the group kind where the step has one (a pipeline
         # stage's data-parallel allreduce, not its sends): what step_metrics splits at
         coll = [i for i in range(a, b) if not m.p2p[i]] or list(range(a, b))
@@ -398,17 +459,26 @@ def detect_steps(tl: pl.DataFrame, coll: pl.DataFrame) -> StepDetection:
         all_m[r] = _markers(tr, cr, vocab)
         hosts[r] = tr["host"][0] if tr.height else None
     cycles = {r: _cycle(m) for r, m in all_m.items()}
-    uniform = [c[2] for r, c in cycles.items() if c is not None and sum(all_m[r].waited) < 2]
-    if uniform and sum(uniform) * 2 >= len(uniform):
-        # every marker of a cycle alike: cycle starts are told by their long idle gap
-        _with_gap_bits(all_m)
-        cycles = {r: _cycle(m) for r, m in all_m.items()}
+    if any(sum(m.waited) < 2 for m in all_m.values()):
+        # ranks that never wait for their GPU (c10d calls only): the long idle gaps may
+        # cut the steps as waits do (equal buckets, a pipeline stage's micro-batches: the
+        # tokens repeat within a step)
+        for r, m in all_m.items():
+            if sum(m.waited) >= 2:
+                continue
+            by_gaps = _by_gaps(m)
+            # kept when it makes the steps clearly more regular in time (a break found in
+            # a continuum of gaps, or in a few calls back to back at the start, does not)
+            if by_gaps is not None and (cycles[r] is None or _spread(m, by_gaps[1])
+                                        < 0.75 * _spread(m, cycles[r][1])):  # fmt: skip
+                cycles[r] = by_gaps
     per_rank: dict[int, list[dict[str, Any]]] = {}
     periods: Counter = Counter()
     for r, c in cycles.items():
         if c is None:
             continue
-        steps = _rank_steps(all_m[r], c[0], c[1])
+        # without collectives the markers are the waits themselves: every one is a cut
+        steps = _rank_steps(all_m[r], c[0], c[1], c[3] or method == "sync")
         if steps:
             per_rank[r] = steps
             periods[c[0]] += 1

@@ -122,8 +122,13 @@ class Daemon:
 
 
 def _perf_fds(pid: int) -> int:
-    return sum(1 for fd in os.listdir(f"/proc/{pid}/fd")
-               if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]")  # fmt: skip
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]"
+        except FileNotFoundError:  # closed between the listing and the read
+            pass
+    return n
 
 
 def _rss_kb(pid: int) -> int:
