@@ -607,6 +607,11 @@ def _first_int(env: dict[str, str], keys: tuple[str, ...]) -> tuple[int | None, 
     return None, None
 
 
+def rank_of_env(env: dict[str, str]) -> int | None:
+    """The rank an allowlisted environment names (see rank_identity), else None."""
+    return _first_int(env, _RANK_KEYS)[0]
+
+
 def rank_identity(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> dict[str, object]:
     """The rank identity of a process, from the allowlisted part of its environment only.
 

@@ -14,8 +14,14 @@ launchers and schedulers leave in the allowlisted environment, never mixing two 
 3. MASTER_ADDR:MASTER_PORT -> `master-<addr>-<port>` + net ns (a port is bound once per
    network namespace, so two containers using 29500 are two jobs)
 4. POD_NAMESPACE/POD_NAME -> `pod-<ns>-<name>`
-5. the cgroup path (/proc/PID/cgroup) -> `cgroup-<path>`
-6. else the process alone -> `pid-<tgid>`
+5. a rank (a rank variable set: RANK, OMPI_COMM_WORLD_RANK, PMI_RANK, ...) -> its launcher,
+   `launcher-<pid>-<start time>`: the nearest ancestor that is not the same rank (a plain
+   shell loop `RANK=$r python train.py &`, mpirun's orted, a Python launcher's parent).
+   Ancestors with the same rank are wrappers of it (`bash -c`, `numactl`); pid 1 is no
+   launcher. A plain launcher's ranks share nothing else that is theirs alone: their
+   cgroup is the login session's, shared with every other job started from it.
+6. the cgroup path (/proc/PID/cgroup) -> `cgroup-<path>`
+7. else the process alone -> `pid-<tgid>`
 """
 
 from __future__ import annotations
@@ -90,10 +96,37 @@ def job_key(tgid: int, env: dict[str, str], proc_root: str = "/proc") -> str:
         )
     if env.get("POD_NAME"):
         return f"pod-{_slug(env.get('POD_NAMESPACE', 'default'))}-{_slug(env['POD_NAME'])}"
+    launcher = _launcher(tgid, env, proc_root)
+    if launcher is not None:
+        return f"launcher-{launcher[0]}-{launcher[1]}"
     cg = cgroup_path(tgid, proc_root)
     if cg and cg != "/":
         return f"cgroup-{_slug(cg)}"
     return f"pid-{tgid}"
+
+
+def _launcher(tgid: int, env: dict[str, str], proc_root: str) -> tuple[int, int] | None:
+    """(pid, start time) of the process that launched this rank (rule 5), else None."""
+    rank = procfs.rank_of_env(env)
+    if rank is None:
+        return None
+    pid = tgid
+    for _ in range(16):  # wrappers are few; a loop in a fake /proc must still end
+        try:
+            ppid = procfs.parent(pid, proc_root)
+        except (TargetNotFound, OSError):
+            return None
+        if ppid is None or ppid <= 1:
+            return None
+        try:
+            theirs = procfs.rank_identity(ppid, proc_root)["rank"]
+        except (TargetNotFound, OSError):
+            return None
+        if theirs != rank:
+            start = _start_time(ppid, proc_root)
+            return None if start is None else (ppid, start)
+        pid = ppid
+    return None
 
 
 class Scanner:

@@ -64,6 +64,7 @@ class SimConfig:
     build_dir: str | None = None
     log_every: int = 10
     quiet: bool = False               # rank logs go to the job dir instead of stderr
+    launcher_env: str = "torchrun"    # "plain": RANK, WORLD_SIZE, LOCAL_RANK only (a shell loop)
 
 
 def find_build_dir(explicit: str | None = None) -> Path:
@@ -177,6 +178,12 @@ class _Job:
             "ARGUS_SIM_FAULTS": ";".join(f.normalised(c.buckets) for f in self.faults),
             "ARGUS_SIM_WAIT_GO": os.path.abspath(c.wait_go) if c.wait_go else "",
         })
+        if c.launcher_env == "plain":  # what `RANK=$r WORLD_SIZE=N LOCAL_RANK=$r exe &` leaves
+            for k in ("LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                      "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                      "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+                      "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE"):  # fmt: skip
+                env.pop(k, None)
         return env
 
     def start(self) -> None:
@@ -406,6 +413,8 @@ def config_to_argv(cfg: SimConfig) -> list[str]:
             a += [opt, str(v)]
     if cfg.quiet:
         a.append("--quiet")
+    if cfg.launcher_env != "torchrun":
+        a += ["--launcher-env", cfg.launcher_env]
     return a
 
 
@@ -491,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--build-dir", help="build folder (default $ARGUS_BUILD_DIR or ./build)")
     p.add_argument("--log-every", type=int, default=10, help="log a line every N steps")
     p.add_argument("-q", "--quiet", action="store_true", help="rank logs are not shown")
+    p.add_argument("--launcher-env", choices=("torchrun", "plain"), default="torchrun",
+                   help="the ranks' environment: torchrun's (default) or a plain shell loop's "
+                   "(RANK, WORLD_SIZE, LOCAL_RANK only)")
     return p
 
 
@@ -503,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         kernels_per_step=args.kernels_per_step, launch_rate=args.launch_rate,
         step_ms=args.step_ms, cpu_ms=args.cpu_ms, buckets=args.buckets,
         bucket_mb=args.bucket_mb, seed=args.seed, timeout_s=args.timeout, node=args.node,
-        build_dir=args.build_dir, log_every=args.log_every, quiet=args.quiet)
+        build_dir=args.build_dir, log_every=args.log_every, quiet=args.quiet,
+        launcher_env=args.launcher_env)
     try:
         truth = run_job(cfg)
     except FaultSpecError as e:

@@ -185,13 +185,10 @@ def test_job_started_later_is_traced_and_its_straggler_exported(daemon, straggle
     assert all(r["probes"] > 0 for r in j["ranks"])
     assert j["job"].startswith("torchelastic-")  # the simulator sets TORCHELASTIC_RUN_ID
     text = daemon.get("/metrics").decode()
-    score = {}
-    for m in re.finditer(r'^argus_straggler_score\{(.*)\} (\S+)$', text, re.M):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        if labels["job_id"] == j["job"]:
-            score[int(labels["rank"])] = float(m.group(2))
+    score = _straggler_scores(daemon, j["job"])
     assert score[1] > 0 and score[0] == 0 and score[2] == 0
-    assert set(labels) == {"job_id", "rank", "host"}
+    m = re.search(r'^argus_straggler_score\{(.*)\} (\S+)$', text, re.M)
+    assert set(dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))) == {"job_id", "rank", "host"}
     assert re.search(r'^argus_step_time_seconds\{.*rank="1".*\} 0\.\d+', text, re.M)
     # argus top --daemon: the straggler's row is flagged
     console = Console(width=150, record=True, force_terminal=False)
@@ -201,6 +198,48 @@ def test_job_started_later_is_traced_and_its_straggler_exported(daemon, straggle
     assert "STRAGGLER" in row
     others = rf"\s*[02]\s+{ranks[0]}|\s*[02]\s+{ranks[2]}"
     assert not any("STRAGGLER" in ln for ln in lines if re.match(others, ln))
+
+
+def test_a_plain_shell_launched_job_is_one_job_with_its_straggler(daemon, build):
+    """RANK, WORLD_SIZE and LOCAL_RANK only (no MASTER_*, no torchrun or scheduler
+    variables): the four ranks are one job, keyed by their launcher, and the straggler's
+    score is in /metrics within 30 s of the job's start."""
+    job = start_job(SimConfig(ranks=4, steps=3000, faults=["straggler:rank=2,factor=1.5"],
+                              build_dir=str(build), quiet=True, launcher_env="plain"))  # fmt: skip
+    try:
+        ranks = job.wait_ready()
+        t0 = time.monotonic()
+        assert "MASTER_PORT" not in Path(f"/proc/{ranks[0]}/environ").read_bytes().decode()
+
+        def scored():
+            j = daemon.job_of(ranks)
+            if not j:
+                return None
+            return j if _straggler_scores(daemon, j["job"]).get(2, 0) > 0 else None
+
+        j = daemon.wait_for(scored, 30, "the plain job's straggler in /metrics")
+        assert time.monotonic() - t0 < 30
+        launcher = job.launcher_pid  # the simulator's launcher: the ranks' parent
+        assert j["job"] == f"launcher-{launcher}-{_start_ticks(launcher)}"
+        assert sorted(r["rank"] for r in j["ranks"]) == [0, 1, 2, 3]
+        jobs = daemon.state()["jobs"]
+        assert len([x for x in jobs if {r["tgid"] for r in x["ranks"]} & set(ranks)]) == 1
+    finally:
+        job.close()
+
+
+def _straggler_scores(daemon, job: str) -> dict[int, float]:
+    score = {}
+    text = daemon.get("/metrics").decode()
+    for m in re.finditer(r'^argus_straggler_score\{(.*)\} (\S+)$', text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if labels["job_id"] == job:
+            score[int(labels["rank"])] = float(m.group(2))
+    return score
+
+
+def _start_ticks(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from rich.console import Console
 
 from argus.daemon.config import load_config
+from argus.collect import procfs
 from argus.daemon.discovery import job_key
 from argus.errors import UsageError
 from argus.present.metrics import LiveCollector
@@ -57,6 +58,35 @@ def test_job_grouping_never_mixes_jobs(tmp_path):
     assert job_key(7, {"POD_NAME": "w-0", "POD_NAMESPACE": "ml"}, str(fake)) == "pod-ml-w-0"
     assert job_key(7, {}, str(fake)) == "cgroup-kubepods_pod-a_c1"
     assert job_key(8, {}, str(fake)) == "pid-8"
+
+
+def _fake_proc(root, tgid: int, ppid: int, env: dict[str, str], start: int = 1000) -> None:
+    d = root / str(tgid)
+    d.mkdir(parents=True)
+    rest = " ".join(["0"] * 17 + [str(start)] + ["0"] * 10)  # field 22 is the start time
+    (d / "stat").write_text(f"{tgid} (x) S {ppid} {rest}\n")
+    (d / "environ").write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()))
+    (d / "cgroup").write_text("0::/user.slice/session-3.scope\n")  # shared by the session
+
+
+def test_ranks_of_a_plain_launcher_are_one_job_and_two_launchers_two(tmp_path):
+    """A shell loop `RANK=$r WORLD_SIZE=4 LOCAL_RANK=$r sim &` (no MASTER_*, no scheduler):
+    the ranks' one shared thing is the launcher; a wrapper with the same RANK (bash -c) is
+    seen through; a second launcher in the same login session is a second job."""
+    fake = tmp_path / "proc"
+    _fake_proc(fake, 100, 1, {}, start=500)  # launcher A (bash, no rank)
+    _fake_proc(fake, 200, 1, {}, start=600)  # launcher B
+    for r in range(4):
+        _fake_proc(fake, 110 + r, 100, {"RANK": str(r), "WORLD_SIZE": "4", "LOCAL_RANK": str(r)})
+    _fake_proc(fake, 120, 100, {"RANK": "0"})  # wrapper: bash -c '... python'
+    _fake_proc(fake, 121, 120, {"RANK": "0"})  # its rank
+    _fake_proc(fake, 210, 200, {"OMPI_COMM_WORLD_RANK": "0"})
+    _fake_proc(fake, 300, 1, {"RANK": "0"})  # started by init: no launcher to share
+    keys = {t: job_key(t, procfs.rank_identity(t, fake)["env"], str(fake))
+            for t in (110, 111, 112, 113, 121, 210, 300)}  # fmt: skip
+    assert {keys[t] for t in (110, 111, 112, 113, 121)} == {"launcher-100-500"}
+    assert keys[210] == "launcher-200-600"
+    assert keys[300] == "cgroup-user.slice_session-3.scope"
 
 
 def test_top_renders_the_straggler_at_a_fixed_size(slow_rank1):
