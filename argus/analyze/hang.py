@@ -7,6 +7,12 @@ k = the highest aligned seq any waiting rank issued; waiting ranks are those who
 that comm is k, missing ranks those whose last seq is lower (they never arrived) or that
 exited (a `proc` `exit` event). The reported seq is the first collective a missing rank never
 issued (lowest last seq among them + 1): the waiting ranks may have issued later ones too.
+A rank behind on the comm that is itself waiting is a victim, not the cause, when another
+rank behind is not waiting at all: with several communicators of one local name (made before
+attach, `anon0` on each TP group) or a cascade (the DP peers of a TP group stuck behind its
+hung rank), the ranks that never arrived are the ones blocked outside any GPU wait or
+collective. Of comms naming the same culprits, the one where a waiting rank is the fewest
+collectives ahead of them is where they are awaited.
 For each missing rank the report gives what it is doing now:
 its latest CPU stacks (the last sampled intervals) and any call it is blocked in; where the
 host channel recorded it, its latest OFF-CPU stack (where its main thread is blocked, and for
@@ -177,14 +183,20 @@ def detect_hangs(
         if k is None:
             continue
         missing = sorted({r for r, s in lc.items() if s < k} | (exited & set(lc)))
-        arrived = sorted(r for r, s in lc.items() if s >= k and r not in exited)
-        cand = (len(missing), len(arrived), comm, k, arrived, missing)
-        if best is None or cand[:2] > best[:2]:
+        culprits = [r for r in missing if r not in waiting or r in exited]
+        if culprits:  # the waiting ones behind are victims (see the module doc)
+            missing = culprits
+        arrived = sorted(r for r in lc if r not in missing and r not in exited)
+        lowest = min(lc[r] for r in missing) if missing else k
+        gap = min((lc[r] - lowest for r in arrived if r in waiting and lc[r] > lowest),
+                  default=0)  # fmt: skip
+        cand = (bool(culprits), len(missing), len(arrived), -gap, comm, k, arrived, missing)
+        if best is None or cand[:4] > best[:4]:
             best = cand
     if best is None:
         return [_finding(None, None, None, waiting, [], exited, tl, stacks, threshold,
                          pystacks)]
-    _, _, comm, k, arrived, missing = best
+    *_, comm, k, arrived, missing = best
     # The collective the missing ranks never reached: the first one after the lowest last
     # seq among them (the waiting ranks may have issued several more, e.g. later buckets).
     lc = dict(last.filter(pl.col("comm") == comm).select("rank", "last").rows())

@@ -1,0 +1,67 @@
+"""collective_hang when one local comm name covers several communicators (made before
+attach: every TP group's comm is `anon0` on its ranks) and the hang cascades into other
+groups. The shape is the one recorded from the simulator's 2 TP x 2 DP job (rank 3 hung
+before its TP allreduce; TP = {0, 1}, {2, 3}; DP = {0, 2}, {1, 3}):
+
+- rank 2 issued TP allreduce 99 and waits on the GPU (its peer, rank 3, never issued it);
+- ranks 0 and 1 finished their TP group's allreduces (up to 103) and DP allreduces up to
+  51, and wait on the GPU for the DP allreduce 48 that ranks 2 and 3 never issued;
+- rank 3 is in host code, no call in flight.
+
+Before: "missing [2, 3], waiting [0, 1]" (rank 2 is behind ranks 0 and 1 on `anon0`, which
+is another communicator for them). The rank that never arrived is 3, awaited in anon0."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from argus.analyze.hang import detect_hangs
+
+pytestmark = pytest.mark.unit
+
+S = 1_000_000_000
+
+
+def _coll(last: dict[int, dict[str, int]]) -> pl.DataFrame:
+    rows = [{"comm": comm, "rank": r, "gseq": k, "op": "allreduce"}
+            for r, comms in last.items() for comm, n in comms.items() for k in range(n + 1)]  # fmt: skip
+    return pl.DataFrame(rows)
+
+
+def _tl(waiting: list[int], t_end: int) -> pl.DataFrame:
+    rows = [{"rank": r, "host": "h", "tgid": 100 + r, "t_ns": t_end - 30 * S, "in_flight": True,
+             "kind": "readback", "name": "cudaMemcpy"} for r in waiting]  # fmt: skip
+    rows += [{"rank": r, "host": "h", "tgid": 100 + r, "t_ns": t_end - 40 * S,
+              "in_flight": False, "kind": "collective", "name": "ncclAllReduce"}
+             for r in range(4)]  # fmt: skip
+    return pl.DataFrame(rows)
+
+
+STACKS = pl.DataFrame(schema={"rank": pl.Int32, "ts_ns": pl.Int64, "functions": pl.List(pl.Utf8),
+                              "modules": pl.List(pl.Utf8), "count": pl.Int64})  # fmt: skip
+
+
+def test_a_tp_hang_cascading_into_dp_names_only_the_rank_that_never_arrived():
+    last = {0: {"anon0": 103, "anon1": 51}, 1: {"anon0": 103, "anon1": 51},
+            2: {"anon0": 99, "anon1": 47}, 3: {"anon0": 98, "anon1": 47}}  # fmt: skip
+    (f,) = detect_hangs(_tl([0, 1, 2], 100 * S), _coll(last), STACKS, {"h": 100 * S},
+                        hang_after_s=10, step_ns=0.05 * S)  # fmt: skip
+    assert f["missing_ranks"] == [3]
+    assert (f["comm"], f["seq"], f["waiting_ranks"]) == ("anon0", 99, [0, 1, 2])
+
+
+def test_every_rank_behind_waiting_keeps_them_all_missing():
+    """No rank behind is outside a wait (each is stuck in a GPU wait of its own): nobody is
+    a mere victim, so both ranks behind stay missing."""
+    last = {0: {"w": 10}, 1: {"w": 10}, 2: {"w": 9}, 3: {"w": 9}}
+    (f,) = detect_hangs(_tl([0, 1, 2, 3], 100 * S), _coll(last), STACKS, {"h": 100 * S},
+                        hang_after_s=10, step_ns=0.05 * S)  # fmt: skip
+    assert (f["missing_ranks"], f["waiting_ranks"], f["seq"]) == ([2, 3], [0, 1], 10)
+
+
+def test_one_comm_the_non_waiting_rank_is_missing():
+    last = {0: {"w": 10}, 1: {"w": 10}, 2: {"w": 10}, 3: {"w": 9}}
+    (f,) = detect_hangs(_tl([0, 1, 2], 100 * S), _coll(last), STACKS, {"h": 100 * S},
+                        hang_after_s=10, step_ns=0.05 * S)  # fmt: skip
+    assert (f["missing_ranks"], f["waiting_ranks"], f["comm"], f["seq"]) == ([3], [0, 1, 2], "w", 10)
