@@ -35,6 +35,10 @@ test-unit: setup ## run the unit tier only (no root, no bcc)
 test-bpf: setup ## run the bpf tier only (root: real probes on real processes)
 	$(PYTEST) tests -q -m bpf
 
+.PHONY: test-zoo
+test-zoo: setup ## the workload zoo: real PyTorch jobs of every shape, healthy and faulty (root, ~10 min)
+	ARGUS_ZOO=1 $(PYTEST) tests -q -m zoo
+
 .PHONY: test-stress
 test-stress: setup ## the bpf tier with one CPU-bound process per core beside it (a busy machine)
 	scripts/with-load $(PYTEST) tests -q -m bpf

@@ -12,7 +12,7 @@ import polars as pl
 
 COLLECTIVE_COLUMNS = (
     "rank", "host", "tgid", "tid", "channel", "name", "comm", "op", "bytes", "seq",
-    "t_ns", "end_ns", "dur_ns", "in_flight",
+    "t_ns", "end_ns", "dur_ns", "in_flight", "peer",
 )  # fmt: skip
 
 
@@ -24,6 +24,8 @@ def collectives(tl: pl.DataFrame) -> pl.DataFrame:
     null `seq` the call's index on its (rank, comm) in time order.
     """
     c = tl.filter((pl.col("kind") == "collective") & pl.col("rank").is_not_null())
+    if "peer" not in c.columns:  # timelines made without it (send/recv peer rank)
+        c = c.with_columns(pl.lit(None, pl.Int32).alias("peer"))
     if c.height == 0:
         return c.select(COLLECTIVE_COLUMNS).with_columns(pl.col("seq").alias("gseq"))
     has_nccl = c.filter(pl.col("channel") == "nccl").get_column("rank").unique().to_list()

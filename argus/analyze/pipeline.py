@@ -7,7 +7,10 @@ GPU busy time: the slow stage's GPUs compute most of the step, the others idle i
 
 Stages: ranks that make point-to-point calls (send/recv) are a pipeline; ranks sharing the
 communicator that delimits their steps (the stage's data-parallel communicator,
-`steps.step_comms`) form a stage. Metric: per rank, the mean NVML `util_gpu_pct` of its
+`steps.step_comms`) and their place in the pipeline (`stage_keys`: whether their first
+send/recv is a send, and to how many peers they send or receive) form a stage. The place
+matters where the comm's name does not tell stages apart: each stage's data-parallel comm,
+made by ncclCommSplit before attach, is `anon1` on the ranks of every stage alike. Metric: per rank, the mean NVML `util_gpu_pct` of its
 samples inside its detected steps (>= `MIN_SAMPLES`); per stage, the median over its ranks.
 Detector: the busiest stage is slow when its busy share is >= `MIN_RATIO` x the median of
 the other stages' and >= `MIN_POINTS` points above it. Each of its ranks gets a `straggler`
@@ -38,7 +41,24 @@ def stages(coll: pl.DataFrame) -> list[list[int]]:
     """The pipeline stages (lists of ranks), or [] when the job makes no send/recv."""
     if coll.height == 0 or not coll["op"].is_in(P2P_OPS).any():
         return []
-    return stages_of(step_comms(coll))
+    return stages_of(stage_keys(coll))
+
+
+def stage_keys(coll: pl.DataFrame) -> dict[int, str]:
+    """Per rank, what the ranks of its pipeline stage share (module doc): its step
+    communicator, and for a rank making send/recv calls its first one's direction and its
+    number of distinct peers (`anon1|send1`)."""
+    keys = step_comms(coll)
+    p2p = coll.filter(pl.col("op").is_in(P2P_OPS))
+    if p2p.height == 0:
+        return keys
+    peer = pl.col("peer") if "peer" in p2p.columns else pl.lit(None, pl.Int32)
+    roles = (p2p.sort("t_ns").group_by("rank", maintain_order=True)
+             .agg(pl.col("op").first().alias("first"), peer.drop_nulls().n_unique().alias("n")))  # fmt: skip
+    for r, first, n in roles.rows():
+        if r in keys:
+            keys[r] = f"{keys[r]}|{first}{n}"
+    return keys
 
 
 def stages_of(step_comm: dict[int, str]) -> list[list[int]]:

@@ -369,6 +369,7 @@ def _with_rank_context(tail: pl.DataFrame, coll: pl.DataFrame, hctx) -> pl.DataF
     if tail.height == 0:
         return tail
     comm = steps_mod.step_comms(coll) if coll.height else {}
+    stage = pipeline.stage_keys(coll) if coll.height else {}
     p2p = (dict(coll.group_by("rank").agg(pl.col("op").is_in(steps_mod.P2P_OPS).any()).rows())
            if coll.height else {})  # fmt: skip
     named: dict[int, set[str]] = {}
@@ -384,6 +385,7 @@ def _with_rank_context(tail: pl.DataFrame, coll: pl.DataFrame, hctx) -> pl.DataF
     return tail.with_columns(
         pl.Series("step_comm", [comm.get(r) for r in ranks], dtype=pl.Utf8),
         pl.Series("p2p", [bool(p2p.get(r, False)) for r in ranks], dtype=pl.Boolean),
+        pl.Series("stage", [stage.get(r) for r in ranks], dtype=pl.Utf8),
         pl.Series("threads", threads, dtype=pl.List(pl.Utf8)),
     )
 
@@ -610,13 +612,13 @@ def _host_context(summs: Sequence[Summaries], manifests) -> host_context.HostCon
 
 
 def _stages(summs: Sequence[Summaries]) -> list[list[int]]:
-    tails = [s.tail.select("rank", "step_comm", "p2p") for s in summs if s.tail.height]
+    tails = [s.tail.select("rank", "step_comm", "p2p", "stage") for s in summs if s.tail.height]
     if not tails:
         return []
-    t = pl.concat(tails)
+    t = pl.concat(tails).with_columns(pl.col("stage").fill_null(pl.col("step_comm")))
     if not t["p2p"].fill_null(False).any():
         return []
-    return pipeline.stages_of(dict(t.drop_nulls("step_comm").select("rank", "step_comm").rows()))
+    return pipeline.stages_of(dict(t.drop_nulls("stage").select("rank", "stage").rows()))
 
 
 def diagnose_summaries(

@@ -137,6 +137,7 @@ TAIL_SCHEMA: dict[str, pl.DataType] = {
     ),
     "step_comm": pl.Utf8,  # the communicator whose collectives delimit its steps
     "p2p": pl.Boolean,  # it made send/recv calls (a pipeline job)
+    "stage": pl.Utf8,  # what its pipeline stage's ranks share (`pipeline.stage_keys`)
     # its own threads named as cpu_contention competitors in the host context (the host
     # detector leaves a rank's own threads out): only those, not every thread name
     "threads": pl.List(pl.Utf8),

@@ -362,11 +362,11 @@ def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, own_build):
     build = own_build
     d = Daemon(tmp_path, build, interval_s=0.5, job_grace_s=1)
     try:
-        time.sleep(2)
+        d.wait_for(lambda: d.state()["uprobes"] == 0 or None, 30, "the daemon's first scan")
         base_fds = _perf_fds(d.proc.pid)
         rss = []
-        n_jobs, deadline = 0, time.monotonic() + 60
-        while n_jobs < 50 and time.monotonic() < deadline:
+        n_jobs = 0
+        while n_jobs < 30:  # 6 batches: the first 2 warm up, then RSS must stay flat
             batch = []
             for i in range(5):  # 5 tiny jobs at a time: 2 ranks x 3 steps each
                 go = tmp_path / f"go-{n_jobs + i}"
@@ -383,7 +383,6 @@ def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, own_build):
                 job.close()
             n_jobs += len(batch)
             rss.append(_rss_kb(d.proc.pid))
-        assert n_jobs >= 20, f"only {n_jobs} jobs fit in 60 s"
 
         last = {}
 

@@ -65,3 +65,27 @@ def test_one_comm_the_non_waiting_rank_is_missing():
     (f,) = detect_hangs(_tl([0, 1, 2], 100 * S), _coll(last), STACKS, {"h": 100 * S},
                         hang_after_s=10, step_ns=0.05 * S)  # fmt: skip
     assert (f["missing_ranks"], f["waiting_ranks"], f["comm"], f["seq"]) == ([3], [0, 1, 2], "w", 10)
+
+
+def test_pipeline_stages_are_told_apart_where_their_dp_comms_share_a_name():
+    """2 stages x 2 data-parallel, every comm made before attach: each stage's DP comm is
+    `anon1` on its ranks and the send/recv comm `anon0` (peers are world ranks: 0 <-> 1,
+    2 <-> 3). The stages are {0, 2} (they send first) and {1, 3} (they receive first); by
+    the step comm's name alone there was one group, so no stage (and no slow stage)."""
+    from argus.analyze import pipeline
+
+    rows = []
+    for r in range(4):
+        first, peer = ("send", r + 1) if r % 2 == 0 else ("recv", r - 1)
+        second = "recv" if first == "send" else "send"
+        for step in range(10):
+            t = step * 1000 + r
+            rows += [{"rank": r, "comm": "anon0", "op": first, "peer": peer, "t_ns": t},
+                     {"rank": r, "comm": "anon0", "op": second, "peer": peer, "t_ns": t + 100},
+                     {"rank": r, "comm": "anon1", "op": "allreduce", "peer": None,
+                      "t_ns": t + 200}]  # fmt: skip
+    coll = pl.DataFrame(rows, schema={"rank": pl.Int32, "comm": pl.Utf8, "op": pl.Utf8,
+                                      "peer": pl.Int32, "t_ns": pl.Int64})  # fmt: skip
+    assert pipeline.stage_keys(coll) == {0: "anon1|send1", 1: "anon1|recv1",
+                                         2: "anon1|send1", 3: "anon1|recv1"}  # fmt: skip
+    assert pipeline.stages(coll) == [[0, 2], [1, 3]]

@@ -150,7 +150,7 @@ def one_run(shape: str, launcher: str, faults: launch.Faults, base_ms: float, tm
         args = ["attach", *map(str, job.targets), "-o", str(rec)]
         if hang:
             args += ["-d", str(hang_d)]
-        argus = ArgusProcess(args)
+        argus = ArgusProcess(args, env=job.argus_env)
         t_at = argus.wait_for("argus: tracing", 240)
         job.release()
         if hang:

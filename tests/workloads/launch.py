@@ -237,13 +237,28 @@ class Job:
                         faults=self._sim_faults(), truth=str(self.workdir / "sim-truth.json"),
                         wait_go=str(self.go), wait_at="step", step_ms=self.step_ms,
                         buckets=SIM_BUCKETS, layers=SIM_LAYERS, quiet=True,
-                        node=f"zoo{os.getpid()}",
+                        node=self.sim_node,
                         tp=2 if self.shape == "sim_tp_dp" else 1,
                         pp=2 if self.shape == "sim_pp" else 1,
                         sync_every=SIM_SYNC_EVERY if self.shape == "sim_sync_every_n"
                         else 1)  # fmt: skip
         self._sim = start_job(cfg)
         self.procs.append(self._sim.proc)
+
+    @property
+    def sim_node(self) -> str:
+        return f"zoo{os.getpid()}"
+
+    @property
+    def argus_env(self) -> dict[str, str]:
+        """What argus needs beside the job: a simulated job's GPUs are read through the
+        simulator's NVML (its node's files), as `argus demo` does; real jobs need nothing."""
+        if self.launcher != "sim":
+            return {}
+        from argus.sim.launcher import find_build_dir
+
+        return {"ARGUS_NVML_LIB": str(find_build_dir() / "stubs" / "libnvidia-ml.so.1"),
+                "ARGUS_SIM_NODE": self.sim_node}  # fmt: skip
 
     # ---------------------------------------------------------------- running
     @property
