@@ -362,7 +362,7 @@ def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, own_build):
     build = own_build
     d = Daemon(tmp_path, build, interval_s=0.5, job_grace_s=1)
     try:
-        d.wait_for(lambda: d.state()["uprobes"] == 0 or None, 30, "the daemon's first scan")
+        d.wait_for(lambda: d.state().get("uprobes") == 0 or None, 30, "the daemon's first scan")
         base_fds = _perf_fds(d.proc.pid)
         rss = []
         n_jobs = 0

@@ -1,0 +1,63 @@
+"""The zoo's data-parallel shapes on real PyTorch (gloo, 4 ranks under torchrun), healthy
+and with one planted fault each, scored as the issue's "done when" says
+(tests/workloads/checks.py; the run is scripts/zoo's: tests/workloads/harness.py):
+
+- ddp: DDP, one gradient bucket; fault: a host straggler, rank 1, 25 % of the step.
+- grad_accum: DDP, 4 micro-steps per step under no_sync(); fault: straggler, rank 2, 25 %.
+- sync_every_n: DDP, the loss allreduced + .item()'d every 5th step only; fault: rank 3
+  hangs before the loss allreduce of step 9 (its 2nd allreduce of that step).
+
+Six runs of ~8 s of steps each (~35 s with torch's start and argus's own)."""
+
+from __future__ import annotations
+
+import pytest
+from workloads import harness as zh
+from workloads.checks import (
+    check_fault_found,
+    check_job_issued_its_sites,
+    check_no_serious_finding,
+    check_steps,
+    known_wrong,
+)
+from workloads.launch import Faults
+
+pytestmark = [pytest.mark.bpf, pytest.mark.zoo]
+
+FAULTS = {
+    "ddp": Faults(straggler=(1, 25.0)),
+    "grad_accum": Faults(straggler=(2, 25.0)),
+    "sync_every_n": Faults(hang={"rank": 3, "group": "world", "op": "allreduce", "step": 9,
+                                 "nth": 1}),  # fmt: skip
+}
+SHAPES = list(FAULTS)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return zh.Runs(tmp_path_factory, FAULTS)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_job_issues_exactly_its_collectives(runs, shape):
+    check_job_issued_its_sites(runs.get(shape, "healthy"))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_healthy_run_has_no_warning_or_critical_finding(runs, shape):
+    check_no_serious_finding(runs.get(shape, "healthy"))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_healthy_run_step_count_within_2(runs, shape):
+    check_steps(runs.get(shape, "healthy"))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_planted_fault_found_on_the_right_rank_and_kind(runs, shape):
+    check_fault_found(runs.get(shape, "fault"))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fault_run_step_count_within_2(runs, shape):
+    check_steps(runs.get(shape, "fault"))
