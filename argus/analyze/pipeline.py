@@ -10,7 +10,8 @@ communicator that delimits their steps (the stage's data-parallel communicator,
 `steps.step_comms`) and their place in the pipeline (`stage_keys`: whether their first
 send/recv is a send, and to how many peers they send or receive) form a stage. The place
 matters where the comm's name does not tell stages apart: each stage's data-parallel comm,
-made by ncclCommSplit before attach, is `anon1` on the ranks of every stage alike. Metric: per rank, the mean NVML `util_gpu_pct` of its
+made by ncclCommSplit before attach, is `anon1` on the ranks of every stage alike.
+Metric: per rank, the mean NVML `util_gpu_pct` of its
 samples inside its detected steps (>= `MIN_SAMPLES`); per stage, the median over its ranks.
 Detector: the busiest stage is slow when its busy share is >= `MIN_RATIO` x the median of
 the other stages' and >= `MIN_POINTS` points above it. Each of its ranks gets a `straggler`
@@ -53,8 +54,8 @@ def stage_keys(coll: pl.DataFrame) -> dict[int, str]:
     if p2p.height == 0:
         return keys
     peer = pl.col("peer") if "peer" in p2p.columns else pl.lit(None, pl.Int32)
-    roles = (p2p.sort("t_ns").group_by("rank", maintain_order=True)
-             .agg(pl.col("op").first().alias("first"), peer.drop_nulls().n_unique().alias("n")))  # fmt: skip
+    roles = p2p.sort("t_ns").group_by("rank", maintain_order=True).agg(
+        pl.col("op").first().alias("first"), peer.drop_nulls().n_unique().alias("n"))
     for r, first, n in roles.rows():
         if r in keys:
             keys[r] = f"{keys[r]}|{first}{n}"

@@ -8,11 +8,11 @@ import signal
 import time
 
 import pytest
+from helpers.cli import ArgusProcess
 
 from argus.cli import main
 from argus.recording.io import load_recording
 from argus.sim.launcher import SimConfig, start_job
-from helpers.cli import ArgusProcess
 
 pytestmark = pytest.mark.bpf
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 from workloads import harness as zh
-from workloads.checks import check_fault_found, check_no_serious_finding, check_steps, known_wrong
+from workloads.checks import check_fault_found, check_no_serious_finding, check_steps, shape_params
 from workloads.launch import Faults
 
 pytestmark = pytest.mark.bpf
@@ -38,13 +38,9 @@ SHAPES = list(FAULTS)
 SYNC_STEPS = "sync-every-5 with equal buckets: 13 steps counted for 70"
 KNOWN = {
     ("steps", "sim_sync_every_n"): SYNC_STEPS,
+    ("fault_steps", "sim_sync_every_n"): SYNC_STEPS,
     ("found", "sim_sync_every_n"): "sync-every-5 with equal buckets: straggler not found",
 }
-
-
-def shapes(check: str) -> list:
-    return [pytest.param(s, marks=known_wrong(KNOWN[check, s])) if (check, s) in KNOWN else s
-            for s in SHAPES]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +53,16 @@ def test_healthy_run_has_no_warning_or_critical_finding(runs, shape):
     check_no_serious_finding(runs.get(shape, "healthy"))
 
 
-@pytest.mark.parametrize("shape", shapes("steps"))
+@pytest.mark.parametrize("shape", shape_params(SHAPES, "steps", KNOWN))
 def test_healthy_run_step_count_within_2(runs, shape):
     check_steps(runs.get(shape, "healthy"))
 
 
-@pytest.mark.parametrize("shape", shapes("found"))
+@pytest.mark.parametrize("shape", shape_params(SHAPES, "found", KNOWN))
 def test_planted_fault_found_on_the_right_rank_and_kind(runs, shape):
     check_fault_found(runs.get(shape, "fault"))
 
 
-@pytest.mark.parametrize("shape", shapes("steps"))
+@pytest.mark.parametrize("shape", shape_params(SHAPES, "fault_steps", KNOWN))
 def test_fault_run_step_count_within_2(runs, shape):
     check_steps(runs.get(shape, "fault"))

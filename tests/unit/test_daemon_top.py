@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from rich.console import Console
 
-from argus.daemon.config import load_config
 from argus.collect import procfs
+from argus.daemon.config import load_config
 from argus.daemon.discovery import job_key
 from argus.errors import UsageError
 from argus.present.metrics import LiveCollector
