@@ -256,7 +256,7 @@ def detect_hotspots(
         if key in in_win:
             normal = mine.filter(~any_win)
             extra = {"start_step": key[0], "end_step": key[1]}
-            if sum(profile(normal).values()) < MIN_SAMPLES:
+            if profile(normal)[None] < MIN_SAMPLES:  # attributed samples (not frames)
                 # a mostly idle rank (waiting for its GPU) has few samples of its own outside
                 # a short window: compare with the other ranks' samples instead
                 normal = stacks.filter(pl.col("rank") != r)

@@ -404,14 +404,20 @@ def _rank_steps(m: _Markers, p: int, starts: list[int], cut: bool) -> list[dict[
 
 def _global_ids(per_rank: dict[int, list[dict[str, Any]]]) -> dict[int, list[int]]:
     """Step ids shared by the ranks (module doc): by the starting collective when every
-    rank's steps start on one communicator, else by nearest start to the reference's."""
+    rank's steps start on one communicator (and the ranks' ids agree), else by nearest
+    start to the reference's."""
     keys = [s["key"] for steps in per_rank.values() for s in steps]
     # a send/recv's sequence number counts one rank's own calls: no cross-rank identity
     if len({k[0] for k in keys}) == 1 and all(k[0] is not None and k[1] is not None
                                               and not k[2] for k in keys):  # fmt: skip
         keys = sorted({s["key"][1] for steps in per_rank.values() for s in steps})
-        dense = {k: i for i, k in enumerate(keys)}
-        return {r: [dense[s["key"][1]] for s in steps] for r, steps in per_rank.items()}
+        most = max(len(steps) for steps in per_rank.values())
+        # ranks agree on the numbering unless there are far more ids than any rank has
+        # steps: one local comm name over several groups (each TP group's `pg0`) aligned
+        # a group a step off; then by time, as below
+        if len(keys) <= 1.1 * most + 2:
+            dense = {k: i for i, k in enumerate(keys)}
+            return {r: [dense[s["key"][1]] for s in steps] for r, steps in per_rank.items()}
     ref = max(per_rank, key=lambda r: (len(per_rank[r]), -r))
     ref_starts = [s["start_ns"] for s in per_rank[ref]]
     times = [s["end_ns"] - s["start_ns"] for steps in per_rank.values() for s in steps]

@@ -34,9 +34,7 @@ SHAPES = list(FAULTS)
 # Measured 2026-12-02, one run per cell under make test-zoo (docs/accuracy.md, "zoo").
 GLOO_PP = "pipelines over gloo send/recv: steps from c10d p2p calls are off"
 KNOWN = {
-    ("found", "tp_dp"): "straggler r1 25 %: argus said warn collective_stall x5 instead",
-    ("fault_steps", "tp_dp"): "straggler r1 25 %: 192 steps for 97 (step ids over 2 TP "
-                              "groups sharing pg names misaligned)",
+    ("found", "tp_dp"): "straggler r1 25 %: collective stalls and a straggler window only",
     ("serious", "pp_gpipe"): (f"{GLOO_PP}: healthy: warn cpu_hotspot x2, anomalous_window x9",
                               False),
     ("serious", "pp_1f1b"): (f"{GLOO_PP}: healthy: warn anomalous_window x91", False),

@@ -109,3 +109,18 @@ def test_a_thick_baseline_keeps_the_share_rule():
         {"kind": "cpu_hotspot", "severity": "info", "rank": None, "function": "jit_compile",
          "share_anomalous": 0.12, "share_normal": 0.0, "samples_anomalous": 12,
          "samples_normal": 0}]  # fmt: skip
+
+
+def test_a_windowed_straggler_with_few_samples_outside_is_compared_with_the_other_ranks():
+    """Seen on a busy machine (a CPU hog beside the job): rank 1's 400 ms JIT stall held 99
+    samples, the rest of its recording 3, each 4 frames deep (12 frame-samples). The rule
+    "fewer than MIN_SAMPLES outside the window: compare with the other ranks" counted
+    frames, kept the 3-sample baseline and the Fisher test (P = 0.013) said no evidence."""
+    deep = ["cpu_busy", "run_step", "main", "start"]
+    st = _stacks([(1, 600 + i, ["jit_compile_graph", *deep], 1) for i in range(77)]
+                 + [(1, 700 + i, deep, 1) for i in range(22)]
+                 + [(1, 100 + 10 * i, deep, 1) for i in range(3)]
+                 + [(r, 100 + i, deep, 1) for r in (0, 2) for i in range(20)])  # fmt: skip
+    found = hotspot.detect_hotspots(st, [WINDOW], [_straggler(1, WINDOW)])
+    assert [(f["rank"], f["function"], f["compared_with"]) for f in found] == [
+        (1, "jit_compile_graph", "other_ranks")]
