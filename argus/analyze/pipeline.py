@@ -53,9 +53,8 @@ def stage_keys(coll: pl.DataFrame) -> dict[int, str]:
     p2p = coll.filter(pl.col("op").is_in(P2P_OPS))
     if p2p.height == 0:
         return keys
-    peer = pl.col("peer") if "peer" in p2p.columns else pl.lit(None, pl.Int32)
     roles = p2p.sort("t_ns").group_by("rank", maintain_order=True).agg(
-        pl.col("op").first().alias("first"), peer.drop_nulls().n_unique().alias("n"))
+        pl.col("op").first().alias("first"), pl.col("peer").drop_nulls().n_unique().alias("n"))
     for r, first, n in roles.rows():
         if r in keys:
             keys[r] = f"{keys[r]}|{first}{n}"

@@ -25,3 +25,14 @@ def pytest_collection_modifyitems(config, items):
         elif "zoo" in item.keywords and not zoo:
             item.add_marker(pytest.mark.skip(reason="zoo tier: real PyTorch job shapes, "
                                              "run by `make test-zoo`"))
+
+
+def pytest_generate_tests(metafunc):
+    """A zoo module's checks (`workloads.checks.ZooCells`): one test per shape of its
+    FAULTS, known-wrong cells marked."""
+    check = getattr(metafunc.function, "zoo_check", None)
+    if check is not None and "shape" in metafunc.fixturenames:
+        from workloads.checks import shape_params
+
+        cls = metafunc.cls
+        metafunc.parametrize("shape", shape_params(list(cls.FAULTS), check, cls.KNOWN))

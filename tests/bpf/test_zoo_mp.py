@@ -13,14 +13,7 @@ Six runs of ~8 s of steps each (~35-45 s with torch's start and argus's own)."""
 from __future__ import annotations
 
 import pytest
-from workloads import harness as zh
-from workloads.checks import (
-    check_fault_found,
-    check_job_issued_its_sites,
-    check_no_serious_finding,
-    check_steps,
-    shape_params,
-)
+from workloads.checks import ZooCells
 from workloads.launch import Faults
 
 pytestmark = [pytest.mark.bpf, pytest.mark.zoo]
@@ -30,7 +23,6 @@ FAULTS = {
     "pp_gpipe": Faults(slow_stage=(2, 25.0)),
     "pp_1f1b": Faults(hang={"rank": 2, "group": "world", "op": "recv", "step": 7, "nth": 1}),
 }
-SHAPES = list(FAULTS)
 # Measured 2026-12-02, one run per cell under make test-zoo (docs/accuracy.md, "zoo").
 GLOO_PP = "pipelines over gloo send/recv: steps from c10d p2p calls are off"
 KNOWN = {
@@ -47,31 +39,6 @@ KNOWN = {
 }
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return zh.Runs(tmp_path_factory, FAULTS)
-
-
-@pytest.mark.parametrize("shape", shape_params(SHAPES, "sites", KNOWN))
-def test_the_job_issues_exactly_its_collectives(runs, shape):
-    check_job_issued_its_sites(runs.get(shape, "healthy"))
-
-
-@pytest.mark.parametrize("shape", shape_params(SHAPES, "serious", KNOWN))
-def test_healthy_run_has_no_warning_or_critical_finding(runs, shape):
-    check_no_serious_finding(runs.get(shape, "healthy"))
-
-
-@pytest.mark.parametrize("shape", shape_params(SHAPES, "steps", KNOWN))
-def test_healthy_run_step_count_within_2(runs, shape):
-    check_steps(runs.get(shape, "healthy"))
-
-
-@pytest.mark.parametrize("shape", shape_params(SHAPES, "found", KNOWN))
-def test_planted_fault_found_on_the_right_rank_and_kind(runs, shape):
-    check_fault_found(runs.get(shape, "fault"))
-
-
-@pytest.mark.parametrize("shape", shape_params(SHAPES, "fault_steps", KNOWN))
-def test_fault_run_step_count_within_2(runs, shape):
-    check_steps(runs.get(shape, "fault"))
+class TestModelParallel(ZooCells):
+    FAULTS = FAULTS
+    KNOWN = KNOWN

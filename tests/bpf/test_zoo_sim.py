@@ -18,8 +18,7 @@ traces 16 s)."""
 from __future__ import annotations
 
 import pytest
-from workloads import harness as zh
-from workloads.checks import check_fault_found, check_no_serious_finding, check_steps, shape_params
+from workloads.checks import ZooCells
 from workloads.launch import Faults
 
 pytestmark = pytest.mark.bpf
@@ -30,7 +29,6 @@ FAULTS = {
     "sim_pp": Faults(slow_stage=(1, 25.0)),
     "sim_sync_every_n": Faults(straggler=(0, 25.0)),
 }
-SHAPES = list(FAULTS)
 # Measured 2026-12-02 (4 s runs): the steps of a job whose step is one kind of collective
 # (4 equal buckets) and whose host waits only every 5th step are 5-step periods (13 for 70):
 # equal parts of one token are taken for one step's buckets (docs/accuracy.md, limits);
@@ -43,26 +41,10 @@ KNOWN = {
 }
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return zh.Runs(tmp_path_factory, FAULTS, run_s=4.0)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_healthy_run_has_no_warning_or_critical_finding(runs, shape):
-    check_no_serious_finding(runs.get(shape, "healthy"))
-
-
-@pytest.mark.parametrize("shape", shape_params(SHAPES, "steps", KNOWN))
-def test_healthy_run_step_count_within_2(runs, shape):
-    check_steps(runs.get(shape, "healthy"))
-
-
-@pytest.mark.parametrize("shape", shape_params(SHAPES, "found", KNOWN))
-def test_planted_fault_found_on_the_right_rank_and_kind(runs, shape):
-    check_fault_found(runs.get(shape, "fault"))
-
-
-@pytest.mark.parametrize("shape", shape_params(SHAPES, "fault_steps", KNOWN))
-def test_fault_run_step_count_within_2(runs, shape):
-    check_steps(runs.get(shape, "fault"))
+class TestSimulated(ZooCells):
+    FAULTS = FAULTS
+    KNOWN = KNOWN
+    RUN_S = 4.0
+    # check_job_issued_its_sites reads a torch job's truth (shapes.sites); the simulator's
+    # truth has no per-site counts
+    test_the_job_issues_exactly_its_collectives = None

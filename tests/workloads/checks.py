@@ -70,3 +70,49 @@ def check_job_issued_its_sites(run: dict) -> None:
         for site in zoo.sites(t["shape"], r["rank"], t["nproc"]):
             want[site.group] += sum(site.occurs(s) for s in range(r["steps_completed"]))
         assert r["collectives"] == dict(want), (r["rank"], r["collectives"], dict(want))
+
+
+def cell(check: str):
+    """Marks a ZooCells test with the check its known-wrong cells are keyed by."""
+
+    def mark(f):
+        f.zoo_check = check
+        return f
+
+    return mark
+
+
+class ZooCells:
+    """The checks of a zoo test module, one healthy and one faulty run per shape. A
+    subclass sets FAULTS (shape -> planted fault), KNOWN ((check, shape) -> known_wrong
+    reason, or (reason, strict)) and RUN_S; tests/bpf/conftest.py parametrizes `shape` with
+    `shape_params`. Each (shape, healthy|fault) run is made once for the class."""
+
+    FAULTS: dict = {}
+    KNOWN: dict = {}
+    RUN_S: float = zh.RUN_S
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def runs(cls, tmp_path_factory):
+        return zh.Runs(tmp_path_factory, cls.FAULTS, run_s=cls.RUN_S)
+
+    @cell("sites")
+    def test_the_job_issues_exactly_its_collectives(self, runs, shape):
+        check_job_issued_its_sites(runs.get(shape, "healthy"))
+
+    @cell("serious")
+    def test_healthy_run_has_no_warning_or_critical_finding(self, runs, shape):
+        check_no_serious_finding(runs.get(shape, "healthy"))
+
+    @cell("steps")
+    def test_healthy_run_step_count_within_2(self, runs, shape):
+        check_steps(runs.get(shape, "healthy"))
+
+    @cell("found")
+    def test_planted_fault_found_on_the_right_rank_and_kind(self, runs, shape):
+        check_fault_found(runs.get(shape, "fault"))
+
+    @cell("fault_steps")
+    def test_fault_run_step_count_within_2(self, runs, shape):
+        check_steps(runs.get(shape, "fault"))
