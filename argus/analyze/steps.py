@@ -4,7 +4,7 @@ A training step repeats one pattern of calls. Per rank, the markers are its coll
 EVERY communicator it uses, merged in time order (a tensor-parallel allreduce per layer, the
 data-parallel gradient buckets, a pipeline's send/recv: one step is the period of the whole
 pattern, not of one group's collective); without collectives, its GPU waits (syncs,
-blocking read-backs). A marker's token is (communicator, op, bytes).
+blocking read-backs). A marker's token is (communicator, op, bytes, and a send/recv's peer).
 
 - The cycle: for each candidate period p (in markers), the most common window of p tokens
   and its non-overlapping occurrences (`_occurrences`); the cycle is the smallest p whose
@@ -130,9 +130,14 @@ def _markers(tl_rank: pl.DataFrame, coll_rank: pl.DataFrame | None,
              .select("t_ns", "end_ns").sort("t_ns").rows())  # fmt: skip
     if coll_rank is not None:
         cr = coll_rank.unique(["comm", "gseq"], keep="first").sort("t_ns")
-        rows = [((c, op, -1 if b is None else b), t, e, c, g, op in P2P_OPS)
-                for c, op, b, t, e, g in
-                cr.select("comm", "op", "bytes", "t_ns", "end_ns", "gseq").rows()]  # fmt: skip
+        if "peer" not in cr.columns:
+            cr = cr.with_columns(pl.lit(None, pl.Int32).alias("peer"))
+        # a send/recv's peer is part of its token: a pipeline stage's forward (recv from
+        # the stage before, send to the one after) and backward (the other way) differ
+        rows = [((c, op, -1 if b is None else b,
+                  -1 if q is None or op not in P2P_OPS else q), t, e, c, g, op in P2P_OPS)
+                for c, op, b, q, t, e, g in
+                cr.select("comm", "op", "bytes", "peer", "t_ns", "end_ns", "gseq").rows()]  # fmt: skip
     else:  # the waits are the markers: a step ends with its last one
         waits = []
         rows = [((name, -1 if k is None else k, -1 if b is None else b), t, e, None, None,
@@ -340,6 +345,40 @@ def _by_gaps(m: _Markers) -> tuple[int, list[int], bool, bool] | None:
     return best
 
 
+def _agree_on_period(all_m: dict[int, _Markers],
+                     cycles: dict[int, tuple | None]) -> dict[int, tuple | None]:
+    """The ranks of a job make one step per step. A rank whose step is a shorter pattern
+    repeated (a last pipeline stage under 1F1B: recv, send, recv, send, ... from one peer)
+    is seen with k cycles per step where another rank's pattern is unambiguous (the first
+    stage's warm-up sends): where a rank's cycles, regularly p markers apart, take 1/k of
+    the longest median cycle time of the ranks (k >= 2, within 15%), they are merged k at
+    a time, from the phase whose starts follow the longest idle (median)."""
+    spans: dict[int, float] = {}
+    for r, c in cycles.items():
+        if c is not None and len(c[1]) >= 3:
+            spans[r] = float(median(np.diff([all_m[r].t[i] for i in c[1]])))
+    if len(spans) < 2:
+        return cycles
+    ref = max(spans.values())
+    out = dict(cycles)
+    for r, span in spans.items():
+        p, starts, uniform, cut = cycles[r]
+        ratio = ref / span if span > 0 else 0.0
+        k = round(ratio)
+        regular = np.mean(np.diff(starts) == p) >= 0.9
+        if k < 2 or abs(ratio - k) > 0.15 * k or not regular or len(starts) < 2 * k:
+            continue
+        idle = all_m[r].idle
+
+        def lead(j: int, starts: list[int] = starts, k: int = k) -> float:
+            vals = [idle[i] for i in starts[j::k] if idle[i] is not None]
+            return median(vals) if vals else -1.0
+
+        phase = max(range(k), key=lambda j: (lead(j), -j))
+        out[r] = (p * k, starts[phase::k], uniform, cut)
+    return out
+
+
 def step_comms(coll: pl.DataFrame) -> dict[int, str]:
     """Per rank, its busiest communicator without point-to-point calls (a pipeline stage's
     data-parallel communicator: ranks that share it form a stage), else its busiest one.
@@ -478,6 +517,7 @@ def detect_steps(tl: pl.DataFrame, coll: pl.DataFrame) -> StepDetection:
             if by_gaps is not None and (cycles[r] is None or _spread(m, by_gaps[1])
                                         < 0.75 * _spread(m, cycles[r][1])):  # fmt: skip
                 cycles[r] = by_gaps
+    cycles = _agree_on_period(all_m, cycles)
     per_rank: dict[int, list[dict[str, Any]]] = {}
     periods: Counter = Counter()
     for r, c in cycles.items():

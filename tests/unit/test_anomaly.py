@@ -34,8 +34,13 @@ def test_two_slow_steps_mid_run_are_a_hiccup_not_a_warning():
     assert _windows({14: 1.35, 15: 1.35}) == [(14, 15, "info", False)]
 
 
-def test_three_slow_steps_mid_run_are_a_warning():
-    assert _windows({14: 1.35, 15: 1.35, 16: 1.35}) == [(14, 16, "warning", False)]
+def test_slow_steps_mid_run_are_a_warning_when_they_cost_the_job_1_5_steps():
+    assert _windows({14: 1.55, 15: 1.55, 16: 1.55}) == [(14, 16, "warning", False)]
+    assert _windows({k: 1.35 for k in range(14, 19)}) == [(14, 18, "warning", False)]
+    # tests/bpf/test_ddp_diagnosis.py's healthy 3-rank job: steps 6-8 at 1.32x (0.66 steps
+    # lost in all, no CPU contention to explain them); a collective stall was built on it
+    assert _windows({6: 1.25, 7: 1.32, 8: 1.4}) == [(6, 8, "info", False)]
+    assert _windows({14: 1.35, 15: 1.35, 16: 1.35}) == [(14, 16, "info", False)]
 
 
 def test_one_step_twice_as_slow_is_a_warning():
