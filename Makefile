@@ -25,7 +25,7 @@ demo: setup ## simulate a 4-rank job with a planted straggler, attach argus, pri
 
 .PHONY: test
 test: setup ## run every test tier that can run here (unit + bpf; gpu is skipped with the reason)
-	$(PYTEST) tests -q -n 2 --dist loadgroup
+	PY=$(PY) scripts/test
 
 .PHONY: test-unit
 test-unit: setup ## run the unit tier only (no root, no bcc)

@@ -20,10 +20,6 @@ def pytest_collection_modifyitems(config, items):
             reason = "bpf tier: bcc is not importable; run `make setup`"
     zoo = os.environ.get("ARGUS_ZOO") == "1" or "zoo" in (config.getoption("markexpr") or "")
     for item in items:
-        if "bpf" in item.keywords or "gpu" in item.keywords:
-            # `make test` runs on 2 xdist workers: the root tiers on one, in order (their
-            # jobs, probes and daemons must not meet), the unit tier beside them
-            item.add_marker(pytest.mark.xdist_group("root"))
         if "bpf" in item.keywords and reason:
             item.add_marker(pytest.mark.skip(reason=reason))
         elif "zoo" in item.keywords and not zoo:
