@@ -366,7 +366,7 @@ def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, own_build):
         base_fds = _perf_fds(d.proc.pid)
         rss = []
         n_jobs = 0
-        while n_jobs < 30:  # 6 batches: the first 2 warm up, then RSS must stay flat
+        while n_jobs < 20:  # 4 batches: the first warms up, then RSS must stay flat
             batch = []
             for i in range(5):  # 5 tiny jobs at a time: 2 ranks x 3 steps each
                 go = tmp_path / f"go-{n_jobs + i}"
@@ -399,8 +399,9 @@ def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, own_build):
         # uprobes are closed in the background (the kernel takes ~0.2 s per probe)
         d.wait_for(lambda: _perf_fds(d.proc.pid) == base_fds, 60, "the perf fds to close")
         assert _perf_fds(d.proc.pid) == base_fds
-        # memory: no growth with the number of jobs once warmed up (first batches excluded)
-        growth_mb = (rss[-1] - rss[min(2, len(rss) - 1)]) / 1024
+        # memory: no growth with the number of jobs once warmed up (the first batch: 15
+        # jobs after it)
+        growth_mb = (rss[-1] - rss[0]) / 1024
         assert growth_mb < 40, (rss, n_jobs)
         drops = d.state()["drops"]
         assert drops["call_ringbuf"] == 0 and drops["proc_ringbuf"] == 0, drops
@@ -645,8 +646,8 @@ def test_delayed_drains_keep_each_ranks_step_ids_continuous(tmp_path, own_build,
                                         wait_go=str(go), build_dir=str(own_build),
                                         quiet=True), go)  # fmt: skip
     try:
-        j = d.wait_for(lambda: (x := d.job_of(ranks)) and x.get("segments", 0) >= 12 and x,
-                       120, "12 segments")  # fmt: skip
+        j = d.wait_for(lambda: (x := d.job_of(ranks)) and x.get("segments", 0) >= 8 and x,
+                       120, "8 segments")  # fmt: skip
         assert j["job"].startswith("torchelastic-")
         assert d.state()["flush_s"] >= DELAY_MS / 1000  # the delay is in effect
     finally:
@@ -666,7 +667,7 @@ def test_delayed_drains_keep_each_ranks_step_ids_continuous(tmp_path, own_build,
     for rank, pairs in ids_of.items():
         ids = [step for _start, step in sorted(pairs)]
         assert ids == list(range(ids[0], ids[0] + len(ids))), (rank, ids)
-        assert len(ids) >= 12 * 5, (rank, len(ids))  # 12 segments of ~10 steps each
+        assert len(ids) >= 8 * 5, (rank, len(ids))  # 8 segments of ~10 steps each
     # one id, one step: the ranks' starts of an id lie within half a step time (a rank
     # numbered a step off would put every id off; a stall now and then is allowed)
     half = sorted(t for *_x, t in rows)[len(rows) // 2] // 2
@@ -674,7 +675,7 @@ def test_delayed_drains_keep_each_ranks_step_ids_continuous(tmp_path, own_build,
     for _rank, step, start, _t in rows:
         by_id.setdefault(step, []).append(start)
     shared = [v for v in by_id.values() if len(v) == 3]
-    assert len(shared) >= 50
+    assert len(shared) >= 35
     assert sum(max(v) - min(v) < half for v in shared) >= 0.9 * len(shared)
     assert main(["report", str(job_dir), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

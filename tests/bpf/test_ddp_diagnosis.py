@@ -47,7 +47,7 @@ def _serious(report):
     return [f for f in report["findings"] if f["severity"] in SERIOUS]
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
+@pytest.mark.parametrize("nproc", [2])  # 4 ranks: test_torch_ddp's CLI attach test
 def test_slowed_rank_is_the_straggler(tmp_path, nproc):
     report, truth = _diagnose(tmp_path, nproc, "--slow-rank", "1", "--slow-ms", "60")
     steps = report["steps"]

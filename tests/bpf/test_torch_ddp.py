@@ -28,11 +28,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from argus.analyze.report import diagnose
 from argus.collect import procfs
 from argus.collect.session import run_session
 from argus.collect.tracer import TraceOptions
 from argus.errors import TargetNotFound
 from argus.recording.io import load_recording
+from argus.sim.expect import SERIOUS
 
 pytestmark = pytest.mark.bpf
 
@@ -164,7 +166,7 @@ def _counts(rec, pid: int) -> tuple[dict, dict]:
     return kernel, {str(k): v for k, v in rows.group_by("name").len().iter_rows()}
 
 
-def _check_ranks(launcher: int, truth: list[dict], rec) -> dict[int, int]:
+def _check_ranks(launcher: int, truth: list[dict], rec, steps: int = STEPS) -> dict[int, int]:
     """Every rank recorded with the RANK of its environment; torchrun is no rank. rank -> tgid."""
     m = rec.manifest
     # nothing lost; a sampled stack walk (native or Python) may fail now and then, e.g. on a
@@ -181,7 +183,7 @@ def _check_ranks(launcher: int, truth: list[dict], rec) -> dict[int, int]:
         assert (r["world_size"], r["local_rank"]) == (len(truth), t["local_rank"])
         assert r["env"]["RANK"] == str(t["rank"])
         assert "libtorch_cpu" in {lib["name"] for lib in r["libraries"]}
-        assert t["steps"] == STEPS
+        assert t["steps"] == steps
     return {t["rank"]: t["pid"] for t in truth}
 
 
@@ -284,11 +286,15 @@ def test_ddp_construction_collectives(ddp2_init):
 
 
 def test_cli_attach_to_4_rank_torchrun(tmp_path, monkeypatch, capsys):
-    """The issue's Done-when: `argus attach <torchrun pid> -d 20 -o out/` on a 4-rank job."""
+    """`argus attach <torchrun pid> -d 20 -o out/` on a 4-rank job whose rank 2 spends 60 ms
+    of CPU per step in slow_rank_compute() (every rank waits 20 ms: `--compute-ms`): every
+    rank recorded with exact counts, and the diagnosis names rank 2 a host straggler and
+    nothing else (the 2-rank case: tests/bpf/test_ddp_diagnosis.py)."""
     import argus.cli.attach as attach_cmd
     from argus.cli import main
 
-    job = Job(tmp_path, 4, STEPS)
+    steps = 30
+    job = Job(tmp_path, 4, steps, "--compute-ms", "20", "--slow-rank", "2", "--slow-ms", "60")
     out = tmp_path / "out"
     try:
         job.wait_ready()
@@ -310,8 +316,15 @@ def test_cli_attach_to_4_rank_torchrun(tmp_path, monkeypatch, capsys):
     assert rc == 0, capsys.readouterr().err
     rec = load_recording(out)
     assert rec.manifest["end_reason"] == "targets_exited"  # well within the 20 s
-    _check_ranks(job.proc.pid, truth, rec)
+    _check_ranks(job.proc.pid, truth, rec, steps)
     for t in truth:
         kernel, rows = _counts(rec, t["pid"])
-        assert kernel[ALLREDUCE] == rows[ALLREDUCE] == STEPS, t["rank"]
-        assert kernel[PG_WORK] == STEPS + 3
+        assert kernel[ALLREDUCE] == rows[ALLREDUCE] == steps, t["rank"]
+        assert kernel[PG_WORK] == steps + 3
+    report = diagnose([rec])
+    assert report["steps"]["detected"] and report["steps"]["method"] == "torch", report["steps"]
+    assert report["steps"]["collectives_per_step"] == 1 and report["steps"]["count"] >= steps - 3
+    serious = [f for f in report["findings"] if f["severity"] in SERIOUS]
+    stragglers = [(f["rank"], f["cause"]) for f in serious if f["kind"] == "straggler"]
+    assert stragglers == [(2, "host")], report["findings"]
+    assert not [f for f in serious if f.get("rank") not in (2, None)], report["findings"]
