@@ -129,9 +129,13 @@ def _markers(tl_rank: pl.DataFrame, coll_rank: pl.DataFrame | None,
     waits = (tl_rank.filter(pl.col("kind").is_in(["sync", "readback"]))
              .select("t_ns", "end_ns").sort("t_ns").rows())  # fmt: skip
     if coll_rank is not None:
-        cr = coll_rank.unique(["comm", "gseq"], keep="first").sort("t_ns")
+        cr = coll_rank
         if "peer" not in cr.columns:
             cr = cr.with_columns(pl.lit(None, pl.Int32).alias("peer"))
+        # one marker per call: c10d numbers its sends and its receives apart (send 0 and
+        # recv 0 are two calls)
+        cr = cr.unique(["comm", "gseq", "op", "peer"], keep="first", maintain_order=True)
+        cr = cr.sort("t_ns")
         # a send/recv's peer is part of its token: a pipeline stage's forward (recv from
         # the stage before, send to the one after) and backward (the other way) differ
         rows = [((c, op, -1 if b is None else b,
@@ -351,12 +355,14 @@ def _agree_on_period(all_m: dict[int, _Markers],
     repeated (a last pipeline stage under 1F1B: recv, send, recv, send, ... from one peer)
     is seen with k cycles per step where another rank's pattern is unambiguous (the first
     stage's warm-up sends): where a rank's cycles, regularly p markers apart, take 1/k of
-    the longest median cycle time of the ranks (k >= 2, within 15%), they are merged k at
-    a time, from the phase whose starts follow the longest idle (median)."""
+    the longest mean cycle time of the ranks (k >= 2, within 15%; the mean: a step's
+    repeats are not evenly spaced, its bubble is in one of them), they are merged k at a
+    time, from the phase whose starts follow the longest idle (median)."""
     spans: dict[int, float] = {}
     for r, c in cycles.items():
         if c is not None and len(c[1]) >= 3:
-            spans[r] = float(median(np.diff([all_m[r].t[i] for i in c[1]])))
+            t = all_m[r].t
+            spans[r] = (t[c[1][-1]] - t[c[1][0]]) / (len(c[1]) - 1)
     if len(spans) < 2:
         return cycles
     ref = max(spans.values())
