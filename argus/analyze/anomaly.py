@@ -9,9 +9,9 @@ separated by at most one normal step are merged into a window. A warning needs a
 (the sum of the window's excess over the baseline); anything less is `info` (a hiccup: on a
 shared host, CPU contention alone slows a step or two by ~30%; healthy real DDP jobs on
 the project's 2-core machine showed 3-step windows of 1.24x and 1.32x, 0.7 and 1.0 steps
-lost, one with no CPU contention to explain it, and a collective stall was built on it). A window that starts within the
-first WARMUP_STEPS steps of the recording is `info` marked `warmup` when it is not >= 2x, or
-when it is one or two steps long and not >= WARMUP_SLOWDOWN (3x): the first steps of a job
+lost, one with no CPU contention to explain it, and a collective stall was built on it).
+A window that starts within the first WARMUP_STEPS steps of the recording is `info` marked
+`warmup` when it is not >= 2x, or when it is one or two steps long and not >= WARMUP_SLOWDOWN (3x): the first steps of a job
 are slow by nature (allocator, autotuning, connection set-up, lazy init) and nothing before
 them gives a baseline. A healthy real DDP job's first step measured 2.2x on a busy machine
 (52 ms for 24) and a collective stall was built on it; a slow start of >= 3 steps at >= 2x,

@@ -140,8 +140,8 @@ def _markers(tl_rank: pl.DataFrame, coll_rank: pl.DataFrame | None,
         # the stage before, send to the one after) and backward (the other way) differ
         rows = [((c, op, -1 if b is None else b,
                   -1 if q is None or op not in P2P_OPS else q), t, e, c, g, op in P2P_OPS)
-                for c, op, b, q, t, e, g in
-                cr.select("comm", "op", "bytes", "peer", "t_ns", "end_ns", "gseq").rows()]  # fmt: skip
+                for c, op, b, q, t, e, g in cr.select("comm", "op", "bytes", "peer", "t_ns",
+                                                      "end_ns", "gseq").rows()]  # fmt: skip
     else:  # the waits are the markers: a step ends with its last one
         waits = []
         rows = [((name, -1 if k is None else k, -1 if b is None else b), t, e, None, None,
@@ -376,7 +376,8 @@ def _agree_on_period(all_m: dict[int, _Markers],
             continue
         idle = all_m[r].idle
 
-        def lead(j: int, starts: list[int] = starts, k: int = k) -> float:
+        def lead(j: int, starts: list[int] = starts, k: int = k,
+                 idle: list[int | None] = idle) -> float:  # fmt: skip
             vals = [idle[i] for i in starts[j::k] if idle[i] is not None]
             return median(vals) if vals else -1.0
 
