@@ -2,20 +2,20 @@
 
 Metric: per step, the median across ranks of the step time. Detector: baseline = the 25th
 percentile of that series (robust to windows covering up to ~70% of the run), noise = the
-smaller of the lower half's MAD and the consecutive differences' (see `baseline`); a step is
-anomalous when it exceeds the baseline by both 20% and 5 noise units. Anomalous steps
-separated by at most one normal step are merged into a window. A warning needs a slowdown >=
-2x, or >= 1.3x sustained over >= 3 steps that cost the job >= 1.5 baseline steps in all
+smaller of the lower half's MAD and the consecutive differences' (see `baseline`); a step
+is anomalous when it exceeds the baseline by both 20% and 5 noise units. Anomalous steps
+separated by at most one normal step are merged into a window. A warning needs a slowdown
+>= 2x, or >= 1.3x sustained over >= 3 steps that cost the job >= 1.5 baseline steps in all
 (the sum of the window's excess over the baseline); anything less is `info` (a hiccup: on a
-shared host, CPU contention alone slows a step or two by ~30%; healthy real DDP jobs on
-the project's 2-core machine showed 3-step windows of 1.24x and 1.32x, 0.7 and 1.0 steps
-lost, one with no CPU contention to explain it, and a collective stall was built on it).
-A window that starts within the first WARMUP_STEPS steps of the recording is `info` marked
-`warmup` when it is not >= 2x, or when it is one or two steps long and not >= WARMUP_SLOWDOWN (3x): the first steps of a job
-are slow by nature (allocator, autotuning, connection set-up, lazy init) and nothing before
-them gives a baseline. A healthy real DDP job's first step measured 2.2x on a busy machine
-(52 ms for 24) and a collective stall was built on it; a slow start of >= 3 steps at >= 2x,
-or of a step at >= 3x, is still a warning.
+shared host, CPU contention alone slows a step or two by ~30%; healthy real DDP jobs on the
+project's 2-core machine showed 3-step windows of 1.24x and 1.32x, 0.7 and 1.0 steps lost,
+one with no CPU contention to explain it, and a collective stall was built on it). A window
+that starts within the first WARMUP_STEPS steps of the recording is `info` marked `warmup`
+when it is not >= 2x, or when it is one or two steps long and not >= WARMUP_SLOWDOWN (3x):
+the first steps of a job are slow by nature (allocator, autotuning, connection set-up, lazy
+init) and nothing before them gives a baseline. A healthy real DDP job's first step
+measured 2.2x on a busy machine (52 ms for 24) and a collective stall was built on it; a
+slow start of >= 3 steps at >= 2x, or of a step at >= 3x, is still a warning.
 """
 
 from __future__ import annotations
