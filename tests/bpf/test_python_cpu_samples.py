@@ -116,7 +116,10 @@ def test_busy_python_function_owns_the_cpu_samples(tmp_path, which):
     assert st["python"] == ".".join(which.split("-")[1].split(".")[:2])
     assert st["layout"] == ("_Py_DebugOffsets" if which == "pyenv-3.13" else "table")
     assert py["samples"]["walked"] > 0, py
-    assert rec.manifest["drops"]["py_walk_failed"] == 0, rec.manifest["drops"]
+    # a walk that meets a frame being pushed fails and is counted (the sample keeps its
+    # native stack): 1 such walk on a fresh clone with the unit tier running beside
+    walked, failed = py["samples"]["walked"], rec.manifest["drops"]["py_walk_failed"]
+    assert failed <= max(1, walked // 100), (failed, walked, rec.manifest["drops"])
     shares, total = _shares(rec.stacks, proc.pid, proc.pid)
     assert total >= 100, (total, shares)  # ~3 s at 99 Hz
     qual = "burn_cpu_in_named_function" if which == "pyenv-3.10" else (
