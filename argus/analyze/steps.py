@@ -129,13 +129,9 @@ def _markers(tl_rank: pl.DataFrame, coll_rank: pl.DataFrame | None,
     waits = (tl_rank.filter(pl.col("kind").is_in(["sync", "readback"]))
              .select("t_ns", "end_ns").sort("t_ns").rows())  # fmt: skip
     if coll_rank is not None:
-        cr = coll_rank
-        if "peer" not in cr.columns:
-            cr = cr.with_columns(pl.lit(None, pl.Int32).alias("peer"))
         # one marker per call: c10d numbers its sends and its receives apart (send 0 and
         # recv 0 are two calls)
-        cr = cr.unique(["comm", "gseq", "op", "peer"], keep="first", maintain_order=True)
-        cr = cr.sort("t_ns")
+        cr = coll_rank.unique(["comm", "gseq", "op", "peer"], keep="first").sort("t_ns")
         # a send/recv's peer is part of its token: a pipeline stage's forward (recv from
         # the stage before, send to the one after) and backward (the other way) differ
         rows = [((c, op, -1 if b is None else b,
@@ -165,6 +161,12 @@ def _markers(tl_rank: pl.DataFrame, coll_rank: pl.DataFrame | None,
         waited.append(bool(w))
     return _Markers(tok, t, end, idle, [r[3] for r in rows], [r[4] for r in rows],
                     [r[5] for r in rows], waited, waits)
+
+
+def _median_idle(idle: list[int | None], at: list[int]) -> float:
+    """The median idle before the markers at positions `at` (-1 when none is known)."""
+    vals = [idle[i] for i in at if idle[i] is not None]
+    return median(vals) if vals else -1.0
 
 
 def _windows(tok: np.ndarray, p: int) -> np.ndarray:
@@ -232,9 +234,8 @@ def _cycle_by_waits(m: _Markers,
         regular = [sg for sg, c in counts.items() if c >= 0.5 * len(full) / k]
 
         def wait_before(sg: int) -> float:
-            vals = [m.idle[a] for (a, _b), x in zip(bounds, sigs, strict=True)
-                    if x == sg and m.idle[a] is not None]
-            return median(vals) if vals else -1.0
+            return _median_idle(m.idle, [a for (a, _b), x in zip(bounds, sigs, strict=True)
+                                         if x == sg])  # fmt: skip
 
         head = max(regular, key=lambda sg: (wait_before(sg), counts[sg], -sg))
         starts = [a for (a, _b), x in zip(bounds, sigs, strict=True) if x == head]
@@ -303,8 +304,8 @@ def _cycle_by_tokens(m: _Markers) -> tuple[int, list[int], bool, bool] | None:
         if occ[0] + r >= win.size:
             return (0, -1.0, -r)
         wr = int(win[occ[0] + r])
-        vals = [idle[i + r] for i in occ if i + r < n and idle[i + r] is not None]
-        return (len(_occurrences(win, wr, p)), median(vals) if vals else -1.0, -r)
+        return (len(_occurrences(win, wr, p)), _median_idle(idle, [i + r for i in occ
+                                                                   if i + r < n]), -r)
 
     r = max(range(p), key=phase)
     if r:
@@ -374,14 +375,8 @@ def _agree_on_period(all_m: dict[int, _Markers],
         regular = np.mean(np.diff(starts) == p) >= 0.9
         if k < 2 or abs(ratio - k) > 0.15 * k or not regular or len(starts) < 2 * k:
             continue
-        idle = all_m[r].idle
-
-        def lead(j: int, starts: list[int] = starts, k: int = k,
-                 idle: list[int | None] = idle) -> float:  # fmt: skip
-            vals = [idle[i] for i in starts[j::k] if idle[i] is not None]
-            return median(vals) if vals else -1.0
-
-        phase = max(range(k), key=lambda j: (lead(j), -j))
+        leads = [_median_idle(all_m[r].idle, starts[j::k]) for j in range(k)]
+        phase = max(range(k), key=lambda j: (leads[j], -j))
         out[r] = (p * k, starts[phase::k], uniform, cut)
     return out
 
