@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -162,11 +163,18 @@ def test_ranks_started_after_attach_are_traced(tmp_path):
     (held at their --wait-go file until argus has traced both) are recorded from their
     first call: counts equal the truth exactly, communicators are named from their init."""
     started, release = tmp_path / "started", tmp_path / "release"
-    truth = tmp_path / "truth.json"
-    cmd = (f"while [ ! -e {started} ]; do sleep 0.02; done; exec {sys.executable} "
+    forked, truth = tmp_path / "forked", tmp_path / "truth.json"
+    # The shell holds one child for as long as it waits (argus attaches to a process only if
+    # it maps a probed library or has children; between two short sleeps it has none).
+    cmd = (f"sleep 600 & : > {forked}; while [ ! -e {started} ]; do sleep 0.02; done; "
+           f"kill $!; wait $!; exec {sys.executable} "
            f"{REPO / 'scripts' / 'simulate'} -q --ranks 2 --steps 11 --truth {truth} "
            f"--wait-go {release}")
     shell = subprocess.Popen(["sh", "-c", cmd])
+    deadline = time.monotonic() + 30
+    while not forked.exists() and time.monotonic() < deadline and shell.poll() is None:
+        time.sleep(0.01)
+    assert forked.exists(), "the shell did not start its child"
     tracers = []
 
     def ranks_traced() -> bool:
