@@ -1,23 +1,35 @@
-"""The slow stage of a pipeline-parallel job (a pipeline bubble), from NVML GPU busy time.
+"""The slow stage of a pipeline-parallel job (a pipeline bubble).
 
 In a pipeline job every stage waits for the slowest one (its sends arrive late, the other
 stages' receives wait), and the host of every rank only waits at the end of the step: the
-step times, read-back waits and collective arrivals look alike on all ranks. What differs is
-GPU busy time: the slow stage's GPUs compute most of the step, the others idle in the bubble.
+step times, read-back waits and collective arrivals look alike on all ranks. What differs
+is how long each stage waits for the others, and how busy its GPU is.
 
 Stages: ranks that make point-to-point calls (send/recv) are a pipeline; ranks sharing the
 communicator that delimits their steps (the stage's data-parallel communicator,
 `steps.step_comms`) and their place in the pipeline (`stage_keys`: whether their first
 send/recv is a send, and to how many peers they send or receive) form a stage. The place
 matters where the comm's name does not tell stages apart: each stage's data-parallel comm,
-made by ncclCommSplit before attach, is `anon1` on the ranks of every stage alike.
-Metric: per rank, the mean NVML `util_gpu_pct` of its
-samples inside its detected steps (>= `MIN_SAMPLES`); per stage, the median over its ranks.
-Detector: the busiest stage is slow when its busy share is >= `MIN_RATIO` x the median of
-the other stages' and >= `MIN_POINTS` points above it. Each of its ranks gets a `straggler`
-finding (cause `gpu`, `evidence.metric` = `gpu_util_pct`, `pipeline_stage` = the stage's
-ranks), unless it already has one for the whole recording (a window-scoped one gives way).
-Severity: warning; critical at >= `CRITICAL_RATIO`.
+made by ncclCommSplit before attach, is `anon1` on the ranks of every stage alike. Ranks
+that are each other's send/recv peers are never one stage (one rank per stage on the world
+group: the middle stages share a key).
+
+Two detectors, the first that finds a stage wins:
+- host side, from `p2p_wait_ns` (time in c10d's send/recv waits, `steps.step_metrics`):
+  per step, a stage's wait is the median over its ranks; the stage that waits LEAST is
+  scored as `straggler._score` scores a rank (D = median over steps of the other stages'
+  median wait minus its own, noise = the MAD of that difference, at least 1 % of the step):
+  slow when it waits least in >= 50 % of the steps, score >= 4 and D >= `MIN_P2P_IMPACT`
+  of the step (and >= 0.2 ms). Cause `host` (a gloo job's stage computes on the host);
+  critical at >= 25 % of the step. A rank of a pipeline with one rank per stage that is a
+  host straggler is its stage: found the same way.
+- GPU side, from NVML: per rank, the mean `util_gpu_pct` of its samples inside its
+  detected steps (>= `MIN_SAMPLES`); per stage, the median over its ranks. The busiest
+  stage is slow when its busy share is >= `MIN_RATIO` x the median of the other stages'
+  and >= `MIN_POINTS` points above it. Cause `gpu`; critical at >= `CRITICAL_RATIO`.
+Each rank of the slow stage gets a `straggler` finding (`evidence.metric` =
+`p2p_wait_ns` or `gpu_util_pct`, `pipeline_stage` = the stage's ranks), unless it already
+has one for the whole recording (a window-scoped one gives way).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from typing import Any
 
 import polars as pl
 
+from argus.analyze import straggler
 from argus.analyze.gpu import gpu_samples
 from argus.analyze.steps import P2P_OPS, step_comms
 from argus.recording.io import Recording
@@ -36,6 +49,8 @@ MIN_SAMPLES = 2
 MIN_RATIO = 1.1  # a stage 25 % slower on the GPU: 1.28; healthy simulated stages: 1.04
 MIN_POINTS = 3.0
 CRITICAL_RATIO = 2.0
+BLOCK_STEPS = 5  # the p2p detector scores sums over blocks of 5 steps
+MIN_BLOCKS = 4  # ... and needs >= 4 blocks (20 steps) that every stage has in full
 
 
 def stages(coll: pl.DataFrame) -> list[list[int]]:
@@ -54,10 +69,22 @@ def stage_keys(coll: pl.DataFrame) -> dict[int, str]:
     if p2p.height == 0:
         return keys
     roles = p2p.sort("t_ns").group_by("rank", maintain_order=True).agg(
-        pl.col("op").first().alias("first"), pl.col("peer").drop_nulls().n_unique().alias("n"))
-    for r, first, n in roles.rows():
+        pl.col("op").first().alias("first"), pl.col("peer").drop_nulls().unique().alias("peers"))
+    peers: dict[int, set[int]] = {}
+    for r, first, ps in roles.rows():
         if r in keys:
-            keys[r] = f"{keys[r]}|{first}{n}"
+            keys[r] = f"{keys[r]}|{first}{len(ps)}"
+            peers[r] = set(ps)
+    # Ranks that send to / receive from each other are not one stage: in a pipeline of one
+    # rank per stage on the world group, the middle stages have the same key (`pg0|recv2`)
+    # and are each other's peers. Then each of those ranks is a stage of its own.
+    groups: dict[str, list[int]] = {}
+    for r, k in keys.items():
+        groups.setdefault(k, []).append(r)
+    for k, ranks in groups.items():
+        if any(peers.get(r, set()) & (set(ranks) - {r}) for r in ranks):
+            for r in ranks:
+                keys[r] = f"{k}|r{r}"
     return keys
 
 
@@ -83,68 +110,156 @@ def _util(recordings: Sequence[Recording], steps: pl.DataFrame, offsets_ns) -> d
     return {int(r): float(u) for r, u, n in per.rows() if n >= MIN_SAMPLES}
 
 
-def detect_slow_stage(
-    recordings: Sequence[Recording],
-    st: list[list[int]],
-    steps: pl.DataFrame,
-    offsets_ns: dict[str, int] | None,
-    stragglers: list[dict[str, Any]],
-) -> list[dict[str, Any]]:
-    """`stragglers` plus a finding for each rank of a slow pipeline stage (see module doc);
-    `st` are the stages (`stages(coll)`); a rank's window-scoped finding gives way to its
-    stage finding."""
-    if not st:
-        return stragglers
-    util = _util(recordings, steps, offsets_ns)
+def _by_p2p_wait(st: list[list[int]], metrics: pl.DataFrame,
+                 step_ns: float) -> tuple[list[int], dict[str, Any]] | None:
+    """The stage that waits least in its sends/receives (module doc), with its evidence, or
+    None: per step, a stage's wait is the median over its ranks; scored as
+    `straggler._score` scores a rank, the stages standing for ranks."""
+    if "p2p_wait_ns" not in metrics.columns or step_ns <= 0:
+        return None
+    stage_of = {r: i for i, ranks in enumerate(st) for r in ranks}
+    m = metrics.filter(pl.col("p2p_wait_ns").is_not_null()
+                       & pl.col("rank").is_in(list(stage_of)))  # fmt: skip
+    if m.height == 0:
+        return None
+    per = (m.with_columns(pl.col("rank").replace_strict(stage_of, return_dtype=pl.Int32)
+                          .alias("stage"))
+           .group_by("stage", "step").agg(pl.col("p2p_wait_ns").median()))  # fmt: skip
+    n_stages = per["stage"].n_unique()
+    if n_stages < 2:
+        return None
+    # Blocks of BLOCK_STEPS steps that every stage has in full: a stage's idle time moves
+    # between adjacent steps (where a step boundary falls in a receive), which a sum over a
+    # few steps cancels; one step's wait is too noisy to score.
+    blocks = (per.with_columns((pl.col("step") // BLOCK_STEPS).alias("block"))
+              .group_by("stage", "block")
+              .agg(pl.col("p2p_wait_ns").sum(), pl.len().alias("n"))
+              .filter(pl.col("n") == BLOCK_STEPS))  # fmt: skip
+    full = blocks.group_by("block").agg(pl.len().alias("k")).filter(pl.col("k") == n_stages)
+    blocks = blocks.join(full.select("block"), on="block")
+    block_ns = BLOCK_STEPS * step_ns
+    scored = straggler._score(
+        blocks.select(pl.col("stage").alias("rank"), pl.col("block").alias("step"),
+                      (-pl.col("p2p_wait_ns")).alias("less_wait_ns")),
+        "less_wait_ns", block_ns)  # fmt: skip
+    ok = [(x["score"], i) for i, x in scored.items()
+          if x["steps"] >= MIN_BLOCKS
+          and x["slowest_fraction"] >= straggler.MIN_FRACTION
+          and x["score"] >= straggler.MIN_SCORE
+          and x["excess_ns"] >= max(straggler.MIN_IMPACT * block_ns,
+                                    BLOCK_STEPS * straggler.MIN_ABS_NS)]  # fmt: skip
+    if not ok:
+        return None
+    _, i = max(ok)
+    x = scored[i]
+    waits = dict(per.group_by("stage").agg(pl.col("p2p_wait_ns").median()).rows())
+    others = [w for j, w in waits.items() if j != i]
+    return st[i], {
+        "metric": "p2p_wait_ns",
+        "p2p_wait_ms": {"stage": round(waits[i] / 1e6, 3),
+                        "other_stages": round(median(others) / 1e6, 3)},  # fmt: skip
+        "excess_ms": round(x["excess_ns"] / BLOCK_STEPS / 1e6, 3),  # per step
+        "noise_ms": round(x["noise_ns"] / BLOCK_STEPS / 1e6, 3),
+        "score": round(x["score"], 2),
+        "impact": x["excess_ns"] / block_ns,
+        "blocks": x["steps"],
+        "block_steps": BLOCK_STEPS,
+        "least_wait_in_fraction_of_blocks": round(x["slowest_fraction"], 3),
+        "step_time_ms_p50": round(step_ns / 1e6, 3),
+    }
+
+
+def _by_gpu_util(recordings: Sequence[Recording], st: list[list[int]], metrics: pl.DataFrame,
+                 offsets_ns) -> tuple[list[int], dict[str, Any]] | None:
+    """The busiest stage on the GPU (module doc), with its evidence, or None."""
+    util = _util(recordings, metrics, offsets_ns)
     per_stage = []
     for ranks in st:
         vals = [util[r] for r in ranks if r in util]
         if vals:
             per_stage.append((median(vals), ranks))
     if len(per_stage) < 2:
-        return stragglers
+        return None
     per_stage.sort(key=lambda x: -x[0])
     slow, ranks = per_stage[0]
     base = median(u for u, _ in per_stage[1:])
     ratio = slow / base if base > 0 else float("inf")
     if ratio < MIN_RATIO or slow - base < MIN_POINTS:
+        return None
+    return ranks, {
+        "metric": "gpu_util_pct",
+        "gpu_util_pct": {"rank": {r: round(util[r], 1) for r in ranks if r in util},
+                         "stage": round(slow, 1), "other_stages": round(base, 1)},  # fmt: skip
+        "ratio": round(min(ratio, 99.0), 2),
+    }
+
+
+def detect_slow_stage(
+    recordings: Sequence[Recording],
+    st: list[list[int]],
+    metrics: pl.DataFrame,
+    offsets_ns: dict[str, int] | None,
+    stragglers: list[dict[str, Any]],
+    step_ns: float,
+) -> list[dict[str, Any]]:
+    """`stragglers` plus a finding for each rank of a slow pipeline stage (see module doc);
+    `st` are the stages (`stages(coll)`), `metrics` the step metrics (`steps.step_metrics`);
+    a rank's window-scoped finding gives way to its stage finding."""
+    if not st:
         return stragglers
+    slow = _by_p2p_wait(st, metrics, step_ns) or _by_gpu_util(recordings, st, metrics,
+                                                               offsets_ns)  # fmt: skip
+    if slow is None:
+        return stragglers
+    ranks, ev = slow
     named = {f.get("rank") for f in stragglers if f.get("start_step") is None}
     kept = [f for f in stragglers if f.get("rank") not in set(ranks) - named]
-    others = sorted(r for _, rs in per_stage[1:] for r in rs)
+    others = sorted(r for rs in st if rs != ranks for r in rs)
+    stage_txt = f"the slow pipeline stage (ranks {', '.join(map(str, ranks))})"
+    if ev["metric"] == "p2p_wait_ns":
+        impact = ev.pop("impact")
+        severity = "critical" if impact >= straggler.CRITICAL_IMPACT else "warning"
+        score, cause = ev.pop("score"), "host"
+        why = (f"it waits {ev['p2p_wait_ms']['stage']:.1f} ms per step in its sends and "
+               f"receives, {ev['excess_ms']:.1f} ms less than the other stages "
+               f"({ev['p2p_wait_ms']['other_stages']:.1f} ms), which wait for it "
+               f"({impact:.0%} of the {step_ns / 1e6:.1f} ms step)")  # fmt: skip
+    else:
+        ratio = ev["ratio"]
+        util = ev["gpu_util_pct"]
+        severity = "critical" if ratio >= CRITICAL_RATIO else "warning"
+        score, cause, impact = ratio, "gpu", (util["stage"] - util["other_stages"]) / 100.0
+        ratio_txt = f"{ratio:.1f}x" if ratio < 99 else "far more than"
     out = list(kept)
     for r in ranks:
         if r in named:
             continue
-        ratio_txt = f"{ratio:.1f}x" if ratio != float("inf") else "far more than"
+        if ev["metric"] == "gpu_util_pct":
+            own = util["rank"].get(r, util["stage"])
+            why = (f"its GPU is busy {own:.0f}% of the time, {ratio_txt} the other stage(s)' "
+                   f"{util['other_stages']:.0f}%, which idle waiting for it (a pipeline bubble)")
         out.append(
             {
                 "kind": "straggler",
-                "severity": "critical" if ratio >= CRITICAL_RATIO else "warning",
-                "summary": (
-                    f"Rank {r} is in the slow pipeline stage (ranks "
-                    f"{', '.join(map(str, ranks))}): its GPU is busy {util.get(r, slow):.0f}% "
-                    f"of the time, {ratio_txt} the other stage(s)' {base:.0f}%, which idle "
-                    f"waiting for it (a pipeline bubble)."
-                ),
+                "severity": severity,
+                "summary": f"Rank {r} is in {stage_txt}: {why}.",
                 "rank": r,
-                "cause": "gpu",
-                "score": round(min(ratio, 99.0), 2),
-                "impact": round((slow - base) / 100.0, 3),
+                "cause": cause,
+                "score": score,
+                "impact": round(impact, 3),
                 "start_step": None,
                 "end_step": None,
                 "pipeline_stage": list(ranks),
-                "evidence": {
-                    "metric": "gpu_util_pct",
-                    "gpu_util_pct": {
-                        "rank": round(util.get(r, slow), 1),
-                        "stage": round(slow, 1),
-                        "other_stages": round(base, 1),
-                    },
-                    "ratio": round(min(ratio, 99.0), 2),
-                    "stages": st,
-                    "other_stage_ranks": others,
-                },
+                "evidence": {**_evidence_of(ev, r), "stages": st, "other_stage_ranks": others},
             }
         )
     return out
+
+
+def _evidence_of(ev: dict[str, Any], r: int) -> dict[str, Any]:
+    """The finding's evidence for rank `r`: the GPU path's per-rank busy share as `rank`."""
+    if ev["metric"] != "gpu_util_pct":
+        return dict(ev)
+    util = ev["gpu_util_pct"]
+    return {**ev, "gpu_util_pct": {"rank": util["rank"].get(r, util["stage"]),
+                                   "stage": util["stage"], "other_stages": util["other_stages"]}}

@@ -152,7 +152,8 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     stragglers = straggler.detect_stragglers(metrics, windows, step_ns, score=ev.score,
                                              pipeline=bool(ev.stages))  # fmt: skip
     host_context.explain_stragglers(ev.host, stragglers, metrics, ev.manifests, offsets)
-    stragglers = pipeline.detect_slow_stage(ev.recordings, ev.stages, steps, offsets, stragglers)
+    stragglers = pipeline.detect_slow_stage(ev.recordings, ev.stages, metrics, offsets,
+                                            stragglers, step_ns)  # fmt: skip
     stalls = stall.detect_stalls(metrics, windows, stragglers,
                                  ev.collectives() if windows else pl.DataFrame())  # fmt: skip
     hangs = ev.hangs(hang_after_s, step_ns or None)

@@ -23,6 +23,7 @@ of <= `MAX_PEAKS` values are stored exactly.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,7 +57,10 @@ from argus.recording.summaries import (
 MAX_PEAKS = 4
 TOP_STACKS = 16  # stacks kept per (rank, sampling interval)
 TAIL_SEQS = 8  # collectives kept per (rank, comm) in the tail
-METRIC_COLS = ("compute_wait_ns", "sync_wait_ns", "coll_wait_ns", "lateness_ns", "host_gap_ns")
+BLOCKED_COLS = ("ts_ns", "tid", "thread", "blocked_ns", "functions", "modules")
+STACKS_SCHEMA = schema.STACKS_SCHEMA
+METRIC_COLS = ("compute_wait_ns", "sync_wait_ns", "coll_wait_ns", "p2p_wait_ns", "lateness_ns",
+               "host_gap_ns")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- peaks
@@ -327,7 +331,11 @@ def build_summaries(recordings: Sequence[Recording],
                       for c, t in STEP_SCHEMA.items()]).sort(["step", "rank"])  # fmt: skip
 
     hctx = host_context.context(recordings)
-    tail = _with_rank_context(_tail(tl, coll, stacks, offsets, dict_rows), coll, hctx)
+    pys = [r.pystacks for r in recordings
+           if getattr(r, "pystacks", None) is not None and r.pystacks.height]  # fmt: skip
+    tail = _with_rank_context(
+        _tail(tl, coll, stacks, offsets, dict_rows,
+              pl.concat(pys, how="vertical_relaxed") if pys else None), coll, hctx)  # fmt: skip
     stack_dict = pl.DataFrame(list(dict_rows.values()), schema=STACK_DICT_SCHEMA, orient="row")
     ends = {}
     for rec in recordings:
@@ -390,7 +398,7 @@ def _with_rank_context(tail: pl.DataFrame, coll: pl.DataFrame, hctx) -> pl.DataF
     )
 
 
-def _tail(tl, coll, stacks, offsets, dict_rows) -> pl.DataFrame:
+def _tail(tl, coll, stacks, offsets, dict_rows, pystacks=None) -> pl.DataFrame:
     """One row per rank: what detect_hangs needs at the end of the recording (unaligned)."""
     ranked = tl.filter(pl.col("rank").is_not_null())
     if ranked.height == 0:
@@ -418,6 +426,22 @@ def _tail(tl, coll, stacks, offsets, dict_rows) -> pl.DataFrame:
         )  # fmt: skip
         out = out.join(cc, on="rank", how="left")
     st = stacks.filter(pl.col("rank").is_not_null())
+    ctx: dict[int, dict[str, list]] = {}
+    if "state" in st.columns:
+        off = st.filter(pl.col("state") == "off_cpu")
+        st = st.filter(pl.col("state").is_null() | (pl.col("state") != "off_cpu"))
+        off = off.filter(pl.col("ts_ns") == pl.col("ts_ns").max().over("rank"))
+        for row in off.select("rank", *BLOCKED_COLS).rows(named=True):
+            ctx.setdefault(row.pop("rank"), {}).setdefault("blocked", []).append(row)
+    if pystacks is not None and pystacks.height:
+        cols = [c for c in schema.PYSTACKS_SCHEMA if c not in ("rank", "tgid")]
+        for row in pystacks.filter(pl.col("rank").is_not_null()).select(
+                "rank", *cols).rows(named=True):  # fmt: skip
+            ctx.setdefault(row.pop("rank"), {}).setdefault("python", []).append(row)
+    if ctx:
+        out = out.join(pl.DataFrame({"rank": list(ctx), "hang_context": [
+            json.dumps(v, separators=(",", ":")) for v in ctx.values()]},
+            schema={"rank": pl.Int32, "hang_context": pl.Utf8}), on="rank", how="left")  # fmt: skip
     if st.height:
         last_ts = st.select("rank", "ts_ns").unique().sort("ts_ns").group_by("rank").tail(
             hang.LATEST_INTERVALS
@@ -580,7 +604,19 @@ def _hang_inputs(summs: Sequence[Summaries], offsets: dict[str, int]):
     st = t.select("rank", "latest_stacks").explode("latest_stacks").drop_nulls(
         "latest_stacks").unnest("latest_stacks")  # fmt: skip
     st = st.with_columns(pl.col("count").cast(pl.Int64)).join(sd, on="stack_id", how="left")
-    return tl, coll, st
+    blocked, python = [], []
+    for rank, tgid, text in t.select("rank", "tgid", "hang_context").drop_nulls(
+            "hang_context").rows():  # fmt: skip
+        c = json.loads(text)
+        blocked += [{**b, "rank": rank, "tgid": tgid, "state": "off_cpu"}
+                    for b in c.get("blocked") or []]  # fmt: skip
+        python += [{**p, "rank": rank, "tgid": tgid} for p in c.get("python") or []]
+    if blocked:
+        types = {c: STACKS_SCHEMA[c] for c in ("rank", "tgid", "state", *BLOCKED_COLS)}
+        st = pl.concat([st.with_columns(pl.lit(None, pl.Utf8).alias("state")),
+                        pl.DataFrame(blocked, schema=types)], how="diagonal_relaxed")  # fmt: skip
+    py = pl.DataFrame(python, schema=schema.PYSTACKS_SCHEMA) if python else None
+    return tl, coll, st, py
 
 
 def _manifests(summs: Sequence[Summaries]) -> list[tuple[dict[str, Any], str]]:
@@ -648,12 +684,12 @@ def diagnose_summaries(
         inputs = _hang_inputs(summs, offsets) if with_tail else None
         if inputs is None:
             return []
-        tl, hcoll, hstacks = inputs
+        tl, hcoll, hstacks, pystacks = inputs
         ends: dict[str, int] = {}
         for s in summs:
             for h, e in (s.meta.get("ends_ns") or {}).items():
                 ends[h] = max(ends.get(h, e), e) + offsets.get(h, 0)
-        return hang.detect_hangs(tl, hcoll, hstacks, ends, after_s, step_ns)
+        return hang.detect_hangs(tl, hcoll, hstacks, ends, after_s, step_ns, pystacks)
 
     def cpu_stacks(windows: list[dict[str, Any]]) -> pl.DataFrame:
         sd = pl.concat([s.stack_dict for s in summs]).unique("stack_id")

@@ -78,6 +78,7 @@ STEP_SCHEMA: dict[str, pl.DataType] = {
     "compute_wait_ns": pl.Int64,
     "sync_wait_ns": pl.Int64,
     "coll_wait_ns": pl.Int64,
+    "p2p_wait_ns": pl.Int64,  # null in summaries written before it existed
     "lateness_ns": pl.Int64,
     "host_gap_ns": pl.Int64,
     # per-channel / per-kind call counts in the step
@@ -135,6 +136,13 @@ TAIL_SCHEMA: dict[str, pl.DataType] = {
         pl.Struct({"ts_ns": pl.Int64, "interval_ns": pl.Int64, "stack_id": pl.Int64,
                    "count": pl.UInt32})  # fmt: skip
     ),
+    # where a hung rank is, as `argus.analyze.hang` reads it from a raw recording: JSON
+    # {"blocked": [...], "python": [...]}: the off-CPU stacks of its threads blocked at the
+    # latest host interval (stacks.parquet rows: ts_ns, tid, thread, blocked_ns, functions,
+    # modules) and its threads' Python stacks of the end-of-session dump (pystacks.parquet
+    # rows but rank/tgid); null when it has neither. Text, not nested columns: those cost
+    # ~5 KB of Parquet metadata per file even when empty.
+    "hang_context": pl.Utf8,
     "step_comm": pl.Utf8,  # the communicator whose collectives delimit its steps
     "p2p": pl.Boolean,  # it made send/recv calls (a pipeline job)
     "stage": pl.Utf8,  # what its pipeline stage's ranks share (`pipeline.stage_keys`)

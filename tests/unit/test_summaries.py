@@ -67,7 +67,21 @@ def test_recorded_findings_equal_from_summaries(name, hang_after, tmp_path):
     summ = roundtrip(build_summaries([rec]), tmp_path)
     from_s = diagnose_summaries([summ], hang_after_s=hang_after)
     assert key(from_s) == key(raw)
-    assert from_s["findings"] == raw["findings"]  # evidence and summaries included
+    dropped = int(summ.steps["stacks_dropped"].fill_null(0).sum())
+    if dropped == 0:
+        assert from_s["findings"] == raw["findings"]  # evidence and summaries included
+    else:
+        # Summaries keep the TOP_STACKS most sampled stacks of an interval (Python stacks of
+        # a torch rank have more): a hotspot's counts may differ by those samples, its
+        # function and its share within 3 points may not; every other finding is equal.
+        def hot(r):
+            return [f for f in r["findings"] if f["kind"] == "cpu_hotspot"]
+
+        for a, b in zip(hot(from_s), hot(raw), strict=True):
+            assert (a["rank"], a["function"]) == (b["rank"], b["function"])
+            assert abs(a["share_anomalous"] - b["share_anomalous"]) <= 0.03
+        assert [f for f in from_s["findings"] if f["kind"] != "cpu_hotspot"] == [
+            f for f in raw["findings"] if f["kind"] != "cpu_hotspot"]  # fmt: skip
     assert from_s["steps"]["count"] == raw["steps"]["count"]
     assert from_s["steps"]["method"] == raw["steps"]["method"]
     assert [(r["rank"], r["steps"], r["step_time_ms"]) for r in from_s["ranks"]] == [
