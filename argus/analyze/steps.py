@@ -304,8 +304,13 @@ def _cycle_by_tokens(m: _Markers) -> tuple[int, list[int], bool, bool] | None:
         ids, counts = np.unique(win, return_counts=True)
         w = int(ids[np.argmax(counts)])
         occ = _occurrences(win, w, p)
-        if len(occ) >= 2:
-            best[p] = (len(occ) * p / n, w, win)
+        # the markers it covers: occurrences back to back (p apart) with another; a window
+        # that recurs q > p markers apart is not a cycle of p (a 15-marker window of an
+        # 8-marker step recurs every 16: it covered more than the 8-marker cycle itself)
+        chained = sum(1 for i, x in enumerate(occ)
+                      if (i and x - occ[i - 1] == p) or (i + 1 < len(occ) and occ[i + 1] - x == p))
+        if chained >= 2:
+            best[p] = (chained * p / n, w, win)
     if not best:
         return None
     top = max(c for c, _w, _win in best.values())

@@ -80,4 +80,10 @@ def test_a_rank_that_never_sends_or_receives_is_the_hang():
     assert {w["call"] for w in h["waiting"]} <= {"c10d::ProcessGroupGloo::RecvWork::wait",
                                                  "c10d::ProcessGroupGloo::SendWork::wait"}
     assert "stuck_before_collective" in h["summary"]
-    assert score(report, truth)["found"]
+    s = score(report, truth)
+    assert s["found"] and s["steps_ok"]
+    # the job's 7 steps before the hang (6 complete on rank 3, which hung in its 8th);
+    # 3 were counted while rank 0's 8-marker step lost to a 15-marker window that recurs
+    # every 16 markers
+    assert truth["steps"] == {"min": 7, "max": 7}
+    assert [r["steps"] for r in report["ranks"]] == [7, 7, 7, 6]
