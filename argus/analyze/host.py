@@ -158,7 +158,33 @@ def contention(
     return out
 
 
-def _cpu_findings(cont, stragglers, step_ns) -> list[dict[str, Any]]:
+def _scoped_waits(ctx: HostContext, stragglers: list[dict[str, Any]], steps: pl.DataFrame | None,
+                  shift: dict[str, int] | None) -> dict[int, tuple[float, float, int]]:
+    """Per rank with a window-scoped host-side straggler finding: (its runnable wait per
+    step inside the finding's steps, the other ranks' median over theirs, the steps), from
+    the 10-ms cpu_wait slots. A hog that takes a rank's CPU in some steps only is what
+    makes it late in those steps: the whole recording's average dilutes it."""
+    cand = [f for f in stragglers if f.get("cause") == "host" and f.get("start_step") is not None]
+    if not cand or steps is None or steps.height == 0 or not shift:
+        return {}
+    rows = _slot_waits(ctx, shift)
+    if not rows:
+        return {}
+    out = {}
+    for f in cand:
+        m = steps.filter(pl.col("step").is_between(f["start_step"], f["end_step"]))
+        per: dict[int, float] = {}
+        for (rank,), g in m.group_by("rank"):
+            a, b = int(g["start_ns"].min()), int(g["end_ns"].max())
+            per[int(rank)] = sum(_waited(rows, a, b).get(int(rank), {}).values()) / g.height
+        others = [w for r, w in per.items() if r != f["rank"]]
+        if f["rank"] in per and others:
+            out[f["rank"]] = (per[f["rank"]], median(others),
+                              f["end_step"] - f["start_step"] + 1)  # fmt: skip
+    return out
+
+
+def _cpu_findings(cont, stragglers, step_ns, scoped=None) -> list[dict[str, Any]]:
     findings = []
     strag = {f["rank"]: f for f in stragglers}
     for rank, c in sorted(cont.items()):
@@ -180,6 +206,13 @@ def _cpu_findings(cont, stragglers, step_ns) -> list[dict[str, Any]]:
         # pipeline stage's GPU is busier) is judged like a rank that is no straggler.
         if f is not None and (f.get("cause") != "host" or not f["evidence"].get("excess_ms")):
             f = None
+        if f is not None and (scoped or {}).get(rank) is not None:
+            # a window-scoped straggler: its CPU is judged in its own steps (`_scoped_waits`)
+            mine, theirs, n = scoped[rank]
+            extra = max(extra, mine - theirs)
+            ev["in_straggler_steps"] = {"wait_ms_per_step": round(mine / 1e6, 3),
+                                        "others_ms_per_step": round(theirs / 1e6, 3),
+                                        "steps": n}  # fmt: skip
         if f is not None:
             excess_ns = float(f["evidence"]["excess_ms"]) * 1e6
             if extra < max(MIN_SHARE_OF_EXCESS * excess_ns, MIN_WAIT_NS):
@@ -203,7 +236,10 @@ def _cpu_findings(cont, stragglers, step_ns) -> list[dict[str, Any]]:
                 "summary": (
                     f"Rank {rank}'s threads waited {c['wait_ns'] / 1e6:.1f} ms per {per} "
                     f"runnable (others {base / 1e6:.1f} ms) while '{top['comm']}' ran on "
-                    f"their CPU ({top['wait_ms']:.1f} ms per {per}) on host {c['host']}."
+                    f"their CPU ({top['wait_ms']:.1f} ms per {per}) on host {c['host']}"
+                    + (f"; in its straggler steps {scope['wait_ms_per_step']:.1f} ms per step "
+                       f"(others {scope['others_ms_per_step']:.1f} ms)."
+                       if (scope := ev.get("in_straggler_steps")) else ".")
                 ),
                 "rank": rank,
                 "tgid": c["tgid"],
@@ -294,9 +330,13 @@ def detect(
     steps: pl.DataFrame | None,
     stragglers: list[dict[str, Any]],
     step_ns: float,
+    manifests: Sequence[tuple[dict[str, Any], str]] | None = None,
+    offsets_ns: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Host-context findings (see module doc); cites them in `stragglers` (evidence `host`).
-    `source`: raw recordings or their HostContext (e.g. rebuilt from summaries)."""
+    `source`: raw recordings or their HostContext (e.g. rebuilt from summaries); with
+    `manifests` and `offsets_ns` (the clocks), a window-scoped straggler's CPU contention is
+    measured in its own steps."""
     ctx = source if isinstance(source, HostContext) else context(source)
     h = ctx.rows
     if h.height == 0:
@@ -304,7 +344,9 @@ def detect(
     for f in stragglers:
         f["_host"] = ctx.host_of_rank.get(f["rank"])
     cont = contention(ctx, steps)
-    findings = _cpu_findings(cont, stragglers, step_ns)
+    shift = _shifts(manifests, offsets_ns or {}) if manifests else None
+    findings = _cpu_findings(cont, stragglers, step_ns,
+                             _scoped_waits(ctx, stragglers, steps, shift))  # fmt: skip
     findings += _other_findings(h, stragglers, ctx.rank_of_tgid)
     for f in stragglers:
         f.pop("_host", None)

@@ -162,7 +162,8 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     gpu_ranks = gpu.analyse(ev.recordings, steps, offsets)  # NVML samples (gpu.parquet)
     throttles = gpu.detect_throttle(gpu_ranks, steps, stragglers)
     gpu.cite_in_stragglers(stragglers, gpu_ranks, throttles)
-    host_findings = host_context.detect(ev.host, steps, stragglers, step_ns)
+    host_findings = host_context.detect(ev.host, steps, stragglers, step_ns, ev.manifests,
+                                        offsets)  # fmt: skip
 
     findings = sort_findings(
         hangs + stragglers + throttles + host_findings + stalls + hotspots + windows

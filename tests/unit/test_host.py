@@ -3,6 +3,8 @@ finding preferring a missing rank's off-CPU stack."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 import pytest
 
@@ -10,6 +12,8 @@ from argus.analyze import hang
 from argus.analyze import host as host_context
 from argus.recording import schema
 from argus.recording.io import Recording, load_recording, write_recording
+
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 pytestmark = pytest.mark.unit
 
@@ -359,3 +363,25 @@ def test_a_step_still_slow_without_the_waits_and_a_long_window_stay_warnings():
     host_context.explain_windows(host_context.context([rec]), [w], [(_manifest(), "node0")],
                                  {}, [0, 1, 2], _late(1))  # fmt: skip
     assert w["severity"] == "warning" and "cause" not in w
+
+
+def test_a_window_stragglers_contention_is_measured_in_its_own_steps():
+    """tests/data/host_cpuhog_rank1: tests/bpf/test_host_context.py's job (2 ranks, rank 1
+    pinned with 'cpuhog' on its CPU) recorded by a fresh clone's suite with one more CPU
+    hog beside it. Rank 1 is a straggler in steps 5-12 (23.6 ms per step); over the whole
+    recording it waited 19.9 ms per step runnable against rank 0's 8.7 (the other hog took
+    rank 0's CPU too): 47 % of the excess, which made the contention `info`. In its own
+    steps it waited 23.1 ms against 7.4: the hog is the cause."""
+    from argus.analyze.report import diagnose
+
+    rep = diagnose([load_recording(DATA / "host_cpuhog_rank1")])
+    (s,) = [f for f in rep["findings"] if f["kind"] == "straggler"]
+    assert (s["rank"], s["cause"], s["start_step"], s["end_step"]) == (1, "host", 5, 12)
+    (c,) = [f for f in rep["findings"] if f["kind"] == "cpu_contention"]
+    assert (c["rank"], c["competitor"], c["severity"]) == (1, "cpuhog", "critical")
+    scope = c["evidence"]["in_straggler_steps"]
+    assert scope["steps"] == 8 and scope["wait_ms_per_step"] > 3 * scope["others_ms_per_step"]
+    assert c["explains_fraction_of_excess"] >= host_context.EXPLAIN_SHARE
+    assert c["evidence"]["wait_ms_per_step"] - c["evidence"]["others_ms_per_step"] < (
+        host_context.EXPLAIN_SHARE * s["evidence"]["excess_ms"])  # the whole run alone: info
+    assert s["evidence"]["host"][0]["competitor"] == "cpuhog"
