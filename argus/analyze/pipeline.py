@@ -16,13 +16,15 @@ group: the middle stages share a key).
 
 Two detectors, the first that finds a stage wins:
 - host side, from `p2p_wait_ns` (time in c10d's send/recv waits, `steps.step_metrics`):
-  per step, a stage's wait is the median over its ranks; the stage that waits LEAST is
-  scored as `straggler._score` scores a rank (D = median over steps of the other stages'
-  median wait minus its own, noise = the MAD of that difference, at least 1 % of the step):
-  slow when it waits least in >= 50 % of the steps, score >= 4 and D >= `MIN_P2P_IMPACT`
-  of the step (and >= 0.2 ms). Cause `host` (a gloo job's stage computes on the host);
-  critical at >= 25 % of the step. A rank of a pipeline with one rank per stage that is a
-  host straggler is its stage: found the same way.
+  per step, a stage's wait is the median over its ranks, summed over blocks of
+  `BLOCK_STEPS` steps that every stage has in full (a stage's idle moves between adjacent
+  steps); the stage that waits LEAST is scored as `straggler._score` scores a rank, stages
+  for ranks and blocks for steps (D = median over blocks of the other stages' median wait
+  minus its own, noise = the MAD of that difference, at least 1 % of the block): slow when
+  it waits least in >= 50 % of >= `MIN_BLOCKS` blocks, score >= 4 and D >= 3 % of the
+  block (`straggler.MIN_IMPACT`, and >= 0.2 ms per step). Cause `host` (a gloo job's
+  stage computes on the host); critical at >= 25 % of the step. A host straggler in a
+  pipeline of one rank per stage is its stage: found the same way.
 - GPU side, from NVML: per rank, the mean `util_gpu_pct` of its samples inside its
   detected steps (>= `MIN_SAMPLES`); per stage, the median over its ranks. The busiest
   stage is slow when its busy share is >= `MIN_RATIO` x the median of the other stages'

@@ -26,7 +26,13 @@ from argus.analyze import host as host_context
 from argus.analyze.align import estimate_offsets
 from argus.analyze.matching import align_seq, collectives, with_lateness
 from argus.analyze.steps import detect_steps, step_metrics
-from argus.analyze.timeline import build_stacks, build_timeline, recording_end_ns, shift_hosts
+from argus.analyze.timeline import (
+    build_pystacks,
+    build_stacks,
+    build_timeline,
+    recording_end_ns,
+    shift_hosts,
+)
 from argus.recording.io import Recording
 
 SCHEMA = "argus.report/1"
@@ -238,10 +244,8 @@ def diagnose(
             e = recording_end_ns(rec)
             if e is not None:
                 ends[rec.host] = max(ends.get(rec.host, e), e) + offsets.get(rec.host, 0)
-        pys = [r.pystacks for r in recordings if getattr(r, "pystacks", None) is not None
-               and r.pystacks.height]  # fmt: skip
-        pystacks = pl.concat(pys, how="vertical_relaxed") if pys else None
-        return hang.detect_hangs(tl, coll, stacks, ends, after_s, step_ns, pystacks)
+        return hang.detect_hangs(tl, coll, stacks, ends, after_s, step_ns,
+                                 build_pystacks(recordings))  # fmt: skip
 
     ev = Evidence(
         recordings=recordings,

@@ -43,7 +43,13 @@ from argus.analyze.report import (
     recording_info,
 )
 from argus.analyze.steps import STEP_COLUMNS, detect_steps, step_metrics
-from argus.analyze.timeline import build_stacks, build_timeline, recording_end_ns, shift_hosts
+from argus.analyze.timeline import (
+    build_pystacks,
+    build_stacks,
+    build_timeline,
+    recording_end_ns,
+    shift_hosts,
+)
 from argus.recording import schema
 from argus.recording.io import Recording
 from argus.recording.summaries import (
@@ -58,7 +64,6 @@ MAX_PEAKS = 4
 TOP_STACKS = 16  # stacks kept per (rank, sampling interval)
 TAIL_SEQS = 8  # collectives kept per (rank, comm) in the tail
 BLOCKED_COLS = ("ts_ns", "tid", "thread", "blocked_ns", "functions", "modules")
-STACKS_SCHEMA = schema.STACKS_SCHEMA
 METRIC_COLS = ("compute_wait_ns", "sync_wait_ns", "coll_wait_ns", "p2p_wait_ns", "lateness_ns",
                "host_gap_ns")  # fmt: skip
 
@@ -331,11 +336,8 @@ def build_summaries(recordings: Sequence[Recording],
                       for c, t in STEP_SCHEMA.items()]).sort(["step", "rank"])  # fmt: skip
 
     hctx = host_context.context(recordings)
-    pys = [r.pystacks for r in recordings
-           if getattr(r, "pystacks", None) is not None and r.pystacks.height]  # fmt: skip
     tail = _with_rank_context(
-        _tail(tl, coll, stacks, offsets, dict_rows,
-              pl.concat(pys, how="vertical_relaxed") if pys else None), coll, hctx)  # fmt: skip
+        _tail(tl, coll, stacks, offsets, dict_rows, build_pystacks(recordings)), coll, hctx)
     stack_dict = pl.DataFrame(list(dict_rows.values()), schema=STACK_DICT_SCHEMA, orient="row")
     ends = {}
     for rec in recordings:
@@ -612,7 +614,7 @@ def _hang_inputs(summs: Sequence[Summaries], offsets: dict[str, int]):
                     for b in c.get("blocked") or []]  # fmt: skip
         python += [{**p, "rank": rank, "tgid": tgid} for p in c.get("python") or []]
     if blocked:
-        types = {c: STACKS_SCHEMA[c] for c in ("rank", "tgid", "state", *BLOCKED_COLS)}
+        types = {c: schema.STACKS_SCHEMA[c] for c in ("rank", "tgid", "state", *BLOCKED_COLS)}
         st = pl.concat([st.with_columns(pl.lit(None, pl.Utf8).alias("state")),
                         pl.DataFrame(blocked, schema=types)], how="diagonal_relaxed")  # fmt: skip
     py = pl.DataFrame(python, schema=schema.PYSTACKS_SCHEMA) if python else None

@@ -147,6 +147,14 @@ def shift_hosts(df: pl.DataFrame, offsets_ns: dict[str, int], cols: Sequence[str
     return df.with_columns([(pl.col(c) + off).alias(c) for c in cols if c in df.columns])
 
 
+def build_pystacks(recordings: Sequence[Recording]) -> pl.DataFrame | None:
+    """The end-of-session Python stacks of all recordings (`pystacks.parquet`), or None when
+    none has any."""
+    pys = [r.pystacks for r in recordings
+           if getattr(r, "pystacks", None) is not None and r.pystacks.height]  # fmt: skip
+    return pl.concat(pys, how="vertical_relaxed") if pys else None
+
+
 def build_stacks(
     recordings: Sequence[Recording], offsets_ns: dict[str, int] | None = None
 ) -> pl.DataFrame:
