@@ -6,8 +6,9 @@ profile of a set of samples is, per function of the program itself (frames not i
 library `*.so*`), its inclusive share of the attributed samples (a generic busy leaf shared
 by several callers does not hide the caller that changed); the differential is
 share(anomalous) - share(normal), and the hotspot is the function whose share grew the most
-(the leaf-most on a tie; >= 10 points). `attribute` (one function per sample: the leaf-most
-own frame) names what a hung rank is doing.
+(>= 10 points), or the deepest function under it that grew almost as much (`differential`).
+`attribute` (one function per sample: the leaf-most own frame) names what a hung rank is
+doing.
 
 Evidence (`significant`): a share is estimated from >= MIN_SAMPLES (10) attributed samples,
 so with >= 10 on each side the growth of the shares is enough. A thin baseline (< 10
@@ -119,7 +120,22 @@ def _own_frames(functions: list[str], modules: list[str] | None) -> list[str]:
     return out
 
 
-_DEPTH: dict[str, int] = {}
+NESTED = 0.9  # a callee named instead of its caller: >= 90% of its growth, >= 90% under it
+
+
+def _profile(stacks: pl.DataFrame) -> tuple[Counter, dict[str, int]]:
+    c: Counter = Counter()
+    depth: dict[str, int] = {}  # the least depth each function was seen at (0: the leaf)
+    for fns, mods, n in stacks.select("functions", "modules", "count").rows():
+        f = attribute(fns, mods)
+        if f is None:
+            continue
+        c[None] += int(n or 0)
+        own = _own_frames(list(fns), mods) or [f]
+        for d, fn in enumerate(own):
+            c[fn] += int(n or 0)
+            depth[fn] = min(depth.get(fn, d), d)
+    return c, depth
 
 
 def profile(stacks: pl.DataFrame) -> Counter:
@@ -127,22 +143,30 @@ def profile(stacks: pl.DataFrame) -> Counter:
     on its stack (a generic leaf such as a busy loop is shared by its callers, the caller
     that changed is what differs); samples charged to no function (idle, waiting) are kept
     under None so that shares are of all attributed samples."""
-    c: Counter = Counter()
+    return _profile(stacks)[0]
+
+
+def _under(stacks: pl.DataFrame, callee: str, caller: str) -> int:
+    """Samples in which `caller` is on the stack above `callee`."""
+    n_under = 0
     for fns, mods, n in stacks.select("functions", "modules", "count").rows():
-        f = attribute(fns, mods)
-        if f is None:
+        if attribute(fns, mods) is None:
             continue
-        c[None] += int(n or 0)
-        own = _own_frames(list(fns), mods) or [f]
-        for depth, fn in enumerate(own):
-            c[fn] += int(n or 0)
-            _DEPTH[fn] = min(_DEPTH.get(fn, depth), depth)
-    return c
+        own = _own_frames(list(fns), mods)
+        if callee in own and caller in own[own.index(callee) + 1 :]:
+            n_under += int(n or 0)
+    return n_under
 
 
 def differential(anomalous: pl.DataFrame, normal: pl.DataFrame) -> list[dict[str, Any]]:
-    """Per function: share of samples in `anomalous` and `normal`, sorted by growth."""
-    a, b = profile(anomalous), profile(normal)
+    """Per function: share of samples in `anomalous` and `normal`, sorted by growth.
+
+    Inclusive shares make a function and its callers grow alike (a loop in `work` called by
+    `main`: `main` grows by the same or, counting `main`'s other callees, a little more).
+    The first row is then the most specific of them: the deepest function whose growth is
+    >= NESTED of the top one's and that runs under it in >= NESTED of its anomalous samples
+    (`within` names the caller it was preferred to)."""
+    (a, depth), (b, _) = _profile(anomalous), _profile(normal)
     ta, tb = a.pop(None, 0), b.pop(None, 0)
     if ta == 0 or tb == 0:
         return []
@@ -158,15 +182,24 @@ def differential(anomalous: pl.DataFrame, normal: pl.DataFrame) -> list[dict[str
         }
         for f in set(a) | set(b)
     ]
-    # equal growth (a function and its caller): the leaf-most one is the more specific
-    return sorted(
-        rows,
-        key=lambda r: (
-            -round(r["share_anomalous"] - r["share_normal"], 9),
-            _DEPTH.get(r["function"], 0),
-            r["function"],
-        ),
-    )
+
+    def growth(r):
+        return round(r["share_anomalous"] - r["share_normal"], 9)
+
+    rows.sort(key=lambda r: (-growth(r), depth.get(r["function"], 0), r["function"]))
+    top = rows[0]
+    if growth(top) <= 0:
+        return rows
+    nested = [
+        r for r in rows[1:]
+        if growth(r) >= NESTED * growth(top) and r["samples_anomalous"] > 0
+        and depth.get(r["function"], 0) < depth.get(top["function"], 0)
+    ]  # fmt: skip
+    for r in sorted(nested, key=lambda r: depth.get(r["function"], 0)):
+        if _under(anomalous, r["function"], top["function"]) >= NESTED * r["samples_anomalous"]:
+            rows.remove(r)
+            return [{**r, "within": top["function"]}, *rows]
+    return rows
 
 
 def _log_comb(n: int, k: int) -> float:
@@ -220,6 +253,7 @@ def _finding(diff, rank, scope: str, extra: dict[str, Any]) -> dict[str, Any] | 
         "share_normal": round(top["share_normal"], 3),
         "samples_anomalous": top["samples_anomalous"],
         "samples_normal": top["samples_normal"],
+        **({"within": top["within"]} if "within" in top else {}),
         "profile": [
             {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
             for r in diff[:5]
