@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from argus.collect import abi
+from argus.collect.c10d import Group
 from argus.collect.specs import ProbeSpec
 from argus.recording import schema
 
@@ -51,6 +52,8 @@ class DecodeContext:
     - kernel_name: (tgid, host stub address) -> kernel name (resolved by the tracer)
     - comm_ids: (tgid, communicator handle) -> communicator id, the same on every rank
     - comm_info: (tgid, handle) -> (comm_rank, comm_nranks)
+    - pg_group: (tgid, c10d backend address) -> its process group (`c10d.read_group`), None
+      when unreadable
     - handle_names: (tgid, CUfunction handle) -> kernel name (from cuModuleGetFunction)
     - devices: tgid -> CUDA ordinal of the last `cudaSetDevice` (joins ranks to GPUs)
     """
@@ -66,12 +69,20 @@ class DecodeContext:
     _first_use: dict[tuple[int, str], int] = field(default_factory=dict)
     _splits: dict[tuple[int, str], int] = field(default_factory=dict)
     on_comm_init: Callable[[int, str, int | None, int | None], None] | None = None
+    pg_group: Callable[[int, int], Group | None] | None = None
 
     def comm_id(self, tgid: int, handle: int, kind: str) -> str:
-        """The id of a communicator handle; one never seen being made gets a per-process
-        ordinal (`anon0`, ...) or, for c10d process groups, `pg0`, ... by first use."""
+        """The id of a communicator handle. A c10d process group whose backend object reads
+        (`pg_group`) is `pg:NAME`, torch's name for the group (the same on every member),
+        with its rank and size in comm_info; any other handle never seen being made gets a
+        per-process ordinal by first use (`anon0`, ..., or `pg0`, ... for c10d groups)."""
         key = (tgid, handle)
         cid = self.comm_ids.get(key)
+        if cid is None and kind.startswith("pg_") and self.pg_group is not None:
+            g = self.pg_group(tgid, handle)
+            if g is not None:
+                cid = self.comm_ids[key] = f"pg:{g.name}"
+                self.comm_info[key] = (g.rank, g.size)
         if cid is None:
             prefix = "pg" if kind.startswith("pg_") else "anon"
             n = self._first_use.get((tgid, prefix), 0)

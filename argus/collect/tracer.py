@@ -26,7 +26,7 @@ from pathlib import Path
 import polars as pl
 
 from argus import __version__
-from argus.collect import abi, procfs
+from argus.collect import abi, c10d, procfs
 from argus.collect.bcc_adapter import BpfSession
 from argus.collect.decode import (
     DecodeContext,
@@ -45,6 +45,7 @@ from argus.recording import schema
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 HOT_RESCAN_S = 3.0
+CALL_ARGS_OFF = abi.Call.args.offset  # where struct argus_call's args begin (32)
 
 
 @dataclass
@@ -253,6 +254,8 @@ class Tracer:
         self._sym_cache: dict[tuple[int, int], tuple[str, str | None]] = {}
         self.ctx = DecodeContext(self.probe_refs, kernel_name=self._kernel_name)
         self.ctx.on_comm_init = self._on_comm_init
+        self.ctx.pg_group = lambda tgid, this: c10d.read_group(tgid, this, self.opts.proc_root)
+        self._pg_slots: dict[int, tuple[int | None, str]] = {}  # probe id -> (comm slot, kind)
         self.session: BpfSession | None = None
         self._last_rescan = 0.0
         # tgid -> monotonic deadline: processes that just forked or exec'd are rescanned on
@@ -544,7 +547,18 @@ class Tracer:
 
     # -- event intake --------------------------------------------------------------------
     def _on_call(self, _ctx, data, size) -> None:
-        self.blobs.append(ct.string_at(data, size))
+        blob = ct.string_at(data, size)
+        self.blobs.append(blob)
+        if len(self._pg_slots) != len(self.probe_refs):
+            self._pg_slots = {pid: (r.spec.args.get("comm"), r.spec.kind)
+                              for pid, r in self.probe_refs.items()}  # fmt: skip
+        slot, kind = self._pg_slots.get(int.from_bytes(blob[4:8], "little"), (None, ""))
+        if slot is not None and kind.startswith("pg_"):
+            # name a c10d group while its process is alive (read from its memory, once per
+            # group: `c10d.read_group`); decoding comes later, maybe after the rank exited
+            tgid = int.from_bytes(blob[8:12], "little")
+            off = CALL_ARGS_OFF + 8 * slot
+            self.ctx.comm_id(tgid, int.from_bytes(blob[off : off + 8], "little"), kind)
 
     def _on_proc(self, _ctx, data, size) -> None:
         e = ct.cast(data, ct.POINTER(abi.ProcEvent)).contents

@@ -226,8 +226,11 @@ def test_process_group_id_and_sequence_agree_across_ranks(ddp2):
         coll = rec.events.filter(
             (pl.col("tgid") == t["pid"]) & pl.col("name").is_in([ALLREDUCE, BROADCAST, ALLGATHER])
         ).sort("ts_ns")
-        # `this` (rsi: the return slot is rdi) names the process group: one id, same on every rank.
-        assert coll["comm"].unique().to_list() == ["pg0"]
+        # `this` (rsi: the return slot is rdi) is the group's c10d::Backend, read in the live
+        # process: torch's name for the world group ("0"), its size and this rank's place
+        assert coll["comm"].unique().to_list() == ["pg:0"]
+        assert coll["comm_nranks"].unique().to_list() == [len(truth)]
+        assert coll["comm_rank"].unique().to_list() == [t["rank"]]
         assert coll["seq"].to_list() == list(range(STEPS + 2))
         assert coll["dur_ns"].null_count() == coll.height  # entry probes: issue time only
         sequences[t["rank"]] = coll["op"].to_list()
@@ -258,7 +261,7 @@ def test_after_warmup_allreduce_seq_is_0_to_steps(ddp2_warm):
             "ts_ns"
         )
         assert ar["seq"].to_list() == list(range(STEPS))
-        assert ar["comm"].unique().to_list() == ["pg0"]
+        assert ar["comm"].unique().to_list() == ["pg:0"]
 
 
 def test_ddp_construction_collectives(ddp2_init):
