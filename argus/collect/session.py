@@ -137,10 +137,11 @@ def run_session(
         if on_started is not None:
             on_started(tracer)
         now = time.monotonic()
-        # N s of tracing from the recording's start (the ring buffer open, before the
-        # targets' probes were placed: on a busy 2-core box that took 1.3 s of a -d 10 run,
-        # which a deadline counted from here had added to the recording's 10 s)
-        deadline = None if duration_s is None else tracer.started_ns / 1e9 + duration_s
+        # -d N: N s from here, the targets' probes in place (the "tracing" line); the
+        # recording began earlier (started_ns: the ring buffer open, before the probes were
+        # placed, which took 1.3 s of a -d 10 run on a busy 2-core box)
+        tracer.traced_ns = time.monotonic_ns()
+        deadline = None if duration_s is None else now + duration_s
         next_part, gpu_seen = now + part_s, 0
         while stop["reason"] is None:
             tracer.poll(0.1)

@@ -270,6 +270,7 @@ class Tracer:
         self._last_host = 0.0
         self._last_host_ns = 0
         self.started_ns = 0
+        self.traced_ns: int | None = None  # the targets' probes placed (argus.collect.session)
         self.host = socket.gethostname()
 
     # -- start ---------------------------------------------------------------------------
@@ -972,6 +973,7 @@ class Tracer:
             "kernel": os.uname().release,
             "clock": {"mono_to_wall_ns": self._mono_to_wall},
             "started_ns": self.started_ns,
+            "traced_ns": self.traced_ns,
             "ended_ns": ended_ns,
             "duration_s": round((ended_ns - self.started_ns) / 1e9, 3),
             "end_reason": end_reason,

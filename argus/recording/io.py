@@ -312,6 +312,7 @@ _KINDS: dict[str, tuple[Any, str]] = {
 # The manifest keys analysis reads and their kinds; None is allowed wherever a key is optional.
 MANIFEST_KINDS = {
     "format": "text", "host": "text", "clock": "dict", "started_ns": "ns", "ended_ns": "ns",
+    "traced_ns": "ns",
     "duration_s": "number", "end_reason": "text", "sample_hz": "number", "channels": "dict",
     "ranks": "list", "probes": "list", "drops": "dict", "counts": "dict", "gpu": "dict",
     "pystacks": "dict", "host_context": "dict", "files": "dict",

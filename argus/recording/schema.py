@@ -159,7 +159,8 @@ MANIFEST_KEYS = (
     "host",  # hostname
     "kernel",  # uname -r
     "clock",  # {"mono_to_wall_ns": int}: wall_ns = ts_ns + mono_to_wall_ns
-    "started_ns",  # monotonic ns
+    "started_ns",  # monotonic ns: the ring buffer open (events may start here)
+    "traced_ns",  # the targets' probes placed, the "tracing" line: -d counts from here
     "ended_ns",
     "duration_s",
     "end_reason",  # duration | interrupt | sigterm | targets_exited
