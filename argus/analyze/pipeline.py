@@ -51,8 +51,8 @@ MIN_SAMPLES = 2
 MIN_RATIO = 1.1  # a stage 25 % slower on the GPU: 1.28; healthy simulated stages: 1.04
 MIN_POINTS = 3.0
 CRITICAL_RATIO = 2.0
-BLOCK_STEPS = 5  # the p2p detector scores sums over blocks of 5 steps
-MIN_BLOCKS = 4  # ... and needs >= 4 blocks (20 steps) that every stage has in full
+BLOCK_STEPS = straggler.BLOCK_STEPS  # the p2p detector scores sums over blocks of 5 steps
+MIN_BLOCKS = straggler.MIN_BLOCKS
 
 
 def stages(coll: pl.DataFrame) -> list[list[int]]:
@@ -133,17 +133,12 @@ def _by_p2p_wait(st: list[list[int]], metrics: pl.DataFrame,
     # Blocks of BLOCK_STEPS steps that every stage has in full: a stage's idle time moves
     # between adjacent steps (where a step boundary falls in a receive), which a sum over a
     # few steps cancels; one step's wait is too noisy to score.
-    blocks = (per.with_columns((pl.col("step") // BLOCK_STEPS).alias("block"))
-              .group_by("stage", "block")
-              .agg(pl.col("p2p_wait_ns").sum(), pl.len().alias("n"))
-              .filter(pl.col("n") == BLOCK_STEPS))  # fmt: skip
-    full = blocks.group_by("block").agg(pl.len().alias("k")).filter(pl.col("k") == n_stages)
-    blocks = blocks.join(full.select("block"), on="block")
+    blocks = straggler.block_sums(
+        per.select(pl.col("stage").alias("rank"), "step",
+                   (-pl.col("p2p_wait_ns")).alias("less_wait_ns")),
+        "less_wait_ns", BLOCK_STEPS)  # fmt: skip
     block_ns = BLOCK_STEPS * step_ns
-    scored = straggler._score(
-        blocks.select(pl.col("stage").alias("rank"), pl.col("block").alias("step"),
-                      (-pl.col("p2p_wait_ns")).alias("less_wait_ns")),
-        "less_wait_ns", block_ns)  # fmt: skip
+    scored = straggler._score(blocks, "less_wait_ns", block_ns)
     ok = [(x["score"], i) for i, x in scored.items()
           if x["steps"] >= MIN_BLOCKS
           and x["slowest_fraction"] >= straggler.MIN_FRACTION

@@ -26,11 +26,12 @@ FAULTS = {
 # Measured 2026-12-02, one run per cell under make test-zoo (docs/accuracy.md, "zoo"); steps
 # on the gloo pipelines are right since the same day (136/137, 146/147; hang: 7 for 7); the
 # slow stage (the stage that waits least in its send/recv waits) and the p2p hang (the rank
-# blocked in no send/recv wait) are found since the same day too.
+# blocked in no send/recv wait) are found since the same day too; tp_dp's host straggler since
+# its groups are read from the ranks (pg:NAME) and the rank that waits least is scored.
 KNOWN = {
-    ("found", "tp_dp"): "straggler r1 25 %: collective stalls and a straggler window only",
     ("serious", "tp_dp"): ("healthy: a warning 5-step 1.4x anomalous window in 1 of 3 runs "
-                           "(no CPU contention recorded)", False),
+                           "(no CPU contention recorded); a collective_stall on a DP group "
+                           "from step 28 (1.3x) in 1 of 2 runs after 23:30", False),
     ("serious", "pp_1f1b"): ("healthy: a warning 11-step 1.5x anomalous window in 1 of 2 runs "
                              "(no CPU contention recorded)", False),
 }

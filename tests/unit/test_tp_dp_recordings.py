@@ -1,0 +1,69 @@
+"""The analysers on a real 2-D parallel recording: the zoo's tp_dp shape (PyTorch CPU, gloo, 4
+ranks under torchrun: tensor-parallel groups {0,1} and {2,3}, data-parallel {0,2} and {1,3},
+the world; tests/workloads/shapes.py), traced by `argus attach` after its groups existed
+(tests/data, recorded 2026-12-02 with `scripts/zoo --shapes tp_dp --faults
+straggler10,healthy --runs 1 --keep DIR`; truth.json is the job's own):
+
+- `tp_dp_straggler_rank1`: rank 1 burns 10 % of the step (7.4 ms) in host work before its
+  forward.
+- `tp_dp_healthy`: no fault.
+
+Rank 1's TP peer (rank 0) waits for it in their first TP allreduce and both are then late
+together at the DP allreduce: arrival lateness scored 2.9 (not a finding), while rank 1
+waited least in its collectives in every 5-step block. Before groups were read from the
+processes, each TP group was `pg0` on its ranks and matched as one four-rank group.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from workloads.harness import score
+
+from argus.analyze.report import diagnose
+from argus.recording.io import load_recording
+
+pytestmark = pytest.mark.unit
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _load(name: str):
+    d = DATA / name
+    return load_recording(d), json.loads((d / "truth.json").read_text())
+
+
+def test_each_process_group_is_named_as_torch_names_it_on_its_members():
+    rec, _ = _load("tp_dp_straggler_rank1")
+    groups = (rec.events.filter(pl.col("comm").is_not_null())
+              .group_by("comm").agg(pl.col("rank").unique().sort(),
+                                    pl.col("comm_nranks").unique())
+              .sort("comm").rows())  # fmt: skip
+    assert groups == [("pg:0", [0, 1, 2, 3], [4]), ("pg:1", [0, 1], [2]),
+                      ("pg:2", [2, 3], [2]), ("pg:3", [0, 2], [2]),
+                      ("pg:4", [1, 3], [2])]  # fmt: skip
+
+
+def test_the_rank_the_others_wait_for_is_the_straggler():
+    rec, truth = _load("tp_dp_straggler_rank1")
+    report = diagnose([rec])
+    s = score(report, truth)
+    assert s["steps_ok"] and s["ranks_ok"] and s["found"], s
+    (f,) = [f for f in report["findings"] if f["kind"] == "straggler"]
+    ev = f["evidence"]
+    assert (f["rank"], f["cause"], f["severity"], ev["metric"]) == (
+        1, "host", "warning", "coll_wait_ns")
+    assert ev["least_wait_in_fraction_of_blocks"] == 1.0 and ev["blocks"] == 20
+    assert 7.0 <= ev["excess_ms"] <= 10.0  # the planted 7.4 ms, the others' extra wait
+    assert f["score"] >= 8 and ev["lateness_score"] < 4  # what lateness alone said
+
+
+def test_the_healthy_run_has_no_serious_finding_and_its_steps():
+    rec, truth = _load("tp_dp_healthy")
+    report = diagnose([rec])
+    s = score(report, truth)
+    assert s["steps_ok"] and s["wrong"] == [], s
+    assert [f for f in report["findings"] if f["severity"] != "info"] == []
