@@ -31,7 +31,8 @@ FAULTS = {
 KNOWN = {
     ("serious", "tp_dp"): ("healthy: a warning 5-step 1.4x anomalous window in 1 of 3 runs "
                            "(no CPU contention recorded); a collective_stall on a DP group "
-                           "from step 28 (1.3x) in 1 of 2 runs (right after another test's argus was killed)", False),
+                           "from step 28 (1.3x) in 1 of 2 runs (right after another test's argus "
+                           "was killed)", False),
     ("serious", "pp_1f1b"): ("healthy: a warning 11-step 1.5x anomalous window in 1 of 2 runs "
                              "(no CPU contention recorded)", False),
 }
