@@ -57,6 +57,8 @@ class HostContext:
     rank_of_tgid: dict[tuple[str, int], int] = field(default_factory=dict)
     host_of_rank: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
+    # _slot_waits' rows per clock shift: three explainers read them in one report
+    _slots: dict[tuple, list] = field(default_factory=dict, repr=False, compare=False)
 
 
 def rank_maps(manifests: Sequence[tuple[dict[str, Any], str]]):
@@ -172,11 +174,11 @@ def _scoped_waits(ctx: HostContext, stragglers: list[dict[str, Any]], steps: pl.
         return {}
     out = {}
     for f in cand:
-        m = steps.filter(pl.col("step").is_between(f["start_step"], f["end_step"]))
         per: dict[int, float] = {}
-        for (rank,), g in m.group_by("rank"):
-            a, b = int(g["start_ns"].min()), int(g["end_ns"].max())
-            per[int(rank)] = sum(_waited(rows, a, b).get(int(rank), {}).values()) / g.height
+        for rank in steps["rank"].unique().to_list():
+            got = _waited_in_steps(rows, steps, int(rank), f["start_step"], f["end_step"])
+            if got is not None:
+                per[int(rank)] = sum(got[0].values()) / got[1]
         others = [w for r, w in per.items() if r != f["rank"]]
         if f["rank"] in per and others:
             out[f["rank"]] = (per[f["rank"]], median(others),
@@ -493,6 +495,9 @@ def _explain_by_every_rank(ctx: HostContext, warn: list[dict[str, Any]], shift: 
 def _slot_waits(ctx: HostContext, shift: dict[str, int]) -> list[tuple[int, str, int, int, float]]:
     """cpu_wait rows of the ranks on the aligned clock: (rank, competitor, t0, t1, runnable
     ns), own threads excluded; a row's wait is spread evenly over [t0, t1)."""
+    key = tuple(sorted(shift.items()))
+    if key in ctx._slots:
+        return ctx._slots[key]
     h = ctx.rows
     if h.height == 0:
         return []
@@ -504,18 +509,30 @@ def _slot_waits(ctx: HostContext, shift: dict[str, int]) -> list[tuple[int, str,
         if detail not in ctx.own_threads.get(int(rank), set()):
             a = t0 + shift[hst]
             rows.append((int(rank), detail, a, a + int(iv), float(tot)))
+    ctx._slots[key] = rows
     return rows
 
 
-def _waited(rows, a: int, b: int) -> dict[int, dict[str, float]]:
-    """Per rank, per competitor: runnable ns inside [a, b)."""
+def _waited(rows, a: int, b: int, rank: int | None = None) -> dict[int, dict[str, float]]:
+    """Per rank (only `rank` when given), per competitor: runnable ns inside [a, b)."""
     out: dict[int, dict[str, float]] = {}
-    for rank, detail, t0, t1, tot in rows:
+    for r, detail, t0, t1, tot in rows:
         ov = max(0, min(t1, b) - max(t0, a))
-        if ov:
-            comm = out.setdefault(rank, {})
+        if ov and (rank is None or r == rank):
+            comm = out.setdefault(r, {})
             comm[detail] = comm.get(detail, 0.0) + tot * ov / (t1 - t0)
     return out
+
+
+def _waited_in_steps(rows, steps: pl.DataFrame, rank: int, s0: int,
+                     s1: int) -> tuple[dict[str, float], int] | None:  # fmt: skip
+    """`rank`'s runnable ns per competitor over the span of its steps s0..s1 (their first
+    start to their last end) and how many steps that is; None without such steps."""
+    m = steps.filter((pl.col("rank") == rank) & pl.col("step").is_between(s0, s1))
+    if m.height == 0:
+        return None
+    a, b = int(m["start_ns"].min()), int(m["end_ns"].max())
+    return _waited(rows, a, b, rank).get(rank, {}), m.height
 
 
 def _explain_by_long_waits(ctx: HostContext, windows: list[dict[str, Any]],
@@ -581,16 +598,14 @@ def explain_stragglers(ctx: HostContext, stragglers: list[dict[str, Any]],
     if not rows:
         return
     for f in cand:
+        got = _waited_in_steps(rows, metrics, f["rank"], f["start_step"], f["end_step"])
+        if got is None or not got[0]:
+            continue
+        mine, n = got
+        waited = sum(mine.values()) / n
+        excess = float(f["evidence"].get("excess_ms") or 0) * 1e6
         m = metrics.filter((pl.col("rank") == f["rank"])
                            & pl.col("step").is_between(f["start_step"], f["end_step"]))
-        if m.height == 0:
-            continue
-        a, b = int(m["start_ns"].min()), int(m["end_ns"].max())
-        mine = _waited(rows, a, b).get(f["rank"])
-        if not mine:
-            continue
-        waited = sum(mine.values()) / m.height
-        excess = float(f["evidence"].get("excess_ms") or 0) * 1e6
         base = float(m["step_time_ns"].median()) - excess
         if excess <= 0 or waited < EXPLAIN_SHARE * excess or excess - waited >= max(base, 0.0):
             continue

@@ -171,29 +171,38 @@ def _median_idle(idle: list[int | None], at: list[int]) -> float:
     return median(vals) if vals else -1.0
 
 
-def _windows(tok: np.ndarray, p: int) -> np.ndarray:
-    """An id per window of p tokens starting at each position (equal windows, equal ids;
-    ids numbered by first occurrence). A polynomial rolling hash of the window (mod 2^64,
-    random token values): O(n log n) per period, where comparing the windows themselves
-    cost O(n p log n) (22 s for the 177 candidate periods of a 4-rank 1F1B pipeline)."""
-    n = tok.size - p + 1
-    if n <= 0:
-        return np.empty(0, dtype=np.int64)
-    uniq, codes = np.unique(tok, return_inverse=True)
-    vals = np.random.default_rng(len(uniq)).integers(1, 2**63, size=uniq.size,
-                                                     dtype=np.uint64) | np.uint64(1)
-    with np.errstate(over="ignore"):
-        powers = np.cumprod(np.full(tok.size, _HASH_BASE, dtype=np.uint64))
-        powers = np.concatenate(([np.uint64(1)], powers[:-1]))
-        inverse = np.cumprod(np.full(tok.size, _HASH_INV, dtype=np.uint64))
-        inverse = np.concatenate(([np.uint64(1)], inverse[:-1]))
-        prefix = np.concatenate(([np.uint64(0)], np.cumsum(vals[codes.reshape(-1)] * powers,
-                                                           dtype=np.uint64)))
-        h = (prefix[p:p + n] - prefix[:n]) * inverse[:n]
-    _u, first, inv = np.unique(h, return_index=True, return_inverse=True)
-    order = np.empty(first.size, dtype=np.int64)
-    order[np.argsort(first)] = np.arange(first.size)
-    return order[inv.reshape(-1)]
+class _WindowIds:
+    """Ids of the windows of p tokens of one token array, for any p: `ids(p)` gives an id per
+    window starting at each position (equal windows, equal ids; ids numbered by first
+    occurrence, so the windows of a prefix (`limit`) keep their ids in the whole array). A
+    polynomial rolling hash of the window (mod 2^64, random token values), its prefix sums
+    made once per array: O(n log n) per period, where comparing the windows themselves cost
+    O(n p log n) (22 s for the 177 candidate periods of a 4-rank 1F1B pipeline), and making
+    the prefix sums again for each period cost 85% of the hash's time."""
+
+    def __init__(self, tok: np.ndarray):
+        uniq, codes = np.unique(tok, return_inverse=True)
+        vals = np.random.default_rng(len(uniq)).integers(1, 2**63, size=uniq.size,
+                                                         dtype=np.uint64) | np.uint64(1)
+        with np.errstate(over="ignore"):
+            powers = np.cumprod(np.full(tok.size, _HASH_BASE, dtype=np.uint64))
+            powers = np.concatenate(([np.uint64(1)], powers[:-1]))
+            inverse = np.cumprod(np.full(tok.size, _HASH_INV, dtype=np.uint64))
+            self._inverse = np.concatenate(([np.uint64(1)], inverse[:-1]))
+            self._prefix = np.concatenate(([np.uint64(0)], np.cumsum(
+                vals[codes.reshape(-1)] * powers, dtype=np.uint64)))
+        self.size = tok.size
+
+    def __call__(self, p: int, limit: int | None = None) -> np.ndarray:
+        n = (self.size if limit is None else min(limit, self.size)) - p + 1
+        if n <= 0:
+            return np.empty(0, dtype=np.int64)
+        with np.errstate(over="ignore"):
+            h = (self._prefix[p:p + n] - self._prefix[:n]) * self._inverse[:n]
+        _u, first, inv = np.unique(h, return_index=True, return_inverse=True)
+        order = np.empty(first.size, dtype=np.int64)
+        order[np.argsort(first)] = np.arange(first.size)
+        return order[inv.reshape(-1)]
 
 
 def _occurrences(win: np.ndarray, w: int, p: int) -> list[int]:
@@ -299,8 +308,9 @@ def _cycle_by_tokens(m: _Markers) -> tuple[int, list[int], bool, bool] | None:
         if np.mean(tok[:-p] == tok[p:]) >= MIN_AGREEMENT:
             cands.append(p)
     best: dict[int, tuple[float, int, np.ndarray]] = {}
+    ids_of = _WindowIds(m.tok)
     for p in cands:
-        win = _windows(tok, p)
+        win = ids_of(p, n)
         ids, counts = np.unique(win, return_counts=True)
         w = int(ids[np.argmax(counts)])
         occ = _occurrences(win, w, p)
@@ -333,7 +343,7 @@ def _cycle_by_tokens(m: _Markers) -> tuple[int, list[int], bool, bool] | None:
     if r:
         w = int(win[occ[0] + r])
     uniform = bool(np.all(tok[occ[0]:occ[0] + p] == tok[occ[0]]))
-    starts = _occurrences(_windows(m.tok, p), w, p)
+    starts = _occurrences(ids_of(p), w, p)
     return p, starts, uniform, False
 
 
