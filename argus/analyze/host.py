@@ -174,11 +174,10 @@ def _scoped_waits(ctx: HostContext, stragglers: list[dict[str, Any]], steps: pl.
         return {}
     out = {}
     for f in cand:
+        m = steps.filter(pl.col("step").is_between(f["start_step"], f["end_step"]))
         per: dict[int, float] = {}
-        for rank in steps["rank"].unique().to_list():
-            got = _waited_in_steps(rows, steps, int(rank), f["start_step"], f["end_step"])
-            if got is not None:
-                per[int(rank)] = sum(got[0].values()) / got[1]
+        for (rank,), g in m.group_by("rank"):
+            per[int(rank)] = sum(_waited_over(rows, g, int(rank)).values()) / g.height
         others = [w for r, w in per.items() if r != f["rank"]]
         if f["rank"] in per and others:
             out[f["rank"]] = (per[f["rank"]], median(others),
@@ -524,15 +523,11 @@ def _waited(rows, a: int, b: int, rank: int | None = None) -> dict[int, dict[str
     return out
 
 
-def _waited_in_steps(rows, steps: pl.DataFrame, rank: int, s0: int,
-                     s1: int) -> tuple[dict[str, float], int] | None:  # fmt: skip
-    """`rank`'s runnable ns per competitor over the span of its steps s0..s1 (their first
-    start to their last end) and how many steps that is; None without such steps."""
-    m = steps.filter((pl.col("rank") == rank) & pl.col("step").is_between(s0, s1))
-    if m.height == 0:
-        return None
-    a, b = int(m["start_ns"].min()), int(m["end_ns"].max())
-    return _waited(rows, a, b, rank).get(rank, {}), m.height
+def _waited_over(rows, steps: pl.DataFrame, rank: int) -> dict[str, float]:
+    """`rank`'s runnable ns per competitor over the span of `steps` (rows of that rank: the
+    first start to the last end)."""
+    a, b = int(steps["start_ns"].min()), int(steps["end_ns"].max())
+    return _waited(rows, a, b, rank).get(rank, {})
 
 
 def _explain_by_long_waits(ctx: HostContext, windows: list[dict[str, Any]],
@@ -598,14 +593,13 @@ def explain_stragglers(ctx: HostContext, stragglers: list[dict[str, Any]],
     if not rows:
         return
     for f in cand:
-        got = _waited_in_steps(rows, metrics, f["rank"], f["start_step"], f["end_step"])
-        if got is None or not got[0]:
-            continue
-        mine, n = got
-        waited = sum(mine.values()) / n
-        excess = float(f["evidence"].get("excess_ms") or 0) * 1e6
         m = metrics.filter((pl.col("rank") == f["rank"])
                            & pl.col("step").is_between(f["start_step"], f["end_step"]))
+        mine = _waited_over(rows, m, f["rank"]) if m.height else None
+        if not mine:
+            continue
+        waited = sum(mine.values()) / m.height
+        excess = float(f["evidence"].get("excess_ms") or 0) * 1e6
         base = float(m["step_time_ns"].median()) - excess
         if excess <= 0 or waited < EXPLAIN_SHARE * excess or excess - waited >= max(base, 0.0):
             continue
