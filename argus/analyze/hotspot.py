@@ -44,6 +44,7 @@ from typing import Any
 import polars as pl
 
 MIN_DELTA = 0.10
+OTHER = "(other stacks)"  # a summary's attributed samples of the stacks it did not keep
 WARN_DELTA = 0.20
 MIN_SAMPLES = 10
 MAX_P = 0.01  # thin baseline: one-sided Fisher exact test (see module doc)
@@ -127,6 +128,9 @@ def _profile(stacks: pl.DataFrame) -> tuple[Counter, dict[str, int]]:
     c: Counter = Counter()
     depth: dict[str, int] = {}  # the least depth each function was seen at (0: the leaf)
     for fns, mods, n in stacks.select("functions", "modules", "count").rows():
+        if fns is not None and len(fns) == 1 and fns[0] == OTHER:
+            c[None] += int(n or 0)  # attributed samples, of stacks a summary did not keep
+            continue
         f = attribute(fns, mods)
         if f is None:
             continue

@@ -16,13 +16,10 @@ group: the middle stages share a key).
 
 Two detectors, the first that finds a stage wins:
 - host side, from `p2p_wait_ns` (time in c10d's send/recv waits, `steps.step_metrics`):
-  per step, a stage's wait is the median over its ranks, summed over blocks of
-  `BLOCK_STEPS` steps that every stage has in full (a stage's idle moves between adjacent
-  steps); the stage that waits LEAST is scored as `straggler._score` scores a rank, stages
-  for ranks and blocks for steps (D = median over blocks of the other stages' median wait
-  minus its own, noise = the MAD of that difference, at least 1 % of the block): slow when
-  it waits least in >= 50 % of >= `MIN_BLOCKS` blocks, score >= 4 and D >= 3 % of the
-  block (`straggler.MIN_IMPACT`, and >= 0.2 ms per step). Cause `host` (a gloo job's
+  per step, a stage's wait is the median over its ranks; the stage that waits LEAST is
+  flagged as `straggler.least_wait` flags a rank, stages for ranks (blocks of 5 steps that
+  every stage has in full: the least in >= 50 % of >= 4 blocks, the sign test's z >= 4,
+  its median excess >= 3 % of the step and >= 0.2 ms). Cause `host` (a gloo job's
   stage computes on the host); critical at >= 25 % of the step. A host straggler in a
   pipeline of one rank per stage is its stage: found the same way.
 - GPU side, from NVML: per rank, the mean `util_gpu_pct` of its samples inside its
@@ -52,7 +49,6 @@ MIN_RATIO = 1.1  # a stage 25 % slower on the GPU: 1.28; healthy simulated stage
 MIN_POINTS = 3.0
 CRITICAL_RATIO = 2.0
 BLOCK_STEPS = straggler.BLOCK_STEPS  # the p2p detector scores sums over blocks of 5 steps
-MIN_BLOCKS = straggler.MIN_BLOCKS
 
 
 def stages(coll: pl.DataFrame) -> list[list[int]]:
@@ -130,24 +126,11 @@ def _by_p2p_wait(st: list[list[int]], metrics: pl.DataFrame,
     n_stages = per["stage"].n_unique()
     if n_stages < 2:
         return None
-    # Blocks of BLOCK_STEPS steps that every stage has in full: a stage's idle time moves
-    # between adjacent steps (where a step boundary falls in a receive), which a sum over a
-    # few steps cancels; one step's wait is too noisy to score.
-    blocks = straggler.block_sums(
-        per.select(pl.col("stage").alias("rank"), "step",
-                   (-pl.col("p2p_wait_ns")).alias("less_wait_ns")),
-        "less_wait_ns", BLOCK_STEPS)  # fmt: skip
-    block_ns = BLOCK_STEPS * step_ns
-    scored = straggler._score(blocks, "less_wait_ns", block_ns)
-    ok = [(x["score"], i) for i, x in scored.items()
-          if x["steps"] >= MIN_BLOCKS
-          and x["slowest_fraction"] >= straggler.MIN_FRACTION
-          and x["score"] >= straggler.MIN_SCORE
-          and x["excess_ns"] >= max(straggler.MIN_IMPACT * block_ns,
-                                    BLOCK_STEPS * straggler.MIN_ABS_NS)]  # fmt: skip
-    if not ok:
+    scored = straggler.least_wait(per.select(pl.col("stage").alias("rank"), "step",
+                                             "p2p_wait_ns"), "p2p_wait_ns", step_ns)  # fmt: skip
+    if not scored:
         return None
-    _, i = max(ok)
+    i = max(scored, key=lambda j: (scored[j]["score"], -j))
     x = scored[i]
     waits = dict(per.group_by("stage").agg(pl.col("p2p_wait_ns").median()).rows())
     others = [w for j, w in waits.items() if j != i]
@@ -155,11 +138,12 @@ def _by_p2p_wait(st: list[list[int]], metrics: pl.DataFrame,
         "metric": "p2p_wait_ns",
         "p2p_wait_ms": {"stage": round(waits[i] / 1e6, 3),
                         "other_stages": round(median(others) / 1e6, 3)},  # fmt: skip
-        "excess_ms": round(x["excess_ns"] / BLOCK_STEPS / 1e6, 3),  # per step
-        "noise_ms": round(x["noise_ns"] / BLOCK_STEPS / 1e6, 3),
+        "excess_ms": round(x["excess_ns"] / 1e6, 3),  # per step
+        "noise_ms": round(x["noise_ns"] / 1e6, 3),
         "score": round(x["score"], 2),
-        "impact": x["excess_ns"] / block_ns,
-        "blocks": x["steps"],
+        "spread_score": round(x["spread_score"], 2),
+        "impact": x["excess_ns"] / step_ns,
+        "blocks": x["blocks"],
         "block_steps": BLOCK_STEPS,
         "least_wait_in_fraction_of_blocks": round(x["slowest_fraction"], 3),
         "step_time_ms_p50": round(step_ns / 1e6, 3),

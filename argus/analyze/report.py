@@ -160,6 +160,7 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     host_context.explain_stragglers(ev.host, stragglers, metrics, ev.manifests, offsets)
     stragglers = pipeline.detect_slow_stage(ev.recordings, ev.stages, metrics, offsets,
                                             stragglers, step_ns)  # fmt: skip
+    anomaly.settle(windows, stragglers)
     stalls = stall.detect_stalls(metrics, windows, stragglers,
                                  ev.collectives() if windows else pl.DataFrame())  # fmt: skip
     hangs = ev.hangs(hang_after_s, step_ns or None)

@@ -64,3 +64,55 @@ def test_warmup_does_not_hide_a_severe_or_later_slowdown():
 
 def test_steady_job_has_no_window():
     assert _windows({}) == []
+
+
+# --- settle: sustained windows the run's own rate of slow steps explains -------------------
+
+WINDOW = {58: 1.45, 59: 1.55, 61: 1.55}  # 3 slow steps of 4, 1.5x, 1.55 steps lost
+
+
+def _noisy(window: dict[int, float], every: int = 12, steps: int = 96) -> dict[int, float]:
+    """Slow single steps (1.45x) every `every` steps, as the healthy TP x DP job on 2 vCPUs
+    had them, plus `window`."""
+    slow = {k: 1.45 for k in range(5, steps, every)}
+    return slow | window
+
+
+def test_a_dense_window_in_a_run_of_scattered_slow_steps_is_chance():
+    from argus.analyze.anomaly import settle
+
+    # 3 slow steps of 4 at 1.5x (1.55 steps lost), slow steps elsewhere at ~8 %
+    ws = detect_windows(_metrics(_noisy(WINDOW), steps=96))
+    (w,) = [w for w in ws if w["start_step"] == 58]
+    assert (w["end_step"], w["anomalous_steps"], w["severity"]) == (61, 3, "warning")
+    assert w["chance"] > 0.01
+    settle(ws, [])
+    assert w["severity"] == "info" and w["by_chance"] is True
+    assert "3 slow steps of 4" in w["summary"]
+    assert [x for x in ws if x["severity"] != "info"] == []
+
+
+def test_the_same_window_in_a_steady_run_or_with_its_straggler_stays_a_warning():
+    from argus.analyze.anomaly import settle
+
+    ws = detect_windows(_metrics(WINDOW, steps=96))
+    settle(ws, [])
+    assert [(w["start_step"], w["severity"], w["chance"]) for w in ws] == [(58, "warning", 0.0)]
+    ws = detect_windows(_metrics(_noisy(WINDOW), steps=96))
+    settle(ws, [{"kind": "straggler", "rank": 2, "start_step": 59, "end_step": 61}])
+    assert [w["severity"] for w in ws if w["start_step"] == 58] == ["warning"]
+
+
+def test_a_sustained_slowdown_is_never_chance():
+    from argus.analyze.anomaly import settle
+
+    ws = detect_windows(_metrics(_noisy({k: 1.4 for k in range(40, 52)}), steps=96))
+    settle(ws, [])
+    (w,) = [w for w in ws if w["start_step"] <= 40 <= w["end_step"]]
+    assert w["severity"] == "warning" and w["chance"] < 1e-6
+
+
+def test_two_slow_steps_around_a_normal_one_are_not_sustained():
+    # the healthy TP x DP job: steps 38 (1.7x) and 40 (1.9x), 39 normal: a window of 3 steps
+    # of which 2 are slow (a collective stall was built on it)
+    assert _windows({38: 1.7, 40: 1.9}, steps=60) == [(38, 40, "info", False)]

@@ -62,3 +62,52 @@ def test_the_same_series_without_the_stall_has_no_straggler():
     calm = LATE_MS[:9] * 4
     _, found = _find(calm[:30])
     assert found == []
+
+
+# --- the waits-least metric (straggler.least_wait): consistency, not spread ---------------
+
+def _waits(excess_ms: float, least: int, spread_ms: float, steps: int = 80, ranks: int = 4,
+           seed: int = 7) -> pl.DataFrame:
+    """Per (rank, step) a collective wait of ~30 ms with `spread_ms` of noise; rank `least`
+    waits `excess_ms` less (the rank the others wait for)."""
+    import random
+
+    rnd = random.Random(seed)
+    rows = []
+    for step in range(steps):
+        for rank in range(ranks):
+            w = 30.0 + rnd.gauss(0.0, spread_ms) - (excess_ms if rank == least else 0.0)
+            rows.append({"rank": rank, "step": step, "coll_wait_ns": int(max(w, 0.0) * 1e6)})
+    return pl.DataFrame(rows)
+
+
+def test_sign_z_is_the_sign_tests_z():
+    from argus.analyze.straggler import _sign_z
+
+    assert _sign_z(17, 17, 4) == pytest.approx((17 - 17 / 4) / (17 * 0.25 * 0.75) ** 0.5)
+    assert _sign_z(4, 16, 4) == 0.0  # as often as chance
+    assert _sign_z(3, 0, 4) == 0.0 and _sign_z(3, 5, 1) == 0.0
+
+
+def test_a_consistent_least_waiter_is_flagged_however_much_its_blocks_spread():
+    """A 6 ms per-step excess under 6 ms of per-step noise (the zoo's TP x DP straggler on 2
+    vCPUs: spread score 1.8, the least in every block): flagged by its consistency."""
+    from argus.analyze.straggler import least_wait
+
+    got = least_wait(_waits(6.0, least=1, spread_ms=6.0), "coll_wait_ns", 90e6)
+    assert list(got) == [1]
+    s = got[1]
+    assert s["blocks"] == 16 and s["steps"] == 80 and s["slowest_fraction"] >= 0.9
+    assert s["spread_score"] < 4 <= s["score"]  # the spread alone would not have told
+    assert 4.5e6 <= s["excess_ns"] <= 7.5e6
+
+
+def test_alike_ranks_and_a_consistent_but_tiny_difference_are_not_flagged():
+    from argus.analyze.straggler import least_wait
+
+    assert least_wait(_waits(0.0, least=1, spread_ms=6.0), "coll_wait_ns", 90e6) == {}
+    # the least in every block, but by 1 % of the step (< MIN_IMPACT, 3 %): a role, not a fault
+    assert least_wait(_waits(0.9, least=1, spread_ms=0.1), "coll_wait_ns", 90e6) == {}
+    # four blocks are too few to tell (z = 3.5 when the least in all four)
+    assert least_wait(_waits(6.0, least=1, spread_ms=0.5, steps=20), "coll_wait_ns",
+                      90e6) == {}  # fmt: skip

@@ -72,7 +72,10 @@ def test_recorded_findings_equal_from_summaries(name, hang_after, tmp_path):
         assert from_s["findings"] == raw["findings"]  # evidence and summaries included
     else:
         # Summaries keep the TOP_STACKS most sampled stacks of an interval (Python stacks of
-        # a torch rank have more): a hotspot's counts may differ by those samples, its
+        # a torch rank have more) and the others' attributed samples as one `(other
+        # stacks)` stack (shares stay of all samples: without it, tp_dp_straggler_rank1_noisy's
+        # burn loop went from 17 % to 29 %, info to warning): a hotspot's counts may differ
+        # by the callers of the stacks not kept, its
         # function and its share within 3 points may not; every other finding is equal.
         def hot(r):
             return [f for f in r["findings"] if f["kind"] == "cpu_hotspot"]
@@ -122,7 +125,7 @@ def test_every_host_context_kind_from_summaries(tmp_path):
         (tgid[3], "oom_kill", "argus-sim-rank", 1, 0),
         (4242, "oom_kill", "chrome", 1, 0),
         (0, "block_io", "254:0", 6, 480 * ms),  # 80 ms per request
-        (tgid[2], "tcp_retransmit", "10.0.0.2:29500", 3, 0),
+        (tgid[2], "tcp_retransmit", "10.0.0.2:29500", 25, 0),  # in >= half its 40 steps
     ]
     host = pl.DataFrame(
         [{"ts_ns": t0, "interval_ns": 10**10, "tgid": t, "rank": None, "kind": k, "detail": d,
