@@ -61,6 +61,8 @@ _HASH_INV = np.uint64(pow(0x9E3779B97F4A7C15, -1, 2**64))
 MIN_AGREEMENT = 0.5  # a candidate period: >= 50% of markers equal to the one p later
 COVER_SHARE = 0.95  # the cycle: the smallest period covering >= 95% of the best's coverage
 GAP_BREAK = 3.0  # idle gaps before markers: a cycle start's gap is >= 3x the others'
+STEP_WORK = 0.5  # a cut inside a wait-to-wait segment: >= this share of a step start's calls
+MIN_STEP_WORK = 4  # calls before a step's start (median) for them to tell steps apart
 P2P_OPS = ("send", "recv")
 
 
@@ -120,6 +122,7 @@ class _Markers:
     p2p: list[bool]  # a send/recv (its seq is the rank's own count)
     waited: list[bool]  # a GPU wait between the previous marker and this one
     waits: list[tuple[int, int | None]]  # the rank's GPU waits (entry, end), by entry
+    work: list[int]  # the rank's other traced calls between the previous marker and this one
 
     @property
     def wait_t(self) -> list[int]:
@@ -161,8 +164,14 @@ def _markers(tl_rank: pl.DataFrame, coll_rank: pl.DataFrame | None,
             gap = max(gap, waits[j][1] - waits[j][0])
         idle.append(gap)
         waited.append(bool(w))
+    # the host's other calls between markers (launches, copies, event records, waits):
+    # program order, not timing
+    calls = np.sort(tl_rank["t_ns"].to_numpy())
+    at = np.searchsorted(calls, np.asarray(t, dtype=np.int64), side="left")
+    after = np.searchsorted(calls, np.asarray(end, dtype=np.int64), side="right")
+    work = [0] + [max(0, int(at[i] - after[i - 1])) for i in range(1, len(rows))]
     return _Markers(tok, t, end, idle, [r[3] for r in rows], [r[4] for r in rows],
-                    [r[5] for r in rows], waited, waits)
+                    [r[5] for r in rows], waited, waits, work)
 
 
 def _median_idle(idle: list[int | None], at: list[int]) -> float:
@@ -234,12 +243,12 @@ def _cycle_by_waits(m: _Markers,
     signature makes >= 70% of them: the others are steps with extra calls; else the
     smallest k with >= 75% of segments equal to the one k later: a forward and a backward
     separated by a loss read-back are 2); the step starts at the segment signature that follows the
-    longest waits (median). With k = 1 every segment is a step, unless the waits come every
-    N steps: a segment whose long idle gaps (their natural break, `_gap_cut`, over the
-    rank's segments) cut it into equal parts of >= 2 distinct tokens is that many steps
-    (parts of one token repeated may be one step's equal buckets: a job whose steps hold
-    one kind of collective and that waits only every N steps is seen as N-step steps, a
-    limit)."""
+    longest waits (median). Those are the steps, unless the waits come every N steps: a
+    step whose long idle gaps (their natural break, `_gap_cut`, over the rank's steps) cut
+    it into equal parts is that many steps (`_split_by_gaps`: parts of one token repeated,
+    equal buckets, only where the host made a step start's calls before each cut). A host
+    that reads the loss back every 5th step waits twice in that step (after its forward,
+    at its end): its segments alternate 1 and 4 steps (k = 2) and each pair is split in 5."""
     n = len(m.t)
     cuts = [i for i in range(n) if cut_before[i]]
     bounds = list(zip(cuts, cuts[1:] + [n], strict=True))
@@ -267,8 +276,7 @@ def _cycle_by_waits(m: _Markers,
         starts = [a for (a, _b), x in zip(bounds, sigs, strict=True) if x == head]
     if len(starts) < 2:
         return None
-    if k == 1:
-        starts = _split_by_gaps(m, starts)
+    starts = _split_by_gaps(m, starts)
     dist = Counter(b - a for a, b in zip(starts, starts[1:], strict=False))
     p = dist.most_common(1)[0][0]
     first = starts[0]
@@ -277,22 +285,53 @@ def _cycle_by_waits(m: _Markers,
 
 
 def _split_by_gaps(m: _Markers, starts: list[int]) -> list[int]:
-    """Segments between waits that hold several steps (the host waits every N steps only):
-    where the long idle gaps inside the segments (the natural break of those gaps) cut a
-    segment into r >= 2 parts of one signature, each part is a step."""
-    inner = [m.idle[i] for a, b in zip(starts, starts[1:], strict=False)
-             for i in range(a + 1, b) if m.idle[i] is not None]  # fmt: skip
-    cut = _gap_cut(inner) if len(inner) >= 4 else None
-    if cut is None:
+    """Steps (between `starts`) that hold several steps (the host waits every N steps only):
+    each is split where the markers are preceded by as much other host work as a step's
+    start (>= STEP_WORK of the median calls before the starts: the optimizer, the data and
+    the next forward's launches, not one bucket's backward; exact in program order, where
+    idle time is not: a preempted host stretches any gap), or, on a host that makes no
+    calls between its markers (c10d only), where the long idle gaps (their natural break)
+    are, and only into >= 2 parts of one signature. Idle gaps alone do not split parts of
+    one token repeated (equal buckets): they may be one step's buckets."""
+    if len(starts) < 2:
         return starts
-    out = []
+    head_work = median(m.work[a] for a in starts[1:])
+    by_work = head_work >= MIN_STEP_WORK
+    if by_work:
+        def cut_at(i: int) -> bool:
+            return m.work[i] >= STEP_WORK * head_work
+    else:
+        inner = [m.idle[i] for a, b in zip(starts, starts[1:], strict=False)
+                 for i in range(a + 1, b) if m.idle[i] is not None]  # fmt: skip
+        cut = _gap_cut(inner) if len(inner) >= 4 else None
+        if cut is None:
+            return starts
+
+        def cut_at(i: int) -> bool:
+            return m.idle[i] is not None and m.idle[i] > cut
+    out: list[int] = []
+    split: Counter = Counter()
     for a, b in zip(starts, starts[1:] + [len(m.t)], strict=True):
-        cuts = [a] + [i for i in range(a + 1, b) if m.idle[i] is not None and m.idle[i] > cut]
+        cuts = [a] + [i for i in range(a + 1, b) if cut_at(i)]
         parts = [tuple(m.tok[x:y].tolist()) for x, y in zip(cuts, cuts[1:] + [b], strict=True)]
         whole = b < len(m.t) or len(parts) == 1
-        # parts of one token repeated (equal buckets) are one step's buckets, not steps
-        steps = len(parts) >= 2 and whole and len(set(parts)) == 1 and len(set(parts[0])) >= 2
-        out += cuts if steps else [a]
+        alike = len(parts) >= 2 and whole and len(set(parts)) == 1
+        if alike and (by_work or len(set(parts[0])) >= 2):
+            out += cuts
+            split[parts[0]] += 1
+        else:
+            out.append(a)
+    if by_work and split:
+        # the steps before the first wait (the host ran ahead from the start): the same
+        # parts, cut the same way, back from the first start
+        part = split.most_common(1)[0][0]
+        lead = [i for i in range(1, starts[0]) if cut_at(i)] + [starts[0]]
+        keep = []
+        for x, y in zip(lead[-2::-1], lead[:0:-1], strict=True):
+            if tuple(m.tok[x:y].tolist()) != part:
+                break
+            keep.append(x)
+        out = keep[::-1] + out
     return out
 
 
