@@ -34,6 +34,7 @@ from math import comb
 from statistics import median
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 REL_THRESHOLD = 0.20
@@ -44,6 +45,8 @@ WARN_RUN_STEPS = 3
 WARN_LOST_STEPS = 1.5  # ... and cost the job this many baseline steps in all
 WARMUP_STEPS = 3
 WARMUP_SLOWDOWN = 3.0  # a 1-2 step window at the start is a warning from this on
+MAX_PERIOD = 16  # the longest host sync period looked for (steps)
+PERIODIC_SHARE = 0.8  # a sync period's phase medians explain >= this share of the variance
 CHANCE = 0.01  # a sustained window is a warning only when the run's rate of slow steps
 # makes one as dense this unlikely
 
@@ -103,11 +106,66 @@ def _chance(k: int, n: int, p: float, stretches: int) -> float:
     return min(1.0, max(1, stretches) * tail)
 
 
+def sync_period(s: pl.DataFrame) -> int:
+    """The period n (2..MAX_PERIOD steps) of a step-time series (`step_series`) whose host
+    reads back only every n steps (it runs ahead in n - 1 short steps and waits for its GPU
+    in the nth), or 1: the smallest n whose phase medians (by step id mod n) differ >= 1.5x
+    and explain >= PERIODIC_SHARE of the series' variance, over >= 4 cycles (scattered slow
+    steps of a busy node are explained by no phase)."""
+    steps, vals = s["step"].to_numpy(), s["step_time_ns"].to_numpy().astype(float)
+    if vals.size < 8:
+        return 1
+    total = float(np.var(vals))
+    if total <= 0:
+        return 1
+    for n in range(2, MAX_PERIOD + 1):
+        if vals.size < 4 * n:
+            break
+        phase = steps % n
+        med = np.array([np.median(vals[phase == j]) for j in range(n)])
+        if med.min() <= 0 or med.max() < 1.5 * med.min():
+            continue
+        if 1.0 - float(np.mean((vals - med[phase]) ** 2)) / total >= PERIODIC_SHARE:
+            return n
+    return 1
+
+
+def _cycles(s: pl.DataFrame, n: int) -> pl.DataFrame:
+    """`step_series` over whole cycles of n steps (blocks of step ids k*n .. k*n + n - 1 that
+    have every step): `step` = the block's first step, `last_step`, `step_time_ns` = the mean
+    step time of the block, `start_ns`/`end_ns`, `n_steps`."""
+    return (s.with_columns((pl.col("step") // n).alias("_b"))
+            .group_by("_b").agg(pl.col("step").min(), pl.col("step").max().alias("last_step"),
+                                pl.col("step_time_ns").mean(), pl.col("start_ns").min(),
+                                pl.col("end_ns").max(), pl.len().alias("n_steps"))
+            .filter(pl.col("n_steps") == n).drop("_b").sort("step"))  # fmt: skip
+
+
+def typical_step_ns(metrics: pl.DataFrame) -> float:
+    """The job's typical time per step: the median step time, or, for a host that reads back
+    every n steps (`sync_period`), the median over its n-step cycles of their mean step."""
+    s = step_series(metrics)
+    if s.height == 0:
+        return 0.0
+    n = sync_period(s)
+    vals = (_cycles(s, n) if n > 1 else s)["step_time_ns"].to_list()
+    return float(median(vals)) if vals else float(median(s["step_time_ns"].to_list()))
+
+
 def detect_windows(metrics: pl.DataFrame) -> list[dict[str, Any]]:
-    """Anomalous windows (see module doc), each a finding dict of kind `anomalous_window`."""
+    """Anomalous windows (see module doc), each a finding dict of kind `anomalous_window`.
+    A host that reads back every n steps is judged over its n-step cycles (their mean step
+    time), not over steps whose times alternate by its syncs."""
     s = step_series(metrics)
     if s.height < 5:
         return []
+    n_sync = sync_period(s)
+    if n_sync > 1:
+        s = _cycles(s, n_sync)
+        if s.height < 5:
+            return []
+    else:
+        s = s.with_columns(pl.col("step").alias("last_step"), pl.lit(1).alias("n_steps"))
     vals = s["step_time_ns"].to_list()
     base, noise = baseline(vals)
     if base <= 0:
@@ -136,7 +194,7 @@ def detect_windows(metrics: pl.DataFrame) -> list[dict[str, Any]]:
         k = sum(flagged[a : b + 1])
         warmup = a < WARMUP_STEPS and (slow < WARN_SLOWDOWN
                                        or (n < WARN_RUN_STEPS and slow < WARMUP_SLOWDOWN))
-        lost = sum(t - base for t in inside) / base
+        lost = sum(t - base for t in inside) / base * n_sync
         chance = _chance(k, n, (n_flagged - k) / max(1, len(rows) - n), len(rows) - n + 1)
         serious = slow >= WARN_SLOWDOWN or (k >= WARN_RUN_STEPS and slow >= WARN_SLOWDOWN_RUN
                                             and lost >= WARN_LOST_STEPS)  # fmt: skip
@@ -146,22 +204,23 @@ def detect_windows(metrics: pl.DataFrame) -> list[dict[str, Any]]:
                 "kind": "anomalous_window",
                 "severity": severity,
                 "summary": (
-                    f"Steps {rows[a]['step']}-{rows[b]['step']} took {win_ms:.1f} ms "
+                    f"Steps {rows[a]['step']}-{rows[b]['last_step']} took {win_ms:.1f} ms "
                     f"(median), {slow:.1f}x the baseline of {base / 1e6:.1f} ms"
                     + (" (warm-up: the first steps of the recording)." if warmup else ".")
                 ),
                 "start_step": int(rows[a]["step"]),
-                "end_step": int(rows[b]["step"]),
+                "end_step": int(rows[b]["last_step"]),
                 "start_ns": int(rows[a]["start_ns"]),
                 "end_ns": int(rows[b]["end_ns"]),
-                "steps": n,
+                "steps": n * n_sync,
                 "baseline_step_time_ms": round(base / 1e6, 3),
                 "window_step_time_ms": round(win_ms, 3),
                 "slowdown": round(slow, 2),
                 "lost_steps": round(lost, 2),
                 "threshold_ms": round(thr / 1e6, 3),
-                "anomalous_steps": k,
+                "anomalous_steps": k * n_sync,
                 "chance": round(chance, 4),
+                **({"sync_every": n_sync} if n_sync > 1 else {}),
                 "warmup": warmup,
             }
         )

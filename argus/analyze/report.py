@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from statistics import median
 from typing import Any
 
 import numpy as np
@@ -147,8 +146,7 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     object. A healthy job yields no warning/critical findings."""
     metrics, steps = ev.metrics, ev.steps
     offsets = ev.alignment["offsets_ns"]
-    per_step = anomaly.step_series(metrics)
-    step_ns = float(median(per_step["step_time_ns"].to_list())) if per_step.height else 0.0
+    step_ns = anomaly.typical_step_ns(metrics)
 
     windows = anomaly.detect_windows(metrics)
     # a window that CPU contention on the node explains is the node's, not the job's: info
@@ -156,7 +154,9 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     job_ranks = metrics["rank"].unique().to_list() if metrics.height else []
     host_context.explain_windows(ev.host, windows, ev.manifests, offsets, job_ranks, metrics)
     stragglers = straggler.detect_stragglers(metrics, windows, step_ns, score=ev.score,
-                                             pipeline=bool(ev.stages))  # fmt: skip
+                                             pipeline=bool(ev.stages),
+                                             sync_every=anomaly.sync_period(
+                                                 anomaly.step_series(metrics)))  # fmt: skip
     host_context.explain_stragglers(ev.host, stragglers, metrics, ev.manifests, offsets)
     stragglers = pipeline.detect_slow_stage(ev.recordings, ev.stages, metrics, offsets,
                                             stragglers, step_ns)  # fmt: skip

@@ -170,13 +170,24 @@ def least_wait(
     return out
 
 
+def _summary(f: dict[str, Any], n: int = 1) -> str:
+    """A straggler finding's summary line, from its fields (per step)."""
+    ev, col = f["evidence"], f["evidence"]["metric"]
+    where = (f" in steps {f['start_step']}-{f['end_step']}" if f["start_step"] is not None
+             else " throughout the recording")  # fmt: skip
+    more = "less" if col == "coll_wait_ns" else "more"
+    return (f"Rank {f['rank']} is the straggler{where}: it {WHAT[col]}, "
+            f"{ev['excess_ms']:.1f} ms per step {more} than the other ranks "
+            f"({f['impact']:.0%} of the {ev['step_time_ms_p50']:.1f} ms step"
+            + (f"; over {n}-step cycles: its host reads back every {n} steps" if n > 1 else "")
+            + ").")
+
+
 def _finding(r: int, col: str, cause: str, s: dict[str, float], window: dict[str, Any] | None,
              m: pl.DataFrame, step_ns: float,
              others: dict[str, dict[str, float] | None]) -> dict[str, Any]:  # fmt: skip
     """The straggler finding of rank `r` flagged by metric `col` with score `s` (per step)."""
     impact = s["excess_ns"] / step_ns
-    where = (f" in steps {window['start_step']}-{window['end_step']}" if window
-             else " throughout the recording")  # fmt: skip
     ev: dict[str, Any] = {
         "metric": col,
         "excess_ms": round(s["excess_ns"] / 1e6, 3),
@@ -198,15 +209,10 @@ def _finding(r: int, col: str, cause: str, s: dict[str, float], window: dict[str
     for c2, x in others.items():
         if x is not None:
             ev[f"{c2[:-3]}_score"] = round(x["score"], 2)
-    more = "less" if col == "coll_wait_ns" else "more"
-    return {
+    f = {
         "kind": "straggler",
         "severity": "critical" if impact >= CRITICAL_IMPACT else "warning",
-        "summary": (
-            f"Rank {r} is the straggler{where}: it {WHAT[col]}, "
-            f"{s['excess_ns'] / 1e6:.1f} ms per step {more} than the other ranks "
-            f"({impact:.0%} of the {step_ns / 1e6:.1f} ms step)."
-        ),
+        "summary": "",
         "rank": r,
         "cause": cause,
         "score": round(s["score"], 2),
@@ -215,6 +221,34 @@ def _finding(r: int, col: str, cause: str, s: dict[str, float], window: dict[str
         "end_step": window["end_step"] if window else None,
         "evidence": ev,
     }
+    f["summary"] = _summary(f)
+    return f
+
+
+SUMMED = ("compute_wait_ns", "sync_wait_ns", "coll_wait_ns", "p2p_wait_ns", "lateness_ns",
+          "host_gap_ns", "step_time_ns")  # metrics a sync cycle's sum stands for
+
+
+def _by_cycles(metrics: pl.DataFrame, windows: list[dict[str, Any]],
+               n: int) -> tuple[pl.DataFrame, list[dict[str, Any]]]:  # fmt: skip
+    """`metrics` and `windows` over whole n-step cycles (a host that reads back every n
+    steps: its lateness and waits move between the steps of a cycle, it runs ahead in some,
+    catches up in one): per (rank, cycle k) the sums of `SUMMED` over steps k*n..k*n+n-1
+    (cycles every rank has in full), `step` = k; windows' steps as cycles."""
+    cols = [c for c in SUMMED if c in metrics.columns]
+    b = (metrics.with_columns((pl.col("step") // n).alias("_c"))
+         .group_by("rank", "_c")
+         .agg(*[pl.col(c).sum() if c == "step_time_ns" else
+                pl.when(pl.col(c).is_not_null().any()).then(pl.col(c).sum()) for c in cols],
+              pl.col("start_ns").min(), pl.col("end_ns").max(), pl.len().alias("_n"))
+         .filter(pl.col("_n") == n).drop("_n").rename({"_c": "step"}))  # fmt: skip
+    ranks = b["rank"].n_unique()
+    full = b.group_by("step").agg(pl.len().alias("_k")).filter(pl.col("_k") == ranks)
+    b = b.join(full.select("step"), on="step").sort("rank", "step")
+    ws = [{**w, "start_step": w["start_step"] // n, "end_step": w["end_step"] // n,
+           "steps": max(1, w["steps"] // n),
+           "baseline_step_time_ms": w.get("baseline_step_time_ms", 0) * n} for w in windows]
+    return b, ws
 
 
 def detect_stragglers(
@@ -223,6 +257,7 @@ def detect_stragglers(
     step_ns: float,
     score: Callable[..., dict[int, dict[str, float]]] | None = None,
     pipeline: bool = False,
+    sync_every: int = 1,
 ) -> list[dict[str, Any]]:
     """Straggler findings (see module doc), at most one per rank: its strongest scope (GPU
     over host cause, then the whole recording over a window, then the score).
@@ -230,7 +265,28 @@ def detect_stragglers(
     `score` replaces the per-rank scoring (`_score`): the summary path passes a vectorised
     implementation with the same values (argus.analyze.summary.fast_score). `pipeline`:
     the ranks are pipeline stages, whose host work differs by role (the first stage loads
-    the data): `host_gap_ns` is not compared across them."""
+    the data): `host_gap_ns` is not compared across them. `sync_every` n > 1 (a host that
+    reads back every n steps, `anomaly.sync_period`): scored over n-step cycles
+    (`_by_cycles`), reported per step."""
+    if sync_every > 1:
+        b, ws = _by_cycles(metrics, windows, sync_every)
+        n = sync_every
+        found = detect_stragglers(b, ws, step_ns * n, score, pipeline)
+        for f in found:
+            ev = f["evidence"]
+            for k in ("excess_ms", "noise_ms", "step_time_ms_p50"):
+                if k in ev:
+                    ev[k] = round(ev[k] / n, 3)
+            for v in ev.values():
+                if isinstance(v, dict) and {"rank", "others"} <= set(v):
+                    v.update({x: round(v[x] / n, 3) if v[x] is not None else None
+                              for x in ("rank", "others")})  # fmt: skip
+            ev["steps"] = ev["steps"] * n
+            ev["sync_every"] = n
+            if f["start_step"] is not None:
+                f["start_step"], f["end_step"] = f["start_step"] * n, f["end_step"] * n + n - 1
+            f["summary"] = _summary(f, n)
+        return found
     _score_fn = score or _score
     metrics_used = tuple((c, k) for c, k in METRICS if not (pipeline and c == "host_gap_ns"))
     if metrics.height == 0 or metrics["rank"].n_unique() < 2 or step_ns <= 0:

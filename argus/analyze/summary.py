@@ -296,7 +296,7 @@ def build_summaries(recordings: Sequence[Recording],
         st = st.with_columns(pl.Series("stack_id", ids, dtype=pl.Int64))
         st = st.group_by(["rank", "ts_ns", "t_ns", "interval_ns", "stack_id"]).agg(
             pl.col("count").sum()
-        )
+        ).sort(["rank", "ts_ns", "stack_id"])  # ties in the top-K: by stack id, every run
         st = st.with_columns(
             pl.col("count").rank("ordinal", descending=True).over(["rank", "ts_ns"]).alias("_k")
         )

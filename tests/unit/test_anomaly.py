@@ -116,3 +116,38 @@ def test_two_slow_steps_around_a_normal_one_are_not_sustained():
     # the healthy TP x DP job: steps 38 (1.7x) and 40 (1.9x), 39 normal: a window of 3 steps
     # of which 2 are slow (a collective stall was built on it)
     assert _windows({38: 1.7, 40: 1.9}, steps=60) == [(38, 40, "info", False)]
+
+
+# --- a host that reads back only every n steps --------------------------------------------
+
+def _sync_every(n: int, steps: int = 140, slow: dict[int, float] | None = None):
+    """sim_sync_every_n's host step times: n - 2 short run-ahead steps (~6 ms), the read-back
+    step that waits for the GPU (~211 ms) and the one after it (~36 ms); `slow` multiplies
+    whole cycles' steps (cycle index -> factor)."""
+    shape = [6.0] * (n - 2) + [211.0, 36.0]
+    rows, t = [], 0
+    for k in range(steps):
+        dur = int((shape[k % n] + 0.3 * (k % 3)) * 1e6 * (slow or {}).get(k // n, 1.0))
+        for r in range(4):
+            rows.append({"rank": r, "step": k, "step_time_ns": dur, "start_ns": t,
+                         "end_ns": t + dur})  # fmt: skip
+        t += dur
+    return pl.DataFrame(rows)
+
+
+def test_the_sync_period_of_a_host_that_runs_ahead_is_found():
+    from argus.analyze.anomaly import step_series, sync_period, typical_step_ns
+
+    assert sync_period(step_series(_sync_every(5))) == 5
+    assert sync_period(step_series(_sync_every(8))) == 8
+    assert sync_period(step_series(_metrics({}, steps=60))) == 1
+    assert sync_period(step_series(_metrics(_noisy({}), steps=96))) == 1  # scattered, no cycle
+    # the job's step: a cycle's mean (5 steps in 6+6+6+211+36 ms), not the median step (6 ms)
+    assert typical_step_ns(_sync_every(5)) / 1e6 == pytest.approx(53.3, abs=0.5)
+
+
+def test_its_sync_steps_are_no_windows_but_slower_cycles_are():
+    assert detect_windows(_sync_every(5)) == []
+    ws = detect_windows(_sync_every(5, slow={k: 1.6 for k in range(12, 18)}))
+    assert [(w["start_step"], w["end_step"], w["steps"], w["sync_every"], w["severity"])
+            for w in ws] == [(60, 89, 30, 5, "warning")]  # fmt: skip

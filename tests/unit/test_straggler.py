@@ -111,3 +111,32 @@ def test_alike_ranks_and_a_consistent_but_tiny_difference_are_not_flagged():
     # four blocks are too few to tell (z = 3.5 when the least in all four)
     assert least_wait(_waits(6.0, least=1, spread_ms=0.5, steps=20), "coll_wait_ns",
                       90e6) == {}  # fmt: skip
+
+
+def test_a_host_that_reads_back_every_n_steps_is_scored_over_its_cycles():
+    """sim_sync_every_n's straggler: its host falls behind within each 5-step cycle and
+    catches up at the read-back (lateness 0, 25, 50, 75, 0 ms against the others' ~0), the
+    others wait at the read-back instead. Per step its lateness spreads as widely as it is
+    large; per cycle it is the same every time."""
+    import random
+
+    rnd = random.Random(3)
+    rows, t = [], 0
+    for step in range(100):
+        dur = int((211.0 if step % 5 == 3 else 6.0) * 1e6)
+        for rank in range(4):
+            late = [0.0, 25.0, 50.0, 75.0, 0.0][step % 5] if rank == 1 else rnd.gauss(0, 0.5)
+            rows.append({"rank": rank, "step": step, "step_time_ns": dur, "start_ns": t,
+                         "end_ns": t + dur, "lateness_ns": int(late * 1e6),
+                         "coll_wait_ns": 0, "host_gap_ns": 0, "compute_wait_ns": None,
+                         "sync_wait_ns": 0})  # fmt: skip
+        t += dur
+    m = pl.DataFrame(rows)
+    (f,) = detect_stragglers(m, [], 53e6, sync_every=5)
+    ev = f["evidence"]
+    assert (f["rank"], f["cause"], ev["metric"], ev["sync_every"], ev["steps"]) == (
+        1, "host", "lateness_ns", 5, 100)
+    assert ev["excess_ms"] == pytest.approx(30.0, abs=1.0)  # 150 ms per 5-step cycle
+    assert "over 5-step cycles" in f["summary"]
+    per_step = [x for x in detect_stragglers(m, [], 53e6) if x["rank"] == 1]
+    assert per_step == [] or per_step[0]["score"] < f["score"]

@@ -4,6 +4,7 @@ the daemon check. Used by scripts/zoo and tests/bpf/test_zoo_*.py (the same proc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -171,7 +172,8 @@ def one_run(shape: str, launcher: str, faults: launch.Faults, base_ms: float, tm
     s.update(shape=shape, launcher=launcher, fault=describe(faults),
              job_outcome=truth["outcome"], ready_s=round(t_ready, 1), load_1m=round(load, 1),
              traced_s=round(t_done - t_at, 1),
-             step_ms_job=_median_step(truth), step_ms_argus=(report.get("steps") or {})
+             step_ms_job=_median_step(truth), host_ms_job=_host_step(truth),
+             step_ms_argus=(report.get("steps") or {})
              .get("step_time_ms_p50"), ranks_argus=len(report.get("ranks") or []))  # fmt: skip
     if keep_report:
         s.update(report=report, truth=truth)
@@ -182,8 +184,25 @@ def one_run(shape: str, launcher: str, faults: launch.Faults, base_ms: float, tm
     return s
 
 
-def _median_step(truth: dict) -> float | None:
+def _host_step(truth: dict) -> float | None:
+    """The host's own median step (a host that runs ahead of its GPU: its short steps)."""
     times = [statistics.median(r["step_time_ms"]) for r in truth["ranks"] if r["step_time_ms"]]
+    return round(statistics.median(times), 1) if times else None
+
+
+def slack_of(shape: str, healthy: dict) -> float:
+    """What a straggler must burn before it slows `shape` (launch.Faults.slack_ms): for a
+    host that runs ahead of its GPU, the healthy run's step minus its host's own step."""
+    if shape not in zoo.HOST_AHEAD or not healthy.get("step_ms_job"):
+        return 0.0
+    return round(max(0.0, healthy["step_ms_job"] - (healthy.get("host_ms_job") or 0.0)), 1)
+
+
+def _median_step(truth: dict) -> float | None:
+    """The job's time per step: per rank the mean of its step times (a host that reads back
+    only every N steps runs ahead in N - 1 short steps and waits in the Nth: sim_sync_every_n's
+    median step was 6 ms for 53 ms per step), the median over the ranks."""
+    times = [statistics.fmean(r["step_time_ms"]) for r in truth["ranks"] if r["step_time_ms"]]
     return round(statistics.median(times), 1) if times else None
 
 
@@ -281,9 +300,11 @@ class Runs:
         key = (shape, which)
         if key not in self.done:
             base = launch.SIM_STEP_MS if shape in zoo.SIM_SHAPES else 40.0
-            if which == "fault" and self.faults[shape].straggler:
-                base = self.get(shape, "healthy")["step_ms_job"] or base
             planted = launch.Faults() if which == "healthy" else self.faults[shape]
+            if which == "fault" and planted.straggler:
+                healthy = self.get(shape, "healthy")
+                base = healthy["step_ms_job"] or base
+                planted = dataclasses.replace(planted, slack_ms=slack_of(shape, healthy))
             launcher = "sim" if shape in zoo.SIM_SHAPES else "torchrun"
             tmp = self.tmp_factory.mktemp(f"{shape}-{which}")
             try:

@@ -62,13 +62,22 @@ class Faults:
     straggler: tuple[int, float] | None = None  # (rank, % of the step's device time)
     hang: dict | None = None  # {rank, group, op, step, nth}
     slow_stage: tuple[int, float] | None = None  # (stage, % more device time)
+    # host work a straggler burns first, before any of it slows the job: a host that runs
+    # ahead of its GPU (shapes.HOST_AHEAD) has this much idle per step (the job's step minus
+    # its host's own step, measured on the healthy run)
+    slack_ms: float = 0.0
+
+    def straggler_ms(self, base_ms: float) -> float:
+        """The straggler's host work per step: its % of the step, beyond the host's slack."""
+        return self.slack_ms + (self.straggler[1] / 100.0 * base_ms if self.straggler else 0.0)
 
     def truth(self, shape: str, world: int, base_ms: float) -> list[dict]:
         out = []
         if self.straggler:
             r, pct = self.straggler
             out.append({"kind": "straggler", "ranks": [r], "pct": pct, "of_step_ms": base_ms,
-                        "ms_per_step": round(pct / 100.0 * base_ms, 3)})  # fmt: skip
+                        "slack_ms": self.slack_ms,
+                        "ms_per_step": round(self.straggler_ms(base_ms), 3)})  # fmt: skip
         if self.hang:
             h = self.hang
             out.append({"kind": "hang", "ranks": [h["rank"]], "group": h["group"],
@@ -218,8 +227,7 @@ class Job:
     def _sim_faults(self) -> list[str]:
         f, out = self.faults, []
         if f.straggler:
-            r, pct = f.straggler
-            out.append(f"host_stall:rank={r},ms={pct / 100.0 * self.base_ms:.3f}")
+            out.append(f"host_stall:rank={f.straggler[0]},ms={f.straggler_ms(self.base_ms):.3f}")
         if f.hang:
             h = f.hang
             per_step = 2 * SIM_LAYERS if h["group"] == "tp" else SIM_BUCKETS

@@ -33,6 +33,9 @@ TORCH_SHAPES = ("ddp", "tp_dp", "pp_gpipe", "pp_1f1b", "grad_accum", "sync_every
 SIM_SHAPES = ("sim_ddp", "sim_tp_dp", "sim_pp", "sim_sync_every_n")
 SHAPES = TORCH_SHAPES + SIM_SHAPES
 PIPELINES = ("pp_gpipe", "pp_1f1b", "sim_pp")
+# hosts that run ahead of their GPU (a read-back every N steps): host work slows the job only
+# beyond their idle, so a straggler burns that first (launch.Faults.slack_ms)
+HOST_AHEAD = ("sim_sync_every_n",)
 
 METRICS_EVERY = 5  # tp_dp: the world allgather + broadcast period
 
