@@ -154,7 +154,7 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     job_ranks = metrics["rank"].unique().to_list() if metrics.height else []
     host_context.explain_windows(ev.host, windows, ev.manifests, offsets, job_ranks, metrics)
     stragglers = straggler.detect_stragglers(metrics, windows, step_ns, score=ev.score,
-                                             pipeline=bool(ev.stages),
+                                             pipeline=bool(ev.stages), stages=ev.stages,
                                              sync_every=anomaly.sync_period(
                                                  anomaly.step_series(metrics)))  # fmt: skip
     host_context.explain_stragglers(ev.host, stragglers, metrics, ev.manifests, offsets)

@@ -19,7 +19,9 @@ blocking read-backs). A marker's token is (communicator, op, bytes, and a send/r
   every step come between steps), then the one preceded by the longest idle (median): a
   step starts after its end-of-step wait, not in the middle of its backward. With GPU
   waits, the waits cut the markers into segments and the step starts at the segment that
-  follows the longest waits (`_cycle_by_waits`).
+  follows the longest waits (`_cycle_by_waits`). A host that waits only every N steps
+  has N steps between waits: they are split where a marker follows as many of the host's
+  other calls as a step's start does (`_split_by_gaps`).
 - Boundary: the end of the first GPU wait between the previous marker and the cycle's first
   marker (the end-of-step synchronize), else the previous marker's end (or entry).
 - Step ids: when every rank's cycles start on one communicator, the aligned sequence number

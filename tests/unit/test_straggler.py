@@ -140,3 +140,28 @@ def test_a_host_that_reads_back_every_n_steps_is_scored_over_its_cycles():
     assert "over 5-step cycles" in f["summary"]
     per_step = [x for x in detect_stragglers(m, [], 53e6) if x["rank"] == 1]
     assert per_step == [] or per_step[0]["score"] < f["score"]
+
+
+def test_a_pipeline_stages_host_work_is_compared_within_the_stage():
+    """The simulator's 2 stages x 2 DP: the last stage's ranks do more host work by role
+    (+20 ms: the loss); rank 0's 10 % host straggler, 6.9 ms more than its stage peer, was
+    missed when host_gap was not compared across stages at all (its lateness scored 3-5)."""
+    import random
+
+    rnd = random.Random(5)
+    rows, t = [], 0
+    for step in range(60):
+        for rank in range(4):
+            gap = 1.0 + (20.0 if rank in (1, 3) else 0.0) + (6.9 if rank == 0 else 0.0)
+            rows.append({"rank": rank, "step": step, "step_time_ns": 74_000_000,
+                         "start_ns": t, "end_ns": t + 74_000_000,
+                         "host_gap_ns": int((gap + rnd.gauss(0, 0.3)) * 1e6),
+                         "lateness_ns": None, "coll_wait_ns": 0, "compute_wait_ns": None,
+                         "sync_wait_ns": 0})  # fmt: skip
+        t += 74_000_000
+    m = pl.DataFrame(rows)
+    (f,) = detect_stragglers(m, [], 74e6, pipeline=True, stages=[[0, 2], [1, 3]])
+    assert (f["rank"], f["evidence"]["metric"]) == (0, "host_gap_ns")
+    assert f["evidence"]["excess_ms"] == pytest.approx(6.9, abs=0.3)
+    # one rank per stage: no peer to compare with, host_gap is not read at all
+    assert detect_stragglers(m, [], 74e6, pipeline=True, stages=[[0], [1], [2], [3]]) == []
