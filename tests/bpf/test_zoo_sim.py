@@ -33,7 +33,12 @@ FAULTS = {
 # steps for 70 and its straggler was not found until 2026-12-03: its wait-to-wait steps are
 # now split by the host's calls between markers, its windows and stragglers judged over
 # 5-step cycles, and its straggler burns the host's idle first (launch.Faults.slack_ms).
-KNOWN: dict = {}
+KNOWN: dict = {
+    # 10/10 found at 10 % on a quiet machine (docs/accuracy.md); missed once (argus said
+    # nothing) in a fresh-check with the unit tier running beside it: not understood yet
+    ("found", "sim_sync_every_n"): ("25 % straggler missed once under load (fresh-check "
+                                    "2026-12-03)", False),
+}
 
 
 class TestSimulated(ZooCells):
