@@ -5,18 +5,20 @@ percentile of that series (robust to windows covering up to ~70% of the run), no
 smaller of the lower half's MAD and the consecutive differences' (see `baseline`); a step
 is anomalous when it exceeds the baseline by both 20% and 5 noise units. Anomalous steps
 separated by at most one normal step are merged into a window. A warning needs a slowdown
->= 2x, or >= 1.3x sustained over >= 3 anomalous steps that cost the job >= 1.5 baseline
-steps in all (the sum of the window's excess over the baseline); anything less is `info`
-(a hiccup: on a
-shared host, CPU contention alone slows a step or two by ~30%; healthy real DDP jobs on the
-project's 2-core machine showed 3-step windows of 1.24x and 1.32x, 0.7 and 1.0 steps lost,
-one with no CPU contention to explain it, and a collective stall was built on it). A window
-that starts within the first WARMUP_STEPS steps of the recording is `info` marked `warmup`
-when it is not >= 2x, or when it is one or two steps long and not >= WARMUP_SLOWDOWN (3x):
-the first steps of a job are slow by nature (allocator, autotuning, connection set-up, lazy
-init) and nothing before them gives a baseline. A healthy real DDP job's first step
-measured 2.2x on a busy machine (52 ms for 24) and a collective stall was built on it; a
-slow start of >= 3 steps at >= 2x, or of a step at >= 3x, is still a warning.
+>= 2x over >= 3 anomalous steps, or >= 1.3x over >= 3 anomalous steps that cost the job
+>= 1.5 baseline steps in all (the sum of the window's excess over the baseline), or, for a
+window of one or two anomalous steps, >= HICCUP_SLOWDOWN (3x); anything less is `info` (a
+hiccup: on a shared host, CPU contention alone slows a step or two by ~30%; healthy real
+DDP jobs on the project's 2-core machine showed 3-step windows of 1.24x and 1.32x, 0.7 and
+1.0 steps lost, one with no CPU contention to explain it, and a collective stall was built
+on it; 2 of 80 healthy real torch runs of the zoo had a window of 1 or 2 steps at 2.05x and
+2.12x, a collective stall built on one; no one can act on one slow step, a 3x one such as
+a JIT compile or a stop of the world is still a warning). A window that starts within the
+first WARMUP_STEPS steps of the recording is `info` marked `warmup` when it is not >= 2x or
+is such a hiccup: the first steps of a job are slow by nature (allocator, autotuning,
+connection set-up, lazy init) and nothing before them gives a baseline. A healthy real DDP
+job's first step measured 2.2x on a busy machine (52 ms for 24) and a collective stall was
+built on it; a slow start of >= 3 steps at >= 2x, or of a step at >= 3x, is still a warning.
 
 A sustained window below 2x is then a hiccup too (`settle`: `info`) when no straggler is
 found in it and the job's own rate of slow steps explains it: with p the fraction of
@@ -44,7 +46,7 @@ WARN_SLOWDOWN_RUN = 1.3  # a run of >= WARN_RUN_STEPS steps this much slower is 
 WARN_RUN_STEPS = 3
 WARN_LOST_STEPS = 1.5  # ... and cost the job this many baseline steps in all
 WARMUP_STEPS = 3
-WARMUP_SLOWDOWN = 3.0  # a 1-2 step window at the start is a warning from this on
+HICCUP_SLOWDOWN = 3.0  # a window of 1-2 anomalous steps is a warning from this on
 MAX_PERIOD = 16  # the longest host sync period looked for (steps)
 PERIODIC_SHARE = 0.8  # a sync period's phase medians explain >= this share of the variance
 CHANCE = 0.01  # a sustained window is a warning only when the run's rate of slow steps
@@ -192,12 +194,12 @@ def detect_windows(metrics: pl.DataFrame) -> list[dict[str, Any]]:
         slow = median(inside) / base
         n = b - a + 1
         k = sum(flagged[a : b + 1])
-        warmup = a < WARMUP_STEPS and (slow < WARN_SLOWDOWN
-                                       or (n < WARN_RUN_STEPS and slow < WARMUP_SLOWDOWN))
+        hiccup = k < WARN_RUN_STEPS and slow < HICCUP_SLOWDOWN
+        warmup = a < WARMUP_STEPS and (slow < WARN_SLOWDOWN or hiccup)
         lost = sum(t - base for t in inside) / base * n_sync
         chance = _chance(k, n, (n_flagged - k) / max(1, len(rows) - n), len(rows) - n + 1)
-        serious = slow >= WARN_SLOWDOWN or (k >= WARN_RUN_STEPS and slow >= WARN_SLOWDOWN_RUN
-                                            and lost >= WARN_LOST_STEPS)  # fmt: skip
+        serious = not hiccup and (slow >= WARN_SLOWDOWN or (
+            k >= WARN_RUN_STEPS and slow >= WARN_SLOWDOWN_RUN and lost >= WARN_LOST_STEPS))
         severity = "warning" if serious and not warmup else "info"
         out.append(
             {

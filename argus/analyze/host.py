@@ -259,7 +259,9 @@ def _cpu_findings(cont, stragglers, step_ns, scoped=None) -> list[dict[str, Any]
 def _other_findings(h: pl.DataFrame, stragglers, rank_of_tgid) -> list[dict[str, Any]]:
     findings: list[dict[str, Any]] = []
     strag_ranks = {f["rank"] for f in stragglers}
-    strag_steps = {f["rank"]: int(f.get("evidence", {}).get("steps") or 0) for f in stragglers}
+    # a straggler's steps: a pipeline stage's evidence counts blocks of steps instead
+    strag_steps = {f["rank"]: int(ev.get("steps") or ev.get("blocks", 0) * ev.get("block_steps", 1))
+                   for f in stragglers for ev in [f.get("evidence", {})]}  # fmt: skip
     strag_hosts = {h_ for f in stragglers for h_ in [f.get("_host")] if h_}
     oom = h.filter(pl.col("kind") == "oom_kill")
     for ts, tgid, detail, host, rank in oom.select("ts_ns", "tgid", "detail", "host",

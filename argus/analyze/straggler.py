@@ -24,11 +24,15 @@ excess over the baseline (a rank delayed 30 ms in a step that another rank's 500
 compile stretched does not explain it). Severity: critical when D >= 25% of the step time.
 Cause `gpu` when the compute-wait metric flags the rank, else `host`.
 
-When no metric flags a rank: the rank that waits least in its collectives (`coll_wait_ns`;
-pipeline stages: in their sends/receives, `pipeline.py`) is the one the others wait for
-(`least_wait`). Over blocks of 5 steps, a rank is flagged when it waits least in >= 50% of
->= 4 blocks, the sign test's z of those blocks ((k - n/R) / sqrt(n (1/R)(1 - 1/R)) for R
-ranks alike) is >= 4, and its median excess is >= 3% of the step time (and >= 0.2 ms).
+When no metric flags a rank step by step, over blocks of 5 steps (a value that moves
+between adjacent steps cancels in a block's sum; `consistently_most`): the rank that is late
+(`lateness_ns`) or works longer before its step (`host_gap_ns`) in most blocks, or that
+waits least in its collectives (`coll_wait_ns`, `least_wait`: the one the others wait for;
+pipeline stages: in their sends/receives, `pipeline.py`). A rank is flagged when it has the
+most (the least wait) in >= 50% of >= 4 blocks, the sign test's z of those blocks
+((k - n/R) / sqrt(n (1/R)(1 - 1/R)) for R ranks alike) is >= 4, and its median excess is
+>= 3% of the step time (and >= 0.2 ms); of the three metrics, the one whose flagged rank
+has the highest z names the stragglers.
 """
 
 from __future__ import annotations
@@ -131,26 +135,26 @@ def _sign_z(k: int, n: int, r: int) -> float:
     return (k - n * p) / math.sqrt(n * p * (1 - p))
 
 
-def least_wait(
+def consistently_most(
     m: pl.DataFrame, col: str, step_ns: float,
     score: Callable[..., dict[int, dict[str, float]]] | None = None,
 ) -> dict[int, dict[str, float]]:  # fmt: skip
-    """The ranks of `m` (rank, step, `col`: a wait per step) that wait least, flagged (module
-    doc): per rank the per-step `excess_ns` (how much less it waits than the others' median)
-    and `noise_ns`, `score` the sign test's z of the blocks it waits least in, `spread_score`
-    excess / noise, `slowest_fraction` (of the blocks it waits least in), `blocks`, `steps`.
+    """The ranks of `m` (rank, step, `col`: a per-step metric, more is slower) that have the
+    most of `col` consistently, flagged (module doc): per rank the per-step `excess_ns` (over
+    the others' median) and `noise_ns`, `score` the sign test's z of the blocks it has the
+    most in, `spread_score` excess / noise, `slowest_fraction` (of the blocks it has the most
+    in), `blocks`, `steps`.
 
-    Scored over blocks of BLOCK_STEPS steps (one step's wait is too noisy: a wait moves
+    Scored over blocks of BLOCK_STEPS steps (one step's value is too noisy: a wait moves
     across a step boundary, which a sum over a few steps cancels). Flagged by how CONSISTENTLY
-    the rank waits least, not by how far the per-block differences spread: on 4 ranks of 2
+    the rank has the most, not by how far the per-block differences spread: on 4 ranks of 2
     vCPUs a straggler's 4-7 ms less wait per step spread 2-3 ms per block (excess / noise
     1.7-3.7) while it was the least in 79-100 % of the blocks (z 5.4-7.1; healthy ranks <= 0.44
     of the blocks, z <= 1.9)."""
-    b = block_sums(m.select("rank", "step", (-pl.col(col)).alias("less_wait_ns")),
-                   "less_wait_ns")  # fmt: skip
+    b = block_sums(m.select("rank", "step", col), col)
     n_blocks, n_ranks = b["step"].n_unique(), b["rank"].n_unique()
     out: dict[int, dict[str, float]] = {}
-    for r, s in (score or _score)(b, "less_wait_ns", BLOCK_STEPS * step_ns).items():
+    for r, s in (score or _score)(b, col, BLOCK_STEPS * step_ns).items():
         per = {
             "excess_ns": s["excess_ns"] / BLOCK_STEPS,
             "noise_ns": s["noise_ns"] / BLOCK_STEPS,
@@ -168,6 +172,17 @@ def least_wait(
         ):
             out[r] = per
     return out
+
+
+def least_wait(
+    m: pl.DataFrame, col: str, step_ns: float,
+    score: Callable[..., dict[int, dict[str, float]]] | None = None,
+) -> dict[int, dict[str, float]]:  # fmt: skip
+    """The ranks of `m` (rank, step, `col`: a wait per step) that wait least, flagged as
+    `consistently_most` flags the most (`excess_ns`: how much less it waits than the
+    others' median)."""
+    return consistently_most(m.select("rank", "step", (-pl.col(col)).alias("less_wait_ns")),
+                             "less_wait_ns", step_ns, score)  # fmt: skip
 
 
 def _summary(f: dict[str, Any], n: int = 1) -> str:
@@ -222,6 +237,20 @@ def _finding(r: int, col: str, cause: str, s: dict[str, float], window: dict[str
         "evidence": ev,
     }
     f["summary"] = _summary(f)
+    return f
+
+
+def _blocks_finding(r: int, col: str, s: dict[str, float], m: pl.DataFrame, step_ns: float,
+                    others: dict[str, dict[str, float] | None],
+                    fraction_key: str) -> dict[str, Any]:  # fmt: skip
+    """A whole-recording host straggler flagged over blocks of steps (`consistently_most`):
+    its evidence says in what fraction of the blocks (`fraction_key`) and carries `blocks`,
+    `block_steps` and `spread_score`."""
+    f = _finding(r, col, "host", s, None, m, step_ns, others)
+    ev = f["evidence"]
+    ev[fraction_key] = ev.pop("slowest_in_fraction_of_steps")
+    ev |= {"blocks": s["blocks"], "block_steps": BLOCK_STEPS,
+           "spread_score": round(s["spread_score"], 2)}  # fmt: skip
     return f
 
 
@@ -381,22 +410,33 @@ def detect_stragglers(
                 others = {c2: scored[c2].get(r) for c2, _ in metrics_used if c2 != col}
                 best[r] = {"_rank_key": rkey,
                            **_finding(r, col, cause, s, window, m, step_ns, others)}  # fmt: skip
-    if not best and not pipeline and "coll_wait_ns" in metrics.columns:
-        # When no rank arrives late or waits for its GPU: the rank the others wait for waits
-        # least in its collectives, however its calls look (a tensor-parallel peer that
-        # waits for it is late at the next collectives with it: measured on 2 TP x 2 DP with
-        # a 10 % host straggler, 4-7 ms less wait per step, the least of the four in 79-100 %
-        # of the blocks, lateness scored 0.6-1.2). Only then: a rank slowed INSIDE its
-        # collectives (CPU contention on its gloo worker thread) makes the others look as if
-        # they waited least.
-        for r, s in least_wait(metrics, "coll_wait_ns", step_ns, _score_fn).items():
-            others = {c2: whole[c2].get(r) for c2, _ in metrics_used}  # (none flagged it)
-            f = _finding(r, "coll_wait_ns", "host", s, None, metrics, step_ns, others)
-            ev = f["evidence"]
-            ev["least_wait_in_fraction_of_blocks"] = ev.pop("slowest_in_fraction_of_steps")
-            ev |= {"blocks": s["blocks"], "block_steps": BLOCK_STEPS,
-                   "spread_score": round(s["spread_score"], 2)}  # fmt: skip
-            best[r] = {"_rank_key": (False, True, s["score"]), **f}
+    if not best and not pipeline:
+        # When no metric flags a rank step by step: the metric by which a rank is the most
+        # consistently the slowest over blocks of steps (the sign test's z), however noisy
+        # its steps are one by one. The rank the others wait for waits least in its
+        # collectives, however its calls look (a tensor-parallel peer that waits for it is
+        # late at the next collectives with it: measured on 2 TP x 2 DP with a 10 % host
+        # straggler, 4-7 ms less wait per step, the least of the four in 79-100 % of the
+        # blocks, lateness scored 0.6-1.2); a rank that works longer before its step does so
+        # in nearly every block (the simulator's 2 TP x 2 DP, 10 % host straggler on 2 busy
+        # vCPUs: 6.1 ms more host work per step, the most in all 15 blocks, while every
+        # rank's host work jumped 3 -> 10-30 ms in one step of ~8: excess / noise 1.7). Not
+        # before the step-by-step metrics: a rank slowed INSIDE its collectives (CPU
+        # contention on its gloo worker thread) makes the others look as if they waited least.
+        tries = [(col, consistently_most(metrics, col, step_ns, _score_fn), key)
+                 for col, key in (("host_gap_ns", "slowest_in_fraction_of_blocks"),
+                                  ("lateness_ns", "slowest_in_fraction_of_blocks"))
+                 if col in metrics.columns]  # fmt: skip
+        if "coll_wait_ns" in metrics.columns:
+            tries.append(("coll_wait_ns", least_wait(metrics, "coll_wait_ns", step_ns, _score_fn),
+                          "least_wait_in_fraction_of_blocks"))  # fmt: skip
+        tries = [t for t in tries if t[1]]
+        if tries:  # the one metric that flags a rank most consistently, its ranks only
+            col, flagged, key = max(tries, key=lambda t: max(x["score"] for x in t[1].values()))
+            for r, s in flagged.items():
+                others = {c2: whole[c2].get(r) for c2, _ in metrics_used}  # (none flagged it)
+                best[r] = {"_rank_key": (False, True, s["score"]),
+                           **_blocks_finding(r, col, s, metrics, step_ns, others, key)}
     out = []
     for f in best.values():
         f.pop("_rank_key")

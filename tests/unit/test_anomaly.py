@@ -43,8 +43,17 @@ def test_slow_steps_mid_run_are_a_warning_when_they_cost_the_job_1_5_steps():
     assert _windows({14: 1.35, 15: 1.35, 16: 1.35}) == [(14, 16, "info", False)]
 
 
-def test_one_step_twice_as_slow_is_a_warning():
-    assert _windows({20: 2.5}) == [(20, 20, "warning", False)]
+def test_one_or_two_slow_steps_are_a_warning_only_from_3x():
+    # 2 of 80 healthy real torch runs of the zoo (2 vCPUs): step 30 at 2.12x (a collective
+    # stall was built on it) and steps 92-93 at 2.05x
+    assert _windows({20: 2.5}) == [(20, 20, "info", False)]
+    assert _windows({20: 2.05, 21: 2.05}) == [(20, 21, "info", False)]
+    assert _windows({20: 2.05, 22: 2.1}) == [(20, 22, "info", False)]
+    # a JIT compile, a stop of the world: one step at 3x or more
+    assert _windows({20: 3.2}) == [(20, 20, "warning", False)]
+    assert _windows({20: 3.2, 21: 3.2}) == [(20, 21, "warning", False)]
+    # three steps at 2x are sustained
+    assert _windows({20: 2.05, 21: 2.05, 22: 2.05}) == [(20, 22, "warning", False)]
 
 
 def test_slow_first_steps_are_warmup():

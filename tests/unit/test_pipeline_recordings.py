@@ -7,6 +7,10 @@ attach` after their process groups existed (tests/data, recorded 2026-12-02 with
 - `pp_gpipe_slow_stage1`: GPipe over send/recv, stage 1's compute +25 %.
 - `pp_1f1b_straggler_rank3`: 1F1B over isend/irecv, rank 3 (the last stage) burns 10 % of
   the step in host work.
+- `pp_1f1b_straggler_rank3_gaps` (2026-12-03, 10 runs): the same fault; rank 3's recv,
+  send pairs (a cycle of 2 markers, 4 per step) were cut by its idle gaps instead, which
+  its host work made look regular: 146 steps for the job's 119 (3 of the 4 such runs);
+  its 4 TCP retransmits in 118 steps were a warning (a stage's evidence counts blocks).
 - `pp_1f1b_healthy`: 1F1B, no fault.
 - `pp_1f1b_hang_rank3`: 1F1B, rank 3 blocks forever before its 4th recv of step 7.
 
@@ -42,7 +46,8 @@ def _serious(report: dict) -> list[dict]:
 
 
 @pytest.mark.parametrize(("name", "rank"), [("pp_gpipe_slow_stage1", 1),
-                                            ("pp_1f1b_straggler_rank3", 3)])  # fmt: skip
+                                            ("pp_1f1b_straggler_rank3", 3),
+                                            ("pp_1f1b_straggler_rank3_gaps", 3)])  # fmt: skip
 def test_the_stage_that_waits_least_is_the_slow_stage(name, rank):
     report, truth = _diag(name)
     assert [f["ranks"] for f in truth["faults"]] == [[rank]]
@@ -68,6 +73,14 @@ def test_a_healthy_pipeline_has_no_warning_and_its_steps():
     s = score(report, truth)
     assert s["steps_ok"] and s["ranks_ok"] and not s["false_alarm"], s
     assert [r["steps"] for r in report["ranks"]] == [148] * 4  # the job's 149, less the first
+
+
+@pytest.mark.parametrize(("name", "steps"), [("pp_1f1b_straggler_rank3", 139),
+                                             ("pp_1f1b_straggler_rank3_gaps", 118)])  # fmt: skip
+def test_the_last_stages_steps_are_its_recv_send_pairs_merged_not_its_idle_gaps(name, steps):
+    report, truth = _diag(name)
+    assert truth["steps"] == {"min": steps + 1, "max": steps + 1}  # less the first
+    assert [r["steps"] for r in report["ranks"]] == [steps] * 4
 
 
 def test_a_rank_that_never_sends_or_receives_is_the_hang():

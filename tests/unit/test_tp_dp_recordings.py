@@ -11,6 +11,11 @@ straggler10,healthy --runs 1 --keep DIR`; truth.json is the job's own):
   a noisier run (91.6 ms steps for 80): rank 1 waited 5.8 ms per step less with 3.3 ms
   of spread per block (excess / noise 1.8: missed before, as in 7 of 10 runs then), the
   least of the four in all 17 blocks.
+- `sim_tp_dp_straggler_rank3_noisy` (the zoo's sim_tp_dp, same day, 10 runs): rank 3 of
+  the simulator's 2 TP x 2 DP (ncclCommSplit, before attach) burns 10 % of the step (6 ms)
+  before its step; its host work was 6.1 ms per step more than the others' median, the most
+  in 81 % of the steps, but every rank's jumped 3 -> 10-30 ms in one step of ~8 (2 busy
+  vCPUs): excess / noise 1.7, missed (the 1 of 10); the most in all 15 blocks of 5 steps.
 - `tp_dp_healthy_hiccup` (same day, healthy): steps 38 and 40 1.7x and 1.9x, 39 normal,
   slow single steps every ~12 steps; a 3-step warning window and a collective stall on the
   world broadcast were built on them.
@@ -83,6 +88,23 @@ def test_a_noisy_runs_straggler_is_found_by_how_consistently_it_waits_least():
     # its gloo peers retransmitted over loopback 1-8 times in 88 steps: not an explanation
     tcp = [x for x in report["findings"] if x["kind"] == "tcp_retransmits"]
     assert [x["severity"] for x in tcp] == ["info"] and "host" not in ev
+
+
+def test_a_noisy_host_straggler_is_found_by_how_consistently_it_works_longest():
+    rec, truth = _load("sim_tp_dp_straggler_rank3_noisy")
+    report = diagnose([rec])
+    s = score(report, truth)
+    assert s["steps_ok"] and s["ranks_ok"] and s["found"] and s["wrong"] == [], s
+    (f,) = [f for f in report["findings"] if f["kind"] == "straggler"]
+    ev = f["evidence"]
+    assert (f["rank"], f["cause"], ev["metric"], ev["blocks"]) == (3, "host", "host_gap_ns", 15)
+    assert ev["slowest_in_fraction_of_blocks"] == 1.0
+    # z of 15 blocks of 15 among 4 ranks; step by step its excess / noise scored 1.7
+    assert f["score"] == pytest.approx((15 - 15 / 4) / (15 * 0.25 * 0.75) ** 0.5, abs=0.01)
+    assert ev["host_gap_score"] < 2.0
+    assert 5.0 <= ev["excess_ms"] <= 9.0 and ev["host_gap_ms"]["others"] < 4.0
+    assert [x["kind"] for x in report["findings"] if x["severity"] != "info"] == [
+        "straggler", "anomalous_window"]
 
 
 def test_a_healthy_runs_two_slow_steps_are_a_hiccup_with_no_stall_built_on_them():
