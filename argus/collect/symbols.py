@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import mmap
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -73,9 +75,14 @@ class ElfFile:
                         self.soname = tag.soname
         self._hash = _HashLookup(path)
         self._funcs: tuple[list[int], list[Symbol]] | None = None
+        self._by_name: dict[str, Symbol] | None = None
 
-    def _read_table(self, names: tuple[str, ...]) -> dict[str, Symbol]:
-        return _function_table(self.path, names)
+    def reached_by(self, path: str) -> None:
+        """The file is the same (identity) at `path`: read it from there from now on (the
+        path it was opened by, another rank's /proc/PID/root/..., goes when that rank does)."""
+        self.path = path
+        if self._hash._file is None:
+            self._hash.path = path
 
     def lookup(self, name: str) -> Symbol | None:
         """A defined function symbol by exact (mangled) name, from .dynsym then .symtab."""
@@ -87,9 +94,12 @@ class ElfFile:
         return self._all_funcs_by_name().get(name)
 
     def _all_funcs_by_name(self) -> dict[str, Symbol]:
-        # Cached per file identity, not per path: every rank maps the same libtorch_cpu.so
-        # through its own /proc/PID/root path, and its .symtab has 530k symbols.
-        return _function_table(self.path, (".symtab", ".dynsym"))
+        # Kept with the file (one ElfFile per file identity, `elf_file`): every rank maps
+        # the same libtorch_cpu.so through its own /proc/PID/root path, and its .symtab has
+        # 530k symbols (1.5 s to read).
+        if self._by_name is None:
+            self._by_name = _function_table(self.path, (".symtab", ".dynsym"))
+        return self._by_name
 
     def symbol(self, name: str, scan: bool = True) -> Symbol | None:
         """A defined symbol of any type (data too: `_PyRuntime`) by exact name, from the
@@ -110,6 +120,14 @@ class ElfFile:
         return None
 
     def defines(self, name: str) -> bool:
+        """Whether the file defines function `name`: through the dynamic hash table, else
+        only when the name is in one of its string tables at all (a byte search; the static-
+        runtime marker asked of libtorch_cpu, which has none: 1.5 s to read its 530k-symbol
+        .symtab into a table, ~0.1 s to search its strings) by reading the tables."""
+        if self._hash.get(name) is not None:
+            return True
+        if not _strings_have(self.path, name):
+            return False
         return self.lookup(name) is not None
 
     def vaddr_to_offset(self, vaddr: int) -> int | None:
@@ -171,12 +189,6 @@ _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 
 def _function_table(path: str, names: tuple[str, ...]) -> dict[str, Symbol]:
     """Defined functions of the symbol tables `names` (first definition of a name wins)."""
-    st = os.stat(path)
-    return _function_table_cached(path, names, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=8)
-def _function_table_cached(path: str, names: tuple[str, ...], *identity: int) -> dict[str, Symbol]:
     out: dict[str, Symbol] = {}
     with open(path, "rb") as f:
         elf = ELFFile(f)
@@ -211,6 +223,33 @@ def _function_table_cached(path: str, names: tuple[str, ...], *identity: int) ->
                 if name not in out:
                     out[name] = Symbol(name, value, size)
     return out
+
+
+def _strings_have(path: str, name: str) -> bool:
+    """Whether `name` is a whole string (or a versioned `name@...`) of a symbol string table
+    of the file (.dynstr, .strtab): when not, no symbol of it has that name."""
+    st = os.stat(path)
+    return _strings_have_cached(path, name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _strings_have_cached(path: str, name: str, *identity: int) -> bool:
+    want = b"\0" + name.encode()
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        for sec in elf.iter_sections():
+            if not isinstance(sec, SymbolTableSection):
+                continue
+            strtab = elf.get_section(sec["sh_link"])
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                start, end = strtab["sh_offset"], strtab["sh_offset"] + strtab["sh_size"]
+                i = mm.find(want, start, end)
+                while i >= 0:
+                    nxt = mm[i + len(want) : i + len(want) + 1]
+                    if nxt in (b"\0", b"@"):
+                        return True
+                    i = mm.find(want, i + 1, end)
+    return False
 
 
 def _any_symbol(path: str, name: str) -> Symbol | None:
@@ -264,18 +303,35 @@ class _HashLookup:
         return Symbol(s.name, s["st_value"], s["st_size"])
 
 
-@lru_cache(maxsize=256)
-def _open_cached(path: str, dev: int, ino: int, size: int, mtime_ns: int) -> ElfFile:
-    return ElfFile(path)
+MAX_FILES = 256  # parsed ELF files kept (least recently used out): ~50 per torch rank, shared
+_files: OrderedDict[tuple[int, int, int, int], ElfFile | None] = OrderedDict()
 
 
 def elf_file(path: str) -> ElfFile | None:
-    """The parsed ELF at path (cached by identity), None when it is not a readable ELF."""
+    """The parsed ELF at path, None when it is not a readable ELF. One per file identity
+    (device, inode, size, mtime), whatever path reached it: the ranks of a node map the same
+    libraries, each through its own /proc/PID/root."""
     try:
         st = os.stat(path)
-        return _open_cached(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    except (OSError, ELFError):
+    except OSError:
         return None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _files:
+        _files.move_to_end(key)
+        elf = _files[key]
+        if elf is not None and elf.path != path:
+            elf.reached_by(path)
+        return elf
+    try:
+        elf = ElfFile(path)
+    except OSError:
+        return None  # gone meanwhile (a rank's /proc/PID/root): another path may reach it
+    except ELFError:
+        elf = None
+    _files[key] = elf
+    if len(_files) > MAX_FILES:
+        _files.popitem(last=False)
+    return elf
 
 
 def host_path(tgid: int, path: str, proc_root: str = "/proc") -> str:
@@ -307,7 +363,8 @@ def demangle(name: str) -> str:
             lib = ctypes.CDLL("libstdc++.so.6")
             fn = lib.__cxa_demangle
             fn.restype = ctypes.c_void_p
-            fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
+            fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p,
+                           ctypes.POINTER(ctypes.c_int)]
             free = ctypes.CDLL(None).free
             free.argtypes = [ctypes.c_void_p]
             _demangler = (fn, free)

@@ -207,8 +207,11 @@ def _median_step(truth: dict) -> float | None:
 
 
 # ------------------------------------------------------------------ the daemon check
-def daemon_check(shape: str, tmp: Path, rng: random.Random, verbose: bool) -> dict:
-    """argus daemon + a plain-shell-launched job with a 25 % straggler (see the doc)."""
+def daemon_check(shape: str, tmp: Path, rng: random.Random, verbose: bool,
+                 launcher: str = "shell") -> dict:  # fmt: skip
+    """argus daemon + a job launched by `launcher` (default a plain shell; `mpi`, `pmi`:
+    the same shell with Open MPI's or MPICH's rank variables and no RANK) with a 25 %
+    straggler (see the doc)."""
     comm = "zoo-rank"
     cfg = tmp / "daemon.toml"
     cfg.write_text(f'[discover]\nlibraries = false\ninclude_comm = ["{comm}"]\n'
@@ -217,7 +220,7 @@ def daemon_check(shape: str, tmp: Path, rng: random.Random, verbose: bool) -> di
     daemon = subprocess.Popen([ARGUS, "daemon", "-o", str(tmp / "out"), "--config", str(cfg),
                                "--metrics-addr", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
                               stderr=log)  # fmt: skip
-    result: dict = {"shape": shape, "launcher": "shell"}
+    result: dict = {"shape": shape, "launcher": launcher}
     job = None
     try:
         port = None
@@ -239,7 +242,7 @@ def daemon_check(shape: str, tmp: Path, rng: random.Random, verbose: bool) -> di
 
         slow = rng.randrange(4)
         result["straggler_rank"] = slow
-        job = launch.start(shape, "shell", tmp / "job", duration=60.0, comm=comm,
+        job = launch.start(shape, launcher, tmp / "job", duration=60.0, comm=comm,
                            faults=launch.Faults(straggler=(slow, 25.0)))  # fmt: skip
         pids = job.wait_ready()
         job.release()
