@@ -137,7 +137,7 @@ def _sign_z(k: int, n: int, r: int) -> float:
 
 def consistently_most(
     m: pl.DataFrame, col: str, step_ns: float,
-    score: Callable[..., dict[int, dict[str, float]]] | None = None,
+    score: Callable[..., dict[int, dict[str, float]]] | None = None, block: int = BLOCK_STEPS,
 ) -> dict[int, dict[str, float]]:  # fmt: skip
     """The ranks of `m` (rank, step, `col`: a per-step metric, more is slower) that have the
     most of `col` consistently, flagged (module doc): per rank the per-step `excess_ns` (over
@@ -151,18 +151,19 @@ def consistently_most(
     vCPUs a straggler's 4-7 ms less wait per step spread 2-3 ms per block (excess / noise
     1.7-3.7) while it was the least in 79-100 % of the blocks (z 5.4-7.1; healthy ranks <= 0.44
     of the blocks, z <= 1.9)."""
-    b = block_sums(m.select("rank", "step", col), col)
+    b = block_sums(m.select("rank", "step", col), col, block)
     n_blocks, n_ranks = b["step"].n_unique(), b["rank"].n_unique()
     out: dict[int, dict[str, float]] = {}
-    for r, s in (score or _score)(b, col, BLOCK_STEPS * step_ns).items():
+    for r, s in (score or _score)(b, col, block * step_ns).items():
         per = {
-            "excess_ns": s["excess_ns"] / BLOCK_STEPS,
-            "noise_ns": s["noise_ns"] / BLOCK_STEPS,
+            "excess_ns": s["excess_ns"] / block,
+            "noise_ns": s["noise_ns"] / block,
             "score": _sign_z(round(s["slowest_fraction"] * n_blocks), n_blocks, n_ranks),
             "spread_score": s["score"],
             "slowest_fraction": s["slowest_fraction"],
             "blocks": s["steps"],
-            "steps": s["steps"] * BLOCK_STEPS,
+            "block_steps": block,
+            "steps": s["steps"] * block,
         }
         if (
             s["steps"] >= max(MIN_BLOCKS, MIN_FRACTION * n_blocks)
@@ -176,13 +177,13 @@ def consistently_most(
 
 def least_wait(
     m: pl.DataFrame, col: str, step_ns: float,
-    score: Callable[..., dict[int, dict[str, float]]] | None = None,
+    score: Callable[..., dict[int, dict[str, float]]] | None = None, block: int = BLOCK_STEPS,
 ) -> dict[int, dict[str, float]]:  # fmt: skip
     """The ranks of `m` (rank, step, `col`: a wait per step) that wait least, flagged as
     `consistently_most` flags the most (`excess_ns`: how much less it waits than the
     others' median)."""
     return consistently_most(m.select("rank", "step", (-pl.col(col)).alias("less_wait_ns")),
-                             "less_wait_ns", step_ns, score)  # fmt: skip
+                             "less_wait_ns", step_ns, score, block)  # fmt: skip
 
 
 def _summary(f: dict[str, Any], n: int = 1) -> str:
@@ -249,7 +250,7 @@ def _blocks_finding(r: int, col: str, s: dict[str, float], m: pl.DataFrame, step
     f = _finding(r, col, "host", s, None, m, step_ns, others)
     ev = f["evidence"]
     ev[fraction_key] = ev.pop("slowest_in_fraction_of_steps")
-    ev |= {"blocks": s["blocks"], "block_steps": BLOCK_STEPS,
+    ev |= {"blocks": s["blocks"], "block_steps": s["block_steps"],
            "spread_score": round(s["spread_score"], 2)}  # fmt: skip
     return f
 
@@ -288,6 +289,7 @@ def detect_stragglers(
     pipeline: bool = False,
     sync_every: int = 1,
     stages: Sequence[Sequence[int]] | None = None,
+    block: int = BLOCK_STEPS,
 ) -> list[dict[str, Any]]:
     """Straggler findings (see module doc), at most one per rank: its strongest scope (GPU
     over host cause, then the whole recording over a window, then the score).
@@ -303,7 +305,10 @@ def detect_stragglers(
     if sync_every > 1:
         b, ws = _by_cycles(metrics, windows, sync_every)
         n = sync_every
-        found = detect_stragglers(b, ws, step_ns * n, score, pipeline, stages=stages)
+        # a cycle already sums n steps: blocks of ~BLOCK_STEPS steps are of fewer cycles
+        # (28 cycles of 5 make 5 blocks of 5 cycles, whose sign test cannot reach 4)
+        found = detect_stragglers(b, ws, step_ns * n, score, pipeline, stages=stages,
+                                  block=max(1, round(BLOCK_STEPS / n)))  # fmt: skip
         for f in found:
             ev = f["evidence"]
             for k in ("excess_ms", "noise_ms", "step_time_ms_p50"):
@@ -314,6 +319,8 @@ def detect_stragglers(
                     v.update({x: round(v[x] / n, 3) if v[x] is not None else None
                               for x in ("rank", "others")})  # fmt: skip
             ev["steps"] = ev["steps"] * n
+            if "block_steps" in ev:
+                ev["block_steps"] = ev["block_steps"] * n
             ev["sync_every"] = n
             if f["start_step"] is not None:
                 f["start_step"], f["end_step"] = f["start_step"] * n, f["end_step"] * n + n - 1
@@ -423,12 +430,13 @@ def detect_stragglers(
         # rank's host work jumped 3 -> 10-30 ms in one step of ~8: excess / noise 1.7). Not
         # before the step-by-step metrics: a rank slowed INSIDE its collectives (CPU
         # contention on its gloo worker thread) makes the others look as if they waited least.
-        tries = [(col, consistently_most(metrics, col, step_ns, _score_fn), key)
+        tries = [(col, consistently_most(metrics, col, step_ns, _score_fn, block), key)
                  for col, key in (("host_gap_ns", "slowest_in_fraction_of_blocks"),
                                   ("lateness_ns", "slowest_in_fraction_of_blocks"))
                  if col in metrics.columns]  # fmt: skip
         if "coll_wait_ns" in metrics.columns:
-            tries.append(("coll_wait_ns", least_wait(metrics, "coll_wait_ns", step_ns, _score_fn),
+            tries.append(("coll_wait_ns",
+                          least_wait(metrics, "coll_wait_ns", step_ns, _score_fn, block),
                           "least_wait_in_fraction_of_blocks"))  # fmt: skip
         tries = [t for t in tries if t[1]]
         if tries:  # the one metric that flags a rank most consistently, its ranks only
@@ -437,6 +445,16 @@ def detect_stragglers(
                 others = {c2: whole[c2].get(r) for c2, _ in metrics_used}  # (none flagged it)
                 best[r] = {"_rank_key": (False, True, s["score"]),
                            **_blocks_finding(r, col, s, metrics, step_ns, others, key)}
+    if not best and pipeline and groups and "host_gap_ns" in metrics.columns:
+        # pipeline stages: the data-parallel rank of a stage that works longer before its
+        # steps than its stage peers in most blocks (the sign test among the stage's ranks)
+        for g in groups:
+            for r, s in consistently_most(metrics.filter(pl.col("rank").is_in(g)),
+                                          "host_gap_ns", step_ns, base_fn, block).items():
+                others = {c2: whole[c2].get(r) for c2, _ in metrics_used}
+                best[r] = {"_rank_key": (False, True, s["score"]),
+                           **_blocks_finding(r, "host_gap_ns", s, metrics, step_ns, others,
+                                             "slowest_in_fraction_of_blocks")}  # fmt: skip
     out = []
     for f in best.values():
         f.pop("_rank_key")

@@ -568,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hang", metavar="RANK:GROUP:OP:STEP[:NTH]")
     ap.add_argument("--slow-stage", metavar="STAGE:PCT")
     ap.add_argument("--comm", help="set the process name (comm) once torch is imported")
+    ap.add_argument("--torch-profiler", metavar="DIR",
+                    help="run the steps under torch.profiler (CPU activities, the usual "
+                         "schedule wait=1 warmup=1 active=3, repeated), traces to DIR "
+                         "(what make bench compares argus with)")
     ap.add_argument("--max-wall-s", type=float, default=600.0,
                     help="leave (truth exit 'timeout', code 124) after SEC in all")
     return ap
@@ -645,6 +649,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ready rank={rank} pid={os.getpid()}", flush=True)
         while not os.path.exists(args.wait_go):
             time.sleep(0.01)
+    prof = None
+    if args.torch_profiler:
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+        prof = profile(activities=[ProfilerActivity.CPU],
+                       schedule=schedule(wait=1, warmup=1, active=3),
+                       on_trace_ready=tensorboard_trace_handler(args.torch_profiler))  # fmt: skip
+        prof.start()
     t_go, cpu_go = time.monotonic(), time.process_time()
     stop_file = out / "stop"
     stop_at = None
@@ -664,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         if straggle_ms:
             host_straggler_work(straggle_ms)
         shape.step(step)
+        if prof is not None:
+            prof.step()
         step_times.append(round((time.perf_counter() - t0) * 1000.0, 3))
         record["steps_completed"] = step + 1
         record["collectives"] = dict(comms.total)
