@@ -1,5 +1,6 @@
 """`argus daemon` on a zoo job started by a plain shell launcher (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT only: tests/workloads/shell_launch.sh), real PyTorch
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT only: tests/workloads/shell_launch.sh), and by the
+same shell in Open MPI's style (OMPI_COMM_WORLD_RANK/_SIZE/_LOCAL_RANK, no RANK), real PyTorch
 DDP on 4 ranks with a 25 % host straggler: /state must show ONE job holding the 4 ranks
 (not four one-rank jobs), and /metrics the straggler's `argus_straggler_score` > 0 within
 30 s of the job's first step (tests/workloads/harness.py daemon_check, as scripts/zoo).
@@ -18,10 +19,10 @@ from workloads import harness as zh
 pytestmark = [pytest.mark.bpf, pytest.mark.zoo]
 
 
-@pytest.fixture(scope="module")
-def daemon_run(tmp_path_factory):
-    return zh.daemon_check("ddp", tmp_path_factory.mktemp("zoo-daemon"), random.Random(13),
-                           verbose=False)  # fmt: skip
+@pytest.fixture(scope="module", params=["shell", "mpi"])
+def daemon_run(request, tmp_path_factory):
+    return zh.daemon_check("ddp", tmp_path_factory.mktemp(f"zoo-daemon-{request.param}"),
+                           random.Random(13), verbose=False, launcher=request.param)  # fmt: skip
 
 
 def test_one_job_with_the_four_ranks(daemon_run):
