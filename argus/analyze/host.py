@@ -406,6 +406,7 @@ def explain_windows(
         return
     shift = _shifts(manifests, offsets_ns)
     _explain_by_every_rank(ctx, warn, shift, job_ranks)
+    _explain_by_steal(ctx, [w for w in warn if "cause" not in w], shift, job_ranks)
     _explain_by_long_waits(ctx, [w for w in warn if "cause" not in w], shift, metrics)
 
 
@@ -498,6 +499,65 @@ def _explain_by_every_rank(ctx: HostContext, warn: list[dict[str, Any]], shift: 
             f": every rank waited {grew / 1e6:.1f} ms more per step runnable while "
             f"'{top}' ran on their CPUs (CPU contention on the node, not the job)."
         )
+
+
+def _explain_by_steal(ctx: HostContext, warn: list[dict[str, Any]], shift: dict[str, int],
+                      job_ranks: Sequence[int]) -> None:  # fmt: skip
+    """explain_windows' second rule: the hypervisor took the nodes' CPUs (steal time, the
+    cpu_steal rows: /proc/stat per host interval, spread evenly over it). A VM's tasks then
+    run slower while they seem to run, without waiting runnable. Per node of the job, its
+    stolen share of CPU time inside the window (f_in) and outside every warning window
+    (f_out); a step of CPU work that took the baseline B would take B (1 - f_out) / (1 - f_in).
+    Explained when that growth, on the node where it is least, is >= EXPLAIN_SHARE of the
+    window's excess: `cause` "cpu_steal", `steal_pct` {window, outside} (the job's nodes'
+    lowest window share and their highest outside), and below 2x, `info`."""
+    steal = ctx.rows.filter((pl.col("kind") == "cpu_steal") & pl.col("interval_ns").gt(0)
+                            & pl.col("count").gt(0) & pl.col("host").is_in(sorted(shift)))
+    hosts = sorted({ctx.host_of_rank.get(int(r)) for r in job_ranks} - {None})
+    if steal.height == 0 or not hosts:
+        return
+    per_host: dict[str, list[tuple[int, int, float, float]]] = {}
+    for t0, iv, cpu, stolen, hst in steal.select("ts_ns", "interval_ns", "count", "total_ns",
+                                                 "host").rows():  # fmt: skip
+        a = t0 + shift[hst]
+        per_host.setdefault(hst, []).append((a, a + iv, float(cpu), float(stolen)))
+    if any(h not in per_host for h in hosts):
+        return  # a node of the job without steal rows: nothing to say for the job
+    spans = [(w["start_ns"], w["end_ns"]) for w in warn]
+
+    def share(rows, a: int, b: int, outside: bool) -> float | None:
+        cpu = stolen = 0.0
+        for t0, t1, c, st in rows:
+            ov = max(0, min(t1, b) - max(t0, a))
+            if outside:
+                ov = (t1 - t0) - sum(max(0, min(t1, y) - max(t0, x)) for x, y in spans)
+            if ov > 0:
+                cpu += c * ov / (t1 - t0)
+                stolen += st * ov / (t1 - t0)
+        return stolen / cpu if cpu > 0 else None
+
+    outside = {h: share(per_host[h], 0, 0, True) for h in hosts}
+    for w in warn:
+        a, b = w["start_ns"], w["end_ns"]
+        base = w["baseline_step_time_ms"] * 1e6
+        excess = w["window_step_time_ms"] * 1e6 - base
+        if b <= a or excess <= 0 or base <= 0:
+            continue
+        inside = {h: share(per_host[h], a, b, False) for h in hosts}
+        if any(inside[h] is None or outside[h] is None for h in hosts):
+            continue  # the window (or the rest) is not covered by a node's intervals
+        growth = min(base * ((1 - outside[h]) / max(1e-9, 1 - inside[h]) - 1) for h in hosts)
+        if growth < EXPLAIN_SHARE * excess:
+            continue
+        f_in, f_out = min(inside.values()), max(outside.values())
+        w["cause"] = "cpu_steal"
+        w["steal_pct"] = {"window": round(100 * f_in, 1), "outside": round(100 * f_out, 1)}
+        if w["slowdown"] < WARN_SLOWDOWN:
+            w["severity"] = "info"
+        w["summary"] = w["summary"].rstrip(".") + (
+            f": the hypervisor took {100 * f_in:.0f}% of the node's CPU time (steal) against "
+            f"{100 * f_out:.0f}% outside, so the ranks ran slower while they seemed to run "
+            f"(a busy host machine, not the job).")
 
 
 def _slot_waits(ctx: HostContext, shift: dict[str, int]) -> list[tuple[int, str, int, int, float]]:

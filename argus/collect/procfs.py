@@ -151,6 +151,22 @@ def state(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> str | None:
     return rest[0] if rest else None
 
 
+def cpu_times(proc_root: str | os.PathLike[str] = "/proc") -> tuple[int, int] | None:
+    """The node's CPU time so far, all CPUs, from /proc/stat's `cpu` line, in ns: (all of it,
+    steal). Steal is the time a hypervisor ran something else while one of this VM's vCPUs
+    had work: its tasks run slower without waiting runnable. None when unreadable."""
+    try:
+        with open(Path(proc_root) / "stat", "rb") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != b"cpu":
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    ns = 1_000_000_000 // (os.sysconf("SC_CLK_TCK") or 100)
+    return sum(ticks) * ns, ticks[7] * ns
+
+
 def alive(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> bool:
     """False when the process is gone: its /proc entry is missing, or it is a zombie (Z) or
     dead (X) whose parent has not reaped it yet (its entry stays, with nothing left to

@@ -269,6 +269,7 @@ class Tracer:
         self._host_prev: dict[tuple, tuple[int, int]] = {}
         self._last_host = 0.0
         self._last_host_ns = 0
+        self._cpu_prev: tuple[int, int] | None = None  # the node's CPU time, steal (/proc/stat)
         self.started_ns = 0
         self.traced_ns: int | None = None  # the targets' probes placed (argus.collect.session)
         self.host = socket.gethostname()
@@ -346,6 +347,7 @@ class Tracer:
             s.attach_cpu_clock("argus_cpu_sample", self.opts.sample_hz)
         self._last_rescan = self._last_stacks = self._last_host = time.monotonic()
         self._last_host_ns = time.monotonic_ns()
+        self._cpu_prev = procfs.cpu_times(self.opts.proc_root)
 
     def _ring_pages(self) -> int:
         pages = max(1, self.opts.ringbuf_mb * 1024 * 1024 // 4096)
@@ -850,6 +852,14 @@ class Tracer:
                 "count": 0, "functions": functions, "modules": modules,
                 "state": "off_cpu", "blocked_ns": max(0, now_ns - int(e.ts_ns)),
             })  # fmt: skip
+        cpu = procfs.cpu_times(self.opts.proc_root)
+        if cpu is not None and self._cpu_prev is not None and cpu[0] > self._cpu_prev[0]:
+            self.host_rows.append({
+                "ts_ns": start_ns, "interval_ns": interval_ns, "tgid": 0, "kind": "cpu_steal",
+                "detail": "node", "count": cpu[0] - self._cpu_prev[0],
+                "total_ns": max(0, cpu[1] - self._cpu_prev[1]),
+            })  # fmt: skip
+        self._cpu_prev = cpu
         self._last_host_ns = now_ns
         self._last_host = now
 

@@ -112,8 +112,10 @@ GPU_SCHEMA: dict[str, pl.DataType] = {
 # Host context (channel `host`), one row per (interval, kind, tgid, detail) with activity.
 # cpu_wait: the runnable waits of a traced process that began in one 10 ms slot (ts_ns),
 # behind one competitor (detail): interval_ns = max(10 ms, total_ns), the span they cover;
-# cpu_contention sums the same waits per 1 s interval.
-HOST_KINDS = ("cpu_contention", "tcp_retransmit", "oom_kill", "block_io", "cpu_wait")
+# cpu_contention sums the same waits per 1 s interval. cpu_steal (tgid 0, detail "node"):
+# per interval the node's CPU time stolen by the hypervisor (/proc/stat), of all of it.
+HOST_KINDS = ("cpu_contention", "tcp_retransmit", "oom_kill", "block_io", "cpu_wait",
+              "cpu_steal")
 HOST_SCHEMA: dict[str, pl.DataType] = {
     "ts_ns": pl.Int64,  # start of the interval (oom_kill: the kill itself), node monotonic ns
     "interval_ns": pl.Int64,
@@ -122,8 +124,9 @@ HOST_SCHEMA: dict[str, pl.DataType] = {
     "rank": pl.Int32,  # rank of tgid when it is a traced process
     "kind": pl.Utf8,  # HOST_KINDS
     "detail": pl.Utf8,  # competitor comm | "addr:port" | victim comm | device "major:minor"
-    "count": pl.Int64,  # preemptions | retransmits | 1 | completed requests
-    "total_ns": pl.Int64,  # runnable wait | 0 | 0 | summed request latency
+    "count": pl.Int64,  # preemptions | retransmits | 1 | completed requests | cpu_steal: the
+    # node's CPU time in the interval (ns, all CPUs)
+    "total_ns": pl.Int64,  # runnable wait | 0 | 0 | summed request latency | stolen ns
 }
 
 # Python + native stacks (argus.collect.pystacks, py-spy), one row per thread of a traced rank,

@@ -90,6 +90,13 @@ def test_cpu_hog_on_a_ranks_cpu_is_named(tmp_path):
     top = mine.sort("total_ns", descending=True)["detail"][0]
     assert top == "cpuhog"
     assert h.filter((pl.col("rank") == 0) & (pl.col("detail") == "cpuhog")).height == 0
+    # the node's steal time, one row per host interval: its CPU time (all CPUs) and how much
+    # of it the hypervisor took (/proc/stat; 0 on bare metal)
+    steal = rec.host_ctx.filter(pl.col("kind") == "cpu_steal")
+    assert steal.height >= 2 and set(steal["detail"]) == {"node"} and set(steal["tgid"]) == {0}
+    per_s = steal["count"] / steal["interval_ns"]  # CPUs' worth of time per wall second
+    assert ((per_s > 0.5 * os.cpu_count()) & (per_s < 1.5 * os.cpu_count())).all(), per_s
+    assert ((steal["total_ns"] >= 0) & (steal["total_ns"] <= steal["count"])).all()
     report = diagnose([rec])
     found = [(f["kind"], f["severity"], f.get("rank"), f["summary"]) for f in report["findings"]]
     cpu = [f for f in report["findings"] if f["kind"] == "cpu_contention"]

@@ -405,3 +405,46 @@ def test_a_window_stragglers_contention_is_measured_in_its_own_steps():
     assert c["evidence"]["wait_ms_per_step"] - c["evidence"]["others_ms_per_step"] < (
         host_context.EXPLAIN_SHARE * s["evidence"]["excess_ms"])  # the whole run alone: info
     assert s["evidence"]["host"][0]["competitor"] == "cpuhog"
+
+
+# -- anomalous windows explained by the hypervisor's steal time --------------------------------
+
+
+def _steal_rows(pct_by_second, seconds=10, cpus=2):
+    """cpu_steal rows, one interval per second: the node's CPU time (cpus x 1 s) and the
+    share of it stolen, `pct_by_second` {second: %} (else 1 %)."""
+    return [{"ts_ns": sec * S, "interval_ns": S, "tgid": 0, "kind": "cpu_steal",
+             "detail": "node", "count": cpus * S,
+             "total_ns": int(cpus * S * pct_by_second.get(sec, 1.0) / 100)}
+            for sec in range(seconds)]  # fmt: skip
+
+
+def _explain_steal(pct_by_second, window):
+    ctx = host_context.context([_rec(_host_rows(_steal_rows(pct_by_second)))])
+    host_context.explain_windows(ctx, [window], [(_manifest(), "node0")], {}, [0, 1, 2])
+    return window
+
+
+def test_a_window_the_hypervisor_stole_the_cpus_in_is_the_nodes_not_the_jobs():
+    # 25 % stolen in seconds 4-6, 1 % elsewhere: a step of CPU work of 60 ms takes
+    # 60 x 0.99 / 0.75 = 79.2 ms, 19.2 ms more: >= 50 % of the window's 30 ms excess
+    w = _explain_steal({4: 25.0, 5: 25.0, 6: 25.0}, _window(4, 7, slowdown=1.5))
+    assert (w["severity"], w["cause"]) == ("info", "cpu_steal")
+    assert w["steal_pct"] == {"window": 25.0, "outside": 1.0}
+    assert "the hypervisor took 25% of the node's CPU time (steal) against 1% outside" in (
+        w["summary"])
+
+
+def test_too_little_steal_or_a_2x_window_stay_warnings():
+    # 8 % stolen: 60 x 0.99 / 0.92 - 60 = 4.6 ms of a 30 ms excess
+    w = _explain_steal({4: 8.0, 5: 8.0, 6: 8.0}, _window(4, 7, slowdown=1.5))
+    assert w["severity"] == "warning" and "cause" not in w
+    # steal explains a 2.5x window too, which stays a warning (named)
+    w = _explain_steal({4: 70.0, 5: 70.0, 6: 70.0}, _window(4, 7, slowdown=2.5))
+    assert (w["severity"], w["cause"]) == ("warning", "cpu_steal")
+
+
+def test_steal_all_along_does_not_explain_a_window():
+    pct = {s: 25.0 for s in range(10)}  # as much inside as outside: the window is the job's
+    w = _explain_steal(pct, _window(4, 7, slowdown=1.5))
+    assert w["severity"] == "warning" and "cause" not in w

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -351,3 +352,17 @@ def test_dataloader_workers_are_not_ranks(proc: Path) -> None:
     assert procfs.parent(62, proc) == 60
     found = Scanner(DaemonConfig(), str(proc)).scan()
     assert sorted((f.tgid, f.rank) for f in found) == [(60, 1), (71, 0), (80, 0)]
+
+
+def test_cpu_times_reads_the_nodes_cpu_line_in_ns(tmp_path):
+    from argus.collect.procfs import cpu_times
+
+    (tmp_path / "stat").write_text(
+        "cpu  3912804 10607 653358 11179854 13760 0 9565 79660 0 0\n"
+        "cpu0 1688222 3613 305511 5881019 2811 0 3679 41736 0 0\n")
+    tick = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    total = 3912804 + 10607 + 653358 + 11179854 + 13760 + 0 + 9565 + 79660
+    assert cpu_times(tmp_path) == (total * tick, 79660 * tick)
+    (tmp_path / "stat").write_text("intr 1 2 3\n")
+    assert cpu_times(tmp_path) is None
+    assert cpu_times(tmp_path / "missing") is None
