@@ -12,6 +12,13 @@ simulator's nominal 50 ms step, 2.5 ms per step:
   the latest over 5-step cycles in 23 of 27; judged over blocks of 5 cycles (5 blocks) the
   sign test could not reach 4 (at most (5 - 1.25) / sqrt(5 x 3/16) = 3.9): missed in 5 of 5
   runs until a cycle was its own block.
+- `sim_sync_every_n_straggler_rank0_loaded` (same day, `scripts/with-load scripts/zoo
+  --shapes sim_sync_every_n --faults healthy,straggler25 --runs 2`: one CPU hog per vCPU
+  beside it): rank 0 burns the host's idle and 25 % more (58.9 ms per step), the job 53.7 ->
+  75.5 ms per step. Out-of-phase slow steps of the load (5-6x) leave the 5-step phases
+  explaining 71 % of the step-time variance (< 80 %): no sync period is found, the steps are
+  judged one by one, and ranks 3 and 1 are named critical stragglers of single steps. Known
+  wrong (issue 13), as in three fresh-checks' sim_sync_every_n cell under the suite's load.
 """
 
 from __future__ import annotations
@@ -62,3 +69,14 @@ def test_a_host_that_reads_back_every_n_steps_is_judged_over_blocks_of_cycles():
     assert round(ev["slowest_in_fraction_of_blocks"] * 27) == 23
     assert f["score"] == pytest.approx((23 - 27 / 4) / (27 * 3 / 16) ** 0.5, abs=0.01)
     assert [x["kind"] for x in report["findings"] if x["severity"] != "info"] == ["straggler"]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 13: sync period not found under load (phases explain 71 %)")
+def test_a_loaded_hosts_sync_period_is_still_found_and_its_straggler_named():
+    d = DATA / "sim_sync_every_n_straggler_rank0_loaded"
+    truth = json.loads((d / "truth.json").read_text())
+    report = diagnose([load_recording(d)])
+    s = score(report, truth)
+    assert [x["ranks"] for x in truth["faults"]] == [[0]]
+    assert s["found"] and s["wrong"] == [], s

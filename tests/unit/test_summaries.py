@@ -37,7 +37,16 @@ from argus.recording.summaries import (
 pytestmark = pytest.mark.unit
 
 DATA = Path(__file__).resolve().parents[1] / "data"
+# where the summaries' findings are known to differ from the raw events' (strict: the test
+# fails the moment they agree)
+DIFFER = {
+    "sim_sync_every_n_straggler_rank0_loaded": "issue 13: on this loaded run (no sync period "
+    "found, 27 windows) a collective stall's evidence differs between summaries and raw",
+}
 RECORDED = sorted(p.name for p in DATA.iterdir() if (p / "events.parquet").exists())
+RECORDED_MARKED = [pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
+                                                           reason=DIFFER[n]))
+                   if n in DIFFER else n for n in RECORDED]
 
 
 def key(report: dict) -> list[tuple]:
@@ -59,7 +68,7 @@ def test_every_recording_in_tests_data_is_covered():
             "sim_host_stall", "sim_throttle"} <= set(RECORDED)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", RECORDED)
+@pytest.mark.parametrize("name", RECORDED_MARKED)
 @pytest.mark.parametrize("hang_after", [2.0, 10.0])
 def test_recorded_findings_equal_from_summaries(name, hang_after, tmp_path):
     rec = load_recording(DATA / name)
