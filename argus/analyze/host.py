@@ -441,15 +441,12 @@ def _explain_by_every_rank(ctx: HostContext, warn: list[dict[str, Any]], shift: 
         return
     spans = [(w["start_ns"], w["end_ns"]) for w in warn]
 
-    def overlap(a0: int, a1: int, b0: int, b1: int) -> int:
-        return max(0, min(a1, b1) - max(a0, b0))
-
     def wait_in(r0: int, r1: int, t0: int, t1: int, tot: float) -> float:
-        return tot * overlap(r0, r1, t0, t1) / (r1 - r0)
+        return tot * _overlap(r0, r1, t0, t1) / (r1 - r0)
 
     # outside every warning window: per rank, runnable wait and observed time
     out_time = {
-        hst: sum((b - a) - sum(overlap(a, b, x, y) for x, y in spans) for a, b in ivs)
+        hst: sum((b - a) - sum(_overlap(a, b, x, y) for x, y in spans) for a, b in ivs)
         for hst, ivs in intervals.items()
     }
     out_wait = dict.fromkeys(ranks, 0.0)
@@ -462,7 +459,7 @@ def _explain_by_every_rank(ctx: HostContext, warn: list[dict[str, Any]], shift: 
         excess = step_ns - w["baseline_step_time_ms"] * 1e6
         if b <= a or excess <= 0:
             continue
-        in_time = {hst: sum(overlap(x, y, a, b) for x, y in ivs) for hst, ivs in intervals.items()}
+        in_time = {hst: sum(_overlap(x, y, a, b) for x, y in ivs) for hst, ivs in intervals.items()}
         in_wait = dict.fromkeys(ranks, 0.0)
         by_comm: dict[str, float] = {}
         for rank, detail, t0, t1, tot in rows:
@@ -525,25 +522,30 @@ def _explain_by_steal(ctx: HostContext, warn: list[dict[str, Any]], shift: dict[
         return  # a node of the job without steal rows: nothing to say for the job
     spans = [(w["start_ns"], w["end_ns"]) for w in warn]
 
-    def share(rows, a: int, b: int, outside: bool) -> float | None:
+    def share(rows, covered) -> float | None:
+        """Stolen / all CPU time of `rows` over the part of each interval `covered` gives."""
         cpu = stolen = 0.0
         for t0, t1, c, st in rows:
-            ov = max(0, min(t1, b) - max(t0, a))
-            if outside:
-                ov = (t1 - t0) - sum(max(0, min(t1, y) - max(t0, x)) for x, y in spans)
+            ov = covered(t0, t1)
             if ov > 0:
                 cpu += c * ov / (t1 - t0)
                 stolen += st * ov / (t1 - t0)
         return stolen / cpu if cpu > 0 else None
 
-    outside = {h: share(per_host[h], 0, 0, True) for h in hosts}
+    def off_windows(t0: int, t1: int) -> int:
+        return (t1 - t0) - sum(_overlap(t0, t1, x, y) for x, y in spans)
+
+    outside = {h: share(per_host[h], off_windows) for h in hosts}
     for w in warn:
         a, b = w["start_ns"], w["end_ns"]
         base = w["baseline_step_time_ms"] * 1e6
         excess = w["window_step_time_ms"] * 1e6 - base
         if b <= a or excess <= 0 or base <= 0:
             continue
-        inside = {h: share(per_host[h], a, b, False) for h in hosts}
+        def in_window(t0: int, t1: int, a: int = a, b: int = b) -> int:
+            return _overlap(t0, t1, a, b)
+
+        inside = {h: share(per_host[h], in_window) for h in hosts}
         if any(inside[h] is None or outside[h] is None for h in hosts):
             continue  # the window (or the rest) is not covered by a node's intervals
         growth = min(base * ((1 - outside[h]) / max(1e-9, 1 - inside[h]) - 1) for h in hosts)
@@ -558,6 +560,11 @@ def _explain_by_steal(ctx: HostContext, warn: list[dict[str, Any]], shift: dict[
             f": the hypervisor took {100 * f_in:.0f}% of the node's CPU time (steal) against "
             f"{100 * f_out:.0f}% outside, so the ranks ran slower while they seemed to run "
             f"(a busy host machine, not the job).")
+
+
+def _overlap(a0: int, a1: int, b0: int, b1: int) -> int:
+    """How long [a0, a1) and [b0, b1) overlap (ns)."""
+    return max(0, min(a1, b1) - max(a0, b0))
 
 
 def _slot_waits(ctx: HostContext, shift: dict[str, int]) -> list[tuple[int, str, int, int, float]]:
@@ -585,7 +592,7 @@ def _waited(rows, a: int, b: int, rank: int | None = None) -> dict[int, dict[str
     """Per rank (only `rank` when given), per competitor: runnable ns inside [a, b)."""
     out: dict[int, dict[str, float]] = {}
     for r, detail, t0, t1, tot in rows:
-        ov = max(0, min(t1, b) - max(t0, a))
+        ov = _overlap(t0, t1, a, b)
         if ov and (rank is None or r == rank):
             comm = out.setdefault(r, {})
             comm[detail] = comm.get(detail, 0.0) + tot * ov / (t1 - t0)

@@ -242,14 +242,14 @@ def _finding(r: int, col: str, cause: str, s: dict[str, float], window: dict[str
 
 
 def _blocks_finding(r: int, col: str, s: dict[str, float], m: pl.DataFrame, step_ns: float,
-                    others: dict[str, dict[str, float] | None],
-                    fraction_key: str) -> dict[str, Any]:  # fmt: skip
+                    others: dict[str, dict[str, float] | None]) -> dict[str, Any]:  # fmt: skip
     """A whole-recording host straggler flagged over blocks of steps (`consistently_most`):
-    its evidence says in what fraction of the blocks (`fraction_key`) and carries `blocks`,
-    `block_steps` and `spread_score`."""
+    its evidence says in what fraction of the blocks it was the slowest (waited least, for
+    `coll_wait_ns`) and carries `blocks`, `block_steps` and `spread_score`."""
     f = _finding(r, col, "host", s, None, m, step_ns, others)
     ev = f["evidence"]
-    ev[fraction_key] = ev.pop("slowest_in_fraction_of_steps")
+    least = "least_wait" if col == "coll_wait_ns" else "slowest"
+    ev[f"{least}_in_fraction_of_blocks"] = ev.pop("slowest_in_fraction_of_steps")
     ev |= {"blocks": s["blocks"], "block_steps": s["block_steps"],
            "spread_score": round(s["spread_score"], 2)}  # fmt: skip
     return f
@@ -417,7 +417,7 @@ def detect_stragglers(
                 others = {c2: scored[c2].get(r) for c2, _ in metrics_used if c2 != col}
                 best[r] = {"_rank_key": rkey,
                            **_finding(r, col, cause, s, window, m, step_ns, others)}  # fmt: skip
-    if not best and not pipeline:
+    if not best:
         # When no metric flags a rank step by step: the metric by which a rank is the most
         # consistently the slowest over blocks of steps (the sign test's z), however noisy
         # its steps are one by one. The rank the others wait for waits least in its
@@ -430,31 +430,29 @@ def detect_stragglers(
         # rank's host work jumped 3 -> 10-30 ms in one step of ~8: excess / noise 1.7). Not
         # before the step-by-step metrics: a rank slowed INSIDE its collectives (CPU
         # contention on its gloo worker thread) makes the others look as if they waited least.
-        tries = [(col, consistently_most(metrics, col, step_ns, _score_fn, block), key)
-                 for col, key in (("host_gap_ns", "slowest_in_fraction_of_blocks"),
-                                  ("lateness_ns", "slowest_in_fraction_of_blocks"))
-                 if col in metrics.columns]  # fmt: skip
-        if "coll_wait_ns" in metrics.columns:
-            tries.append(("coll_wait_ns",
-                          least_wait(metrics, "coll_wait_ns", step_ns, _score_fn, block),
-                          "least_wait_in_fraction_of_blocks"))  # fmt: skip
+        # Pipeline stages: host work only, within each stage (the sign test among the
+        # stage's data-parallel ranks).
+        tries: list[tuple[str, dict[int, dict[str, float]]]] = []
+        if pipeline:
+            if groups and "host_gap_ns" in metrics.columns:
+                within: dict[int, dict[str, float]] = {}
+                for g in groups:
+                    within |= consistently_most(metrics.filter(pl.col("rank").is_in(g)),
+                                                "host_gap_ns", step_ns, base_fn, block)
+                tries.append(("host_gap_ns", within))
+        else:
+            tries = [(col, consistently_most(metrics, col, step_ns, _score_fn, block))
+                     for col in ("host_gap_ns", "lateness_ns") if col in metrics.columns]
+            if "coll_wait_ns" in metrics.columns:
+                tries.append(("coll_wait_ns",
+                              least_wait(metrics, "coll_wait_ns", step_ns, _score_fn, block)))
         tries = [t for t in tries if t[1]]
         if tries:  # the one metric that flags a rank most consistently, its ranks only
-            col, flagged, key = max(tries, key=lambda t: max(x["score"] for x in t[1].values()))
+            col, flagged = max(tries, key=lambda t: max(x["score"] for x in t[1].values()))
             for r, s in flagged.items():
                 others = {c2: whole[c2].get(r) for c2, _ in metrics_used}  # (none flagged it)
                 best[r] = {"_rank_key": (False, True, s["score"]),
-                           **_blocks_finding(r, col, s, metrics, step_ns, others, key)}
-    if not best and pipeline and groups and "host_gap_ns" in metrics.columns:
-        # pipeline stages: the data-parallel rank of a stage that works longer before its
-        # steps than its stage peers in most blocks (the sign test among the stage's ranks)
-        for g in groups:
-            for r, s in consistently_most(metrics.filter(pl.col("rank").is_in(g)),
-                                          "host_gap_ns", step_ns, base_fn, block).items():
-                others = {c2: whole[c2].get(r) for c2, _ in metrics_used}
-                best[r] = {"_rank_key": (False, True, s["score"]),
-                           **_blocks_finding(r, "host_gap_ns", s, metrics, step_ns, others,
-                                             "slowest_in_fraction_of_blocks")}  # fmt: skip
+                           **_blocks_finding(r, col, s, metrics, step_ns, others)}
     out = []
     for f in best.values():
         f.pop("_rank_key")

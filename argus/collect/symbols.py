@@ -235,20 +235,18 @@ def _strings_have(path: str, name: str) -> bool:
 @lru_cache(maxsize=64)
 def _strings_have_cached(path: str, name: str, *identity: int) -> bool:
     want = b"\0" + name.encode()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         elf = ELFFile(f)
         for sec in elf.iter_sections():
             if not isinstance(sec, SymbolTableSection):
                 continue
             strtab = elf.get_section(sec["sh_link"])
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                start, end = strtab["sh_offset"], strtab["sh_offset"] + strtab["sh_size"]
-                i = mm.find(want, start, end)
-                while i >= 0:
-                    nxt = mm[i + len(want) : i + len(want) + 1]
-                    if nxt in (b"\0", b"@"):
-                        return True
-                    i = mm.find(want, i + 1, end)
+            start, end = strtab["sh_offset"], strtab["sh_offset"] + strtab["sh_size"]
+            i = mm.find(want, start, end)
+            while i >= 0:
+                if mm[i + len(want) : i + len(want) + 1] in (b"\0", b"@"):
+                    return True
+                i = mm.find(want, i + 1, end)
     return False
 
 
