@@ -12,7 +12,7 @@ import polars as pl
 
 COLLECTIVE_COLUMNS = (
     "rank", "host", "tgid", "tid", "channel", "name", "comm", "op", "bytes", "seq",
-    "t_ns", "end_ns", "dur_ns", "in_flight", "peer",
+    "t_ns", "end_ns", "dur_ns", "in_flight", "peer", "origin",
 )  # fmt: skip
 
 
@@ -21,9 +21,22 @@ def collectives(tl: pl.DataFrame) -> pl.DataFrame:
 
     A rank that has NCCL collectives keeps only those (a c10d call of the NCCL backend wraps
     them); a rank with only c10d (gloo) calls keeps those. Null `comm` becomes `"<channel>"`,
-    null `seq` the call's index on its (rank, comm) in time order.
+    null `seq` the call's index on its (rank, comm) in time order. `origin` is "ddpN" for the
+    c10d call DDP's reducer made for its gradient bucket N (the thread's next c10d call after
+    a `ddp_bucket` event; "ddp" when the bucket is not known), else null: gloo's calls carry
+    no bytes, and a loss allreduced on DDP's group every N steps would otherwise be the same
+    call as a gradient bucket.
     """
-    c = tl.filter((pl.col("kind") == "collective") & pl.col("rank").is_not_null())
+    c = tl.filter(pl.col("kind").is_in(["collective", "ddp_bucket"]) & pl.col("rank").is_not_null())
+    prev = pl.col("kind").shift(1).over(["tgid", "tid"], order_by="t_ns")
+    bucket = pl.col("seq").shift(1).over(["tgid", "tid"], order_by="t_ns")
+    c = c.with_columns(
+        pl.when((pl.col("kind") == "collective") & (pl.col("channel") == "torch")
+                & (prev == "ddp_bucket"))  # fmt: skip
+        .then(pl.concat_str(pl.lit("ddp"), bucket.cast(pl.Utf8).fill_null("")))
+        .otherwise(pl.lit(None, pl.Utf8))
+        .alias("origin")
+    ).filter(pl.col("kind") == "collective")
     if "peer" not in c.columns:  # timelines made without it (send/recv peer rank)
         c = c.with_columns(pl.lit(None, pl.Int32).alias("peer"))
     if c.height == 0:

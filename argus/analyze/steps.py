@@ -4,17 +4,21 @@ A training step repeats one pattern of calls. Per rank, the markers are its coll
 EVERY communicator it uses, merged in time order (a tensor-parallel allreduce per layer, the
 data-parallel gradient buckets, a pipeline's send/recv: one step is the period of the whole
 pattern, not of one group's collective); without collectives, its GPU waits (syncs,
-blocking read-backs). A marker's token is (communicator, op, bytes, and a send/recv's peer).
+blocking read-backs). A marker's token is (communicator, op, bytes, a send/recv's peer, and
+whether DDP's reducer made the call for a gradient bucket).
 
 - The cycle: for each candidate period p (in markers), the most common window of p tokens
   and its non-overlapping occurrences (`_occurrences`); the cycle is the smallest p whose
   occurrences cover >= 95% of what the best candidate covers. Calls that are not part of
   every step (a logging allgather every 5 steps) are absorbed into the step they fall in;
-  they do not make the pattern 5 steps long. On a rank that never waits for its GPU (c10d
-  calls only), the long idle gaps (their natural break, `_gap_cut`) cut the steps as waits
-  do when that makes the steps clearly more regular in time (the spread of their
-  start-to-start times below 3/4 of the token period's): equal buckets, or a pipeline
-  stage's micro-batches, repeat their tokens within a step.
+  they do not make the pattern 5 steps long. A window in which one DDP gradient bucket is
+  allreduced twice is several steps, never a candidate: a DDP job that allreduces its loss
+  every 5 steps (one bucket: 5 calls of 6 alike) is 1 step of 1 bucket, not 5 of 6 calls.
+  On a rank that never waits for its GPU (c10d calls only), the long idle gaps (their
+  natural break, `_gap_cut`) cut the steps as waits do when that makes the steps clearly
+  more regular in time (the spread of their start-to-start times below 3/4 of the token
+  period's): equal buckets, or a pipeline stage's micro-batches, repeat their tokens
+  within a step.
 - The phase: the rotation of the window with the most occurrences (calls that are not in
   every step come between steps), then the one preceded by the longest idle (median): a
   step starts after its end-of-step wait, not in the middle of its backward. With GPU
@@ -125,6 +129,7 @@ class _Markers:
     waited: list[bool]  # a GPU wait between the previous marker and this one
     waits: list[tuple[int, int | None]]  # the rank's GPU waits (entry, end), by entry
     work: list[int]  # the rank's other traced calls between the previous marker and this one
+    bucket: np.ndarray  # bool: DDP's call for a known gradient bucket (once per step each)
 
     @property
     def wait_t(self) -> list[int]:
@@ -141,10 +146,14 @@ def _markers(tl_rank: pl.DataFrame, coll_rank: pl.DataFrame | None,
         cr = coll_rank.unique(["comm", "gseq", "op", "peer"], keep="first").sort("t_ns")
         # a send/recv's peer is part of its token: a pipeline stage's forward (recv from
         # the stage before, send to the one after) and backward (the other way) differ
+        # and so is DDP's origin of a gradient bucket's call (gloo's calls have no bytes)
+        if "origin" not in cr.columns:
+            cr = cr.with_columns(pl.lit(None, pl.Utf8).alias("origin"))
         rows = [((c, op, -1 if b is None else b,
-                  -1 if q is None or op not in P2P_OPS else q), t, e, c, g, op in P2P_OPS)
-                for c, op, b, q, t, e, g in cr.select("comm", "op", "bytes", "peer", "t_ns",
-                                                      "end_ns", "gseq").rows()]  # fmt: skip
+                  -1 if q is None or op not in P2P_OPS else q, o or ""), t, e, c, g,
+                 op in P2P_OPS)
+                for c, op, b, q, o, t, e, g in cr.select(
+                    "comm", "op", "bytes", "peer", "origin", "t_ns", "end_ns", "gseq").rows()]
     else:  # the waits are the markers: a step ends with its last one
         waits = []
         rows = [((name, -1 if k is None else k, -1 if b is None else b), t, e, None, None,
@@ -172,8 +181,10 @@ def _markers(tl_rank: pl.DataFrame, coll_rank: pl.DataFrame | None,
     at = np.searchsorted(calls, np.asarray(t, dtype=np.int64), side="left")
     after = np.searchsorted(calls, np.asarray(end, dtype=np.int64), side="right")
     work = [0] + [max(0, int(at[i] - after[i - 1])) for i in range(1, len(rows))]
+    bucket = np.fromiter((len(r[0]) > 4 and r[0][4][3:].isdigit() for r in rows), dtype=bool,
+                         count=len(rows))  # fmt: skip
     return _Markers(tok, t, end, idle, [r[3] for r in rows], [r[4] for r in rows],
-                    [r[5] for r in rows], waited, waits, work)
+                    [r[5] for r in rows], waited, waits, work, bucket)
 
 
 def _median_idle(idle: list[int | None], at: list[int]) -> float:
@@ -355,6 +366,10 @@ def _cycle_by_tokens(m: _Markers) -> tuple[int, list[int], bool, bool] | None:
         ids, counts = np.unique(win, return_counts=True)
         w = int(ids[np.argmax(counts)])
         occ = _occurrences(win, w, p)
+        head = slice(occ[0], occ[0] + p)
+        buckets = tok[head][m.bucket[:n][head]]
+        if np.unique(buckets).size < buckets.size:
+            continue  # DDP allreduces each gradient bucket once per step: several steps
         # the markers it covers: occurrences back to back (p apart) with another; a window
         # that recurs q > p markers apart is not a cycle of p (a 15-marker window of an
         # 8-marker step recurs every 16: it covered more than the 8-marker cycle itself)

@@ -4,7 +4,8 @@ Columns: every `schema.EVENTS_SCHEMA` column (names as strings), plus `host`, `t
 via `clock.mono_to_wall`, plus the host's alignment offset), `end_ns` (`t_ns + dur_ns`, null
 while in flight) and `kind`: `collective`, `readback` (blocking device-to-host copy: the host
 waits for its own GPU work), `sync` (stream/device/event synchronize: waits for everything
-enqueued, collectives included), `launch`, `exit`, or `other`.
+enqueued, collectives included), `launch`, `ddp_bucket` (DDP's reducer launching a gradient
+bucket's allreduce), `exit`, or `other`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SYNC_NAMES = (
 )
 READBACK_NAMES = ("cudaMemcpy", "cuMemcpyDtoH", "cuMemcpyDtoH_v2", "cudaMemcpyAsync")
 LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cuGraphLaunch")
+BUCKET_NAMES = ("c10d::Reducer::all_reduce_bucket",)
 # Recognised collective words in c10d method names (`c10d::ProcessGroupGloo::allreduce`).
 TORCH_OPS = (
     "allreduce",
@@ -132,6 +134,8 @@ def build_timeline(
         .then(pl.lit("readback"))
         .when(pl.col("name").is_in(LAUNCH_NAMES))
         .then(pl.lit("launch"))
+        .when(pl.col("name").is_in(BUCKET_NAMES))
+        .then(pl.lit("ddp_bucket"))
         .when((pl.col("channel") == "proc") & (pl.col("name") == "exit"))
         .then(pl.lit("exit"))
         .otherwise(pl.lit("other"))

@@ -68,6 +68,7 @@ class DecodeContext:
     devices: dict[int, int] = field(default_factory=dict)  # tgid -> last cudaSetDevice argument
     _first_use: dict[tuple[int, str], int] = field(default_factory=dict)
     _splits: dict[tuple[int, str], int] = field(default_factory=dict)
+    _buckets: dict[tuple[int, int], int] = field(default_factory=dict)  # (tgid, Bucket*) -> n
     on_comm_init: Callable[[int, str, int | None, int | None], None] | None = None
     pg_group: Callable[[int, int], Group | None] | None = None
 
@@ -310,6 +311,12 @@ def decode_call(call, text: str | None, ctx: DecodeContext, in_flight: bool) -> 
     elif kind == "free" and "ptr" in a:
         # cudaFree gets a pointer: its size is what the cudaMalloc that returned it asked for.
         row["bytes"] = ctx.alloc_bytes.pop((tgid, a["ptr"]), None)
+    elif kind == "ddp_bucket" and "ptr" in a:
+        # a DDP gradient bucket, numbered per process by first call (the same every step)
+        key = (tgid, a["ptr"])
+        if key not in ctx._buckets:
+            ctx._buckets[key] = sum(1 for t, _p in ctx._buckets if t == tgid)
+        row["seq"] = ctx._buckets[key]
     elif kind == "device" and "device" in a:
         ctx.devices[tgid] = _signed32(a["device"])
     elif "comm" in a:

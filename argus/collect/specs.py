@@ -23,7 +23,7 @@ CHANNELS = ("cuda", "nccl", "torch")
 KINDS = (
     "launch", "graph_launch", "memcpy", "sync", "event", "malloc", "free", "device", "module",
     "collective", "p2p", "group", "comm_init", "comm_init_all", "comm_split", "comm_destroy",
-    "pg_collective", "pg_p2p", "pg_work", "pg_work_done", "autograd",
+    "pg_collective", "pg_p2p", "pg_work", "pg_work_done", "autograd", "ddp_bucket",
 )  # fmt: skip
 # Semantic argument names and what they mean (decoded in argus.collect.decode).
 ARG_FIELDS = (

@@ -55,7 +55,9 @@ EVENTS_SCHEMA: dict[str, pl.DataType] = {
     "comm": pl.Utf8,  # communicator id, the same string on every rank of that communicator
     "comm_rank": pl.Int32,
     "comm_nranks": pl.Int32,
-    "seq": pl.Int64,  # per-(tgid, comm) sequence number of collectives since attach (0-based)
+    # per-(tgid, comm) sequence number of collectives since attach (0-based); a DDP bucket
+    # event (c10d::Reducer::all_reduce_bucket): the bucket's ordinal in its process
+    "seq": pl.Int64,
     "peer": pl.Int32,  # send/recv peer rank in the communicator
     "ret": pl.Int32,  # return code where captured (cudaError_t / ncclResult_t)
 }
