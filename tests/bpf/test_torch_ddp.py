@@ -28,7 +28,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from argus.analyze.matching import collectives
 from argus.analyze.report import diagnose
+from argus.analyze.timeline import build_timeline
 from argus.collect import procfs
 from argus.collect.session import run_session
 from argus.collect.tracer import TraceOptions
@@ -50,6 +52,7 @@ PG_WORK = "c10d::ProcessGroupGloo::AsyncWork::execute"
 # finishWorkGloo call it makes on the same thread when the collective is done.
 PG_DONE = "c10d::ProcessGroupGloo::AsyncWork::finishWorkGloo"
 AUTOGRAD = "torch::autograd::Engine::execute"
+BUCKET = "c10d::Reducer::all_reduce_bucket"  # DDP's reducer launching a gradient bucket
 
 
 def _torchrun() -> str:
@@ -206,6 +209,7 @@ def test_exact_collective_counts_per_rank(ddp2):
         kernel, rows = _counts(rec, t["pid"])
         expected = {
             ALLREDUCE: STEPS,  # one bucket, one allreduce per step
+            BUCKET: STEPS,  # ... that DDP's reducer launched
             AUTOGRAD: STEPS,  # one backward per step
             BROADCAST: 2,  # bucket rebuild in step 2 (construction's were before go)
             BARRIER: 1,
@@ -248,6 +252,15 @@ def test_pg_work_runs_on_a_gloo_worker_thread_with_durations(ddp2):
         assert t["pid"] not in work["tid"].to_list()  # not the main thread
         issued = rec.events.filter((pl.col("tgid") == t["pid"]) & (pl.col("name") == ALLREDUCE))
         assert set(issued["tid"].to_list()) == {t["pid"]}  # the main thread issues them
+        # each allreduce follows DDP's launch of its one bucket (ordinal 0) on that thread
+        bucket = rec.events.filter((pl.col("tgid") == t["pid"]) & (pl.col("name") == BUCKET))
+        assert bucket["seq"].to_list() == [0] * STEPS
+        assert set(bucket["tid"].to_list()) == {t["pid"]}
+    coll = collectives(build_timeline([rec]))
+    per = coll.group_by("rank", "op", "origin").len().sort("rank", "op", "origin")
+    assert per.rows() == [row for r in range(len(truth)) for row in
+                          [(r, "allreduce", "ddp0", STEPS), (r, "barrier", None, 1),
+                           (r, "broadcast", None, 2)]]  # fmt: skip
 
 
 def test_after_warmup_allreduce_seq_is_0_to_steps(ddp2_warm):
@@ -255,7 +268,7 @@ def test_after_warmup_allreduce_seq_is_0_to_steps(ddp2_warm):
     _check_ranks(launcher, truth, rec)
     for t in truth:
         kernel, rows = _counts(rec, t["pid"])
-        assert kernel == rows == {ALLREDUCE: STEPS, AUTOGRAD: STEPS, BARRIER: 1,
+        assert kernel == rows == {ALLREDUCE: STEPS, BUCKET: STEPS, AUTOGRAD: STEPS, BARRIER: 1,
                                   PG_WORK: STEPS + 1, PG_DONE: STEPS + 1}  # fmt: skip
         ar = rec.events.filter((pl.col("tgid") == t["pid"]) & (pl.col("name") == ALLREDUCE)).sort(
             "ts_ns"
@@ -274,6 +287,7 @@ def test_ddp_construction_collectives(ddp2_init):
             ALLGATHER: 1,
             BROADCAST: 2 + 2,
             ALLREDUCE: STEPS,
+            BUCKET: STEPS,
             AUTOGRAD: STEPS,
             BARRIER: 1,
             PG_WORK: STEPS + 6,
