@@ -13,7 +13,9 @@ whether DDP's reducer made the call for a gradient bucket).
   every step (a logging allgather every 5 steps) are absorbed into the step they fall in;
   they do not make the pattern 5 steps long. A window in which one DDP gradient bucket is
   allreduced twice is several steps, never a candidate: a DDP job that allreduces its loss
-  every 5 steps (one bucket: 5 calls of 6 alike) is 1 step of 1 bucket, not 5 of 6 calls.
+  every 5 steps (one bucket: 5 calls of 6 alike) is 1 step of 1 bucket, not 5 of 6 calls;
+  nor is one without a bucket (a TP x DP rank's 8 tensor-parallel allreduces of a step: the
+  hung job's partial last step made them cover enough).
   On a rank that never waits for its GPU (c10d calls only), the long idle gaps (their
   natural break, `_gap_cut`) cut the steps as waits do when that makes the steps clearly
   more regular in time (the spread of their start-to-start times below 3/4 of the token
@@ -361,6 +363,7 @@ def _cycle_by_tokens(m: _Markers) -> tuple[int, list[int], bool, bool] | None:
             cands.append(p)
     best: dict[int, tuple[float, int, np.ndarray]] = {}
     ids_of = _WindowIds(m.tok)
+    has_buckets = bool(m.bucket[:n].sum() >= 2)
     for p in cands:
         win = ids_of(p, n)
         ids, counts = np.unique(win, return_counts=True)
@@ -370,6 +373,8 @@ def _cycle_by_tokens(m: _Markers) -> tuple[int, list[int], bool, bool] | None:
         buckets = tok[head][m.bucket[:n][head]]
         if np.unique(buckets).size < buckets.size:
             continue  # DDP allreduces each gradient bucket once per step: several steps
+        if has_buckets and not buckets.size:
+            continue  # ... and every step has them: part of a step
         # the markers it covers: occurrences back to back (p apart) with another; a window
         # that recurs q > p markers apart is not a cycle of p (a 15-marker window of an
         # 8-marker step recurs every 16: it covered more than the 8-marker cycle itself)

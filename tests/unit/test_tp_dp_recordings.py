@@ -20,6 +20,12 @@ straggler10,healthy --runs 1 --keep DIR`; truth.json is the job's own):
   slow single steps every ~12 steps; a 3-step warning window and a collective stall on the
   world broadcast were built on them.
 
+- `tp_dp_hang_rank3` (2026-12-04, `scripts/zoo --shapes tp_dp --faults hang --runs 5
+  --keep DIR`, seed 1, run 3): rank 3 blocks forever before its 7th TP allreduce of step
+  12; its TP peer (rank 2) waits in it, the DP peers then in DDP's gradient allreduce.
+  Rank 2's 8 TP allreduces per step, with the partial last step, covered enough of its
+  markers for a period of one TP call: 97 steps were counted for 12.
+
 Rank 1's TP peer (rank 0) waits for it in their first TP allreduce and both are then late
 together at the DP allreduce: arrival lateness scored 2.9 (not a finding), while rank 1
 waited least in its collectives in every 5-step block. Before groups were read from the
@@ -125,3 +131,16 @@ def test_the_healthy_run_has_no_serious_finding_and_its_steps():
     s = score(report, truth)
     assert s["steps_ok"] and s["wrong"] == [], s
     assert [f for f in report["findings"] if f["severity"] != "info"] == []
+
+
+def test_a_hung_tp_rank_is_missing_where_its_peer_waits_and_the_steps_are_the_jobs():
+    rec, truth = _load("tp_dp_hang_rank3")
+    report = diagnose([rec])
+    s = score(report, truth)
+    assert s["found"] and s["steps_ok"] and s["other"] == [] and s["wrong"] == [], s
+    (h,) = [f for f in report["findings"] if f["kind"] == "collective_hang"]
+    assert (h["comm"], h["op"], h["missing_ranks"], h["waiting_ranks"]) == (
+        "pg:2", "allreduce", [3], [2])
+    # every step of every rank holds DDP's one bucket: 12 steps, 9 calls each (8 TP + DP)
+    assert report["steps"]["count"] == 12 and report["steps"]["collectives_per_step"] == 9
+    assert [f for f in report["findings"] if f["severity"] != "info" and f is not h] == []
