@@ -12,7 +12,7 @@ import polars as pl
 
 COLLECTIVE_COLUMNS = (
     "rank", "host", "tgid", "tid", "channel", "name", "comm", "op", "bytes", "seq",
-    "t_ns", "end_ns", "dur_ns", "in_flight", "peer", "origin",
+    "t_ns", "end_ns", "dur_ns", "in_flight", "peer", "origin", "calls_before",
 )  # fmt: skip
 
 
@@ -21,13 +21,19 @@ def collectives(tl: pl.DataFrame) -> pl.DataFrame:
 
     A rank that has NCCL collectives keeps only those (a c10d call of the NCCL backend wraps
     them); a rank with only c10d (gloo) calls keeps those. Null `comm` becomes `"<channel>"`,
-    null `seq` the call's index on its (rank, comm) in time order. `origin` is "ddpN" for the
-    c10d call DDP's reducer made for its gradient bucket N (the thread's next c10d call after
-    a `ddp_bucket` event; "ddp" when the bucket is not known), else null: gloo's calls carry
-    no bytes, and a loss allreduced on DDP's group every N steps would otherwise be the same
-    call as a gradient bucket.
+    null `seq` the call's index on its (rank, comm) in time order. `calls_before`: the rank's
+    other traced calls since its previous collective (null for its first). `origin` is
+    "ddpN" for the c10d call DDP's reducer made for its gradient bucket N (the thread's next
+    c10d call after a `ddp_bucket` event; "ddp" when the bucket is not known), else null:
+    gloo's calls carry no bytes, and a loss allreduced on DDP's group every N steps would
+    otherwise be the same call as a gradient bucket.
     """
-    c = tl.filter(pl.col("kind").is_in(["collective", "ddp_bucket"]) & pl.col("rank").is_not_null())
+    # the rank's other traced calls since its previous collective (launches, copies, syncs):
+    # program order, the same on every rank for the same collective
+    ranked = tl.filter(pl.col("rank").is_not_null()).sort("t_ns")
+    others = (pl.col("kind") != "collective").cast(pl.Int64).cum_sum().over("rank")
+    c = ranked.with_columns(others.alias("_others")).filter(
+        pl.col("kind").is_in(["collective", "ddp_bucket"]))
     prev = pl.col("kind").shift(1).over(["tgid", "tid"], order_by="t_ns")
     bucket = pl.col("seq").shift(1).over(["tgid", "tid"], order_by="t_ns")
     c = c.with_columns(
@@ -37,6 +43,8 @@ def collectives(tl: pl.DataFrame) -> pl.DataFrame:
         .otherwise(pl.lit(None, pl.Utf8))
         .alias("origin")
     ).filter(pl.col("kind") == "collective")
+    c = c.with_columns(
+        (pl.col("_others") - pl.col("_others").shift(1).over("rank")).alias("calls_before"))
     if "peer" not in c.columns:  # timelines made without it (send/recv peer rank)
         c = c.with_columns(pl.lit(None, pl.Int32).alias("peer"))
     if c.height == 0:
@@ -48,6 +56,23 @@ def collectives(tl: pl.DataFrame) -> pl.DataFrame:
         pl.col("seq").fill_null(pl.int_range(pl.len()).over(["rank", "comm"]).cast(pl.Int64))
     )
     return c.select(COLLECTIVE_COLUMNS).sort(["rank", "comm", "seq"])
+
+
+def _calls_alike() -> pl.Expr:
+    """Pairs (`calls_before`, `calls_before_r`) after as many of the host's other calls
+    (within 2, or 20 %), or not known."""
+    a, b = pl.col("calls_before"), pl.col("calls_before_r")
+    return a.is_null() | b.is_null() | ((a - b).abs() <= pl.max_horizontal(
+        pl.lit(2), 0.2 * pl.max_horizontal(a, b)))
+
+
+def calls_agreement(ref: pl.DataFrame, other: pl.DataFrame, d: int) -> float | None:
+    """The share of `other`'s collectives (seq + d) paired with `ref`'s (seq) after as many
+    of the host's other calls, of the pairs where both are known; None when fewer than 8."""
+    j = (other.with_columns((pl.col("seq") + d).alias("seq"))
+         .join(ref, on="seq", suffix="_r", how="inner")
+         .filter(pl.col("calls_before").is_not_null() & pl.col("calls_before_r").is_not_null()))
+    return j.select(_calls_alike().mean()).item() if j.height >= 8 else None
 
 
 def _best_shift(ref: pl.DataFrame, other: pl.DataFrame) -> int:
@@ -67,10 +92,13 @@ def _best_shift(ref: pl.DataFrame, other: pl.DataFrame) -> int:
         )
         if j.height == 0:
             continue
+        # the same op and size, after as many of the host's other calls (program order:
+        # a step's first bucket follows the optimizer and the forward, its others one
+        # bucket's backward; equal buckets are otherwise alike, and a late rank's k-th
+        # bucket lies nearest in time to the others' k + 3rd)
         agree = j.select(
-            (
-                (pl.col("op") == pl.col("op_r")) & (pl.col("bytes").eq_missing(pl.col("bytes_r")))
-            ).mean()
+            ((pl.col("op") == pl.col("op_r")) & (pl.col("bytes").eq_missing(pl.col("bytes_r")))
+             & _calls_alike()).mean()
         ).item()
         if agree is None or agree < 0.9:
             continue
@@ -90,20 +118,25 @@ def align_seq(coll: pl.DataFrame) -> pl.DataFrame:
     Per comm, the reference is the rank with the most observed collectives (lowest rank on a
     tie). For every other rank the candidate shifts are those that pair its first collectives
     with the reference's nearest-in-time ones, plus 0; the chosen shift has >= 90% identical
-    (op, bytes) pairs, the most of them, then the smallest median |entry time difference|
-    (a rank late by about one step enters collective k when the others enter k + 1).
+    pairs (op, bytes, and calls_before within 20 %), the most of them, then the smallest
+    median |entry time difference| (a rank late by about one step enters collective k when
+    the others enter k + 1).
     """
     if coll.height == 0:
         return coll if "gseq" in coll.columns else coll.with_columns(pl.col("seq").alias("gseq"))
+    coll = coll.with_columns(
+        (pl.col("calls_before") if "calls_before" in coll.columns else pl.lit(None))
+        .cast(pl.Int64).alias("calls_before"))  # fmt: skip
     parts = []
     for comm in coll.get_column("comm").unique().sort().to_list():
         cc = coll.filter(pl.col("comm") == comm)
         counts = cc.group_by("rank").len().sort(["len", "rank"], descending=[True, False])
         ref_rank = counts.get_column("rank")[0]
-        ref = cc.filter(pl.col("rank") == ref_rank).select("seq", "op", "bytes", "t_ns")
+        cols = ["seq", "op", "bytes", "t_ns", "calls_before"]
+        ref = cc.filter(pl.col("rank") == ref_rank).select(cols)
         for rank in cc.get_column("rank").unique().sort().to_list():
             rc = cc.filter(pl.col("rank") == rank)
-            d = 0 if rank == ref_rank else _best_shift(ref, rc.select("seq", "op", "bytes", "t_ns"))
+            d = 0 if rank == ref_rank else _best_shift(ref, rc.select(cols))
             parts.append(rc.with_columns((pl.col("seq") + d).alias("gseq")))
     return pl.concat(parts).sort(["rank", "comm", "gseq"])
 

@@ -24,7 +24,7 @@ from argus.analyze import anomaly, gpu, hang, hotspot, pipeline, stall, straggle
 from argus.analyze import host as host_context
 from argus.analyze.align import estimate_offsets
 from argus.analyze.matching import align_seq, collectives, with_lateness
-from argus.analyze.steps import detect_steps, step_metrics
+from argus.analyze.steps import detect_steps, realign_by_steps, step_metrics
 from argus.analyze.timeline import (
     build_pystacks,
     build_stacks,
@@ -225,7 +225,7 @@ def diagnose(
     recordings = list(recordings)
     tl = build_timeline(recordings)
     coll = align_seq(collectives(tl))
-    det = detect_steps(tl, coll)
+    coll, det = realign_by_steps(tl, coll, detect_steps(tl, coll))
     alignment = estimate_offsets(det.steps, coll)
     offsets = alignment["offsets_ns"]
     if any(offsets.values()):

@@ -52,6 +52,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from argus.analyze.matching import calls_agreement
+
 STEP_COLUMNS = {
     "rank": pl.Int32,
     "host": pl.Utf8,
@@ -294,9 +296,32 @@ def _cycle_by_waits(m: _Markers,
     starts = _split_by_gaps(m, starts)
     dist = Counter(b - a for a, b in zip(starts, starts[1:], strict=False))
     p = dist.most_common(1)[0][0]
+    starts = _rephase_by_work(m, starts, p)
     first = starts[0]
     uniform = bool(np.all(m.tok[first:first + p] == m.tok[first]))
     return p, starts, uniform, True
+
+
+def _rephase_by_work(m: _Markers, starts: list[int], p: int) -> list[int]:
+    """Steps of p markers that start where the host made the most of its other calls: of the
+    p rotations of `starts`, the one whose markers follow >= GAP_BREAK x the median calls
+    that the current starts follow (the optimizer, the data and the next forward's launches
+    against one bucket's backward: 65 calls against 14-15 on the simulator), else `starts`.
+    Program order, where the longest wait is timing: a host straggler on a host that reads
+    back every 5 steps waited longest after its forward, and its steps started there (3
+    markers off its peers': their ids were matched by time, and 82 of its 135 lost)."""
+    if p < 2 or len(starts) < 4:
+        return starts
+    n = len(m.t)
+
+    def work_at(j: int) -> float:
+        return float(median(m.work[a + j] for a in starts if a + j < n))
+
+    now = work_at(0)
+    j = max(range(p), key=lambda j: (work_at(j), -j))
+    if j == 0 or work_at(j) < GAP_BREAK * max(now, 1.0):
+        return starts
+    return [a + j for a in starts if a + j < n]
 
 
 def _split_by_gaps(m: _Markers, starts: list[int]) -> list[int]:
@@ -647,6 +672,86 @@ def detect_steps(tl: pl.DataFrame, coll: pl.DataFrame) -> StepDetection:
         steps = steps.with_columns(pl.col("step").rank("dense").cast(pl.Int64) - 1)
     comm = Counter(s["key"][0] for ss in per_rank.values() for s in ss[:1]).most_common(1)[0][0]
     return StepDetection(steps.sort(["rank", "step"]), method, periods.most_common(1)[0][0], comm)
+
+
+def _step_corrections(coll: pl.DataFrame, steps: pl.DataFrame) -> dict[int, int]:
+    """rank -> the correction of its `gseq` on its step communicator that makes its steps
+    start at the same collective as the reference rank's steps of the same time.
+
+    `align_seq` chooses among shifts whose pairs agree on (op, bytes) by the median entry
+    time difference: with identical buckets (DDP's equal-sized buckets, the simulator's)
+    a shift by one bucket pairs most collectives with the rank's neighbouring bucket of the
+    same step and only the step's last one across steps, so the median barely moves and the
+    wrong shift can win (seen on daemon windows of a few steps under CPU load: ranks off by
+    one bucket, step ids interleaved, a waiting rank counted as missing). Steps do not have
+    that ambiguity: every rank's step ends at the same end-of-step wait (the GPU finishes
+    a step only when every rank's collectives arrived), so the same step starts at nearly
+    the same time on every rank. Per rank, its steps are paired with the reference's (the
+    rank with the most steps) by nearest start (within half the median step time); when at
+    least 3 pairs are found and >= 75% of them differ by the same non-zero number of
+    collectives at the step's first collective, that is the rank's correction."""
+    if steps.height == 0 or coll.height == 0:
+        return {}
+    rank_comm = step_comms(coll)
+    rc = pl.DataFrame({"rank": list(rank_comm), "comm": list(rank_comm.values())},
+                      schema={"rank": coll.schema["rank"], "comm": pl.Utf8})  # fmt: skip
+    first = (coll.join(rc, on=["rank", "comm"]).select("rank", "comm", "t_ns", "gseq")
+             .unique(["rank", "t_ns"], keep="first"))  # fmt: skip
+    f = steps.select("rank", "start_ns", pl.col("first_coll_ns").alias("t_ns")).with_columns(
+        pl.col("rank").cast(coll.schema["rank"])).join(first, on=["rank", "t_ns"])  # fmt: skip
+    if f.height == 0:
+        return {}
+    counts = f.group_by("rank").len().sort(["len", "rank"], descending=[True, False])
+    ref = counts["rank"][0]
+    half = int((steps["step_time_ns"].median() or 0) // 2)
+    fr = f.filter(pl.col("rank") == ref)
+    if half <= 0:
+        return {}
+    ref_comm = fr["comm"][0]
+    fr = fr.select("start_ns", pl.col("gseq").alias("_g")).sort("start_ns")
+    others = f.filter((pl.col("rank") != ref) & (pl.col("comm") == ref_comm)).sort("start_ns")
+    pairs = others.join_asof(fr, on="start_ns", strategy="nearest",
+                             tolerance=half).drop_nulls("_g")  # fmt: skip
+    votes = (pairs.group_by("rank", (pl.col("_g") - pl.col("gseq")).alias("d")).len()
+             .sort(["rank", "len", "d"], descending=[False, True, False])
+             .with_columns(pl.col("len").sum().over("rank").alias("n"))
+             .unique("rank", keep="first", maintain_order=True))  # fmt: skip
+    ok = votes.filter((pl.col("n") >= 3) & (pl.col("d") != 0)
+                      & (pl.col("len") >= 0.75 * pl.col("n")))  # fmt: skip
+    out = {}
+    cols = ["seq", "calls_before"]
+    ref_c = (coll.filter((pl.col("rank") == ref) & (pl.col("comm") == ref_comm))
+             .select(pl.col("gseq").alias("seq"), "calls_before"))  # fmt: skip
+    for r, d in ok.select("rank", "d").rows():
+        # not where program order pairs the collectives as they are (align_seq's own
+        # check): a straggler late by over a step starts its steps nearest the others' next
+        mine = (coll.filter((pl.col("rank") == r) & (pl.col("comm") == ref_comm))
+                .select(pl.col("gseq").alias("seq"), "calls_before"))  # fmt: skip
+        now, moved = calls_agreement(ref_c, mine.select(cols), 0), calls_agreement(
+            ref_c, mine.select(cols), d)
+        if now is not None and moved is not None and moved < now:
+            continue
+        out[int(r)] = int(d)
+    return out
+
+
+def realign_by_steps(tl: pl.DataFrame, coll: pl.DataFrame,
+                     det: StepDetection) -> tuple[pl.DataFrame, StepDetection]:
+    """`coll` with each rank's `gseq` on its step communicator corrected so that its steps
+    start at the same collective as the reference rank's steps of the same time
+    (`_step_corrections`), and the steps detected again; as given when nothing moves
+    (steps found from collectives with GPU waits only)."""
+    fix = _step_corrections(coll, det.steps) if det.method == "collectives" else {}
+    if not fix:
+        return coll, det
+    comm_of = step_comms(coll)
+    move = pl.col("rank").replace_strict(fix, default=0, return_dtype=pl.Int64)
+    on_comm = pl.col("comm") == pl.col("rank").replace_strict(
+        comm_of, default=None, return_dtype=pl.Utf8)  # fmt: skip
+    coll = coll.with_columns(pl.when(on_comm).then(pl.col("gseq") + move)
+                             .otherwise(pl.col("gseq")).alias("gseq"))  # fmt: skip
+    coll = coll.sort(["rank", "comm", "gseq"])
+    return coll, detect_steps(tl, coll)
 
 
 def step_metrics(tl: pl.DataFrame, coll: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:

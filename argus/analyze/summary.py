@@ -42,7 +42,7 @@ from argus.analyze.report import (
     assemble_report,
     recording_info,
 )
-from argus.analyze.steps import STEP_COLUMNS, detect_steps, step_metrics
+from argus.analyze.steps import STEP_COLUMNS, detect_steps, realign_by_steps, step_metrics
 from argus.analyze.timeline import (
     build_pystacks,
     build_stacks,
@@ -151,53 +151,6 @@ def _known_shifts(coll: pl.DataFrame, shifts: dict[tuple[int, str], int]) -> pl.
     return c.drop("_k", "_o").sort(["rank", "comm", "gseq"])
 
 
-def _realign_by_steps(coll: pl.DataFrame, steps: pl.DataFrame) -> dict[int, int]:
-    """rank -> the correction of its `gseq` on its step communicator that makes its steps
-    start at the same collective as the reference rank's steps of the same time.
-
-    `align_seq` chooses among shifts whose pairs agree on (op, bytes) by the median entry
-    time difference: with identical buckets (DDP's equal-sized buckets, the simulator's)
-    a shift by one bucket pairs most collectives with the rank's neighbouring bucket of the
-    same step and only the step's last one across steps, so the median barely moves and the
-    wrong shift can win (seen on daemon windows of a few steps under CPU load: ranks off by
-    one bucket, step ids interleaved, a waiting rank counted as missing). Steps do not have
-    that ambiguity: every rank's step ends at the same end-of-step wait (the GPU finishes
-    a step only when every rank's collectives arrived), so the same step starts at nearly
-    the same time on every rank. Per rank, its steps are paired with the reference's (the
-    rank with the most steps) by nearest start (within half the median step time); when at
-    least 3 pairs are found and >= 75% of them differ by the same non-zero number of
-    collectives at the step's first collective, that is the rank's correction."""
-    if steps.height == 0 or coll.height == 0:
-        return {}
-    rank_comm = steps_mod.step_comms(coll)
-    rc = pl.DataFrame({"rank": list(rank_comm), "comm": list(rank_comm.values())},
-                      schema={"rank": coll.schema["rank"], "comm": pl.Utf8})  # fmt: skip
-    first = (coll.join(rc, on=["rank", "comm"]).select("rank", "comm", "t_ns", "gseq")
-             .unique(["rank", "t_ns"], keep="first"))  # fmt: skip
-    f = steps.select("rank", "start_ns", pl.col("first_coll_ns").alias("t_ns")).with_columns(
-        pl.col("rank").cast(coll.schema["rank"])).join(first, on=["rank", "t_ns"])  # fmt: skip
-    if f.height == 0:
-        return {}
-    counts = f.group_by("rank").len().sort(["len", "rank"], descending=[True, False])
-    ref = counts["rank"][0]
-    half = int((steps["step_time_ns"].median() or 0) // 2)
-    fr = f.filter(pl.col("rank") == ref)
-    if half <= 0:
-        return {}
-    ref_comm = fr["comm"][0]
-    fr = fr.select("start_ns", pl.col("gseq").alias("_g")).sort("start_ns")
-    others = f.filter((pl.col("rank") != ref) & (pl.col("comm") == ref_comm)).sort("start_ns")
-    pairs = others.join_asof(fr, on="start_ns", strategy="nearest",
-                             tolerance=half).drop_nulls("_g")  # fmt: skip
-    votes = (pairs.group_by("rank", (pl.col("_g") - pl.col("gseq")).alias("d")).len()
-             .sort(["rank", "len", "d"], descending=[False, True, False])
-             .with_columns(pl.col("len").sum().over("rank").alias("n"))
-             .unique("rank", keep="first", maintain_order=True))  # fmt: skip
-    ok = votes.filter((pl.col("n") >= 3) & (pl.col("d") != 0)
-                      & (pl.col("len") >= 0.75 * pl.col("n")))  # fmt: skip
-    return {int(r): int(d) for r, d in ok.select("rank", "d").rows()}
-
-
 def build_summaries(recordings: Sequence[Recording],
                     seq_shifts: dict[tuple[int, str], int] | None = None) -> Summaries:
     """Summaries of the recordings of one job (usually one node's recording), see module doc.
@@ -213,16 +166,7 @@ def build_summaries(recordings: Sequence[Recording],
     coll = align_seq(collectives(tl))
     if seq_shifts:
         coll = _known_shifts(coll, seq_shifts)
-    det = detect_steps(tl, coll)
-    if det.method == "collectives" and (fix := _realign_by_steps(coll, det.steps)):
-        comm_of = steps_mod.step_comms(coll)
-        move = pl.col("rank").replace_strict(fix, default=0, return_dtype=pl.Int64)
-        on_comm = pl.col("comm") == pl.col("rank").replace_strict(
-            comm_of, default=None, return_dtype=pl.Utf8)  # fmt: skip
-        coll = coll.with_columns(pl.when(on_comm).then(pl.col("gseq") + move)
-                                 .otherwise(pl.col("gseq")).alias("gseq"))  # fmt: skip
-        coll = coll.sort(["rank", "comm", "gseq"])
-        det = detect_steps(tl, coll)
+    coll, det = realign_by_steps(tl, coll, detect_steps(tl, coll))
     alignment = estimate_offsets(det.steps, coll)
     offsets = alignment["offsets_ns"]
     steps = det.steps

@@ -57,3 +57,29 @@ def test_degenerate_recordings_do_not_crash():
     r = diagnose([Recording(base.manifest, ev, empty_stacks())])
     assert r["steps"]["detected"] is False
     assert [f for f in r["findings"] if f["severity"] != "info"] == []
+
+
+def _equal_buckets(late_ns: int, with_calls: bool = True) -> pl.DataFrame:
+    """Two ranks, 4 equal buckets per step (40 ms steps, a bucket every 3 ms from 20 ms),
+    the host's other calls before each as on the simulator (65 before a step's first bucket:
+    the optimizer and the next forward; 14-15 before the others: one bucket's backward);
+    rank 1 enters every collective `late_ns` later. Both counted from the same collective."""
+    rows = []
+    for r in (0, 1):
+        for s in range(12):
+            for b in range(4):
+                rows.append({"rank": r, "comm": "c", "op": "allreduce", "bytes": 1 << 20,
+                             "seq": 4 * s + b, "t_ns": s * 40_000_000 + 20_000_000
+                             + b * 3_000_000 + (late_ns if r else 0),
+                             "calls_before": (65, 14, 14, 15)[b] if with_calls else None})
+    return pl.DataFrame(rows)
+
+
+def test_equal_buckets_of_a_late_rank_are_paired_by_the_calls_before_them():
+    # rank 1 enters each bucket 8.5 ms late: the others' buckets 2-3 on are nearest in time
+    shifts = align_seq(_equal_buckets(8_500_000)).group_by("rank").agg(
+        (pl.col("gseq") - pl.col("seq")).unique())
+    assert sorted(shifts.rows()) == [(0, [0]), (1, [0])]
+    # by (op, bytes) and time alone, a bucket 2 on won
+    blind = align_seq(_equal_buckets(8_500_000, with_calls=False)).filter(pl.col("rank") == 1)
+    assert (blind["gseq"] - blind["seq"]).unique().to_list() == [2]

@@ -39,10 +39,8 @@ pytestmark = pytest.mark.unit
 DATA = Path(__file__).resolve().parents[1] / "data"
 # where the summaries' findings are known to differ from the raw events' (strict: the test
 # fails the moment they agree)
-DIFFER = {
-    "sim_sync_every_n_straggler_rank0_loaded": "issue 13: on this loaded run (no sync period "
-    "found, 27 windows) a collective stall's evidence differs between summaries and raw",
-}
+DIFFER: dict[str, str] = {}  # none now (sim_sync_every_n_straggler_rank0_loaded was, until
+# the raw report realigned its collectives by steps as the summaries do)
 RECORDED = sorted(p.name for p in DATA.iterdir() if (p / "events.parquet").exists())
 RECORDED_MARKED = [pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
                                                            reason=DIFFER[n]))
