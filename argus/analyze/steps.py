@@ -678,18 +678,22 @@ def _step_corrections(coll: pl.DataFrame, steps: pl.DataFrame) -> dict[int, int]
     """rank -> the correction of its `gseq` on its step communicator that makes its steps
     start at the same collective as the reference rank's steps of the same time.
 
-    `align_seq` chooses among shifts whose pairs agree on (op, bytes) by the median entry
-    time difference: with identical buckets (DDP's equal-sized buckets, the simulator's)
-    a shift by one bucket pairs most collectives with the rank's neighbouring bucket of the
-    same step and only the step's last one across steps, so the median barely moves and the
-    wrong shift can win (seen on daemon windows of a few steps under CPU load: ranks off by
-    one bucket, step ids interleaved, a waiting rank counted as missing). Steps do not have
-    that ambiguity: every rank's step ends at the same end-of-step wait (the GPU finishes
-    a step only when every rank's collectives arrived), so the same step starts at nearly
-    the same time on every rank. Per rank, its steps are paired with the reference's (the
-    rank with the most steps) by nearest start (within half the median step time); when at
-    least 3 pairs are found and >= 75% of them differ by the same non-zero number of
-    collectives at the step's first collective, that is the rank's correction."""
+    `align_seq` chooses among shifts whose pairs agree on (op, bytes, calls before) by the
+    median entry time difference: with identical buckets (DDP's equal-sized buckets, the
+    simulator's) and hosts that make no other calls, a shift by one bucket pairs most
+    collectives with the rank's neighbouring bucket of the same step, so the median barely
+    moves and the wrong shift can win (seen on daemon windows of a few steps under CPU load:
+    ranks off by one bucket, step ids interleaved, a waiting rank counted as missing); a
+    shift by whole steps keeps even the calls alike (a straggler late by over a step on a
+    host that runs ahead, under load). Steps do not have that ambiguity: every rank's step
+    ends at the same end-of-step wait (the GPU finishes a step only when every rank's
+    collectives arrived), so the same step starts at nearly the same time on every rank.
+    Per rank, its steps are paired with the reference's (the rank with the most steps) by
+    nearest start (within half the median step time); when at least 3 pairs are found and
+    >= 75% of them differ by the same non-zero number of collectives at the step's first
+    collective, that is the rank's correction, unless it pairs fewer of the rank's
+    collectives with the reference's after as many other calls
+    (`matching.calls_agreement`)."""
     if steps.height == 0 or coll.height == 0:
         return {}
     rank_comm = step_comms(coll)
