@@ -16,7 +16,6 @@
  * Sizes come from -D flags (ARGUS_MAX_TGIDS, ...), with defaults below.
  */
 #include <uapi/linux/ptrace.h>
-#include <uapi/linux/bpf_perf_event.h>
 #include "argus.h"
 
 #ifndef ARGUS_MAX_TGIDS

@@ -427,14 +427,15 @@ class Tracer:
 
     def _specs_for(self, lib: procfs.MappedLibrary) -> list[LibrarySpec]:
         name = os.path.basename(lib.path)
-        out = []
-        for spec in self.specs:
-            if spec.matches_file(name):
-                out.append(spec)
-            elif spec.static_marker and lib.name.startswith("libtorch"):
-                elf = elf_file(lib.host_path)
-                if elf is not None and elf.defines(spec.static_marker):
-                    out.append(spec)  # a static copy of the runtime inside another .so
+        out = [spec for spec in self.specs if spec.matches_file(name)]
+        markers = tuple(spec.static_marker for spec in self.specs
+                        if spec.static_marker and spec not in out)  # fmt: skip
+        if markers and lib.name.startswith("libtorch"):
+            elf = elf_file(lib.host_path)
+            found = elf.defined_of(markers) if elf is not None else set()
+            # a static copy of the runtime inside another .so
+            out += [spec for spec in self.specs if spec.static_marker in found
+                    and spec not in out]  # fmt: skip
         return out
 
     def _acquire_uprobe(self, path: str, vaddr: int, ret: bool) -> tuple:

@@ -25,7 +25,7 @@ args = { count = "reg3", comm = "reg6", stream = "stack1" }
 
 def test_shipped_specs_load_with_the_expected_probes():
     specs = {s.family: s for s in load_specs()}
-    assert set(specs) == {"cudart", "cuda_driver", "nccl", "torch"}
+    assert set(specs) == {"cudart", "cuda_driver", "nccl", "torch", "torch_nccl"}
     cudart = {p.symbol: p for p in specs["cudart"].probes}
     launch = cudart["cudaLaunchKernel"]
     assert launch.variants == ("cudaLaunchKernel_ptsz",)
@@ -42,6 +42,13 @@ def test_shipped_specs_load_with_the_expected_probes():
     assert len(nccl) == 16
     torch = {p.name: p for p in specs["torch"].probes}
     assert torch["c10d::ProcessGroupGloo::allreduce"].args == {"comm": 1}  # this = rsi (sret)
+    assert torch["c10d::Reducer::all_reduce_bucket"].args == {"ptr": 1}  # void: Bucket& in rsi
+    # each backend's methods where that backend is built: Gloo's in libtorch_cpu, NCCL's in
+    # libtorch_cuda (a CPU build's libtorch_cpu is never searched for names it cannot have)
+    assert specs["torch"].files == ("libtorch_cpu.so*",)
+    assert specs["torch_nccl"].files == ("libtorch_cuda.so*",)
+    assert {p.name.split("::")[1] for p in specs["torch_nccl"].probes} == {"ProcessGroupNCCL"}
+    assert not any("ProcessGroupNCCL" in p.name for p in specs["torch"].probes)
 
 
 def test_channels_filter():

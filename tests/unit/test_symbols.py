@@ -70,3 +70,33 @@ def test_a_file_that_is_not_elf_is_none(tmp_path):
     p.write_bytes(b"#!/bin/sh\n")
     assert symbols.elf_file(str(p)) is None
     assert symbols.elf_file(str(tmp_path / "missing.so")) is None
+
+
+def test_a_name_in_no_string_table_is_missing_without_reading_the_symbol_table(lib):
+    # a CPU build asked for names it cannot have: answered by the byte search alone
+    elf = symbols.ElfFile(lib)
+    assert elf.lookup("_ZN4c10d17ProcessGroupNCCL9allreduceE") is None
+    assert elf._by_name is None
+    assert elf.lookup("ncclAllReduceLocal") is not None  # only in .symtab: read now
+    assert elf._by_name is not None
+
+
+def test_markers_of_several_specs_are_answered_in_one_pass(lib):
+    elf = symbols.ElfFile(lib)
+    asked = ("cudaLaunchKernel", "ncclAllReduce", "ncclAllReduceLocal", "cudaLaunchKernelExported")
+    assert elf.defined_of(asked) == {"cudaLaunchKernel", "ncclAllReduceLocal",
+                                     "cudaLaunchKernelExported"}  # fmt: skip
+    assert symbols._strings_with(lib, ("ncclAllReduce", "LaunchKernel")) == frozenset()
+
+
+def test_every_address_of_a_function_names_it_and_none_outside(lib):
+    # CPU samples: the address table sorted once per file, a name read when asked for
+    elf = symbols.ElfFile(lib)
+    for name in ("cudaLaunchKernelExported", "cudaLaunchKernel", "ncclAllReduceLocal"):
+        sym = elf.lookup(name)
+        assert sym.size > 0
+        assert [elf.function_at(sym.vaddr + k) for k in (0, sym.size - 1)] == [name, name]
+        after = elf.function_at(sym.vaddr + sym.size)
+        assert after != name
+    assert isinstance(elf._funcs, symbols._AddressTable)
+    assert elf.function_at(0) is None and elf.function_at(-1) is None
