@@ -6,6 +6,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 import scenarios
+import test_decode
 from test_decode import record
 
 from argus.analyze.matching import align_seq, collectives
@@ -13,12 +14,12 @@ from argus.analyze.report import diagnose
 from argus.analyze.steps import detect_steps
 from argus.analyze.timeline import build_timeline
 from argus.collect.c10d import Group
-from argus.collect.decode import DecodeContext, ProbeRef, decode_records
-from argus.collect.specs import load_specs
+from argus.collect.decode import DecodeContext, decode_records
 from argus.recording.io import Recording, coerce
 from argus.recording.schema import EVENTS_SCHEMA, empty_stacks
 
 pytestmark = pytest.mark.unit
+refs = test_decode.refs  # the fixture: probe ids of the shipped specs
 
 BUCKET = "_ZN4c10d7Reducer17all_reduce_bucketERNS0_6BucketE"
 ALLREDUCE = ("_ZN4c10d16ProcessGroupGloo9allreduceERSt6vectorIN2at6TensorESaIS3_EERKNS_16"
@@ -27,22 +28,12 @@ STEP_NS = 40_000_000
 MS = 1_000_000
 
 
-def _refs():
-    probes, ids = {}, {}
-    for lib in load_specs():
-        for spec in lib.probes:
-            for sym in spec.symbols:
-                ids[sym] = len(probes)
-                probes[len(probes)] = ProbeRef(spec, sym)
-    return probes, ids
-
-
-def _job(steps: int, buckets: int, log_every: int, ranks: int = 2) -> Recording:
+def _job(refs, steps: int, buckets: int, log_every: int, ranks: int = 2) -> Recording:
     """A gloo DDP job seen from its c10d calls: per step, `buckets` gradient buckets (each a
     Reducer::all_reduce_bucket, then the allreduce it makes, on the thread that runs the
     backward), and every `log_every`-th step the loss allreduced on the same group right
     after the optimizer. The same process group (torch's "0") on every rank."""
-    probes, ids = _refs()
+    probes, ids = refs
     groups = {(1000 + r, 0xA000 + r): Group("0", r, ranks) for r in range(ranks)}
     ctx = DecodeContext(probes, rank_of={1000 + r: r for r in range(ranks)},
                         pg_group=lambda tgid, this: groups.get((tgid, this)))  # fmt: skip
@@ -67,8 +58,8 @@ def _job(steps: int, buckets: int, log_every: int, ranks: int = 2) -> Recording:
     return Recording(man, coerce(ev, EVENTS_SCHEMA, "events"), empty_stacks())
 
 
-def test_buckets_are_numbered_per_process_and_tag_the_call_they_make():
-    rec = _job(steps=6, buckets=3, log_every=5)
+def test_buckets_are_numbered_per_process_and_tag_the_call_they_make(refs):
+    rec = _job(refs, steps=6, buckets=3, log_every=5)
     b = rec.events.filter(pl.col("name") == "c10d::Reducer::all_reduce_bucket")
     # 3 bucket addresses per process, numbered by first call: 0, 1, 2 every step
     assert b.filter(pl.col("tgid") == 1000)["seq"].to_list() == [0, 1, 2] * 6
@@ -80,11 +71,11 @@ def test_buckets_are_numbered_per_process_and_tag_the_call_they_make():
 
 
 @pytest.mark.parametrize("buckets", [1, 3])
-def test_a_loss_allreduced_every_5_steps_on_ddps_group_is_not_a_step(buckets):
+def test_a_loss_allreduced_every_5_steps_on_ddps_group_is_not_a_step(refs, buckets):
     # one bucket: 5 of 6 calls alike, the same op on the same group. Untagged (the calls'
     # tokens alike), a period of 6 calls made 30 steps of 151 (measured on the zoo's real
     # torch sync_every_n job); tagged but without the once-per-step rule, the same.
-    rec = _job(steps=31, buckets=buckets, log_every=5)
+    rec = _job(refs, steps=31, buckets=buckets, log_every=5)
     tl = build_timeline([rec])
     d = detect_steps(tl, align_seq(collectives(tl)))
     assert d.method == "torch"
@@ -104,10 +95,10 @@ def test_a_loss_allreduced_every_5_steps_on_ddps_group_is_not_a_step(buckets):
     assert diagnose([rec])["steps"]["count"] == 30
 
 
-def test_without_bucket_ordinals_the_tag_alone_does_not_merge_steps():
+def test_without_bucket_ordinals_the_tag_alone_does_not_merge_steps(refs):
     # recordings made before the bucket address was captured: origin "ddp", no ordinal;
     # the once-per-step rule needs the bucket's identity and is not applied
-    rec = _job(steps=31, buckets=1, log_every=5)
+    rec = _job(refs, steps=31, buckets=1, log_every=5)
     rec.events = rec.events.with_columns(
         pl.when(pl.col("name") == "c10d::Reducer::all_reduce_bucket").then(None)
         .otherwise(pl.col("seq")).alias("seq"))  # fmt: skip
