@@ -296,32 +296,9 @@ def _cycle_by_waits(m: _Markers,
     starts = _split_by_gaps(m, starts)
     dist = Counter(b - a for a, b in zip(starts, starts[1:], strict=False))
     p = dist.most_common(1)[0][0]
-    starts = _rephase_by_work(m, starts, p)
     first = starts[0]
     uniform = bool(np.all(m.tok[first:first + p] == m.tok[first]))
     return p, starts, uniform, True
-
-
-def _rephase_by_work(m: _Markers, starts: list[int], p: int) -> list[int]:
-    """Steps of p markers that start where the host made the most of its other calls: of the
-    p rotations of `starts`, the one whose markers follow >= GAP_BREAK x the median calls
-    that the current starts follow (the optimizer, the data and the next forward's launches
-    against one bucket's backward: 65 calls against 14-15 on the simulator), else `starts`.
-    Program order, where the longest wait is timing: a host straggler on a host that reads
-    back every 5 steps waited longest after its forward, and its steps started there (3
-    markers off its peers': their ids were matched by time, and 82 of its 135 lost)."""
-    if p < 2 or len(starts) < 4:
-        return starts
-    n = len(m.t)
-
-    def work_at(j: int) -> float:
-        return float(median(m.work[a + j] for a in starts if a + j < n))
-
-    now = work_at(0)
-    j = max(range(p), key=lambda j: (work_at(j), -j))
-    if j == 0 or work_at(j) < GAP_BREAK * max(now, 1.0):
-        return starts
-    return [a + j for a in starts if a + j < n]
 
 
 def _split_by_gaps(m: _Markers, starts: list[int]) -> list[int]:
@@ -722,17 +699,17 @@ def _step_corrections(coll: pl.DataFrame, steps: pl.DataFrame) -> dict[int, int]
              .unique("rank", keep="first", maintain_order=True))  # fmt: skip
     ok = votes.filter((pl.col("n") >= 3) & (pl.col("d") != 0)
                       & (pl.col("len") >= 0.75 * pl.col("n")))  # fmt: skip
+    def numbered(r: int) -> pl.DataFrame:
+        return (coll.filter((pl.col("rank") == r) & (pl.col("comm") == ref_comm))
+                .select(pl.col("gseq").alias("seq"), "calls_before"))  # fmt: skip
+
     out = {}
-    cols = ["seq", "calls_before"]
-    ref_c = (coll.filter((pl.col("rank") == ref) & (pl.col("comm") == ref_comm))
-             .select(pl.col("gseq").alias("seq"), "calls_before"))  # fmt: skip
+    ref_c = numbered(ref)
     for r, d in ok.select("rank", "d").rows():
         # not where program order pairs the collectives as they are (align_seq's own
         # check): a straggler late by over a step starts its steps nearest the others' next
-        mine = (coll.filter((pl.col("rank") == r) & (pl.col("comm") == ref_comm))
-                .select(pl.col("gseq").alias("seq"), "calls_before"))  # fmt: skip
-        now, moved = calls_agreement(ref_c, mine.select(cols), 0), calls_agreement(
-            ref_c, mine.select(cols), d)
+        mine = numbered(r)
+        now, moved = calls_agreement(ref_c, mine, 0), calls_agreement(ref_c, mine, d)
         if now is not None and moved is not None and moved < now:
             continue
         out[int(r)] = int(d)

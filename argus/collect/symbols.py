@@ -196,6 +196,14 @@ _ELF64_SYM = np.dtype(
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 
 
+def _defined_functions(syms: np.ndarray) -> np.ndarray:
+    """Which entries of an ELF64 symbol table (`_ELF64_SYM` rows) are defined, named
+    functions with an address (STT_FUNC or STT_GNU_IFUNC, not SHN_UNDEF)."""
+    kind = syms["info"] & 0xF
+    keep = ((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC)) & (syms["shndx"] != 0)
+    return keep & (syms["value"] != 0) & (syms["name"] != 0)
+
+
 def _function_table(path: str, names: tuple[str, ...]) -> dict[str, Symbol]:
     """Defined functions of the symbol tables `names` (first definition of a name wins)."""
     out: dict[str, Symbol] = {}
@@ -221,10 +229,7 @@ def _function_table(path: str, names: tuple[str, ...]) -> dict[str, Symbol]:
             strtab = elf.get_section(sec["sh_link"])
             f.seek(strtab["sh_offset"])
             strs = f.read(strtab["sh_size"])
-            kind = syms["info"] & 0xF
-            keep = ((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC)) & (syms["shndx"] != 0)
-            keep &= (syms["value"] != 0) & (syms["name"] != 0)
-            kept = syms[keep]
+            kept = syms[_defined_functions(syms)]
             for off, value, size in zip(
                 kept["name"].tolist(), kept["value"].tolist(), kept["size"].tolist(), strict=True
             ):
@@ -275,9 +280,7 @@ class _AddressTable:
                     continue
                 syms = np.frombuffer(mm, dtype=_ELF64_SYM, count=sec["sh_size"] // 24,
                                      offset=sec["sh_offset"])  # fmt: skip
-                kind = syms["info"] & 0xF
-                keep = ((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC)) & (syms["shndx"] != 0)
-                keep &= (syms["value"] != 0) & (syms["name"] != 0)
+                keep = _defined_functions(syms)
                 strtab = elf.get_section(sec["sh_link"])
                 parts.append((syms["value"][keep], syms["size"][keep], syms["name"][keep],
                               np.full(int(keep.sum()), len(strtabs), dtype=np.uint8)))
