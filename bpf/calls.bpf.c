@@ -10,7 +10,9 @@
  *   seqs         (tgid, communicator, peer) -> next sequence number (collectives, p2p)
  *   inflight     tid -> stack of entered calls awaiting their return (ARGUS_MAX_DEPTH deep);
  *                read by user space at the end: calls still blocked are hangs
- *   calls        ring buffer of struct argus_call / argus_call_str records
+ *   calls        ring buffer of struct argus_call / argus_call_str records, submitted with
+ *                BPF_RB_NO_WAKEUP (user space reads it every 100 ms: Tracer.poll) except a
+ *                communicator's first call (argus_wakeup)
  *   call_scratch per-CPU scratch for the inflight value (too big for the BPF stack)
  * Cost per hit (measured by `make bench`): entry-only ~ the uprobe trap plus two hash
  * lookups and a 128-byte ring-buffer record; entry+return adds the uretprobe trap and one
@@ -78,6 +80,15 @@ static __always_inline s64 argus_next_seq(u32 tgid, u64 comm, s32 peer)
     s64 s = *v;  /* one thread issues a communicator's calls: no atomic needed */
     *v = s + 1;
     return s;
+}
+
+/* A record wakes user space only when it is the first call on its communicator since
+ * attach (seq 0): user space names a c10d group from the live process's memory then, which
+ * must not wait for the next poll (a short job's rank may be gone by then). Every other
+ * record waits for the poll's clock: a wakeup per record was most of argus's own CPU. */
+static __always_inline u64 argus_wakeup(s64 seq)
+{
+    return seq == 0 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
 int argus_call_entry(struct pt_regs *ctx)
@@ -150,7 +161,7 @@ int argus_call_entry(struct pt_regs *ctx)
         r->out = 0;
         r->seq = f->seq;
         r->ret = 0;
-        calls.ringbuf_submit(r, 0);
+        calls.ringbuf_submit(r, argus_wakeup(f->seq));
         return 0;
     }
 
@@ -265,6 +276,6 @@ int argus_call_return(struct pt_regs *ctx)
         if (bpf_probe_read_user_str(rs->str, sizeof(rs->str), (void *)ptr) < 0)
             rs->str[0] = 0;
     }
-    calls.ringbuf_submit(r, 0);
+    calls.ringbuf_submit(r, argus_wakeup(r->seq));
     return 0;
 }

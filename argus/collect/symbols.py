@@ -16,6 +16,7 @@ import ctypes
 import mmap
 import os
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -399,32 +400,36 @@ class _HashLookup:
 
 MAX_FILES = 256  # parsed ELF files kept (least recently used out): ~50 per torch rank, shared
 _files: OrderedDict[tuple[int, int, int, int], ElfFile | None] = OrderedDict()
+_files_lock = threading.Lock()
 
 
 def elf_file(path: str) -> ElfFile | None:
     """The parsed ELF at path, None when it is not a readable ELF. One per file identity
     (device, inode, size, mtime), whatever path reached it: the ranks of a node map the same
-    libraries, each through its own /proc/PID/root."""
+    libraries, each through its own /proc/PID/root. Safe from several threads (the tracer
+    warms the tables of the files its targets map in one while it attaches in another)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key in _files:
-        _files.move_to_end(key)
-        elf = _files[key]
-        if elf is not None and elf.path != path:
-            elf.reached_by(path)
-        return elf
+    with _files_lock:
+        if key in _files:
+            _files.move_to_end(key)
+            elf = _files[key]
+            if elf is not None and elf.path != path:
+                elf.reached_by(path)
+            return elf
     try:
         elf = ElfFile(path)
     except OSError:
         return None  # gone meanwhile (a rank's /proc/PID/root): another path may reach it
     except ELFError:
         elf = None
-    _files[key] = elf
-    if len(_files) > MAX_FILES:
-        _files.popitem(last=False)
+    with _files_lock:
+        elf = _files.setdefault(key, elf)  # another thread's parse of it first: that one
+        if len(_files) > MAX_FILES:
+            _files.popitem(last=False)
     return elf
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from argus.collect import procfs
+from argus.collect import tracer as tracer_mod
 from argus.collect.session import run_session
 from argus.collect.tracer import TraceOptions
 from argus.recording.io import load_recording
@@ -211,3 +213,80 @@ def test_ranks_started_after_attach_are_traced(tmp_path):
         assert got.sort("ts_ns")["seq"].to_list() == list(range(got.height))
         assert got["comm"].unique().to_list() == [got["comm"][0]]
         assert not got["comm"][0].startswith("anon")  # named from the ncclUniqueId at init
+
+
+def test_a_library_dlopened_after_attach_is_probed_and_unchanged_maps_are_not_reread(
+        tmp_path, monkeypatch):  # fmt: skip
+    """A process under a watched launcher dlopen()s libcudart once argus has stopped
+    treating it as just started: the periodic check (the size of its executable mappings)
+    sees the load and probes it; the maps backstop is pushed out of reach, the process calls
+    cudaSetDevice 37 times once probed, exactly 37 are recorded; and no check reread its
+    /proc/PID/maps while nothing had been loaded (every read of them found a change)."""
+    monkeypatch.setattr(tracer_mod, "MAPS_BACKSTOP_S", 3600.0)
+    reads = {"unchanged": 0, "changed": 0}
+    real_scan = tracer_mod.Tracer._scan
+
+    def scan(self, t):
+        before = t.maps_text
+        real_scan(self, t)
+        if t.tgid == child_pid.get("pid") and t.tgid not in self._hot and before is not None:
+            reads["unchanged" if t.maps_text == before else "changed"] += 1
+
+    monkeypatch.setattr(tracer_mod.Tracer, "_scan", scan)
+    checks = {"n": 0}
+    real_code = procfs.mapped_code
+
+    def mapped_code(tgid, proc_root="/proc"):
+        if tgid == child_pid.get("pid"):
+            checks["n"] += 1
+        return real_code(tgid, proc_root)
+
+    monkeypatch.setattr(procfs, "mapped_code", mapped_code)
+    go, release = tmp_path / "go", tmp_path / "release"
+    lib = REPO / "build" / "stubs" / "libcudart.so.12"
+    child = (
+        "import ctypes, os, time\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+        f"cudart = ctypes.CDLL({str(lib)!r})\n"
+        f"while not os.path.exists({str(release)!r}): time.sleep(0.01)\n"
+        "for _ in range(37): cudart.cudaSetDevice(0)\n"
+    )
+    shell = subprocess.Popen(["sh", "-c", f"{sys.executable} -c \"$CHILD\"; true"],
+                             env={"CHILD": child, "PATH": "/usr/bin:/bin"})  # fmt: skip
+    tracers: list = []
+    child_pid: dict = {}
+
+    def step() -> bool:
+        tr = tracers[0]
+        kids = [t for t in tr.targets.values() if t.tgid != shell.pid]
+        if kids and not go.exists() and kids[0].tgid not in tr._hot and checks["n"] >= 2:
+            go.touch()  # cooled down, checked twice with nothing new: now load the library
+        if kids and not release.exists() and any(
+                a.uprobes for p, a in kids[0].attached.items() if "libcudart" in p):  # fmt: skip
+            release.touch()  # probed: now call it
+        return False
+
+    def started(tracer):
+        tracers.append(tracer)
+        kids = [t for t in tracer.targets.values() if t.tgid != shell.pid]
+        child_pid["pid"] = kids[0].tgid if kids else None
+
+    try:
+        deadline = time.monotonic() + 30
+        while not procfs.children(shell.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        result = run_session([shell.pid], tmp_path / "rec", TraceOptions(channels=("cuda",)),
+                             60, on_started=started, should_stop=step)  # fmt: skip
+        assert shell.wait(timeout=30) == 0
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+    assert go.exists() and release.exists()
+    rec = load_recording(result.path)
+    (rank,) = rec.manifest["ranks"]
+    assert rank["tgid"] == child_pid["pid"]
+    assert any("libcudart" in x["path"] for x in rank["libraries"])
+    assert rec.manifest["call_counts"][str(rank["tgid"])]["cudaSetDevice"] == 37
+    assert rec.manifest["end_reason"] == "targets_exited"
+    assert reads["unchanged"] == 0 and reads["changed"] >= 1, reads
+    assert checks["n"] >= 3, checks
