@@ -366,3 +366,17 @@ def test_cpu_times_reads_the_nodes_cpu_line_in_ns(tmp_path):
     (tmp_path / "stat").write_text("intr 1 2 3\n")
     assert cpu_times(tmp_path) is None
     assert cpu_times(tmp_path / "missing") is None
+
+
+def test_mapped_code_is_the_size_of_the_executable_mappings_and_none_when_gone(proc: Path):
+    """VmExe/VmLib (kB) of a live process; a zombie's status has no Vm lines; gone: None."""
+    d = make_process(proc, 300, name="rank")
+    (d / "status").write_text(
+        "Name:\trank\nState:\tS (sleeping)\nTgid:\t300\nVmPeak:\t 9000 kB\nVmRSS:\t 5000 kB\n"
+        "VmData:\t 2000 kB\nVmStk:\t 132 kB\nVmExe:\t     144 kB\nVmLib:\t   67812 kB\n"
+        "VmPTE:\t 400 kB\nThreads:\t6\n")
+    assert procfs.mapped_code(300, proc) == (144, 67812)
+    make_process(proc, 301, name="zombie", state="Z")
+    assert procfs.mapped_code(301, proc) is None
+    assert procfs.mapped_code(302, proc) is None
+    assert procfs.mapped_code(os.getpid())[0] > 0  # the real /proc's format
