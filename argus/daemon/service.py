@@ -51,7 +51,7 @@ from argus import __version__
 from argus.analyze.hang import LATEST_INTERVALS
 from argus.analyze.summary import TAIL_SEQS, build_summaries, diagnose_summaries
 from argus.collect.nvml import GpuSampler, assign_ranks
-from argus.collect.session import check_kernel_features
+from argus.collect.session import check_kernel_features, yield_to_the_job
 from argus.collect.tracer import TraceOptions, Tracer
 from argus.daemon.config import DaemonConfig, load_config
 from argus.daemon.discovery import Found, Scanner, job_key
@@ -175,6 +175,7 @@ class Daemon:
         if self.opts.trace.gpu_interval_s:
             self.gpu = GpuSampler(self.opts.trace.gpu_interval_s)
             self.gpu.start()  # its own thread; no NVML = no samples, a line in /state
+        yield_to_the_job()  # the node's jobs come first (argus.collect.session)
 
     @property
     def metrics_port(self) -> int | None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from helpers.cli import ArgusProcess
 
 from argus.cli import main
+from argus.collect.session import TRACING_NICE
 from argus.recording.io import load_recording
 from argus.recording.parts import PART_S
 from argus.sim.launcher import SimConfig, start_job
@@ -137,6 +139,16 @@ def test_a_sigkilled_attach_leaves_a_readable_recording(tmp_path, capsys):
         assert f.stat().st_mode & 0o777 == (0o700 if f.is_dir() else 0o600), f
 
 
+def _nice_of_threads(pid: int) -> set[int]:
+    nice = set()
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            nice.add(int(stat.read_text().rsplit(")", 1)[1].split()[16]))
+        except (OSError, IndexError):
+            pass  # a thread that ended meanwhile
+    return nice
+
+
 def test_sigterm_ends_the_attach_with_a_complete_recording(tmp_path):
     job, go = _job(tmp_path, ranks=2, duration_s=120)
     out = tmp_path / "rec"
@@ -144,6 +156,9 @@ def test_sigterm_ends_the_attach_with_a_complete_recording(tmp_path):
         cli = ArgusProcess(["attach", str(job.launcher_pid), "-o", str(out)])
         cli.wait_for("argus: tracing")
         go.touch()
+        # once tracing, every thread of argus yields to the job (nice 10; the job's stay 0)
+        assert _nice_of_threads(cli.proc.pid) == {TRACING_NICE}
+        assert _nice_of_threads(job.launcher_pid) == {0}
         # wait for the first parts (the job is stepping and traced), then stop
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not list((out / "parts").glob("*/manifest.json")):
