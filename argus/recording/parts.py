@@ -6,7 +6,7 @@
 OOM-killed attach leaves every part written so far, and `argus report DIR` reads them
 (`load_parts`). Every `COMPACT_EVERY` parts the writer merges the ones since the last
 compaction into one part that covers their range (then removes them), so a day of tracing
-is ~290 parts, not 17,280. (A part every second was ~40 % of argus's own steady CPU on a
+is ~290 parts, not 17,280. (A part every second was ~40 % of argus's Python samples on a
 4-rank torch job: a part's fixed cost, four parquet files and the manifest, dwarfs its
 rows.) At the end, `PartWriter.finish` merges every part into `DIR` (the recording's usual
 files) and removes `DIR/parts/`.

@@ -226,9 +226,9 @@ def test_a_library_dlopened_after_attach_is_probed_and_unchanged_maps_are_not_re
     reads = {"unchanged": 0, "changed": 0}
     real_scan = tracer_mod.Tracer._scan
 
-    def scan(self, t):
+    def scan(self, t, code=None):
         before = t.maps_text
-        real_scan(self, t)
+        real_scan(self, t, code)
         if t.tgid == child_pid.get("pid") and t.tgid not in self._hot and before is not None:
             reads["unchanged" if t.maps_text == before else "changed"] += 1
 
