@@ -9,7 +9,15 @@ Metrics per (rank, step), from `steps.step_metrics`:
 - `host_gap_ns` (from the step's start to its first traced call: the host work before the
   step's GPU work, data loading above all): high on a host-slow rank even where its late
   arrival is diluted (a tensor-parallel peer waits for it, the next calls of both are late
-  together). Not compared across pipeline stages (their host work differs by role).
+  together).
+
+Pipeline stages differ by role (the first stage loads the data, each stage arrives at its
+data-parallel allreduce at its own point of the schedule): where the stages have data-
+parallel ranks (`stages`), every metric is compared within a stage only (the healthy
+simulator's 2 stages x 2 DP: the first stage's two ranks arrive 3-8 ms later than the
+second's in every run, each the latest of the four in ~50 % of the steps, score up to 4.9);
+with one rank per stage, `host_gap_ns` is not read and the others are compared across the
+stages. A stage slow as a whole is `pipeline.py`'s.
 
 Detector, per metric and per scope (the whole recording, then each warning anomalous window
 and its peak: its steps >= 2x the baseline): for
@@ -192,18 +200,23 @@ def _summary(f: dict[str, Any], n: int = 1) -> str:
     where = (f" in steps {f['start_step']}-{f['end_step']}" if f["start_step"] is not None
              else " throughout the recording")  # fmt: skip
     more = "less" if col == "coll_wait_ns" else "more"
+    than = "the other ranks of its pipeline stage" if "stage" in ev else "the other ranks"
     return (f"Rank {f['rank']} is the straggler{where}: it {WHAT[col]}, "
-            f"{ev['excess_ms']:.1f} ms per step {more} than the other ranks "
+            f"{ev['excess_ms']:.1f} ms per step {more} than {than} "
             f"({f['impact']:.0%} of the {ev['step_time_ms_p50']:.1f} ms step"
             + (f"; over {n}-step cycles: its host reads back every {n} steps" if n > 1 else "")
             + ").")
 
 
 def _finding(r: int, col: str, cause: str, s: dict[str, float], window: dict[str, Any] | None,
-             m: pl.DataFrame, step_ns: float,
-             others: dict[str, dict[str, float] | None]) -> dict[str, Any]:  # fmt: skip
-    """The straggler finding of rank `r` flagged by metric `col` with score `s` (per step)."""
+             m: pl.DataFrame, step_ns: float, others: dict[str, dict[str, float] | None],
+             stage: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The straggler finding of rank `r` flagged by metric `col` with score `s` (per step);
+    `stage`: the pipeline stage it was compared within (its evidence's others are the
+    stage's other ranks, `evidence.stage` names them)."""
     impact = s["excess_ns"] / step_ns
+    if stage is not None:
+        m = m.filter(pl.col("rank").is_in(stage))
     ev: dict[str, Any] = {
         "metric": col,
         "excess_ms": round(s["excess_ns"] / 1e6, 3),
@@ -211,6 +224,7 @@ def _finding(r: int, col: str, cause: str, s: dict[str, float], window: dict[str
         "slowest_in_fraction_of_steps": round(s["slowest_fraction"], 3),
         "steps": s["steps"],
         "step_time_ms_p50": round(step_ns / 1e6, 3),
+        **({"stage": sorted(stage)} if stage is not None else {}),
     }
     for key, c in (
         ("compute_wait_ms", "compute_wait_ns"),
@@ -242,11 +256,12 @@ def _finding(r: int, col: str, cause: str, s: dict[str, float], window: dict[str
 
 
 def _blocks_finding(r: int, col: str, s: dict[str, float], m: pl.DataFrame, step_ns: float,
-                    others: dict[str, dict[str, float] | None]) -> dict[str, Any]:  # fmt: skip
+                    others: dict[str, dict[str, float] | None],
+                    stage: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
     """A whole-recording host straggler flagged over blocks of steps (`consistently_most`):
     its evidence says in what fraction of the blocks it was the slowest (waited least, for
     `coll_wait_ns`) and carries `blocks`, `block_steps` and `spread_score`."""
-    f = _finding(r, col, "host", s, None, m, step_ns, others)
+    f = _finding(r, col, "host", s, None, m, step_ns, others, stage)
     ev = f["evidence"]
     least = "least_wait" if col == "coll_wait_ns" else "slowest"
     ev[f"{least}_in_fraction_of_blocks"] = ev.pop("slowest_in_fraction_of_steps")
@@ -296,10 +311,10 @@ def detect_stragglers(
 
     `score` replaces the per-rank scoring (`_score`): the summary path passes a vectorised
     implementation with the same values (argus.analyze.summary.fast_score). `pipeline`:
-    the ranks are pipeline stages, whose host work differs by role (the first stage loads
-    the data): `host_gap_ns` is not compared across them, only within each of `stages`
-    (their data-parallel ranks; a 10 % host straggler on the simulator's 2 stages x 2 DP:
-    6.9 ms per step more, score 9, where its lateness scored 3-5). `sync_every` n > 1 (a host that
+    the ranks are pipeline stages, whose work differs by role: every metric is compared
+    within each of `stages` (their data-parallel ranks; a 10 % host straggler on the
+    simulator's 2 stages x 2 DP: 6.9 ms per step more, score 9, where its lateness across
+    the stages scored 3-5; module doc). `sync_every` n > 1 (a host that
     reads back every n steps, `anomaly.sync_period`): scored over n-step cycles
     (`_by_cycles`), reported per step."""
     if sync_every > 1:
@@ -327,13 +342,17 @@ def detect_stragglers(
             f["summary"] = _summary(f, n)
         return found
     base_fn = score or _score
-    # pipeline stages: their host work differs by role (the first stage loads the data), so
-    # host_gap_ns is compared within a stage only (its data-parallel ranks), where it has some
+    # pipeline stages: their work differs by role (the first stage loads the data, each
+    # stage arrives at its data-parallel allreduce and its sends at its own point of the
+    # schedule), so where a stage has data-parallel ranks every metric is compared within
+    # the stage only (a slow stage as a whole is pipeline.py's); with one rank per stage
+    # host_gap_ns is not read at all, the others are compared across stages
     groups = [list(g) for g in (stages or []) if len(g) >= 2]
+    peers = {r: g for g in groups for r in g} if pipeline else {}
 
     def _score_fn(m: pl.DataFrame, col: str, step_ns: float,
                   noise_min: dict[int, float] | None = None) -> dict[int, dict[str, float]]:
-        if not (pipeline and col == "host_gap_ns"):
+        if not (pipeline and groups):
             return base_fn(m, col, step_ns, noise_min)
         out: dict[int, dict[str, float]] = {}
         for g in groups:
@@ -416,7 +435,8 @@ def detect_stragglers(
                     continue
                 others = {c2: scored[c2].get(r) for c2, _ in metrics_used if c2 != col}
                 best[r] = {"_rank_key": rkey,
-                           **_finding(r, col, cause, s, window, m, step_ns, others)}  # fmt: skip
+                           **_finding(r, col, cause, s, window, m, step_ns, others,
+                                      peers.get(r))}  # fmt: skip
     if not best:
         # When no metric flags a rank step by step: the metric by which a rank is the most
         # consistently the slowest over blocks of steps (the sign test's z), however noisy
@@ -452,7 +472,8 @@ def detect_stragglers(
             for r, s in flagged.items():
                 others = {c2: whole[c2].get(r) for c2, _ in metrics_used}  # (none flagged it)
                 best[r] = {"_rank_key": (False, True, s["score"]),
-                           **_blocks_finding(r, col, s, metrics, step_ns, others)}
+                           **_blocks_finding(r, col, s, metrics, step_ns, others,
+                                             peers.get(r))}  # fmt: skip
     out = []
     for f in best.values():
         f.pop("_rank_key")
