@@ -24,7 +24,9 @@ P = 1/C(13, 3) = 0.0035: a finding; with 2 baseline samples, P = 1/C(12, 2) = 0.
 (two samples say too little about normal time); a baseline of 0 samples says nothing.
 
 Scopes: a straggler in a window (its samples in the window vs its samples elsewhere, or vs
-the other ranks' samples when it has fewer than MIN_SAMPLES elsewhere), a
+the other ranks' samples when it has fewer than MIN_SAMPLES elsewhere; when nothing of its
+own grew, vs the other ranks' samples in the window: a rank slow throughout and slower in
+the window, whose hotspot is as busy outside it), a
 straggler throughout (its samples vs the other ranks'), and an anomalous window without a
 straggler (all ranks in the window vs elsewhere).
 
@@ -302,6 +304,17 @@ def detect_hotspots(
             diff = differential(mine.filter(in_win[key]), normal)
             scope = f"in steps {key[0]}-{key[1]}"
             covered.add(key)
+            if "compared_with" not in extra and _finding(diff, r, scope, extra) is None:
+                # nothing of its own grew in the window (it was as busy in it before: a
+                # rank slow throughout, slower in the window): what it does there that the
+                # other ranks do not
+                others = stacks.filter((pl.col("rank") != r) & in_win[key])
+                f = _finding(differential(mine.filter(in_win[key]), others), r, scope,
+                             {**extra, "compared_with": "other_ranks_in_window"})  # fmt: skip
+                if f:
+                    f["summary"] = f["summary"].replace("otherwise", "on the other ranks")
+                    out.append(f)
+                continue
         else:
             diff = differential(mine, stacks.filter(pl.col("rank") != r))
             scope = "than on the other ranks, i.e."

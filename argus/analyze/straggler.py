@@ -26,16 +26,16 @@ steps, noise = max(1.4826 * MAD of d, 1% of the step time, 50 us, in a window: t
 noise over the steps outside every warning window, or over the whole recording when fewer
 than 5 such steps remain), score = D / noise. A rank
 is flagged when it has the metric in >= 50% of the scope's steps and is the slowest in
->= 50% of those, score >= 4 (or: the slowest in >= 90% of them and the sign test's z of
-those steps >= 4, see below: a rank late in every step by an amount that spreads with the
-load, 38 of 38 steps at D / noise 3.3 on a busy host) and D >= 3% of
+>= 50% of those, score >= 4 (or: clearly the slowest, by >= 3% of the step and 0.2 ms over
+the others' median, in >= 90% of them and the sign test's z of those steps >= 4: a rank
+late in every step by an amount that spreads with the load, 38 of 38 steps at D / noise 3.3
+on a busy host) and D >= 3% of
 the median step time (and >= 0.2 ms); in a window, D must also be >= 25% of the window's
 excess over the baseline (a rank delayed 30 ms in a step that another rank's 500 ms JIT
-compile stretched does not explain it). A rank flagged throughout beats its windows, unless
-only the sign test flagged it throughout (a rank slowed from mid-run is the slowest in most
-steps). Of 379 healthy zoo runs (10 shapes, busy and quiet hosts), no rank was the slowest
-in even 80% of the steps by >= 3% of the step; of 122 fault runs with such a rank, it was
-the planted one in all. Severity: critical when D >= 25% of the step time.
+compile stretched does not explain it). Of 379 healthy zoo runs (10 shapes, busy and quiet
+hosts), no rank was the slowest in even 80% of the steps by >= 3% of the step; of 122 fault
+runs with such a rank, it was the planted one in all. Severity: critical when D >= 25% of
+the step time.
 Cause `gpu` when the compute-wait metric flags the rank, else `host`.
 
 When no metric flags a rank step by step, over blocks of 5 steps (a value that moves
@@ -69,7 +69,7 @@ EXPLAIN = 0.25  # in a window, a straggler's excess explains >= 25% of the windo
 MIN_CALM_STEPS = 5  # steps outside the warning windows needed to measure a rank's own noise
 BLOCK_STEPS = 5  # the least-wait metric is scored over blocks of this many steps
 MIN_BLOCKS = 4
-CONSISTENT = 0.9  # the slowest in >= 90 % of the steps: flagged by the sign test alone
+CONSISTENT = 0.9  # clearly the slowest in >= 90 % of the steps: flagged by the sign test
 
 METRICS = (("compute_wait_ns", "gpu"), ("lateness_ns", "host"), ("host_gap_ns", "host"))
 WHAT = {
@@ -84,7 +84,9 @@ WHAT = {
 def _score(
     m: pl.DataFrame, col: str, step_ns: float, noise_min: dict[int, float] | None = None
 ) -> dict[int, dict[str, float]]:
-    """Per rank: D (ns), noise, score, fraction of steps slowest, n steps (see module doc)."""
+    """Per rank: D (ns), noise, score, fraction of steps slowest (and slowest by >= 3 % of
+    `step_ns` and 0.2 ms over the others' median: `clearly_slowest_fraction`), n steps (see
+    module doc)."""
     v = m.filter(pl.col(col).is_not_null()).select("rank", "step", pl.col(col).cast(pl.Float64))
     if v.height == 0:
         return {}
@@ -93,6 +95,8 @@ def _score(
         by_step.setdefault(step, {})[rank] = x
     d: dict[int, list[float]] = {}
     slowest: dict[int, int] = {}
+    clearly: dict[int, int] = {}  # slowest by >= max(MIN_IMPACT of the step, MIN_ABS_NS)
+    margin = max(MIN_IMPACT * step_ns, MIN_ABS_NS)
     n_steps = 0
     for vals in by_step.values():
         if len(vals) < 2:
@@ -103,6 +107,8 @@ def _score(
         for r, x in vals.items():
             others = [y for q, y in vals.items() if q != r]
             d.setdefault(r, []).append(x - median(others))
+            if r == top and d[r][-1] >= margin:
+                clearly[r] = clearly.get(r, 0) + 1
     out = {}
     floor = max(0.01 * step_ns, NOISE_FLOOR_NS)
     for r, ds in d.items():
@@ -114,6 +120,7 @@ def _score(
             "noise_ns": noise,
             "score": big_d / noise,
             "slowest_fraction": slowest.get(r, 0) / n_steps if n_steps else 0.0,
+            "clearly_slowest_fraction": clearly.get(r, 0) / n_steps if n_steps else 0.0,
             "steps": len(ds),
         }
     return out
@@ -229,7 +236,8 @@ def _finding(r: int, col: str, cause: str, s: dict[str, float], window: dict[str
         "excess_ms": round(s["excess_ns"] / 1e6, 3),
         "noise_ms": round(s["noise_ns"] / 1e6, 3),
         "slowest_in_fraction_of_steps": round(s["slowest_fraction"], 3),
-        **({"sign_z": round(s["sign_z"], 2)} if "sign_z" in s else {}),
+        **({"clearly_slowest_in_fraction_of_steps": round(s["clearly_slowest_fraction"], 3),
+            "sign_z": round(s["sign_z"], 2)} if "sign_z" in s else {}),
         "steps": s["steps"],
         "step_time_ms_p50": round(step_ns / 1e6, 3),
         **({"stage": sorted(stage)} if stage is not None else {}),
@@ -429,22 +437,21 @@ def detect_stragglers(
         n_ranks = m["rank"].n_unique()
         for col, cause in metrics_used:
             for r, s in scored[col].items():
-                s["sign_z"] = _sign_z(round(s["slowest_fraction"] * s["steps"]), s["steps"],
+                clear = s.get("clearly_slowest_fraction", 0.0)
+                s["sign_z"] = _sign_z(round(clear * s["steps"]), s["steps"],
                                       len(peers[r]) if r in peers else n_ranks)  # fmt: skip
                 if not (
                     # a metric the rank has in a few of the scope's steps says nothing of
                     # the rank throughout (a read-back in its first step only)
                     s["steps"] >= MIN_FRACTION * in_scope_steps
                     and s["slowest_fraction"] >= MIN_FRACTION
-                    and (s["score"] >= MIN_SCORE or (s["slowest_fraction"] >= CONSISTENT
-                                                     and s["sign_z"] >= MIN_SCORE))
+                    and (s["score"] >= MIN_SCORE
+                         or (clear >= CONSISTENT and s["sign_z"] >= MIN_SCORE))
                     and s["excess_ns"] >= max(MIN_IMPACT * step_ns, MIN_ABS_NS)
                     and s["excess_ns"] >= EXPLAIN * window_excess
                 ):
                     continue
-                # throughout beats a window, unless only the sign test flagged it throughout
-                # (a rank slowed from mid-run is the slowest in most steps of the recording)
-                rkey = (cause == "gpu", window is None and s["score"] >= MIN_SCORE, s["score"])
+                rkey = (cause == "gpu", window is None, s["score"])  # throughout beats a window
                 if r in best and best[r]["_rank_key"] >= rkey:
                     continue
                 others = {c2: scored[c2].get(r) for c2, _ in metrics_used if c2 != col}

@@ -464,6 +464,10 @@ def fast_score(
     first = v["step"].to_numpy()
     top = np.concatenate([[True], first[1:] != first[:-1]])
     slowest = dict(pl.DataFrame({"rank": v["rank"].to_numpy()[top]}).group_by("rank").len().rows())
+    # clearly the slowest: the top row of its step, by >= the straggler margin (rows reversed)
+    margin = max(straggler.MIN_IMPACT * step_ns, straggler.MIN_ABS_NS)
+    clear_rows = top[::-1] & ((x - med) >= margin)
+    clearly = dict(pl.DataFrame({"rank": rank[clear_rows]}).group_by("rank").len().rows())
     n_steps = len(starts)
     floor = max(0.01 * step_ns, straggler.NOISE_FLOOR_NS)
     agg = (
@@ -481,6 +485,7 @@ def fast_score(
             "noise_ns": noise,
             "score": big_d / noise,
             "slowest_fraction": slowest.get(r, 0) / n_steps if n_steps else 0.0,
+            "clearly_slowest_fraction": clearly.get(r, 0) / n_steps if n_steps else 0.0,
             "steps": int(cnt),
         }
     return out

@@ -126,6 +126,28 @@ def test_a_windowed_straggler_with_few_samples_outside_is_compared_with_the_othe
         (1, "jit_compile_graph", "other_ranks")]
 
 
+def test_a_windowed_straggler_busy_in_it_as_before_is_compared_with_the_other_ranks():
+    """Real DDP on a busy host (tests/bpf/test_python_cpu_samples.py): rank 1 burned CPU in
+    slow_rank_compute in every step and was a straggler in the window where the host's load
+    slowed it most; inside and outside the window alike 95 % of its samples were in it, so
+    its own differential was flat and no hotspot was named. Against the other ranks in the
+    window (waiting for it, a few samples of their own): the function they never run."""
+    burn = ["slow_rank_compute", "train_step", "main"]
+    own = ["train_step", "main"]
+    rows = [(1, t0 + i, burn if i % 20 else own, 1) for t0, n in ((500, 60), (100, 60))
+            for i in range(n)]  # fmt: skip
+    rows += [(0, 510 + 20 * i, own, 1) for i in range(4)]  # rank 0: 4 samples in the window
+    found = hotspot.detect_hotspots(_stacks(rows), [WINDOW], [_straggler(1, WINDOW)])
+    assert [(f["rank"], f["function"], f["compared_with"], f["samples_anomalous"],
+             f["samples_normal"]) for f in found] == [
+        (1, "slow_rank_compute", "other_ranks_in_window", 57, 0)]  # fmt: skip
+    assert found[0]["summary"] == ("On rank 1, slow_rank_compute took 95% of CPU samples in "
+                                   "steps 5-7 vs 0% on the other ranks.")  # fmt: skip
+    # no other rank in the window: nothing to compare with, nothing said
+    alone = [r for r in rows if r[0] == 1]
+    assert hotspot.detect_hotspots(_stacks(alone), [WINDOW], [_straggler(1, WINDOW)]) == []
+
+
 def test_the_function_that_burns_is_named_not_its_caller():
     """Seen on a fresh clone beside a CPU hog: a DDP rank burning CPU in slow_rank_compute
     (237 of 255 samples) was reported as `main`, whose inclusive share grew 1.8 points more
