@@ -301,31 +301,24 @@ def detect_hotspots(
                 # a short window: compare with the other ranks' samples instead
                 normal = stacks.filter(pl.col("rank") != r)
                 extra["compared_with"] = "other_ranks"
-            diff = differential(mine.filter(in_win[key]), normal)
+            inside = mine.filter(in_win[key])
             scope = f"in steps {key[0]}-{key[1]}"
             covered.add(key)
-            if "compared_with" not in extra and _finding(diff, r, scope, extra) is None:
+            f = _finding(differential(inside, normal), r, scope, extra)
+            if f is None and "compared_with" not in extra:
                 # nothing of its own grew in the window (it was as busy in it before: a
                 # rank slow throughout, slower in the window): what it does there that the
                 # other ranks do not
                 others = stacks.filter((pl.col("rank") != r) & in_win[key])
-                f = _finding(differential(mine.filter(in_win[key]), others), r, scope,
+                f = _finding(differential(inside, others), r, scope,
                              {**extra, "compared_with": "other_ranks_in_window"})  # fmt: skip
                 if f:
                     f["summary"] = f["summary"].replace("otherwise", "on the other ranks")
-                    out.append(f)
-                continue
         else:
             diff = differential(mine, stacks.filter(pl.col("rank") != r))
-            scope = "than on the other ranks, i.e."
-            scope = "on this rank"
-            diff_scope = "vs the other ranks"
-            f = _finding(diff, r, scope, {"compared_with": "other_ranks"})
+            f = _finding(diff, r, "on this rank", {"compared_with": "other_ranks"})
             if f:
-                f["summary"] = f["summary"].replace("otherwise", diff_scope)
-                out.append(f)
-            continue
-        f = _finding(diff, r, scope, extra)
+                f["summary"] = f["summary"].replace("otherwise", "vs the other ranks")
         if f:
             out.append(f)
     for w in windows:

@@ -71,6 +71,11 @@ BLOCK_STEPS = 5  # the least-wait metric is scored over blocks of this many step
 MIN_BLOCKS = 4
 CONSISTENT = 0.9  # clearly the slowest in >= 90 % of the steps: flagged by the sign test
 
+def min_excess_ns(step_ns: float) -> float:
+    """The least excess per step a straggler has: MIN_IMPACT of the step and MIN_ABS_NS."""
+    return max(MIN_IMPACT * step_ns, MIN_ABS_NS)
+
+
 METRICS = (("compute_wait_ns", "gpu"), ("lateness_ns", "host"), ("host_gap_ns", "host"))
 WHAT = {
     "compute_wait_ns": "waits longer for its own GPU work (read-back)",
@@ -95,8 +100,8 @@ def _score(
         by_step.setdefault(step, {})[rank] = x
     d: dict[int, list[float]] = {}
     slowest: dict[int, int] = {}
-    clearly: dict[int, int] = {}  # slowest by >= max(MIN_IMPACT of the step, MIN_ABS_NS)
-    margin = max(MIN_IMPACT * step_ns, MIN_ABS_NS)
+    clearly: dict[int, int] = {}  # slowest by >= min_excess_ns(step_ns)
+    margin = min_excess_ns(step_ns)
     n_steps = 0
     for vals in by_step.values():
         if len(vals) < 2:
@@ -191,7 +196,7 @@ def consistently_most(
             s["steps"] >= max(MIN_BLOCKS, MIN_FRACTION * n_blocks)
             and per["slowest_fraction"] >= MIN_FRACTION
             and per["score"] >= MIN_SCORE
-            and per["excess_ns"] >= max(MIN_IMPACT * step_ns, MIN_ABS_NS)
+            and per["excess_ns"] >= min_excess_ns(step_ns)
         ):
             out[r] = per
     return out
@@ -447,7 +452,7 @@ def detect_stragglers(
                     and s["slowest_fraction"] >= MIN_FRACTION
                     and (s["score"] >= MIN_SCORE
                          or (clear >= CONSISTENT and s["sign_z"] >= MIN_SCORE))
-                    and s["excess_ns"] >= max(MIN_IMPACT * step_ns, MIN_ABS_NS)
+                    and s["excess_ns"] >= min_excess_ns(step_ns)
                     and s["excess_ns"] >= EXPLAIN * window_excess
                 ):
                     continue

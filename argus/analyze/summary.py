@@ -465,7 +465,7 @@ def fast_score(
     top = np.concatenate([[True], first[1:] != first[:-1]])
     slowest = dict(pl.DataFrame({"rank": v["rank"].to_numpy()[top]}).group_by("rank").len().rows())
     # clearly the slowest: the top row of its step, by >= the straggler margin (rows reversed)
-    margin = max(straggler.MIN_IMPACT * step_ns, straggler.MIN_ABS_NS)
+    margin = straggler.min_excess_ns(step_ns)
     clear_rows = top[::-1] & ((x - med) >= margin)
     clearly = dict(pl.DataFrame({"rank": rank[clear_rows]}).group_by("rank").len().rows())
     n_steps = len(starts)
