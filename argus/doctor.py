@@ -412,7 +412,7 @@ def check_nvml(
         )
     if what.endswith(" 0 GPU(s)"):
         return Check(name, Status.WARN, f"NVML works but sees no GPU ({what}): GPU counters off",
-                     "Run argus on the GPU node, with access to /dev/nvidia*.")  # fmt: skip
+                     "Run argus on the GPU node, with access to /dev/nvidia*.")
     if visible_devices is not None:
         what += f"; the process sees CUDA_VISIBLE_DEVICES={visible_devices}"
     return Check(name, Status.PASS, what, "")

@@ -43,7 +43,7 @@ def estimate_offsets(steps: pl.DataFrame, coll: pl.DataFrame) -> dict[str, Any]:
         ev = coll.filter(pl.col("end_ns").is_not_null()).select(
             "host", "rank", (pl.col("comm") + ":" + pl.col("gseq").cast(pl.Utf8)).alias("key"),
             pl.col("end_ns").alias("t"),
-        )  # fmt: skip
+        )
         method = "collective_end"
     # per key, per host: the median time of its ranks
     per = ev.group_by(["key", "host"]).agg(pl.col("t").median())

@@ -63,7 +63,7 @@ def step_series(metrics: pl.DataFrame) -> pl.DataFrame:
                 "start_ns": pl.Int64,
                 "end_ns": pl.Int64,
                 "n_ranks": pl.UInt32,
-            }  # fmt: skip
+            }
         )
     return (
         metrics.group_by("step")
@@ -140,7 +140,7 @@ def _cycles(s: pl.DataFrame, n: int) -> pl.DataFrame:
             .group_by("_b").agg(pl.col("step").min(), pl.col("step").max().alias("last_step"),
                                 pl.col("step_time_ns").mean(), pl.col("start_ns").min(),
                                 pl.col("end_ns").max(), pl.len().alias("n_steps"))
-            .filter(pl.col("n_steps") == n).drop("_b").sort("step"))  # fmt: skip
+            .filter(pl.col("n_steps") == n).drop("_b").sort("step"))
 
 
 def typical_step_ns(metrics: pl.DataFrame) -> float:
@@ -235,11 +235,11 @@ def settle(windows: list[dict[str, Any]], stragglers: list[dict[str, Any]]) -> N
     `info`, marked `by_chance`. Call after the stragglers, before anything that reads the
     warning windows as scopes (collective stalls, hot spots)."""
     claimed = {(f["start_step"], f["end_step"]) for f in stragglers
-               if f.get("start_step") is not None}  # fmt: skip
+               if f.get("start_step") is not None}
     for w in windows:
         if (w["severity"] == "warning" and w["slowdown"] < WARN_SLOWDOWN
                 and w["chance"] > CHANCE and not any(
-                    a <= w["end_step"] and b >= w["start_step"] for a, b in claimed)):  # fmt: skip
+                    a <= w["end_step"] and b >= w["start_step"] for a, b in claimed)):
             w["severity"] = "info"
             w["by_chance"] = True
             w["summary"] = w["summary"][:-1] + (

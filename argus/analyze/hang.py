@@ -58,7 +58,7 @@ def latest_offcpu(stacks: pl.DataFrame, rank: int) -> dict[str, Any] | None:
     row = last.row(0, named=True)
     fns, mods = row["functions"] or [], row["modules"] or []
     user = [f for f, m in zip(fns, list(mods) + [None] * len(fns), strict=False)
-            if m != "[kernel]"]  # fmt: skip
+            if m != "[kernel]"]
     return {
         "tid": row["tid"],
         "thread": row["thread"],
@@ -130,7 +130,7 @@ def latest_stacks(stacks: pl.DataFrame, rank: int, top: int = 3) -> list[dict[st
     for key, n in ranked[:top]:
         fns, mods = frames[key]
         user = [f for f, m in zip(fns, list(mods) + [None] * len(fns), strict=False)
-                if m != "[kernel]"]  # fmt: skip
+                if m != "[kernel]"]
         out.append(
             {
                 "samples": n,
@@ -189,7 +189,7 @@ def detect_hangs(
         arrived = sorted(r for r in lc if r not in missing and r not in exited)
         lowest = min(lc[r] for r in missing) if missing else k
         gap = min((lc[r] - lowest for r in arrived if r in waiting and lc[r] > lowest),
-                  default=0)  # fmt: skip
+                  default=0)
         cand = (bool(culprits), len(missing), len(arrived), -gap, comm, k, arrived, missing)
         if best is None or cand[:4] > best[:4]:
             best = cand
@@ -206,7 +206,7 @@ def detect_hangs(
     row = coll.filter((pl.col("comm") == comm) & (pl.col("gseq") == k)).head(1)
     op = row["op"][0] if row.height else None
     return [_finding(comm, k, op, {r: waiting.get(r) for r in arrived}, missing, exited, tl,
-                     stacks, threshold, pystacks)]  # fmt: skip
+                     stacks, threshold, pystacks)]
 
 
 def _finding(
@@ -252,12 +252,12 @@ def _finding(
             elif py is not None:
                 b = m["blocked"]
                 extra = (f", off-CPU for {b['blocked_s']:.1f} s" if b and b["blocked_s"]
-                         else "")  # fmt: skip
+                         else "")
                 doing.append(f"rank {m['rank']} is stuck in Python {py['where']}{extra}")
             elif m["blocked"] and m["blocked"]["function"]:
                 b = m["blocked"]
                 doing.append(f"rank {m['rank']} is blocked in {b['function']} "
-                             f"(off-CPU for {b['blocked_s']:.1f} s)")  # fmt: skip
+                             f"(off-CPU for {b['blocked_s']:.1f} s)")
             elif m["stacks"] and m["stacks"][0]["function"]:
                 doing.append(f"rank {m['rank']} is in {m['stacks'][0]['function']}")
             else:

@@ -81,7 +81,7 @@ def context(recordings: Sequence[Recording]) -> HostContext:
     durations = [float(r.manifest.get("duration_s") or 0) for r in recordings]
     return HostContext(rows=_frame(recordings), own_threads=_own_threads(recordings),
                        rank_of_tgid=rank_of_tgid, host_of_rank=host_of_rank,
-                       seconds=max(durations) if durations else 0.0)  # fmt: skip
+                       seconds=max(durations) if durations else 0.0)
 
 
 def _frame(recordings: Sequence[Recording]) -> pl.DataFrame:
@@ -183,7 +183,7 @@ def _scoped_waits(ctx: HostContext, stragglers: list[dict[str, Any]], steps: pl.
         others = [w for r, w in per.items() if r != f["rank"]]
         if f["rank"] in per and others:
             out[f["rank"]] = (per[f["rank"]], median(others),
-                              f["end_step"] - f["start_step"] + 1)  # fmt: skip
+                              f["end_step"] - f["start_step"] + 1)
     return out
 
 
@@ -215,7 +215,7 @@ def _cpu_findings(cont, stragglers, step_ns, scoped=None) -> list[dict[str, Any]
             extra = max(extra, mine - theirs)
             ev["in_straggler_steps"] = {"wait_ms_per_step": round(mine / 1e6, 3),
                                         "others_ms_per_step": round(theirs / 1e6, 3),
-                                        "steps": n}  # fmt: skip
+                                        "steps": n}
         if f is not None:
             excess_ns = float(f["evidence"]["excess_ms"]) * 1e6
             if extra < max(MIN_SHARE_OF_EXCESS * excess_ns, MIN_WAIT_NS):
@@ -227,7 +227,7 @@ def _cpu_findings(cont, stragglers, step_ns, scoped=None) -> list[dict[str, Any]
             severity = ("info" if explains is not None and explains < EXPLAIN_SHARE
                         else "critical" if f["severity"] == "critical" else "warning")
         elif step_ns and c["unit"] == "step" and extra >= max(INFO_SHARE_OF_STEP * step_ns,
-                                                              MIN_WAIT_NS):  # fmt: skip
+                                                              MIN_WAIT_NS):
             severity, explains = "info", None
         else:
             continue
@@ -261,11 +261,11 @@ def _other_findings(h: pl.DataFrame, stragglers, rank_of_tgid) -> list[dict[str,
     strag_ranks = {f["rank"] for f in stragglers}
     # a straggler's steps: a pipeline stage's evidence counts blocks of steps instead
     strag_steps = {f["rank"]: int(ev.get("steps") or ev.get("blocks", 0) * ev.get("block_steps", 1))
-                   for f in stragglers for ev in [f.get("evidence", {})]}  # fmt: skip
+                   for f in stragglers for ev in [f.get("evidence", {})]}
     strag_hosts = {h_ for f in stragglers for h_ in [f.get("_host")] if h_}
     oom = h.filter(pl.col("kind") == "oom_kill")
     for ts, tgid, detail, host, rank in oom.select("ts_ns", "tgid", "detail", "host",
-                                                   "rank").rows():  # fmt: skip
+                                                   "rank").rows():
         rank = rank if rank is not None else rank_of_tgid.get((host, tgid))
         who = f"rank {rank} (tgid {tgid}, {detail})" if rank is not None else f"{detail} ({tgid})"
         findings.append(
@@ -285,7 +285,7 @@ def _other_findings(h: pl.DataFrame, stragglers, rank_of_tgid) -> list[dict[str,
         for (host,), g in tcp.group_by("host"):
             total = int(g["count"].sum())
             by_rank = (g.filter(pl.col("rank").is_not_null()).group_by("rank")
-                       .agg(pl.col("count").sum()))  # fmt: skip
+                       .agg(pl.col("count").sum()))
             ranks = {int(r): int(n) for r, n in by_rank.rows()}
             # A warning only when the straggler's own process retransmits, in at least half
             # as many as its straggler steps: node-wide counts come from every process on
@@ -294,9 +294,9 @@ def _other_findings(h: pl.DataFrame, stragglers, rank_of_tgid) -> list[dict[str,
             # retransmits in fewer of its steps cannot make (gloo over loopback on a busy
             # 2-vCPU node: 1-8 retransmits per rank in 80-100 steps, on every rank alike).
             hit = sorted(r for r in set(ranks) & strag_ranks
-                         if ranks[r] >= TCP_MIN_FRACTION * strag_steps.get(r, 0))  # fmt: skip
+                         if ranks[r] >= TCP_MIN_FRACTION * strag_steps.get(r, 0))
             peers = g.group_by("detail").agg(pl.col("count").sum()).sort(
-                ["count", "detail"], descending=[True, False])  # fmt: skip
+                ["count", "detail"], descending=[True, False])
             findings.append(
                 {
                     "kind": "tcp_retransmits",
@@ -325,7 +325,7 @@ def _other_findings(h: pl.DataFrame, stragglers, rank_of_tgid) -> list[dict[str,
                     "kind": "block_io_stall",
                     "severity": "warning" if host in strag_hosts else "info",
                     "summary": (f"Block device {dev} on host {host}: {n} requests took "
-                                f"{tot / n / 1e6:.1f} ms on average."),  # fmt: skip
+                                f"{tot / n / 1e6:.1f} ms on average."),
                     "host": host,
                     "device": dev,
                     "requests": int(n),
@@ -356,7 +356,7 @@ def detect(
     cont = contention(ctx, steps)
     shift = _shifts(manifests, offsets_ns or {}) if manifests else None
     findings = _cpu_findings(cont, stragglers, step_ns,
-                             _scoped_waits(ctx, stragglers, steps, shift))  # fmt: skip
+                             _scoped_waits(ctx, stragglers, steps, shift))
     findings += _other_findings(h, stragglers, ctx.rank_of_tgid)
     for f in stragglers:
         f.pop("_host", None)
@@ -365,7 +365,7 @@ def detect(
             continue
         f["evidence"]["host"] = [
             {k: x.get(k) for k in ("kind", "summary", "competitor", "count", "comm")
-             if x.get(k) is not None}  # fmt: skip
+             if x.get(k) is not None}
             for x in mine
         ]
         cpu = next((x for x in mine if x["kind"] == "cpu_contention"), None)
@@ -411,14 +411,14 @@ def explain_windows(
 
 
 def _explain_by_every_rank(ctx: HostContext, warn: list[dict[str, Any]], shift: dict[str, int],
-                           job_ranks: Sequence[int]) -> None:  # fmt: skip
+                           job_ranks: Sequence[int]) -> None:
     """explain_windows' first rule: the runnable wait of (nearly) every rank grew. The
     waits are the 10 ms slots (cpu_wait) where a node recorded them, else its 1 s
     intervals (cpu_contention, older recordings); the observed time is the intervals'."""
     cpu = ctx.rows.filter(
         (pl.col("kind") == "cpu_contention") & pl.col("interval_ns").gt(0)
         & pl.col("host").is_in(sorted(shift))
-    )  # fmt: skip
+    )
     if cpu.height == 0:
         return
     intervals: dict[str, set[tuple[int, int]]] = {}  # per host: the intervals it reported
@@ -499,7 +499,7 @@ def _explain_by_every_rank(ctx: HostContext, warn: list[dict[str, Any]], shift: 
 
 
 def _explain_by_steal(ctx: HostContext, warn: list[dict[str, Any]], shift: dict[str, int],
-                      job_ranks: Sequence[int]) -> None:  # fmt: skip
+                      job_ranks: Sequence[int]) -> None:
     """explain_windows' second rule: the hypervisor took the nodes' CPUs (steal time, the
     cpu_steal rows: /proc/stat per host interval, spread evenly over it). A VM's tasks then
     run slower while they seem to run, without waiting runnable. Per node of the job, its
@@ -515,7 +515,7 @@ def _explain_by_steal(ctx: HostContext, warn: list[dict[str, Any]], shift: dict[
         return
     per_host: dict[str, list[tuple[int, int, float, float]]] = {}
     for t0, iv, cpu, stolen, hst in steal.select("ts_ns", "interval_ns", "count", "total_ns",
-                                                 "host").rows():  # fmt: skip
+                                                 "host").rows():
         a = t0 + shift[hst]
         per_host.setdefault(hst, []).append((a, a + iv, float(cpu), float(stolen)))
     if any(h not in per_host for h in hosts):
@@ -580,7 +580,7 @@ def _slot_waits(ctx: HostContext, shift: dict[str, int]) -> list[tuple[int, str,
                      & pl.col("host").is_in(sorted(shift)) & pl.col("interval_ns").gt(0))
     rows = []
     for rank, detail, t0, iv, tot, hst in waits.select("rank", "detail", "ts_ns", "interval_ns",
-                                                       "total_ns", "host").rows():  # fmt: skip
+                                                       "total_ns", "host").rows():
         if detail not in ctx.own_threads.get(int(rank), set()):
             a = t0 + shift[hst]
             rows.append((int(rank), detail, a, a + int(iv), float(tot)))
@@ -644,7 +644,7 @@ def _explain_by_long_waits(ctx: HostContext, windows: list[dict[str, Any]],
             continue
         top = max(per_rank[rank], key=lambda c: (per_rank[rank][c], c))
         w.update(cause="cpu_contention", rank=rank, competitor=top, severity="info",
-                 runnable_ms_per_step=round(waited / 1e6, 3))  # fmt: skip
+                 runnable_ms_per_step=round(waited / 1e6, 3))
         w["summary"] = w["summary"].rstrip(".") + (
             f": rank {rank} waited {waited / 1e6:.1f} ms per step runnable while '{top}' ran "
             f"on its CPU (a busy node delayed it; the job itself is not slower)."
@@ -653,7 +653,7 @@ def _explain_by_long_waits(ctx: HostContext, windows: list[dict[str, Any]],
 
 def explain_stragglers(ctx: HostContext, stragglers: list[dict[str, Any]],
                        metrics: pl.DataFrame, manifests: Sequence[tuple[dict[str, Any], str]],
-                       offsets_ns: dict[str, int]) -> None:  # fmt: skip
+                       offsets_ns: dict[str, int]) -> None:
     """Demote (in place) a host-side straggler of a short scope (fewer than
     WARN_RUN_STEPS steps) that its own runnable waits explain: inside its steps (their span
     on the aligned clock) it waited runnable >= EXPLAIN_SHARE of its excess per step, and
@@ -662,7 +662,7 @@ def explain_stragglers(ctx: HostContext, stragglers: list[dict[str, Any]],
     stays a straggler; a rank a busy node delayed 80 ms in one step becomes `info`, with
     `evidence["runnable_ms_per_step"]` and the competitor in its summary."""
     cand = [f for f in stragglers if f.get("cause") == "host" and f.get("start_step") is not None
-            and f["end_step"] - f["start_step"] + 1 < WARN_RUN_STEPS]  # fmt: skip
+            and f["end_step"] - f["start_step"] + 1 < WARN_RUN_STEPS]
     if not cand or metrics.height == 0:
         return
     rows = _slot_waits(ctx, _shifts(manifests, offsets_ns))
@@ -690,7 +690,7 @@ def explain_stragglers(ctx: HostContext, stragglers: list[dict[str, Any]],
 
 
 def _shifts(manifests: Sequence[tuple[dict[str, Any], str]],
-            offsets_ns: dict[str, int]) -> dict[str, int]:  # fmt: skip
+            offsets_ns: dict[str, int]) -> dict[str, int]:
     """Per host: monotonic -> aligned wall clock (mono_to_wall + the alignment offset)."""
     out: dict[str, int] = {}
     for man, host in manifests:
@@ -706,9 +706,9 @@ def _latest_rank(metrics: pl.DataFrame, w: dict[str, Any]) -> int | None:
     if metrics.height == 0 or "lateness_ns" not in metrics.columns:
         return None
     m = metrics.filter(pl.col("step").is_between(w["start_step"], w["end_step"])
-                       & pl.col("lateness_ns").is_not_null())  # fmt: skip
+                       & pl.col("lateness_ns").is_not_null())
     if m.height == 0:
         return None
     late = m.group_by("rank").agg(pl.col("lateness_ns").median()).sort(
-        ["lateness_ns", "rank"], descending=[True, False])  # fmt: skip
+        ["lateness_ns", "rank"], descending=[True, False])
     return int(late["rank"][0])

@@ -200,7 +200,7 @@ def differential(anomalous: pl.DataFrame, normal: pl.DataFrame) -> list[dict[str
         r for r in rows[1:]
         if growth(r) >= NESTED * growth(top) and r["samples_anomalous"] > 0
         and depth.get(r["function"], 0) < depth.get(top["function"], 0)
-    ]  # fmt: skip
+    ]
     for r in sorted(nested, key=lambda r: depth.get(r["function"], 0)):
         if _under(anomalous, r["function"], top["function"]) >= NESTED * r["samples_anomalous"]:
             rows.remove(r)
@@ -222,7 +222,7 @@ def fisher_greater(a: int, total_a: int, b: int, total_b: int) -> float:
     log_all = _log_comb(n, total_a)
     hi = min(total_a, k)
     return min(1.0, sum(exp(_log_comb(k, x) + _log_comb(n - k, total_a - x) - log_all)
-                        for x in range(a, hi + 1) if total_a - x <= n - k))  # fmt: skip
+                        for x in range(a, hi + 1) if total_a - x <= n - k))
 
 
 def significant(row: dict[str, Any]) -> bool:
@@ -235,7 +235,7 @@ def significant(row: dict[str, Any]) -> bool:
         return True
     return row["samples_anomalous"] >= MIN_SAMPLES and fisher_greater(
         row["samples_anomalous"], row["total_anomalous"], row["samples_normal"],
-        row["total_normal"]) <= MAX_P  # fmt: skip
+        row["total_normal"]) <= MAX_P
 
 
 def _finding(diff, rank, scope: str, extra: dict[str, Any]) -> dict[str, Any] | None:
@@ -311,7 +311,7 @@ def detect_hotspots(
                 # other ranks do not
                 others = stacks.filter((pl.col("rank") != r) & in_win[key])
                 f = _finding(differential(inside, others), r, scope,
-                             {**extra, "compared_with": "other_ranks_in_window"})  # fmt: skip
+                             {**extra, "compared_with": "other_ranks_in_window"})
                 if f:
                     f["summary"] = f["summary"].replace("otherwise", "on the other ranks")
         else:

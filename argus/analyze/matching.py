@@ -13,7 +13,7 @@ import polars as pl
 COLLECTIVE_COLUMNS = (
     "rank", "host", "tgid", "tid", "channel", "name", "comm", "op", "bytes", "seq",
     "t_ns", "end_ns", "dur_ns", "in_flight", "peer", "origin", "calls_before",
-)  # fmt: skip
+)
 
 
 def collectives(tl: pl.DataFrame) -> pl.DataFrame:
@@ -38,7 +38,7 @@ def collectives(tl: pl.DataFrame) -> pl.DataFrame:
     bucket = pl.col("seq").shift(1).over(["tgid", "tid"], order_by="t_ns")
     c = c.with_columns(
         pl.when((pl.col("kind") == "collective") & (pl.col("channel") == "torch")
-                & (prev == "ddp_bucket"))  # fmt: skip
+                & (prev == "ddp_bucket"))
         .then(pl.concat_str(pl.lit("ddp"), bucket.cast(pl.Utf8).fill_null("")))
         .otherwise(pl.lit(None, pl.Utf8))
         .alias("origin")
@@ -126,7 +126,7 @@ def align_seq(coll: pl.DataFrame) -> pl.DataFrame:
         return coll if "gseq" in coll.columns else coll.with_columns(pl.col("seq").alias("gseq"))
     coll = coll.with_columns(
         (pl.col("calls_before") if "calls_before" in coll.columns else pl.lit(None))
-        .cast(pl.Int64).alias("calls_before"))  # fmt: skip
+        .cast(pl.Int64).alias("calls_before"))
     parts = []
     for comm in coll.get_column("comm").unique().sort().to_list():
         cc = coll.filter(pl.col("comm") == comm)

@@ -31,7 +31,7 @@ from argus.recording.summaries import Summaries
 
 def _ends(s: Summaries) -> pl.DataFrame:
     return (s.steps.group_by("step").agg(pl.col("end_ns").median().alias("t"))
-            .sort("t"))  # fmt: skip
+            .sort("t"))
 
 
 def step_shift(ref: Summaries, other: Summaries) -> int:
@@ -61,7 +61,7 @@ def align_step_ids(nodes: Sequence[Summaries]) -> list[Summaries]:
     if len(nodes) < 2:
         return nodes
     ref = max(nodes, key=lambda s: (s.steps["step"].n_unique() if s.steps.height else 0,
-                                    [-ord(c) for c in s.host]))  # fmt: skip
+                                    [-ord(c) for c in s.host]))
     out = []
     for s in nodes:
         d = 0 if s is ref else step_shift(ref, s)
@@ -81,7 +81,7 @@ def continue_ids(runs: Sequence[Summaries]) -> list[Summaries]:
     (gap / median step time, rounded): same clock, no overlap, so no matching is needed."""
     out: list[Summaries] = []
     for s in sorted(runs, key=lambda r: int(r.steps["start_ns"].min() or 0)
-                    if r.steps.height else 0):  # fmt: skip
+                    if r.steps.height else 0):
         if not out or not s.steps.height or not any(o.steps.height for o in out):
             out.append(s)
             continue

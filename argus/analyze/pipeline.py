@@ -117,17 +117,17 @@ def _by_p2p_wait(st: list[list[int]], metrics: pl.DataFrame,
         return None
     stage_of = {r: i for i, ranks in enumerate(st) for r in ranks}
     m = metrics.filter(pl.col("p2p_wait_ns").is_not_null()
-                       & pl.col("rank").is_in(list(stage_of)))  # fmt: skip
+                       & pl.col("rank").is_in(list(stage_of)))
     if m.height == 0:
         return None
     per = (m.with_columns(pl.col("rank").replace_strict(stage_of, return_dtype=pl.Int32)
                           .alias("stage"))
-           .group_by("stage", "step").agg(pl.col("p2p_wait_ns").median()))  # fmt: skip
+           .group_by("stage", "step").agg(pl.col("p2p_wait_ns").median()))
     n_stages = per["stage"].n_unique()
     if n_stages < 2:
         return None
     scored = straggler.least_wait(per.select(pl.col("stage").alias("rank"), "step",
-                                             "p2p_wait_ns"), "p2p_wait_ns", step_ns)  # fmt: skip
+                                             "p2p_wait_ns"), "p2p_wait_ns", step_ns)
     if not scored:
         return None
     i = max(scored, key=lambda j: (scored[j]["score"], -j))
@@ -137,7 +137,7 @@ def _by_p2p_wait(st: list[list[int]], metrics: pl.DataFrame,
     return st[i], {
         "metric": "p2p_wait_ns",
         "p2p_wait_ms": {"stage": round(waits[i] / 1e6, 3),
-                        "other_stages": round(median(others) / 1e6, 3)},  # fmt: skip
+                        "other_stages": round(median(others) / 1e6, 3)},
         "excess_ms": round(x["excess_ns"] / 1e6, 3),  # per step
         "noise_ms": round(x["noise_ns"] / 1e6, 3),
         "score": round(x["score"], 2),
@@ -170,7 +170,7 @@ def _by_gpu_util(recordings: Sequence[Recording], st: list[list[int]], metrics: 
     return ranks, {
         "metric": "gpu_util_pct",
         "gpu_util_pct": {"rank": {r: round(util[r], 1) for r in ranks if r in util},
-                         "stage": round(slow, 1), "other_stages": round(base, 1)},  # fmt: skip
+                         "stage": round(slow, 1), "other_stages": round(base, 1)},
         "ratio": round(min(ratio, 99.0), 2),
     }
 
@@ -189,7 +189,7 @@ def detect_slow_stage(
     if not st:
         return stragglers
     slow = _by_p2p_wait(st, metrics, step_ns) or _by_gpu_util(recordings, st, metrics,
-                                                               offsets_ns)  # fmt: skip
+                                                               offsets_ns)
     if slow is None:
         return stragglers
     ranks, ev = slow
@@ -204,7 +204,7 @@ def detect_slow_stage(
         why = (f"it waits {ev['p2p_wait_ms']['stage']:.1f} ms per step in its sends and "
                f"receives, {ev['excess_ms']:.1f} ms less than the other stages "
                f"({ev['p2p_wait_ms']['other_stages']:.1f} ms), which wait for it "
-               f"({impact:.0%} of the {step_ns / 1e6:.1f} ms step)")  # fmt: skip
+               f"({impact:.0%} of the {step_ns / 1e6:.1f} ms step)")
     else:
         ratio = ev["ratio"]
         util = ev["gpu_util_pct"]

@@ -98,7 +98,7 @@ def _quantiles(steps: pl.DataFrame) -> dict[int, dict[str, Any]]:
         out[int(r)] = {
             "steps": n,
             "step_time_ms": {"p50": _ms(v[idx(0.5)]), "p90": _ms(v[idx(0.9)]),
-                             "max": _ms(float(v[-1]))},  # fmt: skip
+                             "max": _ms(float(v[-1]))},
         }
     return out
 
@@ -110,7 +110,7 @@ def _ranks(ev: Evidence) -> list[dict[str, Any]]:
         for r in man.get("ranks") or []:
             if isinstance(r, dict) and r.get("rank") is not None:
                 seen[int(r["rank"])] = {"rank": int(r["rank"]), "tgid": r.get("tgid"),
-                                        "host": r.get("host") or host}  # fmt: skip
+                                        "host": r.get("host") or host}
     if ev.seen.height:
         for rank, tgid, host in ev.seen.select("rank", "tgid", "host").rows():
             if rank is not None:
@@ -156,21 +156,21 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     stragglers = straggler.detect_stragglers(metrics, windows, step_ns, score=ev.score,
                                              pipeline=bool(ev.stages), stages=ev.stages,
                                              sync_every=anomaly.sync_period(
-                                                 anomaly.step_series(metrics)))  # fmt: skip
+                                                 anomaly.step_series(metrics)))
     host_context.explain_stragglers(ev.host, stragglers, metrics, ev.manifests, offsets)
     stragglers = pipeline.detect_slow_stage(ev.recordings, ev.stages, metrics, offsets,
-                                            stragglers, step_ns)  # fmt: skip
+                                            stragglers, step_ns)
     anomaly.settle(windows, stragglers)
     stalls = stall.detect_stalls(metrics, windows, stragglers,
-                                 ev.collectives() if windows else pl.DataFrame())  # fmt: skip
+                                 ev.collectives() if windows else pl.DataFrame())
     hangs = ev.hangs(hang_after_s, step_ns or None)
     hotspots = (hotspot.detect_hotspots(ev.cpu_stacks(windows), windows, stragglers)
-                if windows or stragglers else [])  # fmt: skip
+                if windows or stragglers else [])
     gpu_ranks = gpu.analyse(ev.recordings, steps, offsets)  # NVML samples (gpu.parquet)
     throttles = gpu.detect_throttle(gpu_ranks, steps, stragglers)
     gpu.cite_in_stragglers(stragglers, gpu_ranks, throttles)
     host_findings = host_context.detect(ev.host, steps, stragglers, step_ns, ev.manifests,
-                                        offsets)  # fmt: skip
+                                        offsets)
 
     findings = sort_findings(
         hangs + stragglers + throttles + host_findings + stalls + hotspots + windows
@@ -232,7 +232,7 @@ def diagnose(
         tl = shift_hosts(tl, offsets, ["t_ns", "end_ns"])
         coll = shift_hosts(coll, offsets, ["t_ns", "end_ns"])
         steps = shift_hosts(det.steps, offsets, ["start_ns", "end_ns", "first_coll_ns",
-                                                 "last_coll_ns"])  # fmt: skip
+                                                 "last_coll_ns"])
     else:
         steps = det.steps
     coll = with_lateness(coll)
@@ -246,7 +246,7 @@ def diagnose(
             if e is not None:
                 ends[rec.host] = max(ends.get(rec.host, e), e) + offsets.get(rec.host, 0)
         return hang.detect_hangs(tl, coll, stacks, ends, after_s, step_ns,
-                                 build_pystacks(recordings))  # fmt: skip
+                                 build_pystacks(recordings))
 
     ev = Evidence(
         recordings=recordings,
@@ -255,7 +255,7 @@ def diagnose(
         steps=steps,
         metrics=metrics,
         detection={"detected": det.detected, "method": det.method, "period": det.period,
-                   "comm": det.comm},  # fmt: skip
+                   "comm": det.comm},
         alignment=alignment,
         seen=tl.filter(pl.col("rank").is_not_null()).unique("rank", keep="first")
         .select("rank", "tgid", "host") if tl.height else pl.DataFrame(),
@@ -265,5 +265,5 @@ def diagnose(
         hangs=hangs,
         cpu_stacks=lambda _windows: stacks.filter(
             pl.col("state").is_null() | (pl.col("state") != "off_cpu")),
-    )  # fmt: skip
+    )
     return assemble_report(ev, hang_after_s)

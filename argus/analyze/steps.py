@@ -141,9 +141,9 @@ class _Markers:
 
 
 def _markers(tl_rank: pl.DataFrame, coll_rank: pl.DataFrame | None,
-             vocab: dict[tuple, int]) -> _Markers:  # fmt: skip
+             vocab: dict[tuple, int]) -> _Markers:
     waits = (tl_rank.filter(pl.col("kind").is_in(["sync", "readback"]))
-             .select("t_ns", "end_ns").sort("t_ns").rows())  # fmt: skip
+             .select("t_ns", "end_ns").sort("t_ns").rows())
     if coll_rank is not None:
         # one marker per call: c10d numbers its sends and its receives apart (send 0 and
         # recv 0 are two calls)
@@ -165,7 +165,7 @@ def _markers(tl_rank: pl.DataFrame, coll_rank: pl.DataFrame | None,
                 for name, k, b, t, e in tl_rank.filter(pl.col("kind").is_in(["sync", "readback"]))
                 .sort("t_ns").select("name", "memcpy_kind", "bytes", "t_ns", "end_ns").rows()]
     tok = np.fromiter((vocab.setdefault(r[0], len(vocab)) for r in rows), dtype=np.int64,
-                      count=len(rows))  # fmt: skip
+                      count=len(rows))
     t = [r[1] for r in rows]
     end = [r[2] if r[2] is not None else r[1] for r in rows]
     wt = [w[0] for w in waits]
@@ -186,7 +186,7 @@ def _markers(tl_rank: pl.DataFrame, coll_rank: pl.DataFrame | None,
     after = np.searchsorted(calls, np.asarray(end, dtype=np.int64), side="right")
     work = [0] + [max(0, int(at[i] - after[i - 1])) for i in range(1, len(rows))]
     bucket = np.fromiter((len(r[0]) > 4 and r[0][4][3:].isdigit() for r in rows), dtype=bool,
-                         count=len(rows))  # fmt: skip
+                         count=len(rows))
     return _Markers(tok, t, end, idle, [r[3] for r in rows], [r[4] for r in rows],
                     [r[5] for r in rows], waited, waits, work, bucket)
 
@@ -287,7 +287,7 @@ def _cycle_by_waits(m: _Markers,
 
         def wait_before(sg: int) -> float:
             return _median_idle(m.idle, [a for (a, _b), x in zip(bounds, sigs, strict=True)
-                                         if x == sg])  # fmt: skip
+                                         if x == sg])
 
         head = max(regular, key=lambda sg: (wait_before(sg), counts[sg], -sg))
         starts = [a for (a, _b), x in zip(bounds, sigs, strict=True) if x == head]
@@ -319,7 +319,7 @@ def _split_by_gaps(m: _Markers, starts: list[int]) -> list[int]:
             return m.work[i] >= STEP_WORK * head_work
     else:
         inner = [m.idle[i] for a, b in zip(starts, starts[1:], strict=False)
-                 for i in range(a + 1, b) if m.idle[i] is not None]  # fmt: skip
+                 for i in range(a + 1, b) if m.idle[i] is not None]
         cut = _gap_cut(inner) if len(inner) >= 4 else None
         if cut is None:
             return starts
@@ -514,7 +514,7 @@ def _rank_steps(m: _Markers, p: int, starts: list[int], cut: bool) -> list[dict[
     # a hole in the data (a missed start, drops, the job's set-up calls): do not glue steps
     hole = [b > len(m.t) or (b - a >= 2 * p and k + 1 < len(starts)
                              and m.t[b] - m.t[a] > 1.5 * typical)
-            for k, (a, b) in enumerate(zip(starts, ends, strict=True))]  # fmt: skip
+            for k, (a, b) in enumerate(zip(starts, ends, strict=True))]
     used = False  # the cycle before was a step
     for k, a in enumerate(starts):
         b = ends[k]
@@ -522,7 +522,7 @@ def _rank_steps(m: _Markers, p: int, starts: list[int], cut: bool) -> list[dict[
         # step before it, or the end of the pattern's last marker (a step seen in part at
         # the start of the recording; not a call of the job's set-up, DDP's broadcasts)
         before = cut or used or (a >= 1 and a + p <= len(m.t)
-                                 and m.tok[a - 1] == m.tok[a + p - 1])  # fmt: skip
+                                 and m.tok[a - 1] == m.tok[a + p - 1])
         used = False
         if hole[k] or not before:
             continue
@@ -545,7 +545,7 @@ def _global_ids(per_rank: dict[int, list[dict[str, Any]]]) -> dict[int, list[int
     keys = [s["key"] for steps in per_rank.values() for s in steps]
     # a send/recv's sequence number counts one rank's own calls: no cross-rank identity
     if len({k[0] for k in keys}) == 1 and all(k[0] is not None and k[1] is not None
-                                              and not k[2] for k in keys):  # fmt: skip
+                                              and not k[2] for k in keys):
         keys = sorted({s["key"][1] for steps in per_rank.values() for s in steps})
         most = max(len(steps) for steps in per_rank.values())
         # ranks agree on the numbering unless there are far more ids than any rank has
@@ -566,7 +566,7 @@ def _global_ids(per_rank: dict[int, list[dict[str, Any]]]) -> dict[int, list[int
             near = [k for k in (j - 1, j) if 0 <= k < len(ref_starts)]
             k = min(near, key=lambda k: abs(ref_starts[k] - s["start_ns"]), default=None)
             ids.append(k if k is not None and abs(ref_starts[k] - s["start_ns"]) <= half
-                       else None)  # fmt: skip
+                       else None)
         out[r] = ids
     return out
 
@@ -616,7 +616,7 @@ def detect_steps(tl: pl.DataFrame, coll: pl.DataFrame) -> StepDetection:
             # last 1F1B stage whose recv, send pairs are merged 4 at a time: a straggler's
             # host work there cut 146 steps of 119)
             if by_gaps is not None and (agreed[r] is None or _spread(m, by_gaps[1])
-                                        < 0.75 * _spread(m, agreed[r][1])):  # fmt: skip
+                                        < 0.75 * _spread(m, agreed[r][1])):
                 cycles[r] = by_gaps
     cycles = _agree_on_period(all_m, cycles)
     per_rank: dict[int, list[dict[str, Any]]] = {}
@@ -675,11 +675,11 @@ def _step_corrections(coll: pl.DataFrame, steps: pl.DataFrame) -> dict[int, int]
         return {}
     rank_comm = step_comms(coll)
     rc = pl.DataFrame({"rank": list(rank_comm), "comm": list(rank_comm.values())},
-                      schema={"rank": coll.schema["rank"], "comm": pl.Utf8})  # fmt: skip
+                      schema={"rank": coll.schema["rank"], "comm": pl.Utf8})
     first = (coll.join(rc, on=["rank", "comm"]).select("rank", "comm", "t_ns", "gseq")
-             .unique(["rank", "t_ns"], keep="first"))  # fmt: skip
+             .unique(["rank", "t_ns"], keep="first"))
     f = steps.select("rank", "start_ns", pl.col("first_coll_ns").alias("t_ns")).with_columns(
-        pl.col("rank").cast(coll.schema["rank"])).join(first, on=["rank", "t_ns"])  # fmt: skip
+        pl.col("rank").cast(coll.schema["rank"])).join(first, on=["rank", "t_ns"])
     if f.height == 0:
         return {}
     counts = f.group_by("rank").len().sort(["len", "rank"], descending=[True, False])
@@ -692,16 +692,16 @@ def _step_corrections(coll: pl.DataFrame, steps: pl.DataFrame) -> dict[int, int]
     fr = fr.select("start_ns", pl.col("gseq").alias("_g")).sort("start_ns")
     others = f.filter((pl.col("rank") != ref) & (pl.col("comm") == ref_comm)).sort("start_ns")
     pairs = others.join_asof(fr, on="start_ns", strategy="nearest",
-                             tolerance=half).drop_nulls("_g")  # fmt: skip
+                             tolerance=half).drop_nulls("_g")
     votes = (pairs.group_by("rank", (pl.col("_g") - pl.col("gseq")).alias("d")).len()
              .sort(["rank", "len", "d"], descending=[False, True, False])
              .with_columns(pl.col("len").sum().over("rank").alias("n"))
-             .unique("rank", keep="first", maintain_order=True))  # fmt: skip
+             .unique("rank", keep="first", maintain_order=True))
     ok = votes.filter((pl.col("n") >= 3) & (pl.col("d") != 0)
-                      & (pl.col("len") >= 0.75 * pl.col("n")))  # fmt: skip
+                      & (pl.col("len") >= 0.75 * pl.col("n")))
     def numbered(r: int) -> pl.DataFrame:
         return (coll.filter((pl.col("rank") == r) & (pl.col("comm") == ref_comm))
-                .select(pl.col("gseq").alias("seq"), "calls_before"))  # fmt: skip
+                .select(pl.col("gseq").alias("seq"), "calls_before"))
 
     out = {}
     ref_c = numbered(ref)
@@ -728,9 +728,9 @@ def realign_by_steps(tl: pl.DataFrame, coll: pl.DataFrame,
     comm_of = step_comms(coll)
     move = pl.col("rank").replace_strict(fix, default=0, return_dtype=pl.Int64)
     on_comm = pl.col("comm") == pl.col("rank").replace_strict(
-        comm_of, default=None, return_dtype=pl.Utf8)  # fmt: skip
+        comm_of, default=None, return_dtype=pl.Utf8)
     coll = coll.with_columns(pl.when(on_comm).then(pl.col("gseq") + move)
-                             .otherwise(pl.col("gseq")).alias("gseq"))  # fmt: skip
+                             .otherwise(pl.col("gseq")).alias("gseq"))
     coll = coll.sort(["rank", "comm", "gseq"])
     return coll, detect_steps(tl, coll)
 

@@ -146,11 +146,11 @@ def block_sums(m: pl.DataFrame, col: str, n: int = BLOCK_STEPS) -> pl.DataFrame:
         return pl.DataFrame(schema={"rank": pl.Int32, "step": pl.Int64, col: pl.Int64})
     b = (v.with_columns((pl.col("step") // n).alias("block"))
          .group_by("rank", "block").agg(pl.col(col).sum(), pl.len().alias("_n"))
-         .filter(pl.col("_n") == n))  # fmt: skip
+         .filter(pl.col("_n") == n))
     ranks = b["rank"].n_unique()
     full = b.group_by("block").agg(pl.len().alias("_k")).filter(pl.col("_k") == ranks)
     return (b.join(full.select("block"), on="block")
-            .select("rank", pl.col("block").alias("step"), col).sort("rank", "step"))  # fmt: skip
+            .select("rank", pl.col("block").alias("step"), col).sort("rank", "step"))
 
 
 def _sign_z(k: int, n: int, r: int) -> float:
@@ -165,7 +165,7 @@ def _sign_z(k: int, n: int, r: int) -> float:
 def consistently_most(
     m: pl.DataFrame, col: str, step_ns: float,
     score: Callable[..., dict[int, dict[str, float]]] | None = None, block: int = BLOCK_STEPS,
-) -> dict[int, dict[str, float]]:  # fmt: skip
+) -> dict[int, dict[str, float]]:
     """The ranks of `m` (rank, step, `col`: a per-step metric, more is slower) that have the
     most of `col` consistently, flagged (module doc): per rank the per-step `excess_ns` (over
     the others' median) and `noise_ns`, `score` the sign test's z of the blocks it has the
@@ -205,19 +205,19 @@ def consistently_most(
 def least_wait(
     m: pl.DataFrame, col: str, step_ns: float,
     score: Callable[..., dict[int, dict[str, float]]] | None = None, block: int = BLOCK_STEPS,
-) -> dict[int, dict[str, float]]:  # fmt: skip
+) -> dict[int, dict[str, float]]:
     """The ranks of `m` (rank, step, `col`: a wait per step) that wait least, flagged as
     `consistently_most` flags the most (`excess_ns`: how much less it waits than the
     others' median)."""
     return consistently_most(m.select("rank", "step", (-pl.col(col)).alias("less_wait_ns")),
-                             "less_wait_ns", step_ns, score, block)  # fmt: skip
+                             "less_wait_ns", step_ns, score, block)
 
 
 def _summary(f: dict[str, Any], n: int = 1) -> str:
     """A straggler finding's summary line, from its fields (per step)."""
     ev, col = f["evidence"], f["evidence"]["metric"]
     where = (f" in steps {f['start_step']}-{f['end_step']}" if f["start_step"] is not None
-             else " throughout the recording")  # fmt: skip
+             else " throughout the recording")
     more = "less" if col == "coll_wait_ns" else "more"
     than = "the other ranks of its pipeline stage" if "stage" in ev else "the other ranks"
     return (f"Rank {f['rank']} is the straggler{where}: it {WHAT[col]}, "
@@ -229,7 +229,7 @@ def _summary(f: dict[str, Any], n: int = 1) -> str:
 
 def _finding(r: int, col: str, cause: str, s: dict[str, float], window: dict[str, Any] | None,
              m: pl.DataFrame, step_ns: float, others: dict[str, dict[str, float] | None],
-             stage: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
+             stage: list[int] | None = None) -> dict[str, Any]:
     """The straggler finding of rank `r` flagged by metric `col` with score `s` (per step);
     `stage`: the pipeline stage it was compared within (its evidence's others are the
     stage's other ranks, `evidence.stage` names them)."""
@@ -278,7 +278,7 @@ def _finding(r: int, col: str, cause: str, s: dict[str, float], window: dict[str
 
 def _blocks_finding(r: int, col: str, s: dict[str, float], m: pl.DataFrame, step_ns: float,
                     others: dict[str, dict[str, float] | None],
-                    stage: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
+                    stage: list[int] | None = None) -> dict[str, Any]:
     """A whole-recording host straggler flagged over blocks of steps (`consistently_most`):
     its evidence says in what fraction of the blocks it was the slowest (waited least, for
     `coll_wait_ns`) and carries `blocks`, `block_steps` and `spread_score`."""
@@ -287,7 +287,7 @@ def _blocks_finding(r: int, col: str, s: dict[str, float], m: pl.DataFrame, step
     least = "least_wait" if col == "coll_wait_ns" else "slowest"
     ev[f"{least}_in_fraction_of_blocks"] = ev.pop("slowest_in_fraction_of_steps")
     ev |= {"blocks": s["blocks"], "block_steps": s["block_steps"],
-           "spread_score": round(s["spread_score"], 2)}  # fmt: skip
+           "spread_score": round(s["spread_score"], 2)}
     return f
 
 
@@ -296,7 +296,7 @@ SUMMED = ("compute_wait_ns", "sync_wait_ns", "coll_wait_ns", "p2p_wait_ns", "lat
 
 
 def _by_cycles(metrics: pl.DataFrame, windows: list[dict[str, Any]],
-               n: int) -> tuple[pl.DataFrame, list[dict[str, Any]]]:  # fmt: skip
+               n: int) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
     """`metrics` and `windows` over whole n-step cycles (a host that reads back every n
     steps: its lateness and waits move between the steps of a cycle, it runs ahead in some,
     catches up in one): per (rank, cycle k) the sums of `SUMMED` over steps k*n..k*n+n-1
@@ -307,7 +307,7 @@ def _by_cycles(metrics: pl.DataFrame, windows: list[dict[str, Any]],
          .agg(*[pl.col(c).sum() if c == "step_time_ns" else
                 pl.when(pl.col(c).is_not_null().any()).then(pl.col(c).sum()) for c in cols],
               pl.col("start_ns").min(), pl.col("end_ns").max(), pl.len().alias("_n"))
-         .filter(pl.col("_n") == n).drop("_n").rename({"_c": "step"}))  # fmt: skip
+         .filter(pl.col("_n") == n).drop("_n").rename({"_c": "step"}))
     ranks = b["rank"].n_unique()
     full = b.group_by("step").agg(pl.len().alias("_k")).filter(pl.col("_k") == ranks)
     b = b.join(full.select("step"), on="step").sort("rank", "step")
@@ -344,7 +344,7 @@ def detect_stragglers(
         # a cycle already sums n steps: blocks of ~BLOCK_STEPS steps are of fewer cycles
         # (28 cycles of 5 make 5 blocks of 5 cycles, whose sign test cannot reach 4)
         found = detect_stragglers(b, ws, step_ns * n, score, pipeline, stages=stages,
-                                  block=max(1, round(BLOCK_STEPS / n)))  # fmt: skip
+                                  block=max(1, round(BLOCK_STEPS / n)))
         for f in found:
             ev = f["evidence"]
             for k in ("excess_ms", "noise_ms", "step_time_ms_p50"):
@@ -353,7 +353,7 @@ def detect_stragglers(
             for v in ev.values():
                 if isinstance(v, dict) and {"rank", "others"} <= set(v):
                     v.update({x: round(v[x] / n, 3) if v[x] is not None else None
-                              for x in ("rank", "others")})  # fmt: skip
+                              for x in ("rank", "others")})
             ev["steps"] = ev["steps"] * n
             if "block_steps" in ev:
                 ev["block_steps"] = ev["block_steps"] * n
@@ -381,7 +381,7 @@ def detect_stragglers(
         return out
 
     metrics_used = tuple((c, k) for c, k in METRICS
-                         if not (pipeline and c == "host_gap_ns" and not groups))  # fmt: skip
+                         if not (pipeline and c == "host_gap_ns" and not groups))
     if metrics.height == 0 or metrics["rank"].n_unique() < 2 or step_ns <= 0:
         return []
     scopes: list[tuple[dict[str, Any] | None, pl.DataFrame]] = [(None, metrics)]
@@ -407,7 +407,7 @@ def detect_stragglers(
             scopes.append(
                 ({**w, "start_step": peak[0], "end_step": peak[-1]},
                  metrics.filter(pl.col("step").is_between(peak[0], peak[-1])))
-            )  # fmt: skip
+            )
     best: dict[int, dict[str, Any]] = {}
     whole = {col: _score_fn(metrics, col, step_ns) for col, _ in metrics_used}
     # A window's noise floor: each rank's noise over the steps outside every warning window
@@ -444,7 +444,7 @@ def detect_stragglers(
             for r, s in scored[col].items():
                 clear = s.get("clearly_slowest_fraction", 0.0)
                 s["sign_z"] = _sign_z(round(clear * s["steps"]), s["steps"],
-                                      len(peers[r]) if r in peers else n_ranks)  # fmt: skip
+                                      len(peers[r]) if r in peers else n_ranks)
                 if not (
                     # a metric the rank has in a few of the scope's steps says nothing of
                     # the rank throughout (a read-back in its first step only)
@@ -462,7 +462,7 @@ def detect_stragglers(
                 others = {c2: scored[c2].get(r) for c2, _ in metrics_used if c2 != col}
                 best[r] = {"_rank_key": rkey,
                            **_finding(r, col, cause, s, window, m, step_ns, others,
-                                      peers.get(r))}  # fmt: skip
+                                      peers.get(r))}
     if not best:
         # When no metric flags a rank step by step: the metric by which a rank is the most
         # consistently the slowest over blocks of steps (the sign test's z), however noisy
@@ -499,7 +499,7 @@ def detect_stragglers(
                 others = {c2: whole[c2].get(r) for c2, _ in metrics_used}  # (none flagged it)
                 best[r] = {"_rank_key": (False, True, s["score"]),
                            **_blocks_finding(r, col, s, metrics, step_ns, others,
-                                             peers.get(r))}  # fmt: skip
+                                             peers.get(r))}
     out = []
     for f in best.values():
         f.pop("_rank_key")

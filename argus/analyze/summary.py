@@ -65,7 +65,7 @@ TOP_STACKS = 16  # stacks kept per (rank, sampling interval)
 TAIL_SEQS = 8  # collectives kept per (rank, comm) in the tail
 BLOCKED_COLS = ("ts_ns", "tid", "thread", "blocked_ns", "functions", "modules")
 METRIC_COLS = ("compute_wait_ns", "sync_wait_ns", "coll_wait_ns", "p2p_wait_ns", "lateness_ns",
-               "host_gap_ns")  # fmt: skip
+               "host_gap_ns")
 
 
 # ----------------------------------------------------------------------------- peaks
@@ -111,7 +111,7 @@ def stack_id(functions: Sequence[str] | None, modules: Sequence[str] | None) -> 
     """A stable 63-bit id of one stack (functions and modules, leaf first)."""
     h = hashlib.blake2b(digest_size=8)
     for f, m in zip(functions or [], list(modules or []) + [None] * len(functions or []),
-                    strict=False):  # fmt: skip
+                    strict=False):
         h.update(f"{f}\x00{m}\x01".encode())
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
@@ -126,7 +126,7 @@ def _assign(df: pl.DataFrame, keys: pl.DataFrame) -> pl.DataFrame:
     """Rows of `df` (rank, t_ns) with the step they fall in (as steps.step_metrics does)."""
     df = df.filter(pl.col("rank").is_not_null()).sort("t_ns")
     j = df.join_asof(keys, left_on="t_ns", right_on="start_ns", by="rank", strategy="backward",
-                     check_sortedness=False)  # fmt: skip
+                     check_sortedness=False)
     return j.filter(pl.col("step").is_not_null() & (pl.col("t_ns") < pl.col("end_ns")))
 
 
@@ -139,15 +139,15 @@ def _known_shifts(coll: pl.DataFrame, shifts: dict[tuple[int, str], int]) -> pl.
     known = pl.DataFrame(
         [(t, c, d) for (t, c), d in shifts.items()],
         schema={"tgid": coll.schema["tgid"], "comm": pl.Utf8, "_k": pl.Int64}, orient="row",
-    )  # fmt: skip
+    )
     c = coll.join(known, on=["tgid", "comm"], how="left")
     offs = (c.filter(pl.col("_k").is_not_null())
             .group_by("comm").agg((pl.col("seq") + pl.col("_k") - pl.col("gseq"))
-                                  .mode().min().alias("_o")))  # fmt: skip
+                                  .mode().min().alias("_o")))
     c = c.join(offs, on="comm", how="left").with_columns(
         pl.when(pl.col("_k").is_not_null()).then(pl.col("seq") + pl.col("_k"))
         .otherwise(pl.col("gseq") + pl.col("_o").fill_null(0)).alias("gseq")
-    )  # fmt: skip
+    )
     return c.drop("_k", "_o").sort(["rank", "comm", "gseq"])
 
 
@@ -174,13 +174,13 @@ def build_summaries(recordings: Sequence[Recording],
         tl = shift_hosts(tl, offsets, ["t_ns", "end_ns"])
         coll = shift_hosts(coll, offsets, ["t_ns", "end_ns"])
         steps = shift_hosts(steps, offsets, ["start_ns", "end_ns", "first_coll_ns",
-                                             "last_coll_ns"])  # fmt: skip
+                                             "last_coll_ns"])
     coll = with_lateness(coll)
     stacks = build_stacks(recordings, offsets)
     metrics = step_metrics(tl, coll, steps)
     keys = steps.select("rank", "step", "start_ns", "end_ns").sort("start_ns")
     tgids = dict(tl.filter(pl.col("rank").is_not_null()).unique("rank", keep="first")
-                 .select("rank", "tgid").rows())  # fmt: skip
+                 .select("rank", "tgid").rows())
 
     # counts and distributions per (rank, step)
     ev = _assign(tl.select("rank", "t_ns", "dur_ns", "kind", "channel"), keys)
@@ -199,7 +199,7 @@ def build_summaries(recordings: Sequence[Recording],
         pl.col("kind").is_in(["sync", "readback"]).sum().cast(pl.UInt32).alias("n_wait"),
         pl.col("dur_ns").filter(pl.col("kind").is_in(["sync", "readback"])).drop_nulls()
         .alias("waits"),
-    )  # fmt: skip
+    )
     per = per.join(gaps, on=["rank", "step"], how="left")
     per = per.with_columns(
         pl.Series("launch_gap", _peaks_col(per, "gap", True), dtype=STEP_SCHEMA["launch_gap"]),
@@ -209,7 +209,7 @@ def build_summaries(recordings: Sequence[Recording],
     # collectives per (rank, step, comm, op)
     if coll.height:
         ca = _assign(coll.select("rank", "t_ns", "comm", "op", "bytes", "dur_ns", "lateness_ns"),
-                     keys)  # fmt: skip
+                     keys)
         cg = ca.group_by(["rank", "step", "comm", "op"], maintain_order=True).agg(
             pl.len().cast(pl.UInt32).alias("n"),
             pl.col("bytes").sum().cast(pl.Int64),
@@ -219,7 +219,7 @@ def build_summaries(recordings: Sequence[Recording],
         cg = cg.with_columns(
             pl.Series("dur", _peaks_col(cg, "dur_ns", True), dtype=STEP_SCHEMA["wait_dur"]),
             pl.Series("arrival", _peaks_col(cg, "lateness_ns", False),
-                      dtype=STEP_SCHEMA["wait_dur"]),  # fmt: skip
+                      dtype=STEP_SCHEMA["wait_dur"]),
         )
         cg = cg.group_by(["rank", "step"]).agg(
             pl.struct("comm", "op", "n", "bytes", "dur", "arrival").alias("colls")
@@ -250,10 +250,10 @@ def build_summaries(recordings: Sequence[Recording],
         # interval: a hot spot's share is of all attributed samples (dropping the tail of a
         # torch rank's ~170 stacks raised a straggler's burn loop from 17 % to 29 %)
         charged = {sid for sid, fns, mods in dict_rows.values()
-                   if hotspot.attribute(fns, mods) is not None}  # fmt: skip
+                   if hotspot.attribute(fns, mods) is not None}
         other = (dropped.filter(pl.col("stack_id").is_in(list(charged)))
                  .group_by(["rank", "ts_ns", "t_ns", "interval_ns"]).agg(pl.col("count").sum())
-                 .with_columns(pl.lit(OTHER_ID, pl.Int64).alias("stack_id")))  # fmt: skip
+                 .with_columns(pl.lit(OTHER_ID, pl.Int64).alias("stack_id")))
         if other.height:
             dict_rows[OTHER_ID] = (OTHER_ID, [hotspot.OTHER], [None])
             st = pl.concat([st, other.select(st.columns)])
@@ -262,9 +262,9 @@ def build_summaries(recordings: Sequence[Recording],
     if st.height and keys.height:
         k2 = keys.select("rank", "step", "start_ns").sort("start_ns")
         back = st.join_asof(k2, left_on="t_ns", right_on="start_ns", by="rank",
-                            strategy="backward", check_sortedness=False)  # fmt: skip
+                            strategy="backward", check_sortedness=False)
         fwd = st.join_asof(k2, left_on="t_ns", right_on="start_ns", by="rank",
-                           strategy="forward", check_sortedness=False)  # fmt: skip
+                           strategy="forward", check_sortedness=False)
         sj = back.with_columns(
             pl.col("step").fill_null(fwd["step"]), pl.col("start_ns").fill_null(fwd["start_ns"])
         ).filter(pl.col("step").is_not_null())
@@ -273,10 +273,10 @@ def build_summaries(recordings: Sequence[Recording],
                 (pl.col("t_ns") - pl.col("start_ns")).alias("t_off_ns"),
                 "interval_ns", "stack_id", pl.col("count").cast(pl.UInt32),
             ).alias("stacks")
-        )  # fmt: skip
+        )
         drop_by_step = (
             dropped.join_asof(k2, left_on="t_ns", right_on="start_ns", by="rank",
-                              strategy="nearest", check_sortedness=False)  # fmt: skip
+                              strategy="nearest", check_sortedness=False)
             .group_by(["rank", "step"])
             .agg(pl.col("count").sum().cast(pl.UInt32).alias("stacks_dropped"))
         ) if st.height and dropped.height else None
@@ -292,7 +292,7 @@ def build_summaries(recordings: Sequence[Recording],
         pl.col("rank").replace_strict(tgids, default=None, return_dtype=pl.Int32).alias("tgid")
     )
     out = out.select([pl.col(c).cast(t) if c in out.columns else pl.lit(None, t).alias(c)
-                      for c, t in STEP_SCHEMA.items()]).sort(["step", "rank"])  # fmt: skip
+                      for c, t in STEP_SCHEMA.items()]).sort(["step", "rank"])
 
     hctx = host_context.context(recordings)
     tail = _with_rank_context(
@@ -310,7 +310,7 @@ def build_summaries(recordings: Sequence[Recording],
         "ends_ns": ends,
         "recordings": [recording_info(rec) for rec in recordings],
         "manifest": {k: v for rec in recordings[:1] for k, v in rec.manifest.items()
-                     if k in ("format", "host", "clock", "ranks", "drops", "gpu")},  # fmt: skip
+                     if k in ("format", "host", "clock", "ranks", "drops", "gpu")},
         "extra_manifests": [
             {k: v for k, v in rec.manifest.items() if k in ("host", "clock", "ranks", "drops")}
             for rec in recordings[1:]
@@ -320,15 +320,15 @@ def build_summaries(recordings: Sequence[Recording],
         used = coll.filter(pl.col("channel") == "nccl").group_by(["tgid", "comm"]).agg(
             (pl.col("gseq") - pl.col("seq")).first().alias("d"), pl.len().alias("n"))
         meta["seq_shifts"] = [[int(t), str(c), int(d), int(n)] for t, c, d, n in
-                              used.sort(["tgid", "comm"]).rows()]  # fmt: skip
+                              used.sort(["tgid", "comm"]).rows()]
     gpu_frames = [rec.gpu for rec in recordings if getattr(rec, "gpu", None) is not None
-                  and rec.gpu.height]  # fmt: skip
+                  and rec.gpu.height]
     g = pl.concat(gpu_frames, how="vertical_relaxed") if gpu_frames else schema.empty_gpu()
     man = recordings[0].manifest if recordings else {}
     hrows = hctx.rows.select([pl.col(c).cast(t) for c, t in HOST_SUMMARY_SCHEMA.items()]) if (
-        hctx.rows.height) else pl.DataFrame(schema=HOST_SUMMARY_SCHEMA)  # fmt: skip
+        hctx.rows.height) else pl.DataFrame(schema=HOST_SUMMARY_SCHEMA)
     return Summaries(meta=meta, steps=out, stack_dict=stack_dict, tail=tail, manifest=man, gpu=g,
-                     host_ctx=hrows)  # fmt: skip
+                     host_ctx=hrows)
 
 
 def _with_rank_context(tail: pl.DataFrame, coll: pl.DataFrame, hctx) -> pl.DataFrame:
@@ -340,17 +340,17 @@ def _with_rank_context(tail: pl.DataFrame, coll: pl.DataFrame, hctx) -> pl.DataF
     comm = steps_mod.step_comms(coll) if coll.height else {}
     stage = pipeline.stage_keys(coll) if coll.height else {}
     p2p = (dict(coll.group_by("rank").agg(pl.col("op").is_in(steps_mod.P2P_OPS).any()).rows())
-           if coll.height else {})  # fmt: skip
+           if coll.height else {})
     named: dict[int, set[str]] = {}
     h = hctx.rows
     if h.height:
         for rank, detail in (h.filter((pl.col("kind") == "cpu_contention")
                                       & pl.col("rank").is_not_null())
-                             .select("rank", "detail").unique().rows()):  # fmt: skip
+                             .select("rank", "detail").unique().rows()):
             named.setdefault(int(rank), set()).add(detail)
     ranks = tail["rank"].to_list()
     threads = [sorted(hctx.own_threads.get(r, set()) & named.get(r, set())) or None
-               for r in ranks]  # fmt: skip
+               for r in ranks]
     return tail.with_columns(
         pl.Series("step_comm", [comm.get(r) for r in ranks], dtype=pl.Utf8),
         pl.Series("p2p", [bool(p2p.get(r, False)) for r in ranks], dtype=pl.Boolean),
@@ -371,7 +371,7 @@ def _tail(tl, coll, stacks, offsets, dict_rows, pystacks=None) -> pl.DataFrame:
     last = (
         ranked.filter(pl.col("kind") != "exit").sort("t_ns").group_by("rank")
         .agg(pl.col("name").last().alias("last_call"), pl.col("t_ns").last().alias("last_call_ns"))
-    )  # fmt: skip
+    )
     infl = ranked.filter(pl.col("in_flight")).group_by("rank").agg(
         pl.struct("name", "kind", "t_ns").alias("in_flight")
     )
@@ -384,7 +384,7 @@ def _tail(tl, coll, stacks, offsets, dict_rows, pystacks=None) -> pl.DataFrame:
         cc = (
             coll.sort("gseq").group_by(["rank", "comm"]).tail(TAIL_SEQS)
             .group_by("rank").agg(pl.struct("comm", "gseq", "op", "bytes").alias("comms"))
-        )  # fmt: skip
+        )
         out = out.join(cc, on="rank", how="left")
     st = stacks.filter(pl.col("rank").is_not_null())
     ctx: dict[int, dict[str, list]] = {}
@@ -397,12 +397,12 @@ def _tail(tl, coll, stacks, offsets, dict_rows, pystacks=None) -> pl.DataFrame:
     if pystacks is not None and pystacks.height:
         cols = [c for c in schema.PYSTACKS_SCHEMA if c not in ("rank", "tgid")]
         for row in pystacks.filter(pl.col("rank").is_not_null()).select(
-                "rank", *cols).rows(named=True):  # fmt: skip
+                "rank", *cols).rows(named=True):
             ctx.setdefault(row.pop("rank"), {}).setdefault("python", []).append(row)
     if ctx:
         out = out.join(pl.DataFrame({"rank": list(ctx), "hang_context": [
             json.dumps(v, separators=(",", ":")) for v in ctx.values()]},
-            schema={"rank": pl.Int32, "hang_context": pl.Utf8}), on="rank", how="left")  # fmt: skip
+            schema={"rank": pl.Int32, "hang_context": pl.Utf8}), on="rank", how="left")
     if st.height:
         last_ts = st.select("rank", "ts_ns").unique().sort("ts_ns").group_by("rank").tail(
             hang.LATEST_INTERVALS
@@ -420,9 +420,9 @@ def _tail(tl, coll, stacks, offsets, dict_rows, pystacks=None) -> pl.DataFrame:
                 pl.struct("ts_ns", "interval_ns", "stack_id", pl.col("count").cast(pl.UInt32))
                 .alias("latest_stacks")),
             on="rank", how="left",
-        )  # fmt: skip
+        )
     return out.select([pl.col(c).cast(t) if c in out.columns else pl.lit(None, t).alias(c)
-                       for c, t in TAIL_SCHEMA.items()]).sort("rank")  # fmt: skip
+                       for c, t in TAIL_SCHEMA.items()]).sort("rank")
 
 
 # ----------------------------------------------------------------------------- diagnose
@@ -475,7 +475,7 @@ def fast_score(
         .with_columns(pl.col("d").median().over("rank").alias("D"))
         .group_by("rank")
         .agg(pl.col("D").first(), (pl.col("d") - pl.col("D")).abs().median().alias("mad"),
-             pl.len().alias("n"))  # fmt: skip
+             pl.len().alias("n"))
     )
     out = {}
     for r, big_d, mad, cnt in agg.rows():
@@ -495,10 +495,10 @@ def _coll_frame(steps: pl.DataFrame) -> pl.DataFrame:
     """Collective rows rebuilt from the per-step peaks (one row per value in each peak) with
     what stall._attribute reads: comm, op, t_ns (the step's first collective), dur_ns, bytes."""
     c = steps.select("rank", "host", pl.coalesce("first_coll_ns", "start_ns").alias("t_ns"),
-                     "colls").explode("colls").drop_nulls("colls").unnest("colls")  # fmt: skip
+                     "colls").explode("colls").drop_nulls("colls").unnest("colls")
     if c.height == 0:
         return pl.DataFrame(schema={"comm": pl.Utf8, "op": pl.Utf8, "t_ns": pl.Int64,
-                                    "dur_ns": pl.Int64, "bytes": pl.Int64})  # fmt: skip
+                                    "dur_ns": pl.Int64, "bytes": pl.Int64})
     c = c.with_columns((pl.col("bytes") / pl.col("n").cast(pl.Float64)).alias("b1")).drop("n")
     c = c.explode("dur").drop_nulls("dur").unnest("dur")
     return c.select(
@@ -506,15 +506,15 @@ def _coll_frame(steps: pl.DataFrame) -> pl.DataFrame:
         pl.col("ns").cast(pl.Int64).alias("dur_ns"),
         pl.col("b1").cast(pl.Int64).alias("bytes"),
         pl.int_ranges(0, pl.col("n")).alias("_r"),
-    ).explode("_r").drop("_r")  # fmt: skip
+    ).explode("_r").drop("_r")
 
 
 def _stack_frame(steps: pl.DataFrame, stack_dict: pl.DataFrame) -> pl.DataFrame:
     s = steps.select("rank", "host", "start_ns", "stacks").explode("stacks").drop_nulls(
-        "stacks").unnest("stacks")  # fmt: skip
+        "stacks").unnest("stacks")
     if s.height == 0:
         return schema.empty_stacks().with_columns(pl.lit(None, pl.Utf8).alias("host"),
-                                                  pl.col("ts_ns").alias("t_ns"))  # fmt: skip
+                                                  pl.col("ts_ns").alias("t_ns"))
     s = s.with_columns((pl.col("start_ns") + pl.col("t_off_ns")).alias("t_ns"))
     s = s.with_columns(pl.col("t_ns").alias("ts_ns"), pl.col("count").cast(pl.Int64))
     return s.join(stack_dict, on="stack_id", how="left").sort("t_ns")
@@ -531,7 +531,7 @@ def _merge_stacks(st: pl.DataFrame, windows: list[dict[str, Any]]) -> pl.DataFra
         (((pl.col("t_ns") - half) <= w["end_ns"]) & ((pl.col("t_ns") + half) >= w["start_ns"]))
         .cast(pl.Int8).alias(f"_w{i}")
         for i, w in enumerate(windows)
-    ]  # fmt: skip
+    ]
     st = st.with_columns(member)
     keys = ["rank", "stack_id", *[f"_w{i}" for i in range(len(windows))]]
     other = [c for c in st.columns if c not in keys and c != "count"]
@@ -546,41 +546,41 @@ def _hang_inputs(summs: Sequence[Summaries], offsets: dict[str, int]):
     t = pl.concat(tails, how="vertical_relaxed")
     t = shift_hosts(t, offsets, ["last_call_ns"])
     off = pl.col("host").replace_strict(offsets, default=0, return_dtype=pl.Int64) if any(
-        offsets.values()) else pl.lit(0, pl.Int64)  # fmt: skip
+        offsets.values()) else pl.lit(0, pl.Int64)
     base = t.select("rank", "host", "tgid")
     infl = (
         t.select("rank", "host", "tgid", "in_flight").explode("in_flight").drop_nulls("in_flight")
         .unnest("in_flight").with_columns(pl.col("t_ns") + off, pl.lit(True).alias("in_flight"))
-    )  # fmt: skip
+    )
     lastc = t.filter(pl.col("last_call").is_not_null()).select(
         "rank", "host", "tgid", pl.col("last_call").alias("name"), pl.lit("other").alias("kind"),
         pl.col("last_call_ns").alias("t_ns"), pl.lit(False).alias("in_flight"),
-    )  # fmt: skip
+    )
     exits = t.filter(pl.col("exited")).select(
         "rank", "host", "tgid", pl.lit("exit").alias("name"), pl.lit("exit").alias("kind"),
         pl.col("last_call_ns").alias("t_ns"), pl.lit(False).alias("in_flight"),
-    )  # fmt: skip
+    )
     cols = {"rank": pl.Int32, "host": pl.Utf8, "tgid": pl.Int32, "name": pl.Utf8,
-            "kind": pl.Utf8, "t_ns": pl.Int64, "in_flight": pl.Boolean}  # fmt: skip
+            "kind": pl.Utf8, "t_ns": pl.Int64, "in_flight": pl.Boolean}
     tl = pl.concat([f.select([pl.col(c).cast(d) for c, d in cols.items()])
-                    for f in (infl, lastc, exits)]).sort("t_ns")  # fmt: skip
+                    for f in (infl, lastc, exits)]).sort("t_ns")
     del base
     coll = t.select("rank", "host", "comms").explode("comms").drop_nulls("comms").unnest("comms")
     sd = pl.concat([s.stack_dict for s in summs]).unique("stack_id")
     st = t.select("rank", "latest_stacks").explode("latest_stacks").drop_nulls(
-        "latest_stacks").unnest("latest_stacks")  # fmt: skip
+        "latest_stacks").unnest("latest_stacks")
     st = st.with_columns(pl.col("count").cast(pl.Int64)).join(sd, on="stack_id", how="left")
     blocked, python = [], []
     for rank, tgid, text in t.select("rank", "tgid", "hang_context").drop_nulls(
-            "hang_context").rows():  # fmt: skip
+            "hang_context").rows():
         c = json.loads(text)
         blocked += [{**b, "rank": rank, "tgid": tgid, "state": "off_cpu"}
-                    for b in c.get("blocked") or []]  # fmt: skip
+                    for b in c.get("blocked") or []]
         python += [{**p, "rank": rank, "tgid": tgid} for p in c.get("python") or []]
     if blocked:
         types = {c: schema.STACKS_SCHEMA[c] for c in ("rank", "tgid", "state", *BLOCKED_COLS)}
         st = pl.concat([st.with_columns(pl.lit(None, pl.Utf8).alias("state")),
-                        pl.DataFrame(blocked, schema=types)], how="diagonal_relaxed")  # fmt: skip
+                        pl.DataFrame(blocked, schema=types)], how="diagonal_relaxed")
     py = pl.DataFrame(python, schema=schema.PYSTACKS_SCHEMA) if python else None
     return tl, coll, st, py
 
@@ -605,12 +605,12 @@ def _host_context(summs: Sequence[Summaries], manifests) -> host_context.HostCon
                     own.setdefault(int(rank), set()).update(threads)
     rank_of_tgid, host_of_rank = host_context.rank_maps(manifests)
     durations = [float(r.get("duration_s") or 0) for s in summs
-                 for r in s.meta.get("recordings") or []]  # fmt: skip
+                 for r in s.meta.get("recordings") or []]
     return host_context.HostContext(
         rows=pl.concat(rows, how="vertical_relaxed") if rows else pl.DataFrame(),
         own_threads=own, rank_of_tgid=rank_of_tgid, host_of_rank=host_of_rank,
         seconds=max(durations) if durations else 0.0,
-    )  # fmt: skip
+    )
 
 
 def _stages(summs: Sequence[Summaries]) -> list[list[int]]:
@@ -636,11 +636,11 @@ def diagnose_summaries(
     False ignores the end-of-recording tail (what a live view has not seen yet)."""
     summs = list(summs)
     steps = pl.concat([s.steps for s in summs], how="vertical_relaxed") if summs else (
-        pl.DataFrame(schema=STEP_SCHEMA))  # fmt: skip
+        pl.DataFrame(schema=STEP_SCHEMA))
     if upto_step is not None:
         steps = steps.filter(pl.col("step") <= upto_step)
     alignment = estimate_offsets(steps.select(list(STEP_COLUMNS)), pl.DataFrame(
-        schema={"host": pl.Utf8}))  # fmt: skip
+        schema={"host": pl.Utf8}))
     offsets = alignment["offsets_ns"]
     for s in summs:
         offsets.setdefault(s.host, 0)
@@ -664,7 +664,7 @@ def diagnose_summaries(
     manifests = _manifests(summs)
     recs = [Recording(manifest=s.manifest or (s.meta.get("manifest") or {}),
                       events=schema.empty_events(), stacks=schema.empty_stacks(), path=s.path,
-                      gpu=s.gpu) for s in summs]  # fmt: skip
+                      gpu=s.gpu) for s in summs]
     det = (summs[0].meta if summs else {}).get("steps") or {}
     tails = [s.tail.select("rank", "tgid", "host") for s in summs if s.tail.height]
     seen = pl.concat(tails + [steps.select("rank", "tgid", "host")], how="vertical_relaxed")
@@ -675,7 +675,7 @@ def diagnose_summaries(
         steps=steps.select(list(STEP_COLUMNS)),
         metrics=steps.select(*STEP_COLUMNS, *METRIC_COLS),
         detection={"detected": steps.height > 0, "method": det.get("method"),
-                   "period": det.get("period"), "comm": det.get("comm")},  # fmt: skip
+                   "period": det.get("period"), "comm": det.get("comm")},
         alignment=alignment,
         seen=seen.unique("rank", keep="first", maintain_order=True),
         stages=_stages(summs),

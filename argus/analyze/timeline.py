@@ -155,7 +155,7 @@ def build_pystacks(recordings: Sequence[Recording]) -> pl.DataFrame | None:
     """The end-of-session Python stacks of all recordings (`pystacks.parquet`), or None when
     none has any."""
     pys = [r.pystacks for r in recordings
-           if getattr(r, "pystacks", None) is not None and r.pystacks.height]  # fmt: skip
+           if getattr(r, "pystacks", None) is not None and r.pystacks.height]
     return pl.concat(pys, how="vertical_relaxed") if pys else None
 
 

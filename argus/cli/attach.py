@@ -18,7 +18,7 @@ from argus.recording.summaries import write_summaries
 
 
 def channels_from_flags(no_cuda: bool, no_nccl: bool, no_torch: bool, no_cpu: bool,
-                        no_host: bool = False) -> tuple[str, ...]:  # fmt: skip
+                        no_host: bool = False) -> tuple[str, ...]:
     off = {"cuda": no_cuda, "nccl": no_nccl, "torch": no_torch, "cpu": no_cpu, "host": no_host}
     chans = tuple(c for c, disabled in off.items() if not disabled)
     if not [c for c in chans if c != "host"]:  # host context alone explains nothing
@@ -61,7 +61,7 @@ def summary_lines(manifest: dict, path: Path) -> list[str]:
             + " (raise --ringbuf-mb, or lower -F for stack maps)"
         )
     py = {tgid: p for tgid, p in ((manifest.get("python_stacks") or {}).get("processes") or {}
-                                  ).items() if p["status"] != "not_python"}  # fmt: skip
+                                  ).items() if p["status"] != "not_python"}
     if py:
         ok = [p for p in py.values() if p["status"] == "attached"]
         versions = ", ".join(sorted({p["python"] for p in ok if p.get("python")}))
@@ -76,7 +76,7 @@ def summary_lines(manifest: dict, path: Path) -> list[str]:
             devs = gpu.get("devices", [])
             joined = sum(1 for d in devs if d.get("ranks"))
             lines.append(f"GPU: {gpu.get('samples', 0)} NVML samples of {len(devs)} "
-                         f"device(s), {joined} joined to ranks")  # fmt: skip
+                         f"device(s), {joined} joined to ranks")
         else:
             lines.append(f"GPU counters off: {gpu.get('reason')}")
     for p in failed[:5]:
@@ -133,7 +133,7 @@ Examples:
               help="Do not write the per-rank-per-step summaries (DIR/summaries/).")
 def command(pids, duration, output, frequency, no_cuda, no_nccl, no_torch, no_cpu,
             ringbuf_mb, hang_after, as_json, no_gpu=False, gpu_interval=1.0,
-            no_host=False, no_summaries=False) -> int:  # fmt: skip
+            no_host=False, no_summaries=False) -> int:
     """Trace running training processes (ranks, or a launcher such as torchrun).
 
     Probes the CUDA runtime and driver, NCCL and PyTorch c10d in every rank, samples CPU

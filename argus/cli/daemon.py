@@ -87,10 +87,10 @@ Examples:
 )
 @click.option("--no-gpu", is_flag=True, help="Do not sample GPU counters (NVML).")
 @click.option("--gpu-interval", type=float, default=1.0, show_default=True, metavar="SECONDS",
-              help="NVML sampling period (GPU clocks, throttle reasons, power, ...).")  # fmt: skip
+              help="NVML sampling period (GPU clocks, throttle reasons, power, ...).")
 @click.pass_context
 def command(ctx, output, metrics_addr, config_path, interval, window, max_disk_mb,
-            frequency, no_gpu=False, gpu_interval=1.0) -> int:  # fmt: skip
+            frequency, no_gpu=False, gpu_interval=1.0) -> int:
     """Trace every training process on this node as it starts, until SIGTERM.
 
     Processes that map libcudart, libcuda, libnccl or libtorch (or match the config's
@@ -109,12 +109,12 @@ def command(ctx, output, metrics_addr, config_path, interval, window, max_disk_m
         raise UsageError("--gpu-interval must be between 0.01 and 3600 seconds.")
     addr = None if metrics_addr == "off" else parse_addr(metrics_addr)
     logging.basicConfig(level=logging.DEBUG if (ctx.obj or {}).get("verbose") else logging.INFO,
-                        format="%(message)s")  # fmt: skip
+                        format="%(message)s")
     opts = DaemonOptions(
         output=output, metrics_addr=addr, config_path=config_path,
         overrides={"interval_s": interval, "window_s": window, "max_disk_mb": max_disk_mb},
         trace=TraceOptions(sample_hz=frequency, gpu_interval_s=None if no_gpu else gpu_interval),
-    )  # fmt: skip
+    )
     d = Daemon(opts)
     d.start()
     where = f"http://{addr[0]}:{d.metrics_port}/metrics" if addr else "no metrics"

@@ -46,7 +46,7 @@ def run_demo(ranks: int, faults: list[str], steps: int, output: Path, pp: int = 
     work = Path(tempfile.mkdtemp(prefix="argus-demo-"))
     go = work / "go"
     cfg = SimConfig(ranks=ranks, steps=steps, faults=list(faults), pp=pp, wait_go=str(go),
-                    truth=str(work / "truth.json"), timeout_s=timeout, quiet=True)  # fmt: skip
+                    truth=str(work / "truth.json"), timeout_s=timeout, quiet=True)
     # GPU counters: argus reads the simulated GPUs through the simulator's libnvidia-ml
     # stand-in (docs/gpu.md), in this job's own device namespace.
     cfg.node = os.environ.get("ARGUS_SIM_NODE") or f"demo-{os.getpid()}"
@@ -66,7 +66,7 @@ def run_demo(ranks: int, faults: list[str], steps: int, output: Path, pp: int = 
         job.wait_ready()
         opts = TraceOptions() if sample_hz is None else TraceOptions(sample_hz=sample_hz)
         result = run_session([job.launcher_pid], output, opts, duration_s=duration,
-                             on_started=lambda tracer: go.touch())  # fmt: skip
+                             on_started=lambda tracer: go.touch())
         if job.proc.poll() is None and hang_start is not None:
             job.terminate()
         job.wait(timeout=60)
@@ -76,7 +76,7 @@ def run_demo(ranks: int, faults: list[str], steps: int, output: Path, pp: int = 
     truth = json.loads(Path(cfg.truth).read_text())
     shutil.rmtree(work, ignore_errors=True)
     report = diagnose([result.recording or load_recording(result.path)],
-                      hang_after_s=HANG_AFTER_S if hang_start is not None else 10.0)  # fmt: skip
+                      hang_after_s=HANG_AFTER_S if hang_start is not None else 10.0)
     return report, truth, result
 
 
@@ -122,7 +122,7 @@ def command(ranks, faults, steps, pp, output, as_json) -> int:
     click.echo(f"argus demo: simulating {ranks} ranks x {steps} steps"
                f"{' with ' + ', '.join(faults) if faults else ' (healthy)'}; tracing it "
                f"(CUDA, NCCL, CPU stacks), Ctrl-C stops; recording into {out}"
-               f"{'' if keep else ' (temporary)'}", err=True)  # fmt: skip
+               f"{'' if keep else ' (temporary)'}", err=True)
     t0 = time.monotonic()
     report, truth, _ = run_demo(ranks, faults, steps, out, pp)
     line = describe(report, truth)

@@ -22,7 +22,7 @@ Examples:
 @click.option(
     "-f", "--format", "fmt", type=click.Choice(["chrome"]), default="chrome", show_default=True,
     help="Output format: chrome = Trace Event Format JSON (Perfetto, chrome://tracing).",
-)  # fmt: skip
+)
 @click.option("-o", "--output", required=True, type=click.Path(), help="File to write.")
 def command(dirs: tuple[str, ...], fmt: str, output: str) -> None:
     """Export recorded DIR(s) as a trace: one process per rank, steps, collectives, findings.

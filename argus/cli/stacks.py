@@ -14,7 +14,7 @@ def _render(dumps: list[ProcessStacks], failed: list[tuple[int, str]]) -> None:
     for d in dumps:
         who = f"rank {d.rank}" if d.rank is not None else "process"
         click.echo(f"{who} (pid {d.tgid}, {d.comm}): {len(d.threads)} thread(s)"
-                   + (f"; {d.note}" if d.note else ""))  # fmt: skip
+                   + (f"; {d.note}" if d.note else ""))
         for t in d.threads:
             state = t.state + (f" in {t.wchan}" if t.wchan else "")
             gil = ", holds the GIL" if t.owns_gil else ""
@@ -45,7 +45,7 @@ Examples:
 @click.argument("pids", nargs=-1, required=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print one argus.stacks/1 JSON object.")
 @click.option("--native/--no-native", default=True, show_default=True,
-              help="Merge native frames into the Python stacks (py-spy --native).")  # fmt: skip
+              help="Merge native frames into the Python stacks (py-spy --native).")
 def command(pids: tuple[int, ...], as_json: bool, native: bool) -> None:
     """Print the current stack of every thread of each PID (a launcher: of its ranks).
 
@@ -70,6 +70,6 @@ def command(pids: tuple[int, ...], as_json: bool, native: bool) -> None:
             "schema": "argus.stacks/1",
             "processes": [d.to_dict() for d in dumps],
             "failed": [{"tgid": t, "error": e} for t, e in failed],
-        }))  # fmt: skip
+        }))
     else:
         _render(dumps, failed)

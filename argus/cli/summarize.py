@@ -32,7 +32,7 @@ Examples:
               help="Delete events.parquet, stacks.parquet and gpu.parquet once summarised.")
 @click.option("--partition", "partition_s", type=float, default=DEFAULT_PARTITION_S,
               show_default=True, metavar="SECONDS",
-              help="One summaries/part-<start>.parquet per this much wall time.")  # fmt: skip
+              help="One summaries/part-<start>.parquet per this much wall time.")
 def command(dirs: tuple[str, ...], summaries_only: bool, partition_s: float) -> None:
     """Summarise recorded DIR(s): per (rank, step) what the diagnosis needs, in DIR/summaries/.
 
@@ -43,7 +43,7 @@ def command(dirs: tuple[str, ...], summaries_only: bool, partition_s: float) -> 
 
     if not (math.isfinite(partition_s) and MIN_PARTITION_S <= partition_s <= MAX_PARTITION_S):
         raise UsageError(f"--partition must be between {MIN_PARTITION_S} and {MAX_PARTITION_S} "
-                         f"seconds (ten years).")  # fmt: skip
+                         f"seconds (ten years).")
     # every DIR is loaded and summarised before any is written: a bad one leaves all as they were
     done = []
     for d in dirs:
@@ -52,7 +52,7 @@ def command(dirs: tuple[str, ...], summaries_only: bool, partition_s: float) -> 
         except PermissionError as err:
             raise cannot_read(err) from err
         raw = sum((rec.path / f).stat().st_size for f in (schema.EVENTS, schema.STACKS, schema.GPU)
-                  if (rec.path / f).exists())  # fmt: skip
+                  if (rec.path / f).exists())
         done.append((d, rec.path, raw, build_summaries([rec])))
         del rec
     for d, path, raw, summ in done:
@@ -60,7 +60,7 @@ def command(dirs: tuple[str, ...], summaries_only: bool, partition_s: float) -> 
         n = max(summ.steps.height, 1)
         size = summary_bytes(d)
         click.echo(f"argus: {out}: {summ.steps.height} rank-steps, {size / n:.0f} B per rank "
-                   f"per step (raw events {raw / n:.0f} B)", err=True)  # fmt: skip
+                   f"per step (raw events {raw / n:.0f} B)", err=True)
         if summaries_only:
             for f in (schema.EVENTS, schema.STACKS, schema.GPU):
                 (path / f).unlink(missing_ok=True)

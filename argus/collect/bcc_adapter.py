@@ -186,7 +186,7 @@ class BpfSession:
             ) from e
 
     def detach_uprobe(self, path: str, addr: int, tgid: int, ret: bool = False,
-                      background: bool = False) -> None:  # fmt: skip
+                      background: bool = False) -> None:
         """Detach one uprobe. `background`: forget it now and close its perf event in a
         worker thread: the kernel's removal of a uprobe waits for a synchronisation (about
         0.23 s per probe measured here), which must not stall a poll loop when a job's last
@@ -206,7 +206,7 @@ class BpfSession:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._closer = ThreadPoolExecutor(max_workers=8,
-                                                  thread_name_prefix="argus-detach")  # fmt: skip
+                                                  thread_name_prefix="argus-detach")
             with self._pending_lock:
                 self._pending[ev_name] = fd
             self._closer.submit(self._close_uprobe, ev_name)
@@ -304,7 +304,7 @@ class BpfSession:
         while True:
             count.value = n
             res = call(t.map_fd, None if first else ct.byref(token), ct.byref(token),
-                       ct.byref(keys), ct.byref(values), ct.byref(count))  # fmt: skip
+                       ct.byref(keys), ct.byref(values), ct.byref(count))
             err = ct.get_errno()
             if res != 0 and err == errno.ENOSPC and n < (1 << 20):
                 n *= 4  # one hash bucket holds more than n entries: a bigger buffer
@@ -379,7 +379,7 @@ class BpfSession:
 
 
 _KERNEL_OBJECTS = ("anon_inode:[perf_event]", "anon_inode:bpf-map", "anon_inode:bpf-prog",
-                   "anon_inode:bpf_link", "anon_inode:[eventpoll]")  # fmt: skip
+                   "anon_inode:bpf_link", "anon_inode:[eventpoll]")
 
 
 def _hold_in_background():

@@ -27,7 +27,7 @@ NCCL_DTYPES = {
     0: ("int8", 1), 1: ("uint8", 1), 2: ("int32", 4), 3: ("uint32", 4), 4: ("int64", 8),
     5: ("uint64", 8), 6: ("float16", 2), 7: ("float32", 4), 8: ("float64", 8),
     9: ("bfloat16", 2), 10: ("float8e4m3", 1), 11: ("float8e5m2", 1),
-}  # fmt: skip
+}
 NCCL_REDOPS = {0: "sum", 1: "prod", 2: "max", 3: "min", 4: "avg"}
 
 
@@ -126,7 +126,7 @@ def decode_records(blobs: list[bytes], ctx: DecodeContext) -> pl.DataFrame:
     """
     size = CALL_DTYPE.itemsize
     bulk_ids = np.fromiter((pid for pid, ref in ctx.probes.items() if _bulk_ok(ref)),
-                           dtype=np.int64)  # fmt: skip
+                           dtype=np.int64)
     plain = [i for i, b in enumerate(blobs) if len(b) == size and b[:4] == _REC_CALL]
     arr = np.frombuffer(b"".join([blobs[i] for i in plain]), dtype=CALL_DTYPE)
     keep = np.isin(arr["probe_id"].astype(np.int64), bulk_ids)
@@ -179,7 +179,7 @@ def _bulk(arr: np.ndarray, ctx: DecodeContext) -> pl.DataFrame:
         "channel": per_probe([r.spec.channel for r in refs], pl.Utf8),
         "name": per_probe([r.name for r in refs], pl.Utf8),
         "op": per_probe([r.spec.op for r in refs], pl.Utf8),
-    }  # fmt: skip
+    }
     ret = arr["ret"].astype(np.uint64) & 0xFFFFFFFF
     ret = np.where(ret & 0x80000000, ret.astype(np.int64) - (1 << 32), ret.astype(np.int64))
     cols["ret"] = pl.Series(ret).set(pl.Series(~exit_), None)
@@ -207,9 +207,9 @@ def _bulk(arr: np.ndarray, ctx: DecodeContext) -> pl.DataFrame:
     uniq_keys = keys.filter("has").unique(["t", "a"])  # one name lookup per (tgid, stub)
     names = uniq_keys.with_columns(pl.Series(
         "kernel", [ctx.kernel_name(t, a) for t, a in uniq_keys.select("t", "a").rows()],
-        dtype=pl.Utf8))  # fmt: skip
+        dtype=pl.Utf8))
     cols["kernel"] = keys.join(names, on=["t", "a", "has"], how="left",
-                               maintain_order="left")["kernel"]  # fmt: skip
+                               maintain_order="left")["kernel"]
     out = []
     for name, dtype in schema.EVENTS_SCHEMA.items():
         s_ = cols.get(name)

@@ -542,7 +542,7 @@ class GpuSampler:
         for d in self.devices:
             users = [(rank_of.get(t), t) for t, j in joins.items() if j.get("device") == d["index"]]
             devices.append({**d, "ranks": sorted(r for r, _ in users if r is not None),
-                            "tgids": sorted(t for _, t in users)})  # fmt: skip
+                            "tgids": sorted(t for _, t in users)})
         manifest = {
             "available": True,
             "library": self.env.get(NVML_LIB_ENV) or "libnvidia-ml.so.1",
@@ -562,7 +562,7 @@ class GpuSampler:
 
 
 def _frame(rows: list[dict[str, Any]], joins: Mapping[int, dict[str, Any]],
-           rank_of: Mapping[int, int | None]) -> pl.DataFrame:  # fmt: skip
+           rank_of: Mapping[int, int | None]) -> pl.DataFrame:
     """GPU_SCHEMA rows with rank/tgid: each device's lowest rank among the processes joined
     to it (a device shared by several ranks is attributed to one)."""
     by_dev: dict[int, tuple[int | None, int]] = {}
@@ -579,7 +579,7 @@ def _frame(rows: list[dict[str, Any]], joins: Mapping[int, dict[str, Any]],
 
 def assign_ranks(rows: list[dict[str, Any]], ranks: list[dict[str, Any]],
                  devices: list[dict[str, Any]],
-                 processes: Mapping[int, set[int]] | None = None) -> pl.DataFrame:  # fmt: skip
+                 processes: Mapping[int, set[int]] | None = None) -> pl.DataFrame:
     """Samples (`GpuSampler.take`) as a GPU_SCHEMA frame joined to `ranks` (manifest-like
     dicts: tgid, rank, local_rank, env, cuda_device) as `finish` joins them; rows of devices
     no given rank uses keep rank/tgid null."""

@@ -541,7 +541,7 @@ def mapped_libraries(tgid: int, proc_root: str | os.PathLike[str] = "/proc",
     path, in the order first mapped. `maps_text`: /proc/TGID/maps as the caller read it.
     """
     text = maps_text if maps_text is not None else (
-        _read_proc(tgid, "maps", proc_root).decode("utf-8", "replace"))  # fmt: skip
+        _read_proc(tgid, "maps", proc_root).decode("utf-8", "replace"))
     by_path: dict[str, list[Mapping]] = {}
     for m in parse_maps(text):
         if library_family(m.path) is not None:

@@ -112,7 +112,7 @@ LAYOUTS = {
                     cframe_frame=0, frame_code=0, frame_prev=8, frame_owner=70,
                     co_filename=112, co_name=120, co_qualname=128, co_firstlineno=68,
                     ascii_data=40, compact_data=56),
-}  # fmt: skip
+}
 
 # _Py_DebugOffsets (3.13+): u64 fields after the 8-byte cookie "xdebugpy", in order.
 _DEBUG_FIELDS = (
@@ -140,7 +140,7 @@ def layout_from_debug_offsets(blob: bytes) -> Layout | None:
     if not blob.startswith(DEBUG_COOKIE) or len(blob) < need:
         return None
     d = dict(zip(_DEBUG_FIELDS, struct.unpack_from(f"<{len(_DEBUG_FIELDS)}Q", blob, 8),
-                 strict=True))  # fmt: skip
+                 strict=True))
     hexv = d["version"]
     if d["free_threaded"]:
         return None  # a free-threaded build: other object layouts, not supported
@@ -153,7 +153,7 @@ def layout_from_debug_offsets(blob: bytes) -> Layout | None:
         co_filename=d["co_filename"], co_name=d["co_name"], co_qualname=d["co_qualname"],
         co_firstlineno=d["co_firstlineno"], ascii_data=asc, compact_data=asc + 16,
         source="_Py_DebugOffsets",
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -171,7 +171,7 @@ _NAME_VERSION = re.compile(r"python(3)\.(\d+)")
 
 
 def find_interpreter(tgid: int, maps, proc_root: str = "/proc", exe: str | None = None
-                     ) -> Interpreter:  # fmt: skip
+                     ) -> Interpreter:
     """The CPython of process tgid from its mappings (procfs.Mapping list): a mapped
     libpython3.X first, else the file of the executable. Raises LayoutRefused."""
     by_path: dict[str, list] = {}
@@ -207,7 +207,7 @@ def find_interpreter(tgid: int, maps, proc_root: str = "/proc", exe: str | None 
                     version = (int(mm.group(1)), int(mm.group(2)))
                     break
         return Interpreter(path, version, base + rt.vaddr, base + code_t.vaddr,
-                           base + uni_t.vaddr)  # fmt: skip
+                           base + uni_t.vaddr)
     raise NotPython("no CPython found (no mapped file defines _PyRuntime)")
 
 
@@ -253,12 +253,12 @@ def _thread_states(mem: Memory, lay: Layout, runtime: int) -> tuple[int, list[in
     interp = mem.u64(runtime + lay.interp_head)
     if not interp:
         raise LayoutRefused("the interpreter is not initialized yet (no interpreter head)",
-                            transient=True)  # fmt: skip
+                            transient=True)
     out, ts = [], mem.u64(interp + lay.threads_head)
     while ts and len(out) < 256:
         if mem.u64(ts + lay.ts_interp) != interp:
             raise LayoutRefused(f"thread state {ts:#x} does not point back at interpreter "
-                                f"{interp:#x}: the layout does not fit")  # fmt: skip
+                                f"{interp:#x}: the layout does not fit")
         out.append(ts)
         ts = mem.u64(ts + lay.ts_next)
     if not out:
@@ -275,11 +275,11 @@ def _pthread_tid_offset(mem: Memory, pthreads: list[int], tids: set[int]) -> int
             continue
         blob = mem.read(pt, 0x800)
         hits = {o for o in range(0, 0x800, 4)
-                if int.from_bytes(blob[o:o + 4], "little") in tids}  # fmt: skip
+                if int.from_bytes(blob[o:o + 4], "little") in tids}
         common = hits if common is None else common & hits
     if not common:
         raise LayoutRefused("no thread id found in the threads' struct pthread (not glibc?): "
-                            "the layout does not fit")  # fmt: skip
+                            "the layout does not fit")
     return GLIBC_PTHREAD_TID if GLIBC_PTHREAD_TID in common else min(common)
 
 
@@ -306,7 +306,7 @@ def validate(mem: Memory, interp: Interpreter, lay: Layout, tids: set[int]) -> V
             raise
         v = ".".join(map(str, lay.version))
         raise LayoutRefused(f"following the Python {v} layout read unmapped memory ({e}): "
-                            "the layout does not fit") from e  # fmt: skip
+                            "the layout does not fit") from e
 
 
 def _validate(mem: Memory, interp: Interpreter, lay: Layout, tids: set[int]) -> Validated:
@@ -342,7 +342,7 @@ def _validate(mem: Memory, interp: Interpreter, lay: Layout, tids: set[int]) -> 
             if mem.u64(code + 8) != interp.code_type:
                 raise LayoutRefused(f"a frame's code object at {code:#x} is not a code object "
                                     f"(type {mem.u64(code + 8):#x}): the layout does not "
-                                    "fit")  # fmt: skip
+                                    "fit")
             checked += 1
             f = mem.u64(f + lay.frame_prev)
     if not checked:
@@ -368,7 +368,7 @@ def choose_layout(mem: Memory, interp: Interpreter) -> Layout:
 
 
 def walk(mem: Memory, lay: Layout, tstate: int, depth: int = abi.PY_DEPTH
-         ) -> list[tuple[int, bool]]:  # fmt: skip
+         ) -> list[tuple[int, bool]]:
     """[(code address, is_entry)] of one thread, innermost first: what the BPF walk records
     (same rules, read through /proc/PID/mem; for tests and checks)."""
     out: list[tuple[int, bool]] = []
@@ -399,7 +399,7 @@ def bpf_config(interp: Interpreter, v: Validated) -> abi.PyProc:
         ts_tid=lay.ts_tid, ts_frame=lay.ts_frame, cframe_frame=lay.cframe_frame or 0,
         frame_code=lay.frame_code, frame_prev=lay.frame_prev, frame_entry=lay.frame_entry or 0,
         frame_owner=lay.frame_owner or 0, pthread_tid=v.pthread_tid, pad=0,
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -442,7 +442,7 @@ class CodeReader:
                 raise OSError("not a code object")
             name_off = lay.co_qualname if lay.co_qualname is not None else lay.co_name
             out = Code(self._str(m.u64(addr + name_off)), self._str(m.u64(addr + lay.co_filename)),
-                       m.u32(addr + lay.co_firstlineno))  # fmt: skip
+                       m.u32(addr + lay.co_firstlineno))
         except OSError:
             out = None  # freed, or the process is gone: not cached as final
             return None
@@ -458,7 +458,7 @@ def py_frame(code: Code | None, addr: int) -> tuple[str, str]:
 
 
 def merge_frames(functions: list[str], modules: list[str], py: list[tuple[str, str, bool]]
-                 ) -> tuple[list[str], list[str]]:  # fmt: skip
+                 ) -> tuple[list[str], list[str]]:
     """Native frames (leaf first) with the Python frames `py` [(function, module, is_entry)]
     (innermost first) put in place of the interpreter's eval frames (see the module doc)."""
     if not py:
@@ -598,7 +598,7 @@ class PythonStacks:
         table.clear()
 
     def merge(self, tgid: int, py_stack_id: int, functions: list[str], modules: list[str]
-              ) -> tuple[list[str], list[str]]:  # fmt: skip
+              ) -> tuple[list[str], list[str]]:
         if not py_stack_id:
             return functions, modules
         hit = self._stacks.get(py_stack_id)
@@ -628,7 +628,7 @@ class PythonStacks:
                               "interpreter": p.interp.path if p.interp else None}
                 for p in self.procs.values()
             },
-        }  # fmt: skip
+        }
 
 
 def describe(tgid: int, maps, proc_root: str = "/proc", exe: str | None = None) -> dict:
@@ -644,5 +644,5 @@ def describe(tgid: int, maps, proc_root: str = "/proc", exe: str | None = None) 
         mem.close()
     return {"python": ".".join(map(str, lay.version)), "layout": lay.source,
             "interpreter": interp.path, "threads": v.threads, "frames_checked": v.frames_checked,
-            "pthread_tid": v.pthread_tid, "config": bpf_config(interp, v)}  # fmt: skip
+            "pthread_tid": v.pthread_tid, "config": bpf_config(interp, v)}
 

@@ -136,7 +136,7 @@ def parse_dump(text: str, tgid: int) -> list[ThreadStack]:
 
 
 _STATES = {"R": "running", "S": "sleeping", "D": "disk-wait", "T": "stopped", "t": "traced",
-           "Z": "zombie", "X": "dead", "I": "idle"}  # fmt: skip
+           "Z": "zombie", "X": "dead", "I": "idle"}
 
 
 def proc_threads(tgid: int, proc_root: str = "/proc") -> list[ThreadStack]:
@@ -162,10 +162,10 @@ def proc_threads(tgid: int, proc_root: str = "/proc") -> list[ThreadStack]:
         if wchan == "0":
             wchan = None
         frames = [{"function": wchan, "file": None, "line": None, "kind": "kernel",
-                   "module": "[kernel]"}] if wchan else []  # fmt: skip
+                   "module": "[kernel]"}] if wchan else []
         out.append(ThreadStack(tgid=tgid, tid=tid, thread=name,
                                state=_STATES.get(letter, letter), wchan=wchan,
-                               frames=frames, source="procfs"))  # fmt: skip
+                               frames=frames, source="procfs"))
     return out
 
 
@@ -206,7 +206,7 @@ def dump_process(
         cmd = [exe, "dump", "--pid", str(tgid), "--json"] + (["--native"] if nat else [])
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                                 env={**os.environ, "RUST_BACKTRACE": "0"})  # fmt: skip
+                                 env={**os.environ, "RUST_BACKTRACE": "0"})
         except subprocess.TimeoutExpired:
             note = f"py-spy did not answer within {timeout_s:.0f} s"
             continue
@@ -236,7 +236,7 @@ def dump_process(
     threads += [t for t in base if t.tid not in seen]
     threads.sort(key=lambda t: (t.tid != tgid, t.tid))
     return ProcessStacks(tgid=tgid, rank=rank, comm=comm, python=bool(seen), threads=threads,
-                         note=note, ts_ns=ts_ns)  # fmt: skip
+                         note=note, ts_ns=ts_ns)
 
 
 def expand_targets(pids: list[int], proc_root: str = "/proc") -> list[tuple[int, int | None]]:
@@ -311,7 +311,7 @@ def to_frame(dumps: list[ProcessStacks]):
                 "files": [f.get("file") for f in t.frames],
                 "lines": [f.get("line") for f in t.frames],
                 "kinds": [f.get("kind") for f in t.frames],
-            })  # fmt: skip
+            })
     return pl.DataFrame(rows, schema=PYSTACKS_SCHEMA) if rows else pl.DataFrame(
         schema=PYSTACKS_SCHEMA
     )
@@ -338,5 +338,5 @@ def capture_ranks(ranks: list[dict[str, Any]], native: bool = False) -> tuple[An
             notes[str(tgid)] = d.note
         dumps.append(d)
     meta = {"taken": True, "reason": "calls in flight at the end of the session",
-            "processes": len(dumps), "notes": notes}  # fmt: skip
+            "processes": len(dumps), "notes": notes}
     return to_frame(dumps), meta

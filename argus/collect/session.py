@@ -192,7 +192,7 @@ def run_session(
         merged = merge_parts(parts.parts, manifest)
         py_frame = _hang_pystacks(merged.manifest, merged.events, pystacks_after_s)
         recording = parts.finish(merged.manifest, pystacks=py_frame, gpu=gpu_frame,
-                                 merged=merged)  # fmt: skip
+                                 merged=merged)
         ok = True
         return SessionResult(recording.path, recording.manifest, recording)
     finally:
@@ -220,5 +220,5 @@ def _write_part(tracer: Tracer, parts: PartWriter, gpu: GpuSampler | None, gpu_s
         if rows:
             gpu_frame = assign_ranks(rows, manifest["ranks"], gpu.devices, gpu.processes)
     parts.write(manifest, events, stacks, host=host if "host" in tracer.opts.channels else None,
-                gpu=gpu_frame)  # fmt: skip
+                gpu=gpu_frame)
     return gpu_seen

@@ -24,13 +24,13 @@ KINDS = (
     "launch", "graph_launch", "memcpy", "sync", "event", "malloc", "free", "device", "module",
     "collective", "p2p", "group", "comm_init", "comm_init_all", "comm_split", "comm_destroy",
     "pg_collective", "pg_p2p", "pg_work", "pg_work_done", "autograd", "ddp_bucket",
-)  # fmt: skip
+)
 # Semantic argument names and what they mean (decoded in argus.collect.decode).
 ARG_FIELDS = (
     "kernel", "kernel_handle", "stream", "bytes", "memcpy_kind", "count", "dtype", "redop",
     "comm", "peer", "root", "nranks", "rank", "uid", "out", "name", "event", "ptr", "device",
     "parent_comm", "color", "key",
-)  # fmt: skip
+)
 _LIBRARY_KEYS = {"family", "channel", "files", "static_marker", "versions"}
 _PROBE_KEYS = {"symbol", "variants", "name", "kind", "op", "exit", "args"}
 

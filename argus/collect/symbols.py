@@ -193,7 +193,7 @@ class ElfFile:
 _ELF64_SYM = np.dtype(
     [("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"), ("value", "<u8"),
      ("size", "<u8")]
-)  # fmt: skip
+)
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 
 
@@ -280,7 +280,7 @@ class _AddressTable:
                 if not isinstance(sec, SymbolTableSection) or not sec["sh_size"]:
                     continue
                 syms = np.frombuffer(mm, dtype=_ELF64_SYM, count=sec["sh_size"] // 24,
-                                     offset=sec["sh_offset"])  # fmt: skip
+                                     offset=sec["sh_offset"])
                 keep = _defined_functions(syms)
                 strtab = elf.get_section(sec["sh_link"])
                 parts.append((syms["value"][keep], syms["size"][keep], syms["name"][keep],
@@ -291,14 +291,14 @@ class _AddressTable:
             return None
         if not parts:
             return cls(np.empty(0, np.uint64), np.empty(0, np.uint64),
-                       np.empty(0, np.uint32), [], None, f)  # fmt: skip
+                       np.empty(0, np.uint32), [], None, f)
         value = np.concatenate([p[0] for p in parts])
         size = np.concatenate([p[1] for p in parts])
         name = np.concatenate([p[2] for p in parts]).astype(np.uint64)
         tab = np.concatenate([p[3] for p in parts])
         order = np.argsort(value, kind="stable")  # .symtab's first at an address
         return cls(value[order], size[order], (name[order] << np.uint64(8)) | tab[order],
-                   strtabs, mm, f)  # fmt: skip
+                   strtabs, mm, f)
 
     def at(self, vaddr: int) -> str | None:
         if vaddr < 0 or vaddr >= 1 << 64:

@@ -187,7 +187,7 @@ HOST_TRACEPOINTS = {
         "ARGUS_TP_BLK_DEV_OFF": ("dev", 0), "ARGUS_TP_BLK_SECTOR_OFF": ("sector", 0)}),
     "block:block_rq_complete": ("argus_host_blk_complete", {
         "ARGUS_TP_BLKC_DEV_OFF": ("dev", 0), "ARGUS_TP_BLKC_SECTOR_OFF": ("sector", 0)}),
-}  # fmt: skip
+}
 
 
 def host_tracepoint_plan() -> tuple[list[str], dict[str, str]]:
@@ -309,7 +309,7 @@ class Tracer:
         warm = None
         if "cpu" in self.opts.channels or "host" in self.opts.channels:
             warm = threading.Thread(target=self._warm_symbols, args=(plan,), daemon=True,
-                                    name="argus-warm-symbols")  # fmt: skip
+                                    name="argus-warm-symbols")
             warm.start()
         cflags = [f"-I{BPF_DIR}", "-DARGUS_BPF", f"-DARGUS_CALL_PAGES={self._ring_pages()}"]
         off = _fork_child_offset()
@@ -474,13 +474,13 @@ class Tracer:
         name = os.path.basename(lib.path)
         out = [spec for spec in self.specs if spec.matches_file(name)]
         markers = tuple(spec.static_marker for spec in self.specs
-                        if spec.static_marker and spec not in out)  # fmt: skip
+                        if spec.static_marker and spec not in out)
         if markers and lib.name.startswith("libtorch"):
             elf = elf_file(lib.host_path)
             found = elf.defined_of(markers) if elf is not None else set()
             # a static copy of the runtime inside another .so
             out += [spec for spec in self.specs if spec.static_marker in found
-                    and spec not in out]  # fmt: skip
+                    and spec not in out]
         return out
 
     def _acquire_uprobe(self, path: str, vaddr: int, ret: bool) -> tuple:
@@ -600,7 +600,7 @@ class Tracer:
         self.blobs.append(blob)
         if len(self._pg_slots) != len(self.probe_refs):
             self._pg_slots = {pid: (r.spec.args.get("comm"), r.spec.kind)
-                              for pid, r in self.probe_refs.items()}  # fmt: skip
+                              for pid, r in self.probe_refs.items()}
         slot, kind = self._pg_slots.get(int.from_bytes(blob[4:8], "little"), (None, ""))
         if slot is not None and kind.startswith("pg_"):
             # name a c10d group while its process is alive (read from its memory, once per
@@ -745,9 +745,9 @@ class Tracer:
         inflight = self._inflight_rows() if self.specs else schema.empty_events()
         if still_open.height:
             inflight = pl.concat([inflight, still_open.with_columns(pl.lit(True).alias("in_flight"))],
-                                 how="vertical_relaxed")  # fmt: skip
+                                 how="vertical_relaxed")
         stacks = pl.DataFrame(stack_rows, schema=schema.STACKS_SCHEMA) if stack_rows else (
-            schema.empty_stacks())  # fmt: skip
+            schema.empty_stacks())
         host = pl.DataFrame([{**r, "rank": self.ctx.rank_of.get(r["tgid"])} for r in host_rows],
                             schema=schema.HOST_SCHEMA) if host_rows else schema.empty_host()
         return events, inflight, stacks, host
@@ -761,7 +761,7 @@ class Tracer:
              "name": names[e["what"]], "in_flight": False}
             for e in procs
             if e["what"] != abi.PROC_FORK or e["child"] in self.targets
-        ])  # fmt: skip
+        ])
 
     def _paired(self, decoded: pl.DataFrame, procs: list[dict],
                 extra: pl.DataFrame | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -769,17 +769,17 @@ class Tracer:
         the work calls with no completion yet: in flight). The work calls still open at the
         previous drain join this pairing."""
         frames = [f for f in (decoded, self._open_work, extra, self._proc_rows(procs))
-                  if f is not None and f.height]  # fmt: skip
+                  if f is not None and f.height]
         self._open_work = None
         events = pl.concat(frames, how="vertical_relaxed").sort("ts_ns") if frames else (
-            schema.empty_events())  # fmt: skip
+            schema.empty_events())
         work = {r.name for r in self.probe_refs.values() if r.spec.kind == "pg_work"}
         done = {r.name for r in self.probe_refs.values() if r.spec.kind == "pg_work_done"}
         events = pair_completions(events, work, done)
         if not work or not events.height:
             return events, schema.empty_events()
         still = (pl.col("name").cast(pl.Utf8).is_in(list(work)) & pl.col("in_flight")
-                 & pl.col("dur_ns").is_null())  # fmt: skip
+                 & pl.col("dur_ns").is_null())
         return events.filter(~still), events.filter(still).with_columns(
             pl.lit(False).alias("in_flight"))
 
@@ -788,7 +788,7 @@ class Tracer:
         last stacks are symbolized by now): a long-running tracer does not grow with every
         job that came and went. Returns the tgids forgotten."""
         gone = [tgid for tgid in getattr(self, "_exited_before", ()) if tgid in self.targets
-                and self.targets[tgid].exited]  # fmt: skip
+                and self.targets[tgid].exited]
         for tgid in gone:
             del self.targets[tgid]
             self._hot.pop(tgid, None)
@@ -831,7 +831,7 @@ class Tracer:
                     modules.append(mod.split("+", 1)[0])
             if key.py_stack_id and self.pystacks is not None:
                 functions, modules = self.pystacks.merge(tgid, int(key.py_stack_id), functions,
-                                                         modules)  # fmt: skip
+                                                         modules)
             self.stack_rows.append(
                 {
                     "ts_ns": ts_ns,
@@ -866,7 +866,7 @@ class Tracer:
                     "ts_ns": k[2], "interval_ns": max(abi.WAIT_BUCKET_NS, total), "tgid": k[1],
                     "kind": "cpu_wait", "detail": _host_detail(k[0], k[2], k[3]),
                     "count": count, "total_ns": total,
-                })  # fmt: skip
+                })
                 waits.append(key)
                 continue
             pc, pt = self._host_prev.get(k, (0, 0))
@@ -882,7 +882,7 @@ class Tracer:
                 "interval_ns": 0 if oom else interval_ns,
                 "tgid": k[1], "kind": kind, "detail": _host_detail(k[0], k[2], k[3]),
                 "count": count - pc, "total_ns": total - pt,
-            })  # fmt: skip
+            })
         s.delete_keys("host_counts", waits)
         gone = []
         for tid_key, e in s.items("offcpu"):
@@ -899,7 +899,7 @@ class Tracer:
                 "rank": self.ctx.rank_of.get(tgid), "thread": e.comm.decode("utf-8", "replace"),
                 "count": 0, "functions": functions, "modules": modules,
                 "state": "off_cpu", "blocked_ns": max(0, now_ns - int(e.ts_ns)),
-            })  # fmt: skip
+            })
         s.delete_keys("offcpu", gone)
         cpu = procfs.cpu_times(self.opts.proc_root)
         if cpu is not None and self._cpu_prev is not None and cpu[0] > self._cpu_prev[0]:
@@ -907,7 +907,7 @@ class Tracer:
                 "ts_ns": start_ns, "interval_ns": interval_ns, "tgid": 0, "kind": "cpu_steal",
                 "detail": "node", "count": cpu[0] - self._cpu_prev[0],
                 "total_ns": max(0, cpu[1] - self._cpu_prev[1]),
-            })  # fmt: skip
+            })
         self._cpu_prev = cpu
         self._last_host_ns = now_ns
         self._last_host = now
@@ -985,7 +985,7 @@ class Tracer:
 
     # -- finish ----------------------------------------------------------------------------
     def finish(self, end_reason: str, close: bool = True
-               ) -> tuple[dict, pl.DataFrame, pl.DataFrame]:  # fmt: skip
+               ) -> tuple[dict, pl.DataFrame, pl.DataFrame]:
         """Stop, drain everything still in the kernel; return the recording parts (what came
         after the last `drain`). `close`: detach every probe and free the BPF object here
         (about 0.23 s per uprobe); else the probes are made inert (the filter maps emptied)
@@ -1004,10 +1004,10 @@ class Tracer:
         for t in self.targets.values():
             self.ctx.rank_of[t.tgid] = t.rank
         events, still_open = self._paired(decode_records(self.blobs, self.ctx),
-                                          self.proc_events, self._inflight_rows())  # fmt: skip
+                                          self.proc_events, self._inflight_rows())
         if still_open.height:  # a work call that never completed: blocked at the end
             events = pl.concat([events, still_open.with_columns(pl.lit(True).alias("in_flight"))],
-                               how="vertical_relaxed").sort("ts_ns")  # fmt: skip
+                               how="vertical_relaxed").sort("ts_ns")
         stacks = pl.DataFrame(self.stack_rows, schema=schema.STACKS_SCHEMA) if self.stack_rows else schema.empty_stacks()
         manifest = self.manifest(end_reason, ended_ns, events, stacks)
         if close:
@@ -1021,7 +1021,7 @@ class Tracer:
         return manifest, events, stacks
 
     def manifest(self, end_reason: str, ended_ns: int, events: pl.DataFrame,
-                 stacks: pl.DataFrame) -> dict:  # fmt: skip
+                 stacks: pl.DataFrame) -> dict:
         """The recording's manifest as of now: targets, probes, drops and exact call counts
         so far; `counts` of the given rows (a part's own; `merge_parts` sums a session's)."""
         python_stacks = self.pystacks.manifest() if self.pystacks is not None else None

@@ -104,7 +104,7 @@ def _checked(name: str, kind: str, value, where: str):
         raise UsageError(f"{where} must be a finite positive number (found {_show(value)}).")
     if name.endswith("_s") and number > MAX_SECONDS:
         raise UsageError(f"{where} must be at most {MAX_SECONDS} seconds (one year), "
-                         f"found {_show(value)}.")  # fmt: skip
+                         f"found {_show(value)}.")
     return number
 
 
@@ -124,14 +124,14 @@ def _read(path: Path, types: dict[str, str]) -> dict:
     for section, body in data.items():
         if section not in _SECTIONS:
             raise UsageError(f"{path}: unknown section [{_name(section)}] "
-                             f"(known: {', '.join(_SECTIONS)}).")  # fmt: skip
+                             f"(known: {', '.join(_SECTIONS)}).")
         if not isinstance(body, dict):
             raise UsageError(f"{path}: [{section}] must be a table of keys, "
-                             f"found {_show(body)}.")  # fmt: skip
+                             f"found {_show(body)}.")
         for key, value in body.items():
             if key not in _SECTIONS[section]:
                 raise UsageError(f"{path}: unknown key {_name(key)} in [{section}] "
-                                 f"(known: {', '.join(_SECTIONS[section])}).")  # fmt: skip
+                                 f"(known: {', '.join(_SECTIONS[section])}).")
             values[key] = _checked(key, types[key], value, f"{path}: [{section}] {key}")
     return values
 

@@ -261,7 +261,7 @@ class Daemon:
             self.job_of[f.tgid] = f.job
             added.append(f.tgid)
             log.info("argus daemon: tracing %d (%s, rank %s) in job %s", f.tgid, f.comm,
-                     f.rank, f.job)  # fmt: skip
+                     f.rank, f.job)
         return added
 
     def _fixed(self) -> list[Found]:
@@ -309,7 +309,7 @@ class Daemon:
                 if self._settling(job, now_ns):
                     continue
                 job.view = self._analyse(job, inflight.filter(sel), self._job_gpu(job, gpu_rows),
-                                         now_ns)  # fmt: skip
+                                         now_ns)
                 views.append(job.view)
             except Exception as e:
                 self._error(f"job {key}: analysis failed: {type(e).__name__}: {e}")
@@ -330,7 +330,7 @@ class Daemon:
                 self.host, views, time.time_ns(),
                 targets=sum(1 for t in tr.targets.values() if t.traced and not t.exited),
                 uprobes=len(tr._uprobes), drops=tr.drops(), errors=list(self.errors),
-                version=__version__, flush_s=self.flush_s, gpu=gpu_state)  # fmt: skip
+                version=__version__, flush_s=self.flush_s, gpu=gpu_state)
         try:
             self._enforce_budget()
         except OSError as e:
@@ -361,7 +361,7 @@ class Daemon:
             if new.height:
                 old = getattr(job, name)
                 setattr(job, name, pl.concat([old, new], how="vertical_relaxed")
-                        if old.height else new)  # fmt: skip
+                        if old.height else new)
 
     def _job_gpu(self, job: _Job, rows: list[dict[str, Any]]) -> pl.DataFrame:
         """The new NVML samples of the devices this job's ranks use (rank/tgid filled)."""
@@ -373,7 +373,7 @@ class Daemon:
             t = tr.targets.get(tgid)
             if t is not None and t.traced:
                 ranks.append({"tgid": tgid, "rank": t.rank, "local_rank": t.local_rank,
-                              "env": t.env, "cuda_device": tr.ctx.devices.get(tgid)})  # fmt: skip
+                              "env": t.env, "cuda_device": tr.ctx.devices.get(tgid)})
         frame = assign_ranks(rows, ranks, self.gpu.devices, self.gpu.processes)
         return frame.filter(pl.col("tgid").is_not_null())
 
@@ -392,14 +392,14 @@ class Daemon:
             ranks.append({"rank": t.rank, "local_rank": t.local_rank, "world_size": t.world_size,
                           "tgid": tgid, "host": self.host, "exe": t.exe, "env": t.env,
                           "exited": t.exited, "libraries": t.libraries,
-                          "cuda_device": tr.ctx.devices.get(tgid)})  # fmt: skip
+                          "cuda_device": tr.ctx.devices.get(tgid)})
         gpu = None
         if self.gpu is not None:
             gpu = ({"available": True, "library": self.gpu.library, "driver": self.gpu.driver,
                     "interval_s": self.gpu.interval_s, "devices": self.gpu.devices}
                    if self.gpu.available else
                    {"available": False,
-                    "reason": self.gpu.reason or "NVML not opened yet"})  # fmt: skip
+                    "reason": self.gpu.reason or "NVML not opened yet"})
         return {
             "format": schema.FORMAT, "argus_version": __version__, "host": self.host,
             "kernel": os.uname().release, "clock": {"mono_to_wall_ns": tr.mono_to_wall_ns},
@@ -412,7 +412,7 @@ class Daemon:
             "ranks": ranks, "probes": [], "drops": {}, "job": job.key,
             "daemon_run": self.run_id,  # segments of one daemon run number steps on
             **({"gpu": gpu} if gpu is not None else {}),
-        }  # fmt: skip
+        }
 
     def _new_steps(self, job: _Job, steps: pl.DataFrame, final: bool = False) -> pl.DataFrame:
         """The build's steps not summarised before, with the job's continuous step ids
@@ -421,7 +421,7 @@ class Daemon:
         samples after it, as at the end of a recording)."""
         wm = job.watermark
         new = steps.filter(pl.col("start_ns") > pl.col("rank").replace_strict(
-            wm, default=-1, return_dtype=pl.Int64))  # fmt: skip
+            wm, default=-1, return_dtype=pl.Int64))
         if not new.height:
             return new
         new = _assign_ids(job.steps, steps, new, job.next_id)
@@ -433,13 +433,13 @@ class Daemon:
             last = last.with_columns(pl.lit(None, pl.Int64).alias("_last"))
         new = new.join(last, on="rank", how="left").with_row_index("_i")
         ex = new.filter(pl.col("start_ns") == pl.col("_last")).select(
-            "_i", "step_time_ns", "stacks").explode("stacks")  # fmt: skip
+            "_i", "step_time_ns", "stacks").explode("stacks")
         if ex.height:
             kept = ex.filter(pl.col("stacks").struct.field("t_off_ns") < pl.col("step_time_ns"))
             kept = kept.group_by("_i").agg(pl.col("stacks").alias("_kept"))
             new = new.join(kept, on="_i", how="left").with_columns(
                 pl.when(pl.col("start_ns") == pl.col("_last")).then(pl.col("_kept"))
-                .otherwise(pl.col("stacks")).alias("stacks")).drop("_kept")  # fmt: skip
+                .otherwise(pl.col("stacks")).alias("stacks")).drop("_kept")
         new = new.drop("_i", "_last")
         for rank, last in new.group_by("rank").agg(pl.col("start_ns").max()).rows():
             wm[rank] = max(wm.get(rank, -1), int(last))
@@ -454,7 +454,7 @@ class Daemon:
         cut = floor
         if job.steps.height:
             starts = (job.steps.sort("start_ns").group_by("rank")
-                      .agg(pl.col("start_ns").tail(OVERLAP_STEPS).first())["start_ns"])  # fmt: skip
+                      .agg(pl.col("start_ns").tail(OVERLAP_STEPS).first())["start_ns"])
             cut = max(floor, int(starts.min()) - self.tracer.mono_to_wall_ns)
         keep = pl.col("ts_ns") >= cut
         job.events = job.events.filter(keep)
@@ -464,19 +464,19 @@ class Daemon:
         st = job.stacks
         if st.height:
             latest = pl.col("ts_ns").rank("dense", descending=True).over("tgid") <= (
-                LATEST_INTERVALS)  # fmt: skip
+                LATEST_INTERVALS)
             job.stacks = st.filter((pl.col("ts_ns") + pl.col("interval_ns").fill_null(0) >= cut)
-                                   | latest)  # fmt: skip
+                                   | latest)
         job.started_ns = max(job.started_ns or cut, cut)
 
     def _analyse(self, job: _Job, inflight: pl.DataFrame, gpu_new: pl.DataFrame,
-                 now_ns: int) -> dict[str, Any]:  # fmt: skip
+                 now_ns: int) -> dict[str, Any]:
         ev = job.events
         if inflight.height:
             ev = pl.concat([ev, inflight], how="vertical_relaxed")
         manifest = self._manifest(job, job.started_ns or now_ns, now_ns)
         rec = Recording(manifest=manifest, events=ev.sort("ts_ns"), stacks=job.stacks,
-                        host_ctx=job.host)  # fmt: skip
+                        host_ctx=job.host)
         t0 = time.perf_counter()
         summ = build_summaries([rec], seq_shifts=job.seq_shifts)
         t1 = time.perf_counter()
@@ -501,26 +501,26 @@ class Daemon:
         job.meta = summ.meta
         if gpu_new.height:
             job.gpu = (pl.concat([job.gpu, gpu_new], how="vertical_relaxed") if job.gpu.height
-                       else gpu_new)  # fmt: skip
+                       else gpu_new)
         if job.gpu.height:
             job.gpu = job.gpu.filter(pl.col("ts_ns") >= now_ns - int(self.config.window_s * 1e9))
         used = _stack_ids(job.steps) | _stack_ids(job.tail)
         sd = pl.concat([summ.stack_dict, job.stack_dict], how="vertical_relaxed")
         job.stack_dict = sd.unique("stack_id", keep="first").filter(
-            pl.col("stack_id").is_in(sorted(used)))  # fmt: skip
+            pl.col("stack_id").is_in(sorted(used)))
         self._write_segment(job, new, summ, gpu_new, manifest)
         self._cut(job, now_ns)
         extra = {}
         if hasattr(summ, "host_ctx"):  # host-context summaries (when the format has them)
             extra["host_ctx"] = summ.host_ctx
         diag = Summaries(meta=summ.meta, steps=job.steps, stack_dict=job.stack_dict,
-                         tail=job.tail, manifest=manifest, gpu=job.gpu, **extra)  # fmt: skip
+                         tail=job.tail, manifest=manifest, gpu=job.gpu, **extra)
         t2 = time.perf_counter()
         report = diagnose_summaries([diag], hang_after_s=self.config.hang_after_s)
         t3 = time.perf_counter()
         exited = {t for t in job.tgids if t not in tr.targets or tr.targets[t].exited}
         view = job_view(job.key, rec, diag, report, {t: tr.probes_of(t) for t in job.tgids},
-                        exited)  # fmt: skip
+                        exited)
         view["segments"] = job.segments
         # what the interval cost: rows re-read, steps summarised and diagnosed, seconds
         view["analysis"] = {"raw_events": ev.height, "new_steps": new.height,
@@ -529,7 +529,7 @@ class Daemon:
         return view
 
     def _write_segment(self, job: _Job, new: pl.DataFrame, summ: Summaries,
-                       gpu_new: pl.DataFrame, manifest: dict[str, Any]) -> None:  # fmt: skip
+                       gpu_new: pl.DataFrame, manifest: dict[str, Any]) -> None:
         """The new steps (continuous ids) -> OUTPUT/jobs/<job>/<wall ns>/. An interval
         without new steps (a hang, the end of a job) rewrites the job's last segment with
         the current tail, end time, NVML and host rows, so the hang detector reading the
@@ -550,7 +550,7 @@ class Daemon:
             for k, v in (("gpu", gpu_new), ("host", host_new)):
                 if v is not None and v.height:
                     last[k] = (pl.concat([last[k], v], how="vertical_relaxed")
-                               if last[k] is not None and last[k].height else v)  # fmt: skip
+                               if last[k] is not None and last[k].height else v)
         else:
             return
         last = job.last_seg
@@ -559,7 +559,7 @@ class Daemon:
         sd = job.stack_dict.filter(pl.col("stack_id").is_in(sorted(used)))
         extra = {"host_ctx": last["host"]} if last["host"] is not None else {}
         out = Summaries(meta=dict(summ.meta, job=job.key), steps=last["steps"], stack_dict=sd,
-                        tail=job.tail, manifest=manifest, gpu=last["gpu"], **extra)  # fmt: skip
+                        tail=job.tail, manifest=manifest, gpu=last["gpu"], **extra)
         write_summaries(seg, out)
         tmp = seg / ".manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=1, default=str))
@@ -624,7 +624,7 @@ def _hand_off_probes() -> None:
 
 
 def _assign_ids(done: pl.DataFrame, steps: pl.DataFrame, new: pl.DataFrame,
-                next_id: int) -> pl.DataFrame:  # fmt: skip
+                next_id: int) -> pl.DataFrame:
     """The job's ids of a build's new steps (`new`, rows of the build's `steps`), given the
     job's summaries so far (`done`) and its next free id.
 
@@ -652,11 +652,11 @@ def _assign_ids(done: pl.DataFrame, steps: pl.DataFrame, new: pl.DataFrame,
         done.select("rank", "step_time_ns"), steps.select("rank", "step_time_ns")],
         how="vertical_relaxed").group_by("rank").agg(pl.col("step_time_ns").median()).rows()}
     prev = {r: (i, e) for r, i, e in done.sort("start_ns").group_by("rank").agg(
-        pl.col("step").last(), pl.col("end_ns").last()).rows()}  # fmt: skip
+        pl.col("step").last(), pl.col("end_ns").last()).rows()}
     ids: dict[tuple[int, int], int] = {
         (r, st): i for r, st, i in done.join(steps.select("rank", "start_ns"),
                                              on=["rank", "start_ns"])
-        .select("rank", "start_ns", "step").rows()}  # fmt: skip
+        .select("rank", "start_ns", "step").rows()}
     want = {(r, st) for r, st in new.select("rank", "start_ns").rows()}
 
     def after(prev_id: int, prev_end: int, start: int, r: int) -> int:
@@ -688,7 +688,7 @@ def _assign_ids(done: pl.DataFrame, steps: pl.DataFrame, new: pl.DataFrame,
                 near = [j for j in (k - 1, k) if 0 <= j < len(starts)]
                 best = min(near, key=lambda j: abs(starts[j] - st)) if near else None
                 got.append(ref[best][1] if best is not None and abs(starts[best] - st) <= half
-                           else None)  # fmt: skip
+                           else None)
             if all(g is None for g in got):  # nothing to match: after everything numbered
                 top = max((i for i in ids.values()), default=next_id - 1)
                 got[0] = top + 1
@@ -709,7 +709,7 @@ def _assign_ids(done: pl.DataFrame, steps: pl.DataFrame, new: pl.DataFrame,
         ids = {k: v + base for k, v in ids.items()}
     fixed = pl.DataFrame([(r, st, j) for (r, st), j in ids.items() if (r, st) in want],
                          schema={"rank": new.schema["rank"], "start_ns": pl.Int64,
-                                 "_id": pl.Int64}, orient="row")  # fmt: skip
+                                 "_id": pl.Int64}, orient="row")
     return new.join(fixed, on=["rank", "start_ns"], how="left").with_columns(
         pl.col("_id").alias("step")).drop("_id").filter(pl.col("step").is_not_null())
 
@@ -724,7 +724,7 @@ def _env_ms(name: str) -> float:
 
 
 def _merge_tail(new: pl.DataFrame, old: pl.DataFrame,
-                renumbered: set[int] = frozenset()) -> pl.DataFrame:  # fmt: skip
+                renumbered: set[int] = frozenset()) -> pl.DataFrame:
     """The job's tail after a build: each rank's row of the build (what it does now), else
     its previous row (a rank whose raw rows all aged out, e.g. hung for longer than the
     window). A rank's collectives (`comms`) are the union of the previous row's and the
@@ -743,16 +743,16 @@ def _merge_tail(new: pl.DataFrame, old: pl.DataFrame,
     both = pl.concat([
         new.join(same, on=["rank", "tgid"]).select("rank", "comms", pl.lit(0).alias("_o")),
         old.join(same, on=["rank", "tgid"]).select("rank", "comms", pl.lit(1).alias("_o")),
-    ], how="vertical_relaxed").explode("comms").drop_nulls("comms")  # fmt: skip
+    ], how="vertical_relaxed").explode("comms").drop_nulls("comms")
     if both.height:
         both = both.with_columns(pl.col("comms").struct.field("comm").alias("_c"),
-                                 pl.col("comms").struct.field("gseq").alias("_g"))  # fmt: skip
+                                 pl.col("comms").struct.field("gseq").alias("_g"))
         merged = (both.sort("_o").unique(["rank", "_c", "_g"], keep="first")
                   .sort(["rank", "_c", "_g"]).group_by(["rank", "_c"], maintain_order=True)
                   .tail(TAIL_SEQS).group_by("rank", maintain_order=True)
-                  .agg(pl.col("comms").alias("_comms")))  # fmt: skip
+                  .agg(pl.col("comms").alias("_comms")))
         new = new.join(merged, on="rank", how="left").with_columns(
-            pl.coalesce("_comms", "comms").alias("comms")).drop("_comms")  # fmt: skip
+            pl.coalesce("_comms", "comms").alias("comms")).drop("_comms")
     kept = old.join(new.select("rank"), on="rank", how="anti")
     return pl.concat([new.select(cols), kept.select(cols)], how="vertical_relaxed").sort("rank")
 
@@ -810,10 +810,10 @@ class AttachReader:
         out = output or Path(self._tmp.name)
         self.daemon = Daemon(DaemonOptions(output=out, metrics_addr=None, pids=list(pids),
                                            overrides={"interval_s": interval_s,
-                                                      "window_s": 30.0}))  # fmt: skip
+                                                      "window_s": 30.0}))
         self.daemon.start()  # errors (no such PID, no permission) raise here, in the caller
         self._thread = threading.Thread(target=self.daemon.run, kwargs={"install_signals": False},
-                                        name="argus-top-attach", daemon=True)  # fmt: skip
+                                        name="argus-top-attach", daemon=True)
         self._thread.start()
 
     def read(self) -> dict[str, Any]:

@@ -49,23 +49,23 @@ def chrome_trace(
     tracks: dict[tuple[int, int, str], int] = {}
     for rank, tgid, host in tl.unique("rank", keep="first").select("rank", "tgid", "host").rows():
         events.append({"ph": "M", "name": "process_name", "pid": rank, "tid": 0,
-                       "args": {"name": f"rank {rank} ({host}, tgid {tgid})"}})  # fmt: skip
+                       "args": {"name": f"rank {rank} ({host}, tgid {tgid})"}})
         events.append({"ph": "M", "name": "process_sort_index", "pid": rank, "tid": 0,
-                       "args": {"sort_index": rank}})  # fmt: skip
+                       "args": {"sort_index": rank}})
         events.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": STEP_TID,
-                       "args": {"name": "steps"}})  # fmt: skip
+                       "args": {"name": "steps"}})
     body: list[dict[str, Any]] = []
     for row in tl.sort(["rank", "t_ns"]).iter_rows(named=True):
         if row["kind"] == "exit":
             body.append({"ph": "i", "s": "t", "name": "exit", "pid": row["rank"],
-                         "tid": STEP_TID, "ts": us(row["t_ns"])})  # fmt: skip
+                         "tid": STEP_TID, "ts": us(row["t_ns"])})
             continue
         key = (row["rank"], row["tid"] or row["tgid"] or 0, row["channel"] or "?")
         tid = tracks.get(key)
         if tid is None:
             tid = tracks[key] = len(tracks) + 1
             events.append({"ph": "M", "name": "thread_name", "pid": row["rank"], "tid": tid,
-                           "args": {"name": f"{key[2]} tid {key[1]}"}})  # fmt: skip
+                           "args": {"name": f"{key[2]} tid {key[1]}"}})
         dur = row["dur_ns"]
         args: dict[str, Any] = {}
         if dur is None:
@@ -76,26 +76,26 @@ def chrome_trace(
             s = gseq.get((row["rank"], row["t_ns"], row["comm"] or row["channel"]), row["seq"])
             name = f"{row['op']} #{s}"
             args.update({"call": row["name"], "comm": row["comm"], "seq": s,
-                         "bytes": row["bytes"]})  # fmt: skip
+                         "bytes": row["bytes"]})
         elif row["kernel"]:
             args["kernel"] = row["kernel"]
         if row["bytes"] is not None and "bytes" not in args:
             args["bytes"] = row["bytes"]
         body.append({"ph": "X", "name": name, "cat": row["channel"] or "?", "pid": row["rank"],
                      "tid": tid, "ts": us(row["t_ns"]), "dur": round(dur / 1000.0, 3),
-                     "args": args})  # fmt: skip
+                     "args": args})
     for row in steps.iter_rows(named=True):
         body.append({"ph": "X", "name": f"step {row['step']}", "cat": "step", "pid": row["rank"],
                      "tid": STEP_TID, "ts": us(row["start_ns"]),
                      "dur": round(row["step_time_ns"] / 1000.0, 3),
-                     "args": {"step": row["step"]}})  # fmt: skip
+                     "args": {"step": row["step"]}})
     for f in report.get("findings") or []:
         t = f.get("start_ns") or f.get("window_start_ns")
         if t is None:
             t = max(ends.values()) if ends else origin
         body.append({"ph": "i", "s": "g", "name": f"{f['kind']} ({f['severity']})",
                      "pid": 0, "tid": STEP_TID, "ts": us(t),
-                     "args": {"summary": f["summary"]}})  # fmt: skip
+                     "args": {"summary": f["summary"]}})
     body.sort(key=lambda e: (e["pid"], e["tid"], e["ts"], -e.get("dur", 0)))
     return {
         "traceEvents": events + body,
@@ -104,7 +104,7 @@ def chrome_trace(
             "origin_wall_ns": origin,
             "report_schema": report.get("schema"),
             "clock_offsets_ns": offsets,
-        },  # fmt: skip
+        },
     }
 
 

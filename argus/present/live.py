@@ -47,7 +47,7 @@ def _hot_frames(stacks: pl.DataFrame) -> dict[int, str]:
     charged: dict[int, dict[str, int]] = {}
     leaves: dict[int, dict[str, int]] = {}
     for rank, count, functions, modules in st.select("rank", "count", "functions",
-                                                     "modules").rows():  # fmt: skip
+                                                     "modules").rows():
         n = int(count or 0)
         who = attribute(functions, modules)
         if who is not None and "+0x" not in who and not who.startswith("["):
@@ -81,7 +81,7 @@ def _last_collectives(summ: Summaries) -> dict[int, tuple[str | None, int | None
 
 def job_view(job: str, rec: Recording, summ: Summaries, report: dict[str, Any],
              probes: dict[int, int] | None = None, exited: set[int] | None = None,
-             ) -> dict[str, Any]:  # fmt: skip
+             ) -> dict[str, Any]:
     """One job's live state (see the module doc). `probes`: tgid -> probes attached;
     `exited`: tgids known to have exited."""
     probes = probes or {}
@@ -90,7 +90,7 @@ def job_view(job: str, rec: Recording, summ: Summaries, report: dict[str, Any],
     hot = _hot_frames(rec.stacks)
     last = _last_collectives(summ)
     stragglers = {f["rank"]: f for f in report.get("findings", []) if f.get("kind") == "straggler"
-                  and f.get("severity") in ("warning", "critical")}  # fmt: skip
+                  and f.get("severity") in ("warning", "critical")}
     hangs = [f for f in report.get("findings", []) if f.get("kind") == "collective_hang"]
     waited: dict[int, float] = {}
     hung_missing: set[int] = set()
@@ -102,7 +102,7 @@ def job_view(job: str, rec: Recording, summ: Summaries, report: dict[str, Any],
     for r in report.get("ranks", []):
         rank = r["rank"]
         mine = steps.filter(pl.col("rank") == rank).sort("step").tail(RECENT_STEPS) if (
-            steps.height) else steps  # fmt: skip
+            steps.height) else steps
 
         def med(col: str, mine: pl.DataFrame = mine) -> float | None:
             v = mine[col].drop_nulls() if mine.height else None
@@ -113,7 +113,7 @@ def job_view(job: str, rec: Recording, summ: Summaries, report: dict[str, Any],
         if mine.height:
             w = mine.select((pl.col("coll_wait_ns").fill_null(0) + pl.col("sync_wait_ns")
                              .fill_null(0) + pl.col("compute_wait_ns").fill_null(0))
-                            .alias("w"))["w"]  # fmt: skip
+                            .alias("w"))["w"]
             wait_ns = float(w.median())
         op, seq = last.get(rank, (None, None))
         s = stragglers.get(rank)
@@ -135,7 +135,7 @@ def job_view(job: str, rec: Recording, summ: Summaries, report: dict[str, Any],
             "hang_waited_s": waited.get(rank, 0.0),
             "probes": probes.get(tgid, 0) if tgid is not None else 0,
             "exited": tgid in exited,
-        })  # fmt: skip
+        })
     return {
         "job": job,
         "host": rec.host,
@@ -145,7 +145,7 @@ def job_view(job: str, rec: Recording, summ: Summaries, report: dict[str, Any],
             {k: f.get(k) for k in ("kind", "severity", "summary", "rank", "score", *_HANG_KEYS)
              if k in f}
             for f in report.get("findings", [])
-        ][:10],  # fmt: skip
+        ][:10],
         "drops": report.get("drops", {}),
     }
 

@@ -33,7 +33,7 @@ RANK_GAUGES = (
     ("argus_probes_attached", "Probe-table entries (symbols probed) in the rank's process.",
      "probes", 1.0),
     ("argus_steps", "Complete steps of the rank in the diagnosis window.", "steps", 1.0),
-)  # fmt: skip
+)
 
 
 class LiveCollector(Collector):
@@ -47,7 +47,7 @@ class LiveCollector(Collector):
         state = self.get_state() or {}
         host = str(state.get("host") or "")
         fams = {name: GaugeMetricFamily(name, doc, labels=["job_id", "rank", "host"])
-                for name, doc, _k, _s in RANK_GAUGES}  # fmt: skip
+                for name, doc, _k, _s in RANK_GAUGES}
         jobs = state.get("jobs") or []
         for job in jobs:
             for r in job.get("ranks") or []:
@@ -65,16 +65,16 @@ class LiveCollector(Collector):
         g.add_metric([host], float(state.get("targets") or 0))
         yield g
         g = GaugeMetricFamily("argus_uprobes", "Uprobes the daemon holds (node-wide, shared by "
-                              "ranks mapping the same library).", labels=["host"])  # fmt: skip
+                              "ranks mapping the same library).", labels=["host"])
         g.add_metric([host], float(state.get("uprobes") or 0))
         yield g
         if state.get("flush_s") is not None:  # a daemon falling behind shows here first
             g = GaugeMetricFamily("argus_analysis_seconds", "How long the last interval's drain "
-                                  "and analysis took (all jobs).", labels=["host"])  # fmt: skip
+                                  "and analysis took (all jobs).", labels=["host"])
             g.add_metric([host], float(state["flush_s"]))
             yield g
         c = CounterMetricFamily("argus_drops", "Events lost in BPF, by kind (node-wide).",
-                                labels=["host", "kind"])  # fmt: skip
+                                labels=["host", "kind"])
         for kind, v in sorted((state.get("drops") or {}).items()):
             c.add_metric([host, str(kind)], float(v))
         yield c

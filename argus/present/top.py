@@ -30,7 +30,7 @@ from argus.present.live import job_view, node_state
 
 SORTS = ("rank", "step", "wait", "late", "score")
 _SORT_KEY = {"rank": "rank", "step": "step_time_ms", "wait": "wait_ms", "late": "lateness_ms",
-             "score": "straggler_score"}  # fmt: skip
+             "score": "straggler_score"}
 
 
 class Reader(Protocol):
@@ -82,7 +82,7 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 
 
 def render(state: dict[str, Any], sort: str = "rank", reverse: bool = False,
-           now_ns: int | None = None, error: str | None = None) -> Group:  # fmt: skip
+           now_ns: int | None = None, error: str | None = None) -> Group:
     """The view of one state: a header line, then per job a line and a table of ranks.
     Stragglers are red, hung ranks bold white on red."""
     now_ns = time.time_ns() if now_ns is None else now_ns
@@ -90,7 +90,7 @@ def render(state: dict[str, Any], sort: str = "rank", reverse: bool = False,
     jobs = state.get("jobs") or []
     head = Text(f"argus top  host {state.get('host', '?')}  jobs {len(jobs)}  "
                 f"updated {age:.0f} s ago  sort {sort}{' (rev)' if reverse else ''}  "
-                "[s]ort [r]everse [q]uit", style="bold")  # fmt: skip
+                "[s]ort [r]everse [q]uit", style="bold")
     parts: list[Any] = [head]
     if error:
         parts.append(Text(f"cannot read the state: {error}", style="bold red"))
@@ -103,7 +103,7 @@ def render(state: dict[str, Any], sort: str = "rank", reverse: bool = False,
             f for f in job.get("findings") or [] if f.get("severity") in ("warning", "critical")
         ]
         line = Text(f"job {job.get('job')}: {len(job.get('ranks') or [])} ranks, "
-                    f"step p50 {_fmt(steps.get('step_time_ms_p50'))} ms")  # fmt: skip
+                    f"step p50 {_fmt(steps.get('step_time_ms_p50'))} ms")
         for f in flags[:2]:
             line.append(
                 f"\n  {f['severity'].upper()}: {f.get('summary', '')}",
@@ -114,11 +114,11 @@ def render(state: dict[str, Any], sort: str = "rank", reverse: bool = False,
         for col, just in (("rank", "right"), ("pid", "right"), ("step ms", "right"),
                           ("compute", "right"), ("wait", "right"), ("late ms", "right"),
                           ("last coll", "left"), ("seq", "right"), ("hot frame", "left"),
-                          ("flag", "left")):  # fmt: skip
+                          ("flag", "left")):
             table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis")
         rows = sorted(job.get("ranks") or [], key=lambda r: (r.get(key) is None,
                       r.get(key) if r.get(key) is not None else 0, r.get("rank")),
-                      reverse=reverse)  # fmt: skip
+                      reverse=reverse)
         for r in rows:
             if r.get("hang"):
                 flag, style = f"HANG {r.get('hang_waited_s') or 0:.1f}s", "bold white on red"
@@ -132,7 +132,7 @@ def render(state: dict[str, Any], sort: str = "rank", reverse: bool = False,
                           _fmt(r.get("compute_ms")), _fmt(r.get("wait_ms")),
                           _fmt(r.get("lateness_ms")), r.get("last_collective") or "-",
                           str(r.get("last_seq") if r.get("last_seq") is not None else "-"),
-                          r.get("hot_frame") or "-", flag, style=style)  # fmt: skip
+                          r.get("hot_frame") or "-", flag, style=style)
         parts.append(table)
     return Group(*parts)
 
@@ -166,7 +166,7 @@ class _Keys:
 
 def run_top(reader: Reader, refresh_s: float = 1.0, console: Console | None = None,
             iterations: int | None = None, clock: Callable[[], int] = time.time_ns,
-            keys: _Keys | None = None) -> int:  # fmt: skip
+            keys: _Keys | None = None) -> int:
     """Refresh the view from `reader` every `refresh_s` until `q` (or `iterations`)."""
     from rich.live import Live
 
@@ -195,7 +195,7 @@ def run_top(reader: Reader, refresh_s: float = 1.0, console: Console | None = No
                         reverse = not reverse
                     if k in ("s", "r"):
                         live.update(render(state, SORTS[sort_i], reverse, clock(), err),
-                                    refresh=True)  # fmt: skip
+                                    refresh=True)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -202,7 +202,7 @@ def write_recording(
     files: dict[str, dict[str, Any]] = {}
     try:
         for name, df in ((schema.EVENTS, ev), (schema.STACKS, st), (schema.GPU, gp),
-                         (schema.HOST, hc), (schema.PYSTACKS, ps)):  # fmt: skip
+                         (schema.HOST, hc), (schema.PYSTACKS, ps)):
             if df is not None:
                 data = parquet_bytes(df)
                 files[name] = file_digest(data)
@@ -304,7 +304,7 @@ _KINDS: dict[str, tuple[Any, str]] = {
     "id": (lambda v: _int(v) and 0 <= v < I32, "a non-negative 32-bit integer"),
     "count": (lambda v: _int(v) and 0 <= v < I64, "a non-negative integer"),
     "number": (lambda v: (_int(v) or isinstance(v, float)) and 0 <= v < I64
-               and math.isfinite(v), "a finite non-negative number"),  # fmt: skip
+               and math.isfinite(v), "a finite non-negative number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "dict": (lambda v: isinstance(v, dict), "an object"),
     "list": (lambda v: isinstance(v, list), "a list"),
@@ -316,10 +316,10 @@ MANIFEST_KINDS = {
     "duration_s": "number", "end_reason": "text", "sample_hz": "number", "channels": "dict",
     "ranks": "list", "probes": "list", "drops": "dict", "counts": "dict", "gpu": "dict",
     "pystacks": "dict", "host_context": "dict", "files": "dict",
-}  # fmt: skip
+}
 RANK_KINDS = {"rank": "id", "local_rank": "id", "world_size": "id", "tgid": "id", "host": "text",
               "exe": "text", "env": "dict", "libraries": "list", "exited": "bool",
-              "cuda_device": "id"}  # fmt: skip
+              "cuda_device": "id"}
 
 
 def check_value(v, kind: str, where: str, key: str) -> None:
@@ -425,10 +425,10 @@ def load_recording(directory: str | os.PathLike[str]) -> Recording:
         if absent:
             raise RecordingDamaged(f"{p} lacks the column(s) {', '.join(absent)}.")
         frames[name] = coerce(df, target, str(p), req, schema.VALUE_RANGES.get(name),
-                              schema.SAME_LENGTH.get(name, ()), strict=True)  # fmt: skip
+                              schema.SAME_LENGTH.get(name, ()), strict=True)
     return Recording(manifest=manifest, events=frames[schema.EVENTS],
                      stacks=frames[schema.STACKS], path=path, gpu=frames[schema.GPU],
-                     host_ctx=frames[schema.HOST], pystacks=frames[schema.PYSTACKS])  # fmt: skip
+                     host_ctx=frames[schema.HOST], pystacks=frames[schema.PYSTACKS])
 
 
 def _short(v: Any) -> str:

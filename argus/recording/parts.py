@@ -94,13 +94,13 @@ def merge_parts(parts: list[Recording], manifest: dict[str, Any] | None = None) 
     if isinstance(first_start, int):
         man["started_ns"] = first_start
     ev = _concat([p.events.filter(~pl.col("in_flight").fill_null(False)) for p in parts[:-1]]
-                 + [last.events], schema.empty_events()).sort("ts_ns")  # fmt: skip
+                 + [last.events], schema.empty_events()).sort("ts_ns")
     stacks = _concat([p.stacks for p in parts], schema.empty_stacks())
     host = _concat([p.host_ctx for p in parts], schema.empty_host())
     gpu = _concat([p.gpu for p in parts], schema.empty_gpu())
     rank_of = {int(r["tgid"]): r["rank"] for r in man.get("ranks") or []
                if isinstance(r, dict) and isinstance(r.get("tgid"), int)
-               and isinstance(r.get("rank"), int)}  # fmt: skip
+               and isinstance(r.get("rank"), int)}
     if rank_of:
         def fill(df: pl.DataFrame) -> pl.DataFrame:
             if not df.height or "tgid" not in df.columns:
@@ -111,15 +111,15 @@ def merge_parts(parts: list[Recording], manifest: dict[str, Any] | None = None) 
         ev, stacks, host = fill(ev), fill(stacks), fill(host)
     counts = dict(man.get("counts") or {})
     counts["events"] = ({str(k): int(v) for k, v in ev.group_by("channel").len().iter_rows()}
-                        if ev.height else {})  # fmt: skip
+                        if ev.height else {})
     counts["stack_samples"] = int(stacks["count"].sum()) if stacks.height else 0
     # ring records are counted since the start of the session: the latest count is the total
     seen = [(p.manifest.get("counts") or {}).get("ring_records") for p in parts]
     counts["ring_records"] = max(int(x) for x in [*seen, counts.get("ring_records"), 0]
-                                 if isinstance(x, int))  # fmt: skip
+                                 if isinstance(x, int))
     man["counts"] = counts
     return Recording(manifest=man, events=ev, stacks=stacks, path=last.path, gpu=gpu,
-                     host_ctx=host, pystacks=last.pystacks)  # fmt: skip
+                     host_ctx=host, pystacks=last.pystacks)
 
 
 def load_parts(directory: str | os.PathLike[str]) -> Recording:
@@ -179,7 +179,7 @@ class PartWriter:
             stacks=coerce(stacks, schema.STACKS_SCHEMA, "stacks"),
             gpu=coerce(gpu, schema.GPU_SCHEMA, "gpu") if gpu is not None else schema.empty_gpu(),
             host_ctx=(coerce(host, schema.HOST_SCHEMA, "host") if host is not None
-                      else schema.empty_host()))  # fmt: skip
+                      else schema.empty_host()))
         self.parts.append(rec)
         self._pending.append((n, rec, path))
         if len(self._pending) >= self.compact_every:
@@ -194,7 +194,7 @@ class PartWriter:
         path = self.directory / PARTS / f"{first:06d}-{last:06d}"
         man = dict(merged.manifest, part={"first": first, "last": last})
         write_recording(path, man, merged.events, merged.stacks, gpu=merged.gpu,
-                        host=merged.host_ctx)  # fmt: skip
+                        host=merged.host_ctx)
         for _n, _rec, p in self._pending:
             shutil.rmtree(p, ignore_errors=True)
         self._pending = []
@@ -211,7 +211,7 @@ class PartWriter:
             rec = merge_parts(self.parts, manifest)
         else:
             rec = Recording(manifest=dict(manifest), events=schema.empty_events(),
-                            stacks=schema.empty_stacks())  # fmt: skip
+                            stacks=schema.empty_stacks())
         if gpu is not None:
             rec.gpu = gpu
         if pystacks is not None:
@@ -219,7 +219,7 @@ class PartWriter:
         write_recording(self.directory, rec.manifest, rec.events, rec.stacks,
                         gpu=rec.gpu if rec.gpu.height else None,
                         host=rec.host_ctx if "host" in _enabled(rec.manifest) else None,
-                        pystacks=rec.pystacks if rec.pystacks.height else None)  # fmt: skip
+                        pystacks=rec.pystacks if rec.pystacks.height else None)
         shutil.rmtree(self.directory / PARTS, ignore_errors=True)
         rec.path = self.directory
         return rec

@@ -71,7 +71,7 @@ def expand_dirs(dirs: Sequence[str | os.PathLike[str]]) -> list[Path]:
             if not jobs:
                 raise RecordingInvalid(f"{d}/{JOBS} holds no job segments yet.")
             pick = next(iter(jobs)) if len(jobs) == 1 else (
-                next(iter(common)) if len(common) == 1 else None)  # fmt: skip
+                next(iter(common)) if len(common) == 1 else None)
             if pick is None or pick not in jobs:
                 names = ", ".join(sorted(jobs))
                 raise UsageError(
@@ -93,20 +93,20 @@ def merge_segments(segments: Sequence[Summaries]) -> Summaries:
     start and the latest end; meta lists every segment's recording entry."""
     segs = sorted(segments, key=lambda s: (s.manifest.get("started_ns") or 0,
                                            int(s.steps["start_ns"].min() or 0)
-                                           if s.steps.height else 0))  # fmt: skip
+                                           if s.steps.height else 0))
     if len(segs) == 1:
         return segs[0]
     steps = pl.concat([s.steps for s in segs], how="vertical_relaxed")
     steps = steps.unique(["rank", "step"], keep="first", maintain_order=True).sort(["step", "rank"])
     sd = pl.concat([s.stack_dict for s in segs], how="vertical_relaxed").unique(
-        "stack_id", keep="first", maintain_order=True)  # fmt: skip
+        "stack_id", keep="first", maintain_order=True)
     tails = [s.tail for s in reversed(segs) if s.tail.height]
     tail = (pl.concat(tails, how="vertical_relaxed").unique("rank", keep="first",
                                                             maintain_order=True).sort("rank")
-            if tails else pl.DataFrame(schema=TAIL_SCHEMA))  # fmt: skip
+            if tails else pl.DataFrame(schema=TAIL_SCHEMA))
     gpus = [s.gpu for s in segs if s.gpu.height]
     gpu = pl.concat(gpus, how="vertical_relaxed").unique(maintain_order=True) if gpus else (
-        schema.empty_gpu())  # fmt: skip
+        schema.empty_gpu())
     last = segs[-1]
     ranks: dict = {}
     for s in segs:
@@ -125,7 +125,7 @@ def merge_segments(segments: Sequence[Summaries]) -> Summaries:
         for h, e in (s.meta.get("ends_ns") or {}).items():
             ends[h] = max(ends.get(h, e), e)
     meta = dict(last.meta, ends_ns=ends,
-                recordings=[r for s in segs for r in s.meta.get("recordings") or []])  # fmt: skip
+                recordings=[r for s in segs for r in s.meta.get("recordings") or []])
     if meta.get("manifest"):
         meta["manifest"] = dict(meta["manifest"], ranks=list(ranks.values()))
     extra = {}
@@ -134,4 +134,4 @@ def merge_segments(segments: Sequence[Summaries]) -> Summaries:
         if hcs:
             extra["host_ctx"] = pl.concat(hcs, how="vertical_relaxed").unique(maintain_order=True)
     return Summaries(meta=meta, steps=steps, stack_dict=sd, tail=tail, manifest=manifest,
-                     gpu=gpu, path=last.path, **extra)  # fmt: skip
+                     gpu=gpu, path=last.path, **extra)

@@ -107,7 +107,7 @@ STEP_SCHEMA: dict[str, pl.DataType] = {
     "stacks": pl.List(
         pl.Struct(
             {"t_off_ns": pl.Int64, "interval_ns": pl.Int64, "stack_id": pl.Int64,
-             "count": pl.UInt32}  # fmt: skip
+             "count": pl.UInt32}
         )
     ),
     "stacks_dropped": pl.UInt32,  # samples beyond the top-K stacks of an interval
@@ -134,7 +134,7 @@ TAIL_SCHEMA: dict[str, pl.DataType] = {
     ),
     "latest_stacks": pl.List(
         pl.Struct({"ts_ns": pl.Int64, "interval_ns": pl.Int64, "stack_id": pl.Int64,
-                   "count": pl.UInt32})  # fmt: skip
+                   "count": pl.UInt32})
     ),
     # where a hung rank is, as `argus.analyze.hang` reads it from a raw recording: JSON
     # {"blocked": [...], "python": [...]}: the off-CPU stacks of its threads blocked at the
@@ -292,7 +292,7 @@ HOST_SUMMARY_REQUIRED = ("host", *REQUIRED_HOST_COLUMNS)
 # meta.json keys the analysis reads and their kinds (`argus.recording.io.check_manifest`'s).
 META_KINDS = {"host": "text", "steps": "dict", "ends_ns": "dict", "recordings": "list",
               "manifest": "dict", "extra_manifests": "list", "partition_s": "number",
-              "bytes": "dict", "sha256": "dict"}  # fmt: skip
+              "bytes": "dict", "sha256": "dict"}
 
 
 def _check_meta(meta: Any, mpath: Path) -> dict[str, Any]:
@@ -360,11 +360,11 @@ def load_summaries(directory: str | os.PathLike[str]) -> Summaries:
 
     steps = read(sorted(sdir.glob("part-*.parquet")), STEP_SCHEMA, STEP_REQUIRED)
     sd = read([sdir / STACK_DICT] if (sdir / STACK_DICT).exists() else [], STACK_DICT_SCHEMA,
-              STACK_DICT_REQUIRED)  # fmt: skip
+              STACK_DICT_REQUIRED)
     tail = read([sdir / TAIL] if (sdir / TAIL).exists() else [], TAIL_SCHEMA, TAIL_REQUIRED)
     gfiles = sorted(sdir.glob("gpu-*.parquet"))
     gpu = read(gfiles, schema.GPU_SCHEMA, REQUIRED_GPU_COLUMNS)
     hc = read(sorted(sdir.glob("host-*.parquet")), HOST_SUMMARY_SCHEMA, HOST_SUMMARY_REQUIRED,
-              schema.VALUE_RANGES.get(schema.HOST))  # fmt: skip
+              schema.VALUE_RANGES.get(schema.HOST))
     return Summaries(meta=meta, steps=steps, stack_dict=sd, tail=tail, manifest=manifest,
-                     gpu=gpu, path=path, host_ctx=hc)  # fmt: skip
+                     gpu=gpu, path=path, host_ctx=hc)

@@ -72,7 +72,7 @@ def score(report: dict[str, Any], truth: dict[str, Any]) -> dict[str, Any]:
         else:
             found = set(ranks) <= set(found_ranks)
         faults.append({"kind": fault["kind"], "ranks": ranks, "spec": fault.get("spec"),
-                       "found": found, "found_ranks": found_ranks})  # fmt: skip
+                       "found": found, "found_ranks": found_ranks})
     false_alarms = [
         f
         for i, f in enumerate(findings)
@@ -102,4 +102,4 @@ def describe(report: dict[str, Any], truth: dict[str, Any]) -> str:
         else:
             found.append(f["kind"])
     return (f"planted: {'; '.join(planted) or 'nothing (healthy)'} — "
-            f"found: {'; '.join(found) or 'nothing'}")  # fmt: skip
+            f"found: {'; '.join(found) or 'nothing'}")

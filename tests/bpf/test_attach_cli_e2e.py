@@ -22,13 +22,13 @@ pytestmark = pytest.mark.bpf
 
 def _findings(report):
     return sorted((f["kind"], f.get("rank")) for f in report["findings"]
-                  if f["severity"] in ("warning", "critical"))  # fmt: skip
+                  if f["severity"] in ("warning", "critical"))
 
 
 def _job(tmp_path, **kw):
     go = tmp_path / "go"
     job = start_job(SimConfig(wait_go=str(go), truth=str(tmp_path / "truth.json"), quiet=True,
-                              **kw))  # fmt: skip
+                              **kw))
     job.wait_ready()
     return job, go
 
@@ -38,7 +38,7 @@ def test_attach_writes_recording_and_summaries_and_prints_the_report(tmp_path, c
     out = tmp_path / "rec"
     try:
         cli = ArgusProcess(["attach", str(job.launcher_pid), "-o", str(out), "--json",
-                            "--no-cpu"])  # fmt: skip
+                            "--no-cpu"])
         cli.wait_for("argus: tracing")
         go.touch()  # released once its probes are live
         rc = cli.wait(120)
@@ -63,7 +63,7 @@ def test_attach_writes_recording_and_summaries_and_prints_the_report(tmp_path, c
     names = ["cudaLaunchKernel", "cudaLaunchKernel_ptsz"]
     launches = rec.events.filter(rec.events["name"].cast(str).is_in(names))
     assert launches.height == sum(r["library_calls"]["libcudart.so.12"][n]
-                                  for r in truth["ranks"] for n in names)  # fmt: skip
+                                  for r in truth["ranks"] for n in names)
     assert launches.unique(["tgid", "tid", "ts_ns"]).height == launches.height
     # The summaries alone give the same serious findings as the raw events.
     assert main(["report", str(out), "--json", "--from-summaries"]) == 0

@@ -49,7 +49,7 @@ def _end_during_start(monkeypatch, end) -> dict:
 
 
 def test_a_launcher_that_becomes_a_zombie_during_start_up_ends_the_attach(
-        tmp_path, capsys, monkeypatch):  # fmt: skip
+        tmp_path, capsys, monkeypatch):
     job = start_job(SimConfig(ranks=2, steps=1000, wait_go=str(tmp_path / "go"), quiet=True))
     try:
         ranks = job.wait_ready()
@@ -95,7 +95,7 @@ def test_a_rank_that_exits_during_start_up_is_reported_as_exited(tmp_path, capsy
 
 
 def test_an_already_zombie_target_is_refused_before_anything_loads(tmp_path, capsys,
-                                                                   monkeypatch):  # fmt: skip
+                                                                   monkeypatch):
     job = start_job(SimConfig(ranks=2, steps=1000, wait_go=str(tmp_path / "go"), quiet=True))
     try:
         job.wait_ready()
@@ -108,5 +108,5 @@ def test_an_already_zombie_target_is_refused_before_anything_loads(tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 1, err
     assert (f"argus: process {job.launcher_pid} has exited (a zombie its parent has not "
-            "reaped yet)") in err.splitlines()  # fmt: skip
+            "reaped yet)") in err.splitlines()
     assert seen == {}  # refused by the target check, before the BPF compile

@@ -27,7 +27,7 @@ STUB_KERNELS = {
     "embedding_fwd_kernel", "layernorm_fwd_kernel", "flash_attn_fwd_kernel", "cross_entropy_kernel",
     "softmax_bwd_kernel", "gelu_bwd_kernel", "matmul_bwd_kernel", "grad_norm_kernel",
     "fused_adam_kernel",
-}  # fmt: skip
+}
 
 
 def _trace_job(tmp_path: Path, cfg: SimConfig, opts: TraceOptions | None = None):
@@ -216,7 +216,7 @@ def test_ranks_started_after_attach_are_traced(tmp_path):
 
 
 def test_a_library_dlopened_after_attach_is_probed_and_unchanged_maps_are_not_reread(
-        tmp_path, monkeypatch):  # fmt: skip
+        tmp_path, monkeypatch):
     """A process under a watched launcher dlopen()s libcudart once argus has stopped
     treating it as just started: the periodic check (the size of its executable mappings)
     sees the load and probes it; the maps backstop is pushed out of reach, the process calls
@@ -252,7 +252,7 @@ def test_a_library_dlopened_after_attach_is_probed_and_unchanged_maps_are_not_re
         "for _ in range(37): cudart.cudaSetDevice(0)\n"
     )
     shell = subprocess.Popen(["sh", "-c", f"{sys.executable} -c \"$CHILD\"; true"],
-                             env={"CHILD": child, "PATH": "/usr/bin:/bin"})  # fmt: skip
+                             env={"CHILD": child, "PATH": "/usr/bin:/bin"})
     tracers: list = []
     child_pid: dict = {}
 
@@ -262,7 +262,7 @@ def test_a_library_dlopened_after_attach_is_probed_and_unchanged_maps_are_not_re
         if kids and not go.exists() and kids[0].tgid not in tr._hot and checks["n"] >= 2:
             go.touch()  # cooled down, checked twice with nothing new: now load the library
         if kids and not release.exists() and any(
-                a.uprobes for p, a in kids[0].attached.items() if "libcudart" in p):  # fmt: skip
+                a.uprobes for p, a in kids[0].attached.items() if "libcudart" in p):
             release.touch()  # probed: now call it
         return False
 
@@ -276,7 +276,7 @@ def test_a_library_dlopened_after_attach_is_probed_and_unchanged_maps_are_not_re
         while not procfs.children(shell.pid) and time.monotonic() < deadline:
             time.sleep(0.01)
         result = run_session([shell.pid], tmp_path / "rec", TraceOptions(channels=("cuda",)),
-                             60, on_started=started, should_stop=step)  # fmt: skip
+                             60, on_started=started, should_stop=step)
         assert shell.wait(timeout=30) == 0
     finally:
         if shell.poll() is None:

@@ -59,7 +59,7 @@ def own_build(tmp_path) -> Path:
 
 class Daemon:
     def __init__(self, tmp: Path, build: Path, env: dict | None = None,
-                 discover: str | None = None, **output):  # fmt: skip
+                 discover: str | None = None, **output):
         self.out = tmp / "out"
         cfg = tmp / "daemon.toml"
         out = {"interval_s": 1, "window_s": 15, **output}
@@ -68,13 +68,13 @@ class Daemon:
             + (discover or f'include_exe = ["{build}/sim/argus-sim-rank"]\n')
             + "[output]\n" + "".join(f"{k} = {v}\n" for k, v in out.items() if k != "job_grace_s")
             + (f"[diagnosis]\njob_grace_s = {out['job_grace_s']}\n" if "job_grace_s" in out else "")
-        )  # fmt: skip
+        )
         self.log = open(tmp / "daemon.log", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from argus.cli import run; run()", "daemon",
              "-o", str(self.out), "--config", str(cfg), "--metrics-addr", "127.0.0.1:0"],
             stdout=subprocess.DEVNULL, stderr=self.log, cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})  # fmt: skip
+            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
         deadline = time.monotonic() + 60
         self.port = None
         while time.monotonic() < deadline and self.port is None:
@@ -164,7 +164,7 @@ def daemon(tmp_path_factory, build):
 def straggler_job(daemon, build):
     # Started AFTER the daemon; nothing tells the daemon about it.
     job = start_job(SimConfig(ranks=3, steps=2000, faults=["straggler:rank=1,factor=1.6"],
-                              build_dir=str(build), quiet=True))  # fmt: skip
+                              build_dir=str(build), quiet=True))
     ranks = job.wait_ready()
     yield job, ranks
     job.close()
@@ -205,7 +205,7 @@ def test_a_plain_shell_launched_job_is_one_job_with_its_straggler(daemon, build)
     variables): the four ranks are one job, keyed by their launcher, and the straggler's
     score is in /metrics within 30 s of the job's start."""
     job = start_job(SimConfig(ranks=4, steps=3000, faults=["straggler:rank=2,factor=1.5"],
-                              build_dir=str(build), quiet=True, launcher_env="plain"))  # fmt: skip
+                              build_dir=str(build), quiet=True, launcher_env="plain"))
     try:
         ranks = job.wait_ready()
         t0 = time.monotonic()
@@ -262,7 +262,7 @@ def test_a_real_prometheus_scrapes_the_daemon(daemon, straggler_job, tmp_path):
     p = subprocess.Popen([prom, f"--config.file={tmp_path / 'prometheus.yml'}",
                           f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                           f"--web.listen-address=127.0.0.1:{port}"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def query(q: str):
             url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
@@ -274,7 +274,7 @@ def test_a_real_prometheus_scrapes_the_daemon(daemon, straggler_job, tmp_path):
             return body["data"]["result"] if body.get("status") == "success" else None
 
         res = daemon.wait_for(lambda: query('argus_straggler_score{rank="1"} > 0'), 60,
-                              "Prometheus to scrape the straggler score")  # fmt: skip
+                              "Prometheus to scrape the straggler score")
         assert res[0]["metric"]["job"] == "argus"  # Prometheus's scrape job, ours is job_id
         assert res[0]["metric"]["job_id"].startswith("torchelastic-")
         steps = daemon.wait_for(lambda: query("argus_step_time_seconds"), 30, "step times")
@@ -313,13 +313,13 @@ def test_a_rank_killed_mid_step_leaves_the_daemon_running(daemon, straggler_job,
 
 
 def test_sigterm_flushes_readable_segments_that_merge_into_one_run(daemon, straggler_job,
-                                                                    capsys):  # fmt: skip
+                                                                    capsys):
     job, ranks = straggler_job
     time.sleep(1.5)
     assert daemon.stop() == 0
     assert "everything flushed" in daemon.text()
     segs = sorted(daemon.out.glob("jobs/torchelastic-*/*/summaries/meta.json"),
-                  key=lambda m: int(m.parent.parent.name))  # fmt: skip
+                  key=lambda m: int(m.parent.parent.name))
     assert segs, daemon.text()
     seen_ranks = set()
     written = []  # (segment index, rank, step, start_ns)
@@ -351,10 +351,10 @@ def test_sigterm_flushes_readable_segments_that_merge_into_one_run(daemon, strag
     report = json.loads(capsys.readouterr().out)
     assert report["steps"]["count"] == len({step for _i, _r, step, _s in written})
     assert {r["rank"]: r["steps"] for r in report["ranks"]} == {
-        rank: len(rows) for rank, rows in per_rank.items()}  # fmt: skip
+        rank: len(rows) for rank, rows in per_rank.items()}
     assert len(report["recordings"]) == len({i for i, *_ in written})
     stragglers = [f["rank"] for f in report["findings"] if f["kind"] == "straggler"
-                  and f["severity"] in ("warning", "critical")]  # fmt: skip
+                  and f["severity"] in ("warning", "critical")]
     assert stragglers == [1]
 
 
@@ -372,7 +372,7 @@ def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, own_build):
                 go = tmp_path / f"go-{n_jobs + i}"
                 job = start_job(SimConfig(ranks=2, steps=3, step_ms=5, cpu_ms=1,
                                           kernels_per_step=8, wait_go=str(go),
-                                          build_dir=str(build), quiet=True))  # fmt: skip
+                                          build_dir=str(build), quiet=True))
                 batch.append((job, job.wait_ready(), go))
             for _job, ranks, _go in batch:  # each job is traced before it may start
                 d.wait_for(lambda ranks=ranks: d.job_of(ranks), 30, f"job {ranks} traced")
@@ -438,9 +438,9 @@ def test_nvml_in_the_daemon_finds_the_throttled_gpu(tmp_path, own_build, capsys)
     node = f"dmn{os.getpid()}"
     stub = own_build / "stubs" / "libnvidia-ml.so.1"
     d = Daemon(tmp_path, own_build, env={"ARGUS_NVML_LIB": str(stub), "ARGUS_SIM_NODE": node,
-                                         "ARGUS_SIM_GPUS": "4"})  # 4 simulated GPUs  # fmt: skip
+                                         "ARGUS_SIM_GPUS": "4"})  # 4 simulated GPUs
     job = start_job(SimConfig(ranks=3, steps=3000, faults=["throttle:rank=1,mhz=1200"],
-                              node=node, build_dir=str(own_build), quiet=True))  # fmt: skip
+                              node=node, build_dir=str(own_build), quiet=True))
     try:
         ranks = job.wait_ready()
 
@@ -496,11 +496,11 @@ def test_dataloader_workers_are_not_traced_as_ranks(tmp_path, own_build):
     pytest.importorskip("torch")
     d = Daemon(tmp_path, own_build, discover='include_comm = ["argus-dltest", "pt_data_worker"]\n')
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     (tmp_path / "dl.py").write_text(DATALOADER)
     p = subprocess.Popen([sys.executable, str(tmp_path / "dl.py")], env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                         start_new_session=True)  # its workers die with it: killpg  # fmt: skip
+                         start_new_session=True)  # its workers die with it: killpg
     try:
         line = p.stdout.readline()
         assert line.startswith("ready"), line
@@ -547,7 +547,7 @@ def test_attach_to_a_launcher_skips_the_ranks_dataloader_workers(tmp_path):
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     p = subprocess.Popen([sys.executable, str(tmp_path / "launch.py"), str(tmp_path / "dl.py")],
                          env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                         stderr=subprocess.DEVNULL, start_new_session=True)
 
     def go(_tracer) -> None:
         p.stdin.write("go\n")
@@ -559,12 +559,12 @@ def test_attach_to_a_launcher_skips_the_ranks_dataloader_workers(tmp_path):
         while not children.read_text().split() and time.monotonic() < deadline:
             time.sleep(0.05)  # the launcher has started its rank
         res = run_session([p.pid], tmp_path / "rec", TraceOptions(gpu_interval_s=None),
-                          duration_s=20, on_started=go)  # fmt: skip
+                          duration_s=20, on_started=go)
         line = p.stdout.readline()
         assert line.startswith("ready"), line
         rank = int(line.split()[1])
         workers = [int(c) for c in
-                   Path(f"/proc/{rank}/task/{rank}/children").read_text().split()]  # fmt: skip
+                   Path(f"/proc/{rank}/task/{rank}/children").read_text().split()]
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the launcher, its rank and the rank's workers
         p.wait()
@@ -608,7 +608,7 @@ DELAY_MS = 700
 
 def _delayed(tmp_path: Path, build: Path, **output) -> Daemon:
     return Daemon(tmp_path, build, env={"ARGUS_DAEMON_TEST_DRAIN_DELAY_MS": str(DELAY_MS)},
-                  **output)  # fmt: skip
+                  **output)
 
 
 def test_delayed_drains_keep_each_ranks_step_ids_continuous(tmp_path, own_build, capsys):
@@ -620,10 +620,10 @@ def test_delayed_drains_keep_each_ranks_step_ids_continuous(tmp_path, own_build,
     job, ranks = _released(d, SimConfig(ranks=3, steps=5000,
                                         faults=["straggler:rank=1,factor=1.6"],
                                         wait_go=str(go), build_dir=str(own_build),
-                                        quiet=True), go)  # fmt: skip
+                                        quiet=True), go)
     try:
         j = d.wait_for(lambda: (x := d.job_of(ranks)) and x.get("segments", 0) >= 8 and x,
-                       120, "8 segments")  # fmt: skip
+                       120, "8 segments")
         assert j["job"].startswith("torchelastic-")
         assert d.state()["flush_s"] >= DELAY_MS / 1000  # the delay is in effect
     finally:
@@ -633,7 +633,7 @@ def test_delayed_drains_keep_each_ranks_step_ids_continuous(tmp_path, own_build,
     rows = []  # (rank, step, start_ns, step_time_ns)
     for seg in sorted(job_dir.iterdir(), key=lambda p: int(p.name)):
         rows += load_summaries(seg).steps.select("rank", "step", "start_ns",
-                                                 "step_time_ns").rows()  # fmt: skip
+                                                 "step_time_ns").rows()
     keys = [(r, st) for r, _s, st, _t in rows]
     assert len(keys) == len(set(keys)), "a step was written twice"
     ids_of: dict[int, list[tuple[int, int]]] = {}
@@ -657,7 +657,7 @@ def test_delayed_drains_keep_each_ranks_step_ids_continuous(tmp_path, own_build,
     report = json.loads(capsys.readouterr().out)
     assert report["steps"]["count"] == len(by_id)
     assert {r["rank"]: r["steps"] for r in report["ranks"]} == {
-        rank: len(pairs) for rank, pairs in ids_of.items()}  # fmt: skip
+        rank: len(pairs) for rank, pairs in ids_of.items()}
 
 
 def test_delayed_drains_and_a_hang_older_than_the_window(tmp_path, own_build, capsys):
@@ -671,7 +671,7 @@ def test_delayed_drains_and_a_hang_older_than_the_window(tmp_path, own_build, ca
     go = tmp_path / "go"
     job, ranks = _released(d, SimConfig(ranks=3, steps=5000, faults=["hang:rank=1,start=40"],
                                         wait_go=str(go), build_dir=str(own_build),
-                                        quiet=True), go)  # fmt: skip
+                                        quiet=True), go)
     seen = []
     try:
         first = d.wait_for(lambda: _live_hang(d, ranks), 120, "the hang in /state")

@@ -32,7 +32,7 @@ def _diagnose(tmp, nproc: int, *extra: str):
     try:
         job.wait_ready()
         result = run_session([job.proc.pid], tmp / "rec", TraceOptions(), duration_s=120,
-                             on_started=lambda tracer: job.go.touch())  # fmt: skip
+                             on_started=lambda tracer: job.go.touch())
         job.proc.wait(timeout=120)
     finally:
         job.close()

@@ -29,12 +29,12 @@ def _record(tmp: Path, faults: list[str], nvml_lib: str, steps: int = 40, interv
     os.environ["ARGUS_NVML_LIB"] = nvml_lib
     go = tmp / "go"
     cfg = SimConfig(ranks=3, steps=steps, faults=faults, wait_go=str(go), quiet=True, node=node,
-                    truth=str(tmp / "truth.json"))  # fmt: skip
+                    truth=str(tmp / "truth.json"))
     job = start_job(cfg)
     try:
         job.wait_ready()
         result = run_session([job.launcher_pid], tmp / "rec", TraceOptions(gpu_interval_s=interval),
-                             duration_s=60, on_started=lambda tracer: go.touch())  # fmt: skip
+                             duration_s=60, on_started=lambda tracer: go.touch())
         assert job.wait(timeout=30) == 0
     finally:
         if job.proc.poll() is None:
@@ -112,7 +112,7 @@ def test_diagnosis_reports_gpu_throttle_on_rank_1_citing_the_clock_drop(throttle
     assert f["bus_id"] == "00000000:19:00.0"
     ev = f["evidence"]
     assert ev["sm_clock_mhz"] == {"rank": 1200.0, "reference": 1980.0,
-                                  "reference_is": "other_ranks", "max": 1980}  # fmt: skip
+                                  "reference_is": "other_ranks", "max": 1980}
     assert ev["clock_drop"] == 0.394 and ev["expected_slowdown"] == 1.65
     assert ev["reasons"] == ["SwThermalSlowdown"]
     assert ev["reason_samples"] == ev["throttled_samples"] >= 5

@@ -70,7 +70,7 @@ def _trace_python(tmp_path: Path, python: str, name: str, text: str):
     src = tmp_path / name
     src.write_text(text)
     proc = subprocess.Popen([python, str(src), str(STUB_CUDART), "3"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
 
@@ -123,7 +123,7 @@ def test_busy_python_function_owns_the_cpu_samples(tmp_path, which):
     shares, total = _shares(rec.stacks, proc.pid, proc.pid)
     assert total >= 100, (total, shares)  # ~3 s at 99 Hz
     qual = "burn_cpu_in_named_function" if which == "pyenv-3.10" else (
-        "Trainer.burn_cpu_in_named_function")  # co_qualname from 3.11 on  # fmt: skip
+        "Trainer.burn_cpu_in_named_function")  # co_qualname from 3.11 on
     first = _line_of(BUSY, "def burn_cpu_in_named_function")
     want = f"{qual} (busy.py:{first})"
     print(f"\n{which}: {want} {shares.get(want, 0)}/{total} = {shares.get(want, 0) / total:.3f}; "
@@ -134,7 +134,7 @@ def test_busy_python_function_owns_the_cpu_samples(tmp_path, which):
     rows = rec.stacks.filter((pl.col("tgid") == proc.pid) & (pl.col("state") == "on_cpu"))
     best = max(rows.rows(named=True), key=lambda r: r["count"])
     py_frames = [(f, m) for f, m in zip(best["functions"], best["modules"], strict=True)
-                 if m.startswith("py:")]  # fmt: skip
+                 if m.startswith("py:")]
     assert py_frames[0] == (qual, f"py:{src}:{first}"), best
     assert py_frames[1] == ("outer", f"py:{src}:{_line_of(BUSY, 'def outer')}")
     assert py_frames[2][0] == "<module>"
@@ -174,7 +174,7 @@ def test_ddp_rank_burning_cpu_in_python_is_attributed_there(tmp_path):
         job.wait_ready()
         opts = TraceOptions(sample_hz=99, gpu_interval_s=None)
         result = run_session([job.proc.pid], tmp_path / "rec", opts, duration_s=120,
-                             on_started=lambda _t: job.go.touch())  # fmt: skip
+                             on_started=lambda _t: job.go.touch())
         truth = job.finish()
     finally:
         job.close()

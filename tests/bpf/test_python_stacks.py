@@ -137,7 +137,7 @@ def test_hung_ddp_rank_is_named_with_its_python_function(tmp_path, capsys):
         result = run_session(
             [job.proc.pid], tmp_path / "rec", TraceOptions(), duration_s=150,
             on_started=lambda tracer: job.go.touch(), should_stop=stop,
-        )  # fmt: skip
+        )
         assert hung.exists(), (tmp_path / "torchrun.log").read_text()[-2000:]
         # on demand, through the launcher PID: both ranks, rank 1 in the named function
         assert main(["stacks", str(job.proc.pid), "--json", "--no-native"]) == 0

@@ -72,7 +72,7 @@ EXIT_PROBES = {
     "cudaStreamSynchronize", "cudaStreamSynchronize_ptsz", "cudaMemcpy", "cudaEventQuery",
     "cudaMalloc", "cudaDeviceSynchronize", "ncclGroupEnd", "ncclAllReduce", "ncclSend",
     "ncclCommDestroy",
-}  # fmt: skip
+}
 SPIN_FUNCTION = "spin_after_calls"
 
 CHILD = r"""
@@ -158,9 +158,9 @@ def _trace_child(tmp: Path, opts: TraceOptions, spin_s: float):
     go = tmp / "go"
     plan = {**CUDART_CALLS, **NCCL_CALLS}
     env = {"PATH": os.environ.get("PATH", "/usr/bin"), "RANK": "5", "LOCAL_RANK": "1",
-           "WORLD_SIZE": "8"}  # fmt: skip
+           "WORLD_SIZE": "8"}
     argv = [sys.executable, "-c", CHILD, str(LIBCUDART), str(LIBNCCL), str(go), json.dumps(plan),
-            str(spin_s)]  # fmt: skip
+            str(spin_s)]
     child = subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
     )
@@ -180,7 +180,7 @@ def _trace_child(tmp: Path, opts: TraceOptions, spin_s: float):
         result = run_session(
             [child.pid], tmp / "rec", opts, duration_s=120, on_started=started,
             should_stop=lambda: any(ln.startswith("done") for ln in lines),
-        )  # fmt: skip
+        )
         assert result.manifest["end_reason"] == "requested"
     finally:
         if child.stdin:
@@ -353,7 +353,7 @@ def test_cpu_channel_switched_off(traced_no_cpu):
     channels = rec.manifest["channels"]
     assert {c: channels[c] for c in ("cuda", "nccl", "torch", "cpu")} == {
         "cuda": True, "nccl": True, "torch": True, "cpu": False,
-    }  # fmt: skip
+    }
     assert rec.manifest["sample_hz"] == 0
     assert rec.stacks.height == 0 and rec.manifest["counts"]["stack_samples"] == 0
     _check_exact_counts(pid, rec)  # the call channels do not depend on it

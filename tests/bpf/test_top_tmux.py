@@ -60,7 +60,7 @@ def test_top_in_tmux_shows_the_straggler_and_quits_on_q(tmp_path):
         shutil.copytree(src / d, tmp_path / "build" / d, symlinks=True)
     stubs = tmp_path / "build" / "stubs"
     job = start_job(SimConfig(ranks=3, steps=3000, faults=["straggler:rank=1,factor=1.6"],
-                              build_dir=str(tmp_path / "build"), quiet=True))  # fmt: skip
+                              build_dir=str(tmp_path / "build"), quiet=True))
     session = f"argus-top-{job.launcher_pid}"
     try:
         ranks = job.wait_ready()
@@ -73,7 +73,7 @@ def test_top_in_tmux_shows_the_straggler_and_quits_on_q(tmp_path):
         def straggler_row() -> bool:
             rows = [ln.split() for ln in _screen(session).splitlines()]
             row = next((r for r in rows if len(r) > 2 and r[0] == "1" and r[1] == str(ranks[1])),
-                       None)  # fmt: skip
+                       None)
             return row is not None and "STRAGGLER" in row
 
         assert _wait(straggler_row, 90), _screen(session)
@@ -95,7 +95,7 @@ def test_top_in_tmux_shows_the_straggler_and_quits_on_q(tmp_path):
         assert [_breakpoint_pages_kb(r, stubs) for r in ranks] == [0, 0, 0]
         assert job.proc.poll() is None
         holders = [p for p in Path("/proc").iterdir() if p.name.isdigit()
-                   and _cmdline(p).endswith(f"top {job.launcher_pid}")]  # fmt: skip
+                   and _cmdline(p).endswith(f"top {job.launcher_pid}")]
         assert holders == []  # the holder has exited too
     finally:
         _tmux("kill-session", "-t", session)

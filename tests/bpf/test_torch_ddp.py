@@ -72,7 +72,7 @@ class Job:
         self.go, self.truth_dir = tmp / "go", tmp / "truth"
         cmd = [_torchrun(), "--standalone", f"--nproc-per-node={nproc}", str(SCRIPT),
                "--steps", str(steps), "--go", str(self.go), "--truth", str(self.truth_dir),
-               *extra]  # fmt: skip
+               *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.log = open(tmp / "torchrun.log", "w")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
@@ -203,7 +203,7 @@ def test_torchrun_pid_records_every_rank(ddp2):
     # which a CPU build has not: never looked for in libtorch_cpu
     assert not any("ProcessGroupNCCL" in name for name in torch_probes)
     assert {p["library"].rsplit("/", 1)[-1] for p in rec.manifest["probes"]
-            if p["channel"] == "torch"} == {"libtorch_cpu.so"}  # fmt: skip
+            if p["channel"] == "torch"} == {"libtorch_cpu.so"}
 
 
 def test_exact_collective_counts_per_rank(ddp2):
@@ -263,7 +263,7 @@ def test_pg_work_runs_on_a_gloo_worker_thread_with_durations(ddp2):
     per = coll.group_by("rank", "op", "origin").len().sort("rank", "op", "origin")
     assert per.rows() == [row for r in range(len(truth)) for row in
                           [(r, "allreduce", "ddp0", STEPS), (r, "barrier", None, 1),
-                           (r, "broadcast", None, 2)]]  # fmt: skip
+                           (r, "broadcast", None, 2)]]
 
 
 def test_after_warmup_allreduce_seq_is_0_to_steps(ddp2_warm):
@@ -272,7 +272,7 @@ def test_after_warmup_allreduce_seq_is_0_to_steps(ddp2_warm):
     for t in truth:
         kernel, rows = _counts(rec, t["pid"])
         assert kernel == rows == {ALLREDUCE: STEPS, BUCKET: STEPS, AUTOGRAD: STEPS, BARRIER: 1,
-                                  PG_WORK: STEPS + 1, PG_DONE: STEPS + 1}  # fmt: skip
+                                  PG_WORK: STEPS + 1, PG_DONE: STEPS + 1}
         ar = rec.events.filter((pl.col("tgid") == t["pid"]) & (pl.col("name") == ALLREDUCE)).sort(
             "ts_ns"
         )
@@ -301,7 +301,7 @@ def test_ddp_construction_collectives(ddp2_init):
             (pl.col("tgid") == t["pid"]) & pl.col("name").is_in([ALLREDUCE, BROADCAST, ALLGATHER])
         ).sort("ts_ns")
         assert coll["op"].to_list()[:6] == ["allgather", "broadcast", "broadcast", "allreduce",
-                                            "broadcast", "broadcast"]  # fmt: skip
+                                            "broadcast", "broadcast"]
         assert coll["seq"].to_list() == list(range(STEPS + 5))
 
 

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.bpf, pytest.mark.zoo]
 @pytest.fixture(scope="module", params=["shell", "mpi"])
 def daemon_run(request, tmp_path_factory):
     return zh.daemon_check("ddp", tmp_path_factory.mktemp(f"zoo-daemon-{request.param}"),
-                           random.Random(13), verbose=False, launcher=request.param)  # fmt: skip
+                           random.Random(13), verbose=False, launcher=request.param)
 
 
 def test_one_job_with_the_four_ranks(daemon_run):

@@ -21,7 +21,7 @@ FAULTS = {
     "ddp": Faults(straggler=(1, 25.0)),
     "grad_accum": Faults(straggler=(2, 25.0)),
     "sync_every_n": Faults(hang={"rank": 3, "group": "world", "op": "allreduce", "step": 9,
-                                 "nth": 1}),  # fmt: skip
+                                 "nth": 1}),
 }
 # Measured 2026-12-02, one run per cell under make test-zoo (docs/accuracy.md, "zoo").
 KNOWN = {

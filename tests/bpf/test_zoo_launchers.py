@@ -27,7 +27,7 @@ def attach_run(request, tmp_path_factory):
     launcher = request.param
     faults = Faults(straggler=(STRAGGLER[launcher], 25.0))
     return zh.one_run("ddp", launcher, faults, 40.0,
-                      tmp_path_factory.mktemp(f"ddp-{launcher}"))  # fmt: skip
+                      tmp_path_factory.mktemp(f"ddp-{launcher}"))
 
 
 def test_every_rank_is_found_with_its_own_rank_number(attach_run):

@@ -25,13 +25,13 @@ class ArgusProcess:
     def __init__(self, args: list[str], env: dict[str, str] | None = None):
         self.proc = subprocess.Popen([ARGUS, *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})})  # fmt: skip
+                                     env={**os.environ, **(env or {})})
         self.err_lines: list[str] = []
         self.out_parts: list[str] = []
         self.lines_at: list[float] = []  # monotonic time each stderr line arrived
         self._cv = threading.Condition()
         self._threads = [threading.Thread(target=self._read_err, daemon=True),
-                         threading.Thread(target=self._read_out, daemon=True)]  # fmt: skip
+                         threading.Thread(target=self._read_out, daemon=True)]
         for t in self._threads:
             t.start()
 
@@ -59,7 +59,7 @@ class ArgusProcess:
                         return at
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.proc.poll() is not None
-                                 and not self._threads[0].is_alive()):  # fmt: skip
+                                 and not self._threads[0].is_alive()):
                     raise AssertionError(f"argus never printed {text!r}:\n{self.err}")
                 self._cv.wait(min(left, 0.5))
 

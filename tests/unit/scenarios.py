@@ -27,16 +27,16 @@ WALL0 = 1_700_000_000 * 1_000_000_000
 BUCKETS = (("allreduce", 100 << 20), ("allreduce", 100 << 20), ("allreduce", 37 << 20))
 
 LOAD_STACK = (["decode_batch", "load_batch", "train_step", "main", "__libc_start_main"],
-              ["train", "train", "train", "train", "libc.so.6"])  # fmt: skip
+              ["train", "train", "train", "train", "libc.so.6"])
 JIT_STACK = (["memcpy", "jit_compile_graph", "train_step", "main", "__libc_start_main"],
-             ["libc.so.6", "train", "train", "train", "libc.so.6"])  # fmt: skip
+             ["libc.so.6", "train", "train", "train", "libc.so.6"])
 WAIT_STACK = (["futex_wait", "do_futex", "argus_sim_stream_sync", "cudaStreamSynchronize",
                "train_step", "main"],
               ["[kernel]", "[kernel]", "libargus_simgpu.so", "libcudart.so.12", "train",
-               "train"])  # fmt: skip
+               "train"])
 HANG_STACK = (["pthread_mutex_lock", "wait_for_dataloader_worker", "load_batch", "train_step",
                "main"],
-              ["libc.so.6", "train", "train", "train", "train"])  # fmt: skip
+              ["libc.so.6", "train", "train", "train", "train"])
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Scenario:
 
 
 def _manifest(host: str, ranks: list[int], mono_base: int, clock_err: int, start: int,
-              end: int, world: int, end_reason: str) -> dict[str, Any]:  # fmt: skip
+              end: int, world: int, end_reason: str) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "argus_version": "0.1.0",
@@ -71,7 +71,7 @@ def _manifest(host: str, ranks: list[int], mono_base: int, clock_err: int, start
                 "libraries": [],
             }
             for r in ranks
-        ],  # fmt: skip
+        ],
         "probes": [],
         "drops": {"events_ringbuf": 0, "stack_walk_failed": 0, "stack_map_full": 0},
         "counts": {"events": {}, "stack_samples": 0},
@@ -117,13 +117,13 @@ def simulate(
 
     def add(r: int, t: int, dur: int | None, channel: str, name: str, **kw: Any) -> None:
         ev.append({"ts_ns": t, "dur_ns": dur, "in_flight": dur is None, "tgid": 1000 + r,
-                   "tid": 1000 + r, "rank": r, "channel": channel, "name": name, **kw})  # fmt: skip
+                   "tid": 1000 + r, "rank": r, "channel": channel, "name": name, **kw})
 
     def cpu(r: int, dur: int, stack: tuple[list[str], list[str]]) -> None:
         n = max(1, dur // MS)
         st.append({"ts_ns": h[r], "interval_ns": dur, "tgid": 1000 + r, "tid": 1000 + r,
                    "rank": r, "thread": "train", "count": n, "functions": stack[0],
-                   "modules": stack[1]})  # fmt: skip
+                   "modules": stack[1]})
         h[r] += dur
 
     def wait(r: int, t_until: int, name: str, **kw: Any) -> None:
@@ -133,7 +133,7 @@ def simulate(
         if end - start > 2 * MS:
             st.append({"ts_ns": start, "interval_ns": end - start, "tgid": 1000 + r,
                        "tid": 1000 + r, "rank": r, "thread": "train", "count": 1,
-                       "functions": WAIT_STACK[0], "modules": WAIT_STACK[1]})  # fmt: skip
+                       "functions": WAIT_STACK[0], "modules": WAIT_STACK[1]})
         h[r] = end
 
     def launch(r: int, n: int, gpu_ns: float) -> None:
@@ -188,17 +188,17 @@ def simulate(
             complete = len(arrived) == ranks  # an exited or stuck rank never arrives
             done = max(x[1] for x in ready.values()) + xfer if not torch_only else (
                 max(x[0] for x in ready.values()) + xfer
-            )  # fmt: skip
+            )
             for r in arrived:
                 kw = {"op": op, "bytes": nbytes, "count": nbytes // 4, "dtype": "float32",
                       "redop": "sum", "comm": "0xc0ffee", "comm_rank": r, "comm_nranks": ranks,
-                      "seq": seq[r]}  # fmt: skip
+                      "seq": seq[r]}
                 seq[r] += 1
                 coll_t[r].append(h[r])
                 if torch_only:
                     if complete:
                         add(r, h[r], done - h[r] + 20 * US, "torch",
-                            "c10d::ProcessGroupGloo::allreduce", **kw)  # fmt: skip
+                            "c10d::ProcessGroupGloo::allreduce", **kw)
                         h[r] = done + 20 * US
                     else:
                         add(r, h[r], None, "torch", "c10d::ProcessGroupGloo::allreduce", **kw)
@@ -235,7 +235,7 @@ def simulate(
         stack = HANG_STACK if hang and r == hang[0] else WAIT_STACK
         st.append({"ts_ns": end_t - 2000 * MS, "interval_ns": 2000 * MS, "tgid": 1000 + r,
                    "tid": 1000 + r, "rank": r, "thread": "train", "count": 400,
-                   "functions": stack[0], "modules": stack[1]})  # fmt: skip
+                   "functions": stack[0], "modules": stack[1]})
     # trim: events of rank r before attach[r] are not seen; seq restarts at attach
     evf = pl.DataFrame(ev, infer_schema_length=None)
     evf = evf.with_columns(pl.col("rank").cast(pl.Int32))
@@ -277,7 +277,7 @@ def simulate(
         start = min(attach[r] for r in rs)
         host = f"node{n}"
         m = _manifest(host, rs, base, clock_err_ns.get(n, 0), start, end_t, ranks,
-                      "duration")  # fmt: skip
+                      "duration")
         recs.append(Recording(m, coerce(e, EVENTS_SCHEMA, "events"),
-                              coerce(s, STACKS_SCHEMA, "stacks")))  # fmt: skip
+                              coerce(s, STACKS_SCHEMA, "stacks")))
     return Scenario(recs, {"steps": steps})

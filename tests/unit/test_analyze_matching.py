@@ -37,7 +37,7 @@ def test_degenerate_recordings_do_not_crash():
     empty = Recording(base.manifest, empty_events(), empty_stacks())
     r = diagnose([empty])
     assert r["steps"] == {"detected": False, "count": 0, "step_time_ms_p50": None,
-                          "method": "none", "collectives_per_step": 0, "comm": None}  # fmt: skip
+                          "method": "none", "collectives_per_step": 0, "comm": None}
     assert r["findings"] == [] and [x["rank"] for x in r["ranks"]] == [0, 1, 2, 3]
     # CPU-only process: a few torch calls that are not collectives, null ranks, null durations
     ev = coerce(
@@ -50,7 +50,7 @@ def test_degenerate_recordings_do_not_crash():
                 "name": ["autograd::engine", "autograd::engine", "exit"],
                 "dur_ns": [5, None, None],
             }
-        ),  # fmt: skip
+        ),
         EVENTS_SCHEMA,
         "events",
     )

@@ -41,7 +41,7 @@ def serious(r: dict) -> list[dict]:
 @pytest.mark.parametrize(
     "name", ["healthy", "noisy_healthy", "single_rank", "torch_only", "mid_run", "two_nodes",
              "drops"],
-)  # fmt: skip
+)
 def test_healthy_jobs_have_no_warning(name):
     assert serious(report(name)) == []
 
@@ -51,7 +51,7 @@ def test_healthy_jobs_have_no_warning(name):
     [("healthy", 20), ("gpu_straggler", 20), ("host_stall", 20), ("link_degradation", 20),
      ("single_rank", 20), ("torch_only", 20), ("mid_run", 20), ("two_nodes", 20),
      ("hang", 14), ("rank_exit", 11)],
-)  # fmt: skip
+)
 def test_step_count_is_the_planted_number(name, count):
     r = report(name)
     assert r["steps"]["detected"] is True

@@ -27,7 +27,7 @@ def _metrics(slow: dict[int, float], steps: int = 30, ranks: int = 3) -> pl.Data
 
 def _windows(slow, **kw):
     return [(w["start_step"], w["end_step"], w["severity"], w["warmup"])
-            for w in detect_windows(_metrics(slow, **kw))]  # fmt: skip
+            for w in detect_windows(_metrics(slow, **kw))]
 
 
 def test_two_slow_steps_mid_run_are_a_hiccup_not_a_warning():
@@ -139,7 +139,7 @@ def _sync_every(n: int, steps: int = 140, slow: dict[int, float] | None = None):
         dur = int((shape[k % n] + 0.3 * (k % 3)) * 1e6 * (slow or {}).get(k // n, 1.0))
         for r in range(4):
             rows.append({"rank": r, "step": k, "step_time_ns": dur, "start_ns": t,
-                         "end_ns": t + dur})  # fmt: skip
+                         "end_ns": t + dur})
         t += dur
     return pl.DataFrame(rows)
 
@@ -159,4 +159,4 @@ def test_its_sync_steps_are_no_windows_but_slower_cycles_are():
     assert detect_windows(_sync_every(5)) == []
     ws = detect_windows(_sync_every(5, slow={k: 1.6 for k in range(12, 18)}))
     assert [(w["start_step"], w["end_step"], w["steps"], w["sync_every"], w["severity"])
-            for w in ws] == [(60, 89, 30, 5, "warning")]  # fmt: skip
+            for w in ws] == [(60, 89, 30, 5, "warning")]

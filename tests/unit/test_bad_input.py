@@ -73,7 +73,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 def _settings(n: int):
     return settings(max_examples=n, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                           HealthCheck.too_slow])  # fmt: skip
+                                           HealthCheck.too_slow])
 
 
 # -- the valid inputs every example starts from --------------------------------------------
@@ -84,7 +84,7 @@ def _pystacks(tgids: list[int]) -> pl.DataFrame:
     rows = [{"ts_ns": 25_000_000_000, "tgid": t, "tid": t, "rank": i, "thread": "MainThread",
              "state": "sleeping", "wchan": "futex_wait_queue", "functions": ["wait", "main"],
              "files": ["train.py", None], "lines": [12, None], "kinds": ["python", "native"]}
-            for i, t in enumerate(tgids)]  # fmt: skip
+            for i, t in enumerate(tgids)]
     return pl.DataFrame(rows, schema=schema.PYSTACKS_SCHEMA)
 
 
@@ -95,7 +95,7 @@ def _rewrite(d: Path) -> Path:
     write_recording(d, man, rec.events, rec.stacks,
                     gpu=rec.gpu if (d / schema.GPU).exists() else None,
                     host=rec.host_ctx if (d / schema.HOST).exists() else None,
-                    pystacks=rec.pystacks if (d / schema.PYSTACKS).exists() else None)  # fmt: skip
+                    pystacks=rec.pystacks if (d / schema.PYSTACKS).exists() else None)
     return d
 
 
@@ -120,7 +120,7 @@ def _daemon_output(out: Path, src: Path) -> Path:
         write_summaries(seg, Summaries(meta=dict(whole.meta), steps=steps,
                                        stack_dict=whole.stack_dict, tail=whole.tail,
                                        manifest=manifest, gpu=whole.gpu,
-                                       host_ctx=whole.host_ctx))  # fmt: skip
+                                       host_ctx=whole.host_ctx))
         (seg / schema.MANIFEST).write_text(json.dumps(dict(manifest, started_ns=1000 + i)))
     return out
 
@@ -131,7 +131,7 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bases")
     out = {}
     for name, src in (("hang", "synthetic_hang"), ("host", "ddp_gloo_healthy"),
-                      ("gpu", "sim_bubble")):  # fmt: skip
+                      ("gpu", "sim_bubble")):
         out[name] = Path(shutil.copytree(DATA / src, root / name))
     man = json.loads((out["hang"] / schema.MANIFEST).read_text())
     _pystacks([r["tgid"] for r in man["ranks"]]).write_parquet(out["hang"] / schema.PYSTACKS)
@@ -152,7 +152,7 @@ def bases(tmp_path_factory) -> dict[str, Path]:
 def _snapshot(root: Path) -> dict[str, bytes | None]:
     """Every path under `root` -> its bytes (None for a folder)."""
     return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes())
-            for p in sorted(root.rglob("*"))}  # fmt: skip
+            for p in sorted(root.rglob("*"))}
 
 
 def _cli(cap, *args: str) -> tuple[int, str, str]:
@@ -188,7 +188,7 @@ def _expected(cmd: str, d: Path) -> int:
             return 0
         paths = expand_dirs([d])
         summ = "--from-summaries" in cmd or any(has_summaries(p) and not has_events(p)
-                                                for p in paths)  # fmt: skip
+                                                for p in paths)
         for p in paths:
             load_summaries(p) if summ and has_summaries(p) else load_recording(p)
     except ArgusError as err:
@@ -249,7 +249,7 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
                                                                 max_size=3),
     max_leaves=6,
-)  # fmt: skip
+)
 OFFSET = st.integers(0, 2**20)  # taken modulo the file size
 
 
@@ -258,7 +258,7 @@ def _json_paths(doc, prefix=()) -> list[tuple]:
     out = [prefix] if prefix else []
     if len(prefix) < 3:
         items = doc.items() if isinstance(doc, dict) else (
-            enumerate(doc[:2]) if isinstance(doc, list) else ())  # fmt: skip
+            enumerate(doc[:2]) if isinstance(doc, list) else ())
         for k, v in items:
             out += _json_paths(v, (*prefix, k))
     return out
@@ -357,7 +357,7 @@ def _parquet_content(data, p: Path, bytes_too: bool) -> tuple:
         return kind, n
     if kind == "flip":
         flips = data.draw(st.lists(st.tuples(OFFSET, st.integers(1, 255)), min_size=1,
-                                   max_size=4))  # fmt: skip
+                                   max_size=4))
         b = bytearray(raw)
         for pos, x in flips:  # the middle: the 4-byte magic at either end is a truncation case
             i = 4 + pos % max(1, len(b) - 8)
@@ -403,7 +403,7 @@ RAW_COMMANDS = ["report", "report --json", "report --from-summaries", "export", 
 
 @_settings(120)
 @given(data=st.data(), base=st.sampled_from(["hang", "host", "gpu", "legacy"]),
-       cmd=st.sampled_from(RAW_COMMANDS))  # fmt: skip
+       cmd=st.sampled_from(RAW_COMMANDS))
 def test_damaged_recording(bases, capfd, data, base, cmd):
     with _example(bases[base]) as (root, d):
         _damage(data, d, bytes_too=base != "legacy")
@@ -413,7 +413,7 @@ def test_damaged_recording(bases, capfd, data, base, cmd):
 @_settings(80)
 @given(data=st.data(), base=st.sampled_from(["summ_host", "summ_gpu"]),
        cmd=st.sampled_from(["report", "report --json", "report --from-summaries",
-                            "summarize"]))  # fmt: skip
+                            "summarize"]))
 def test_damaged_summaries(bases, capfd, data, base, cmd):
     with _example(bases[base]) as (root, d):
         files = sorted(str(p.relative_to(d)) for p in (d / DIR).iterdir())
@@ -424,7 +424,7 @@ def test_damaged_summaries(bases, capfd, data, base, cmd):
 
 LAYOUT = ["second job", "empty jobs", "jobs is a file", "segment without meta",
           "segment is a file", "stray file", "empty segment", "named segment", "no jobs",
-          "missing dir", "file for dir"]  # fmt: skip
+          "missing dir", "file for dir"]
 
 
 def _layout_damage(kind: str, out: Path) -> Path:
@@ -462,7 +462,7 @@ def _layout_damage(kind: str, out: Path) -> Path:
 
 @_settings(50)
 @given(data=st.data(), cmd=st.sampled_from(["report", "report --json"]),
-       where=st.sampled_from(["output", "job", "segment"]))  # fmt: skip
+       where=st.sampled_from(["output", "job", "segment"]))
 def test_damaged_daemon_segments(bases, capfd, data, cmd, where):
     with _example(bases["daemon"]) as (root, out):
         if data.draw(st.booleans()):
@@ -472,7 +472,7 @@ def test_damaged_daemon_segments(bases, capfd, data, cmd, where):
         job = out / JOBS / "job-a"
         target = {"output": out, "job": job,
                   "segment": min(job.iterdir()) if job.is_dir() and any(job.iterdir())
-                  else job}[where]  # fmt: skip
+                  else job}[where]
         event(f"exit {_check(capfd, cmd, target, root)}")
 
 
@@ -485,7 +485,7 @@ def test_the_layouts_are_told_apart(bases, capfd):
     assert seen == {"second job": 2, "empty jobs": 1, "jobs is a file": 1,
                     "segment without meta": 0, "segment is a file": 0, "stray file": 0,
                     "empty segment": 0, "named segment": 0, "no jobs": 1, "missing dir": 1,
-                    "file for dir": 1}  # fmt: skip
+                    "file for dir": 1}
 
 
 # Byte 14 of tests/data/synthetic_hang/events.parquet is in its first page header: xor 64
@@ -524,11 +524,11 @@ def test_a_damaged_page_header_is_found_before_polars_decodes_it(bases, tmp_path
         (d / schema.EVENTS).write_bytes(_flipped(1))
         run = subprocess.run([sys.executable, "-c", "import sys; from argus.cli import main; "
                               "sys.exit(main(sys.argv[1:]))", "report", str(d)],
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+                             capture_output=True, text=True, timeout=120)
         assert (run.returncode, run.stdout) == (1, "")
         assert _one_sentence(run.stderr) == (
             f"{d / schema.EVENTS} is damaged: its content differs from what its writer "
-            "recorded (SHA-256).")  # fmt: skip
+            "recorded (SHA-256).")
 
 
 def test_a_folder_this_user_may_not_read(bases, capfd):
@@ -538,12 +538,12 @@ def test_a_folder_this_user_may_not_read(bases, capfd):
     if os.geteuid() == 0:
         try:
             ok = subprocess.run([sys.executable, "-c", "import argus"], user=65534,
-                                capture_output=True, timeout=60).returncode == 0  # fmt: skip
+                                capture_output=True, timeout=60).returncode == 0
         except PermissionError:
             ok = False
         if not ok:  # e.g. a clone under a 0700 mktemp folder (../shared/tools/fresh-check)
             pytest.skip(f"nobody (uid 65534) cannot run {sys.executable}: a folder above it "
-                        "is closed to other users")  # fmt: skip
+                        "is closed to other users")
     root = Path(tempfile.mkdtemp(prefix="argus-perm-"))
     try:
         d = Path(shutil.copytree(bases["summ_gpu"], root / "run"))
@@ -554,13 +554,13 @@ def test_a_folder_this_user_may_not_read(bases, capfd):
         if os.geteuid() == 0:
             run = subprocess.run([sys.executable, "-c", "import sys; from argus.cli import main; "
                                   "sys.exit(main(sys.argv[1:]))", *args], user=65534,
-                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+                                 capture_output=True, text=True, timeout=120)
             rc, out, err = run.returncode, run.stdout, run.stderr
         else:
             rc, out, err = _cli(capfd, *args)
         assert (rc, out) == (1, "")
         assert _one_sentence(err) == (f"{d / DIR / 'meta.json'} cannot be read "
-                                      "(Permission denied).")  # fmt: skip
+                                      "(Permission denied).")
     finally:
         (root / "run" / DIR).chmod(0o700)
         shutil.rmtree(root)
@@ -594,7 +594,7 @@ def _largest_write(args: list[str], d: Path, root: Path) -> int:
 
 @_settings(20)
 @given(cmd=st.sampled_from(["summarize", "export", "resummarize"]),
-       base=st.sampled_from(["hang", "host"]), frac=st.floats(0, 0.999))  # fmt: skip
+       base=st.sampled_from(["hang", "host"]), frac=st.floats(0, 0.999))
 def test_a_write_failing_half_way_leaves_nothing(bases, capsys, cmd, base, frac):
     src = bases["summ_host"] if cmd == "resummarize" else bases[base]
     with _example(src) as (root, d):
@@ -638,16 +638,16 @@ SECTIONS = {
                  "exclude_comm": "patterns", "exclude_exe": "patterns"},
     "output": {"interval_s": "seconds", "window_s": "seconds", "max_disk_mb": "positive"},
     "diagnosis": {"hang_after_s": "seconds", "job_grace_s": "seconds"},
-}  # fmt: skip
+}
 KEYS = {k: kind for sec in SECTIONS.values() for k, kind in sec.items()}
 NUMBER = (st.integers(-(2**64), 2**64) | st.floats() | st.sampled_from([0, 0.0, -0.0, 1e-300,
-          MAX_SECONDS, MAX_SECONDS + 1, 2**70, 10**400]))  # fmt: skip
+          MAX_SECONDS, MAX_SECONDS + 1, 2**70, 10**400]))
 TOML_VALUE = st.recursive(
     st.booleans() | NUMBER | st.text(max_size=6),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
                                                                 max_size=2),
     max_leaves=4,
-)  # fmt: skip
+)
 GOOD_VALUE = {
     "bool": st.booleans(),
     "patterns": st.lists(st.text(max_size=6), max_size=3),
@@ -661,7 +661,7 @@ def _toml(v) -> str:
         return "true" if v else "false"
     if isinstance(v, float):
         return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else (
-            repr(v))  # fmt: skip
+            repr(v))
     if isinstance(v, int):
         return str(v)
     if isinstance(v, str):
@@ -694,7 +694,7 @@ def _render(doc: dict) -> str:
     tops = [f"{json.dumps(s)} = {_toml(b)}" for s, b in doc.items() if not isinstance(b, dict)]
     tables = [f"[{json.dumps(s)}]\n" + "".join(f"{json.dumps(k)} = {_toml(v)}\n"
                                               for k, v in b.items())
-              for s, b in doc.items() if isinstance(b, dict)]  # fmt: skip
+              for s, b in doc.items() if isinstance(b, dict)]
     return "\n".join(tops) + "\n" + "\n".join(tables)
 
 
@@ -741,7 +741,7 @@ def _check_config(path: Path, text: str | None, overrides: dict) -> None:
         data = None
     bad = _problems(data) if data is not None else []
     bad += [(FLAGS[k],) for k, v in overrides.items() if v is not None
-            and not _value_ok(KEYS[k], v)]  # fmt: skip
+            and not _value_ok(KEYS[k], v)]
     try:
         cfg = load_config(path, **overrides)
     except UsageError as err:
@@ -821,7 +821,7 @@ def test_daemon_exits_2_on_a_bad_config_before_creating_anything(tmp_path, capfd
         assume(False)
     out = tmp_path / "out"
     rc, stdout, err = _cli(capfd, "daemon", "--config", str(path), "-o", str(out),
-                           "--metrics-addr", "off")  # fmt: skip
+                           "--metrics-addr", "off")
     assert (rc, stdout) == (2, "")
     assert str(path) in _one_sentence(err)
     assert not out.exists()
@@ -830,7 +830,7 @@ def test_daemon_exits_2_on_a_bad_config_before_creating_anything(tmp_path, capfd
 @_settings(30)
 @given(cmd=st.sampled_from(["report --json --hang-after", "summarize --partition"]),
        value=st.floats() | st.sampled_from([0.0, -0.0, 1e-300, 1e-4, 1e-3, MAX_PARTITION_S,
-                                            MAX_PARTITION_S + 1, 1e300]))  # fmt: skip
+                                            MAX_PARTITION_S + 1, 1e300]))
 def test_number_options(bases, capfd, cmd, value):
     """--hang-after and --partition: a finite positive number (--partition 1 ms to 10 years), else
     exit 2 with one sentence naming the option, before anything is read or written."""
@@ -839,7 +839,7 @@ def test_number_options(bases, capfd, cmd, value):
         name, *opts = cmd.split()
         rc, out, err = _cli(capfd, name, str(d), *opts, repr(value))
         ok = math.isfinite(value) and (MIN_PARTITION_S <= value <= MAX_PARTITION_S
-                                       if name == "summarize" else value > 0)  # fmt: skip
+                                       if name == "summarize" else value > 0)
         if not ok:
             assert (rc, out) == (2, "")
             assert opts[-1] in _one_sentence(err)

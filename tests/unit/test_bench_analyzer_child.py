@@ -19,7 +19,7 @@ BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 
 def test_the_bench_analyzer_child_finds_its_planted_faults():
     out = subprocess.run([sys.executable, str(BENCH), "--analyzer-child", "64", "--steps", "200"],
-                         capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+                         capture_output=True, text=True, timeout=120, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert sorted(map(tuple, got["findings"]), key=str) == sorted(
         [("anomalous_window", None), ("straggler", 11), ("straggler", 7)], key=str)

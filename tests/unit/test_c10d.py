@@ -23,7 +23,7 @@ GLOO_ALLREDUCE = ("_ZN4c10d16ProcessGroupGloo9allreduceERSt6vectorIN2at6TensorES
 
 def _call(probe_id: int, tgid: int, this: int) -> bytes:
     call = abi.Call(type=abi.REC_CALL, probe_id=probe_id, tgid=tgid, tid=tgid, ts_ns=1000,
-                    seq=0)  # fmt: skip
+                    seq=0)
     call.args[1] = this  # comm = reg2 (rdi is the returned intrusive_ptr's slot)
     return bytes(call)
 
@@ -60,7 +60,7 @@ def test_a_backend_object_is_read_through_proc_mem():
     (0, 2, 7, b"1"),        # not a DebugLevel
     (0, 2, 0, b""),         # torch always names a group
     (0, 2, 0, b"\x01\x02"),  # not text
-])  # fmt: skip
+])
 def test_what_does_not_look_like_a_backend_is_refused(rank, size, debug, name):
     obj = _backend(rank, size, name, debug)
     assert c10d.read_group(os.getpid(), ct.addressof(obj)) is None
@@ -84,11 +84,11 @@ def test_the_decoder_names_groups_by_their_torch_name_on_every_rank():
                 ids[sym] = len(probes)
                 probes[len(probes)] = ProbeRef(spec, sym)
     groups = {(100, 0xA0): Group("1", 0, 2), (101, 0xB0): Group("1", 1, 2),
-              (102, 0xC0): Group("2", 0, 2), (103, 0xD0): Group("2", 1, 2)}  # fmt: skip
+              (102, 0xC0): Group("2", 0, 2), (103, 0xD0): Group("2", 1, 2)}
     ctx = DecodeContext(probes, pg_group=lambda tgid, this: groups.get((tgid, this)))
     calls = [(100, 0xA0), (101, 0xB0), (102, 0xC0), (103, 0xD0), (103, 0xE0)]
     blobs = [_call(ids[GLOO_ALLREDUCE], t, h) for t, h in calls]
     ev = decode_records(blobs, ctx)
     assert ev.select("tgid", "comm", "comm_rank", "comm_nranks").rows() == [
         (100, "pg:1", 0, 2), (101, "pg:1", 1, 2), (102, "pg:2", 0, 2), (103, "pg:2", 1, 2),
-        (103, "pg0", None, None)]  # fmt: skip
+        (103, "pg0", None, None)]

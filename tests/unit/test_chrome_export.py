@@ -15,7 +15,7 @@ from argus.recording.io import write_recording
 pytestmark = pytest.mark.unit
 
 REQUIRED = {"X": {"name", "ph", "ts", "dur", "pid", "tid"}, "i": {"name", "ph", "ts", "pid", "s"},
-            "M": {"name", "ph", "pid", "args"}}  # fmt: skip
+            "M": {"name", "ph", "pid", "args"}}
 
 
 def _check(trace):

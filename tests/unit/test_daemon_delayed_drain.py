@@ -59,13 +59,13 @@ def _attached(rec: Recording, stagger_ns: int = STAGGER_NS) -> tuple[Recording, 
     tgids = [r["tgid"] for r in sorted(rec.manifest["ranks"], key=lambda r: r["rank"])]
     attach = {t: t0 + i * stagger_ns for i, t in enumerate(tgids)}
     att = pl.DataFrame({"tgid": list(attach), "_att": list(attach.values())},
-                       schema={"tgid": ev.schema["tgid"], "_att": pl.Int64})  # fmt: skip
+                       schema={"tgid": ev.schema["tgid"], "_att": pl.Int64})
     ev = ev.join(att, on="tgid").filter(pl.col("ts_ns") >= pl.col("_att")).drop("_att")
     ev = ev.with_columns(
         (pl.col("seq") - pl.col("seq").min().over(["tgid", "comm"])).alias("seq"))
     st = rec.stacks.join(att, on="tgid").filter(pl.col("ts_ns") >= pl.col("_att")).drop("_att")
     out = Recording(manifest=rec.manifest, events=ev.sort("ts_ns"), stacks=st,
-                    host_ctx=rec.host_ctx)  # fmt: skip
+                    host_ctx=rec.host_ctx)
     return out, attach
 
 
@@ -75,17 +75,17 @@ def _fake_tracer(rec: Recording):
                                           local_rank=r.get("local_rank"),
                                           world_size=r.get("world_size"), env={}, exe=None,
                                           libraries=[])
-               for r in m["ranks"]}  # fmt: skip
+               for r in m["ranks"]}
     return SimpleNamespace(
         targets=targets, ctx=SimpleNamespace(devices={}), probes_of=lambda _t: 7,
         mono_to_wall_ns=m["clock"]["mono_to_wall_ns"],
         opts=SimpleNamespace(sample_hz=49, channels=("cuda", "nccl", "torch", "cpu", "host")),
-    )  # fmt: skip
+    )
 
 
 def _drive(rec: Recording, attach: dict[int, int], flushes: list[tuple[int, int]], out: Path,
            window_s: float = 60.0, hang_after_s: float = 10.0, exit_at_end: bool = True,
-           ) -> tuple[Daemon, _Job, list[dict]]:  # fmt: skip
+           ) -> tuple[Daemon, _Job, list[dict]]:
     """Flush the job at each (ring-buffer read, in-flight snapshot) pair of monotonic ns, as
     `Daemon.flush` does: the calls that returned since the last read (a record reaches
     user space when the call returns), the calls in flight at the snapshot, CPU stack rows
@@ -117,7 +117,7 @@ def _drive(rec: Recording, attach: dict[int, int], flushes: list[tuple[int, int]
         ]).with_columns(pl.lit(True).alias("in_flight"), pl.lit(None, pl.Int64).alias("dur_ns"))
         sel = (pl.col("ts_ns") >= prev) & (pl.col("ts_ns") < read)
         d._add_rows(job, rows.sort("ts_ns"), rec.stacks.filter(sel), rec.host_ctx.filter(sel),
-                    now)  # fmt: skip
+                    now)
         prev = max(prev, read)
         joined = [a for a in attach.values() if a <= now]
         job.joined_ns = max(joined) if joined else None
@@ -149,17 +149,17 @@ def _schedule(rec: Recording, kind: str, seed: int) -> list[tuple[int, int]]:
     while t < t1:
         mode = kind if kind != "mixed" else rnd.choice(
             ["regular", "mid_collective", "mid_wait", "after_boundary", "late", "empty",
-             "late_snapshot"])  # fmt: skip
+             "late_snapshot"])
         if mode == "mid_collective":  # inside the next collective call after one interval
             a, b = next(((a, b) for a, b in colls if a > t + step // 2), (t + step, t + step))
             t = (a + b) // 2
         elif mode == "mid_wait":  # inside the end-of-step wait (mid-step for the analysis)
             a, b = next(((a, b) for a, b in waits if a > t + step // 2 and b - a > 2 * MS),
-                        (t + step, t + step))  # fmt: skip
+                        (t + step, t + step))
             t = a + (b - a) // 3
         elif mode == "after_boundary":  # 1 ns after a step boundary (end of the wait)
             a, b = next(((a, b) for a, b in waits if b > t + step // 2 and b - a > 2 * MS),
-                        (t + step, t + step))  # fmt: skip
+                        (t + step, t + step))
             t = b + 1
         elif mode == "late":  # two or three intervals' rows in one drain
             t += rnd.choice([2, 3]) * step + rnd.randrange(step)
@@ -179,7 +179,7 @@ def _written(out: Path) -> pl.DataFrame:
         s = load_summaries(seg)
         rows += [(i, *r) for r in s.steps.select("rank", "step", "start_ns").rows()]
     return pl.DataFrame(rows, schema={"seg": pl.Int64, "rank": pl.Int64, "step": pl.Int64,
-                                      "start_ns": pl.Int64}, orient="row")  # fmt: skip
+                                      "start_ns": pl.Int64}, orient="row")
 
 
 KINDS = ["regular", "mid_collective", "mid_wait", "after_boundary", "late", "empty", "mixed"]
@@ -202,7 +202,7 @@ def test_step_ids_are_continuous_whatever_the_drain_timing(name, seeds, kind, tm
     whole = build_summaries([ref]).steps.select("rank", "start_ns", pl.col("step").alias("w"))
     half = int(whole.join(build_summaries([ref]).steps.select("rank", "start_ns",
                                                                "step_time_ns"),
-                          on=["rank", "start_ns"])["step_time_ns"].median() // 2)  # fmt: skip
+                          on=["rank", "start_ns"])["step_time_ns"].median() // 2)
     for seed in range(seeds):
         out = tmp_path / f"{kind}-{seed}"
         _drive(rec, attach, _schedule(rec, kind, seed), out)
@@ -211,12 +211,12 @@ def test_step_ids_are_continuous_whatever_the_drain_timing(name, seeds, kind, tm
         assert got.select("rank", "start_ns").is_unique().all(), "a step written twice"
         assert got.select("rank", "step").is_unique().all(), "an id given twice"
         for rank, ids in got.sort("start_ns").group_by("rank", maintain_order=True).agg(
-                pl.col("step")).rows():  # fmt: skip
+                pl.col("step")).rows():
             assert ids == list(range(ids[0], ids[0] + len(ids))), (kind, seed, rank, ids)
         # one id, one step: the ranks' starts of an id lie within half a step time (but for
         # a stalled rank now and then: one rank off by a step would put every id off)
         spread = got.group_by("step").agg((pl.col("start_ns").max() - pl.col("start_ns").min())
-                                          .alias("d"))["d"]  # fmt: skip
+                                          .alias("d"))["d"]
         assert (spread < half).mean() >= 0.9, (kind, seed, spread.to_list(), half)
         # the whole recording's steps, from the daemon's first one on, with the same ids up
         # to one shift for every rank
@@ -240,24 +240,24 @@ def test_hang_findings_of_the_segments_are_the_live_ones(kind, tmp_path):
     the segments' must still name ranks 0-2 waiting and rank 3 missing."""
     full = load_recording(DATA / "sim_hang")
     (expect,) = [f for f in diagnose_summaries([build_summaries([full])], hang_after_s=2.0)
-                 ["findings"] if f["kind"] == "collective_hang"]  # fmt: skip
+                 ["findings"] if f["kind"] == "collective_hang"]
     assert (expect["waiting_ranks"], expect["missing_ranks"]) == ([0, 1, 2], [3])
     rec, attach = _attached(full)
     for seed in range(2):
         out = tmp_path / f"{kind}-{seed}"
         _d, job, views = _drive(rec, attach, _schedule(rec, kind, seed), out, window_s=2.0,
-                                hang_after_s=2.0, exit_at_end=False)  # fmt: skip
+                                hang_after_s=2.0, exit_at_end=False)
         live = [[f for f in v["findings"] if f["kind"] == "collective_hang"] for v in views]
         hung = [h for h in live if h]
         assert len(hung) >= 3, (kind, seed, live)  # flagged over several intervals
         assert all(len(h) == 1 and _hang(h[0]) == _hang(expect) for h in hung), (kind, seed,
-                                                                                  hung)  # fmt: skip
+                                                                                  hung)
         assert not any(h for h in live[live.index(hung[0]):] if not h), (kind, seed, live)
         buf = io.StringIO()
         with redirect_stdout(buf):
             assert main(["report", str(out), "--json", "--hang-after", "2"]) == 0
         (seg,) = [f for f in json.loads(buf.getvalue())["findings"]
-                  if f["kind"] == "collective_hang"]  # fmt: skip
+                  if f["kind"] == "collective_hang"]
         assert _hang(seg) == _hang(expect)
         assert (seg["comm"], seg["seq"]) == (hung[-1][0]["comm"], hung[-1][0]["seq"])
         assert job.view is views[-1]

@@ -35,19 +35,19 @@ def _fake_tracer(rec):
                                    local_rank=r.get("local_rank"), world_size=r.get("world_size"),
                                    env=r.get("env") or {}, exe=r.get("exe"), libraries=[])
         for r in m["ranks"]
-    }  # fmt: skip
+    }
     return SimpleNamespace(
         targets=targets, ctx=SimpleNamespace(devices={}), probes_of=lambda _t: 7,
         mono_to_wall_ns=m["clock"]["mono_to_wall_ns"],
         opts=SimpleNamespace(sample_hz=49, channels=("cuda", "nccl", "torch", "cpu", "host")),
-    )  # fmt: skip
+    )
 
 
 def _replay(rec, out: Path, window_s: float = 60.0):
     """Feed the recording to a Daemon's job analysis drain by drain; returns (daemon, job,
     per-interval checks of the rows kept)."""
     d = Daemon(DaemonOptions(output=out, metrics_addr=None,
-                             overrides={"interval_s": 0.5, "window_s": window_s}))  # fmt: skip
+                             overrides={"interval_s": 0.5, "window_s": window_s}))
     d.tracer = _fake_tracer(rec)
     job = _Job("torchelastic-test", tgids=set(d.tracer.targets))
     t0 = int(rec.events["ts_ns"].min())
@@ -65,21 +65,21 @@ def _replay(rec, out: Path, window_s: float = 60.0):
         # a call's record reaches user space when it returns: drained by its end
         end = pl.col("ts_ns") + pl.col("dur_ns").fill_null(0)
         d._add_rows(job, done.filter((end >= a) & (end < b)), rec.stacks.filter(sel),
-                    rec.host_ctx.filter(sel), b)  # fmt: skip
+                    rec.host_ctx.filter(sel), b)
         job.view = d._analyse(job, infl.filter(pl.col("ts_ns") < b), schema.empty_gpu(),
-                              min(b, t1))  # fmt: skip
+                              min(b, t1))
         if job.steps.height and job.events.height:
             per_rank = job.steps.sort("start_ns").group_by("rank").agg(
-                pl.col("start_ns").tail(OVERLAP_STEPS).first())  # fmt: skip
+                pl.col("start_ns").tail(OVERLAP_STEPS).first())
             first = per_rank["start_ns"].min()
             kept.append((int(job.events["ts_ns"].min()), first - d.tracer.mono_to_wall_ns))
     return d, job, kept
 
 
 @pytest.mark.parametrize(("name", "hang_after"), [("sim_straggler", 10.0), ("sim_hang", 2.0),
-                                                  ("sim_host_stall", 10.0)])  # fmt: skip
+                                                  ("sim_host_stall", 10.0)])
 def test_incremental_segments_are_the_whole_recordings_summaries(name, hang_after, tmp_path,
-                                                                 capsys):  # fmt: skip
+                                                                 capsys):
     rec = load_recording(DATA / name)
     whole = build_summaries([rec])
     d, job, kept = _replay(rec, tmp_path / "out")
@@ -114,7 +114,7 @@ def test_incremental_segments_are_the_whole_recordings_summaries(name, hang_afte
     assert kept and all(first_kept >= cut for first_kept, cut in kept)
     # the live view: the diagnosis of the window, the same stragglers as the whole
     stragglers = sorted(f["rank"] for f in expect["findings"] if f["kind"] == "straggler"
-                        and f["severity"] != "info")  # fmt: skip
+                        and f["severity"] != "info")
     assert sorted(r["rank"] for r in job.view["ranks"] if r["straggler"]) == stragglers
     assert {r["rank"] for r in job.view["ranks"]} == {r["rank"] for r in expect["ranks"]}
 

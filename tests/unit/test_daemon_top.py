@@ -29,7 +29,7 @@ def slow_rank1():
 def test_config_rules_and_unknown_keys(tmp_path):
     cfg = tmp_path / "d.toml"
     cfg.write_text('[discover]\nlibraries = false\ninclude_comm = ["train*"]\n'
-                   'exclude_exe = ["/opt/bad/*"]\n[output]\ninterval_s = 2\n')  # fmt: skip
+                   'exclude_exe = ["/opt/bad/*"]\n[output]\ninterval_s = 2\n')
     c = load_config(cfg, window_s=30)
     assert (c.interval_s, c.window_s, c.libraries) == (2, 30, False)
     assert c.wants("trainer", "/usr/bin/python3", training=False)
@@ -49,9 +49,9 @@ def test_job_grouping_never_mixes_jobs(tmp_path):
     (fake / "7").mkdir(parents=True)
     (fake / "7" / "cgroup").write_text("0::/kubepods/pod-a/c1\n")
     assert job_key(7, {"SLURM_JOB_ID": "42", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"},
-                   str(fake)) == "slurm-42"  # fmt: skip
+                   str(fake)) == "slurm-42"
     a = job_key(7, {"TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"},
-                str(fake))  # fmt: skip
+                str(fake))
     b = job_key(7, {"MASTER_ADDR": "n1", "MASTER_PORT": "29501"}, str(fake))
     assert a.startswith("master-n1-29500") and b.startswith("master-n1-29501") and a != b
     assert job_key(7, {"TORCHELASTIC_RUN_ID": "r1"}, str(fake)).startswith("torchelastic-r1")
@@ -83,7 +83,7 @@ def test_ranks_of_a_plain_launcher_are_one_job_and_two_launchers_two(tmp_path):
     _fake_proc(fake, 210, 200, {"OMPI_COMM_WORLD_RANK": "0"})
     _fake_proc(fake, 300, 1, {"RANK": "0"})  # started by init: no launcher to share
     keys = {t: job_key(t, procfs.rank_identity(t, fake)["env"], str(fake))
-            for t in (110, 111, 112, 113, 121, 210, 300)}  # fmt: skip
+            for t in (110, 111, 112, 113, 121, 210, 300)}
     assert {keys[t] for t in (110, 111, 112, 113, 121)} == {"launcher-100-500"}
     assert keys[210] == "launcher-200-600"
     assert keys[300] == "cgroup-user.slice_session-3.scope"
@@ -97,7 +97,7 @@ def test_top_renders_the_straggler_at_a_fixed_size(slow_rank1):
     lines = text.splitlines()
     assert "updated 3 s ago" in lines[0] and "jobs 1" in lines[0]
     rows = {int(ln.split()[0]): ln for ln in lines if ln.strip()[:1].isdigit()
-            and len(ln.split()) > 5}  # fmt: skip
+            and len(ln.split()) > 5}
     assert sorted(rows) == [0, 1, 2]
     assert "STRAGGLER" in rows[1] and "STRAGGLER" not in rows[0] + rows[2]
     assert "allreduce" in rows[1]
@@ -106,7 +106,7 @@ def test_top_renders_the_straggler_at_a_fixed_size(slow_rank1):
     console = Console(width=120, record=True, force_terminal=False, color_system=None)
     console.print(render(state, sort="late", reverse=True, now_ns=FROZEN_NS))
     first = next(ln for ln in console.export_text().splitlines() if ln.strip()[:1].isdigit()
-                 and len(ln.split()) > 5)  # fmt: skip
+                 and len(ln.split()) > 5)
     assert first.split()[0] == "1"
 
 
@@ -114,7 +114,7 @@ def test_top_highlights_a_hang():
     state = {"host": "h", "now_ns": FROZEN_NS, "jobs": [{"job": "j", "steps": {}, "findings": [
         {"kind": "collective_hang", "severity": "critical", "summary": "Hang at allreduce seq 9"}],
         "ranks": [{"rank": 0, "tgid": 10, "hang": True, "hang_waited_s": 12.5},
-                  {"rank": 1, "tgid": 11, "hang": False}]}]}  # fmt: skip
+                  {"rank": 1, "tgid": 11, "hang": False}]}]}
     console = Console(width=100, record=True, force_terminal=False, color_system=None)
     console.print(render(state, now_ns=FROZEN_NS))
     text = console.export_text()
@@ -124,14 +124,14 @@ def test_top_highlights_a_hang():
 
 def test_metrics_exposition_is_bounded(slow_rank1):
     state = dict(slow_rank1.read(), targets=3, uprobes=40, drops={"call_ringbuf": 0},
-                 flush_s=0.25)  # fmt: skip
+                 flush_s=0.25)
     reg = CollectorRegistry()
     reg.register(LiveCollector(lambda: state))
     text = generate_latest(reg).decode()
     job = state["jobs"][0]["job"]
     assert f'argus_straggler_score{{host="vm",job_id="{job}",rank="1"}}' in text
     score1 = float(text.split(f'argus_straggler_score{{host="vm",job_id="{job}",rank="1"}} ')[1]
-                   .split()[0])  # fmt: skip
+                   .split()[0])
     assert score1 > 0
     assert f'argus_straggler_score{{host="vm",job_id="{job}",rank="0"}} 0.0' in text
     assert 'argus_drops_total{host="vm",kind="call_ringbuf"} 0.0' in text

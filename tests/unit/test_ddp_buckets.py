@@ -36,7 +36,7 @@ def _job(refs, steps: int, buckets: int, log_every: int, ranks: int = 2) -> Reco
     probes, ids = refs
     groups = {(1000 + r, 0xA000 + r): Group("0", r, ranks) for r in range(ranks)}
     ctx = DecodeContext(probes, rank_of={1000 + r: r for r in range(ranks)},
-                        pg_group=lambda tgid, this: groups.get((tgid, this)))  # fmt: skip
+                        pg_group=lambda tgid, this: groups.get((tgid, this)))
     blobs = []
     for s in range(steps):
         for r in range(ranks):
@@ -47,14 +47,14 @@ def _job(refs, steps: int, buckets: int, log_every: int, ranks: int = 2) -> Reco
                 blobs.append(record(ids[BUCKET], tgid=tgid, tid=tgid, ts=at,
                                     args=(0x5000 + r, 0x9000 + 0x40 * (buckets - b))))
                 blobs.append(record(ids[ALLREDUCE], tgid=tgid, tid=tgid, ts=at + 50_000,
-                                    args=(0x7000, 0xA000 + r)))  # fmt: skip
+                                    args=(0x7000, 0xA000 + r)))
             if s % log_every == log_every - 1:
                 blobs.append(record(ids[ALLREDUCE], tgid=tgid, tid=tgid, ts=t + 36 * MS,
-                                    args=(0x7000, 0xA000 + r)))  # fmt: skip
+                                    args=(0x7000, 0xA000 + r)))
     blobs.sort(key=lambda b: int.from_bytes(b[16:24], "little"))  # by ts_ns
     ev = decode_records(blobs, ctx)
     man = scenarios._manifest("n0", list(range(ranks)), 0, 0, 0, steps * STEP_NS + 10 * MS,
-                              ranks, "duration")  # fmt: skip
+                              ranks, "duration")
     return Recording(man, coerce(ev, EVENTS_SCHEMA, "events"), empty_stacks())
 
 
@@ -67,7 +67,7 @@ def test_buckets_are_numbered_per_process_and_tag_the_call_they_make(refs):
     per = coll.group_by("rank", "origin").len().sort("rank", "origin", nulls_last=True)
     # 18 bucket allreduces per rank (6 per bucket) and the loss's 1: not DDP's
     assert per.rows() == [(0, "ddp0", 6), (0, "ddp1", 6), (0, "ddp2", 6), (0, None, 1),
-                          (1, "ddp0", 6), (1, "ddp1", 6), (1, "ddp2", 6), (1, None, 1)]  # fmt: skip
+                          (1, "ddp0", 6), (1, "ddp1", 6), (1, "ddp2", 6), (1, None, 1)]
 
 
 @pytest.mark.parametrize("buckets", [1, 3])
@@ -88,10 +88,10 @@ def test_a_loss_allreduced_every_5_steps_on_ddps_group_is_not_a_step(refs, bucke
     shift = 16 * MS - 3 * MS * (buckets - 1) - 50_000
     loss_t = collectives(tl).filter((pl.col("rank") == 0) & pl.col("origin").is_null())["t_ns"]
     logged = [i for i, (a, b) in enumerate(st.select("start_ns", "end_ns").rows())
-              if any(a < t <= b for t in loss_t)]  # fmt: skip
+              if any(a < t <= b for t in loss_t)]
     assert logged == [3, 8, 13, 18, 23, 28]
     assert times == [STEP_NS + shift if i in logged else STEP_NS - shift if i - 1 in logged
-                     else STEP_NS for i in range(30)]  # fmt: skip
+                     else STEP_NS for i in range(30)]
     assert diagnose([rec])["steps"]["count"] == 30
 
 
@@ -101,7 +101,7 @@ def test_without_bucket_ordinals_the_tag_alone_does_not_merge_steps(refs):
     rec = _job(refs, steps=31, buckets=1, log_every=5)
     rec.events = rec.events.with_columns(
         pl.when(pl.col("name") == "c10d::Reducer::all_reduce_bucket").then(None)
-        .otherwise(pl.col("seq")).alias("seq"))  # fmt: skip
+        .otherwise(pl.col("seq")).alias("seq"))
     tl = build_timeline([rec])
     coll = collectives(tl)
     assert set(coll["origin"].drop_nulls().to_list()) == {"ddp"}

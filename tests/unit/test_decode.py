@@ -176,7 +176,7 @@ def test_bulk_decode_equals_the_per_record_decode(refs):
 
     def ctx():
         return DecodeContext(probes, rank_of={100: 0, 200: None},
-                             kernel_name=lambda tgid, addr: names.get((tgid, addr)))  # fmt: skip
+                             kernel_name=lambda tgid, addr: names.get((tgid, addr)))
 
     blobs = []
     for _ in range(3000):
@@ -188,19 +188,19 @@ def test_bulk_decode_equals_the_per_record_decode(refs):
                             ts=int(rng.integers(0, 1 << 50)), dur=int(rng.integers(0, 1 << 30)),
                             args=args, out=int(rng.integers(0, 1 << 20)),
                             seq=int(rng.integers(-1, 5)), ret=int(rng.integers(0, 1 << 32)),
-                            text=text))  # fmt: skip
+                            text=text))
     assert sum(_bulk_ok(probes[ids[s]]) for s in ("cudaLaunchKernel", "cudaMemcpy",
-                                                   "cudaStreamSynchronize")) == 3  # fmt: skip
+                                                   "cudaStreamSynchronize")) == 3
     ref_ctx = ctx()
     rows = []
     for b in blobs:
         if b[:4] == b"\x02\x00\x00\x00":
             rec = np.frombuffer(b, dtype=np.dtype(abi.CallStr))[0]
             row = decode_call(rec["call"], bytes(rec["str"]).split(b"\0", 1)[0].decode(), ref_ctx,
-                              in_flight=False)  # fmt: skip
+                              in_flight=False)
         else:
             row = decode_call(np.frombuffer(b, dtype=np.dtype(abi.Call))[0], None, ref_ctx,
-                              in_flight=False)  # fmt: skip
+                              in_flight=False)
         if row is not None:
             rows.append(row)
     expect = rows_to_frame(rows)

@@ -362,7 +362,7 @@ def test_run_doctor_all_pass_then_exit_codes(tmp_path: Path) -> None:
     assert names == [
         "privileges", "kernel config", "tracefs", "perf_event_paranoid", "bcc",
         "process 100", "libraries 100", "rank 100", "nvml",
-    ]  # fmt: skip
+    ]
     assert [c.status for c in report.checks].count(Status.FAIL) == 0
     assert report.ok and doctor.exit_code(report.checks) == 0
     nvml = report.checks[-1]

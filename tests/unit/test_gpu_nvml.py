@@ -163,7 +163,7 @@ def test_decode_reasons_names_every_bit_and_unknown_ones():
 # -- the join -----------------------------------------------------------------------------------
 
 DEVICES = [{"index": i, "uuid": f"GPU-{i:08x}-aaaa", "bus_id": f"00000000:{0x18 + i:02X}:00.0"}
-           for i in range(4)]  # fmt: skip
+           for i in range(4)]
 
 
 def test_parse_visible_devices_follows_cuda_rules():
@@ -185,7 +185,7 @@ def test_join_prefers_cudasetdevice_then_local_rank_through_visible_devices():
             "local_rank": 5,
             "env": {"CUDA_VISIBLE_DEVICES": "2"},
             "cuda_device": 0,
-        },  # fmt: skip
+        },
         {"tgid": 4, "rank": 3, "env": {"CUDA_VISIBLE_DEVICES": "GPU-00000002"}},
         {"tgid": 5, "rank": 4, "local_rank": 2, "env": {"CUDA_VISIBLE_DEVICES": "0,1"}},
         {"tgid": 6, "rank": 5, "env": {}},
@@ -193,7 +193,7 @@ def test_join_prefers_cudasetdevice_then_local_rank_through_visible_devices():
     ]
     j = join_devices(ranks, DEVICES)
     assert j[1] == {"device": 1, "bus_id": "00000000:19:00.0", "uuid": "GPU-00000001-aaaa",
-                    "via": ["cudaSetDevice"]}  # fmt: skip
+                    "via": ["cudaSetDevice"]}
     assert (j[2]["device"], j[2]["via"]) == (2, ["LOCAL_RANK", "CUDA_VISIBLE_DEVICES"])
     assert (j[3]["device"], j[3]["via"]) == (2, ["cudaSetDevice", "CUDA_VISIBLE_DEVICES"])
     assert (j[4]["device"], j[4]["via"]) == (2, ["CUDA_VISIBLE_DEVICES"])  # a UUID prefix
@@ -205,7 +205,7 @@ def test_join_prefers_cudasetdevice_then_local_rank_through_visible_devices():
 
 def test_join_uses_nvml_process_list_only_when_unambiguous():
     ranks = [{"tgid": 1, "rank": 0, "local_rank": 0, "env": {}},
-             {"tgid": 2, "rank": 1, "local_rank": 1, "env": {}}]  # fmt: skip
+             {"tgid": 2, "rank": 1, "local_rank": 1, "env": {}}]
     # tgid 2 also has a stray context on device 0 (the classic torch rank-on-GPU0 bug).
     j = join_devices(ranks, DEVICES, processes={1: {3}, 2: {0, 1}})
     assert (j[1]["device"], j[1]["via"]) == (3, ["nvml_processes"])
@@ -244,7 +244,7 @@ def test_samples_every_field_and_joins_rows_to_ranks():
 
 def test_not_supported_fields_are_null_recorded_once_and_not_retried():
     fake = FakeNvml(n=2, unsupported={"nvmlDeviceGetTotalEccErrors", "nvmlDeviceGetPowerUsage"},
-                    missing={"nvmlDeviceGetRemappedRows", "nvmlDeviceGetFieldValues"})  # fmt: skip
+                    missing={"nvmlDeviceGetRemappedRows", "nvmlDeviceGetFieldValues"})
     s = _sampler(fake, passes=4)
     gpu, frame, _ = s.finish(RANKS)
     for col in ("ecc_corrected", "ecc_uncorrected", "power_w", "remapped_rows", "nvlink_tx_bytes"):
@@ -270,7 +270,7 @@ def test_throttle_reasons_fall_back_to_the_older_call():
     assert frame["throttle"].to_list() == [["SwPowerCap"]]
     assert "throttle_reasons" not in gpu["unsupported"]
     both = FakeNvml(n=1, missing={"nvmlDeviceGetCurrentClocksEventReasons",
-                                  "nvmlDeviceGetCurrentClocksThrottleReasons"})  # fmt: skip
+                                  "nvmlDeviceGetCurrentClocksThrottleReasons"})
     gpu, frame, _ = _sampler(both, passes=1).finish(RANKS[:1])
     assert frame["throttle_reasons"].to_list() == [None] and frame["throttle"].to_list() == [None]
     assert gpu["unsupported"]["throttle_reasons"] == {
@@ -370,7 +370,7 @@ def test_gpu_parquet_round_trips_and_is_optional(tmp_path):
     assert (tmp_path / "a" / schema.GPU).stat().st_mode & 0o777 == 0o600
     assert rec.gpu.equals(frame)
     assert rec.gpu.filter(pl.col("rank") == 1)["throttle"].to_list() == [
-        ["SwThermalSlowdown", "HwThermalSlowdown"]] * 2  # fmt: skip
+        ["SwThermalSlowdown", "HwThermalSlowdown"]] * 2
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["gpu"]["available"] is True
     write_recording(tmp_path / "b", MANIFEST, schema.empty_events())
     assert not (tmp_path / "b" / schema.GPU).exists()
@@ -428,10 +428,10 @@ def _recording(rows_per_rank: dict[int, list[tuple[int, int]]], interval_s=1.0):
                          "tgid": 100 + rank, "bus_id": f"b{rank}", "sm_clock_mhz": mhz,
                          "sm_clock_max_mhz": 1980, "throttle_reasons": reasons,
                          "throttle": decode_reasons(reasons), "util_gpu_pct": 90,
-                         "power_w": 300.0, "temp_c": 60})  # fmt: skip
+                         "power_w": 300.0, "temp_c": 60})
     manifest = {**MANIFEST, "started_ns": 0, "gpu": {"available": True, "interval_s": interval_s}}
     return Recording(manifest, schema.empty_events(), schema.empty_stacks(), None,
-                     pl.DataFrame(rows, schema=schema.GPU_SCHEMA))  # fmt: skip
+                     pl.DataFrame(rows, schema=schema.GPU_SCHEMA))
 
 
 def test_gpu_throttle_against_other_ranks_with_steps():
@@ -443,7 +443,7 @@ def test_gpu_throttle_against_other_ranks_with_steps():
     sec = 1_000_000_000
     steps = pl.DataFrame({"rank": [1] * 10, "step": list(range(10)),
                           "start_ns": [k * sec + sec // 2 for k in range(10)],
-                          "end_ns": [k * sec + 14 * sec // 10 for k in range(10)]})  # fmt: skip
+                          "end_ns": [k * sec + 14 * sec // 10 for k in range(10)]})
     per_rank = gpu.analyse([rec], None)
     found = gpu.detect_throttle(per_rank, steps)
     assert [f["rank"] for f in found] == [1]
@@ -451,7 +451,7 @@ def test_gpu_throttle_against_other_ranks_with_steps():
     assert f["kind"] == "gpu_throttle" and f["severity"] == "warning" and f["device"] == 1
     ev = f["evidence"]
     assert ev["sm_clock_mhz"] == {"rank": 1000.0, "reference": 1980.0,
-                                  "reference_is": "other_ranks", "max": 1980}  # fmt: skip
+                                  "reference_is": "other_ranks", "max": 1980}
     assert ev["clock_drop"] == 0.495 and ev["expected_slowdown"] == 1.98
     assert ev["reasons"] == ["SwPowerCap"] and ev["throttled_samples"] == 4
     assert (ev["from_s"], ev["to_s"]) == (3.5, 7.5)
@@ -459,7 +459,7 @@ def test_gpu_throttle_against_other_ranks_with_steps():
     assert (f["start_step"], f["end_step"], ev["steps"]) == (3, 7, 5)
     # A straggler on rank 1 gets the NVML evidence and the summary says why.
     strag = [{"kind": "straggler", "rank": 1, "cause": "gpu", "severity": "critical",
-              "summary": "Rank 1 is the straggler.", "evidence": {}}]  # fmt: skip
+              "summary": "Rank 1 is the straggler.", "evidence": {}}]
     found = gpu.detect_throttle(per_rank, steps, strag)
     assert found[0]["severity"] == "critical" and found[0]["evidence"]["explains_straggler"]
     gpu.cite_in_stragglers(strag, per_rank, found)

@@ -26,28 +26,28 @@ S = 1_000_000_000
 def _coll(last: dict[int, dict[str, int]]) -> pl.DataFrame:
     rows = [{"comm": comm, "rank": r, "gseq": k, "op": "allreduce"}
             for r, comms in last.items() for comm, n in comms.items()
-            for k in range(n + 1)]  # fmt: skip
+            for k in range(n + 1)]
     return pl.DataFrame(rows)
 
 
 def _tl(waiting: list[int], t_end: int) -> pl.DataFrame:
     rows = [{"rank": r, "host": "h", "tgid": 100 + r, "t_ns": t_end - 30 * S, "in_flight": True,
-             "kind": "readback", "name": "cudaMemcpy"} for r in waiting]  # fmt: skip
+             "kind": "readback", "name": "cudaMemcpy"} for r in waiting]
     rows += [{"rank": r, "host": "h", "tgid": 100 + r, "t_ns": t_end - 40 * S,
               "in_flight": False, "kind": "collective", "name": "ncclAllReduce"}
-             for r in range(4)]  # fmt: skip
+             for r in range(4)]
     return pl.DataFrame(rows)
 
 
 STACKS = pl.DataFrame(schema={"rank": pl.Int32, "ts_ns": pl.Int64, "functions": pl.List(pl.Utf8),
-                              "modules": pl.List(pl.Utf8), "count": pl.Int64})  # fmt: skip
+                              "modules": pl.List(pl.Utf8), "count": pl.Int64})
 
 
 def test_a_tp_hang_cascading_into_dp_names_only_the_rank_that_never_arrived():
     last = {0: {"anon0": 103, "anon1": 51}, 1: {"anon0": 103, "anon1": 51},
-            2: {"anon0": 99, "anon1": 47}, 3: {"anon0": 98, "anon1": 47}}  # fmt: skip
+            2: {"anon0": 99, "anon1": 47}, 3: {"anon0": 98, "anon1": 47}}
     (f,) = detect_hangs(_tl([0, 1, 2], 100 * S), _coll(last), STACKS, {"h": 100 * S},
-                        hang_after_s=10, step_ns=0.05 * S)  # fmt: skip
+                        hang_after_s=10, step_ns=0.05 * S)
     assert f["missing_ranks"] == [3]
     assert (f["comm"], f["seq"], f["waiting_ranks"]) == ("anon0", 99, [0, 1, 2])
 
@@ -57,14 +57,14 @@ def test_every_rank_behind_waiting_keeps_them_all_missing():
     a mere victim, so both ranks behind stay missing."""
     last = {0: {"w": 10}, 1: {"w": 10}, 2: {"w": 9}, 3: {"w": 9}}
     (f,) = detect_hangs(_tl([0, 1, 2, 3], 100 * S), _coll(last), STACKS, {"h": 100 * S},
-                        hang_after_s=10, step_ns=0.05 * S)  # fmt: skip
+                        hang_after_s=10, step_ns=0.05 * S)
     assert (f["missing_ranks"], f["waiting_ranks"], f["seq"]) == ([2, 3], [0, 1], 10)
 
 
 def test_one_comm_the_non_waiting_rank_is_missing():
     last = {0: {"w": 10}, 1: {"w": 10}, 2: {"w": 10}, 3: {"w": 9}}
     (f,) = detect_hangs(_tl([0, 1, 2], 100 * S), _coll(last), STACKS, {"h": 100 * S},
-                        hang_after_s=10, step_ns=0.05 * S)  # fmt: skip
+                        hang_after_s=10, step_ns=0.05 * S)
     assert (f["missing_ranks"], f["waiting_ranks"]) == ([3], [0, 1, 2])
     assert (f["comm"], f["seq"]) == ("w", 10)
 
@@ -85,11 +85,11 @@ def test_pipeline_stages_are_told_apart_where_their_dp_comms_share_a_name():
             rows += [{"rank": r, "comm": "anon0", "op": first, "peer": peer, "t_ns": t},
                      {"rank": r, "comm": "anon0", "op": second, "peer": peer, "t_ns": t + 100},
                      {"rank": r, "comm": "anon1", "op": "allreduce", "peer": None,
-                      "t_ns": t + 200}]  # fmt: skip
+                      "t_ns": t + 200}]
     coll = pl.DataFrame(rows, schema={"rank": pl.Int32, "comm": pl.Utf8, "op": pl.Utf8,
-                                      "peer": pl.Int32, "t_ns": pl.Int64})  # fmt: skip
+                                      "peer": pl.Int32, "t_ns": pl.Int64})
     assert pipeline.stage_keys(coll) == {0: "anon1|send1", 1: "anon1|recv1",
-                                         2: "anon1|send1", 3: "anon1|recv1"}  # fmt: skip
+                                         2: "anon1|send1", 3: "anon1|recv1"}
     assert pipeline.stages(coll) == [[0, 2], [1, 3]]
 
 
@@ -102,7 +102,7 @@ def test_step_ids_by_time_when_two_groups_of_one_comm_name_are_numbered_apart():
 
     def steps(off: int, jitter: int) -> list[dict]:
         return [{"key": ("pg0", k + off, False), "start_ns": k * 100 + jitter,
-                 "end_ns": k * 100 + jitter + 95} for k in range(10)]  # fmt: skip
+                 "end_ns": k * 100 + jitter + 95} for k in range(10)]
 
     per_rank = {0: steps(0, 0), 1: steps(0, 2), 2: steps(10, 1), 3: steps(10, 3)}
     assert _global_ids(per_rank) == {r: list(range(10)) for r in range(4)}

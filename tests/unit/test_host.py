@@ -25,7 +25,7 @@ def _manifest(ranks=(0, 1, 2)):
         "format": schema.FORMAT, "host": "node0", "clock": {"mono_to_wall_ns": 0},
         "duration_s": 10.0,
         "ranks": [{"rank": r, "tgid": 100 + r, "host": "node0"} for r in ranks],
-    }  # fmt: skip
+    }
 
 
 def _host_rows(rows):
@@ -35,19 +35,19 @@ def _host_rows(rows):
 
 def _steps(ranks=(0, 1, 2), n=10):
     return pl.DataFrame({"rank": [r for r in ranks for _ in range(n)],
-                         "step": [s for _ in ranks for s in range(n)]})  # fmt: skip
+                         "step": [s for _ in ranks for s in range(n)]})
 
 
 def _straggler(rank=1, excess_ms=20.0, severity="warning", cause="host"):
     return {"kind": "straggler", "rank": rank, "severity": severity, "cause": cause,
             "summary": f"Rank {rank} is the straggler.", "score": 9.0,
-            "evidence": {"excess_ms": excess_ms}}  # fmt: skip
+            "evidence": {"excess_ms": excess_ms}}
 
 
 def _rec(host_rows, stacks=None):
     return Recording(manifest=_manifest(), events=schema.empty_events(),
                      stacks=stacks if stacks is not None else schema.empty_stacks(),
-                     host_ctx=host_rows)  # fmt: skip
+                     host_ctx=host_rows)
 
 
 def _contention():
@@ -56,10 +56,10 @@ def _contention():
          "total_ns": 150 * MS},
         {"tgid": 101, "kind": "cpu_contention", "detail": "kworker/1:0", "count": 5,
          "total_ns": 1 * MS},
-    ]  # fmt: skip
+    ]
     for t in (100, 102):
         rows.append({"tgid": t, "kind": "cpu_contention", "detail": "kworker/0:1", "count": 4,
-                     "total_ns": 2 * MS})  # fmt: skip
+                     "total_ns": 2 * MS})
     return rows
 
 
@@ -127,7 +127,7 @@ def test_contention_does_not_explain_a_gpu_side_straggler():
     stage = _straggler(1, excess_ms=None, severity="critical", cause="gpu")
     for strag in (_straggler(1, cause="gpu"), stage):
         found = host_context.detect([_rec(_host_rows(_contention()))], _steps(), [strag],
-                                    60 * MS)  # fmt: skip
+                                    60 * MS)
         cpu = [(f["rank"], f["severity"]) for f in found if f["kind"] == "cpu_contention"]
         assert cpu == [(1, "info")]
         assert "host" not in strag["evidence"]
@@ -150,7 +150,7 @@ def test_contention_by_the_ranks_own_threads_is_not_host_context():
         schema=schema.STACKS_SCHEMA,
     )
     found = host_context.detect([_rec(_host_rows(rows), stacks)], _steps(), [_straggler()],
-                                60 * MS)  # fmt: skip
+                                60 * MS)
     assert not [f for f in found if f["kind"] == "cpu_contention"]
 
 
@@ -165,7 +165,7 @@ def test_oom_kill_of_a_rank_is_critical_and_of_another_process_info():
          "count": 1},
         {"ts_ns": 6, "interval_ns": 0, "tgid": 999, "kind": "oom_kill", "detail": "chrome",
          "count": 1},
-    ]  # fmt: skip
+    ]
     found = host_context.detect([_rec(_host_rows(rows))], _steps(), [], 60 * MS)
     by = {f["tgid"]: f for f in found if f["kind"] == "oom_kill"}
     assert by[102]["severity"] == "critical" and by[102]["rank"] == 2
@@ -178,7 +178,7 @@ def test_tcp_retransmits_on_the_stragglers_rank_and_slow_block_io():
         {"tgid": 0, "kind": "tcp_retransmit", "detail": "10.0.0.3:22", "count": 2},
         {"tgid": 0, "kind": "block_io", "detail": "259:0", "count": 10, "total_ns": 1000 * MS},
         {"tgid": 0, "kind": "block_io", "detail": "254:0", "count": 100, "total_ns": 100 * MS},
-    ]  # fmt: skip
+    ]
     stragglers = [_straggler(1)]
     stragglers[0]["evidence"]["steps"] = 10  # 7 retransmits: in up to 7 of its 10 steps
     found = host_context.detect([_rec(_host_rows(rows))], _steps(), stragglers, 60 * MS)
@@ -222,7 +222,7 @@ def test_hang_prefers_the_missing_ranks_off_cpu_stack():
          "functions": ["__schedule", "pause", "sim_hang_wait", "train_step", "main"],
          "modules": ["[kernel]", "libc.so.6", "rank", "rank", "rank"], "state": "off_cpu",
          "blocked_ns": 12 * 10**9},
-    ]  # fmt: skip
+    ]
     stacks = pl.DataFrame(rows, schema=schema.STACKS_SCHEMA)
     b = hang.latest_offcpu(stacks, 1)
     assert (b["function"], b["tid"], b["blocked_s"]) == ("sim_hang_wait", 101, 12.0)
@@ -248,7 +248,7 @@ def _window(start_s, end_s, slowdown=1.5, base_ms=60.0):
             "summary": f"Steps 10-20 took {base_ms * slowdown:.1f} ms (median).",
             "start_ns": start_s * S, "end_ns": end_s * S, "slowdown": slowdown,
             "baseline_step_time_ms": base_ms,
-            "window_step_time_ms": base_ms * slowdown}  # fmt: skip
+            "window_step_time_ms": base_ms * slowdown}
 
 
 def _per_second(waits):
@@ -257,13 +257,13 @@ def _per_second(waits):
         {"ts_ns": sec * S, "interval_ns": S, "tgid": 100 + rank, "kind": "cpu_contention",
          "detail": comm, "count": 10, "total_ns": int(ms * MS)}
         for (rank, sec), (comm, ms) in sorted(waits.items())
-    ])  # fmt: skip
+    ])
 
 
 def _explain(waits, window, ranks=(0, 1, 2), offsets=None):
     ctx = host_context.context([_rec(_per_second(waits))])
     host_context.explain_windows(ctx, [window], [(_manifest(), "node0")], offsets or {},
-                                 list(ranks))  # fmt: skip
+                                 list(ranks))
     return window
 
 
@@ -321,14 +321,14 @@ def _long_waits(waits):
         {"ts_ns": int(t0 * MS), "interval_ns": int(ms * MS), "tgid": 100 + rank,
          "kind": "cpu_wait", "detail": comm, "count": 1, "total_ns": int(ms * MS)}
         for rank, t0, ms, comm in waits
-    ])  # fmt: skip
+    ])
 
 
 def _short(start_ms, end_ms, window_ms, base_ms=80.0, steps=1):
     return {"kind": "anomalous_window", "severity": "warning", "summary": "Steps 27-27 ...",
             "start_ns": int(start_ms * MS), "end_ns": int(end_ms * MS), "steps": steps,
             "start_step": 27, "end_step": 27 + steps - 1, "slowdown": window_ms / base_ms,
-            "baseline_step_time_ms": base_ms, "window_step_time_ms": window_ms}  # fmt: skip
+            "baseline_step_time_ms": base_ms, "window_step_time_ms": window_ms}
 
 
 def _late(rank):
@@ -340,7 +340,7 @@ def _late(rank):
 def _explain_long(rows, window, metrics):
     ctx = host_context.context([_rec(_long_waits(rows))])
     host_context.explain_windows(ctx, [window], [(_manifest(), "node0")], {}, [0, 1, 2],
-                                 metrics)  # fmt: skip
+                                 metrics)
     return window
 
 
@@ -376,12 +376,12 @@ def test_a_step_still_slow_without_the_waits_and_a_long_window_stay_warnings():
     # waits by the rank's own threads are not host context
     ctx_rows = [(1, 1000, 200, "pt_autograd_0")]
     stacks = pl.DataFrame({"rank": [1], "thread": ["pt_autograd_0"], "ts_ns": [0], "count": [1],
-                           "functions": [["f"]]})  # fmt: skip
+                           "functions": [["f"]]})
     rec = Recording(manifest=_manifest(), events=schema.empty_events(),
-                    stacks=stacks, host_ctx=_long_waits(ctx_rows))  # fmt: skip
+                    stacks=stacks, host_ctx=_long_waits(ctx_rows))
     w = _short(1000, 1300, 300.0)
     host_context.explain_windows(host_context.context([rec]), [w], [(_manifest(), "node0")],
-                                 {}, [0, 1, 2], _late(1))  # fmt: skip
+                                 {}, [0, 1, 2], _late(1))
     assert w["severity"] == "warning" and "cause" not in w
 
 
@@ -416,7 +416,7 @@ def _steal_rows(pct_by_second, seconds=10, cpus=2):
     return [{"ts_ns": sec * S, "interval_ns": S, "tgid": 0, "kind": "cpu_steal",
              "detail": "node", "count": cpus * S,
              "total_ns": int(cpus * S * pct_by_second.get(sec, 1.0) / 100)}
-            for sec in range(seconds)]  # fmt: skip
+            for sec in range(seconds)]
 
 
 def _explain_steal(pct_by_second, window):

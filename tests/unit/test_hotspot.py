@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 
 MS = 1_000_000
 WINDOW = {"start_step": 5, "end_step": 7, "start_ns": 500 * MS, "end_ns": 800 * MS,
-          "severity": "warning"}  # fmt: skip
+          "severity": "warning"}
 
 
 def _stacks(rows):
@@ -24,18 +24,18 @@ def _stacks(rows):
           "modules": ["train"] * len(fns), "count": n} for r, t, fns, n in rows],
         schema={"rank": pl.Int32, "t_ns": pl.Int64, "interval_ns": pl.Int64,
                 "functions": pl.List(pl.Utf8), "modules": pl.List(pl.Utf8), "count": pl.Int64},
-    )  # fmt: skip
+    )
 
 
 def _straggler(rank, window=None):
     return {"kind": "straggler", "rank": rank, "severity": "warning",
             "start_step": window and window["start_step"],
-            "end_step": window and window["end_step"]}  # fmt: skip
+            "end_step": window and window["end_step"]}
 
 
 def _short(f):
     return {k: f[k] for k in ("kind", "severity", "rank", "function", "share_anomalous",
-                              "share_normal", "samples_anomalous", "samples_normal")}  # fmt: skip
+                              "share_normal", "samples_anomalous", "samples_normal")}
 
 
 def test_fisher_tail_is_the_hypergeometric_tail():
@@ -51,12 +51,12 @@ def test_straggler_busy_in_a_function_the_idle_other_ranks_never_run():
     # rank 1 decodes images all the time (40 samples); ranks 0 and 2 wait for their GPU and
     # have 2 samples each of their own: 4 baseline samples, fewer than MIN_SAMPLES
     st = _stacks([(1, 100 + i, ["decode_jpeg", "load_batch", "main"], 1) for i in range(40)]
-                 + [(r, 100, ["train_step", "main"], 2) for r in (0, 2)])  # fmt: skip
+                 + [(r, 100, ["train_step", "main"], 2) for r in (0, 2)])
     found = hotspot.detect_hotspots(st, [], [_straggler(1)])
     assert [_short(f) for f in found] == [
         {"kind": "cpu_hotspot", "severity": "warning", "rank": 1, "function": "decode_jpeg",
          "share_anomalous": 1.0, "share_normal": 0.0, "samples_anomalous": 40,
-         "samples_normal": 0}]  # fmt: skip
+         "samples_normal": 0}]
     assert found[0]["compared_with"] == "other_ranks"
     assert found[0]["summary"] == (
         "On rank 1, decode_jpeg took 100% of CPU samples on this rank vs 0% vs the other ranks."
@@ -72,7 +72,7 @@ def test_window_function_never_seen_outside_it_with_a_thin_baseline():
             assert [_short(f) for f in found] == [
                 {"kind": "cpu_hotspot", "severity": "warning", "rank": None,
                  "function": "jit_compile", "share_anomalous": 1.0, "share_normal": 0.0,
-                 "samples_anomalous": 12, "samples_normal": 0}]  # fmt: skip
+                 "samples_anomalous": 12, "samples_normal": 0}]
             assert (found[0]["start_step"], found[0]["end_step"]) == (5, 7)
         else:  # P = 1/C(14, 2) = 0.011 > MAX_P: two samples say too little about normal time
             assert found == []
@@ -102,13 +102,13 @@ def test_a_function_equally_common_in_and_out_of_the_window_is_not_a_hotspot(n_o
 def test_a_thick_baseline_keeps_the_share_rule():
     # >= 10 samples each side: the share growth alone decides (here 12 points, an info)
     inside = [(0, 500 + i, ["jit_compile" if i < 12 else "forward", "main"], 1)
-              for i in range(100)]  # fmt: skip
+              for i in range(100)]
     outside = [(0, 100 + i, ["forward", "main"], 1) for i in range(100)]
     found = hotspot.detect_hotspots(_stacks(inside + outside), [WINDOW], [])
     assert [_short(f) for f in found] == [
         {"kind": "cpu_hotspot", "severity": "info", "rank": None, "function": "jit_compile",
          "share_anomalous": 0.12, "share_normal": 0.0, "samples_anomalous": 12,
-         "samples_normal": 0}]  # fmt: skip
+         "samples_normal": 0}]
 
 
 def test_a_windowed_straggler_with_few_samples_outside_is_compared_with_the_other_ranks():
@@ -120,7 +120,7 @@ def test_a_windowed_straggler_with_few_samples_outside_is_compared_with_the_othe
     st = _stacks([(1, 600 + i, ["jit_compile_graph", *deep], 1) for i in range(77)]
                  + [(1, 700 + i, deep, 1) for i in range(22)]
                  + [(1, 100 + 10 * i, deep, 1) for i in range(3)]
-                 + [(r, 100 + i, deep, 1) for r in (0, 2) for i in range(20)])  # fmt: skip
+                 + [(r, 100 + i, deep, 1) for r in (0, 2) for i in range(20)])
     found = hotspot.detect_hotspots(st, [WINDOW], [_straggler(1, WINDOW)])
     assert [(f["rank"], f["function"], f["compared_with"]) for f in found] == [
         (1, "jit_compile_graph", "other_ranks")]
@@ -135,14 +135,14 @@ def test_a_windowed_straggler_busy_in_it_as_before_is_compared_with_the_other_ra
     burn = ["slow_rank_compute", "train_step", "main"]
     own = ["train_step", "main"]
     rows = [(1, t0 + i, burn if i % 20 else own, 1) for t0, n in ((500, 60), (100, 60))
-            for i in range(n)]  # fmt: skip
+            for i in range(n)]
     rows += [(0, 510 + 20 * i, own, 1) for i in range(4)]  # rank 0: 4 samples in the window
     found = hotspot.detect_hotspots(_stacks(rows), [WINDOW], [_straggler(1, WINDOW)])
     assert [(f["rank"], f["function"], f["compared_with"], f["samples_anomalous"],
              f["samples_normal"]) for f in found] == [
-        (1, "slow_rank_compute", "other_ranks_in_window", 57, 0)]  # fmt: skip
+        (1, "slow_rank_compute", "other_ranks_in_window", 57, 0)]
     assert found[0]["summary"] == ("On rank 1, slow_rank_compute took 95% of CPU samples in "
-                                   "steps 5-7 vs 0% on the other ranks.")  # fmt: skip
+                                   "steps 5-7 vs 0% on the other ranks.")
     # no other rank in the window: nothing to compare with, nothing said
     alone = [r for r in rows if r[0] == 1]
     assert hotspot.detect_hotspots(_stacks(alone), [WINDOW], [_straggler(1, WINDOW)]) == []
@@ -168,7 +168,7 @@ def test_the_function_that_burns_is_named_not_its_caller():
 def test_a_callee_that_grew_much_less_than_its_caller_is_not_preferred():
     # main's growth comes from two callees; neither reaches 90% of it: main is named
     st = _stacks([(1, 100 + i, ["a" if i % 2 else "b", "main"], 1) for i in range(100)]
-                 + [(r, 100 + i, ["loader"], 1) for r in (0, 2) for i in range(50)])  # fmt: skip
+                 + [(r, 100 + i, ["loader"], 1) for r in (0, 2) for i in range(50)])
     (f,) = hotspot.detect_hotspots(st, [], [_straggler(1)])
     assert (f["function"], "within" in f, f["share_anomalous"]) == ("main", False, 1.0)
 

@@ -19,7 +19,7 @@ def _manifest(i: int, ranks: list[dict]) -> dict:
     return {"format": schema.FORMAT, "host": "n1", "clock": {"mono_to_wall_ns": 7},
             "started_ns": 1000 + i, "ended_ns": 2000 + i, "end_reason": "recording",
             "channels": {"cuda": True, "host": True}, "ranks": ranks,
-            "counts": {"ring_records": 10 * (i + 1)}}  # fmt: skip
+            "counts": {"ring_records": 10 * (i + 1)}}
 
 
 def _events(i: int, in_flight: bool = False, rank: int | None = None) -> pl.DataFrame:
@@ -30,19 +30,19 @@ def _events(i: int, in_flight: bool = False, rank: int | None = None) -> pl.Data
         rows.append({"ts_ns": 100 * i + 50, "dur_ns": None, "in_flight": True, "tgid": 41,
                      "tid": 42, "rank": rank, "channel": "nccl", "name": "ncclAllReduce"})
     return pl.DataFrame(rows, schema_overrides={"rank": pl.Int32, "tgid": pl.Int32,
-                                                "tid": pl.Int32, "dur_ns": pl.Int64})  # fmt: skip
+                                                "tid": pl.Int32, "dur_ns": pl.Int64})
 
 
 def _host(i: int) -> pl.DataFrame:
     return pl.DataFrame({"ts_ns": [100 * i], "interval_ns": [100], "tgid": [41],
                          "kind": ["cpu_contention"], "detail": ["hog"], "count": [1],
-                         "total_ns": [9]})  # fmt: skip
+                         "total_ns": [9]})
 
 
 def _write(writer: PartWriter, n: int, ranks: list[dict]) -> None:
     for i in range(n):
         writer.write(_manifest(i, ranks), _events(i, in_flight=True), schema.empty_stacks(),
-                     host=_host(i))  # fmt: skip
+                     host=_host(i))
 
 
 def test_a_killed_session_is_read_from_its_parts_once_per_row(tmp_path):
@@ -50,7 +50,7 @@ def test_a_killed_session_is_read_from_its_parts_once_per_row(tmp_path):
     w = PartWriter(tmp_path, compact_every=4)
     _write(w, 9, [])
     w.write(_manifest(9, [{"tgid": 41, "rank": 3}]), _events(9, in_flight=True),
-            schema.empty_stacks(), host=_host(9))  # fmt: skip
+            schema.empty_stacks(), host=_host(9))
     names = sorted(p.name for p in (tmp_path / PARTS).iterdir())
     # parts 0-3 and 4-7 compacted; 8 and 9 on their own
     assert names == ["000000-000003", "000004-000007", "000008-000008", "000009-000009"]
@@ -82,7 +82,7 @@ def test_an_incomplete_last_part_is_skipped_and_covered_parts_are_not_read_twice
     # 000000-000002 covers parts 0..2 but holds only part 0's rows (it is a copy): the reader
     # trusts the range; parts 1 and 2 are not read again
     assert sorted(set(rec.events.filter(~pl.col("in_flight"))["ts_ns"].to_list())) == [
-        0, 1, 2, 300, 301, 302, 400, 401, 402]  # fmt: skip
+        0, 1, 2, 300, 301, 302, 400, 401, 402]
     assert rec.manifest["parts"] == 3
 
 

@@ -47,7 +47,7 @@ def _serious(report: dict) -> list[dict]:
 
 @pytest.mark.parametrize(("name", "rank"), [("pp_gpipe_slow_stage1", 1),
                                             ("pp_1f1b_straggler_rank3", 3),
-                                            ("pp_1f1b_straggler_rank3_gaps", 3)])  # fmt: skip
+                                            ("pp_1f1b_straggler_rank3_gaps", 3)])
 def test_the_stage_that_waits_least_is_the_slow_stage(name, rank):
     report, truth = _diag(name)
     assert [f["ranks"] for f in truth["faults"]] == [[rank]]
@@ -76,7 +76,7 @@ def test_a_healthy_pipeline_has_no_warning_and_its_steps():
 
 
 @pytest.mark.parametrize(("name", "steps"), [("pp_1f1b_straggler_rank3", 139),
-                                             ("pp_1f1b_straggler_rank3_gaps", 118)])  # fmt: skip
+                                             ("pp_1f1b_straggler_rank3_gaps", 118)])
 def test_the_last_stages_steps_are_its_recv_send_pairs_merged_not_its_idle_gaps(name, steps):
     report, truth = _diag(name)
     assert truth["steps"] == {"min": steps + 1, "max": steps + 1}  # less the first

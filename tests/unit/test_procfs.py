@@ -335,17 +335,17 @@ def test_dataloader_workers_are_not_ranks(proc: Path) -> None:
 
     torch = lib_maps("/opt/venv/torch/lib/libtorch_cpu.so", 0x7F0000000000)
     env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "n1",
-           "MASTER_PORT": "29500"}  # fmt: skip
+           "MASTER_PORT": "29500"}
     make_process(proc, 50, name="torchrun", ppid=1, maps=torch,
                  environ={"MASTER_ADDR": "n1", "MASTER_PORT": "29500"},
-                 cmdline=("/usr/bin/python3", "/usr/local/bin/torchrun", "train.py"))  # fmt: skip
+                 cmdline=("/usr/bin/python3", "/usr/local/bin/torchrun", "train.py"))
     make_process(proc, 60, name="python", ppid=50, maps=torch, environ=env)  # the rank
     for w in (61, 62):  # its DataLoader workers (num_workers=2)
         make_process(proc, w, name="pt_data_worker", ppid=60, maps=torch, environ=env)
     make_process(proc, 70, name="bash", ppid=50, environ={**env, "RANK": "0", "LOCAL_RANK": "0"},
-                 cmdline=("/bin/bash", "run.sh"), exe="/bin/bash")  # fmt: skip
+                 cmdline=("/bin/bash", "run.sh"), exe="/bin/bash")
     make_process(proc, 71, name="python", ppid=70, maps=torch,
-                 environ={**env, "RANK": "0", "LOCAL_RANK": "0"})  # fmt: skip
+                 environ={**env, "RANK": "0", "LOCAL_RANK": "0"})
     other = {**env, "RANK": "0", "LOCAL_RANK": "0"}  # a child with another rank: a rank
     make_process(proc, 80, name="python", ppid=60, maps=torch, environ=other)
     assert [procfs.worker_of(t, proc) for t in (60, 61, 62, 71, 80)] == [None, 60, 60, None, None]

@@ -86,7 +86,7 @@ def test_layout_is_found_from_the_binary_and_validates(child):
         names = [reader.code(addr) for addr, _ in frames]
         lines = TARGET.splitlines()
         first = {n: i for i, ln in enumerate(lines, 1) for n in ["nested_caller"]
-                 if f"def {n}" in ln}  # fmt: skip
+                 if f"def {n}" in ln}
         py_names = [c.name for c in names]
         lam = "nested_caller.<locals>.<lambda>" if which != (3, 10) else "<lambda>"
         assert py_names == [lam, "nested_caller", "<module>"], py_names
@@ -144,7 +144,7 @@ def test_debug_offsets_blob_is_parsed():
     vals.update(version=0x030D00F0, rt_interpreters_head=632, is_threads_head=7344,
                 ts_native_thread_id=160, ts_current_frame=72, ts_next=8, ts_interp=16,
                 fr_executable=0, fr_previous=8, fr_owner=70, co_filename=112, co_name=120,
-                co_qualname=128, co_firstlineno=68, un_asciiobject_size=40)  # fmt: skip
+                co_qualname=128, co_firstlineno=68, un_asciiobject_size=40)
     blob = pyframes.DEBUG_COOKIE + struct.pack(f"<{len(names)}Q", *(vals[n] for n in names))
     lay = pyframes.layout_from_debug_offsets(blob)
     assert lay.version == (3, 13) and lay.source == "_Py_DebugOffsets"
@@ -165,13 +165,13 @@ def test_table_rows_match_the_flags_the_bpf_walk_needs():
 
 def test_merge_puts_python_frames_at_the_eval_frames():
     native = ["leaf", "_PyEval_EvalFrameDefault", "PyObject_Call", "_PyEval_EvalFrameDefault",
-              "main"]  # fmt: skip
+              "main"]
     mods = ["libc.so.6", "python3.11", "python3.11", "python3.11", "python3.11"]
     py = [("inner", "py:/a.py:3", False), ("mid", "py:/a.py:9", True), ("top", "py:/a.py:1", True)]
     fns, ms = pyframes.merge_frames(native, mods, py)
     assert fns == ["leaf", "inner", "mid", "PyObject_Call", "top", "main"]
     assert ms == ["libc.so.6", "py:/a.py:3", "py:/a.py:9", "python3.11", "py:/a.py:1",
-                  "python3.11"]  # fmt: skip
+                  "python3.11"]
     # no eval frame in the native stack (no frame pointers): the Python frames follow it
     fns, _ = pyframes.merge_frames(["leaf", "[unknown]"], ["libc.so.6", "[unknown]"], py)
     assert fns == ["leaf", "[unknown]", "inner", "mid", "top"]
@@ -188,7 +188,7 @@ def test_attach_summary_names_python_frames_and_refusals(tmp_path):
                     "11": {"status": "refused", "python": None,
                            "note": "Python 3.9 is not supported (3.10, 3.11, 3.12, 3.13+)"},
                     "12": {"status": "not_python", "python": None, "note": "no CPython found"},
-                }}}  # fmt: skip
+                }}}
     lines = summary_lines(manifest, tmp_path)
     assert "Python frames in CPU samples: 1 of 2 Python process(es) (Python 3.11)" in lines
     refused = "  no Python frames for 11: Python 3.9 is not supported (3.10, 3.11, 3.12, 3.13+)"

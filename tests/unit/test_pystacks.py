@@ -32,14 +32,14 @@ DUMP = [  # py-spy 0.4 `dump --json --native`, trimmed
     {"pid": 100, "thread_id": 2, "thread_name": "loader", "os_thread_id": 102,
      "active": True, "owns_gil": True, "frames": [
          {"name": "decode", "filename": "/job/data.py", "module": None, "line": 9}]},
-]  # fmt: skip
+]
 
 
 def test_parse_dump_normalises_frames():
     threads = pystacks.parse_dump(json.dumps(DUMP), 100)
     main_t, loader = threads
     assert (main_t.tid, main_t.thread, main_t.state, main_t.owns_gil) == (
-        100, "MainThread", "idle", False)  # fmt: skip
+        100, "MainThread", "idle", False)
     assert [f["kind"] for f in main_t.frames] == ["native", "python", "python", "native"]
     assert main_t.frames[0]["line"] is None  # py-spy's 0 = unknown
     top = pystacks.innermost_python(main_t.frames)
@@ -81,7 +81,7 @@ def test_missing_pid_is_a_target_error(capsys):
 
 def test_blocked_tgids_needs_an_old_in_flight_call():
     ev = pl.DataFrame({"ts_ns": [1_000, 9_000_000_000, 2_000], "tgid": [1, 2, 3],
-                       "in_flight": [True, True, False]})  # fmt: skip
+                       "in_flight": [True, True, False]})
     assert pystacks.blocked_tgids(ev, 10_000_000_000, after_s=5.0) == [1]
     assert pystacks.blocked_tgids(ev, 10_000_000_000, after_s=20.0) == []
 
@@ -95,9 +95,9 @@ def _dumps(tgids_ranks):
         threads[0].tid = tgid
         if rank != 3:  # waiting ranks sit in the backward's allreduce
             threads[0].frames[1] = {"function": "backward", "file": "/torch/_tensor.py",
-                                    "line": 625, "kind": "python", "module": None}  # fmt: skip
+                                    "line": 625, "kind": "python", "module": None}
         out.append(pystacks.ProcessStacks(tgid=tgid, rank=rank, comm="python3",
-                                          python=True, threads=threads, ts_ns=5))  # fmt: skip
+                                          python=True, threads=threads, ts_ns=5))
     return out
 
 
@@ -114,17 +114,17 @@ def test_recorded_hang_names_the_missing_ranks_python_function(tmp_path):
     assert rec.pystacks.height == 2 * len(ranks)
     assert python_stack(rec.pystacks, 3)["where"] == "stuck_in_data_loading (train.py:47)"
     (h,) = [f for f in diagnose([rec], hang_after_s=2.0)["findings"]
-            if f["kind"] == "collective_hang"]  # fmt: skip
+            if f["kind"] == "collective_hang"]
     (m,) = h["missing_python_stacks"]
     assert (m["rank"], m["function"], m["file"], m["line"], m["thread"]) == (
-        3, "stuck_in_data_loading", "/job/train.py", 47, "MainThread")  # fmt: skip
+        3, "stuck_in_data_loading", "/job/train.py", 47, "MainThread")
     assert m["frames"] == ["stuck_in_data_loading (train.py:47)", "main (train.py:120)"]
     w = h["waiting_python_stack"]
     assert (w["rank"], w["where"]) == (0, "backward (_tensor.py:625)")
     assert "rank 3 is stuck in Python stuck_in_data_loading (train.py:47)" in h["summary"]
     # without the dump the finding is what it was
     (h0,) = [f for f in diagnose([old], hang_after_s=2.0)["findings"]
-             if f["kind"] == "collective_hang"]  # fmt: skip
+             if f["kind"] == "collective_hang"]
     assert h0["missing_python_stacks"] == [] and h0["waiting_python_stack"] is None
     assert "rank 3 is in cpu_busy" in h0["summary"]
 
@@ -133,9 +133,9 @@ def test_hotspot_attribution_prefers_the_innermost_python_frame():
     from argus.analyze.hotspot import _own_frames, attribute
 
     fns = ["do_syscall_64", "_PyEval_EvalFrameDefault", "burn", "_PyEval_EvalFrameDefault",
-           "main", "_start"]  # fmt: skip
+           "main", "_start"]
     mods = ["[kernel]", "/usr/bin/python3.11", "py:/job/train.py:12", "/usr/bin/python3.11",
-            "py:/job/train.py:40", "/usr/bin/python3.11"]  # fmt: skip
+            "py:/job/train.py:40", "/usr/bin/python3.11"]
     assert attribute(fns, mods) == "burn (train.py:12)"
     assert _own_frames(fns, mods) == ["burn (train.py:12)", "main (train.py:40)"]
     # no Python frames: as before (the leaf-most frame outside a shared library)

@@ -40,12 +40,12 @@ def _cut(summ: Summaries, bounds: list[int]) -> list[Summaries]:
         steps = summ.steps.filter(sel)
         out.append(Summaries(meta=dict(summ.meta), steps=steps, stack_dict=summ.stack_dict,
                              tail=summ.tail, manifest=dict(summ.manifest),
-                             gpu=summ.gpu))  # fmt: skip
+                             gpu=summ.gpu))
     return out
 
 
 def _write_segments(out: Path, job: str, segs: list[Summaries], run: str | None = None,
-                    first: int = 0) -> list[Path]:  # fmt: skip
+                    first: int = 0) -> list[Path]:
     paths = []
     for i, s in enumerate(segs):
         end = int(s.steps["end_ns"].max()) if s.steps.height else i
@@ -72,7 +72,7 @@ def _same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize(("name", "hang_after"), [("sim_straggler", 10.0), ("sim_hang", 2.0),
-                                                  ("sim_host_stall", 10.0)])  # fmt: skip
+                                                  ("sim_host_stall", 10.0)])
 def test_one_nodes_segments_give_the_report_of_the_whole(name, hang_after, tmp_path, capsys):
     whole = build_summaries([load_recording(DATA / name)])
     n = whole.steps["step"].n_unique()
@@ -102,7 +102,7 @@ def test_two_nodes_daemon_dirs_align_step_ids_and_clocks(tmp_path, capsys):
     # node1's daemon numbered the same steps from 100 (it saw other steps first)
     n1_shifted = Summaries(meta=n1.meta, steps=n1.steps.with_columns(pl.col("step") + 100),
                            stack_dict=n1.stack_dict, tail=n1.tail,
-                           manifest=n1.manifest)  # fmt: skip
+                           manifest=n1.manifest)
     assert step_shift(n0, n1_shifted) == -100
     _write_segments(tmp_path / "node0", "slurm-7", _cut(n0, [0, 7, 12]))
     _write_segments(tmp_path / "node1", "slurm-7", _cut(n1_shifted, [100, 110]))
@@ -117,11 +117,11 @@ def test_a_node_traced_later_gets_the_reference_ids(tmp_path):
     n0, n1 = (build_summaries([r]) for r in recs)
     late = n1.steps.filter(pl.col("step") >= 5).with_columns(pl.col("step") - 5)  # ids from 0
     n1_late = Summaries(meta=n1.meta, steps=late, stack_dict=n1.stack_dict, tail=n1.tail,
-                        manifest=n1.manifest)  # fmt: skip
+                        manifest=n1.manifest)
     a, b = align_step_ids([n0, n1_late])
     assert a is n0
     assert b.steps.select("rank", "step").rows() == n1.steps.filter(pl.col("step") >= 5).select(
-        "rank", "step").rows()  # fmt: skip
+        "rank", "step").rows()
     # merge_nodes groups by host: the node0 segments in any order are one node
     s0, s1 = _cut(n0, [0, 10])
     merged = merge_nodes([s1, n1_late, s0])
@@ -133,11 +133,11 @@ def test_merge_keeps_each_ranks_latest_tail(tmp_path):
     whole = build_summaries([load_recording(DATA / "sim_hang")])
     a, b = _cut(whole, [0, 10])
     b = Summaries(meta=b.meta, steps=b.steps, stack_dict=b.stack_dict,
-                  tail=whole.tail.filter(pl.col("rank") != 1), manifest=b.manifest)  # fmt: skip
+                  tail=whole.tail.filter(pl.col("rank") != 1), manifest=b.manifest)
     (m,) = merge_nodes([a, b])
     assert m.tail["rank"].to_list() == whole.tail["rank"].to_list()
     assert m.tail.filter(pl.col("rank") == 1).rows() == whole.tail.filter(
-        pl.col("rank") == 1).rows()  # fmt: skip
+        pl.col("rank") == 1).rows()
 
 
 def test_which_directories_report_accepts(tmp_path, capsys):
@@ -156,7 +156,7 @@ def test_which_directories_report_accepts(tmp_path, capsys):
     # a recording directory is still itself
     assert expand_dirs([DATA / "sim_straggler"]) == [DATA / "sim_straggler"]
     assert load_summaries(expand_dirs([tmp_path / "out" / JOBS / "job-a"])[0]).steps.height == (
-        whole.steps.height)  # fmt: skip
+        whole.steps.height)
 
 
 def test_a_restarted_daemons_segments_are_numbered_on(tmp_path, capsys):
@@ -165,13 +165,13 @@ def test_a_restarted_daemons_segments_are_numbered_on(tmp_path, capsys):
     whole = build_summaries([load_recording(DATA / "sim_straggler")])
     kept = whole.steps.filter(~pl.col("step").is_between(15, 17))
     gap = Summaries(meta=whole.meta, steps=kept, stack_dict=whole.stack_dict, tail=whole.tail,
-                    manifest=whole.manifest)  # fmt: skip
+                    manifest=whole.manifest)
     first, second = _cut(gap, [0, 18])
     second.steps = second.steps.with_columns(pl.col("step") - 18)  # the new run's own ids
     _write_segments(tmp_path / "out", "torchelastic-x", _cut(first, [0, 7]), run="run-a")
     _write_segments(tmp_path / "out", "torchelastic-x", _cut(second, [0, 9]), run="run-b",
-                    first=10)  # fmt: skip
+                    first=10)
     (merged,) = merge_nodes([load_summaries(p) for p in expand_dirs([tmp_path / "out"])])
     assert merged.steps.select("rank", "step", "start_ns").sort("rank", "step").rows() == (
-        kept.select("rank", "step", "start_ns").sort("rank", "step").rows())  # fmt: skip
+        kept.select("rank", "step", "start_ns").sort("rank", "step").rows())
     _same(_report(capsys, str(tmp_path / "out")), diagnose_summaries([gap]))

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.unit
 
 LATE_MS = [0.4, 1.6, -0.1, 1.6, 1.5, 0.3, 0.5, -0.3, 0.3,  # steps 0-8: healthy
            13.1, 13.5, 4.6, 17.2, 19.9, 18.0, 29.4, 13.3, 13.0, 17.9, 14.1, 15.2, 14.1,
-           13.8, 13.8, 14.1, 18.4, 14.8, 17.0, 14.9, 13.4]  # fmt: skip
+           13.8, 13.8, 14.1, 18.4, 14.8, 17.0, 14.9, 13.4]
 STEP_MS = [61.4, 57.6, 58.0, 57.6, 54.5, 56.7, 57.6, 57.6, 57.3,
            84.7, 82.6, 85.0, 89.3, 92.0, 111.1, 92.9, 86.6, 89.3, 90.7, 82.6, 85.4, 82.6,
-           86.0, 82.6, 86.6, 90.2, 83.8, 87.7, 84.4, 83.9]  # fmt: skip
+           86.0, 82.6, 86.6, 90.2, 83.8, 87.7, 84.4, 83.9]
 
 
 def _metrics(late_ms: list[float]) -> pl.DataFrame:
@@ -34,7 +34,7 @@ def _metrics(late_ms: list[float]) -> pl.DataFrame:
                 "lateness_ns": int(sign * late * 1e6), "compute_wait_ns": 1_000_000,
                 "sync_wait_ns": 500_000, "coll_wait_ns": int(max(0.0, -sign * late) * 1e6),
                 "host_gap_ns": 0,
-            })  # fmt: skip
+            })
         t += int(dur * 1e6)
     return pl.DataFrame(rows)
 
@@ -110,7 +110,7 @@ def test_alike_ranks_and_a_consistent_but_tiny_difference_are_not_flagged():
     assert least_wait(_waits(0.9, least=1, spread_ms=0.1), "coll_wait_ns", 90e6) == {}
     # four blocks are too few to tell (z = 3.5 when the least in all four)
     assert least_wait(_waits(6.0, least=1, spread_ms=0.5, steps=20), "coll_wait_ns",
-                      90e6) == {}  # fmt: skip
+                      90e6) == {}
 
 
 def test_a_host_that_reads_back_every_n_steps_is_scored_over_its_cycles():
@@ -129,7 +129,7 @@ def test_a_host_that_reads_back_every_n_steps_is_scored_over_its_cycles():
             rows.append({"rank": rank, "step": step, "step_time_ns": dur, "start_ns": t,
                          "end_ns": t + dur, "lateness_ns": int(late * 1e6),
                          "coll_wait_ns": 0, "host_gap_ns": 0, "compute_wait_ns": None,
-                         "sync_wait_ns": 0})  # fmt: skip
+                         "sync_wait_ns": 0})
         t += dur
     m = pl.DataFrame(rows)
     (f,) = detect_stragglers(m, [], 53e6, sync_every=5)
@@ -153,7 +153,7 @@ BUSY_LATE_MS = [1.8, 34.7, 37.1, 125.7, 50.5, 44.9, 50.7, 60.9, 41.7, 45.6, 53.7
 BUSY_STEP_MS = [73.5, 76.7, 253.9, 102.6, 92.6, 106.7, 126.8, 100.3, 97.7, 114.4, 88.6, 124.5,
                 87.2, 125.9, 92.0, 97.7, 93.8, 171.3, 91.4, 97.0, 150.2, 65.8, 69.0, 66.0,
                 68.7, 80.7, 86.7, 79.2, 66.9, 95.9, 66.5, 67.1, 63.3, 63.3, 63.5, 76.6, 91.6,
-                71.7]  # fmt: skip
+                71.7]
 
 
 def _two_ranks(late_ms: list[float], step_ms: list[float]) -> pl.DataFrame:
@@ -164,7 +164,7 @@ def _two_ranks(late_ms: list[float], step_ms: list[float]) -> pl.DataFrame:
                          "start_ns": t, "end_ns": t + int(dur * 1e6),
                          "lateness_ns": int(sign * late * 1e6), "host_gap_ns": 0,
                          "coll_wait_ns": int(max(0.0, -sign * 2 * late) * 1e6),
-                         "compute_wait_ns": None, "sync_wait_ns": None})  # fmt: skip
+                         "compute_wait_ns": None, "sync_wait_ns": None})
         t += int(dur * 1e6)
     return pl.DataFrame(rows)
 
@@ -175,7 +175,7 @@ def test_a_rank_late_in_every_step_is_a_straggler_however_its_lateness_spreads()
     (f,) = detect_stragglers(m, [], step_ns)
     ev = f["evidence"]
     assert (f["rank"], f["cause"], ev["metric"], f["start_step"]) == (1, "host", "lateness_ns",
-                                                                       None)  # fmt: skip
+                                                                       None)
     assert f["score"] < 4  # its spread alone would not flag it
     assert ev["slowest_in_fraction_of_steps"] == 1.0
     assert ev["sign_z"] == pytest.approx(38 / 2 / (38 ** 0.5 / 2), abs=0.01)  # 6.16
@@ -211,7 +211,7 @@ def test_a_pipeline_stages_arrival_by_role_is_not_a_straggler():
                          "lateness_ns": int((late + rnd.gauss(0, 0.4)) * 1e6),
                          "host_gap_ns": int((3.0 + rnd.gauss(0, 0.1)) * 1e6),
                          "coll_wait_ns": 20_000, "compute_wait_ns": None,
-                         "sync_wait_ns": 63_000_000})  # fmt: skip
+                         "sync_wait_ns": 63_000_000})
         t += 68_000_000
     m = pl.DataFrame(rows)
     across = detect_stragglers(m, [], 68e6)  # as if one stage: the role looks like a fault
@@ -234,7 +234,7 @@ def test_a_pipeline_stages_host_work_is_compared_within_the_stage():
                          "start_ns": t, "end_ns": t + 74_000_000,
                          "host_gap_ns": int((gap + rnd.gauss(0, 0.3)) * 1e6),
                          "lateness_ns": None, "coll_wait_ns": 0, "compute_wait_ns": None,
-                         "sync_wait_ns": 0})  # fmt: skip
+                         "sync_wait_ns": 0})
         t += 74_000_000
     m = pl.DataFrame(rows)
     (f,) = detect_stragglers(m, [], 74e6, pipeline=True, stages=[[0, 2], [1, 3]])

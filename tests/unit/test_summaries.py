@@ -53,7 +53,7 @@ def key(report: dict) -> list[tuple]:
          tuple(f.get("waiting_ranks") or ()), tuple(f.get("missing_ranks") or ()))
         if f["kind"] == "collective_hang" else (f["kind"], f.get("rank"), f["severity"])
         for f in report["findings"]
-    )  # fmt: skip
+    )
 
 
 def roundtrip(summ, tmp_path: Path):
@@ -63,7 +63,7 @@ def roundtrip(summ, tmp_path: Path):
 
 def test_every_recording_in_tests_data_is_covered():
     assert {"sim_healthy", "sim_straggler", "sim_hang", "sim_link", "sim_jit_stall",
-            "sim_host_stall", "sim_throttle"} <= set(RECORDED)  # fmt: skip
+            "sim_host_stall", "sim_throttle"} <= set(RECORDED)
 
 
 @pytest.mark.parametrize("name", RECORDED_MARKED)
@@ -93,7 +93,7 @@ def test_recorded_findings_equal_from_summaries(name, hang_after, tmp_path):
             assert (a["rank"], a["function"]) == (b["rank"], b["function"])
             assert abs(a["share_anomalous"] - b["share_anomalous"]) <= 0.05
         assert [f for f in from_s["findings"] if f["kind"] != "cpu_hotspot"] == [
-            f for f in raw["findings"] if f["kind"] != "cpu_hotspot"]  # fmt: skip
+            f for f in raw["findings"] if f["kind"] != "cpu_hotspot"]
     assert from_s["steps"]["count"] == raw["steps"]["count"]
     assert from_s["steps"]["method"] == raw["steps"]["method"]
     assert [(r["rank"], r["steps"], r["step_time_ms"]) for r in from_s["ranks"]] == [
@@ -111,10 +111,10 @@ def test_host_and_pipeline_findings_come_from_summaries_alone(tmp_path):
     # (rank 1's 1.9 ms of runnable wait per step cannot explain its stage's busier GPU: no
     # cpu_contention finding for a GPU-side straggler below 10% of the step)
     assert kinds("sim_bubble") == [("straggler", 1, "critical", [1, 3]),
-                                   ("straggler", 3, "critical", [1, 3])]  # fmt: skip
+                                   ("straggler", 3, "critical", [1, 3])]
     assert kinds("ddp_gloo_slow_rank1") == [("straggler", 1, "critical", None),
                                             ("cpu_contention", 0, "info", None),
-                                            ("tcp_retransmits", None, "info", None)]  # fmt: skip
+                                            ("tcp_retransmits", None, "info", None)]
 
 
 def test_every_host_context_kind_from_summaries(tmp_path):
@@ -140,7 +140,7 @@ def test_every_host_context_kind_from_summaries(tmp_path):
         [{"ts_ns": t0, "interval_ns": 10**10, "tgid": t, "rank": None, "kind": k, "detail": d,
           "count": n, "total_ns": tot} for t, k, d, n, tot in rows],
         schema=schema.HOST_SCHEMA,
-    )  # fmt: skip
+    )
     rec = dataclasses.replace(rec, host_ctx=host)
     raw = diagnose([rec])
     from_s = diagnose_summaries([roundtrip(build_summaries([rec]), tmp_path)])
@@ -150,10 +150,10 @@ def test_every_host_context_kind_from_summaries(tmp_path):
     # contention (12 ms of an 81 ms step, >= 10%) is an info line, not cited by the straggler
     assert got == [("oom_kill", 3, "critical"), ("straggler", 2, "warning"),
                    ("tcp_retransmits", 2, "warning"), ("block_io_stall", None, "warning"),
-                   ("cpu_contention", 2, "info"), ("oom_kill", None, "info")]  # fmt: skip
+                   ("cpu_contention", 2, "info"), ("oom_kill", None, "info")]
     assert from_s["findings"][4]["competitor"] == "cpuhog"
     assert [e["kind"] for e in from_s["findings"][1]["evidence"]["host"]] == [
-        "tcp_retransmits"]  # fmt: skip
+        "tcp_retransmits"]
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
@@ -237,4 +237,4 @@ def test_report_cli_reads_a_directory_with_only_summaries(tmp_path):
     assert res.exit_code == 0, res.output
     rep = json.loads(res.output)
     assert [(f["kind"], f["rank"]) for f in rep["findings"]
-            if f["severity"] != "info"] == [("straggler", 2)]  # fmt: skip
+            if f["severity"] != "info"] == [("straggler", 2)]

@@ -27,7 +27,7 @@ def lib(tmp_path_factory):
     (d / "lib.c").write_text(SOURCE)
     out = d / "libstatic.so"
     subprocess.run([cc, "-shared", "-fPIC", "-O0", "-o", str(out), str(d / "lib.c")],
-                   check=True)  # fmt: skip
+                   check=True)
     return str(out)
 
 
@@ -85,7 +85,7 @@ def test_markers_of_several_specs_are_answered_in_one_pass(lib):
     elf = symbols.ElfFile(lib)
     asked = ("cudaLaunchKernel", "ncclAllReduce", "ncclAllReduceLocal", "cudaLaunchKernelExported")
     assert elf.defined_of(asked) == {"cudaLaunchKernel", "ncclAllReduceLocal",
-                                     "cudaLaunchKernelExported"}  # fmt: skip
+                                     "cudaLaunchKernelExported"}
     assert symbols._strings_with(lib, ("ncclAllReduce", "LaunchKernel")) == frozenset()
 
 

@@ -59,10 +59,10 @@ def test_each_process_group_is_named_as_torch_names_it_on_its_members():
     groups = (rec.events.filter(pl.col("comm").is_not_null())
               .group_by("comm").agg(pl.col("rank").unique().sort(),
                                     pl.col("comm_nranks").unique())
-              .sort("comm").rows())  # fmt: skip
+              .sort("comm").rows())
     assert groups == [("pg:0", [0, 1, 2, 3], [4]), ("pg:1", [0, 1], [2]),
                       ("pg:2", [2, 3], [2]), ("pg:3", [0, 2], [2]),
-                      ("pg:4", [1, 3], [2])]  # fmt: skip
+                      ("pg:4", [1, 3], [2])]
 
 
 def test_the_rank_the_others_wait_for_is_the_straggler():
@@ -120,7 +120,7 @@ def test_a_healthy_runs_two_slow_steps_are_a_hiccup_with_no_stall_built_on_them(
     assert s["steps_ok"] and s["wrong"] == [], s
     assert [f for f in report["findings"] if f["severity"] != "info"] == []
     (w,) = [f for f in report["findings"]
-            if f["kind"] == "anomalous_window" and f["start_step"] == 38]  # fmt: skip
+            if f["kind"] == "anomalous_window" and f["start_step"] == 38]
     assert (w["end_step"], w["steps"], w["anomalous_steps"]) == (40, 3, 2)
     assert w["slowdown"] >= 1.6 and w["lost_steps"] >= 1.5  # a warning by these alone
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 def _truth(faults, lo=100, hi=100):
     ranks = [{"rank": r, "pid": 1000 + r, "steps_completed": hi, "step_time_ms": [50.0]}
-             for r in range(4)]  # fmt: skip
+             for r in range(4)]
     return {"faults": faults, "steps": {"min": lo, "max": hi}, "ranks": ranks}
 
 
@@ -70,7 +70,7 @@ def test_step_count_within_2(count, ok):
 
 def test_undetected_steps_count_zero_and_wrong_rank_numbers_are_seen():
     rep = {"steps": {"detected": False, "count": None}, "findings": [],
-           "ranks": [{"rank": 0, "tgid": 1000 + r} for r in range(4)]}  # fmt: skip
+           "ranks": [{"rank": 0, "tgid": 1000 + r} for r in range(4)]}
     s = zh.score(rep, _truth([]))
     assert (s["steps_argus"], s["steps_ok"], s["ranks_ok"]) == (0, False, False)
 
@@ -91,15 +91,15 @@ def test_sim_faults_map_onto_the_simulators_specs(tmp_path):
     job = launch.Job.__new__(launch.Job)  # the mapping only, no process started
     job.faults = launch.Faults(straggler=(2, 10.0), hang={"rank": 1, "group": "tp",
                                                           "op": "allreduce", "step": 8, "nth": 2},
-                               slow_stage=(1, 25.0))  # fmt: skip
+                               slow_stage=(1, 25.0))
     job.base_ms = 60.0
     assert job._sim_faults() == ["host_stall:rank=2,ms=6.000",
                                  "hang:rank=1,at=66,comm=tp",  # 8 steps x 8 TP + 2
-                                 "bubble:stage=1,factor=1.250"]  # fmt: skip
+                                 "bubble:stage=1,factor=1.250"]
     from argus.sim.faults import parse_fault
 
     stall, hang, bubble = job._sim_faults()
     assert parse_fault(stall, 4).params == {"ms": 6.0}
     assert parse_fault(hang, 4, tp=2, warmup_steps=1).params == {"at": 66, "comm": "tp",
-                                                                 "comm_seq": 74}  # fmt: skip
+                                                                 "comm_seq": 74}
     assert parse_fault(bubble, 4, pp=2).ranks == [1, 3]

@@ -39,7 +39,7 @@ def applies(fault: str, shape: str) -> bool:
 
 
 def draw(fault: str, shape: str, rng: random.Random, base_ms: float,
-         nproc: int = 4) -> launch.Faults:  # fmt: skip
+         nproc: int = 4) -> launch.Faults:
     """The planted fault of one run (see the module doc)."""
     if fault == "healthy":
         return launch.Faults()
@@ -55,7 +55,7 @@ def draw(fault: str, shape: str, rng: random.Random, base_ms: float,
         while not site.occurs(step):
             step += 1
         return launch.Faults(hang={"rank": rank, "group": site.group, "op": site.op,
-                                   "step": step, "nth": site.nth})  # fmt: skip
+                                   "step": step, "nth": site.nth})
     raise ValueError(fault)
 
 
@@ -98,7 +98,7 @@ def score(report: dict, truth: dict) -> dict:
            "steps_ok": count is not None and lo - 2 <= count <= hi + 2,
            "serious": [{k: f.get(k) for k in ("kind", "severity", "rank", "missing_ranks",
                                               "waiting_ranks", "comm", "seq", "op", "score")
-                        if k in f} for f in serious]}  # fmt: skip
+                        if k in f} for f in serious]}
     fault = (truth.get("faults") or [None])[0]
     if fault is None:
         out.update(found=None, false_alarm=bool(serious), wrong=[], other=[])
@@ -106,7 +106,7 @@ def score(report: dict, truth: dict) -> dict:
     ranks = sorted(fault["ranks"])
     if fault["kind"] == "hang":
         hit = [f for f in serious if f["kind"] == "collective_hang"
-               and sorted(f.get("missing_ranks") or []) == ranks]  # fmt: skip
+               and sorted(f.get("missing_ranks") or []) == ranks]
         wrong = [f for f in serious if f["kind"] == "collective_hang" and f not in hit]
         found = bool(hit)
     else:
@@ -114,15 +114,15 @@ def score(report: dict, truth: dict) -> dict:
         wrong = [f for f in serious if f["kind"] == "straggler" and f not in hit]
         found = set(ranks) <= {f["rank"] for f in hit}
     other = [f for f in serious
-             if f not in hit and f not in wrong and f["kind"] != "anomalous_window"]  # fmt: skip
+             if f not in hit and f not in wrong and f["kind"] != "anomalous_window"]
     out.update(found=found, false_alarm=False, wrong=[said([f]) for f in wrong],
-               other=[said([f]) for f in other])  # fmt: skip
+               other=[said([f]) for f in other])
     return out
 
 
 def report_of(rec: Path) -> dict:
     p = subprocess.run([ARGUS, "report", str(rec), "--json"], capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
+                       timeout=300)
     if p.returncode != 0:
         raise RuntimeError(f"argus report exited {p.returncode}: {p.stderr.strip()[-500:]}")
     return json.loads(p.stdout)
@@ -130,7 +130,7 @@ def report_of(rec: Path) -> dict:
 
 def one_run(shape: str, launcher: str, faults: launch.Faults, base_ms: float, tmp: Path,
             verbose: bool = False, run_s: float = RUN_S, hang_d: float = HANG_D,
-            keep_report: bool = False) -> dict:  # fmt: skip
+            keep_report: bool = False) -> dict:
     """Start, attach, release, wait, report, score (see score(); with keep_report the
     report and truth too). Raises on a run that could not be made."""
     hang = faults.hang is not None
@@ -174,7 +174,7 @@ def one_run(shape: str, launcher: str, faults: launch.Faults, base_ms: float, tm
              traced_s=round(t_done - t_at, 1),
              step_ms_job=_median_step(truth), host_ms_job=_host_step(truth),
              step_ms_argus=(report.get("steps") or {})
-             .get("step_time_ms_p50"), ranks_argus=len(report.get("ranks") or []))  # fmt: skip
+             .get("step_time_ms_p50"), ranks_argus=len(report.get("ranks") or []))
     if keep_report:
         s.update(report=report, truth=truth)
     if verbose:
@@ -208,18 +208,18 @@ def _median_step(truth: dict) -> float | None:
 
 # ------------------------------------------------------------------ the daemon check
 def daemon_check(shape: str, tmp: Path, rng: random.Random, verbose: bool,
-                 launcher: str = "shell") -> dict:  # fmt: skip
+                 launcher: str = "shell") -> dict:
     """argus daemon + a job launched by `launcher` (default a plain shell; `mpi`, `pmi`:
     the same shell with Open MPI's or MPICH's rank variables and no RANK) with a 25 %
     straggler (see the doc)."""
     comm = "zoo-rank"
     cfg = tmp / "daemon.toml"
     cfg.write_text(f'[discover]\nlibraries = false\ninclude_comm = ["{comm}"]\n'
-                   "[output]\ninterval_s = 1\nwindow_s = 15\n")  # fmt: skip
+                   "[output]\ninterval_s = 1\nwindow_s = 15\n")
     log = open(tmp / "daemon.log", "w+")  # noqa: SIM115 - closed below
     daemon = subprocess.Popen([ARGUS, "daemon", "-o", str(tmp / "out"), "--config", str(cfg),
                                "--metrics-addr", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
-                              stderr=log)  # fmt: skip
+                              stderr=log)
     result: dict = {"shape": shape, "launcher": launcher}
     job = None
     try:
@@ -243,7 +243,7 @@ def daemon_check(shape: str, tmp: Path, rng: random.Random, verbose: bool,
         slow = rng.randrange(4)
         result["straggler_rank"] = slow
         job = launch.start(shape, launcher, tmp / "job", duration=60.0, comm=comm,
-                           faults=launch.Faults(straggler=(slow, 25.0)))  # fmt: skip
+                           faults=launch.Faults(straggler=(slow, 25.0)))
         pids = job.wait_ready()
         job.release()
         t0 = time.monotonic()
@@ -252,7 +252,7 @@ def daemon_check(shape: str, tmp: Path, rng: random.Random, verbose: bool,
             state = json.loads(get("/state"))
             jobs_view = [{"job": j.get("job"), "ranks": sorted(
                 (r.get("rank"), r.get("tgid")) for r in j.get("ranks", [])
-                if r.get("tgid") in pids)} for j in state.get("jobs", [])]  # fmt: skip
+                if r.get("tgid") in pids)} for j in state.get("jobs", [])]
             jobs_view = [j for j in jobs_view if j["ranks"]]
             most = max(most, len(jobs_view))  # jobs holding any of our ranks, at worst
             ours = [j for j in jobs_view if len(j["ranks"]) == 4]
@@ -271,7 +271,7 @@ def daemon_check(shape: str, tmp: Path, rng: random.Random, verbose: bool,
                       jobs_seen=jobs_view, most_jobs_at_once=most,
                       one_job_ok=seen_one is not None and most == 1,
                       straggler_ok=score_at is not None
-                      and score_at <= DAEMON_DEADLINE_S)  # fmt: skip
+                      and score_at <= DAEMON_DEADLINE_S)
     finally:
         if job is not None:
             job.stop()
@@ -312,7 +312,7 @@ class Runs:
             tmp = self.tmp_factory.mktemp(f"{shape}-{which}")
             try:
                 self.done[key] = one_run(shape, launcher, planted, base, tmp,
-                                         run_s=self.run_s, keep_report=True)  # fmt: skip
+                                         run_s=self.run_s, keep_report=True)
             except Exception as e:  # kept, and raised again for each test that needs it
                 self.done[key] = e
         got = self.done[key]

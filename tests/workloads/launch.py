@@ -46,7 +46,7 @@ TRUTH_SCHEMA = "argus.zoo.truth/1"
 _RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
               "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
               "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-              "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "SLURM_JOB_ID")  # fmt: skip
+              "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "SLURM_JOB_ID")
 SIM_STEP_MS = 50.0  # the simulator's GPU time per step (its --step-ms default)
 SIM_BUCKETS = 4
 SIM_LAYERS = 4
@@ -77,15 +77,15 @@ class Faults:
             r, pct = self.straggler
             out.append({"kind": "straggler", "ranks": [r], "pct": pct, "of_step_ms": base_ms,
                         "slack_ms": self.slack_ms,
-                        "ms_per_step": round(self.straggler_ms(base_ms), 3)})  # fmt: skip
+                        "ms_per_step": round(self.straggler_ms(base_ms), 3)})
         if self.hang:
             h = self.hang
             out.append({"kind": "hang", "ranks": [h["rank"]], "group": h["group"],
-                        "op": h["op"], "step": h["step"], "nth": h["nth"]})  # fmt: skip
+                        "op": h["op"], "step": h["step"], "nth": h["nth"]})
         if self.slow_stage:
             st, pct = self.slow_stage
             out.append({"kind": "slow_stage", "stage": st, "pct": pct,
-                        "ranks": zoo.stage_ranks(shape, st, world)})  # fmt: skip
+                        "ranks": zoo.stage_ranks(shape, st, world)})
         return out
 
 
@@ -140,7 +140,7 @@ class Job:
                  steps: int | None = None, duration: float | None = None,
                  faults: Faults | None = None, step_ms: float | None = None,
                  straggler_base_ms: float | None = None, comm: str | None = None,
-                 extra: tuple[str, ...] = ()):  # fmt: skip
+                 extra: tuple[str, ...] = ()):
         if shape not in zoo.SHAPES:
             raise ValueError(f"unknown shape {shape!r} (known: {', '.join(zoo.SHAPES)})")
         self.sim = shape in zoo.SIM_SHAPES
@@ -171,7 +171,7 @@ class Job:
     # ---------------------------------------------------------------- starting
     def _train_args(self) -> list[str]:
         a = [str(TRAIN), "--shape", self.shape, "--truth-dir", str(self.truth_dir),
-             "--wait-go", str(self.go), "--step-ms", str(self.step_ms)]  # fmt: skip
+             "--wait-go", str(self.go), "--step-ms", str(self.step_ms)]
         if self.duration is not None:
             a += ["--duration", str(self.duration)]
         elif self.steps is not None:
@@ -205,14 +205,14 @@ class Job:
             cmd = [str(torchrun), "--standalone", f"--nproc-per-node={self.nproc}", *args]
             self.procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
                                                stdout=self._log("launcher.log"),
-                                               stderr=subprocess.STDOUT))  # fmt: skip
+                                               stderr=subprocess.STDOUT))
         elif self.launcher in ("shell", "mpi", "pmi"):
             style = {"shell": "plain", "mpi": "ompi", "pmi": "pmi"}[self.launcher]
             cmd = ["bash", str(SHELL), "--style", style, str(self.nproc), str(free_port()),
-                   "--", py, *args]  # fmt: skip
+                   "--", py, *args]
             self.procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
                                                stdout=self._log("launcher.log"),
-                                               stderr=subprocess.STDOUT))  # fmt: skip
+                                               stderr=subprocess.STDOUT))
         else:  # separate: one process at a time, nothing in common but the rendezvous
             port = str(free_port())
             for r in range(self.nproc):
@@ -222,7 +222,7 @@ class Job:
                                                    stdin=subprocess.DEVNULL,
                                                    stdout=self._log(f"rank-{r}.log"),
                                                    stderr=subprocess.STDOUT,
-                                                   start_new_session=True))  # fmt: skip
+                                                   start_new_session=True))
 
     def _sim_faults(self) -> list[str]:
         f, out = self.faults, []
@@ -249,7 +249,7 @@ class Job:
                         tp=2 if self.shape == "sim_tp_dp" else 1,
                         pp=2 if self.shape == "sim_pp" else 1,
                         sync_every=SIM_SYNC_EVERY if self.shape == "sim_sync_every_n"
-                        else 1)  # fmt: skip
+                        else 1)
         self._sim = start_job(cfg)
         self.procs.append(self._sim.proc)
 
@@ -266,7 +266,7 @@ class Job:
         from argus.sim.launcher import find_build_dir
 
         return {"ARGUS_NVML_LIB": str(find_build_dir() / "stubs" / "libnvidia-ml.so.1"),
-                "ARGUS_SIM_NODE": self.sim_node}  # fmt: skip
+                "ARGUS_SIM_NODE": self.sim_node}
 
     # ---------------------------------------------------------------- running
     @property
@@ -301,7 +301,7 @@ class Job:
             self._remember_pids()
             if any(p.poll() is not None for p in self.procs) or time.monotonic() > deadline:
                 raise LaunchError(f"{self.shape} under {self.launcher} did not get ready "
-                                  f"(see {self.workdir}):\n{self.log_tail()}")  # fmt: skip
+                                  f"(see {self.workdir}):\n{self.log_tail()}")
             time.sleep(0.05)
 
     def _remember_pids(self) -> None:
@@ -409,7 +409,7 @@ class Job:
             # the job's own count: steps every rank got through (a hang: the hung step)
             "steps": {"min": min(done, default=0), "max": max(done, default=0)},
             "ranks": ranks,
-        }  # fmt: skip
+        }
         tmp = self.truth_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(t, indent=1))
         os.replace(tmp, self.truth_path)
@@ -422,7 +422,7 @@ class Job:
                 d = json.loads((self.truth_dir / f"truth.{r}.json").read_text())
             except (OSError, ValueError):
                 d = {"rank": r, "exit": "missing", "steps_completed": 0, "step_time_ms": [],
-                     "hung": r in self.hung_ranks(), "collectives": {}}  # fmt: skip
+                     "hung": r in self.hung_ranks(), "collectives": {}}
             d.setdefault("pid", self.rank_pids[r] if r < len(self.rank_pids) else None)
             out.append(d)
         return out
@@ -432,9 +432,9 @@ class Job:
             t = json.loads((self.workdir / "sim-truth.json").read_text())
         except (OSError, ValueError):
             return [{"rank": r, "exit": "missing", "steps_completed": 0, "step_time_ms": [],
-                     "hung": False, "collectives": {}} for r in range(self.nproc)]  # fmt: skip
+                     "hung": False, "collectives": {}} for r in range(self.nproc)]
         keep = ("rank", "local_rank", "stage", "exit", "hung", "steps_completed",
-                "step_time_ms", "collectives", "warmup_steps")  # fmt: skip
+                "step_time_ms", "collectives", "warmup_steps")
         return [{**{k: r.get(k) for k in keep}, "pid": r.get("tgid")} for r in t["ranks"]]
 
 

@@ -85,13 +85,13 @@ def sites(shape: str, rank: int, world: int = 4, p: Params = Params()) -> list[S
         tp = [Site("tp", "allreduce", i) for i in range(2 * p.layers)]
         return tp + [Site("dp", "allreduce", 0),
                      Site("world", "allgather", 0, METRICS_EVERY),
-                     Site("world", "broadcast", 0, METRICS_EVERY)]  # fmt: skip
+                     Site("world", "broadcast", 0, METRICS_EVERY)]
     if shape in SIM_SHAPES:
         # the simulator plants hangs before a gradient-bucket allreduce (4 buckets; the
         # "dp" communicator, the world one in sim_ddp) or, in sim_tp_dp, a TP allreduce
         dp = [Site("dp", "allreduce", i) for i in range(4)]
         return dp + ([Site("tp", "allreduce", i) for i in range(8)]
-                     if shape == "sim_tp_dp" else [])  # fmt: skip
+                     if shape == "sim_tp_dp" else [])
     if shape in ("pp_gpipe", "pp_1f1b"):
         first, last = rank == 0, rank == world - 1
         n_recv = (0 if first else p.micro) + (0 if last else p.micro)

@@ -158,7 +158,7 @@ class Comms:
         if h and self.step == h["step"] and (group, op, nth) == (h["group"], h["op"], h["nth"]):
             stuck_before_collective(self.truth, self.out, self.rank,
                                     {"group": group, "op": op, "step": self.step, "nth": nth,
-                                     "group_calls_since_go": self.total[group]})  # fmt: skip
+                                     "group_calls_since_go": self.total[group]})
         self.per_step[(group, op)] += 1
         if self.step >= 0:
             self.total[group] += 1
@@ -262,7 +262,7 @@ class DDPShape(Shape):
         h, layers = self.a.hidden, self.a.layers
         torch.manual_seed(1234)
         self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(h, h), nn.GELU())
-                                     for _ in range(layers)])  # fmt: skip
+                                     for _ in range(layers)])
         micro = self.a.accum if self.a.shape == "grad_accum" else 1
         per_layer = self.a.step_ms / micro / layers
         self.f_ms, self.b_ms = per_layer / 3, 2 * per_layer / 3
@@ -483,7 +483,7 @@ class PipelineShape(Shape):
             return None
         g = self._empty()
         self._wait(self.comms.isend(out.detach(), self.rank + 1),
-                   self.comms.irecv(g, self.rank + 1))  # fmt: skip
+                   self.comms.irecv(g, self.rank + 1))
         return g
 
     def _send_bwd_recv_fwd(self, gi):
@@ -543,7 +543,7 @@ def _hang(spec: str | None) -> dict | None:
         raise SystemExit(f"train.py: --hang {spec!r}: use RANK:GROUP:OP:STEP[:NTH].")
     rank, group, op, step = int(parts[0]), parts[1], parts[2], int(parts[3])
     return {"rank": rank, "group": group, "op": op, "step": step,
-            "nth": int(parts[4]) if len(parts) == 5 else 0}  # fmt: skip
+            "nth": int(parts[4]) if len(parts) == 5 else 0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         # what applies to this rank)
         "faults": {"straggler": args.straggler, "straggler_base_ms": args.straggler_base_ms,
                    "hang": hang, "slow_stage": args.slow_stage},
-    }  # fmt: skip
+    }
     truth = Truth(out / f"truth.{rank}.json", record)
 
     def on_signal() -> None:
@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
 
         prof = profile(activities=[ProfilerActivity.CPU],
                        schedule=schedule(wait=1, warmup=1, active=3),
-                       on_trace_ready=tensorboard_trace_handler(args.torch_profiler))  # fmt: skip
+                       on_trace_ready=tensorboard_trace_handler(args.torch_profiler))
         prof.start()
     t_go, cpu_go = time.monotonic(), time.process_time()
     stop_file = out / "stop"
