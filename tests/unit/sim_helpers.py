@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 BUILD = Path(os.environ.get("ARGUS_BUILD_DIR", REPO / "build"))
 SIMULATE = REPO / "scripts" / "simulate"
 
-CUDART_REQUIRED = """cudaLaunchKernel cudaLaunchKernelExC cudaLaunchKernel_ptsz cudaLaunchKernelExC_ptsz
-cudaGraphLaunch cudaMemcpy cudaMemcpyAsync cudaMemcpyAsync_ptsz cudaStreamSynchronize
+CUDART_REQUIRED = """cudaLaunchKernel cudaLaunchKernelExC cudaLaunchKernel_ptsz
+cudaLaunchKernelExC_ptsz cudaGraphLaunch cudaMemcpy cudaMemcpyAsync cudaMemcpyAsync_ptsz cudaStreamSynchronize
 cudaStreamSynchronize_ptsz cudaDeviceSynchronize cudaEventRecord cudaEventSynchronize
 cudaEventQuery cudaStreamWaitEvent cudaMalloc cudaFree cudaSetDevice cudaGetDevice
 cudaGetDeviceCount cudaStreamCreate cudaStreamCreateWithFlags cudaEventCreate
