@@ -14,7 +14,8 @@ BUILD = Path(os.environ.get("ARGUS_BUILD_DIR", REPO / "build"))
 SIMULATE = REPO / "scripts" / "simulate"
 
 CUDART_REQUIRED = """cudaLaunchKernel cudaLaunchKernelExC cudaLaunchKernel_ptsz
-cudaLaunchKernelExC_ptsz cudaGraphLaunch cudaMemcpy cudaMemcpyAsync cudaMemcpyAsync_ptsz cudaStreamSynchronize
+cudaLaunchKernelExC_ptsz cudaGraphLaunch cudaMemcpy cudaMemcpyAsync cudaMemcpyAsync_ptsz
+cudaStreamSynchronize
 cudaStreamSynchronize_ptsz cudaDeviceSynchronize cudaEventRecord cudaEventSynchronize
 cudaEventQuery cudaStreamWaitEvent cudaMalloc cudaFree cudaSetDevice cudaGetDevice
 cudaGetDeviceCount cudaStreamCreate cudaStreamCreateWithFlags cudaEventCreate
