@@ -13,7 +13,16 @@ import click
 
 from argus.errors import ArgusError, UsageError
 
-DEFAULT_FAULT = "straggler:rank=2,factor=1.5"
+DEFAULT_FAULT = "straggler:rank=2,factor=1.5"  # what `argus demo` plants on 4 ranks
+
+
+def default_fault(ranks: int) -> str:
+    """The fault `argus demo` plants without --fault: rank 2's kernels 1.5x slower (the last
+    rank's when there are fewer than 3); a single rank has no peers to be slower than, so it
+    gets a one-off 400-ms compile stall in step 10 (an anomalous window with its hotspot)."""
+    if ranks == 1:
+        return "jit_stall:rank=0,ms=400,start=10"
+    return f"straggler:rank={min(2, ranks - 1)},factor=1.5"
 STEP_S = 0.06  # a healthy simulated step, for the hang timing below
 HANG_AFTER_S = 2.0
 
@@ -91,10 +100,11 @@ Examples:
   argus demo --json -o /tmp/demo               # JSON report; keep the recording
 """,
 )
-@click.option("--ranks", type=click.IntRange(2, 64), default=4, show_default=True,
+@click.option("--ranks", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Simulated rank processes.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
-              help=f"Planted fault, repeatable (default {DEFAULT_FAULT}; 'none': healthy). "
+              help=f"Planted fault, repeatable (default {DEFAULT_FAULT}, on the last rank "
+              "below 3 ranks; a compile stall on 1 rank; 'none': healthy). "
               "Kinds: straggler, host_stall, link, hang, jit_stall, bubble, throttle; "
               "see docs/simulator.md.")
 @click.option("--steps", type=click.IntRange(5, 100000), default=40, show_default=True,
@@ -114,7 +124,7 @@ def command(ranks, faults, steps, pp, output, as_json) -> int:
     from argus.present.render import print_report
     from argus.sim.expect import describe, score
 
-    faults = [f for f in (faults or (DEFAULT_FAULT,)) if f != "none"]
+    faults = [f for f in (faults or (default_fault(ranks),)) if f != "none"]
     if pp < 1 or ranks % pp:
         raise UsageError("--pp must divide --ranks.")
     keep = output is not None
