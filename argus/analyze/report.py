@@ -74,7 +74,6 @@ class Evidence:
     collectives: Callable[[], pl.DataFrame]
     hangs: Callable[[float, float | None], list[dict[str, Any]]]
     cpu_stacks: Callable[[list[dict[str, Any]]], pl.DataFrame]
-    score: Callable[..., dict[int, dict[str, float]]] | None = None  # straggler scoring
     extra: dict[str, Any] = field(default_factory=dict)  # top-level keys (e.g. "source")
 
 
@@ -153,7 +152,7 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     # below 2x, and no scope for stragglers or stalls (which read warning windows only)
     job_ranks = metrics["rank"].unique().to_list() if metrics.height else []
     host_context.explain_windows(ev.host, windows, ev.manifests, offsets, job_ranks, metrics)
-    stragglers = straggler.detect_stragglers(metrics, windows, step_ns, score=ev.score,
+    stragglers = straggler.detect_stragglers(metrics, windows, step_ns,
                                              pipeline=bool(ev.stages), stages=ev.stages,
                                              sync_every=anomaly.sync_period(
                                                  anomaly.step_series(metrics)))

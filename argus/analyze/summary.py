@@ -10,7 +10,8 @@ the hang detector. See `argus.recording.summaries` for the layout.
 `diagnose_summaries(summaries)` runs the SAME detectors (anomaly, straggler, stall, hang,
 hotspot, gpu) on frames rebuilt from the summaries and assembles the same `argus.report/1`
 object; the per-step loops that are quadratic in ranks (straggler scoring, the ranks table)
-are vectorised so a report of 10,000 ranks takes seconds.
+are vectorised so a report of 10,000 ranks takes seconds (the straggler scoring is
+`straggler.score_ranks`, the same on both paths).
 
 Why peaks by kernel density estimation: the values a step produces (launch gaps, waits) are
 multi-modal (short gaps inside a burst of launches, long ones across a phase change) and span
@@ -31,7 +32,7 @@ import numpy as np
 import polars as pl
 
 from argus import __version__
-from argus.analyze import hang, hotspot, pipeline, straggler
+from argus.analyze import hang, hotspot, pipeline
 from argus.analyze import host as host_context
 from argus.analyze import steps as steps_mod
 from argus.analyze.align import estimate_offsets
@@ -428,69 +429,6 @@ def _tail(tl, coll, stacks, offsets, dict_rows, pystacks=None) -> pl.DataFrame:
 # ----------------------------------------------------------------------------- diagnose
 
 
-def fast_score(
-    m: pl.DataFrame, col: str, step_ns: float, noise_min: dict[int, float] | None = None
-) -> dict[int, dict[str, float]]:
-    """`straggler._score`, vectorised (same values): per rank D, noise, score, fraction, n."""
-    v = m.filter(pl.col(col).is_not_null()).select(
-        "rank", "step", pl.col(col).cast(pl.Float64).alias("x")
-    )  # one row per (rank, step), as the summaries hold
-    v = v.filter(pl.len().over("step") >= 2)
-    if v.height == 0:
-        return {}
-    v = v.sort(["step", "x", "rank"], descending=[False, True, False])
-    step = v["step"].to_numpy()
-    x = v["x"].to_numpy()[::-1]  # ascending within each step (steps reversed: irrelevant)
-    step = step[::-1]
-    rank = v["rank"].to_numpy()[::-1]
-    bounds = np.flatnonzero(np.diff(step)) + 1
-    starts = np.concatenate([[0], bounds])
-    sizes = np.diff(np.concatenate([starts, [len(step)]]))
-    g_start = np.repeat(starts, sizes)
-    n = np.repeat(sizes, sizes)
-    i = np.arange(len(step)) - g_start  # own position in the sorted step
-    m_ = n - 1  # others
-
-    def rem(j):  # j-th smallest of the others
-        return x[g_start + j + (j >= i)]
-
-    odd = (m_ % 2) == 1
-    med_odd = rem(np.where(odd, (m_ - 1) // 2, 0))
-    h = m_ // 2
-    med_even = (rem(np.maximum(h - 1, 0)) + rem(np.where(odd, 0, h))) / 2
-    med = np.where(odd, med_odd, med_even)
-    # slowest of a step: the largest value, the lowest rank on a tie (first row of the step
-    # in the descending sort)
-    first = v["step"].to_numpy()
-    top = np.concatenate([[True], first[1:] != first[:-1]])
-    slowest = dict(pl.DataFrame({"rank": v["rank"].to_numpy()[top]}).group_by("rank").len().rows())
-    # clearly the slowest: the top row of its step, by >= the straggler margin (rows reversed)
-    margin = straggler.min_excess_ns(step_ns)
-    clear_rows = top[::-1] & ((x - med) >= margin)
-    clearly = dict(pl.DataFrame({"rank": rank[clear_rows]}).group_by("rank").len().rows())
-    n_steps = len(starts)
-    floor = max(0.01 * step_ns, straggler.NOISE_FLOOR_NS)
-    agg = (
-        pl.DataFrame({"rank": rank, "d": x - med})
-        .with_columns(pl.col("d").median().over("rank").alias("D"))
-        .group_by("rank")
-        .agg(pl.col("D").first(), (pl.col("d") - pl.col("D")).abs().median().alias("mad"),
-             pl.len().alias("n"))
-    )
-    out = {}
-    for r, big_d, mad, cnt in agg.rows():
-        noise = max(1.4826 * mad, floor, (noise_min or {}).get(int(r), 0.0))
-        out[int(r)] = {
-            "excess_ns": big_d,
-            "noise_ns": noise,
-            "score": big_d / noise,
-            "slowest_fraction": slowest.get(r, 0) / n_steps if n_steps else 0.0,
-            "clearly_slowest_fraction": clearly.get(r, 0) / n_steps if n_steps else 0.0,
-            "steps": int(cnt),
-        }
-    return out
-
-
 def _coll_frame(steps: pl.DataFrame) -> pl.DataFrame:
     """Collective rows rebuilt from the per-step peaks (one row per value in each peak) with
     what stall._attribute reads: comm, op, t_ns (the step's first collective), dur_ns, bytes."""
@@ -683,7 +621,6 @@ def diagnose_summaries(
         collectives=lambda: _coll_frame(steps),
         hangs=hangs,
         cpu_stacks=cpu_stacks,
-        score=fast_score,
         extra={"source": "summaries"},
     )
     return assemble_report(ev, hang_after_s)
