@@ -22,8 +22,8 @@ from click.testing import CliRunner
 from test_analyze_scenarios import SCENARIOS
 
 from argus.analyze import straggler
-from argus.analyze.report import diagnose
-from argus.analyze.summary import build_summaries, diagnose_summaries, peaks
+from argus.analyze.compress import build_summaries, peaks
+from argus.analyze.diagnosis import diagnose
 from argus.cli import report as report_cmd
 from argus.recording import schema
 from argus.recording.io import load_recording
@@ -73,7 +73,7 @@ def test_recorded_findings_equal_from_summaries(name, hang_after, tmp_path):
     rec = load_recording(DATA / name)
     raw = diagnose([rec], hang_after_s=hang_after)
     summ = roundtrip(build_summaries([rec]), tmp_path)
-    from_s = diagnose_summaries([summ], hang_after_s=hang_after)
+    from_s = diagnose([summ], hang_after_s=hang_after)
     assert key(from_s) == key(raw)
     dropped = int(summ.steps["stacks_dropped"].fill_null(0).sum())
     if dropped == 0:
@@ -108,7 +108,7 @@ def test_host_and_pipeline_findings_come_from_summaries_alone(tmp_path):
     def kinds(name):
         s = roundtrip(build_summaries([load_recording(DATA / name)]), tmp_path / name)
         return [(f["kind"], f.get("rank"), f["severity"], f.get("pipeline_stage"))
-                for f in diagnose_summaries([s])["findings"] if f["kind"] != "anomalous_window"]
+                for f in diagnose([s])["findings"] if f["kind"] != "anomalous_window"]
     # (rank 1's 1.9 ms of runnable wait per step cannot explain its stage's busier GPU: no
     # cpu_contention finding for a GPU-side straggler below 10% of the step)
     assert kinds("sim_bubble") == [("straggler", 1, "critical", [1, 3]),
@@ -144,7 +144,7 @@ def test_every_host_context_kind_from_summaries(tmp_path):
     )
     rec = dataclasses.replace(rec, host_ctx=host)
     raw = diagnose([rec])
-    from_s = diagnose_summaries([roundtrip(build_summaries([rec]), tmp_path)])
+    from_s = diagnose([roundtrip(build_summaries([rec]), tmp_path)])
     assert from_s["findings"] == raw["findings"]
     got = [(f["kind"], f.get("rank"), f["severity"]) for f in from_s["findings"]]
     # rank 2 is a GPU-side straggler: CPU taken from its threads cannot explain it, so the
@@ -161,9 +161,9 @@ def test_every_host_context_kind_from_summaries(tmp_path):
 def test_synthetic_findings_equal_from_summaries(name):
     recs = scenarios.simulate(**SCENARIOS[name]).recordings
     raw = diagnose(recs)
-    assert key(diagnose_summaries([build_summaries(recs)])) == key(raw)
+    assert key(diagnose([build_summaries(recs)])) == key(raw)
     # one summary per node, as each node's `argus attach` writes them
-    assert key(diagnose_summaries([build_summaries([r]) for r in recs])) == key(raw)
+    assert key(diagnose([build_summaries([r]) for r in recs])) == key(raw)
 
 
 @pytest.mark.parametrize("name", [n for n in RECORDED if n.startswith("sim_")])
