@@ -1,6 +1,9 @@
 """Analysing: pure functions over long-format polars frames read from recordings.
 
 timeline (events of all recordings on one clock) -> matching (collectives across ranks) ->
-steps -> align (clocks of several nodes) -> detectors (anomaly, straggler, stall, hang,
-hotspot) -> report (`diagnose`, the argus.report/1 object). Nothing here imports collecting.
+steps (cycles: each rank's repeating pattern) -> align (clocks of several nodes): the opening
+of `evidence` -> detectors (anomaly, straggler, stall, hang, hotspot, gpu, host, pipeline)
+-> report (`assemble_report`, the argus.report/1 object). `diagnosis.diagnose` is the entry
+point over recordings or their summaries (`compress` builds those). Nothing here imports
+collecting.
 """

@@ -107,7 +107,7 @@ def attribute(functions: list[str] | None, modules: list[str] | None) -> str | N
     return user[0][0] if user else None
 
 
-def _own_frames(functions: list[str], modules: list[str] | None) -> list[str]:
+def own_frames(functions: list[str], modules: list[str] | None) -> list[str]:
     """The program's own frames of a sample, leaf first (no shared library, kernel, idle)."""
     modules = list(modules or [])
     modules += [None] * (len(functions) - len(modules))
@@ -137,7 +137,7 @@ def _profile(stacks: pl.DataFrame) -> tuple[Counter, dict[str, int]]:
         if f is None:
             continue
         c[None] += int(n or 0)
-        own = _own_frames(list(fns), mods) or [f]
+        own = own_frames(list(fns), mods) or [f]
         for d, fn in enumerate(own):
             c[fn] += int(n or 0)
             depth[fn] = min(depth.get(fn, d), d)
@@ -158,7 +158,7 @@ def _under(stacks: pl.DataFrame, callee: str, caller: str) -> int:
     for fns, mods, n in stacks.select("functions", "modules", "count").rows():
         if attribute(fns, mods) is None:
             continue
-        own = _own_frames(list(fns), mods)
+        own = own_frames(list(fns), mods)
         if callee in own and caller in own[own.index(callee) + 1 :]:
             n_under += int(n or 0)
     return n_under

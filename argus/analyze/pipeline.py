@@ -112,7 +112,7 @@ def _by_p2p_wait(st: list[list[int]], metrics: pl.DataFrame,
                  step_ns: float) -> tuple[list[int], dict[str, Any]] | None:
     """The stage that waits least in its sends/receives (module doc), with its evidence, or
     None: per step, a stage's wait is the median over its ranks; scored as
-    `straggler._score` scores a rank, the stages standing for ranks."""
+    `straggler.score_ranks` scores a rank, the stages standing for ranks."""
     if "p2p_wait_ns" not in metrics.columns or step_ns <= 0:
         return None
     stage_of = {r: i for i, ranks in enumerate(st) for r in ranks}

@@ -1,38 +1,24 @@
-"""Assembly of the `argus.report/1` object from one or several recordings (one per node).
+"""Assembly of the `argus.report/1` object from the detectors' `Evidence`.
 
-`diagnose` builds the detectors' inputs from raw events: timeline -> collectives matched
-across ranks -> steps -> clock alignment of the nodes -> per-step metrics, CPU stacks, NVML
-samples, host context, pipeline stages. `argus.analyze.summary.diagnose_summaries` builds
-the same inputs from per-rank-per-step summaries. Both hand them (an `Evidence`) to
-`assemble_report`, the one place that runs the detectors (anomalous windows -> stragglers
-and the slow pipeline stage -> collective stalls -> hangs -> CPU hotspots -> GPU throttling
--> host context), sorts the findings and builds the report object: a detector added there
-runs on both paths.
+`assemble_report(evidence)` is the one place that runs the detectors (anomalous windows ->
+stragglers and the slow pipeline stage -> collective stalls -> hangs -> CPU hotspots -> GPU
+throttling -> host context), sorts the findings and builds the report object; the Evidence
+comes from raw recordings or from summaries (`argus.analyze.evidence`), so a detector added
+here runs on both paths. The entry point over either is `argus.analyze.diagnosis.diagnose`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from argus import __version__
-from argus.analyze import anomaly, gpu, hang, hotspot, pipeline, stall, straggler
+from argus.analyze import anomaly, gpu, hotspot, pipeline, stall, straggler
 from argus.analyze import host as host_context
-from argus.analyze.align import estimate_offsets
-from argus.analyze.matching import align_seq, collectives, with_lateness
-from argus.analyze.steps import detect_steps, realign_by_steps, step_metrics
-from argus.analyze.timeline import (
-    build_pystacks,
-    build_stacks,
-    build_timeline,
-    recording_end_ns,
-    shift_hosts,
-)
-from argus.recording.io import Recording
+from argus.analyze.evidence import Evidence
 
 SCHEMA = "argus.report/1"
 DEFAULT_HANG_AFTER_S = 10.0
@@ -49,33 +35,6 @@ KIND_ORDER = {
     "cpu_hotspot": 3,
     "anomalous_window": 4,
 }
-
-
-@dataclass
-class Evidence:
-    """What the detectors read, on the aligned clock, from raw events or from summaries.
-
-    The callables build the costly inputs only when a detector needs them: `collectives()`
-    (comm, op, t_ns, dur_ns, bytes: stall attribution, read only with anomalous windows),
-    `hangs(hang_after_s, step_ns)` (the hang findings), `cpu_stacks(windows)` (on-CPU stack
-    rows: rank, t_ns, interval_ns, functions, modules, count; read only with windows or
-    stragglers)."""
-
-    recordings: list[Recording]  # manifests and NVML samples (events may be empty)
-    manifests: list[tuple[dict[str, Any], str]]  # (manifest, host) per recording: ranks, drops
-    recording_info: list[dict[str, Any]]  # the report's `recordings` entries
-    steps: pl.DataFrame  # complete steps, steps.STEP_COLUMNS
-    metrics: pl.DataFrame  # STEP_COLUMNS + the step metrics (steps.step_metrics)
-    detection: dict[str, Any]  # detected, method, period, comm
-    alignment: dict[str, Any]  # align.estimate_offsets
-    seen: pl.DataFrame  # rank, tgid, host of the ranks seen in the data (first wins)
-    stages: list[list[int]]  # pipeline stages (pipeline.stages), [] when not a pipeline
-    host: host_context.HostContext
-    collectives: Callable[[], pl.DataFrame]
-    hangs: Callable[[float, float | None], list[dict[str, Any]]]
-    cpu_stacks: Callable[[list[dict[str, Any]]], pl.DataFrame]
-    score: Callable[..., dict[int, dict[str, float]]] | None = None  # straggler scoring
-    extra: dict[str, Any] = field(default_factory=dict)  # top-level keys (e.g. "source")
 
 
 def _ms(x: float | None) -> float | None:
@@ -153,7 +112,7 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     # below 2x, and no scope for stragglers or stalls (which read warning windows only)
     job_ranks = metrics["rank"].unique().to_list() if metrics.height else []
     host_context.explain_windows(ev.host, windows, ev.manifests, offsets, job_ranks, metrics)
-    stragglers = straggler.detect_stragglers(metrics, windows, step_ns, score=ev.score,
+    stragglers = straggler.detect_stragglers(metrics, windows, step_ns,
                                              pipeline=bool(ev.stages), stages=ev.stages,
                                              sync_every=anomaly.sync_period(
                                                  anomaly.step_series(metrics)))
@@ -203,67 +162,9 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     }
 
 
-def recording_info(rec: Recording) -> dict[str, Any]:
-    """The report's `recordings` entry of one raw recording."""
-    return {
-        "path": str(rec.path) if rec.path else None,
-        "host": rec.host,
-        "format": rec.manifest.get("format"),
-        "duration_s": rec.manifest.get("duration_s"),
-        "end_reason": rec.manifest.get("end_reason"),
-        "events": rec.events.height,
-        "stack_rows": rec.stacks.height,
-    }
+def diagnose(recordings, hang_after_s: float = DEFAULT_HANG_AFTER_S) -> dict[str, Any]:
+    """`argus.analyze.diagnosis.diagnose`, kept under its old name for the callers that
+    imported it from here (argus.present.chrome, argus.present.top)."""
+    from argus.analyze.diagnosis import diagnose as entry
 
-
-def diagnose(
-    recordings: Sequence[Recording], hang_after_s: float = DEFAULT_HANG_AFTER_S
-) -> dict[str, Any]:
-    """The diagnosis of one job from its recordings (one per node): an argus.report/1 dict.
-
-    Builds the `Evidence` from the raw events (see module doc) and `assemble_report`s it."""
-    recordings = list(recordings)
-    tl = build_timeline(recordings)
-    coll = align_seq(collectives(tl))
-    coll, det = realign_by_steps(tl, coll, detect_steps(tl, coll))
-    alignment = estimate_offsets(det.steps, coll)
-    offsets = alignment["offsets_ns"]
-    if any(offsets.values()):
-        tl = shift_hosts(tl, offsets, ["t_ns", "end_ns"])
-        coll = shift_hosts(coll, offsets, ["t_ns", "end_ns"])
-        steps = shift_hosts(det.steps, offsets, ["start_ns", "end_ns", "first_coll_ns",
-                                                 "last_coll_ns"])
-    else:
-        steps = det.steps
-    coll = with_lateness(coll)
-    stacks = build_stacks(recordings, offsets)
-    metrics = step_metrics(tl, coll, steps)
-
-    def hangs(after_s: float, step_ns: float | None) -> list[dict[str, Any]]:
-        ends: dict[str, int] = {}
-        for rec in recordings:
-            e = recording_end_ns(rec)
-            if e is not None:
-                ends[rec.host] = max(ends.get(rec.host, e), e) + offsets.get(rec.host, 0)
-        return hang.detect_hangs(tl, coll, stacks, ends, after_s, step_ns,
-                                 build_pystacks(recordings))
-
-    ev = Evidence(
-        recordings=recordings,
-        manifests=[(rec.manifest, rec.host) for rec in recordings],
-        recording_info=[recording_info(rec) for rec in recordings],
-        steps=steps,
-        metrics=metrics,
-        detection={"detected": det.detected, "method": det.method, "period": det.period,
-                   "comm": det.comm},
-        alignment=alignment,
-        seen=tl.filter(pl.col("rank").is_not_null()).unique("rank", keep="first")
-        .select("rank", "tgid", "host") if tl.height else pl.DataFrame(),
-        stages=pipeline.stages(coll),
-        host=host_context.context(recordings),
-        collectives=lambda: coll,
-        hangs=hangs,
-        cpu_stacks=lambda _windows: stacks.filter(
-            pl.col("state").is_null() | (pl.col("state") != "off_cpu")),
-    )
-    return assemble_report(ev, hang_after_s)
+    return entry(recordings, hang_after_s)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from argus.analyze.report import DEFAULT_HANG_AFTER_S, diagnose
-from argus.analyze.summary import build_summaries
+from argus.analyze.compress import build_summaries
+from argus.analyze.diagnosis import DEFAULT_HANG_AFTER_S, diagnose
 from argus.collect.session import default_output_dir, run_session
 from argus.collect.tracer import TraceOptions, Tracer
 from argus.errors import UsageError

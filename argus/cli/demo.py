@@ -35,7 +35,7 @@ def run_demo(ranks: int, faults: list[str], steps: int, output: Path, pp: int = 
     ranks still wait: the attach lasts until a few seconds after the hang, then the job is
     stopped, and the diagnosis calls a hang after HANG_AFTER_S.
     """
-    from argus.analyze.report import diagnose
+    from argus.analyze.diagnosis import diagnose
     from argus.collect.session import run_session
     from argus.collect.tracer import TraceOptions
     from argus.recording.io import load_recording

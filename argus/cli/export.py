@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from argus.analyze.report import DEFAULT_HANG_AFTER_S, diagnose
+from argus.analyze.diagnosis import DEFAULT_HANG_AFTER_S, diagnose
 from argus.errors import OutputNotWritable, cannot_read
 from argus.present.chrome import write_chrome_trace
 from argus.recording.io import load_recording

@@ -7,12 +7,9 @@ import math
 
 import click
 
-from argus.analyze.report import DEFAULT_HANG_AFTER_S, diagnose
+from argus.analyze.diagnosis import DEFAULT_HANG_AFTER_S, diagnose_dirs
 from argus.errors import UsageError, cannot_read
 from argus.present.render import print_report
-from argus.recording.io import load_recording
-from argus.recording.segments import expand_dirs
-from argus.recording.summaries import has_events, has_summaries
 
 
 @click.command(
@@ -56,12 +53,7 @@ def command(
     if not math.isfinite(hang_after) or hang_after <= 0:
         raise UsageError("--hang-after must be a finite positive number of seconds.")
     try:
-        paths = expand_dirs(dirs)
-        if any(has_summaries(d) and not has_events(d) for d in paths) or from_summaries:
-            report = _from_summaries(paths, hang_after)
-        else:
-            recordings = [load_recording(d) for d in paths]
-            report = diagnose(recordings, hang_after_s=hang_after)
+        report = diagnose_dirs(dirs, hang_after_s=hang_after, from_summaries=from_summaries)
     except PermissionError as err:
         raise cannot_read(err) from err
     if as_json:
@@ -69,16 +61,3 @@ def command(
     else:
         print_report(report)
 
-
-def _from_summaries(dirs, hang_after: float) -> dict:
-    """The diagnosis from each DIR's summaries (built from its events where it has none);
-    one node's segments merged, step ids aligned across nodes (`argus.analyze.merge`)."""
-    from argus.analyze.merge import merge_nodes
-    from argus.analyze.summary import build_summaries, diagnose_summaries
-    from argus.recording.summaries import load_summaries
-
-    summs = [
-        load_summaries(d) if has_summaries(d) else build_summaries([load_recording(d)])
-        for d in dirs
-    ]
-    return diagnose_summaries(merge_nodes(summs), hang_after_s=hang_after)

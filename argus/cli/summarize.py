@@ -39,7 +39,7 @@ def command(dirs: tuple[str, ...], summaries_only: bool, partition_s: float) -> 
     The same findings come out of `argus report` on the summaries alone; they take a few
     hundred bytes per rank per step instead of the raw events.
     """
-    from argus.analyze.summary import build_summaries
+    from argus.analyze.compress import build_summaries
 
     if not (math.isfinite(partition_s) and MIN_PARTITION_S <= partition_s <= MAX_PARTITION_S):
         raise UsageError(f"--partition must be between {MIN_PARTITION_S} and {MAX_PARTITION_S} "

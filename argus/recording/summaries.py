@@ -24,7 +24,7 @@ of) `events.parquet` / `stacks.parquet` / `gpu.parquet`, a folder `summaries/`:
 Times are host wall ns (`mono_to_wall`) BEFORE clock alignment: several nodes' summaries are
 aligned again at diagnosis time, exactly as raw recordings are. Distributions are stored as
 peaks: a list of `{ns, n}` (peak location and the number of values in its basin), see
-`argus.analyze.summary.peaks`.
+`argus.analyze.compress.peaks`.
 """
 
 from __future__ import annotations

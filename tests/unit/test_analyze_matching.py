@@ -29,7 +29,7 @@ def test_mid_run_seq_offsets_are_aligned():
 
 
 def test_degenerate_recordings_do_not_crash():
-    from argus.analyze.report import diagnose
+    from argus.analyze.diagnosis import diagnose
     from argus.recording.io import Recording, coerce
     from argus.recording.schema import EVENTS_SCHEMA, empty_events, empty_stacks
 

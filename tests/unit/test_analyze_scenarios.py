@@ -7,7 +7,7 @@ import functools
 import pytest
 import scenarios
 
-from argus.analyze.report import diagnose
+from argus.analyze.diagnosis import diagnose
 
 pytestmark = pytest.mark.unit
 

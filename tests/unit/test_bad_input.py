@@ -48,7 +48,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from argus.analyze.summary import build_summaries
+from argus.analyze.compress import build_summaries
 from argus.cli import main
 from argus.daemon.config import MAX_SECONDS, DaemonConfig, load_config
 from argus.errors import ArgusError, UsageError

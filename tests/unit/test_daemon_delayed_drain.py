@@ -35,7 +35,8 @@ from types import SimpleNamespace
 import polars as pl
 import pytest
 
-from argus.analyze.summary import build_summaries, diagnose_summaries
+from argus.analyze.compress import build_summaries
+from argus.analyze.diagnosis import diagnose
 from argus.cli import main
 from argus.daemon.service import Daemon, DaemonOptions, _Job
 from argus.recording import schema
@@ -239,7 +240,7 @@ def test_hang_findings_of_the_segments_are_the_live_ones(kind, tmp_path):
     window the raw rows of the hang's start age out while it lasts: the live finding and
     the segments' must still name ranks 0-2 waiting and rank 3 missing."""
     full = load_recording(DATA / "sim_hang")
-    (expect,) = [f for f in diagnose_summaries([build_summaries([full])], hang_after_s=2.0)
+    (expect,) = [f for f in diagnose([build_summaries([full])], hang_after_s=2.0)
                  ["findings"] if f["kind"] == "collective_hang"]
     assert (expect["waiting_ranks"], expect["missing_ranks"]) == ([0, 1, 2], [3])
     rec, attach = _attached(full)

@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import polars as pl
 import pytest
 
-from argus.analyze.summary import build_summaries, diagnose_summaries
+from argus.analyze.compress import build_summaries
+from argus.analyze.diagnosis import diagnose
 from argus.cli import main
 from argus.daemon.service import OVERLAP_STEPS, Daemon, DaemonOptions, _Job
 from argus.recording import schema
@@ -87,7 +88,7 @@ def test_incremental_segments_are_the_whole_recordings_summaries(name, hang_afte
     assert len(segs) >= 2 and job.segments == len(segs)  # rotated: several segments
     assert main(["report", str(tmp_path / "out"), "--json", "--hang-after", str(hang_after)]) == 0
     report = json.loads(capsys.readouterr().out)
-    expect = diagnose_summaries([whole], hang_after_s=hang_after)
+    expect = diagnose([whole], hang_after_s=hang_after)
     assert report["findings"] == expect["findings"]
     assert report["steps"] == expect["steps"] and report["ranks"] == expect["ranks"]
     # the merged segments are the whole recording's summaries, ids included

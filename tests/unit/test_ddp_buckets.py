@@ -9,8 +9,8 @@ import scenarios
 import test_decode
 from test_decode import record
 
+from argus.analyze.diagnosis import diagnose
 from argus.analyze.matching import align_seq, collectives
-from argus.analyze.report import diagnose
 from argus.analyze.steps import detect_steps
 from argus.analyze.timeline import build_timeline
 from argus.collect.c10d import Group

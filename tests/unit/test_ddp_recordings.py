@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from argus.analyze.report import diagnose
+from argus.analyze.diagnosis import diagnose
 from argus.recording.io import load_recording
 from argus.sim.expect import SERIOUS, score
 

@@ -98,14 +98,14 @@ def test_step_ids_by_time_when_two_groups_of_one_comm_name_are_numbered_apart():
     out 10 collectives off group {0, 1}: 20 ids for 10 steps (the zoo's tp_dp job with a
     straggler counted 192 steps for 97). Then the steps are numbered by time: step k
     starts at about the same time on every rank."""
-    from argus.analyze.steps import _global_ids
+    from argus.analyze.steps import global_step_ids
 
     def steps(off: int, jitter: int) -> list[dict]:
         return [{"key": ("pg0", k + off, False), "start_ns": k * 100 + jitter,
                  "end_ns": k * 100 + jitter + 95} for k in range(10)]
 
     per_rank = {0: steps(0, 0), 1: steps(0, 2), 2: steps(10, 1), 3: steps(10, 3)}
-    assert _global_ids(per_rank) == {r: list(range(10)) for r in range(4)}
+    assert global_step_ids(per_rank) == {r: list(range(10)) for r in range(4)}
     # agreeing numberings keep the collective's ids (a rank that joined 2 steps late)
     per_rank = {0: steps(0, 0), 1: steps(0, 2), 2: steps(0, 1)[2:], 3: steps(0, 3)}
-    assert _global_ids(per_rank)[2] == list(range(2, 10))
+    assert global_step_ids(per_rank)[2] == list(range(2, 10))

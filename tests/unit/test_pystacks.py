@@ -10,8 +10,8 @@ import shutil
 import polars as pl
 import pytest
 
+from argus.analyze.diagnosis import diagnose
 from argus.analyze.hang import python_stack
-from argus.analyze.report import diagnose
 from argus.cli import main
 from argus.collect import pystacks
 from argus.recording import schema
@@ -130,14 +130,14 @@ def test_recorded_hang_names_the_missing_ranks_python_function(tmp_path):
 
 
 def test_hotspot_attribution_prefers_the_innermost_python_frame():
-    from argus.analyze.hotspot import _own_frames, attribute
+    from argus.analyze.hotspot import attribute, own_frames
 
     fns = ["do_syscall_64", "_PyEval_EvalFrameDefault", "burn", "_PyEval_EvalFrameDefault",
            "main", "_start"]
     mods = ["[kernel]", "/usr/bin/python3.11", "py:/job/train.py:12", "/usr/bin/python3.11",
             "py:/job/train.py:40", "/usr/bin/python3.11"]
     assert attribute(fns, mods) == "burn (train.py:12)"
-    assert _own_frames(fns, mods) == ["burn (train.py:12)", "main (train.py:40)"]
+    assert own_frames(fns, mods) == ["burn (train.py:12)", "main (train.py:40)"]
     # no Python frames: as before (the leaf-most frame outside a shared library)
     assert attribute(["_PyEval_EvalFrameDefault", "x"], ["/usr/bin/python3.11", None]) == (
         "_PyEval_EvalFrameDefault"

@@ -16,8 +16,9 @@ import pytest
 import scenarios
 from test_analyze_scenarios import SCENARIOS
 
+from argus.analyze.compress import build_summaries
+from argus.analyze.diagnosis import diagnose
 from argus.analyze.merge import align_step_ids, merge_nodes, step_shift
-from argus.analyze.summary import build_summaries, diagnose_summaries
 from argus.cli import main
 from argus.errors import RecordingInvalid, UsageError
 from argus.recording.io import load_recording
@@ -79,7 +80,7 @@ def test_one_nodes_segments_give_the_report_of_the_whole(name, hang_after, tmp_p
     assert n >= 15
     segs = _cut(whole, [0, n // 3, n // 3 + 1, 2 * n // 3])  # one segment of a single step
     paths = _write_segments(tmp_path / "out", "torchelastic-x", segs)
-    expect = diagnose_summaries([whole], hang_after_s=hang_after)
+    expect = diagnose([whole], hang_after_s=hang_after)
     assert any(f["severity"] != "info" for f in expect["findings"])
     ha = ["--hang-after", str(hang_after)]
     for arg in (tmp_path / "out", tmp_path / "out" / JOBS / "torchelastic-x"):
@@ -97,7 +98,7 @@ def test_two_nodes_daemon_dirs_align_step_ids_and_clocks(tmp_path, capsys):
     recs = scenarios.simulate(**SCENARIOS["two_nodes"]).recordings
     n0, n1 = (build_summaries([r]) for r in recs)
     assert (n0.host, n1.host) == ("node0", "node1")
-    expect = diagnose_summaries([n0, n1])
+    expect = diagnose([n0, n1])
     assert expect["clock_alignment"]["offsets_ns"]["node1"] != 0
     # node1's daemon numbered the same steps from 100 (it saw other steps first)
     n1_shifted = Summaries(meta=n1.meta, steps=n1.steps.with_columns(pl.col("step") + 100),
@@ -174,4 +175,4 @@ def test_a_restarted_daemons_segments_are_numbered_on(tmp_path, capsys):
     (merged,) = merge_nodes([load_summaries(p) for p in expand_dirs([tmp_path / "out"])])
     assert merged.steps.select("rank", "step", "start_ns").sort("rank", "step").rows() == (
         kept.select("rank", "step", "start_ns").sort("rank", "step").rows())
-    _same(_report(capsys, str(tmp_path / "out")), diagnose_summaries([gap]))
+    _same(_report(capsys, str(tmp_path / "out")), diagnose([gap]))

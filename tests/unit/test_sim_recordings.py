@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from argus.analyze.report import diagnose
+from argus.analyze.diagnosis import diagnose
 from argus.recording.io import load_recording
 from argus.sim.expect import SERIOUS, score
 

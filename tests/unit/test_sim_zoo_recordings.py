@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from workloads.harness import score
 
-from argus.analyze.report import diagnose
+from argus.analyze.diagnosis import diagnose
 from argus.recording.io import load_recording
 
 pytestmark = pytest.mark.unit

@@ -82,11 +82,11 @@ def _waits(excess_ms: float, least: int, spread_ms: float, steps: int = 80, rank
 
 
 def test_sign_z_is_the_sign_tests_z():
-    from argus.analyze.straggler import _sign_z
+    from argus.analyze.straggler import sign_z
 
-    assert _sign_z(17, 17, 4) == pytest.approx((17 - 17 / 4) / (17 * 0.25 * 0.75) ** 0.5)
-    assert _sign_z(4, 16, 4) == 0.0  # as often as chance
-    assert _sign_z(3, 0, 4) == 0.0 and _sign_z(3, 5, 1) == 0.0
+    assert sign_z(17, 17, 4) == pytest.approx((17 - 17 / 4) / (17 * 0.25 * 0.75) ** 0.5)
+    assert sign_z(4, 16, 4) == 0.0  # as often as chance
+    assert sign_z(3, 0, 4) == 0.0 and sign_z(3, 5, 1) == 0.0
 
 
 def test_a_consistent_least_waiter_is_flagged_however_much_its_blocks_spread():

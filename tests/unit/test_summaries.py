@@ -12,6 +12,7 @@ import dataclasses
 import json
 import stat
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import polars as pl
@@ -21,8 +22,8 @@ from click.testing import CliRunner
 from test_analyze_scenarios import SCENARIOS
 
 from argus.analyze import straggler
-from argus.analyze.report import diagnose
-from argus.analyze.summary import build_summaries, diagnose_summaries, fast_score, peaks
+from argus.analyze.compress import build_summaries, peaks
+from argus.analyze.diagnosis import diagnose
 from argus.cli import report as report_cmd
 from argus.recording import schema
 from argus.recording.io import load_recording
@@ -72,7 +73,7 @@ def test_recorded_findings_equal_from_summaries(name, hang_after, tmp_path):
     rec = load_recording(DATA / name)
     raw = diagnose([rec], hang_after_s=hang_after)
     summ = roundtrip(build_summaries([rec]), tmp_path)
-    from_s = diagnose_summaries([summ], hang_after_s=hang_after)
+    from_s = diagnose([summ], hang_after_s=hang_after)
     assert key(from_s) == key(raw)
     dropped = int(summ.steps["stacks_dropped"].fill_null(0).sum())
     if dropped == 0:
@@ -107,7 +108,7 @@ def test_host_and_pipeline_findings_come_from_summaries_alone(tmp_path):
     def kinds(name):
         s = roundtrip(build_summaries([load_recording(DATA / name)]), tmp_path / name)
         return [(f["kind"], f.get("rank"), f["severity"], f.get("pipeline_stage"))
-                for f in diagnose_summaries([s])["findings"] if f["kind"] != "anomalous_window"]
+                for f in diagnose([s])["findings"] if f["kind"] != "anomalous_window"]
     # (rank 1's 1.9 ms of runnable wait per step cannot explain its stage's busier GPU: no
     # cpu_contention finding for a GPU-side straggler below 10% of the step)
     assert kinds("sim_bubble") == [("straggler", 1, "critical", [1, 3]),
@@ -143,7 +144,7 @@ def test_every_host_context_kind_from_summaries(tmp_path):
     )
     rec = dataclasses.replace(rec, host_ctx=host)
     raw = diagnose([rec])
-    from_s = diagnose_summaries([roundtrip(build_summaries([rec]), tmp_path)])
+    from_s = diagnose([roundtrip(build_summaries([rec]), tmp_path)])
     assert from_s["findings"] == raw["findings"]
     got = [(f["kind"], f.get("rank"), f["severity"]) for f in from_s["findings"]]
     # rank 2 is a GPU-side straggler: CPU taken from its threads cannot explain it, so the
@@ -160,9 +161,9 @@ def test_every_host_context_kind_from_summaries(tmp_path):
 def test_synthetic_findings_equal_from_summaries(name):
     recs = scenarios.simulate(**SCENARIOS[name]).recordings
     raw = diagnose(recs)
-    assert key(diagnose_summaries([build_summaries(recs)])) == key(raw)
+    assert key(diagnose([build_summaries(recs)])) == key(raw)
     # one summary per node, as each node's `argus attach` writes them
-    assert key(diagnose_summaries([build_summaries([r]) for r in recs])) == key(raw)
+    assert key(diagnose([build_summaries([r]) for r in recs])) == key(raw)
 
 
 @pytest.mark.parametrize("name", [n for n in RECORDED if n.startswith("sim_")])
@@ -214,16 +215,50 @@ def test_peaks_find_the_modes():
     assert peaks([]) == []
 
 
+def _reference_score(m, col, step_ns, noise_min=None):
+    """`straggler.score_ranks` as the per-step loop it replaced (the module doc's detector
+    written out): the oracle the vectorised scoring must equal, bit for bit."""
+    v = m.filter(pl.col(col).is_not_null()).select("rank", "step", pl.col(col).cast(pl.Float64))
+    by_step: dict[int, dict[int, float]] = {}
+    for rank, step, x in v.rows():
+        by_step.setdefault(step, {})[rank] = x
+    d: dict[int, list[float]] = {}
+    slowest: dict[int, int] = {}
+    clearly: dict[int, int] = {}
+    margin = straggler.min_excess_ns(step_ns)
+    n_steps = 0
+    for vals in by_step.values():
+        if len(vals) < 2:
+            continue
+        n_steps += 1
+        top = max(vals, key=lambda r: (vals[r], -r))
+        slowest[top] = slowest.get(top, 0) + 1
+        for r, x in vals.items():
+            d.setdefault(r, []).append(x - median([y for q, y in vals.items() if q != r]))
+            if r == top and d[r][-1] >= margin:
+                clearly[r] = clearly.get(r, 0) + 1
+    out = {}
+    floor = max(0.01 * step_ns, straggler.NOISE_FLOOR_NS)
+    for r, ds in d.items():
+        big_d = median(ds)
+        noise = max(1.4826 * median(abs(x - big_d) for x in ds), floor,
+                    (noise_min or {}).get(r, 0.0))
+        out[r] = {"excess_ns": big_d, "noise_ns": noise, "score": big_d / noise,
+                  "slowest_fraction": slowest.get(r, 0) / n_steps,
+                  "clearly_slowest_fraction": clearly.get(r, 0) / n_steps, "steps": len(ds)}
+    return out
+
+
 @pytest.mark.parametrize("name", ["gpu_straggler", "host_stall", "noisy_healthy", "drops"])
-def test_fast_score_equals_the_reference(name):
+def test_score_ranks_equals_the_reference_loop(name):
     summ = build_summaries(scenarios.simulate(**SCENARIOS[name]).recordings)
     m = summ.steps
     for col in ("compute_wait_ns", "lateness_ns"):
-        ref, fast = straggler._score(m, col, 50e6), fast_score(m, col, 50e6)
-        assert ref.keys() == fast.keys()
-        for r in ref:
-            for k in ref[r]:
-                assert fast[r][k] == pytest.approx(ref[r][k], rel=1e-9, abs=1e-6), (r, k)
+        for sub in (m, straggler.block_sums(m.select("rank", "step", col), col)):
+            for noise in (None, {0: 123_456.0, 1: 1e9}):
+                ref = _reference_score(sub, col, 50e6, noise)
+                got = straggler.score_ranks(sub, col, 50e6, noise)
+                assert list(got.items()) == list(ref.items())  # values and rank order exact
 
 
 def test_report_cli_reads_a_directory_with_only_summaries(tmp_path):

@@ -41,7 +41,7 @@ import polars as pl
 import pytest
 from workloads.harness import score
 
-from argus.analyze.report import diagnose
+from argus.analyze.diagnosis import diagnose
 from argus.recording.io import load_recording
 
 pytestmark = pytest.mark.unit
