@@ -3,15 +3,17 @@
  * agent uses (declarations: ../agent/cupti_subset.h), fed by the virtual GPU of
  * libargus_simgpu.so through its activity hook.
  *
- *  - cuptiActivityRegisterCallbacks: the client's buffer-request / buffer-complete callbacks;
- *    installs the engine hook (before it, the engine reports nothing).
+ *  - cuptiActivityRegisterCallbacks: the client's buffer-request / buffer-complete callbacks.
+ *    The engine hook is installed while at least one kind is enabled, so a registered but
+ *    idle subscriber costs the simulated launches nothing (as with CUPTI).
  *  - cuptiActivityEnable / Disable: KERNEL or CONCURRENT_KERNEL (one switch here), MEMCPY,
  *    MEMSET. Every simulated kernel (runtime launches, driver launches, graph launches as one
  *    kernel, NCCL's kernels named ncclDevKernel_<Op>), copy and memset of an enabled kind
  *    becomes one record with the simulated device start/end, as soon as those are known.
  *  - Records go into the buffer the client handed out; a full buffer is completed by this
  *    library's delivery thread (as CUPTI's own worker thread does); cuptiActivityFlushAll
- *    completes the current buffer and every full one in the calling thread. No buffer (the
+ *    completes the current buffer and every full one in the calling thread and returns once
+ *    the delivery thread has handed over what it had taken. No buffer (the
  *    client returned NULL): the record is dropped and counted
  *    (cuptiActivityGetNumDroppedRecords returns the count since its last call).
  *  - cuptiGetTimestamp: CLOCK_MONOTONIC ns, the simulated device clock.
@@ -33,6 +35,8 @@
 
 static pthread_mutex_t L = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_full_cv = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t g_idle_cv = PTHREAD_COND_INITIALIZER;
+static int g_inflight; /* lists the delivery thread is handing to the client */
 static CUpti_BuffersCallbackRequestFunc g_req;
 static CUpti_BuffersCallbackCompleteFunc g_done;
 static int g_on_kernel, g_on_memcpy, g_on_memset;
@@ -190,8 +194,13 @@ static void *delivery_thread(void *arg)
         struct full *list = g_full;
         g_full = NULL;
         g_full_tail = &g_full;
+        g_inflight++;
         pthread_mutex_unlock(&L);
         deliver(list);
+        pthread_mutex_lock(&L);
+        g_inflight--;
+        pthread_cond_broadcast(&g_idle_cv);
+        pthread_mutex_unlock(&L);
     }
     return NULL;
 }
@@ -212,8 +221,16 @@ EXPORT CUptiResult cuptiActivityRegisterCallbacks(CUpti_BuffersCallbackRequestFu
         }
     }
     pthread_mutex_unlock(&L);
-    argus_sim_set_activity_hook(on_activity);
     return CUPTI_SUCCESS;
+}
+
+/* the hook is set while any kind is on */
+static void update_hook(void)
+{
+    int any = __atomic_load_n(&g_on_kernel, __ATOMIC_RELAXED) |
+              __atomic_load_n(&g_on_memcpy, __ATOMIC_RELAXED) |
+              __atomic_load_n(&g_on_memset, __ATOMIC_RELAXED);
+    argus_sim_set_activity_hook(any ? on_activity : NULL);
 }
 
 static int *flag_of(CUpti_ActivityKind kind)
@@ -235,6 +252,7 @@ EXPORT CUptiResult cuptiActivityEnable(CUpti_ActivityKind kind)
     if (!g_req)
         return CUPTI_ERROR_NOT_INITIALIZED;
     __atomic_store_n(f, 1, __ATOMIC_RELAXED);
+    update_hook();
     return CUPTI_SUCCESS;
 }
 
@@ -244,6 +262,7 @@ EXPORT CUptiResult cuptiActivityDisable(CUpti_ActivityKind kind)
     if (!f)
         return CUPTI_ERROR_INVALID_PARAMETER;
     __atomic_store_n(f, 0, __ATOMIC_RELAXED);
+    update_hook();
     return CUPTI_SUCCESS;
 }
 
@@ -292,6 +311,11 @@ EXPORT CUptiResult cuptiActivityFlushAll(uint32_t flag)
     g_full_tail = &g_full;
     pthread_mutex_unlock(&L);
     deliver(list);
+    /* synchronous: every record made before the call has reached the client on return */
+    pthread_mutex_lock(&L);
+    while (g_inflight > 0)
+        pthread_cond_wait(&g_idle_cv, &L);
+    pthread_mutex_unlock(&L);
     return CUPTI_SUCCESS;
 }
 

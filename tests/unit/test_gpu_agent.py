@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -164,7 +165,7 @@ def test_enabled_records_equal_the_simulated_gpu_work(tmp_path, monkeypatch, cap
     assert ends and all(len(e) == 1 for e in ends.values())
 
 
-def test_v4_negotiation_and_switching_off(tmp_path, monkeypatch, capsys):
+def test_v4_negotiation(tmp_path, monkeypatch, capsys):
     env = gpu_env_from_cli(capsys)
     truth, frames, rings = run_enabled_job(tmp_path, monkeypatch, env, steps=3,
                                            extra={"ARGUS_SIM_NCCL_PROFILER_MAX": "4"})
@@ -174,6 +175,40 @@ def test_v4_negotiation_and_switching_off(tmp_path, monkeypatch, capsys):
         c = frames[rt["rank"]].filter(pl.col("kind") == "coll")
         assert sorted(c["coll_seq"].to_list()) == list(range(w["seq_from"], w["seq_end"]))
         assert (c["comm_hash"] == w["hash"]).all()
+
+
+def test_attach_mid_run_then_detach_stops_the_records(tmp_path, monkeypatch, capsys):
+    """Enabled while the job steps (not at a step boundary), then disabled: every collective
+    in between is recorded once, contiguously, and nothing is published after the
+    acknowledgement of `enabled = 0` while the job goes on."""
+    for k, v in gpu_env_from_cli(capsys).items():
+        monkeypatch.setenv(k, v)
+    job = start_job(SimConfig(ranks=2, duration_s=6.0, step_ms=8.0, kernels_per_step=24,
+                              buckets=2, quiet=True, build_dir=str(BUILD), timeout_s=60))
+    try:
+        pids = job.wait_ready(60)
+        rings = [ga.GpuAgentRing.open(p, timeout=10) for p in pids]
+        time.sleep(0.3)
+        for r in rings:
+            r.enable()
+        assert all(r.wait_active(ga.ACTIVE_NCCL | ga.ACTIVE_CUPTI, 10) for r in rings)
+        time.sleep(0.5)
+        for r in rings:
+            r.disable()
+        assert all(r.wait_active(0, 10) for r in rings)
+        time.sleep(0.2)  # the last KernelCh of an op enqueued before the switch may still come
+        written = [r.drops().written for r in rings]
+        time.sleep(0.5)
+        assert job.proc.poll() is None  # still stepping
+        assert [r.drops().written for r in rings] == written
+        for r in rings:
+            df = r.read()
+            assert df.height == r.drops().written > 0
+            seqs = sorted(df.filter(pl.col("kind") == "coll")["coll_seq"].to_list())
+            assert seqs and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            assert compute_kernels(df).height > 0 and r.header("enables") == 1
+    finally:
+        job.close()
 
 
 def test_a_full_ring_counts_every_dropped_record(tmp_path, monkeypatch, capsys):
