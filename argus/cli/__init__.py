@@ -18,6 +18,7 @@ from argus.errors import ArgusError
 
 # Subcommand modules; each exposes `command`, a click.Command.
 _COMMANDS = ("doctor", "attach", "report", "export", "demo", "summarize", "stacks", "daemon", "top")
+_COMMANDS += ("gpu_env",)  # `argus gpu-env` (argus/cli/gpu_env.py)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -15,6 +15,8 @@ KINDS: dict[str, dict[str, float]] = {
     "jit_stall": {"ms": 500.0},
     "bubble": {"factor": 2.0, "stage": -1.0},
     "throttle": {"mhz": 0.0, "factor": 0.0, "reasons": float(0x20)},
+    # only the compute kernels before the step's gradient collectives run `factor` x longer
+    "gpu_straggler": {"factor": 2.0},
 }
 COMMON = ("rank", "ranks", "start", "steps")
 HANG_COMMS = ("dp", "tp")  # hang: comm=dp (default: the gradient allreduces) or comm=tp
@@ -51,7 +53,7 @@ class Fault:
         p = self.params
         if self.kind == "hang":
             value = float(HANG_COMMS.index(p.get("comm", "dp")))
-        if self.kind in ("straggler", "link", "bubble"):
+        if self.kind in ("straggler", "link", "bubble", "gpu_straggler"):
             value = p["factor"]
         elif self.kind in ("host_stall", "jit_stall"):
             value = p["ms"]

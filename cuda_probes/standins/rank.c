@@ -91,7 +91,8 @@ static const char *g_jobdir;
 static uint64_t g_t0;
 
 #define MAXF 32
-enum { F_STRAGGLER, F_HOST_STALL, F_LINK, F_HANG, F_JIT, F_BUBBLE, F_THROTTLE };
+enum { F_STRAGGLER, F_HOST_STALL, F_LINK, F_HANG, F_JIT, F_BUBBLE, F_THROTTLE, F_GPU_STRAGGLER };
+#define NKINDS 8
 struct fault {
     int kind;
     unsigned long long ranks; /* bitmask */
@@ -119,7 +120,7 @@ static int env_i(const char *k, int d)
 static void parse_faults(const char *spec)
 {
     static const char *kinds[] = { "straggler", "host_stall", "link", "hang",
-                                   "jit_stall", "bubble", "throttle" };
+                                   "jit_stall", "bubble", "throttle", "gpu_straggler" };
     char *dup = strdup(spec ? spec : ""), *save = NULL;
     for (char *e = strtok_r(dup, ";", &save); e && g_nfaults < MAXF;
          e = strtok_r(NULL, ";", &save)) {
@@ -128,7 +129,7 @@ static void parse_faults(const char *spec)
             continue;
         *colon = 0;
         struct fault f = { -1, 0, 0, -1, 0, 0, -1 };
-        for (int k = 0; k < 7; k++)
+        for (int k = 0; k < NKINDS; k++)
             if (strcmp(e, kinds[k]) == 0)
                 f.kind = k;
         char *s2 = NULL;
@@ -169,6 +170,18 @@ static unsigned long long g_coll_world, g_coll_dp, g_coll_tp, g_p2p_send, g_p2p_
 static double *g_step_ms_list;
 static pthread_mutex_t g_truth_lock = PTHREAD_MUTEX_INITIALIZER;
 static int g_truth_written;
+/* GPU ground truth (written when the GPU agent's variables are set or a gpu_straggler fault
+ * exists): the engine's op totals and the communicators' sequence numbers of the counted
+ * steps (from step 0 on: after init and the warm-up step) */
+static int g_gpu_truth;
+static struct argus_sim_gpu_totals g_gpu_from;
+static uint64_t g_seq_from[3];
+static unsigned long long g_slowed_kernels;
+static double g_slow_factor = 1.0;
+static struct ncclComm *g_truth_comms[3];
+static uint64_t g_comm_hash[3], g_seq_end[3];
+static volatile int g_comms_gone; /* g_seq_end holds the final numbers */
+static void write_gpu_truth(int fd);
 
 static void write_truth(const char *how)
 {
@@ -202,7 +215,10 @@ static void write_truth(const char *how)
     dprintf(fd, "\"step_time_ms\": [");
     for (int i = 0; i < g_steps_done; i++)
         dprintf(fd, "%s%.3f", i ? ", " : "", g_step_ms_list[i]);
-    dprintf(fd, "], \"library_calls\": ");
+    dprintf(fd, "], ");
+    if (g_gpu_truth)
+        write_gpu_truth(fd);
+    dprintf(fd, "\"library_calls\": ");
     argus_sim_write_counts_json(fd);
     dprintf(fd, ", \"caller_calls\": {");
     for (int i = 0; i < c_n; i++)
@@ -212,6 +228,38 @@ static void write_truth(const char *how)
     close(fd);
     rename(tmp, path);
     pthread_mutex_unlock(&g_truth_lock);
+}
+
+/* "gpu": {"kernels": .., "kernel_ns": .., "copies": .., "copy_ns": .., "memsets": ..,
+ *  "nccl_ops": .., "slowed_kernels": .., "slow_factor": .., "comms": {"world": {"hash": ..,
+ *  "seq_from": .., "seq_end": ..}, ...}} for the counted steps */
+static void write_gpu_truth(int fd)
+{
+    static const char *const cname[] = { "world", "dp", "tp" };
+    struct argus_sim_gpu_totals t;
+    argus_sim_gpu_totals(&t);
+    dprintf(fd, "\"gpu\": {\"kernels\": %llu, \"kernel_ns\": %llu, \"copies\": %llu, "
+                "\"copy_ns\": %llu, \"memsets\": %llu, \"nccl_ops\": %llu, "
+                "\"slowed_kernels\": %llu, \"slow_factor\": %.6g, \"comms\": {",
+            (unsigned long long)(t.kernels - g_gpu_from.kernels),
+            (unsigned long long)(t.kernel_ns - g_gpu_from.kernel_ns),
+            (unsigned long long)(t.copies - g_gpu_from.copies),
+            (unsigned long long)(t.copy_ns - g_gpu_from.copy_ns),
+            (unsigned long long)(t.memsets - g_gpu_from.memsets),
+            (unsigned long long)(t.nccl_ops - g_gpu_from.nccl_ops), g_slowed_kernels,
+            g_slow_factor);
+    int first = 1;
+    for (int i = 0; i < 3; i++) {
+        if (!g_truth_comms[i])
+            continue;
+        uint64_t end = g_comms_gone ? g_seq_end[i]
+                                    : argus_sim_comm_seq((argus_sim_comm *)g_truth_comms[i]);
+        dprintf(fd, "%s\"%s\": {\"hash\": %llu, \"seq_from\": %llu, \"seq_end\": %llu}",
+                first ? "" : ", ", cname[i], (unsigned long long)g_comm_hash[i],
+                (unsigned long long)g_seq_from[i], (unsigned long long)end);
+        first = 0;
+    }
+    dprintf(fd, "}}, ");
 }
 
 static void *signal_thread(void *arg)
@@ -308,8 +356,12 @@ static const double weights[] = { 1.0, 0.6, 1.8, 0.8, 1.2, 0.4, 1.6, 0.6 };
 static double g_unit_ns; /* ns per weight unit */
 static float *d_in, *d_out, *d_loss, *d_grads;
 
+static int g_pre_coll; /* a gpu_straggler slows the kernels launched while this is set */
+
 static void launch_one(stub_fn fn, int i, cudaStream_t s)
 {
+    if (g_pre_coll)
+        g_slowed_kernels++;
     uint64_t ns = (uint64_t)(weights[i % 8] * g_unit_ns);
     unsigned grid = (unsigned)((ns + 255) / 256);
     if (grid == 0)
@@ -435,9 +487,12 @@ static void p2p(int is_send, int peer, size_t count)
     CK(CALL(ncclGroupEnd));
 }
 
+static double g_base_gpu = 1.0, g_pre_factor = 1.0;
+
 static void apply_faults(int step, double *stall_ms, double *jit_ms)
 {
     double gpu = 1.0, link = 1.0;
+    g_pre_factor = 1.0;
     unsigned mhz = 0;
     unsigned long long reasons = 0;
     *stall_ms = 0;
@@ -456,8 +511,10 @@ static void apply_faults(int step, double *stall_ms, double *jit_ms)
             mhz = (unsigned)f->value;
             reasons = (unsigned long long)f->value2;
             break;
+        case F_GPU_STRAGGLER: g_pre_factor *= f->value; break;
         }
     }
+    g_base_gpu = gpu;
     static double last_gpu = 1.0, last_link = 1.0;
     static unsigned last_mhz = 0;
     if (gpu != last_gpu)
@@ -495,6 +552,13 @@ static void run_step(int step)
     int nfwd = g_nfwd, nbwd = g_nbwd, nopt = g_nopt;
     double stall_ms, jit_ms;
     apply_faults(step, &stall_ms, &jit_ms);
+    /* gpu_straggler: the compute kernels before the step's gradient collectives complete
+     * (forward, backward) run F times longer; the optimizer's after them do not */
+    if (g_pre_factor != 1.0) {
+        argus_sim_set_gpu_speed(g_base_gpu / g_pre_factor);
+        g_slow_factor = g_pre_factor;
+        g_pre_coll = 1;
+    }
     data_loader_next_batch(g_cpu_ms + stall_ms);
     if (jit_ms > 0)
         jit_compile_graph(jit_ms);
@@ -567,6 +631,10 @@ static void run_step(int step)
         }
         for (int b = 0; b < g_buckets; b++)
             enqueue_bucket(b, g_bucket_count / g_pp);
+    }
+    if (g_pre_coll) {
+        argus_sim_set_gpu_speed(g_base_gpu);
+        g_pre_coll = 0;
     }
     CK(CALL(cudaEventRecord, g_ev_comm_done, g_comm));
     CK(CALL(cudaStreamWaitEvent, g_compute, g_ev_comm_done, 0));
@@ -741,6 +809,25 @@ int main(void)
         g_t0 = mono_ns();
     }
 
+    /* the GPU truth counts from here: step 0 on */
+    const char *inj = getenv("CUDA_INJECTION64_PATH"), *plug = getenv("NCCL_PROFILER_PLUGIN");
+    for (int i = 0; i < g_nfaults; i++)
+        if (g_faults[i].kind == F_GPU_STRAGGLER)
+            g_gpu_truth = 1;
+    if ((inj && *inj) || (plug && *plug))
+        g_gpu_truth = 1;
+    if (g_gpu_truth) {
+        g_truth_comms[0] = g_world_comm;
+        g_truth_comms[1] = g_dp_comm != g_world_comm ? g_dp_comm : NULL;
+        g_truth_comms[2] = g_tp_comm;
+        for (int i = 0; i < 3; i++)
+            if (g_truth_comms[i])
+                g_seq_from[i] = argus_sim_comm_seq((argus_sim_comm *)g_truth_comms[i]),
+                g_comm_hash[i] = argus_sim_comm_hash((argus_sim_comm *)g_truth_comms[i]);
+        argus_sim_gpu_totals(&g_gpu_from);
+        g_slowed_kernels = 0;
+    }
+
     char stop_path[4200];
     snprintf(stop_path, sizeof stop_path, "%s/stop", g_jobdir);
     int stop_at = -1;
@@ -768,6 +855,10 @@ int main(void)
     }
 
     CK(CALL(cudaDeviceSynchronize));
+    for (int i = 0; i < 3; i++)
+        if (g_truth_comms[i])
+            g_seq_end[i] = argus_sim_comm_seq((argus_sim_comm *)g_truth_comms[i]);
+    g_comms_gone = 1;
     CK(CALL(cudaFree, d_in));
     CK(CALL(cudaFree, d_out));
     CK(CALL(cudaFree, d_loss));

@@ -116,6 +116,9 @@ static char g_devpath[256];
 static uint64_t g_mem_used;
 static double g_bus_bytes_per_ns = 50.0; /* 50 GB/s */
 static double g_copy_bytes_per_ns = 20.0;
+static argus_sim_activity_fn g_hook;
+static uint32_t g_next_corr, g_next_stream_id;
+static struct argus_sim_gpu_totals g_totals;
 
 enum { OP_DELAY, OP_EVENT, OP_WAIT, OP_NCCL };
 
@@ -125,6 +128,8 @@ struct nccl_part {
     int peer;
     uint64_t bytes;
     uint64_t seq;
+    argus_sim_nccl_done_fn done;
+    void *user;
 };
 
 struct op {
@@ -137,6 +142,10 @@ struct op {
     uint64_t gen;
     struct nccl_part *parts;
     int nparts;
+    int act;            /* ARGUS_SIM_ACT_* reported to the activity hook, 0: none */
+    uint64_t bytes;
+    const void *func;
+    uint32_t corr;
 };
 
 struct argus_sim_stream {
@@ -150,6 +159,7 @@ struct argus_sim_stream {
     int has_thread;
     argus_sim_event *implicit;
     argus_sim_stream *next_all;
+    uint32_t id;
 };
 
 struct argus_sim_event {
@@ -344,6 +354,22 @@ static int try_schedule_locked(argus_sim_stream *s, struct op *op)
         s->last_end = start + op->dur_ns;
         if (op->is_kernel)
             add_busy_locked(start, s->last_end);
+        if (op->act == ARGUS_SIM_ACT_KERNEL) {
+            g_totals.kernels++;
+            g_totals.kernel_ns += op->dur_ns;
+        } else if (op->act == ARGUS_SIM_ACT_MEMCPY) {
+            g_totals.copies++;
+            g_totals.copy_ns += op->dur_ns;
+        } else if (op->act == ARGUS_SIM_ACT_MEMSET) {
+            g_totals.memsets++;
+        }
+        if (g_hook && op->act) {
+            struct argus_sim_activity a = { op->act, s->id, op->corr, (uint32_t)(g_dev < 0 ? 0 : g_dev),
+                                            start, s->last_end, op->bytes, 0, op->func, NULL };
+            if (op->act == ARGUS_SIM_ACT_KERNEL)
+                a.threads = op->bytes, a.bytes = 0;
+            g_hook(&a);
+        }
         break;
     }
     case OP_EVENT:
@@ -379,7 +405,23 @@ static void *stream_worker(void *arg)
             uint64_t start = max64(s->last_end, op->enq_ns), end = start;
             pthread_mutex_unlock(&G);
             nccl_execute(op, start, &end);
+            if (g_hook) {
+                static const char *const knames[] = {
+                    "ncclDevKernel_AllReduce", "ncclDevKernel_AllGather",
+                    "ncclDevKernel_ReduceScatter", "ncclDevKernel_Broadcast",
+                    "ncclDevKernel_Reduce", "ncclDevKernel_SendRecv", "ncclDevKernel_SendRecv" };
+                uint64_t bytes = 0;
+                for (int i = 0; i < op->nparts; i++)
+                    bytes += op->parts[i].bytes;
+                int k = op->nparts ? op->parts[0].kind : 0;
+                struct argus_sim_activity a = { ARGUS_SIM_ACT_NCCL, s->id, op->corr,
+                                                (uint32_t)(g_dev < 0 ? 0 : g_dev), start, end,
+                                                bytes, 0, NULL,
+                                                (k >= 0 && k < 7) ? knames[k] : "ncclDevKernel" };
+                g_hook(&a);
+            }
             pthread_mutex_lock(&G);
+            g_totals.nccl_ops++;
             s->last_end = end;
             s->sched++;
             pthread_cond_broadcast(&g_progress);
@@ -405,6 +447,7 @@ static argus_sim_stream *stream_new_locked(int nonblocking, int legacy)
     s->legacy = legacy;
     pthread_cond_init(&s->cond, NULL);
     s->implicit = calloc(1, sizeof(argus_sim_event));
+    s->id = ++g_next_stream_id;
     s->next_all = g_streams;
     g_streams = s;
     ensure_device_locked();
@@ -519,7 +562,9 @@ static void implicit_sync_locked(argus_sim_stream *s, uint64_t t)
     }
 }
 
-static void enqueue_delay(argus_sim_stream *s, uint64_t ns, int is_kernel)
+/* act/bytes/func: what the activity hook reports (bytes: threads for a kernel) */
+static void enqueue_delay(argus_sim_stream *s, uint64_t ns, int is_kernel, int act,
+                          uint64_t bytes, const void *func)
 {
     uint64_t t = now_ns();
     pthread_mutex_lock(&G);
@@ -527,27 +572,68 @@ static void enqueue_delay(argus_sim_stream *s, uint64_t ns, int is_kernel)
     struct op *op = op_new(OP_DELAY, t);
     op->dur_ns = ns;
     op->is_kernel = is_kernel;
+    op->act = act;
+    op->bytes = bytes;
+    op->func = func;
+    op->corr = ++g_next_corr;
     push_locked(s, op);
     pthread_mutex_unlock(&G);
+}
+
+static uint64_t kernel_ns(uint64_t threads)
+{
+    return (uint64_t)((double)threads / g_gpu_speed *
+                      ((double)ARGUS_SIM_MAX_SM_MHZ / g_clock_mhz));
 }
 
 ARGUS_EXPORT void argus_sim_enqueue_kernel(argus_sim_stream *s, uint64_t threads)
 {
     ARGUS_FRAME();
-    double ns = (double)threads / g_gpu_speed * ((double)ARGUS_SIM_MAX_SM_MHZ / g_clock_mhz);
-    enqueue_delay(s, (uint64_t)ns, 1);
+    enqueue_delay(s, kernel_ns(threads), 1, ARGUS_SIM_ACT_KERNEL, threads, NULL);
+}
+
+ARGUS_EXPORT void argus_sim_enqueue_kernel_ex(argus_sim_stream *s, uint64_t threads,
+                                              const void *func)
+{
+    ARGUS_FRAME();
+    enqueue_delay(s, kernel_ns(threads), 1, ARGUS_SIM_ACT_KERNEL, threads, func);
 }
 
 ARGUS_EXPORT void argus_sim_enqueue_copy(argus_sim_stream *s, uint64_t bytes)
 {
     ARGUS_FRAME();
-    enqueue_delay(s, 2000 + (uint64_t)((double)bytes / g_copy_bytes_per_ns), 0);
+    enqueue_delay(s, 2000 + (uint64_t)((double)bytes / g_copy_bytes_per_ns), 0,
+                  ARGUS_SIM_ACT_MEMCPY, bytes, NULL);
+}
+
+/* a memset runs at the copy engine's speed: 1 us + bytes / bandwidth */
+ARGUS_EXPORT void argus_sim_enqueue_memset(argus_sim_stream *s, uint64_t bytes)
+{
+    ARGUS_FRAME();
+    enqueue_delay(s, 1000 + (uint64_t)((double)bytes / g_copy_bytes_per_ns), 0,
+                  ARGUS_SIM_ACT_MEMSET, bytes, NULL);
+}
+
+ARGUS_EXPORT void argus_sim_set_activity_hook(argus_sim_activity_fn fn)
+{
+    ARGUS_FRAME();
+    pthread_mutex_lock(&G);
+    g_hook = fn;
+    pthread_mutex_unlock(&G);
+}
+
+ARGUS_EXPORT void argus_sim_gpu_totals(struct argus_sim_gpu_totals *out)
+{
+    ARGUS_FRAME();
+    pthread_mutex_lock(&G);
+    *out = g_totals;
+    pthread_mutex_unlock(&G);
 }
 
 ARGUS_EXPORT void argus_sim_enqueue_delay(argus_sim_stream *s, uint64_t ns)
 {
     ARGUS_FRAME();
-    enqueue_delay(s, ns, 1);
+    enqueue_delay(s, ns, 1, ARGUS_SIM_ACT_KERNEL, 0, NULL);
 }
 
 static void stream_sync(argus_sim_stream *s)
@@ -878,6 +964,7 @@ static void enqueue_parts(argus_sim_stream *s, struct nccl_part *parts, int n)
     struct op *op = op_new(OP_NCCL, t);
     op->parts = parts;
     op->nparts = n;
+    op->corr = ++g_next_corr;
     push_locked(s, op);
     pthread_mutex_unlock(&G);
 }
@@ -886,7 +973,27 @@ ARGUS_EXPORT void argus_sim_enqueue_nccl(argus_sim_comm *c, int kind, uint64_t b
                                          argus_sim_stream *s)
 {
     ARGUS_FRAME();
-    struct nccl_part p = { c, kind, peer, bytes, 0 };
+    argus_sim_enqueue_nccl_ex(c, kind, bytes, peer, s, NULL, NULL);
+}
+
+ARGUS_EXPORT uint64_t argus_sim_comm_hash(argus_sim_comm *c)
+{
+    ARGUS_FRAME();
+    return fnv(c->id, 128, 14695981039346656037ULL);
+}
+
+ARGUS_EXPORT uint64_t argus_sim_comm_seq(argus_sim_comm *c)
+{
+    ARGUS_FRAME();
+    return c->coll_seq;
+}
+
+ARGUS_EXPORT void argus_sim_enqueue_nccl_ex(argus_sim_comm *c, int kind, uint64_t bytes, int peer,
+                                            argus_sim_stream *s, argus_sim_nccl_done_fn done,
+                                            void *user)
+{
+    ARGUS_FRAME();
+    struct nccl_part p = { c, kind, peer, bytes, 0, done, user };
     if (kind == ARGUS_P2P_SEND)
         p.seq = c->send_n[peer]++;
     else if (kind == ARGUS_P2P_RECV)
@@ -1020,7 +1127,10 @@ static void nccl_execute(struct op *op, uint64_t start, uint64_t *end)
                     s = sl->slow[r];
             }
         }
-        e = max64(e, arrive + (uint64_t)(coll_cost_ns(p->kind, p->bytes, c->nranks) * s));
+        uint64_t pend = arrive + (uint64_t)(coll_cost_ns(p->kind, p->bytes, c->nranks) * s);
+        if (p->done)
+            p->done(p->user, start, pend);
+        e = max64(e, pend);
     }
     *end = e;
 }

@@ -84,6 +84,42 @@ void argus_sim_enqueue_nccl(argus_sim_comm *c, int kind, uint64_t bytes, int pee
 void argus_sim_group_start(void);
 void argus_sim_group_end(void);
 
+/* ---- activity hooks (the stand-in libcupti and libnccl's profiler plugin support) ----
+ * Without a hook set the engine behaves exactly as without these calls. */
+enum { ARGUS_SIM_ACT_KERNEL = 1, ARGUS_SIM_ACT_MEMCPY, ARGUS_SIM_ACT_MEMSET, ARGUS_SIM_ACT_NCCL };
+struct argus_sim_activity {
+    int kind;                /* ARGUS_SIM_ACT_* */
+    uint32_t stream_id;      /* per-process stream number, 1.. */
+    uint32_t correlation_id; /* per-process op number, 1.. */
+    uint32_t device;
+    uint64_t start_ns, end_ns; /* the simulated GPU clock (CLOCK_MONOTONIC ns) */
+    uint64_t bytes;          /* memcpy / memset / NCCL bytes */
+    uint64_t threads;        /* kernels: launched threads */
+    const void *func;        /* kernels launched through the runtime: the host stub */
+    const char *name;        /* kernel or NCCL kernel name when known, else NULL */
+};
+typedef void (*argus_sim_activity_fn)(const struct argus_sim_activity *a);
+/* Called once per kernel / copy / memset when its device times are fixed (with the engine
+ * lock held: the hook must not call back into the engine), and once per NCCL op (group)
+ * when it completes (from the stream's worker thread, no lock held). */
+void argus_sim_set_activity_hook(argus_sim_activity_fn fn);
+/* done(user, start, end): one NCCL part (collective or p2p) ran from start to end on this
+ * GPU; called from the stream's worker thread. */
+typedef void (*argus_sim_nccl_done_fn)(void *user, uint64_t start_ns, uint64_t end_ns);
+void argus_sim_enqueue_nccl_ex(argus_sim_comm *c, int kind, uint64_t bytes, int peer,
+                               argus_sim_stream *s, argus_sim_nccl_done_fn done, void *user);
+void argus_sim_enqueue_kernel_ex(argus_sim_stream *s, uint64_t threads, const void *func);
+void argus_sim_enqueue_memset(argus_sim_stream *s, uint64_t bytes);
+/* the communicator's hash (of its unique id, as NCCL's commHash) and the sequence number
+ * its next collective gets */
+uint64_t argus_sim_comm_hash(argus_sim_comm *c);
+uint64_t argus_sim_comm_seq(argus_sim_comm *c);
+/* totals of this process's GPU ops so far (the truth for the GPU agent tests) */
+struct argus_sim_gpu_totals {
+    uint64_t kernels, kernel_ns, copies, copy_ns, memsets, nccl_ops;
+};
+void argus_sim_gpu_totals(struct argus_sim_gpu_totals *out);
+
 /* ---- control API for fault injection ---- */
 void argus_sim_set_gpu_speed(double factor);      /* 0.5 = kernels take twice as long */
 void argus_sim_set_link_speed(double factor);     /* 0.5 = collectives cost twice as much */
