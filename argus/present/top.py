@@ -3,7 +3,7 @@
 It reads through a small reader interface, `Reader.read() -> argus.live/1 state` (see
 `argus.present.live`): `DaemonReader` (GET /state of a running `argus daemon`),
 `RecordingReader` (recordings on disk: tests, post-mortem), and the attach-backed reader
-of `argus top PID...` (`argus.daemon.service.AttachReader`). `render(state, ...)` is a
+of `argus top PID...` (`argus.cli.top.AttachReader`). `render(state, ...)` is a
 pure function of the state, the sort order and the clock, so it is tested at a fixed
 terminal size with recorded data and a frozen clock.
 
