@@ -261,13 +261,13 @@ class Daemon:
                     self._forget(job)
                     continue
                 if job.ended_mono is not None and job.view is not None and not ev.height:
-                    views.append(job.view)  # ended, nothing new: keep the last view
+                    views.append(_as_of(job.view, tg, tr.targets))  # ended: the last view
                     continue
                 if job.win.settling(now_ns, max(SETTLE_S, 2 * self.config.interval_s)):
                     continue
                 job.view = self._analyse(job, inflight.filter(sel), self._job_gpu(job, gpu_rows),
                                          now_ns)
-                views.append(job.view)
+                views.append(_as_of(job.view, tg, tr.targets))
             except Exception as e:
                 self._error(f"job {key}: analysis failed: {type(e).__name__}: {e}")
                 try:
@@ -276,7 +276,7 @@ class Daemon:
                 except Exception:  # noqa: BLE001
                     pass
                 if job.view is not None:
-                    views.append(job.view)
+                    views.append(_as_of(job.view, tg, tr.targets))
         tr.forget_exited()
         self.flush_s = round(time.monotonic() - t0, 3)
         gpu_state = None
@@ -419,6 +419,16 @@ class Daemon:
         for jd in root.iterdir():
             if jd.is_dir() and not any(jd.iterdir()):
                 jd.rmdir()
+
+
+def _as_of(view: dict[str, Any], tgids: list[int], targets: dict) -> dict[str, Any]:
+    """A job's view with its ranks' `exited` flags as the tracer knows them now and `ended`
+    (every rank exited): an ended job's series leave /metrics at once
+    (`argus.present.metrics`), its view stays in /state for `job_grace_s`."""
+    gone = {t for t in tgids if t not in targets or targets[t].exited}
+    ranks = [dict(r, exited=bool(r.get("exited")) or r.get("tgid") in gone)
+             for r in view.get("ranks") or []]
+    return {**view, "ranks": ranks, "ended": bool(tgids) and len(gone) == len(tgids)}
 
 
 def _env_ms(name: str) -> float:
