@@ -128,8 +128,9 @@ def render(state: dict[str, Any], sort: str = "rank", reverse: bool = False,
                 flag, style = "exited", "dim"
             else:
                 flag, style = "", ""
-            table.add_row(str(r.get("rank")), str(r.get("tgid") or "-"), _fmt(r.get("step_time_ms")),
-                          _fmt(r.get("compute_ms")), _fmt(r.get("wait_ms")),
+            table.add_row(str(r.get("rank")), str(r.get("tgid") or "-"),
+                          _fmt(r.get("step_time_ms")), _fmt(r.get("compute_ms")),
+                          _fmt(r.get("wait_ms")),
                           _fmt(r.get("lateness_ms")), r.get("last_collective") or "-",
                           str(r.get("last_seq") if r.get("last_seq") is not None else "-"),
                           r.get("hot_frame") or "-", flag, style=style)
