@@ -14,7 +14,7 @@
 
     [diagnosis]
     hang_after_s = 10
-    job_grace_s = 300                 # a finished job stays in /metrics and /state this long
+    job_grace_s = 300                 # a finished job stays in /state this long (not /metrics)
 
 Unknown keys are an error naming the key (a typo must not silently change what is traced).
 """

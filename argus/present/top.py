@@ -3,7 +3,7 @@
 It reads through a small reader interface, `Reader.read() -> argus.live/1 state` (see
 `argus.present.live`): `DaemonReader` (GET /state of a running `argus daemon`),
 `RecordingReader` (recordings on disk: tests, post-mortem), and the attach-backed reader
-of `argus top PID...` (`argus.daemon.service.AttachReader`). `render(state, ...)` is a
+of `argus top PID...` (`argus.cli.top.AttachReader`). `render(state, ...)` is a
 pure function of the state, the sort order and the clock, so it is tested at a fixed
 terminal size with recorded data and a frozen clock.
 
@@ -128,8 +128,9 @@ def render(state: dict[str, Any], sort: str = "rank", reverse: bool = False,
                 flag, style = "exited", "dim"
             else:
                 flag, style = "", ""
-            table.add_row(str(r.get("rank")), str(r.get("tgid") or "-"), _fmt(r.get("step_time_ms")),
-                          _fmt(r.get("compute_ms")), _fmt(r.get("wait_ms")),
+            table.add_row(str(r.get("rank")), str(r.get("tgid") or "-"),
+                          _fmt(r.get("step_time_ms")), _fmt(r.get("compute_ms")),
+                          _fmt(r.get("wait_ms")),
                           _fmt(r.get("lateness_ms")), r.get("last_collective") or "-",
                           str(r.get("last_seq") if r.get("last_seq") is not None else "-"),
                           r.get("hot_frame") or "-", flag, style=style)

@@ -358,6 +358,64 @@ def test_sigterm_flushes_readable_segments_that_merge_into_one_run(daemon, strag
     assert stragglers == [1]
 
 
+SCRAPE_S = 15.0  # a common Prometheus scrape interval (the daemon here drains every 1 s)
+
+
+def _job_series(daemon, job: str) -> dict[tuple[str, int], float]:
+    """(metric, rank) -> value of the job's per-rank series in /metrics."""
+    out = {}
+    for m in re.finditer(r'^(argus_\w+)\{(.*)\} (\S+)$', daemon.get("/metrics").decode(), re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        if labels.get("job_id") == job:
+            out[(m.group(1), int(labels["rank"]))] = float(m.group(3))
+    return out
+
+
+def test_a_finished_jobs_series_leave_metrics_within_one_scrape(tmp_path, own_build):
+    """Metrics that end with the job: while traced each rank has `argus_rank_up` 1 and the
+    straggler its score; once every rank has exited, none of the job's series is in
+    /metrics within one scrape interval (an alert `argus_straggler_score > 3 for 5m` stops
+    at once), while /state keeps the finished job, its ranks exited, for job_grace_s.
+    A daemon of its own: the module's straggler job's segments stay as they were."""
+    daemon = Daemon(tmp_path, own_build)
+    job = start_job(SimConfig(ranks=3, steps=3000, faults=["straggler:rank=2,factor=1.6"],
+                              build_dir=str(own_build), quiet=True))
+    try:
+        ranks = job.wait_ready()
+
+        def scored():
+            j = daemon.job_of(ranks)
+            return j if j and _straggler_scores(daemon, j["job"]).get(2, 0) > 0 else None
+
+        key = daemon.wait_for(scored, 60, "the straggler's score in /metrics")["job"]
+        series = _job_series(daemon, key)
+        assert {r: series.get(("argus_rank_up", r)) for r in range(3)} == {0: 1, 1: 1, 2: 1}
+        assert series[("argus_straggler_score", 2)] > 0
+        job.terminate()  # the launcher stops its ranks
+        assert _wait_gone(ranks, 30), "the ranks did not exit"
+        t_end = time.monotonic()
+        daemon.wait_for(lambda: not _job_series(daemon, key), SCRAPE_S + 30,
+                        "the finished job's series to leave /metrics")
+        took = time.monotonic() - t_end
+        assert took <= SCRAPE_S, f"the series stayed {took:.1f} s after the job ended"
+        j = daemon.job_of(ranks)  # still in /state (argus top --daemon shows it exited)
+        assert j is not None and j["ended"] and all(r["exited"] for r in j["ranks"])
+        assert not _job_series(daemon, key)
+    finally:
+        job.close()
+        daemon.stop()
+        daemon.log.close()
+
+
+def _wait_gone(pids, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{p}").exists() for p in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, own_build):
     build = own_build
     d = Daemon(tmp_path, build, interval_s=0.5, job_grace_s=1)

@@ -1,6 +1,7 @@
 """The daemon's incremental analysis whatever the drain timing, on recorded event streams, no
-root: a recording is replayed through the daemon's per-job path (`Daemon._add_rows`,
-`_settling`, `_analyse`, as `Daemon.flush` calls them) with the flushes put where they hurt:
+root: a recording is replayed through the daemon's per-job path (`JobWindow.add_rows`,
+`JobWindow.settling`, `Daemon._analyse`, as `Daemon.flush` calls them) with the flushes put
+where they hurt:
 inside a collective call, inside the end-of-step wait, right after a step boundary, two
 or more intervals' rows at once (a late drain), intervals that bring no rows, and the
 tracer's in-flight snapshot taken later than its ring-buffer read (a daemon descheduled
@@ -38,7 +39,7 @@ import pytest
 from argus.analyze.compress import build_summaries
 from argus.analyze.diagnosis import diagnose
 from argus.cli import main
-from argus.daemon.service import Daemon, DaemonOptions, _Job
+from argus.daemon.service import SETTLE_S, Daemon, DaemonOptions, _Job
 from argus.recording import schema
 from argus.recording.io import Recording, load_recording
 from argus.recording.segments import expand_dirs
@@ -91,7 +92,7 @@ def _drive(rec: Recording, attach: dict[int, int], flushes: list[tuple[int, int]
     `Daemon.flush` does: the calls that returned since the last read (a record reaches
     user space when the call returns), the calls in flight at the snapshot, CPU stack rows
     of the interval; the first analysis once the ranks were traced together long enough
-    (`_settling`). After the recording's end every rank exits (when `exit_at_end`) and a
+    (`JobWindow.settling`). After the recording's end every rank exits (when `exit_at_end`) and a
     last flush runs. Returns the daemon, the job and every interval's live view."""
     d = Daemon(DaemonOptions(output=out, metrics_addr=None, overrides={
         "interval_s": INTERVAL_S, "window_s": window_s, "hang_after_s": hang_after_s}))
@@ -117,12 +118,12 @@ def _drive(rec: Recording, attach: dict[int, int], flushes: list[tuple[int, int]
             never.filter(pl.col("ts_ns") < snap),
         ]).with_columns(pl.lit(True).alias("in_flight"), pl.lit(None, pl.Int64).alias("dur_ns"))
         sel = (pl.col("ts_ns") >= prev) & (pl.col("ts_ns") < read)
-        d._add_rows(job, rows.sort("ts_ns"), rec.stacks.filter(sel), rec.host_ctx.filter(sel),
-                    now)
+        job.win.add_rows(rows.sort("ts_ns"), rec.stacks.filter(sel), rec.host_ctx.filter(sel),
+                         now, INTERVAL_S)
         prev = max(prev, read)
         joined = [a for a in attach.values() if a <= now]
-        job.joined_ns = max(joined) if joined else None
-        if job.joined_ns is None or d._settling(job, now):
+        job.win.joined_ns = max(joined) if joined else None
+        if job.win.joined_ns is None or job.win.settling(now, max(SETTLE_S, 2 * INTERVAL_S)):
             continue
         job.view = d._analyse(job, infl, schema.empty_gpu(), now)
         views.append(job.view)

@@ -18,8 +18,9 @@ import pytest
 
 from argus.analyze.compress import build_summaries
 from argus.analyze.diagnosis import diagnose
+from argus.analyze.incremental import OVERLAP_STEPS
 from argus.cli import main
-from argus.daemon.service import OVERLAP_STEPS, Daemon, DaemonOptions, _Job
+from argus.daemon.service import Daemon, DaemonOptions, _Job
 from argus.recording import schema
 from argus.recording.io import load_recording
 
@@ -65,15 +66,15 @@ def _replay(rec, out: Path, window_s: float = 60.0):
         sel = (pl.col("ts_ns") >= a) & (pl.col("ts_ns") < b)
         # a call's record reaches user space when it returns: drained by its end
         end = pl.col("ts_ns") + pl.col("dur_ns").fill_null(0)
-        d._add_rows(job, done.filter((end >= a) & (end < b)), rec.stacks.filter(sel),
-                    rec.host_ctx.filter(sel), b)
+        job.win.add_rows(done.filter((end >= a) & (end < b)), rec.stacks.filter(sel),
+                         rec.host_ctx.filter(sel), b, d.config.interval_s)
         job.view = d._analyse(job, infl.filter(pl.col("ts_ns") < b), schema.empty_gpu(),
                               min(b, t1))
-        if job.steps.height and job.events.height:
-            per_rank = job.steps.sort("start_ns").group_by("rank").agg(
+        if job.win.steps.height and job.win.events.height:
+            per_rank = job.win.steps.sort("start_ns").group_by("rank").agg(
                 pl.col("start_ns").tail(OVERLAP_STEPS).first())
             first = per_rank["start_ns"].min()
-            kept.append((int(job.events["ts_ns"].min()), first - d.tracer.mono_to_wall_ns))
+            kept.append((int(job.win.events["ts_ns"].min()), first - d.tracer.mono_to_wall_ns))
     return d, job, kept
 
 
@@ -123,11 +124,12 @@ def test_incremental_segments_are_the_whole_recordings_summaries(name, hang_afte
 def test_the_diagnosis_window_keeps_window_s_of_steps(tmp_path):
     rec = load_recording(DATA / "sim_straggler")
     d, job, _kept = _replay(rec, tmp_path / "out", window_s=2.0)
-    span = int(job.steps["end_ns"].max()) - int(job.steps["end_ns"].min())
+    span = int(job.win.steps["end_ns"].max()) - int(job.win.steps["end_ns"].min())
     assert span <= 2_000_000_000
     whole = build_summaries([rec])
     newest = int(whole.steps["end_ns"].max())
-    assert job.steps.height == whole.steps.filter(pl.col("end_ns") >= newest - 2_000_000_000).height
+    assert job.win.steps.height == whole.steps.filter(
+        pl.col("end_ns") >= newest - 2_000_000_000).height
     # the segments still hold every step
     written = sum(pl.read_parquet(p).height for p in (tmp_path / "out").rglob("part-*.parquet"))
     assert written == whole.steps.height
