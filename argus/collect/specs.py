@@ -14,10 +14,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from argus import resources
 from argus.collect import abi
 from argus.errors import SpecInvalid
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / "cuda_probes"
+SPEC_DIR = resources.spec_dir()
 
 CHANNELS = ("cuda", "nccl", "torch")
 KINDS = (
