@@ -14,10 +14,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from argus import resources
 from argus.collect import abi
 from argus.errors import SpecInvalid
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / "cuda_probes"
+SPEC_DIR = resources.spec_dir()
 
 CHANNELS = ("cuda", "nccl", "torch")
 KINDS = (
@@ -113,104 +114,135 @@ def _fail(where: str, msg: str) -> SpecInvalid:
 
 
 def parse_spec(text: str, source: str) -> LibrarySpec:
-    """Parse and validate one spec file's text; `source` names it in errors."""
+    """Parse and validate one spec file's text; `source` names it in errors.
+
+    The checks run in a fixed order, so a file with several mistakes always reports the same
+    (first) one: the TOML, the [library] table, then each [[probe]] entry in file order.
+    """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _fail(source, f"not valid TOML ({e})") from e
-    lib = data.get("library")
-    if not isinstance(lib, dict):
-        raise _fail(source, "missing the [library] table")
-    unknown = set(lib) - _LIBRARY_KEYS
-    if unknown:
-        raise _fail(f"{source} [library]", f"unknown field {sorted(unknown)[0]!r}")
-    for key in ("family", "channel", "files"):
-        if key not in lib:
-            raise _fail(f"{source} [library]", f"missing field {key!r}")
-    if lib["channel"] not in CHANNELS:
-        raise _fail(f"{source} [library]", f"field 'channel' must be one of {CHANNELS}")
-    files = lib["files"]
-    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
-        raise _fail(f"{source} [library]", "field 'files' must be a non-empty list of patterns")
-    probes = []
+    lib = _check_library(data.get("library"), source)
     entries = data.get("probe", [])
     if not isinstance(entries, list) or not entries:
         raise _fail(source, "no [[probe]] entries")
     seen: set[str] = set()
-    for i, entry in enumerate(entries, 1):
-        where = f"{source} probe #{i}"
-        if not isinstance(entry, dict):
-            raise _fail(where, "must be a table")
-        if isinstance(entry.get("symbol"), str) and entry["symbol"]:
-            where = f"{source} probe #{i} ({entry['symbol']})"
-        unknown = set(entry) - _PROBE_KEYS
-        if unknown:
-            raise _fail(where, f"unknown field {sorted(unknown)[0]!r}")
-        for key in ("symbol", "kind"):
-            if not isinstance(entry.get(key), str) or not entry.get(key):
-                raise _fail(where, f"field {key!r} is required (a non-empty string)")
-        if entry["kind"] not in KINDS:
-            raise _fail(where, f"field 'kind': {entry['kind']!r} is not one of {KINDS}")
-        variants = entry.get("variants", [])
-        if not isinstance(variants, list) or not all(isinstance(v, str) for v in variants):
-            raise _fail(where, "field 'variants' must be a list of symbol names")
-        exit_ = entry.get("exit", False)
-        if not isinstance(exit_, bool):
-            raise _fail(where, "field 'exit' must be true or false")
-        args_in = entry.get("args", {})
-        if not isinstance(args_in, dict):
-            raise _fail(where, "field 'args' must be a table of name = location")
-        args: dict[str, int] = {}
-        for name, loc in args_in.items():
-            if name not in ARG_FIELDS:
-                raise _fail(where, f"field 'args.{name}': unknown argument name")
-            slot = _slot(loc) if isinstance(loc, str) else None
-            if slot is None:
-                raise _fail(where, f"field 'args.{name}': {loc!r} is not reg1..reg6 or stack1..stack4")
-            args[name] = slot
-        if exit_ and any(sym.startswith("_Z") for sym in (entry["symbol"], *variants)):
-            raise _fail(
-                where,
-                "field 'exit': no return probes on C++ functions (a C++ exception unwinding "
-                "through a uretprobe's trampoline aborts the process); pair the entry with a "
-                "completion function instead",
-            )
-        if ("out" in args or "name" in args) and not exit_:
-            raise _fail(where, "fields 'args.out'/'args.name' are read at return: set exit = true")
-        if "uid" in args and args["uid"] != abi.REG_ARGS:
-            raise _fail(where, "field 'args.uid': a by-value ncclUniqueId is read at stack1 only")
-        if entry["kind"] in ("collective", "p2p", "pg_collective", "pg_p2p") and "op" not in entry:
-            raise _fail(where, "field 'op' is required for collectives")
-        for sym in (entry["symbol"], *variants):
-            if sym in seen:
-                raise _fail(where, f"symbol {sym!r} is listed twice")
-            seen.add(sym)
-        probes.append(
-            ProbeSpec(
-                family=lib["family"],
-                channel=lib["channel"],
-                symbol=entry["symbol"],
-                variants=tuple(variants),
-                name=entry.get("name", entry["symbol"]),
-                kind=entry["kind"],
-                op=entry.get("op"),
-                exit=exit_,
-                args=args,
-                source=where,
-            )
-        )
+    probes = tuple(_parse_probe(entry, f"{source} probe #{i}", lib, seen)
+                   for i, entry in enumerate(entries, 1))
     return LibrarySpec(
         family=lib["family"],
         channel=lib["channel"],
-        files=tuple(files),
+        files=tuple(lib["files"]),
         static_marker=lib.get("static_marker"),
         versions=lib.get("versions", ""),
-        probes=tuple(probes),
+        probes=probes,
         source=source,
     )
 
 
-def load_specs(spec_dir: Path = SPEC_DIR, channels: tuple[str, ...] = CHANNELS) -> list[LibrarySpec]:
+def _check_library(lib: object, source: str) -> dict:
+    """The [library] table, validated: known fields only, family/channel/files present."""
+    if not isinstance(lib, dict):
+        raise _fail(source, "missing the [library] table")
+    where = f"{source} [library]"
+    unknown = set(lib) - _LIBRARY_KEYS
+    if unknown:
+        raise _fail(where, f"unknown field {sorted(unknown)[0]!r}")
+    for key in ("family", "channel", "files"):
+        if key not in lib:
+            raise _fail(where, f"missing field {key!r}")
+    if lib["channel"] not in CHANNELS:
+        raise _fail(where, f"field 'channel' must be one of {CHANNELS}")
+    files = lib["files"]
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        raise _fail(where, "field 'files' must be a non-empty list of patterns")
+    return lib
+
+
+def _parse_probe(entry: object, where: str, lib: dict, seen: set[str]) -> ProbeSpec:
+    """One [[probe]] entry (`where` is "file probe #N"), validated; adds its symbols to
+    `seen`, the symbols of the entries before it in the same file."""
+    if not isinstance(entry, dict):
+        raise _fail(where, "must be a table")
+    if isinstance(entry.get("symbol"), str) and entry["symbol"]:
+        where = f"{where} ({entry['symbol']})"
+    _check_probe_fields(entry, where)
+    variants = entry.get("variants", [])
+    if not isinstance(variants, list) or not all(isinstance(v, str) for v in variants):
+        raise _fail(where, "field 'variants' must be a list of symbol names")
+    exit_ = entry.get("exit", False)
+    if not isinstance(exit_, bool):
+        raise _fail(where, "field 'exit' must be true or false")
+    args = _parse_args(entry.get("args", {}), where)
+    _check_semantics(entry, where, variants, exit_, args)
+    for sym in (entry["symbol"], *variants):
+        if sym in seen:
+            raise _fail(where, f"symbol {sym!r} is listed twice")
+        seen.add(sym)
+    return ProbeSpec(
+        family=lib["family"],
+        channel=lib["channel"],
+        symbol=entry["symbol"],
+        variants=tuple(variants),
+        name=entry.get("name", entry["symbol"]),
+        kind=entry["kind"],
+        op=entry.get("op"),
+        exit=exit_,
+        args=args,
+        source=where,
+    )
+
+
+def _check_probe_fields(entry: dict, where: str) -> None:
+    """Known fields only; `symbol` and `kind` non-empty strings, `kind` one of KINDS."""
+    unknown = set(entry) - _PROBE_KEYS
+    if unknown:
+        raise _fail(where, f"unknown field {sorted(unknown)[0]!r}")
+    for key in ("symbol", "kind"):
+        if not isinstance(entry.get(key), str) or not entry.get(key):
+            raise _fail(where, f"field {key!r} is required (a non-empty string)")
+    if entry["kind"] not in KINDS:
+        raise _fail(where, f"field 'kind': {entry['kind']!r} is not one of {KINDS}")
+
+
+def _parse_args(args_in: object, where: str) -> dict[str, int]:
+    """The `args` table (semantic name = "regN" | "stackN") as name -> slot index."""
+    if not isinstance(args_in, dict):
+        raise _fail(where, "field 'args' must be a table of name = location")
+    args: dict[str, int] = {}
+    for name, loc in args_in.items():
+        if name not in ARG_FIELDS:
+            raise _fail(where, f"field 'args.{name}': unknown argument name")
+        slot = _slot(loc) if isinstance(loc, str) else None
+        if slot is None:
+            raise _fail(where,
+                        f"field 'args.{name}': {loc!r} is not reg1..reg6 or stack1..stack4")
+        args[name] = slot
+    return args
+
+
+def _check_semantics(entry: dict, where: str, variants: list[str], exit_: bool,
+                     args: dict[str, int]) -> None:
+    """The rules between fields: no return probe on C++, return-time arguments need exit,
+    where a by-value uid lies, collectives name their op."""
+    if exit_ and any(sym.startswith("_Z") for sym in (entry["symbol"], *variants)):
+        raise _fail(
+            where,
+            "field 'exit': no return probes on C++ functions (a C++ exception unwinding "
+            "through a uretprobe's trampoline aborts the process); pair the entry with a "
+            "completion function instead",
+        )
+    if ("out" in args or "name" in args) and not exit_:
+        raise _fail(where, "fields 'args.out'/'args.name' are read at return: set exit = true")
+    if "uid" in args and args["uid"] != abi.REG_ARGS:
+        raise _fail(where, "field 'args.uid': a by-value ncclUniqueId is read at stack1 only")
+    if entry["kind"] in ("collective", "p2p", "pg_collective", "pg_p2p") and "op" not in entry:
+        raise _fail(where, "field 'op' is required for collectives")
+
+
+def load_specs(spec_dir: Path = SPEC_DIR,
+               channels: tuple[str, ...] = CHANNELS) -> list[LibrarySpec]:
     """Every *.toml in spec_dir whose channel is enabled, validated."""
     specs = []
     for path in sorted(spec_dir.glob("*.toml")):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import polars as pl
 
-from argus import __version__
+from argus import __version__, resources
 from argus.collect import abi, c10d, procfs
 from argus.collect.bcc_adapter import BpfSession, warm_kernel_symbols
 from argus.collect.decode import (
@@ -45,7 +45,7 @@ from argus.collect.symbols import demangle, elf_file, runtime_address, short_nam
 from argus.errors import NotATrainingProcess, PermissionDenied, TargetNotFound
 from argus.recording import schema
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+BPF_DIR = resources.bpf_dir()
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 HOT_RESCAN_S = 3.0
 WARM_TIMEOUT_S = 5.0  # the symbol warm-up never holds the tracing line back longer

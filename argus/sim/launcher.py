@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from argus import resources
 from argus.sim.faults import Fault, FaultSpecError, parse_fault
 
 RANK_EXE = "sim/argus-sim-rank"
@@ -74,7 +75,7 @@ def find_build_dir(explicit: str | None = None) -> Path:
     env = os.environ.get("ARGUS_BUILD_DIR")
     if env:
         return Path(env).resolve()
-    return Path(__file__).resolve().parents[2] / "build"
+    return resources.sim_build_dir()
 
 
 def _check_build(build: Path) -> None:
@@ -428,7 +429,7 @@ def start_job(cfg: SimConfig) -> SimJob:
         fd, path = tempfile.mkstemp(prefix="argus-sim-truth-", suffix=".json")
         os.close(fd)
         cfg = SimConfig(**{**asdict(cfg), "truth": path})
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(resources.package_root())
     env = dict(os.environ)
     env["ARGUS_SIM_WATCH_PARENT"] = "1"
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

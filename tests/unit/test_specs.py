@@ -99,3 +99,61 @@ def test_duplicate_symbol_rejected():
 def test_bad_toml():
     with pytest.raises(SpecInvalid, match="t.toml: not valid TOML"):
         parse_spec("[library\n", "t.toml")
+
+
+CPP = "_ZN4c10d16ProcessGroupGloo9allreduceERSt6vectorIN2at6TensorESaIS3_EERKNS_16AllreduceOptionsE"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('family = "nccl"\n', "", "t.toml [library]: missing field 'family'"),
+        ('[library]', '[library]\nvendor = "x"', "t.toml [library]: unknown field 'vendor'"),
+        ("[[probe]]", "[[zprobe]]", "t.toml: no [[probe]] entries"),
+        ('exit = true', 'exit = true\nvariants = "x"',
+         "t.toml probe #1 (ncclAllReduce): field 'variants' must be a list of symbol names"),
+        ('args = { count = "reg3", comm = "reg6", stream = "stack1" }', 'args = "reg1"',
+         "t.toml probe #1 (ncclAllReduce): field 'args' must be a table of name = location"),
+        ('count = "reg3"', 'uid = "reg3"',
+         "t.toml probe #1 (ncclAllReduce): field 'args.uid': a by-value ncclUniqueId is read "
+         "at stack1 only"),
+        ('symbol = "ncclAllReduce"', f'symbol = "{CPP}"',
+         f"t.toml probe #1 ({CPP}): field 'exit': no return probes on C++ functions"),
+        ('kind = "collective"', 'kind = ""',
+         "t.toml probe #1 (ncclAllReduce): field 'kind' is required (a non-empty string)"),
+    ],
+)
+def test_every_check_names_the_file_entry_and_field(old, new, message):
+    assert old in GOOD
+    with pytest.raises(SpecInvalid) as err:
+        parse_spec(GOOD.replace(old, new, 1), "t.toml")
+    assert str(err.value).startswith(message)
+
+
+def test_the_first_mistake_in_file_order_is_the_one_named():
+    # [library] before the probes, probe #1 before #2, and within an entry: unknown fields,
+    # then symbol/kind, kind's value, variants, exit, args, the rules between fields
+    bad_lib = GOOD.replace('channel = "nccl"', 'channel = "gpu"').replace(
+        'kind = "collective"', 'kind = "teleport"')
+    with pytest.raises(SpecInvalid, match=r"^t.toml \[library\]: field 'channel'"):
+        parse_spec(bad_lib, "t.toml")
+    two = GOOD + GOOD[GOOD.index("[[probe]]"):].replace("ncclAllReduce", "ncclReduce").replace(
+        'kind = "collective"', 'kind = "teleport"\ncolour = 1').replace("exit = true", "exit = 1")
+    with pytest.raises(SpecInvalid, match=r"^t.toml probe #2 \(ncclReduce\): unknown field"):
+        parse_spec(two, "t.toml")
+    with pytest.raises(SpecInvalid, match=r"^t.toml probe #2 \(ncclReduce\): field 'kind': "):
+        parse_spec(two.replace("\ncolour = 1", ""), "t.toml")
+    not_a_table = "probe = [1]\n" + GOOD.replace("[[probe]]", "[[zprobe]]")
+    with pytest.raises(SpecInvalid, match=r"^t.toml probe #1: must be a table$"):
+        parse_spec(not_a_table, "t.toml")
+    order = GOOD.replace("exit = true", 'exit = "x"').replace('count = "reg3"', 'count = "r"')
+    with pytest.raises(SpecInvalid, match="field 'exit' must be true or false"):
+        parse_spec(order, "t.toml")
+
+
+def test_specs_load_from_the_folder_the_resources_module_names():
+    from argus import resources
+    from argus.collect import specs
+
+    assert specs.SPEC_DIR == resources.spec_dir()
+    assert [s.source for s in load_specs()] == sorted(p.name for p in specs.SPEC_DIR.glob("*.toml"))
