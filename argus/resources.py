@@ -103,9 +103,12 @@ def sim_build_dir() -> Path:
 
 
 def _sources_digest(src: Path) -> str:
+    """The stand-ins' sources and the GPU agent's (their Makefile builds both: ../agent)."""
     h = hashlib.sha256()
-    for path in sorted(p for p in src.iterdir() if p.is_file()):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for folder in (src, src.parent / "agent"):
+        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        for path in files:
+            h.update(f"{folder.name}/{path.name}".encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import polars as pl
 
+from argus import resources
 from argus.errors import ArgusError, TargetNotFound
 
 SHM_DIR = Path("/dev/shm")
@@ -306,8 +307,8 @@ def agent_library(build_dir: str | os.PathLike | None = None) -> Path:
     if env and build_dir is None:
         p = Path(env).resolve()
     else:
-        build = Path(build_dir or os.environ.get("ARGUS_BUILD_DIR")
-                     or Path(__file__).resolve().parents[2] / "build")
+        env_build = os.environ.get("ARGUS_BUILD_DIR")
+        build = Path(build_dir or env_build or resources.sim_build_dir())
         p = (build / "agent" / AGENT_SONAME).resolve()
     if not p.is_file():
         raise ArgusError(f"the GPU agent is not built ({p} is missing)",
