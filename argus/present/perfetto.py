@@ -1,0 +1,185 @@
+"""Perfetto native trace export: TrackEvent protobuf, written packet by packet.
+
+The same timeline as the Chrome export (`trace_export.build_trace`), as a `.pftrace` the
+Perfetto UI and trace_processor read directly, with far less memory and size than JSON.
+Tracks: per rank a root track "rank N (host, tgid T)" (ordered by rank) with its child
+tracks "steps" and "<channel> tid <tid>" (ordered as in the Chrome export); a global
+"findings" track. Slices are TYPE_SLICE_BEGIN / TYPE_SLICE_END pairs, entry-only calls
+TYPE_INSTANT. Each track is its own packet sequence (`trusted_packet_sequence_id` = the
+track's uuid), so every sequence's timestamps only grow; event names, categories and
+argument names/strings are interned per sequence. Timestamps are aligned wall-clock ns
+(absolute, not relative). Arguments are debug annotations with the Chrome export's names
+(call, comm, seq, bytes, kernel, step, in_flight, clipped; summary on findings).
+
+Written with the `perfetto` package's `StreamingTraceProtoBuilder`: one packet at a time,
+so memory stays bounded by one rank's frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+
+from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import (
+    TracePacket,
+    TrackDescriptor,
+    TrackEvent,
+)
+from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
+
+from argus.present.trace_export import (
+    EVENT_COLUMNS,
+    Trace,
+    build_trace,
+    write_atomically,
+)
+from argus.recording.io import Recording
+
+CHUNK_ROWS = 50_000
+ROOT_UUID = 1 << 32  # + rank: the rank's root track
+FINDINGS_UUID = (1 << 33) + 1
+FINDINGS_SEQ = (1 << 31) + 1
+Progress = Callable[[int, int, int], None]  # (rank index from 1, ranks, events so far)
+
+CLEARED = TracePacket.SEQ_INCREMENTAL_STATE_CLEARED
+NEEDS = TracePacket.SEQ_NEEDS_INCREMENTAL_STATE
+BEGIN, END, INSTANT = TrackEvent.TYPE_SLICE_BEGIN, TrackEvent.TYPE_SLICE_END, \
+    TrackEvent.TYPE_INSTANT
+ARG_NAMES = ("call", "comm", "seq", "bytes", "kernel", "step", "in_flight", "clipped",
+             "summary")
+ARG_IID = {n: i for i, n in enumerate(ARG_NAMES, 1)}
+STRING_ARGS = ("call", "comm", "kernel", "summary")
+_COL = {c: i for i, c in enumerate(EVENT_COLUMNS)}
+
+
+class _Sequence:
+    """One packet sequence: its id, first-packet flag and interning tables."""
+
+    def __init__(self, builder: StreamingTraceProtoBuilder, seq_id: int):
+        self.b = builder
+        self.id = seq_id
+        self.first = True
+        self.names: dict[str, int] = {}
+        self.cats: dict[str, int] = {}
+        self.strings: dict[str, int] = {}
+
+    def packet(self, ts: int) -> TracePacket:
+        p = self.b.create_packet()
+        p.timestamp = ts
+        p.trusted_packet_sequence_id = self.id
+        if self.first:
+            p.sequence_flags = CLEARED | NEEDS
+            for n, i in ARG_IID.items():
+                p.interned_data.debug_annotation_names.add(iid=i, name=n)
+            self.first = False
+        else:
+            p.sequence_flags = NEEDS
+        return p
+
+    def intern(self, p: TracePacket, table: dict[str, int], kind: str, value: str) -> int:
+        iid = table.get(value)
+        if iid is None:
+            iid = table[value] = len(table) + 1
+            getattr(p.interned_data, kind).add(iid=iid, **{
+                "event_categories": {"name": value}, "event_names": {"name": value},
+                "debug_annotation_string_values": {"str": value.encode()}}[kind])
+        return iid
+
+    def event(self, ts: int, track: int, typ: int, name: str | None = None,
+              cat: str | None = None, args: dict[str, Any] | None = None) -> None:
+        p = self.packet(ts)
+        te = p.track_event
+        te.type = typ
+        te.track_uuid = track
+        if name is not None:
+            te.name_iid = self.intern(p, self.names, "event_names", name)
+        if cat is not None:
+            te.category_iids.append(self.intern(p, self.cats, "event_categories", cat))
+        for k, v in (args or {}).items():
+            a = te.debug_annotations.add()
+            a.name_iid = ARG_IID[k]
+            if k in STRING_ARGS:
+                a.string_value_iid = self.intern(p, self.strings,
+                                                 "debug_annotation_string_values", str(v))
+            elif isinstance(v, bool):
+                a.bool_value = v
+            else:
+                a.int_value = int(v)
+        self.b.write_packet(p)
+
+
+def _describe(b: StreamingTraceProtoBuilder, uuid: int, name: str, parent: int | None,
+              order: int) -> None:
+    p = b.create_packet()
+    d = p.track_descriptor
+    d.uuid = uuid
+    d.name = name
+    if parent is not None:
+        d.parent_uuid = parent
+    d.child_ordering = TrackDescriptor.EXPLICIT
+    d.sibling_order_rank = order
+    b.write_packet(p)
+
+
+def _args(row: tuple) -> dict[str, Any]:
+    out = {}
+    for k in ("call", "comm", "seq", "bytes", "kernel", "step"):
+        v = row[_COL[k]]
+        if v is not None:
+            out[k] = v
+    if row[_COL["in_flight"]]:
+        out["in_flight"] = True
+    if row[_COL["clipped"]]:
+        out["clipped"] = True
+    return out
+
+
+def dump_perfetto(trace: Trace, fh: IO[bytes], progress: Progress | None = None) -> int:
+    """Write `trace` to the binary file `fh` (module doc); return the number of trace events
+    (slices and instants, each counted once)."""
+    b = StreamingTraceProtoBuilder(fh)
+    n = 0
+    i_track, i_ts, i_end, i_name, i_cat = (_COL[c] for c in
+                                           ("track", "ts_ns", "end_ns", "name", "cat"))
+    for i, part in enumerate(trace.parts(), 1):
+        root = ROOT_UUID + part.rank
+        _describe(b, root, part.name, None, part.rank)
+        for t in part.tracks:
+            _describe(b, t.uuid, t.name, root, t.tid)
+        seq: _Sequence | None = None
+        stack: list[int] = []
+        for chunk in part.events.iter_slices(CHUNK_ROWS):
+            for row in chunk.iter_rows():
+                track = row[i_track]
+                if seq is None or seq.id != track:
+                    while stack and seq is not None:
+                        seq.event(stack.pop(), seq.id, END)
+                    seq = _Sequence(b, track)
+                ts, end = row[i_ts], row[i_end]
+                while stack and stack[-1] <= ts:
+                    seq.event(stack.pop(), track, END)
+                seq.event(ts, track, INSTANT if end is None else BEGIN, row[i_name],
+                          row[i_cat], _args(row))
+                if end is not None:
+                    stack.append(end)
+            n += chunk.height
+            if progress:
+                progress(i, len(trace.ranks), n)
+        while stack and seq is not None:
+            seq.event(stack.pop(), seq.id, END)
+    if trace.findings:
+        _describe(b, FINDINGS_UUID, "findings", None, -1)
+        seq = _Sequence(b, FINDINGS_SEQ)
+        for f in sorted(trace.findings, key=lambda f: f.ts_ns):
+            seq.event(f.ts_ns, FINDINGS_UUID, INSTANT, f.name, "finding",
+                      {"summary": f.summary})
+            n += 1
+    return n
+
+
+def write_perfetto_trace(path: str, recordings: Sequence[Recording], report=None,
+                         progress: Progress | None = None) -> int:
+    """Write the Perfetto trace to `path` (atomically, as `chrome.write_chrome_trace`);
+    return the number of trace events."""
+    trace = build_trace(recordings, report)
+    return write_atomically(path, "wb", lambda fh: dump_perfetto(trace, fh, progress))
