@@ -83,9 +83,7 @@ def chrome_trace(
 def dump_chrome(trace: Trace, fh: IO[str], progress: Progress | None = None) -> int:
     """Write `trace` as JSON to `fh`, a chunk of events at a time; return the event count."""
     enc = json.JSONEncoder(separators=(",", ":"))
-    fh.write('{"displayTimeUnit":"ms","metadata":')
-    fh.write(enc.encode(_metadata(trace)))
-    fh.write(',"traceEvents":[\n')
+    fh.write('{"traceEvents":[\n')
     n = 0
     buf: list[str] = []
     for ev in chrome_events(trace, progress):
@@ -96,7 +94,9 @@ def dump_chrome(trace: Trace, fh: IO[str], progress: Progress | None = None) -> 
             buf = []
     if buf:
         fh.write(("," if n > len(buf) else "") + ",\n".join(buf))
-    fh.write("\n]}\n")
+    fh.write('\n],"displayTimeUnit":"ms","metadata":')
+    fh.write(enc.encode(_metadata(trace)))
+    fh.write("}\n")
     return n
 
 
