@@ -8,7 +8,7 @@ import sys
 import click
 
 from argus.analyze.report import DEFAULT_HANG_AFTER_S, diagnose
-from argus.errors import OutputNotWritable, cannot_read
+from argus.errors import ArgusError, OutputNotWritable, cannot_read
 from argus.present.trace_export import ExportProgress, build_trace, write_atomically
 from argus.recording.io import load_recording
 
@@ -66,7 +66,12 @@ def command(dirs: tuple[str, ...], fmt: str, output: str) -> None:
         del recordings
         try:
             if fmt == "perfetto":
-                from argus.present.perfetto import dump_perfetto
+                try:
+                    from argus.present.perfetto import dump_perfetto
+                except ImportError as err:
+                    raise ArgusError(f"Cannot write {output}: the perfetto package is not "
+                                     f"installed ({err.name}).",
+                                     "pip install perfetto, or export with -f chrome.") from err
 
                 n = write_atomically(output, "wb", lambda fh: dump_perfetto(trace, fh, progress))
             else:
