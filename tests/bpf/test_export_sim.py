@@ -16,18 +16,31 @@ from click.testing import CliRunner
 from helpers.trace_check import check_calls, check_tracks, read_chrome, read_perfetto
 
 from argus.cli import export as export_cmd
-from argus.cli.demo import run_demo
+from argus.collect.session import run_session
+from argus.collect.tracer import TraceOptions
 from argus.recording.io import load_recording
+from argus.sim.launcher import SimConfig, start_job
 
 pytestmark = pytest.mark.bpf
 
 
 @pytest.fixture(scope="module")
 def hung(tmp_path_factory):
+    """Record the job until 8 s after argus attached (the hang comes at step 2, ~0.2 s in),
+    then stop it. The job has no timeout of its own: bcc may compile for long on a loaded
+    machine, and the ranks wait for the go file until argus is attached."""
     tmp = tmp_path_factory.mktemp("export")
-    # the hang early (step 2): the attach lasts a fixed time after it (run_demo), so an
-    # early hang is reached even on a loaded machine
-    _report, _truth, result = run_demo(4, ["hang:rank=3,start=2"], 30, tmp / "rec")
+    go = tmp / "go"
+    cfg = SimConfig(ranks=4, steps=30, faults=["hang:rank=3,start=2"], wait_go=str(go),
+                    truth=str(tmp / "truth.json"), quiet=True)
+    job = start_job(cfg)
+    try:
+        job.wait_ready()
+        result = run_session([job.launcher_pid], tmp / "rec", TraceOptions(), duration_s=8.0,
+                             on_started=lambda tracer: go.touch())
+    finally:
+        if job.proc.poll() is None:
+            job.terminate()
     return result.path, tmp
 
 
