@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -220,7 +221,9 @@ def _check(cap, cmd: str, d: Path, root: Path) -> int:
     elif cmd == "export":
         trace = json.loads(out.read_text())
         assert stdout == ""
-        assert err == f"argus: wrote {len(trace['traceEvents'])} trace events to {out}\n"
+        assert re.fullmatch(rf"argus: wrote {len(trace['traceEvents'])} trace events to "
+                            rf"{re.escape(str(out))} \([\d.]+ [kMG]?B, chrome, [\d.]+ s\)\n",
+                            err), err
         assert _snapshot(root).keys() - before.keys() == {out.name}
     else:  # summarize
         assert stdout == "" and err.startswith(f"argus: {d / DIR}: ") and err.count("\n") == 1
