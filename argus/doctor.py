@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from argus.collect import identity as rank_ids
 from argus.collect import procfs
 from argus.collect.features import (
     CAP_BPF,
@@ -146,7 +147,7 @@ def inspect_process(
             expect_rank = False  # not a rank: no identity to expect
 
     try:
-        identity = procfs.rank_identity(tgid, proc_root)
+        identity = rank_ids.rank_identity(tgid, proc_root)
     except TargetNotFound as err:
         return [*checks, Check(f"rank {tgid}", Status.FAIL, err.message, err.remedy)], info
     info["identity"] = identity

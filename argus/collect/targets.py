@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from argus.collect import abi, procfs
+from argus.collect import abi, identity, procfs
 from argus.errors import NotATrainingProcess, TargetNotFound
 
 # torchrun imports torch, so it maps libtorch_cpu like its ranks: recognised by name.
@@ -60,7 +60,7 @@ class Target:
 
     def identify(self, proc_root: str) -> None:
         """Now traced: its rank identity (an allowlist of the environment) and executable."""
-        ident = procfs.rank_identity(self.tgid, proc_root)
+        ident = identity.rank_identity(self.tgid, proc_root)
         if self.rank is None:
             self.rank = ident["rank"]
         self.local_rank, self.world_size = ident["local_rank"], ident["world_size"]
@@ -113,7 +113,7 @@ def is_rank_launcher(tgid: int, proc_root: str = "/proc") -> bool:
     its command line is torchrun (or python -m torch.distributed.run/launch), or one of its
     children has a rank in its environment (the launcher set RANK for it)."""
     try:
-        if procfs.rank_identity(tgid, proc_root)["rank"] is not None:
+        if identity.rank_identity(tgid, proc_root)["rank"] is not None:
             return False
         argv = procfs.cmdline(tgid, proc_root)
         if any(os.path.basename(a) in LAUNCHER_NAMES for a in argv[:2]):
@@ -122,7 +122,7 @@ def is_rank_launcher(tgid: int, proc_root: str = "/proc") -> bool:
             if a == "-m" and argv[i + 1] in LAUNCHER_MODULES:
                 return True
         return any(
-            procfs.rank_identity(c, proc_root)["rank"] is not None
+            identity.rank_identity(c, proc_root)["rank"] is not None
             for c in procfs.children(tgid, proc_root)
         )
     except (TargetNotFound, OSError):

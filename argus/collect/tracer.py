@@ -32,7 +32,7 @@ from types import MappingProxyType
 import polars as pl
 
 from argus import __version__
-from argus.collect import abi, c10d, features, procfs, targets
+from argus.collect import abi, c10d, features, identity, procfs, targets
 from argus.collect.bcc_adapter import BpfSession
 from argus.collect.channels import (
     BPF_CHANNELS,
@@ -254,7 +254,7 @@ class Tracer:
             t.libraries = [lib.to_dict() for lib in libs]
             return  # its ranks are watched through it; it is not probed itself
         if t.launcher and not t.traced and t.worker_of is None:
-            t.worker_of = procfs.worker_of(t.tgid, self.opts.proc_root)
+            t.worker_of = identity.worker_of(t.tgid, self.opts.proc_root)
         if t.worker_of is not None:
             return  # a worker of a rank (forked with its RANK): not a second rank
         for lib in new:
