@@ -9,6 +9,7 @@ import click
 
 from argus.analyze.compress import build_summaries
 from argus.analyze.diagnosis import DEFAULT_HANG_AFTER_S, diagnose
+from argus.collect.channels import SWITCHES, check_switches
 from argus.collect.session import default_output_dir, run_session
 from argus.collect.tracer import TraceOptions, Tracer
 from argus.errors import UsageError
@@ -17,13 +18,18 @@ from argus.recording.io import load_recording
 from argus.recording.summaries import write_summaries
 
 
-def channels_from_flags(no_cuda: bool, no_nccl: bool, no_torch: bool, no_cpu: bool,
-                        no_host: bool = False) -> tuple[str, ...]:
-    off = {"cuda": no_cuda, "nccl": no_nccl, "torch": no_torch, "cpu": no_cpu, "host": no_host}
-    chans = tuple(c for c, disabled in off.items() if not disabled)
-    if not [c for c in chans if c != "host"]:  # host context alone explains nothing
-        raise UsageError("every channel is switched off: nothing to trace.")
+def channels_from_flags(flags: dict[str, bool]) -> tuple[str, ...]:
+    """The switches (argus.collect.channels.SWITCHES) whose --no-NAME flag is not given."""
+    chans = tuple(c for c in SWITCHES if not flags.get(f"no_{c}"))
+    check_switches(chans)  # host context alone explains nothing
     return chans
+
+
+def channel_flags(fn):
+    """One --no-NAME flag per channel switch, in the registry's order."""
+    for name, help_text in reversed(SWITCHES.items()):
+        fn = click.option(f"--no-{name}", f"no_{name}", is_flag=True, help=help_text)(fn)
+    return fn
 
 
 def describe_targets(tracer: Tracer) -> str:
@@ -114,13 +120,7 @@ Examples:
               help="Recording directory (default: ./argus-HOST-DATE-TIME).")
 @click.option("-F", "--frequency", type=int, default=49, show_default=True, metavar="HZ",
               help="CPU stack sampling frequency.")
-@click.option("--no-cuda", is_flag=True, help="Do not probe the CUDA runtime/driver.")
-@click.option("--no-nccl", is_flag=True, help="Do not probe NCCL.")
-@click.option("--no-torch", is_flag=True, help="Do not probe PyTorch c10d / autograd.")
-@click.option("--no-cpu", is_flag=True, help="Do not sample CPU stacks.")
-@click.option("--no-host", is_flag=True,
-              help="Do not record host context (CPU contention, off-CPU stacks, TCP "
-              "retransmits, OOM kills, block I/O).")
+@channel_flags
 @click.option("--no-gpu", is_flag=True, help="Do not sample GPU counters (NVML).")
 @click.option("--gpu-interval", type=float, default=1.0, show_default=True, metavar="SECONDS",
               help="NVML sampling period per GPU (clocks, throttle reasons, power, ...).")
@@ -131,9 +131,8 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as one JSON object.")
 @click.option("--no-summaries", is_flag=True,
               help="Do not write the per-rank-per-step summaries (DIR/summaries/).")
-def command(pids, duration, output, frequency, no_cuda, no_nccl, no_torch, no_cpu,
-            ringbuf_mb, hang_after, as_json, no_gpu=False, gpu_interval=1.0,
-            no_host=False, no_summaries=False) -> int:
+def command(pids, duration, output, frequency, ringbuf_mb, hang_after, as_json, no_gpu=False,
+            gpu_interval=1.0, no_summaries=False, **channel_off) -> int:
     """Trace running training processes (ranks, or a launcher such as torchrun).
 
     Probes the CUDA runtime and driver, NCCL and PyTorch c10d in every rank, samples CPU
@@ -149,7 +148,7 @@ def command(pids, duration, output, frequency, no_cuda, no_nccl, no_torch, no_cp
     if not 0.01 <= gpu_interval <= 3600:
         raise UsageError("--gpu-interval must be between 0.01 and 3600 seconds.")
     opts = TraceOptions(
-        channels=channels_from_flags(no_cuda, no_nccl, no_torch, no_cpu, no_host),
+        channels=channels_from_flags(channel_off),
         sample_hz=frequency,
         ringbuf_mb=ringbuf_mb,
         gpu_interval_s=None if no_gpu else gpu_interval,

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from argus.collect.pystacks import ProcessStacks, dump_process, expand_targets, where
+from argus.collect.pyspy_dumps import ProcessStacks, dump_process, expand_targets, where
 from argus.errors import ArgusError, UsageError
 
 

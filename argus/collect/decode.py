@@ -92,6 +92,20 @@ class DecodeContext:
             self.comm_ids[key] = cid
         return cid
 
+    def split_ordinal(self, tgid: int, parent: str) -> int:
+        """The how-manyth split of communicator `parent` in process tgid this is (0, 1, ...)."""
+        n = self._splits.get((tgid, parent), 0)
+        self._splits[(tgid, parent)] = n + 1
+        return n
+
+    def bucket_index(self, tgid: int, bucket: int) -> int:
+        """A DDP gradient bucket's number in its process, by first call (the same every
+        step)."""
+        key = (tgid, bucket)
+        if key not in self._buckets:
+            self._buckets[key] = sum(1 for t, _p in self._buckets if t == tgid)
+        return self._buckets[key]
+
 
 def _split_id(parent: str, color: int, ordinal: int) -> str:
     return f"{parent}/split{ordinal}.c{color}"
@@ -233,18 +247,47 @@ def rows_to_frame(rows: list[dict]) -> pl.DataFrame:
 
 
 def decode_call(call, text: str | None, ctx: DecodeContext, in_flight: bool) -> dict | None:
-    """One record (a numpy void of CALL_DTYPE, or a ctypes Frame-like) -> an events row."""
+    """One record (a numpy void of CALL_DTYPE, or a ctypes Frame-like) -> an events row:
+    the columns every call has (`_base_row`), those its captured arguments give
+    (`_argument_columns`), then what its kind adds or updates in ctx (`_KIND_DECODERS`;
+    any other call on a communicator gets the communicator's id: `_comm_columns`)."""
     ref = ctx.probes.get(int(call["probe_id"]))
     if ref is None:
         return None
     spec = ref.spec
-    tgid = int(call["tgid"])
     args = [int(a) for a in call["args"]]
     a = {name: args[slot] for name, slot in spec.args.items()}
-    dur = None if (in_flight or not spec.exit) else int(call["dur_ns"])
+    row = _base_row(call, ref, ctx, in_flight)
+    _argument_columns(row, a, ctx)
+    out = int(call["out"]) if "out" in call.dtype.names else 0
+    kind_decoder = _KIND_DECODERS.get(spec.kind)
+    call_ = _Call(row["tgid"], spec, a, out, int(call["uid_hash"]), text, in_flight)
+    if kind_decoder is None or not kind_decoder(row, call_, ctx):
+        _comm_columns(row, call_, ctx)
+    return row
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What the kind decoders read of one record."""
+
+    tgid: int
+    spec: ProbeSpec
+    args: dict[str, int]  # captured argument name -> raw value
+    out: int  # the value the call wrote through its output pointer (0: none)
+    uid_hash: int
+    text: str | None  # the captured string (argus_call_str), if any
+    in_flight: bool
+
+
+def _base_row(call, ref: ProbeRef, ctx: DecodeContext, in_flight: bool) -> dict:
+    """The columns of every call: times, process, probe, return value, sequence number."""
+    spec = ref.spec
+    tgid = int(call["tgid"])
+    done = not in_flight and spec.exit
     row: dict = {
         "ts_ns": int(call["ts_ns"]),
-        "dur_ns": dur,
+        "dur_ns": int(call["dur_ns"]) if done else None,
         "in_flight": in_flight,
         "tgid": tgid,
         "tid": int(call["tid"]),
@@ -252,11 +295,18 @@ def decode_call(call, text: str | None, ctx: DecodeContext, in_flight: bool) -> 
         "channel": spec.channel,
         "name": ref.name,
         "op": spec.op,
-        "ret": None if (in_flight or not spec.exit) else _signed32(int(call["ret"])),
+        "ret": _signed32(int(call["ret"])) if done else None,
     }
     seq = int(call["seq"])
     if seq >= 0:
         row["seq"] = seq
+    return row
+
+
+def _argument_columns(row: dict, a: dict[str, int], ctx: DecodeContext) -> None:
+    """Columns straight from captured arguments: stream, kernel, bytes, copy kind, NCCL
+    count / datatype (-> bytes) / reduction, peer or root."""
+    tgid = row["tgid"]
     if "stream" in a:
         row["stream"] = a["stream"]
     if "kernel" in a:
@@ -274,58 +324,110 @@ def decode_call(call, text: str | None, ctx: DecodeContext, in_flight: bool) -> 
             row["dtype"] = dt[0]
             row["bytes"] = a["count"] * dt[1]
     if "redop" in a:
-        row["redop"] = NCCL_REDOPS.get(a["redop"] & 0xFFFFFFFF, f"op{a['redop'] & 0xFFFFFFFF}")
+        op = a["redop"] & 0xFFFFFFFF
+        row["redop"] = NCCL_REDOPS.get(op, f"op{op}")
     if "peer" in a:
         row["peer"] = _signed32(a["peer"])
     if "root" in a:
         row["peer"] = _signed32(a["root"])
 
-    kind = spec.kind
-    out = int(call["out"]) if "out" in call.dtype.names else 0
-    if kind == "comm_init" and not in_flight:
-        rank = _signed32(a["rank"]) if "rank" in a else None
-        nranks = _signed32(a["nranks"]) if "nranks" in a else None
-        uid = int(call["uid_hash"])
-        cid = f"{uid:016x}" if "uid" in spec.args else f"t{tgid}c{out:x}"
-        ctx.comm_ids[(tgid, out)] = cid
-        ctx.comm_info[(tgid, out)] = (rank, nranks)
-        row.update(comm=cid, comm_rank=rank, comm_nranks=nranks)
-        if ctx.on_comm_init is not None:
-            ctx.on_comm_init(tgid, cid, rank, nranks)
-    elif kind == "comm_split" and not in_flight:
-        parent = ctx.comm_id(tgid, a["parent_comm"], kind)
-        ordinal = ctx._splits.get((tgid, parent), 0)
-        ctx._splits[(tgid, parent)] = ordinal + 1
-        color = _signed32(a.get("color", 0))
-        cid = _split_id(parent, color, ordinal)
-        if color >= 0 and out:  # NCCL_SPLIT_NOCOLOR (-1) makes no communicator
-            ctx.comm_ids[(tgid, out)] = cid
-        row.update(comm=cid)
-    elif kind == "module" and not in_flight:
-        if text:
-            ctx.handle_names[(tgid, out)] = text
-        row["kernel"] = text
-    elif kind == "malloc" and not in_flight:
-        if out and row.get("ret") == 0:
-            ctx.alloc_bytes[(tgid, out)] = a.get("bytes", 0)
-    elif kind == "free" and "ptr" in a:
-        # cudaFree gets a pointer: its size is what the cudaMalloc that returned it asked for.
-        row["bytes"] = ctx.alloc_bytes.pop((tgid, a["ptr"]), None)
-    elif kind == "ddp_bucket" and "ptr" in a:
-        # a DDP gradient bucket, numbered per process by first call (the same every step)
-        key = (tgid, a["ptr"])
-        if key not in ctx._buckets:
-            ctx._buckets[key] = sum(1 for t, _p in ctx._buckets if t == tgid)
-        row["seq"] = ctx._buckets[key]
-    elif kind == "device" and "device" in a:
-        ctx.devices[tgid] = _signed32(a["device"])
-    elif "comm" in a:
-        handle = a["comm"]
-        row["comm"] = ctx.comm_id(tgid, handle, kind)
-        info = ctx.comm_info.get((tgid, handle))
-        if info is not None:
-            row["comm_rank"], row["comm_nranks"] = info
-    return row
+
+# Each kind decoder returns False when the record is not its case (in flight, or without
+# the argument it needs): the record is then decoded as a call on a communicator.
+def _comm_init(row: dict, c: _Call, ctx: DecodeContext) -> bool:
+    """ncclCommInitRank & co: the new communicator's id (the ncclUniqueId's hash, the same
+    on every rank), its rank and size; tells ctx.on_comm_init (a rank learnt here)."""
+    if c.in_flight:
+        return False
+    a = c.args
+    rank = _signed32(a["rank"]) if "rank" in a else None
+    nranks = _signed32(a["nranks"]) if "nranks" in a else None
+    cid = f"{c.uid_hash:016x}" if "uid" in c.spec.args else f"t{c.tgid}c{c.out:x}"
+    ctx.comm_ids[(c.tgid, c.out)] = cid
+    ctx.comm_info[(c.tgid, c.out)] = (rank, nranks)
+    row.update(comm=cid, comm_rank=rank, comm_nranks=nranks)
+    if ctx.on_comm_init is not None:
+        ctx.on_comm_init(c.tgid, cid, rank, nranks)
+    return True
+
+
+def _comm_split(row: dict, c: _Call, ctx: DecodeContext) -> bool:
+    """ncclCommSplit: the child is named after its parent, the split's ordinal and color."""
+    if c.in_flight:
+        return False
+    parent = ctx.comm_id(c.tgid, c.args["parent_comm"], c.spec.kind)
+    ordinal = ctx.split_ordinal(c.tgid, parent)
+    color = _signed32(c.args.get("color", 0))
+    cid = _split_id(parent, color, ordinal)
+    if color >= 0 and c.out:  # NCCL_SPLIT_NOCOLOR (-1) makes no communicator
+        ctx.comm_ids[(c.tgid, c.out)] = cid
+    row.update(comm=cid)
+    return True
+
+
+def _module(row: dict, c: _Call, ctx: DecodeContext) -> bool:
+    """cuModuleGetFunction: the CUfunction handle's kernel name (later launches by handle)."""
+    if c.in_flight:
+        return False
+    if c.text:
+        ctx.handle_names[(c.tgid, c.out)] = c.text
+    row["kernel"] = c.text
+    return True
+
+
+def _malloc(row: dict, c: _Call, ctx: DecodeContext) -> bool:
+    """cudaMalloc: the size of each pointer it returned (for the cudaFree of it)."""
+    if c.in_flight:
+        return False
+    if c.out and row.get("ret") == 0:
+        ctx.alloc_bytes[(c.tgid, c.out)] = c.args.get("bytes", 0)
+    return True
+
+
+def _free(row: dict, c: _Call, ctx: DecodeContext) -> bool:
+    """cudaFree gets a pointer: its size is what the cudaMalloc that returned it asked for."""
+    if "ptr" not in c.args:
+        return False
+    row["bytes"] = ctx.alloc_bytes.pop((c.tgid, c.args["ptr"]), None)
+    return True
+
+
+def _ddp_bucket(row: dict, c: _Call, ctx: DecodeContext) -> bool:
+    """A DDP gradient bucket, numbered per process by first call (the same every step)."""
+    if "ptr" not in c.args:
+        return False
+    row["seq"] = ctx.bucket_index(c.tgid, c.args["ptr"])
+    return True
+
+
+def _device(row: dict, c: _Call, ctx: DecodeContext) -> bool:
+    """cudaSetDevice: the process's CUDA ordinal (joins ranks to GPUs)."""
+    if "device" not in c.args:
+        return False
+    ctx.devices[c.tgid] = _signed32(c.args["device"])
+    return True
+
+
+def _comm_columns(row: dict, c: _Call, ctx: DecodeContext) -> None:
+    """A call on a communicator (collective, p2p, c10d group method): its id, rank, size."""
+    if "comm" not in c.args:
+        return
+    handle = c.args["comm"]
+    row["comm"] = ctx.comm_id(c.tgid, handle, c.spec.kind)
+    info = ctx.comm_info.get((c.tgid, handle))
+    if info is not None:
+        row["comm_rank"], row["comm_nranks"] = info
+
+
+_KIND_DECODERS: dict[str, Callable[[dict, _Call, DecodeContext], bool]] = {
+    "comm_init": _comm_init,
+    "comm_split": _comm_split,
+    "module": _module,
+    "malloc": _malloc,
+    "free": _free,
+    "ddp_bucket": _ddp_bucket,
+    "device": _device,
+}
 
 
 def pair_completions(events: pl.DataFrame, work: set[str], done: set[str]) -> pl.DataFrame:

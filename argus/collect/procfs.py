@@ -1,8 +1,9 @@
-"""Process inspection through /proc: does a target exist, what it maps, which rank it is.
+"""Process inspection through /proc: does a target exist, what it is, what it maps.
 
 Every function takes `proc_root` (default "/proc") so tests can build a fake /proc tree.
-Security: only what argus needs is read. `rank_identity` parses /proc/PID/environ and keeps
-only `ENV_ALLOWLIST`; nothing else from the environment is returned, stored or logged.
+Security: only what argus needs is read. The rank identity (the allowlisted environment)
+lives in argus.collect.identity; its names are still found here until every caller imports
+them from there (`__getattr__` below).
 `cmdline` returns the raw argv for launcher discovery only: never record or print it whole
 (command lines can carry secrets).
 """
@@ -47,7 +48,7 @@ def _missing(tgid: int) -> TargetNotFound:
     return err
 
 
-def _read_proc(tgid: int, name: str, proc_root: str | os.PathLike[str]) -> bytes:
+def read_proc(tgid: int, name: str, proc_root: str | os.PathLike[str]) -> bytes:
     """Read /proc/TGID/NAME; a vanished process becomes TargetNotFound(reason="missing")."""
     try:
         return _read(_pdir(tgid, proc_root) / name)
@@ -103,7 +104,7 @@ def process_state(
         raise _missing(tgid)
     euid = os.geteuid() if euid is None else euid
     try:
-        status = _status_fields(_read_proc(tgid, "status", proc_root).decode("utf-8", "replace"))
+        status = _status_fields(read_proc(tgid, "status", proc_root).decode("utf-8", "replace"))
     except PermissionError as e:  # hidepid=1 style mounts
         raise _access_error(tgid, "no_permission", None) from e
     if status.get("Tgid") and status["Tgid"] != str(tgid):
@@ -126,7 +127,7 @@ def process_state(
     access: Access = "readable"
     for name in ("maps", "environ"):
         try:
-            _read_proc(tgid, name, proc_root)
+            read_proc(tgid, name, proc_root)
         except PermissionError:
             access = "other_user" if (euid != 0 and uid != euid) else "no_permission"
             break
@@ -229,7 +230,7 @@ def _access_error(tgid: int, access: Access, uid: int | None) -> TargetNotFound:
 
 def comm(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> str:
     """The process name (/proc/TGID/comm, at most 15 characters)."""
-    return _read_proc(tgid, "comm", proc_root).decode("utf-8", "replace").rstrip("\n")
+    return read_proc(tgid, "comm", proc_root).decode("utf-8", "replace").rstrip("\n")
 
 
 def exe(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> str | None:
@@ -250,7 +251,7 @@ def cmdline(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> list[str]
 
     For launcher discovery (is this torchrun?) only: never print or record it whole.
     """
-    raw = _read_proc(tgid, "cmdline", proc_root)
+    raw = read_proc(tgid, "cmdline", proc_root)
     return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a] if raw else []
 
 
@@ -541,7 +542,7 @@ def mapped_libraries(tgid: int, proc_root: str | os.PathLike[str] = "/proc",
     path, in the order first mapped. `maps_text`: /proc/TGID/maps as the caller read it.
     """
     text = maps_text if maps_text is not None else (
-        _read_proc(tgid, "maps", proc_root).decode("utf-8", "replace"))
+        read_proc(tgid, "maps", proc_root).decode("utf-8", "replace"))
     by_path: dict[str, list[Mapping]] = {}
     for m in parse_maps(text):
         if library_family(m.path) is not None:
@@ -574,130 +575,19 @@ def is_training_process(libraries: list[MappedLibrary]) -> bool:
     return any(lib.name in TRAINING_FAMILIES for lib in libraries)
 
 
-# ---------------------------------------------------------------------------------------------
-# Rank identity
-
-# The only environment variables argus ever reads. Nothing else leaves /proc/TGID/environ.
-ENV_ALLOWLIST: tuple[str, ...] = (
-    # torch.distributed / torchrun
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "NODE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_RESTART_COUNT",
-    "CUDA_VISIBLE_DEVICES",
-    # Slurm
-    "SLURM_JOB_ID",
-    "SLURM_PROCID",
-    "SLURM_LOCALID",
-    "SLURM_NTASKS",
-    "SLURM_NODEID",
-    # Open MPI / PMI
-    "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_LOCAL_RANK",
-    "OMPI_COMM_WORLD_SIZE",
-    "PMI_RANK",
-    "PMI_SIZE",
-    # Kubernetes (downward API names used by the Kubeflow training operator and friends)
-    "POD_NAME",
-    "POD_NAMESPACE",
-)
-
-# Where each identity field comes from, first present wins.
-_RANK_KEYS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
-_LOCAL_RANK_KEYS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
-_WORLD_SIZE_KEYS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
-
-_MAX_VALUE_CHARS = 256
-
-
-def parse_environ(raw: bytes, allowlist: tuple[str, ...] = ENV_ALLOWLIST) -> dict[str, str]:
-    """Allowlisted NAME=value pairs of a NUL-separated environ block; all others dropped."""
-    allowed = set(allowlist)
-    out: dict[str, str] = {}
-    for entry in raw.split(b"\0"):
-        name, sep, value = entry.partition(b"=")
-        if not sep:
-            continue
-        key = name.decode("ascii", "replace")
-        if key in allowed:
-            out[key] = value.decode("utf-8", "replace")[:_MAX_VALUE_CHARS]
-    return out
-
-
-def _first_int(env: dict[str, str], keys: tuple[str, ...]) -> tuple[int | None, str | None]:
-    for key in keys:
-        value = env.get(key)
-        if value is None:
-            continue
-        try:
-            return int(value.strip()), key
-        except ValueError:
-            continue
-    return None, None
-
-
-def rank_of_env(env: dict[str, str]) -> int | None:
-    """The rank an allowlisted environment names (see rank_identity), else None."""
-    return _first_int(env, _RANK_KEYS)[0]
-
-
-def rank_identity(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> dict[str, object]:
-    """The rank identity of a process, from the allowlisted part of its environment only.
-
-    Returns {"rank", "local_rank", "world_size": int or None, "source": the variable the
-    rank came from or None, "env": {name: value} for names in ENV_ALLOWLIST}. The rank is
-    the first integer of RANK, OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID (torchrun's RANK
-    wins over the Slurm task id of the launcher); likewise for local rank and world size.
-    /proc/TGID/environ is the environment at exec time.
-    """
-    env = parse_environ(_read_proc(tgid, "environ", proc_root))
-    rank, source = _first_int(env, _RANK_KEYS)
-    local_rank, _ = _first_int(env, _LOCAL_RANK_KEYS)
-    world_size, _ = _first_int(env, _WORLD_SIZE_KEYS)
-    return {
-        "rank": rank,
-        "local_rank": local_rank,
-        "world_size": world_size,
-        "source": source,
-        "env": env,
-    }
-
-
 def parent(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> int | None:
     """The parent process (ppid from /proc/TGID/stat); None when unknown."""
-    return _stat_ppid(_read_proc(tgid, "stat", proc_root))
+    return _stat_ppid(read_proc(tgid, "stat", proc_root))
 
 
-def worker_of(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> int | None:
-    """The rank process this one is a worker of, else None.
+# The rank identity moved to argus.collect.identity; these names are forwarded there.
+_IDENTITY_NAMES = frozenset({"ENV_ALLOWLIST", "parse_environ", "rank_of_env", "rank_identity",
+                             "worker_of"})
 
-    A process is a worker of its parent when both have the same rank identity (a rank, and
-    the same rank / local rank / world size from the allowlisted environment) and the parent
-    itself maps the training libraries: PyTorch DataLoader workers (forked, or spawned with
-    the environment inherited), a rank's compile workers. They are not ranks: tracing them
-    as such would make a second rank with the same number. A rank started by a wrapper
-    (a shell script with RANK set running python) is still a rank: the wrapper maps no
-    training library. A rank whose parent is a training process with the same RANK (a
-    Python launcher that set its own RANK and runs the trainer as a child) is taken for a
-    worker: a limit, docs/daemon.md."""
-    try:
-        mine = rank_identity(tgid, proc_root)
-        if mine["rank"] is None:
-            return None
-        ppid = parent(tgid, proc_root)
-        if ppid is None or ppid <= 1:
-            return None
-        theirs = rank_identity(ppid, proc_root)
-        same = all(mine[k] == theirs[k] for k in ("rank", "local_rank", "world_size"))
-        if not same or not is_training_process(mapped_libraries(ppid, proc_root)):
-            return None
-    except (TargetNotFound, OSError):
-        return None
-    return ppid
+
+def __getattr__(name: str):
+    if name in _IDENTITY_NAMES:
+        from argus.collect import identity  # noqa: PLC0415 - identity imports this module
+
+        return getattr(identity, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import polars as pl
 
-from argus.collect import procfs
-from argus.collect import pystacks as pystacks_mod
-from argus.collect.nvml import GpuSampler, assign_ranks, disabled
+from argus.collect import features, procfs, pyspy_dumps
+from argus.collect.channels import GpuChannel
 from argus.collect.tracer import TraceOptions, Tracer
-from argus.errors import KernelFeatureMissing, OutputNotWritable, ProbeAttachFailed
+from argus.errors import OutputNotWritable, ProbeAttachFailed
 from argus.recording.io import Recording
 from argus.recording.parts import PART_S, PartWriter, merge_parts
 
@@ -42,8 +41,6 @@ def yield_to_the_job(nice: int = TRACING_NICE) -> None:
             os.setpriority(os.PRIO_PROCESS, int(tid), max(now, nice))
         except (OSError, ValueError):  # a thread that ended meanwhile
             pass
-
-UPROBE_PMU = "/sys/bus/event_source/devices/uprobe/type"
 
 
 @dataclass
@@ -75,15 +72,9 @@ def prepare_output(path: Path) -> Path:
 
 
 def check_kernel_features() -> None:
-    tracefs = any(
-        os.path.exists(p) for p in ("/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events")
-    )
-    if not os.path.exists(UPROBE_PMU) and not tracefs:
-        raise KernelFeatureMissing(
-            "this kernel offers no uprobes (no uprobe perf PMU and no tracefs uprobe_events)",
-            remedy="Use a kernel built with CONFIG_UPROBES and CONFIG_UPROBE_EVENTS; "
-            "`argus doctor` checks the rest.",
-        )
+    """The kernel checks of `argus doctor` (kernel config, tracefs or the uprobe PMU), a
+    FAIL raised as KernelFeatureMissing (`features.require_kernel`)."""
+    features.require_kernel()
 
 
 def _hang_pystacks(manifest: dict, events, after_s: float | None):
@@ -92,11 +83,11 @@ def _hang_pystacks(manifest: dict, events, after_s: float | None):
     dump pauses each process for a few ms, so it is taken only when it can explain a hang)."""
     if after_s is None:
         return None
-    blocked = pystacks_mod.blocked_tgids(events, int(manifest["ended_ns"]), after_s)
+    blocked = pyspy_dumps.blocked_tgids(events, int(manifest["ended_ns"]), after_s)
     if not blocked:
         return None
     live = [r for r in manifest.get("ranks", []) if not r.get("exited")]
-    frame, meta = pystacks_mod.capture_ranks(live)
+    frame, meta = pyspy_dumps.capture_ranks(live)
     meta["blocked_tgids"] = blocked
     manifest["pystacks"] = meta
     return frame if meta.get("taken") else None
@@ -109,7 +100,7 @@ def run_session(
     duration_s: float | None = None,
     on_started: Callable[[Tracer], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    pystacks_after_s: float | None = pystacks_mod.HANG_CAPTURE_AFTER_S,
+    pystacks_after_s: float | None = pyspy_dumps.HANG_CAPTURE_AFTER_S,
     part_s: float = PART_S,
 ) -> SessionResult:
     """Attach to tgids, trace until a stop condition, write the recording to `output`.
@@ -134,22 +125,20 @@ def run_session(
     old_term = signal.signal(signal.SIGTERM, on_signal)
     old_int = signal.signal(signal.SIGINT, on_signal)
     ok = False
-    gpu = GpuSampler(opts.gpu_interval_s) if opts.gpu_interval_s else None
+    gpu = GpuChannel(tracer)
     parts = PartWriter(output)
     try:
         tracer.start(plan)
         if tracer.all_exited():  # every target ended before its exit could be traced
             raise procfs.exited_error(plan[0][0])
-        attached = sum(
-            len(p["tgids"]) for p in tracer.probe_status.values() if p["status"] == "attached"
-        )
-        if attached == 0 and not any(t.launcher for t in tracer.targets.values()) and tracer.specs:
+        launchers = any(t.launcher for t in tracer.targets.values())
+        if tracer.attached_count() == 0 and not launchers and tracer.specs:
             tracer.session.close()
             failed = [p for p in tracer.probe_status.values() if p["status"] == "failed"]
-            why = failed[0]["reason"] if failed else "no probe symbol was found in the mapped libraries"
+            why = (failed[0]["reason"] if failed
+                   else "no probe symbol was found in the mapped libraries")
             raise ProbeAttachFailed(f"no probe could be attached: {why}")
-        if gpu is not None:  # NVML absent = one manifest line, never a failure
-            gpu.start()  # its own thread: NVML calls never delay the ring-buffer polling
+        gpu.start()  # NVML absent = one manifest line, never a failure
         yield_to_the_job()
         if on_started is not None:
             on_started(tracer)
@@ -159,7 +148,7 @@ def run_session(
         # placed, which took 1.3 s of a -d 10 run on a busy 2-core box)
         tracer.traced_ns = time.monotonic_ns()
         deadline = None if duration_s is None else now + duration_s
-        next_part, gpu_seen = now + part_s, 0
+        next_part = now + part_s
         while stop["reason"] is None:
             tracer.poll(0.1)
             now = time.monotonic()
@@ -171,23 +160,13 @@ def run_session(
                 stop["reason"] = "requested"
             elif now >= next_part and (deadline is None or deadline - now > PART_SLACK_S):
                 # (a part due within PART_SLACK_S of the end: the final flush writes it)
-                gpu_seen = _write_part(tracer, parts, gpu, gpu_seen)
+                _write_part(tracer, parts, gpu)
                 next_part = time.monotonic() + part_s
         # A second Ctrl-C while flushing must not lose the recording.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         manifest, events, stacks = tracer.finish(stop["reason"], close=False)
-        gpu_frame = None
-        if gpu is None:
-            manifest["gpu"] = disabled("switched off (--no-gpu)")
-        else:
-            manifest["gpu"], gpu_frame, joins = gpu.finish(manifest["ranks"])
-            for r in manifest["ranks"]:
-                if r.get("tgid") in joins:
-                    r["gpu"] = joins[r["tgid"]]
-        manifest["channels"]["gpu"] = bool(manifest["gpu"].get("available"))
-        if not manifest["channels"]["gpu"]:
-            gpu_frame = None  # no gpu.parquet: the manifest line says why
-        host_frame = tracer.host_frame() if "host" in opts.channels else None
+        gpu_frame = gpu.conclude(manifest)  # None: no gpu.parquet, the manifest says why
+        host_frame = tracer.host_frame() if tracer.host_context.on else None
         parts.write(manifest, events, stacks, host=host_frame)
         merged = merge_parts(parts.parts, manifest)
         py_frame = _hang_pystacks(merged.manifest, merged.events, pystacks_after_s)
@@ -196,8 +175,7 @@ def run_session(
         ok = True
         return SessionResult(recording.path, recording.manifest, recording)
     finally:
-        if gpu is not None:
-            gpu.stop()
+        gpu.stop()
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
         if tracer.session is not None:
@@ -207,18 +185,12 @@ def run_session(
             shutil.rmtree(output, ignore_errors=True)
 
 
-def _write_part(tracer: Tracer, parts: PartWriter, gpu: GpuSampler | None, gpu_seen: int) -> int:
+def _write_part(tracer: Tracer, parts: PartWriter, gpu: GpuChannel) -> None:
     """What was traced since the last part -> OUTPUT/parts/ (rows that became final, plus
-    the calls in flight now); returns how many NVML samples the parts hold."""
+    the calls in flight now, and the NVML samples since the last part)."""
     events, inflight, stacks, host = tracer.drain()
     if inflight.height:
         events = pl.concat([events, inflight], how="vertical_relaxed")
     manifest = tracer.manifest("recording", time.monotonic_ns(), events, stacks)
-    gpu_frame = None
-    if gpu is not None and gpu.available:
-        rows, gpu_seen = gpu.rows_since(gpu_seen)
-        if rows:
-            gpu_frame = assign_ranks(rows, manifest["ranks"], gpu.devices, gpu.processes)
-    parts.write(manifest, events, stacks, host=host if "host" in tracer.opts.channels else None,
-                gpu=gpu_frame)
-    return gpu_seen
+    parts.write(manifest, events, stacks, host=host if tracer.host_context.on else None,
+                gpu=gpu.part(manifest["ranks"]))

@@ -197,6 +197,6 @@ class Scanner:
 
 
 def _is_launcher(tgid: int, proc_root: str) -> bool:
-    from argus.collect.tracer import _is_rank_launcher  # the same rule as `argus attach`
+    from argus.collect.targets import is_rank_launcher  # the same rule as `argus attach`
 
-    return _is_rank_launcher(tgid, proc_root)
+    return is_rank_launcher(tgid, proc_root)

@@ -1,4 +1,4 @@
-"""Python frames in the CPU samples of real processes (bpf/cpu_stacks.bpf.c + pyframes.py).
+"""Python frames in the CPU samples of real processes (bpf/cpu_stacks.bpf.c + cpython_walk.py).
 
 A Python process that burns CPU in a named function, under each interpreter on this machine
 (pyenv 3.10 / 3.11 / 3.12 / 3.13, each a PIE executable linking libpython3.X.so, and Debian's

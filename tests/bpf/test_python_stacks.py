@@ -19,7 +19,7 @@ from test_torch_ddp import SCRIPT, Job  # tests/ is on the path (pyproject pytho
 
 from argus.analyze.report import diagnose
 from argus.cli import main
-from argus.collect.pystacks import dump_process, find_py_spy, innermost_python
+from argus.collect.pyspy_dumps import dump_process, find_py_spy, innermost_python
 from argus.collect.session import run_session
 from argus.collect.tracer import TraceOptions
 from argus.recording.io import load_recording

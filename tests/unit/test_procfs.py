@@ -17,7 +17,7 @@ from helpers.fakeproc import (  # noqa: E402
     put_file,
 )
 
-from argus.collect import procfs  # noqa: E402
+from argus.collect import identity, procfs  # noqa: E402
 from argus.errors import TargetNotFound  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -276,7 +276,7 @@ def test_rank_identity_allowlist_only(proc: Path) -> None:
     (proc / "100" / "environ").write_bytes(
         (proc / "100" / "environ").read_bytes() + SECRET.encode() + b"\0garbage-no-equals\0"
     )
-    ident = procfs.rank_identity(100, proc)
+    ident = identity.rank_identity(100, proc)
     assert ident == {
         "rank": 3,
         "local_rank": 1,
@@ -305,11 +305,11 @@ def test_rank_identity_fallbacks_and_bad_values(proc: Path) -> None:
             "SLURM_PROCID": "0",
         },
     )
-    ident = procfs.rank_identity(100, proc)
+    ident = identity.rank_identity(100, proc)
     assert (ident["rank"], ident["local_rank"], ident["world_size"]) == (5, 2, 16)
     assert ident["source"] == "OMPI_COMM_WORLD_RANK"
     make_process(proc, 101, environ={"HOME": "/root"})
-    ident = procfs.rank_identity(101, proc)
+    ident = identity.rank_identity(101, proc)
     assert ident == {
         "rank": None,
         "local_rank": None,
@@ -320,7 +320,7 @@ def test_rank_identity_fallbacks_and_bad_values(proc: Path) -> None:
 
 
 def test_environ_values_are_capped() -> None:
-    env = procfs.parse_environ(b"MASTER_ADDR=" + b"a" * 5000 + b"\0")
+    env = identity.parse_environ(b"MASTER_ADDR=" + b"a" * 5000 + b"\0")
     assert len(env["MASTER_ADDR"]) == 256
 
 
@@ -348,7 +348,7 @@ def test_dataloader_workers_are_not_ranks(proc: Path) -> None:
                  environ={**env, "RANK": "0", "LOCAL_RANK": "0"})
     other = {**env, "RANK": "0", "LOCAL_RANK": "0"}  # a child with another rank: a rank
     make_process(proc, 80, name="python", ppid=60, maps=torch, environ=other)
-    assert [procfs.worker_of(t, proc) for t in (60, 61, 62, 71, 80)] == [None, 60, 60, None, None]
+    assert [identity.worker_of(t, proc) for t in (60, 61, 62, 71, 80)] == [None, 60, 60, None, None]
     assert procfs.parent(62, proc) == 60
     found = Scanner(DaemonConfig(), str(proc)).scan()
     assert sorted((f.tgid, f.rank) for f in found) == [(60, 1), (71, 0), (80, 0)]

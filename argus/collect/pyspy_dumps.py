@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from argus.collect import procfs
+from argus.collect import identity, procfs
 from argus.errors import ArgusError, PermissionDenied, TargetNotFound
 
 PY_SPY = "py-spy"
@@ -245,12 +245,12 @@ def expand_targets(pids: list[int], proc_root: str = "/proc") -> list[tuple[int,
     out: list[tuple[int, int | None]] = []
     for pid in pids:
         procfs.process_state(pid, proc_root)
-        own = procfs.rank_identity(pid, proc_root)["rank"]
+        own = identity.rank_identity(pid, proc_root)["rank"]
         ranks = []
         if own is None:
             for d in procfs.descendants(pid, proc_root):
                 try:
-                    r = procfs.rank_identity(d, proc_root)["rank"]
+                    r = identity.rank_identity(d, proc_root)["rank"]
                 except (TargetNotFound, OSError):
                     continue
                 if r is not None:

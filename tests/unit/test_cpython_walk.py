@@ -1,4 +1,4 @@
-"""Layout discovery and validation of CPython interpreters (argus/collect/pyframes.py).
+"""Layout discovery and validation of CPython interpreters (argus/collect/cpython_walk.py).
 
 No root and no BPF: each interpreter on this machine runs a child process that this test may
 read (/proc/PID/mem of one's own child); the layout found from its binary must validate
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from argus.collect import abi, procfs, pyframes
+from argus.collect import abi, cpython_walk, procfs
+from argus.collect.channels.cpu import PythonStacks
 
 pytestmark = pytest.mark.unit
 
@@ -58,8 +59,8 @@ def child(request, tmp_path):
 
 
 def _open(pid, maps, python):
-    interp = pyframes.find_interpreter(pid, maps, exe=os.path.realpath(python))
-    return interp, pyframes.Memory(pid)
+    interp = cpython_walk.find_interpreter(pid, maps, exe=os.path.realpath(python))
+    return interp, cpython_walk.Memory(pid)
 
 
 def test_layout_is_found_from_the_binary_and_validates(child):
@@ -72,17 +73,17 @@ def test_layout_is_found_from_the_binary_and_validates(child):
         else:
             assert os.path.basename(interp.path).startswith(f"libpython{which[0]}.{which[1]}")
             assert interp.version == which
-        lay = pyframes.choose_layout(mem, interp)
+        lay = cpython_walk.choose_layout(mem, interp)
         assert lay.source == ("_Py_DebugOffsets" if which == (3, 13) else "table")
         tids = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
-        v = pyframes.validate(mem, interp, lay, tids)
+        v = cpython_walk.validate(mem, interp, lay, tids)
         assert set(v.threads) == tids  # main + helper, each thread state names its thread
-        assert v.pthread_tid == (pyframes.GLIBC_PTHREAD_TID if which == (3, 10) else 0)
-        cfg = pyframes.bpf_config(interp, v)
+        assert v.pthread_tid == (cpython_walk.GLIBC_PTHREAD_TID if which == (3, 10) else 0)
+        cfg = cpython_walk.bpf_config(interp, v)
         assert cfg.runtime == interp.runtime and bool(cfg.flags & abi.PY_PTHREAD) == lay.pthread
         # the main thread's frames, as the BPF walk records them, name the code
-        reader = pyframes.CodeReader(mem, interp, lay)
-        frames = pyframes.walk(mem, lay, v.threads[pid])
+        reader = cpython_walk.CodeReader(mem, interp, lay)
+        frames = cpython_walk.walk(mem, lay, v.threads[pid])
         names = [reader.code(addr) for addr, _ in frames]
         lines = TARGET.splitlines()
         first = {n: i for i, ln in enumerate(lines, 1) for n in ["nested_caller"]
@@ -97,7 +98,7 @@ def test_layout_is_found_from_the_binary_and_validates(child):
         assert frames[2][1] is True  # <module>: the outermost frame
         if which == (3, 10):
             assert all(e for _, e in frames)
-        helper = pyframes.walk(mem, lay, next(ts for t, ts in v.threads.items() if t != pid))
+        helper = cpython_walk.walk(mem, lay, next(ts for t, ts in v.threads.items() if t != pid))
         assert reader.code(helper[0][0]).name == "parked_in_helper_thread"
     finally:
         mem.close()
@@ -116,11 +117,11 @@ def test_a_wrong_layout_is_refused_with_the_reason(child, change, why):
     which, pid, maps, python, _ = child
     interp, mem = _open(pid, maps, python)
     try:
-        lay = pyframes.choose_layout(mem, interp)
+        lay = cpython_walk.choose_layout(mem, interp)
         wrong = dataclasses.replace(lay, **change)
         tids = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
-        with pytest.raises(pyframes.LayoutRefused) as e:
-            pyframes.validate(mem, interp, wrong, tids)
+        with pytest.raises(cpython_walk.LayoutRefused) as e:
+            cpython_walk.validate(mem, interp, wrong, tids)
         assert "does not fit" in str(e.value) and why in str(e.value)
         assert not e.value.transient
     finally:
@@ -128,39 +129,39 @@ def test_a_wrong_layout_is_refused_with_the_reason(child, change, why):
 
 
 def test_unsupported_version_is_refused():
-    interp = pyframes.Interpreter("/x/libpython3.9.so", (3, 9), 0x1000, 0, 0)
+    interp = cpython_walk.Interpreter("/x/libpython3.9.so", (3, 9), 0x1000, 0, 0)
 
     class NoMem:
         def read(self, addr, n):
             return b"\0" * n
 
-    with pytest.raises(pyframes.LayoutRefused, match="Python 3.9 is not supported"):
-        pyframes.choose_layout(NoMem(), interp)
+    with pytest.raises(cpython_walk.LayoutRefused, match="Python 3.9 is not supported"):
+        cpython_walk.choose_layout(NoMem(), interp)
 
 
 def test_debug_offsets_blob_is_parsed():
-    names = pyframes._DEBUG_FIELDS
+    names = cpython_walk._DEBUG_FIELDS
     vals = dict.fromkeys(names, 0)
     vals.update(version=0x030D00F0, rt_interpreters_head=632, is_threads_head=7344,
                 ts_native_thread_id=160, ts_current_frame=72, ts_next=8, ts_interp=16,
                 fr_executable=0, fr_previous=8, fr_owner=70, co_filename=112, co_name=120,
                 co_qualname=128, co_firstlineno=68, un_asciiobject_size=40)
-    blob = pyframes.DEBUG_COOKIE + struct.pack(f"<{len(names)}Q", *(vals[n] for n in names))
-    lay = pyframes.layout_from_debug_offsets(blob)
+    blob = cpython_walk.DEBUG_COOKIE + struct.pack(f"<{len(names)}Q", *(vals[n] for n in names))
+    lay = cpython_walk.layout_from_debug_offsets(blob)
     assert lay.version == (3, 13) and lay.source == "_Py_DebugOffsets"
     assert (lay.interp_head, lay.threads_head, lay.ts_tid, lay.ts_frame) == (632, 7344, 160, 72)
     assert lay.cframe_frame is None and lay.frame_owner == 70 and lay.compact_data == 56
     assert lay.flags == abi.PY_OWNER
-    assert pyframes.layout_from_debug_offsets(b"\0" * len(blob)) is None
+    assert cpython_walk.layout_from_debug_offsets(b"\0" * len(blob)) is None
     free = dict(vals, free_threaded=1)
-    blob = pyframes.DEBUG_COOKIE + struct.pack(f"<{len(names)}Q", *(free[n] for n in names))
-    assert pyframes.layout_from_debug_offsets(blob) is None
+    blob = cpython_walk.DEBUG_COOKIE + struct.pack(f"<{len(names)}Q", *(free[n] for n in names))
+    assert cpython_walk.layout_from_debug_offsets(blob) is None
 
 
 def test_table_rows_match_the_flags_the_bpf_walk_needs():
-    assert pyframes.LAYOUTS[(3, 10)].flags == abi.PY_PTHREAD | abi.PY_ALL_ENTRY
-    assert pyframes.LAYOUTS[(3, 11)].flags == abi.PY_CFRAME | abi.PY_IS_ENTRY
-    assert pyframes.LAYOUTS[(3, 12)].flags == abi.PY_CFRAME | abi.PY_OWNER
+    assert cpython_walk.LAYOUTS[(3, 10)].flags == abi.PY_PTHREAD | abi.PY_ALL_ENTRY
+    assert cpython_walk.LAYOUTS[(3, 11)].flags == abi.PY_CFRAME | abi.PY_IS_ENTRY
+    assert cpython_walk.LAYOUTS[(3, 12)].flags == abi.PY_CFRAME | abi.PY_OWNER
 
 
 def test_merge_puts_python_frames_at_the_eval_frames():
@@ -168,14 +169,14 @@ def test_merge_puts_python_frames_at_the_eval_frames():
               "main"]
     mods = ["libc.so.6", "python3.11", "python3.11", "python3.11", "python3.11"]
     py = [("inner", "py:/a.py:3", False), ("mid", "py:/a.py:9", True), ("top", "py:/a.py:1", True)]
-    fns, ms = pyframes.merge_frames(native, mods, py)
+    fns, ms = cpython_walk.merge_frames(native, mods, py)
     assert fns == ["leaf", "inner", "mid", "PyObject_Call", "top", "main"]
     assert ms == ["libc.so.6", "py:/a.py:3", "py:/a.py:9", "python3.11", "py:/a.py:1",
                   "python3.11"]
     # no eval frame in the native stack (no frame pointers): the Python frames follow it
-    fns, _ = pyframes.merge_frames(["leaf", "[unknown]"], ["libc.so.6", "[unknown]"], py)
+    fns, _ = cpython_walk.merge_frames(["leaf", "[unknown]"], ["libc.so.6", "[unknown]"], py)
     assert fns == ["leaf", "[unknown]", "inner", "mid", "top"]
-    assert pyframes.merge_frames(native, mods, []) == (native, mods)
+    assert cpython_walk.merge_frames(native, mods, []) == (native, mods)
 
 
 def test_attach_summary_names_python_frames_and_refusals(tmp_path):
@@ -215,7 +216,7 @@ class _FakeSession:
 def test_session_configures_forgets_and_reconfigures_after_exec(child):
     which, pid, maps, python, src = child
     sess = _FakeSession()
-    ps = pyframes.PythonStacks(sess)
+    ps = PythonStacks(sess)
     ps.ensure(pid, maps, os.path.realpath(python))
     st = ps.manifest()["processes"][str(pid)]
     assert st["status"] == "attached" and st["note"] == "", st
@@ -225,8 +226,8 @@ def test_session_configures_forgets_and_reconfigures_after_exec(child):
     sess.tables["py_tstates"].clear()
     ps.refresh_threads()
     assert pid in sess.tables["py_tstates"]
-    assert cfg.runtime and cfg.frame_prev == pyframes.choose_layout(
-        pyframes.Memory(pid), pyframes.find_interpreter(pid, maps, exe=python)).frame_prev
+    assert cfg.runtime and cfg.frame_prev == cpython_walk.choose_layout(
+        cpython_walk.Memory(pid), cpython_walk.find_interpreter(pid, maps, exe=python)).frame_prev
     # a traced process that exec's: its entry leaves the kernel, the next scan configures
     # the new image again
     ps.forget(pid)

@@ -33,11 +33,9 @@ instruction pointer and the line table, which are not read per sample.
 
 from __future__ import annotations
 
-import ctypes as ct
 import os
 import re
 import struct
-import time
 from dataclasses import dataclass
 
 from argus.collect import abi
@@ -482,153 +480,6 @@ def merge_frames(functions: list[str], modules: list[str], py: list[tuple[str, s
         fo.append(pf)
         mo.append(pm)
     return fo, mo
-
-
-@dataclass
-class _Proc:
-    tgid: int
-    status: str = "pending"  # pending | attached | refused | not_python
-    note: str = ""
-    tries: int = 0
-    last_try: float = 0.0
-    interp: Interpreter | None = None
-    reader: CodeReader | None = None
-    version: str | None = None
-    layout_source: str | None = None
-    detached: bool = False  # its py_procs entry was removed (exit, exec)
-    pthread_tid: int = 0
-
-
-class PythonStacks:
-    """Per tracing session: configures py_procs for traced Python processes and turns the
-    recorded Python stacks into frames."""
-
-    def __init__(self, session, proc_root: str = "/proc"):
-        self.session = session
-        self.proc_root = proc_root
-        self.procs: dict[int, _Proc] = {}
-        self._stacks: dict[int, tuple[tuple[int, ...], bool]] = {}
-
-    def ensure(self, tgid: int, maps, exe: str | None = None) -> None:
-        """Configure tgid's interpreter once (retried while it is still starting up)."""
-        p = self.procs.setdefault(tgid, _Proc(tgid))
-        if p.detached:  # traced again after an exec: a new image, a new interpreter
-            self.drop(tgid)
-            p = self.procs[tgid] = _Proc(tgid)
-        now = time.monotonic()
-        if p.status != "pending" or now - p.last_try < RETRY_S:
-            return
-        p.tries += 1
-        p.last_try = now
-        mem = None
-        try:
-            interp = find_interpreter(tgid, maps, self.proc_root, exe)
-            mem = Memory(tgid, self.proc_root)
-            lay = choose_layout(mem, interp)
-            tids = {int(t) for t in os.listdir(f"{self.proc_root}/{tgid}/task")}
-            v = validate(mem, interp, lay, tids)
-        except LayoutRefused as e:
-            if mem is not None:
-                mem.close()
-            p.note = str(e)
-            if isinstance(e, NotPython):
-                p.status = "not_python"
-            elif not e.transient or p.tries >= MAX_TRIES:
-                p.status = "refused"
-            return
-        except OSError as e:
-            if mem is not None:
-                mem.close()
-            p.status, p.note = "refused", f"cannot read the process's memory: {e}"
-            return
-        self.session.table("py_procs")[ct.c_uint32(tgid)] = bpf_config(interp, v)
-        p.status, p.note, p.interp = "attached", "", interp
-        p.reader = CodeReader(mem, interp, v.layout)
-        p.pthread_tid = v.pthread_tid
-        self._seed_threads(v.threads)
-        p.version = ".".join(map(str, v.layout.version))
-        p.layout_source = v.layout.source
-
-    def forget(self, tgid: int) -> None:
-        """The process exited or exec'd: its entry leaves the kernel (names stay cached)."""
-        p = self.procs.get(tgid)
-        if p is None:
-            return
-        try:
-            del self.session.table("py_procs")[ct.c_uint32(tgid)]
-        except (KeyError, Exception):  # noqa: BLE001 - not configured or already gone
-            pass
-        if p.status == "pending":
-            del self.procs[tgid]
-        else:
-            p.detached = True  # names stay readable for the samples still to drain
-
-    def drop(self, tgid: int) -> None:
-        p = self.procs.pop(tgid, None)
-        if p is not None and p.reader is not None:
-            p.reader.mem.close()
-
-    def _seed_threads(self, threads: dict[int, int]) -> None:
-        table = self.session.table("py_tstates")
-        for tid, ts in threads.items():
-            table[ct.c_uint32(tid)] = ct.c_uint64(ts)
-
-    def refresh_threads(self) -> None:
-        """Tell the kernel where every thread's PyThreadState is (py_tstates), from the
-        interpreter's thread list read through /proc/PID/mem: the BPF walk then finds a
-        thread with one confirming read, whatever the number of threads (its own search
-        covers only the ARGUS_PY_THREADS newest thread states). Called at each drain."""
-        for p in self.procs.values():
-            if p.status != "attached" or p.detached or p.reader is None:
-                continue
-            try:
-                threads = thread_map(p.reader.mem, p.reader.lay, p.interp.runtime, p.pthread_tid)
-            except (OSError, LayoutRefused):
-                continue  # exiting; the BPF search still works
-            self._seed_threads(threads)
-
-    def take(self, buf: int) -> None:
-        """Read and clear py_stacks<buf> (the half user space drains)."""
-        self.refresh_threads()
-        table = self.session.table(f"py_stacks{buf}")
-        self._stacks = {}
-        for k, st in table.items():
-            n = min(int(st.depth), abi.PY_DEPTH)
-            self._stacks[int(k.value)] = (tuple(int(c) for c in st.code[:n]), bool(st.truncated))
-        table.clear()
-
-    def merge(self, tgid: int, py_stack_id: int, functions: list[str], modules: list[str]
-              ) -> tuple[list[str], list[str]]:
-        if not py_stack_id:
-            return functions, modules
-        hit = self._stacks.get(py_stack_id)
-        p = self.procs.get(tgid)
-        if hit is None or p is None or p.reader is None:
-            return functions, modules
-        py = []
-        for word in hit[0]:
-            addr = word & ~abi.PY_CODE_ENTRY
-            fn, mod = py_frame(p.reader.code(addr), addr)
-            py.append((fn, mod, bool(word & abi.PY_CODE_ENTRY)))
-        return merge_frames(functions, modules, py)
-
-    def manifest(self) -> dict:
-        stats = {}
-        try:
-            table = self.session.table("py_stats")
-            stats = {n: int(table[ct.c_int(i)].value) for i, n in enumerate(abi.PY_STAT_NAMES)}
-        except Exception:  # noqa: BLE001 - the cpu channel is off
-            pass
-        return {
-            "samples": stats,
-            "line": "first line of the function (co_firstlineno)",
-            "processes": {
-                str(p.tgid): {"status": p.status, "note": p.note, "python": p.version,
-                              "layout": p.layout_source,
-                              "interpreter": p.interp.path if p.interp else None}
-                for p in self.procs.values()
-            },
-        }
 
 
 def describe(tgid: int, maps, proc_root: str = "/proc", exe: str | None = None) -> dict:

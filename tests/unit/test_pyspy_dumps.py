@@ -13,7 +13,7 @@ import pytest
 from argus.analyze.diagnosis import diagnose
 from argus.analyze.hang import python_stack
 from argus.cli import main
-from argus.collect import pystacks
+from argus.collect import pyspy_dumps
 from argus.recording import schema
 from argus.recording.io import load_recording, write_recording
 
@@ -36,14 +36,14 @@ DUMP = [  # py-spy 0.4 `dump --json --native`, trimmed
 
 
 def test_parse_dump_normalises_frames():
-    threads = pystacks.parse_dump(json.dumps(DUMP), 100)
+    threads = pyspy_dumps.parse_dump(json.dumps(DUMP), 100)
     main_t, loader = threads
     assert (main_t.tid, main_t.thread, main_t.state, main_t.owns_gil) == (
         100, "MainThread", "idle", False)
     assert [f["kind"] for f in main_t.frames] == ["native", "python", "python", "native"]
     assert main_t.frames[0]["line"] is None  # py-spy's 0 = unknown
-    top = pystacks.innermost_python(main_t.frames)
-    assert pystacks.where(top) == "stuck_in_data_loading (train.py:47)"
+    top = pyspy_dumps.innermost_python(main_t.frames)
+    assert pyspy_dumps.where(top) == "stuck_in_data_loading (train.py:47)"
     assert (loader.state, loader.owns_gil) == ("running", True)
 
 
@@ -58,14 +58,14 @@ def _fake_proc(root, tgid, threads):
 
 def test_proc_threads_name_state_and_wchan(tmp_path):
     _fake_proc(tmp_path, 7, [(7, "a b)", "S", "futex_wait_queue"), (9, "worker", "R", "0")])
-    t = pystacks.proc_threads(7, str(tmp_path))
+    t = pyspy_dumps.proc_threads(7, str(tmp_path))
     assert [(x.tid, x.thread, x.state, x.wchan) for x in t] == [
         (7, "a b)", "sleeping", "futex_wait_queue"), (9, "worker", "running", None)]
     assert t[0].frames[0]["function"] == "futex_wait_queue" and t[1].frames == []
 
 
 def test_missing_py_spy_is_one_sentence_with_a_remedy(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(pystacks, "find_py_spy", lambda: None)
+    monkeypatch.setattr(pyspy_dumps, "find_py_spy", lambda: None)
     import os
 
     assert main(["stacks", str(os.getpid())]) == 1
@@ -82,21 +82,21 @@ def test_missing_pid_is_a_target_error(capsys):
 def test_blocked_tgids_needs_an_old_in_flight_call():
     ev = pl.DataFrame({"ts_ns": [1_000, 9_000_000_000, 2_000], "tgid": [1, 2, 3],
                        "in_flight": [True, True, False]})
-    assert pystacks.blocked_tgids(ev, 10_000_000_000, after_s=5.0) == [1]
-    assert pystacks.blocked_tgids(ev, 10_000_000_000, after_s=20.0) == []
+    assert pyspy_dumps.blocked_tgids(ev, 10_000_000_000, after_s=5.0) == [1]
+    assert pyspy_dumps.blocked_tgids(ev, 10_000_000_000, after_s=20.0) == []
 
 
 def _dumps(tgids_ranks):
     out = []
     for tgid, rank in tgids_ranks:
-        threads = pystacks.parse_dump(json.dumps(DUMP), tgid)
+        threads = pyspy_dumps.parse_dump(json.dumps(DUMP), tgid)
         for t in threads:
             t.tgid = tgid
         threads[0].tid = tgid
         if rank != 3:  # waiting ranks sit in the backward's allreduce
             threads[0].frames[1] = {"function": "backward", "file": "/torch/_tensor.py",
                                     "line": 625, "kind": "python", "module": None}
-        out.append(pystacks.ProcessStacks(tgid=tgid, rank=rank, comm="python3",
+        out.append(pyspy_dumps.ProcessStacks(tgid=tgid, rank=rank, comm="python3",
                                           python=True, threads=threads, ts_ns=5))
     return out
 
@@ -107,7 +107,7 @@ def test_recorded_hang_names_the_missing_ranks_python_function(tmp_path):
     old = load_recording(rec_dir)  # an older recording: no pystacks.parquet
     assert old.pystacks.height == 0 and old.pystacks.columns == list(schema.PYSTACKS_SCHEMA)
     ranks = [(r["tgid"], r["rank"]) for r in old.manifest["ranks"]]
-    frame = pystacks.to_frame(_dumps(ranks))
+    frame = pyspy_dumps.to_frame(_dumps(ranks))
     out = tmp_path / "rec2"
     write_recording(out, old.manifest, old.events, old.stacks, pystacks=frame)
     rec = load_recording(out)

@@ -1,0 +1,134 @@
+"""Rank identity of a process: which rank it is, from the allowlisted environment only.
+
+Security: `rank_identity` parses /proc/PID/environ and keeps only `ENV_ALLOWLIST`; nothing
+else from the environment is returned, stored or logged. `worker_of` tells a rank's
+workers (DataLoader, compile workers: the same identity as their parent rank) from ranks.
+"""
+
+from __future__ import annotations
+
+import os
+
+from argus.collect.procfs import is_training_process, mapped_libraries, parent, read_proc
+from argus.errors import TargetNotFound
+
+# The only environment variables argus ever reads. Nothing else leaves /proc/TGID/environ.
+ENV_ALLOWLIST: tuple[str, ...] = (
+    # torch.distributed / torchrun
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "CUDA_VISIBLE_DEVICES",
+    # Slurm
+    "SLURM_JOB_ID",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NTASKS",
+    "SLURM_NODEID",
+    # Open MPI / PMI
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_RANK",
+    "PMI_SIZE",
+    # Kubernetes (downward API names used by the Kubeflow training operator and friends)
+    "POD_NAME",
+    "POD_NAMESPACE",
+)
+
+# Where each identity field comes from, first present wins.
+_RANK_KEYS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+_LOCAL_RANK_KEYS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+_WORLD_SIZE_KEYS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+_MAX_VALUE_CHARS = 256
+
+
+def parse_environ(raw: bytes, allowlist: tuple[str, ...] = ENV_ALLOWLIST) -> dict[str, str]:
+    """Allowlisted NAME=value pairs of a NUL-separated environ block; all others dropped."""
+    allowed = set(allowlist)
+    out: dict[str, str] = {}
+    for entry in raw.split(b"\0"):
+        name, sep, value = entry.partition(b"=")
+        if not sep:
+            continue
+        key = name.decode("ascii", "replace")
+        if key in allowed:
+            out[key] = value.decode("utf-8", "replace")[:_MAX_VALUE_CHARS]
+    return out
+
+
+def _first_int(env: dict[str, str], keys: tuple[str, ...]) -> tuple[int | None, str | None]:
+    for key in keys:
+        value = env.get(key)
+        if value is None:
+            continue
+        try:
+            return int(value.strip()), key
+        except ValueError:
+            continue
+    return None, None
+
+
+def rank_of_env(env: dict[str, str]) -> int | None:
+    """The rank an allowlisted environment names (see rank_identity), else None."""
+    return _first_int(env, _RANK_KEYS)[0]
+
+
+def rank_identity(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> dict[str, object]:
+    """The rank identity of a process, from the allowlisted part of its environment only.
+
+    Returns {"rank", "local_rank", "world_size": int or None, "source": the variable the
+    rank came from or None, "env": {name: value} for names in ENV_ALLOWLIST}. The rank is
+    the first integer of RANK, OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID (torchrun's RANK
+    wins over the Slurm task id of the launcher); likewise for local rank and world size.
+    /proc/TGID/environ is the environment at exec time.
+    """
+    env = parse_environ(read_proc(tgid, "environ", proc_root))
+    rank, source = _first_int(env, _RANK_KEYS)
+    local_rank, _ = _first_int(env, _LOCAL_RANK_KEYS)
+    world_size, _ = _first_int(env, _WORLD_SIZE_KEYS)
+    return {
+        "rank": rank,
+        "local_rank": local_rank,
+        "world_size": world_size,
+        "source": source,
+        "env": env,
+    }
+
+
+
+def worker_of(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> int | None:
+    """The rank process this one is a worker of, else None.
+
+    A process is a worker of its parent when both have the same rank identity (a rank, and
+    the same rank / local rank / world size from the allowlisted environment) and the parent
+    itself maps the training libraries: PyTorch DataLoader workers (forked, or spawned with
+    the environment inherited), a rank's compile workers. They are not ranks: tracing them
+    as such would make a second rank with the same number. A rank started by a wrapper
+    (a shell script with RANK set running python) is still a rank: the wrapper maps no
+    training library. A rank whose parent is a training process with the same RANK (a
+    Python launcher that set its own RANK and runs the trainer as a child) is taken for a
+    worker: a limit, docs/daemon.md."""
+    try:
+        mine = rank_identity(tgid, proc_root)
+        if mine["rank"] is None:
+            return None
+        ppid = parent(tgid, proc_root)
+        if ppid is None or ppid <= 1:
+            return None
+        theirs = rank_identity(ppid, proc_root)
+        same = all(mine[k] == theirs[k] for k in ("rank", "local_rank", "world_size"))
+        if not same or not is_training_process(mapped_libraries(ppid, proc_root)):
+            return None
+    except (TargetNotFound, OSError):
+        return None
+    return ppid
