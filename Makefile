@@ -24,7 +24,7 @@ demo: setup ## simulate a 4-rank job with a planted straggler, attach argus, pri
 	$(CURDIR)/.venv/bin/argus demo
 
 .PHONY: test
-test: setup ## run every test tier that can run here (unit + bpf; gpu is skipped with the reason)
+test: setup lint ## lint, then every test tier that can run here (unit + bpf; gpu skipped, with the reason)
 	PY=$(PY) scripts/test
 
 .PHONY: test-unit
@@ -48,7 +48,7 @@ bench: setup ## measure probe costs and tracing overhead (root; prints one table
 	$(PY) scripts/bench
 
 .PHONY: lint
-lint: setup ## ruff
+lint: setup ## ruff over the package, the tests and the Python scripts (`make test` runs it first)
 	$(CURDIR)/.venv/bin/ruff check argus tests scripts
 
 .PHONY: clean

@@ -69,7 +69,7 @@ stamp=.venv/.argus-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   log "installing argus (editable) with test extras into .venv"
   .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import argus, polars, click, rich, elftools, pynvml" 
+  .venv/bin/python -c "import argus, polars, click, rich, elftools, pynvml, perfetto"
   touch "$stamp"
 fi
 .venv/bin/python -c "import bcc" 2>/dev/null || { log ".venv cannot import bcc (python3-bpfcc missing?)"; exit 1; }

@@ -21,7 +21,7 @@ A `JobWindow` holds one job's state between intervals. Per interval the composer
    summarised step on (at most `window_s`), so the work of an interval grows with the steps
    it brought, not with the window;
 5. `summaries(manifest, build)`: the job's window as one `Summaries`, the input of
-   `diagnose_summaries`.
+   `analyze.diagnosis.diagnose`.
 The functions below the class are pure (polars frames in, frames out); the class only
 keeps their results.
 """
@@ -36,8 +36,8 @@ from typing import Any
 import polars as pl
 
 from argus import __version__
+from argus.analyze.compress import TAIL_SEQS, build_summaries
 from argus.analyze.hang import LATEST_INTERVALS
-from argus.analyze.summary import TAIL_SEQS, build_summaries
 from argus.recording import schema
 from argus.recording.io import Recording
 from argus.recording.summaries import STACK_DICT_SCHEMA, STEP_SCHEMA, TAIL_SCHEMA, Summaries
@@ -45,7 +45,6 @@ from argus.recording.summaries import STACK_DICT_SCHEMA, STEP_SCHEMA, TAIL_SCHEM
 OVERLAP_STEPS = 8  # summarised steps re-read by the next build (boundaries + id mapping)
 MAX_DIAG_STEPS = 2000  # steps of a job the diagnosis reads at most (besides window_s)
 LEARN_SEQS = 8  # collectives of a (tgid, comm) in one build before its numbering is kept
-CHANNELS = ("cuda", "nccl", "torch", "cpu", "host")  # the manifest's channel flags
 
 
 def _empty(s: dict) -> pl.DataFrame:
@@ -157,19 +156,21 @@ class JobWindow:
 
 
 def window_manifest(job: str, host: str, ranks: list[dict[str, Any]], start_ns: int,
-                    end_ns: int, mono_to_wall_ns: int, channels: tuple[str, ...],
+                    end_ns: int, mono_to_wall_ns: int, channels: dict[str, bool],
                     sample_hz: int, gpu: dict[str, Any] | None, run_id: str,
                     kernel: str) -> dict[str, Any]:
     """The manifest of one interval's window of a live job (a daemon segment's
-    manifest.json): `ranks` as the recording writer lists them, `gpu` the NVML state (None:
-    no sampler), `run_id` the live run that numbers the steps (`daemon_run`)."""
+    manifest.json): `ranks` as the recording writer lists them, `channels` each switch of
+    the tracer and whether it was on (the collector's list, as `argus attach` writes it),
+    `gpu` the NVML state (None: no sampler), `run_id` the live run that numbers the steps
+    (`daemon_run`)."""
     return {
         "format": schema.FORMAT, "argus_version": __version__, "host": host,
         "kernel": kernel, "clock": {"mono_to_wall_ns": mono_to_wall_ns},
         "started_ns": start_ns, "ended_ns": end_ns,
         "duration_s": round((end_ns - start_ns) / 1e9, 3), "end_reason": "daemon_window",
-        "sample_hz": sample_hz if "cpu" in channels else 0,
-        "channels": {**{c: c in channels for c in CHANNELS},
+        "sample_hz": sample_hz if channels.get("cpu") else 0,
+        "channels": {**channels,
                      "gpu": bool(gpu and gpu.get("available"))},
         "ranks": ranks, "probes": [], "drops": {}, "job": job,
         "daemon_run": run_id,  # segments of one daemon run number steps on

@@ -5,7 +5,7 @@ several nodes, as the inputs of one diagnosis (`argus report DIR...`).
 concatenates each node's segments (`recording.segments.merge_segments`: the daemon numbers
 a job's steps continuously across its segments; the segments of a restarted daemon are
 numbered on, `continue_ids`), then puts every node's step ids in the
-reference node's numbering (`align_step_ids`), so that `diagnose_summaries` matches the
+reference node's numbering (`align_step_ids`), so that `analyze.diagnosis.diagnose` matches the
 k-th step of every node (it aligns the clocks on the ends of equal step ids).
 
 Why step ids need aligning: each node's daemon (or attach) numbers steps from the first

@@ -161,10 +161,3 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
         "findings": findings,
     }
 
-
-def diagnose(recordings, hang_after_s: float = DEFAULT_HANG_AFTER_S) -> dict[str, Any]:
-    """`argus.analyze.diagnosis.diagnose`, kept under its old name for the callers that
-    imported it from here (argus.present.chrome, argus.present.top)."""
-    from argus.analyze.diagnosis import diagnose as entry
-
-    return entry(recordings, hang_after_s)

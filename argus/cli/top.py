@@ -164,7 +164,7 @@ class AttachReader:
 
     def _join_new_targets(self) -> None:
         from argus.analyze.incremental import JobWindow
-        from argus.daemon.discovery import job_key
+        from argus.collect.identity import job_key
 
         known = {t for j in self.jobs.values() for t in j.tgids}
         for t in list(self.tracer.targets.values()):
@@ -199,7 +199,8 @@ class AttachReader:
                 ev = events.filter(sel)
                 job.win.add_rows(ev, stacks.filter(sel), host.filter(sel), now_ns,
                                  self.interval_s)
-                alive = [t for t in job.tgids if t in tr.targets and not tr.targets[t].exited]
+                seen = tr.targets_view
+                alive = [t for t in job.tgids if t in seen and not seen[t].exited]
                 if not alive and job.ended_mono is None:
                     job.ended_mono = now
                 if job.ended_mono is not None and now - job.ended_mono > GRACE_S:
@@ -227,7 +228,7 @@ class AttachReader:
                          "devices": len(self.gpu.devices), "passes": self.gpu.passes}
         state = node_state(
             self.host, views, time.time_ns(),
-            targets=sum(1 for t in tr.targets.values() if t.traced and not t.exited),
+            targets=sum(1 for t in tr.targets_view.values() if t.traced and not t.exited),
             drops=tr.drops(), errors=list(self.errors), version=__version__,
             flush_s=round(time.monotonic() - t0, 3), gpu=gpu_state)
         with self._lock:
@@ -239,8 +240,9 @@ class AttachReader:
         segment on disk."""
         import polars as pl
 
+        from argus.analyze.diagnosis import diagnose
         from argus.analyze.incremental import window_manifest
-        from argus.analyze.summary import diagnose_summaries
+        from argus.collect.channels import SWITCHES
         from argus.collect.nvml import assign_ranks
         from argus.present.live import job_view
         from argus.recording import schema
@@ -249,12 +251,12 @@ class AttachReader:
         tr, win = self.tracer, job.win
         ranks = []
         for tgid in sorted(job.tgids):
-            t = tr.targets.get(tgid)
+            t = tr.targets_view.get(tgid)
             if t is not None and t.traced:
                 ranks.append({"rank": t.rank, "local_rank": t.local_rank,
                               "world_size": t.world_size, "tgid": tgid, "host": self.host,
                               "exe": t.exe, "env": t.env, "exited": t.exited,
-                              "libraries": t.libraries, "cuda_device": tr.ctx.devices.get(tgid)})
+                              "libraries": t.libraries, "cuda_device": tr.cuda_device(tgid)})
         gpu, gpu_new = None, schema.empty_gpu()
         if self.gpu is not None:
             gpu = ({"available": True, "library": self.gpu.library, "driver": self.gpu.driver,
@@ -265,18 +267,19 @@ class AttachReader:
                 gpu_new = assign_ranks(gpu_rows, ranks, self.gpu.devices, self.gpu.processes)
                 gpu_new = gpu_new.filter(pl.col("tgid").is_not_null())
         manifest = window_manifest(job.key, self.host, ranks, win.started_ns or now_ns, now_ns,
-                                   tr.mono_to_wall_ns, tr.opts.channels, tr.opts.sample_hz,
-                                   gpu, self.run_id, os.uname().release)
+                                   tr.mono_to_wall_ns,
+                                   {c: c in tr.opts.channels for c in SWITCHES},
+                                   tr.opts.sample_hz, gpu, self.run_id, os.uname().release)
         ev = win.events
         if inflight.height:
             ev = pl.concat([ev, inflight], how="vertical_relaxed")
         rec = Recording(manifest=manifest, events=ev.sort("ts_ns"), stacks=win.stacks,
                         host_ctx=win.host)
-        exited = {t for t in job.tgids if t not in tr.targets or tr.targets[t].exited}
+        exited = {t for t in job.tgids if t not in tr.targets_view or tr.targets_view[t].exited}
         build = win.update(rec, gpu_new, now_ns, WINDOW_S, final=exited == job.tgids)
         win.cut(now_ns, WINDOW_S, tr.mono_to_wall_ns)
         diag = win.summaries(manifest, build)
-        report = diagnose_summaries([diag], hang_after_s=HANG_AFTER_S)
+        report = diagnose([diag], hang_after_s=HANG_AFTER_S)
         return job_view(job.key, rec, diag, report, {t: tr.probes_of(t) for t in job.tgids},
                         exited)
 

@@ -2,8 +2,7 @@
 
 Every function takes `proc_root` (default "/proc") so tests can build a fake /proc tree.
 Security: only what argus needs is read. The rank identity (the allowlisted environment)
-lives in argus.collect.identity; its names are still found here until every caller imports
-them from there (`__getattr__` below).
+lives in argus.collect.identity.
 `cmdline` returns the raw argv for launcher discovery only: never record or print it whole
 (command lines can carry secrets).
 """
@@ -579,15 +578,3 @@ def parent(tgid: int, proc_root: str | os.PathLike[str] = "/proc") -> int | None
     """The parent process (ppid from /proc/TGID/stat); None when unknown."""
     return _stat_ppid(read_proc(tgid, "stat", proc_root))
 
-
-# The rank identity moved to argus.collect.identity; these names are forwarded there.
-_IDENTITY_NAMES = frozenset({"ENV_ALLOWLIST", "parse_environ", "rank_of_env", "rank_identity",
-                             "worker_of"})
-
-
-def __getattr__(name: str):
-    if name in _IDENTITY_NAMES:
-        from argus.collect import identity  # noqa: PLC0415 - identity imports this module
-
-        return getattr(identity, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -130,10 +130,6 @@ class Tracer:
         """Uprobes attached now (each shared by every traced process mapping its file)."""
         return len(self.uprobes) if self.uprobes is not None else 0
 
-    @property
-    def _uprobes(self) -> dict:  # until the daemon reads uprobe_count
-        return self.uprobes.held if self.uprobes is not None else {}
-
     def cuda_device(self, tgid: int) -> int | None:
         """The CUDA ordinal a traced process last passed to cudaSetDevice (None: unseen)."""
         return self.ctx.devices.get(tgid)

@@ -9,14 +9,14 @@ with the last state):
 - every `poll` (0.1 s): the tracer drains its ring buffers and follows process lifecycle
   (exits detach there);
 - every `SCAN_S` (1 s): /proc is scanned for new processes (`discovery.Scanner`); each new
-  rank is added to the tracer and to its job (`discovery.job_key`);
+  rank is added to the tracer and to its job (`identity.job_key`);
 - every `interval_s`: `Tracer.drain()` -> rows split by job -> incremental analysis per
   job (`argus.analyze.incremental.JobWindow`): `build_summaries` runs on the rows since the
   start of the job's last `OVERLAP_STEPS` summarised steps only (the new steps plus a fixed
   overlap, whose (rank, start_ns) pairs anchor each rank's new ids to its own previous
   ones, `assign_ids`; the job's collectives keep one numbering from build to build,
   `JobWindow.seq_shifts`); the new steps join the job's summaries, kept for the last
-  `window_s` (at most `MAX_DIAG_STEPS` steps); `diagnose_summaries` runs on those (the
+  `window_s` (at most `MAX_DIAG_STEPS` steps); `analyze.diagnosis.diagnose` runs on those (the
   same detectors as `argus report`, on per-step rows: no raw event is re-read), `job_view`
   makes the live state. The new steps
   go to `OUTPUT/jobs/<job>/<wall ns>/` (manifest.json + summaries/, step ids continuous
@@ -48,13 +48,14 @@ import polars as pl
 from prometheus_client import CollectorRegistry
 
 from argus import __version__
+from argus.analyze.diagnosis import diagnose
 from argus.analyze.incremental import (
     JobWindow,
     newer_rows,
     segment_summaries,
     window_manifest,
 )
-from argus.analyze.summary import diagnose_summaries
+from argus.collect.channels import SWITCHES
 from argus.collect.nvml import GpuSampler, assign_ranks
 from argus.collect.session import check_kernel_features, yield_to_the_job
 from argus.collect.tracer import TraceOptions, Tracer
@@ -254,20 +255,20 @@ class Daemon:
                 ev = events.filter(sel)
                 job.win.add_rows(ev, stacks.filter(sel), host.filter(sel), now_ns,
                                  self.config.interval_s)
-                alive = [t for t in tg if t in tr.targets and not tr.targets[t].exited]
+                alive = [t for t in tg if t in tr.targets_view and not tr.targets_view[t].exited]
                 if not alive and job.ended_mono is None:
                     job.ended_mono = now
                 if job.ended_mono is not None and now - job.ended_mono > self.config.job_grace_s:
                     self._forget(job)
                     continue
                 if job.ended_mono is not None and job.view is not None and not ev.height:
-                    views.append(_as_of(job.view, tg, tr.targets))  # ended: the last view
+                    views.append(_as_of(job.view, tg, tr.targets_view))  # ended: the last view
                     continue
                 if job.win.settling(now_ns, max(SETTLE_S, 2 * self.config.interval_s)):
                     continue
                 job.view = self._analyse(job, inflight.filter(sel), self._job_gpu(job, gpu_rows),
                                          now_ns)
-                views.append(_as_of(job.view, tg, tr.targets))
+                views.append(_as_of(job.view, tg, tr.targets_view))
             except Exception as e:
                 self._error(f"job {key}: analysis failed: {type(e).__name__}: {e}")
                 try:
@@ -276,7 +277,7 @@ class Daemon:
                 except Exception:  # noqa: BLE001
                     pass
                 if job.view is not None:
-                    views.append(_as_of(job.view, tg, tr.targets))
+                    views.append(_as_of(job.view, tg, tr.targets_view))
         tr.forget_exited()
         self.flush_s = round(time.monotonic() - t0, 3)
         gpu_state = None
@@ -286,8 +287,8 @@ class Daemon:
         with self._lock:
             self._state = node_state(
                 self.host, views, time.time_ns(),
-                targets=sum(1 for t in tr.targets.values() if t.traced and not t.exited),
-                uprobes=len(tr._uprobes), drops=tr.drops(), errors=list(self.errors),
+                targets=sum(1 for t in tr.targets_view.values() if t.traced and not t.exited),
+                uprobes=tr.uprobe_count, drops=tr.drops(), errors=list(self.errors),
                 version=__version__, flush_s=self.flush_s, gpu=gpu_state)
         try:
             self._enforce_budget()
@@ -301,10 +302,10 @@ class Daemon:
         tr = self.tracer
         ranks = []
         for tgid in sorted(job.tgids):
-            t = tr.targets.get(tgid)
+            t = tr.targets_view.get(tgid)
             if t is not None and t.traced:
                 ranks.append({"tgid": tgid, "rank": t.rank, "local_rank": t.local_rank,
-                              "env": t.env, "cuda_device": tr.ctx.devices.get(tgid)})
+                              "env": t.env, "cuda_device": tr.cuda_device(tgid)})
         frame = assign_ranks(rows, ranks, self.gpu.devices, self.gpu.processes)
         return frame.filter(pl.col("tgid").is_not_null())
 
@@ -317,13 +318,13 @@ class Daemon:
         tr = self.tracer
         ranks = []
         for tgid in sorted(job.tgids):
-            t = tr.targets.get(tgid)
+            t = tr.targets_view.get(tgid)
             if t is None or not t.traced:
                 continue
             ranks.append({"rank": t.rank, "local_rank": t.local_rank, "world_size": t.world_size,
                           "tgid": tgid, "host": self.host, "exe": t.exe, "env": t.env,
                           "exited": t.exited, "libraries": t.libraries,
-                          "cuda_device": tr.ctx.devices.get(tgid)})
+                          "cuda_device": tr.cuda_device(tgid)})
         gpu = None
         if self.gpu is not None:
             gpu = ({"available": True, "library": self.gpu.library, "driver": self.gpu.driver,
@@ -332,7 +333,8 @@ class Daemon:
                    {"available": False,
                     "reason": self.gpu.reason or "NVML not opened yet"})
         return window_manifest(job.key, self.host, ranks, start_ns, end_ns, tr.mono_to_wall_ns,
-                               tr.opts.channels, tr.opts.sample_hz, gpu, self.run_id,
+                               {c: c in tr.opts.channels for c in SWITCHES},
+                               tr.opts.sample_hz, gpu, self.run_id,
                                os.uname().release)
 
     def _analyse(self, job: _Job, inflight: pl.DataFrame, gpu_new: pl.DataFrame,
@@ -346,15 +348,15 @@ class Daemon:
         manifest = self._manifest(job, win.started_ns or now_ns, now_ns)
         rec = Recording(manifest=manifest, events=ev.sort("ts_ns"), stacks=win.stacks,
                         host_ctx=win.host)
-        final = all(t not in tr.targets or tr.targets[t].exited for t in job.tgids)
+        final = all(t not in tr.targets_view or tr.targets_view[t].exited for t in job.tgids)
         build = win.update(rec, gpu_new, now_ns, self.config.window_s, final)
         self._write_segment(job, build.new, build.summ, gpu_new, manifest)
         win.cut(now_ns, self.config.window_s, tr.mono_to_wall_ns)
         diag = win.summaries(manifest, build)
         t2 = time.perf_counter()
-        report = diagnose_summaries([diag], hang_after_s=self.config.hang_after_s)
+        report = diagnose([diag], hang_after_s=self.config.hang_after_s)
         t3 = time.perf_counter()
-        exited = {t for t in job.tgids if t not in tr.targets or tr.targets[t].exited}
+        exited = {t for t in job.tgids if t not in tr.targets_view or tr.targets_view[t].exited}
         view = job_view(job.key, rec, diag, report, {t: tr.probes_of(t) for t in job.tgids},
                         exited)
         view["segments"] = job.segments

@@ -58,8 +58,8 @@ class RecordingReader:
     """A fixed state built from recordings on disk (one job per directory)."""
 
     def __init__(self, dirs: Sequence[str | os.PathLike[str]], now_ns: int | None = None):
-        from argus.analyze.report import diagnose
-        from argus.analyze.summary import build_summaries
+        from argus.analyze.compress import build_summaries
+        from argus.analyze.diagnosis import diagnose
         from argus.recording.io import load_recording
 
         jobs = []

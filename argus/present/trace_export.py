@@ -30,8 +30,8 @@ from typing import IO, Any
 import numpy as np
 import polars as pl
 
+from argus.analyze.diagnosis import diagnose
 from argus.analyze.matching import align_seq, collectives
-from argus.analyze.report import diagnose
 from argus.analyze.steps import detect_steps
 from argus.analyze.timeline import build_timeline, recording_end_ns
 from argus.recording.io import Recording

@@ -16,7 +16,7 @@ import json
 import pytest
 from test_torch_ddp import Job  # tests/ is on the path (pyproject pythonpath)
 
-from argus.analyze.report import diagnose
+from argus.analyze.diagnosis import diagnose
 from argus.collect.session import run_session
 from argus.collect.tracer import TraceOptions
 from argus.recording.io import load_recording

@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from argus.analyze.report import diagnose
+from argus.analyze.diagnosis import diagnose
 from argus.collect.session import run_session
 from argus.collect.tracer import TraceOptions
 from argus.recording.io import load_recording

@@ -19,8 +19,8 @@ import polars as pl
 import pytest
 from test_torch_ddp import SCRIPT, Job  # tests/ is on the path (pyproject pythonpath)
 
+from argus.analyze.diagnosis import diagnose
 from argus.analyze.hotspot import attribute
-from argus.analyze.report import diagnose
 from argus.collect.session import run_session
 from argus.collect.tracer import TraceOptions
 from argus.recording.io import load_recording

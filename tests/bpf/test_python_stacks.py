@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_torch_ddp import SCRIPT, Job  # tests/ is on the path (pyproject pythonpath)
 
-from argus.analyze.report import diagnose
+from argus.analyze.diagnosis import diagnose
 from argus.cli import main
 from argus.collect.pyspy_dumps import dump_process, find_py_spy, innermost_python
 from argus.collect.session import run_session

@@ -28,8 +28,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from argus.analyze.diagnosis import diagnose
 from argus.analyze.matching import collectives
-from argus.analyze.report import diagnose
 from argus.analyze.timeline import build_timeline
 from argus.collect import procfs
 from argus.collect.session import run_session

@@ -50,7 +50,7 @@ def test_the_wheel_lists_every_argus_package_and_maps_the_data_folders():
     assert tool["package-dir"] == {"argus._data.bpf": "bpf",
                                    "argus._data.cuda_probes": "cuda_probes"}
     assert data == {"argus._data.bpf", "argus._data.cuda_probes",
-                    "argus._data.cuda_probes.standins"}
+                    "argus._data.cuda_probes.standins", "argus._data.cuda_probes.agent"}
 
 
 @pytest.mark.unit

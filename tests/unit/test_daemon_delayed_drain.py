@@ -79,7 +79,7 @@ def _fake_tracer(rec: Recording):
                                           libraries=[])
                for r in m["ranks"]}
     return SimpleNamespace(
-        targets=targets, ctx=SimpleNamespace(devices={}), probes_of=lambda _t: 7,
+        targets_view=targets, cuda_device=lambda _t: None, probes_of=lambda _t: 7,
         mono_to_wall_ns=m["clock"]["mono_to_wall_ns"],
         opts=SimpleNamespace(sample_hz=49, channels=("cuda", "nccl", "torch", "cpu", "host")),
     )
@@ -97,7 +97,7 @@ def _drive(rec: Recording, attach: dict[int, int], flushes: list[tuple[int, int]
     d = Daemon(DaemonOptions(output=out, metrics_addr=None, overrides={
         "interval_s": INTERVAL_S, "window_s": window_s, "hang_after_s": hang_after_s}))
     d.tracer = _fake_tracer(rec)
-    job = _Job("torchelastic-test", tgids=set(d.tracer.targets))
+    job = _Job("torchelastic-test", tgids=set(d.tracer.targets_view))
     ev = rec.events.with_columns(pl.col("in_flight").fill_null(False))
     done = ev.filter(~pl.col("in_flight"))
     never = ev.filter(pl.col("in_flight"))  # still in flight when the recording ended
@@ -109,7 +109,7 @@ def _drive(rec: Recording, attach: dict[int, int], flushes: list[tuple[int, int]
     for i, (read, snap) in enumerate(flushes):
         last = i == len(flushes) - 1
         if last and exit_at_end:
-            for t in d.tracer.targets.values():
+            for t in d.tracer.targets_view.values():
                 t.exited = True
         now = min(max(read, snap), t1)
         rows = done.filter((end >= prev) & (end < read)) if read > prev else done.head(0)

@@ -39,7 +39,7 @@ def _fake_tracer(rec):
         for r in m["ranks"]
     }
     return SimpleNamespace(
-        targets=targets, ctx=SimpleNamespace(devices={}), probes_of=lambda _t: 7,
+        targets_view=targets, cuda_device=lambda _t: None, probes_of=lambda _t: 7,
         mono_to_wall_ns=m["clock"]["mono_to_wall_ns"],
         opts=SimpleNamespace(sample_hz=49, channels=("cuda", "nccl", "torch", "cpu", "host")),
     )
@@ -51,7 +51,7 @@ def _replay(rec, out: Path, window_s: float = 60.0):
     d = Daemon(DaemonOptions(output=out, metrics_addr=None,
                              overrides={"interval_s": 0.5, "window_s": window_s}))
     d.tracer = _fake_tracer(rec)
-    job = _Job("torchelastic-test", tgids=set(d.tracer.targets))
+    job = _Job("torchelastic-test", tgids=set(d.tracer.targets_view))
     t0 = int(rec.events["ts_ns"].min())
     t1 = int(rec.manifest["ended_ns"])  # the daemon drains until the recording's end
     # calls still in flight at the end: the tracer reports them at every drain after entry
@@ -61,7 +61,7 @@ def _replay(rec, out: Path, window_s: float = 60.0):
     for a in range(t0, t1 + 1, DRAIN_NS):
         b = min(a + DRAIN_NS, t1 + 1)
         if b > t1:  # the last drain, at the recording's end: the job has exited
-            for t in d.tracer.targets.values():
+            for t in d.tracer.targets_view.values():
                 t.exited = True
         sel = (pl.col("ts_ns") >= a) & (pl.col("ts_ns") < b)
         # a call's record reaches user space when it returns: drained by its end

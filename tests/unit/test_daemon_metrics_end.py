@@ -73,7 +73,7 @@ def test_as_of_marks_the_ranks_gone_now_and_the_job_ended_when_all_are():
 
 def _tracer(targets: dict):
     return SimpleNamespace(
-        targets=targets, _uprobes=[], mono_to_wall_ns=0, forget_exited=lambda: [],
+        targets_view=targets, uprobe_count=0, mono_to_wall_ns=0, forget_exited=lambda: [],
         drops=lambda: {}, drain=lambda: (schema.empty_events(), schema.empty_events(),
                                          schema.empty_stacks(), schema.empty_host()))
 

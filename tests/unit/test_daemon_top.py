@@ -9,9 +9,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from rich.console import Console
 
-from argus.collect import procfs
+from argus.collect import identity
+from argus.collect.identity import job_key
 from argus.daemon.config import load_config
-from argus.daemon.discovery import job_key
 from argus.errors import UsageError
 from argus.present.metrics import LiveCollector
 from argus.present.top import RecordingReader, render
@@ -82,7 +82,7 @@ def test_ranks_of_a_plain_launcher_are_one_job_and_two_launchers_two(tmp_path):
     _fake_proc(fake, 121, 120, {"RANK": "0"})  # its rank
     _fake_proc(fake, 210, 200, {"OMPI_COMM_WORLD_RANK": "0"})
     _fake_proc(fake, 300, 1, {"RANK": "0"})  # started by init: no launcher to share
-    keys = {t: job_key(t, procfs.rank_identity(t, fake)["env"], str(fake))
+    keys = {t: job_key(t, identity.rank_identity(t, fake)["env"], str(fake))
             for t in (110, 111, 112, 113, 121, 210, 300)}
     assert {keys[t] for t in (110, 111, 112, 113, 121)} == {"launcher-100-500"}
     assert keys[210] == "launcher-200-600"

@@ -1,5 +1,5 @@
 """The one diagnosis entry point (`argus.analyze.diagnosis`): recordings or summaries, one
-object or a list, directories; the old names still give the same report."""
+object or a list, directories."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from argus.analyze import report as report_mod
-from argus.analyze import summary as old_summary
 from argus.analyze.compress import build_summaries
 from argus.analyze.diagnosis import diagnose, diagnose_dirs
 from argus.analyze.evidence import align_recordings, from_recordings
@@ -61,14 +59,11 @@ def test_upto_step_keeps_the_first_steps(summ):
     assert r["steps"]["count"] == 10 and {x["steps"] for x in r["ranks"]} == {10}
 
 
-def test_the_old_names_give_the_same_report(rec, summ):
-    assert report_mod.diagnose([rec]) == diagnose([rec])
-    assert old_summary.diagnose_summaries([summ], hang_after_s=2.0) == diagnose(
-        [summ], hang_after_s=2.0)
-    assert old_summary.build_summaries is build_summaries
-    # an empty list of summaries stays a (empty) report of summaries
-    assert old_summary.diagnose_summaries([])["source"] == "summaries"
-    assert "source" not in diagnose([])
+def test_one_object_or_a_list_give_the_same_report(rec, summ):
+    assert diagnose(rec) == diagnose([rec])
+    assert diagnose(summ, hang_after_s=2.0) == diagnose([summ], hang_after_s=2.0)
+    assert diagnose([summ])["source"] == "summaries"
+    assert "source" not in diagnose([])  # an empty list: no recordings
 
 
 def test_the_opening_is_what_the_evidence_reads(rec):

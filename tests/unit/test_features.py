@@ -72,7 +72,7 @@ def test_a_tracer_composes_only_the_channels_switched_on():
     tr = Tracer(TraceOptions(channels=("nccl", "cpu")))
     assert [c.name for c in tr.active] == ["proc", "calls", "cpu"]
     assert {lib.channel for lib in tr.specs} == {"nccl"}
-    assert tr.uprobe_count == 0 and tr._uprobes == {} and dict(tr.targets_view) == {}
+    assert tr.uprobe_count == 0 and dict(tr.targets_view) == {}
     assert tr.cuda_device(1) is None
     tr = Tracer(TraceOptions(channels=("cpu", "host")))
     assert [c.name for c in tr.active] == ["proc", "cpu", "host"] and tr.specs == []

@@ -392,7 +392,7 @@ def test_a_window_stragglers_contention_is_measured_in_its_own_steps():
     recording it waited 19.9 ms per step runnable against rank 0's 8.7 (the other hog took
     rank 0's CPU too): 47 % of the excess, which made the contention `info`. In its own
     steps it waited 23.1 ms against 7.4: the hog is the cause."""
-    from argus.analyze.report import diagnose
+    from argus.analyze.diagnosis import diagnose
 
     rep = diagnose([load_recording(DATA / "host_cpuhog_rank1")])
     (s,) = [f for f in rep["findings"] if f["kind"] == "straggler"]

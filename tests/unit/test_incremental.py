@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from argus.analyze.compress import build_summaries
 from argus.analyze.incremental import (
     OVERLAP_STEPS,
     assign_ids,
@@ -23,7 +24,6 @@ from argus.analyze.incremental import (
     stack_ids,
     window_steps,
 )
-from argus.analyze.summary import build_summaries
 from argus.recording.io import load_recording
 from argus.recording.summaries import TAIL_SCHEMA
 

@@ -65,7 +65,8 @@ def test_spec_matches_files():
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ('kind = "collective"', 'kind = "teleport"', "t.toml probe #1 (ncclAllReduce): field 'kind'"),
+        ('kind = "collective"', 'kind = "teleport"',
+         "t.toml probe #1 (ncclAllReduce): field 'kind'"),
         ('count = "reg3"', 'count = "reg9"', "field 'args.count': 'reg9' is not reg1..reg6"),
         ('count = "reg3"', 'cuont = "reg3"', "field 'args.cuont': unknown argument name"),
         ('op = "allreduce"\n', "", "field 'op' is required for collectives"),
