@@ -122,7 +122,7 @@ struct argus_stack_key {
     __u64 py_stack_id;  /* key of py_stacks0/1 (the Python frames), 0: none */
 };
 
-/* Python frames in CPU samples (cpu_stacks.bpf.c; argus/collect/pyframes.py finds and
+/* Python frames in CPU samples (cpu_stacks.bpf.c; argus/collect/cpython_walk.py finds and
  * validates the layout of one interpreter per process and writes its argus_py_proc). */
 #define ARGUS_PY_DEPTH 32       /* Python frames kept per sample, innermost first */
 #define ARGUS_PY_THREADS 32     /* thread states searched for the sampled thread */

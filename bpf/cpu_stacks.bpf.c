@@ -8,7 +8,7 @@
  *   stacks0/1        stack id -> frames (BPF_STACK_TRACE)
  *   stack_counts0/1  argus_stack_key (tgid, tid, user/kernel stack ids, comm) -> samples
  *   py_procs         tgid -> argus_py_proc: the interpreter layout of a traced Python
- *                    process (written by argus/collect/pyframes.py after it validated it)
+ *                    process (written by argus/collect/cpython_walk.py after it validated it)
  *   py_tstates       LRU tid -> its PyThreadState address (bit 0 set: none, the value is
  *                    the time of that miss; looked up again after 1 s)
  *   py_stacks0/1     hash of the frames -> argus_py_stack (code object addresses, innermost

@@ -131,7 +131,7 @@ HOST_SCHEMA: dict[str, pl.DataType] = {
     "total_ns": pl.Int64,  # runnable wait | 0 | 0 | summed request latency | stolen ns
 }
 
-# Python + native stacks (argus.collect.pystacks, py-spy), one row per thread of a traced rank,
+# Python + native stacks (argus.collect.pyspy_dumps, py-spy), one row per thread of a traced rank,
 # taken once at the end of a session that ended with calls in flight for long (a hang).
 PYSTACKS_SCHEMA: dict[str, pl.DataType] = {
     "ts_ns": pl.Int64,  # when the dump was taken, node monotonic ns
