@@ -5,15 +5,22 @@ Metric, per rank (its tgid's rows, the whole recording): the runnable wait of it
 the rank's step count (per second when no steps were found). Competitors that are threads of
 the rank itself are left out (a process contending with itself is not host context).
 
+Runnable wait is judged against the rank's own CPU demand (`cpu_demand`): on a busy node
+every rank's CPU work is stretched alike, so a rank doing 5x the others' CPU work waits ~5x as
+long runnable without anything taking its CPU. The others' median wait is scaled by the rank's
+on-CPU time x their wait per on-CPU ns, over their median wait (>= 1; on-CPU time from the
+cpu channel's cpu-clock samples, rows of kind `on_cpu` derived here; 1 without samples). A
+hog on ONE rank's CPU makes it wait far more per ns of its own work, and is still blamed.
+
 Detectors:
 - `cpu_contention`: a host-side straggler rank (cause `host`: it arrives late) whose runnable
-  wait per step exceeds the median of the other ranks' by >= max(25% of its straggler excess,
-  0.5 ms): warning (critical when the straggler is) when that explains >= 50% of the excess,
-  naming the competitor that took most of it, and the straggler cites it under
-  `evidence["host"]`; below 50%, info (a rank busy on its own CPU work is preempted more on
-  a busy node: its own work is the cause). Any other rank (no straggler, or a
-  GPU-side one, whose excess CPU time cannot explain) waiting >= 10% of the step time
-  runnable gives an `info` finding (a healthy job stays free of warnings).
+  wait per step exceeds `cpu_demand` x the median of the other ranks' by >= max(25% of its
+  straggler excess, 0.5 ms): warning (critical when the straggler is) when that explains
+  >= 50% of the excess, naming the competitor that took most of it, and the straggler cites
+  it under `evidence["host"]`; below 50%, info (its own work is the cause). Any other rank
+  (no straggler, or a GPU-side one, whose excess CPU time cannot explain) waiting >= 10% of
+  the step time runnable beyond that gives an `info` finding (a healthy job stays free of
+  warnings).
 - `oom_kill`: an OOM victim that is a traced rank: critical; any other victim on the node:
   info.
 - `tcp_retransmits`: retransmits in a traced rank's context, or node-wide on a straggler's
@@ -43,6 +50,7 @@ INFO_SHARE_OF_STEP = 0.10
 BLOCK_SLOW_NS = 50_000_000
 BLOCK_MIN_REQUESTS = 5
 TCP_MIN_FRACTION = 0.5  # a straggler's retransmits per straggler step, for a warning
+DEMAND_Z = 1.0  # sampling noise allowed for in cpu_demand (sigma of a Poisson count)
 EXPLAIN_SHARE = 0.5  # a window explained by contention: its runnable growth / its excess
 
 
@@ -91,6 +99,9 @@ def _frame(recordings: Sequence[Recording]) -> pl.DataFrame:
         h = getattr(rec, "host_ctx", None)
         if h is None or h.height == 0:
             continue
+        on = _on_cpu_rows(rec)
+        if on is not None:
+            h = pl.concat([h, on], how="vertical_relaxed")
         tgid_rank = {
             int(r["tgid"]): int(r["rank"])
             for r in rec.manifest.get("ranks") or []
@@ -107,6 +118,27 @@ def _frame(recordings: Sequence[Recording]) -> pl.DataFrame:
     if not frames:
         return pl.DataFrame()
     return pl.concat(frames, how="vertical_relaxed")
+
+
+def _on_cpu_rows(rec: Recording) -> pl.DataFrame | None:
+    """Rows of kind `on_cpu` (not in host.parquet: derived here, and kept in summaries like
+    its rows) from the recording's cpu-clock samples: per sampling interval and tgid, `count`
+    samples and `total_ns` = count / sample_hz, the on-CPU time of the process's threads."""
+    st, hz = rec.stacks, float(rec.manifest.get("sample_hz") or 0)
+    if hz <= 0 or st.height == 0:
+        return None
+    on = st.filter(pl.col("state").is_null() | (pl.col("state") == "on_cpu"))
+    if on.height == 0:
+        return None
+    return (
+        on.group_by("ts_ns", "interval_ns", "tgid")
+        .agg(pl.col("rank").first(), pl.col("count").sum())
+        .with_columns(pl.lit("on_cpu").alias("kind"), pl.lit("cpu-clock").alias("detail"),
+                      (pl.col("count") * (1e9 / hz)).cast(pl.Int64).alias("total_ns"))
+        .select(list(rec.host_ctx.columns))
+        .cast(dict(rec.host_ctx.schema))
+        .sort("ts_ns", "tgid")
+    )
 
 
 def _own_threads(recordings: Sequence[Recording]) -> dict[int, set[str]]:
@@ -137,6 +169,9 @@ def contention(
     if steps is not None and steps.height:
         n_steps = dict(steps.group_by("rank").len().rows())
     seconds = ctx.seconds
+    on = h.filter((pl.col("kind") == "on_cpu") & pl.col("rank").is_not_null())
+    on_cpu = {r: (t, n) for r, t, n in on.group_by("rank").agg(
+        pl.col("total_ns").sum(), pl.col("count").sum()).rows()} if on.height else {}
     out: dict[int, dict[str, Any]] = {}
     for (rank,), g in cpu.group_by("rank"):
         rank = int(rank)
@@ -158,8 +193,31 @@ def contention(
             ],
             "tgid": int(g["tgid"][0]),
             "host": g["host"][0],
+            # None: no cpu-clock samples in the recording (cpu channel off)
+            "on_cpu_ns": float(on_cpu.get(rank, (0, 0))[0]) / div if on_cpu else None,
+            "on_cpu_samples": int(on_cpu.get(rank, (0, 0))[1]) if on_cpu else None,
         }
     return out
+
+
+def cpu_demand(cont: dict[int, dict[str, Any]], rank: int) -> float:
+    """How many times the other ranks' median runnable wait `rank`'s own CPU work makes it
+    wait on this node (>= 1): its on-CPU time x the others' median runnable wait per on-CPU
+    ns, over the others' median wait. On a node where every rank's CPU work is stretched
+    alike, a rank doing 5x the others' CPU work waits ~5x as long runnable; only what it
+    waits beyond that is CPU taken from it. On-CPU time is counted in cpu-clock samples (a
+    few per rank in a short job): the rank's is taken at its lower bound, the others' at
+    their upper (Poisson, DEMAND_Z sigma), so sampling noise never lowers the wait a
+    competitor is blamed for. 1 without samples (the cpu channel off)."""
+    mine = cont[rank].get("on_cpu_samples")
+    others = [o for r, o in cont.items() if r != rank and o.get("on_cpu_samples") is not None]
+    base = median(o["wait_ns"] for o in cont.values() if o is not cont[rank]) if others else 0.0
+    if not mine or not others or base <= 0:
+        return 1.0
+    low = max(0.0, mine - DEMAND_Z * mine**0.5)
+    rates = [o["wait_ns"] / (n + DEMAND_Z * n**0.5 + 1) for o in others
+             for n in [o["on_cpu_samples"]]]
+    return max(1.0, low * median(rates) / base)
 
 
 def _scoped_waits(ctx: HostContext, stragglers: list[dict[str, Any]], steps: pl.DataFrame | None,
@@ -193,7 +251,8 @@ def _cpu_findings(cont, stragglers, step_ns, scoped=None) -> list[dict[str, Any]
     for rank, c in sorted(cont.items()):
         others = [o["wait_ns"] for r, o in cont.items() if r != rank]
         base = median(others) if others else 0.0
-        extra = c["wait_ns"] - base
+        demand = cpu_demand(cont, rank)
+        extra = c["wait_ns"] - demand * base
         top = c["competitors"][0] if c["competitors"] else None
         if top is None:
             continue
@@ -203,6 +262,8 @@ def _cpu_findings(cont, stragglers, step_ns, scoped=None) -> list[dict[str, Any]
             "competitors": c["competitors"],
             "host": c["host"],
         }
+        if demand > 1.0:
+            ev["cpu_demand"] = round(demand, 2)
         f = strag.get(rank)
         # Only a host-side straggler's excess (late arrival, in ms per step) can be explained
         # by CPU taken from its threads; a GPU-side one (its own GPU work is slower, or its
@@ -212,7 +273,7 @@ def _cpu_findings(cont, stragglers, step_ns, scoped=None) -> list[dict[str, Any]
         if f is not None and (scoped or {}).get(rank) is not None:
             # a window-scoped straggler: its CPU is judged in its own steps (`_scoped_waits`)
             mine, theirs, n = scoped[rank]
-            extra = max(extra, mine - theirs)
+            extra = max(extra, mine - demand * theirs)
             ev["in_straggler_steps"] = {"wait_ms_per_step": round(mine / 1e6, 3),
                                         "others_ms_per_step": round(theirs / 1e6, 3),
                                         "steps": n}
@@ -238,7 +299,9 @@ def _cpu_findings(cont, stragglers, step_ns, scoped=None) -> list[dict[str, Any]
                 "severity": severity,
                 "summary": (
                     f"Rank {rank}'s threads waited {c['wait_ns'] / 1e6:.1f} ms per {per} "
-                    f"runnable (others {base / 1e6:.1f} ms) while '{top['comm']}' ran on "
+                    f"runnable (others {base / 1e6:.1f} ms"
+                    + (f"; {demand:.1f}x that for its own CPU work" if demand > 1.0 else "")
+                    + f") while '{top['comm']}' ran on "
                     f"their CPU ({top['wait_ms']:.1f} ms per {per}) on host {c['host']}"
                     + (f"; in its straggler steps {scope['wait_ms_per_step']:.1f} ms per step "
                        f"(others {scope['others_ms_per_step']:.1f} ms)."
