@@ -8,8 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from argus.analyze import hang
-from argus.analyze import host as host_context
+from argus.analyze import hang, host_context, host_windows
 from argus.recording import schema
 from argus.recording.io import Recording, load_recording, write_recording
 
@@ -306,7 +305,7 @@ def _per_second(waits):
 
 def _explain(waits, window, ranks=(0, 1, 2), offsets=None):
     ctx = host_context.context([_rec(_per_second(waits))])
-    host_context.explain_windows(ctx, [window], [(_manifest(), "node0")], offsets or {},
+    host_windows.explain_windows(ctx, [window], [(_manifest(), "node0")], offsets or {},
                                  list(ranks))
     return window
 
@@ -383,7 +382,7 @@ def _late(rank):
 
 def _explain_long(rows, window, metrics):
     ctx = host_context.context([_rec(_long_waits(rows))])
-    host_context.explain_windows(ctx, [window], [(_manifest(), "node0")], {}, [0, 1, 2],
+    host_windows.explain_windows(ctx, [window], [(_manifest(), "node0")], {}, [0, 1, 2],
                                  metrics)
     return window
 
@@ -424,7 +423,7 @@ def test_a_step_still_slow_without_the_waits_and_a_long_window_stay_warnings():
     rec = Recording(manifest=_manifest(), events=schema.empty_events(),
                     stacks=stacks, host_ctx=_long_waits(ctx_rows))
     w = _short(1000, 1300, 300.0)
-    host_context.explain_windows(host_context.context([rec]), [w], [(_manifest(), "node0")],
+    host_windows.explain_windows(host_context.context([rec]), [w], [(_manifest(), "node0")],
                                  {}, [0, 1, 2], _late(1))
     assert w["severity"] == "warning" and "cause" not in w
 
@@ -465,7 +464,7 @@ def _steal_rows(pct_by_second, seconds=10, cpus=2):
 
 def _explain_steal(pct_by_second, window):
     ctx = host_context.context([_rec(_host_rows(_steal_rows(pct_by_second)))])
-    host_context.explain_windows(ctx, [window], [(_manifest(), "node0")], {}, [0, 1, 2])
+    host_windows.explain_windows(ctx, [window], [(_manifest(), "node0")], {}, [0, 1, 2])
     return window
 
 
