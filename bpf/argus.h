@@ -205,6 +205,8 @@ struct argus_count_key {
 #define ARGUS_HOST_CPU_WAIT 5  /* runnable waits that began in one ARGUS_WAIT_BUCKET_NS slot:
                                   detail = the slot's start (ts_ns), comm = what ran instead;
                                   user space deletes the key once it has read it */
+#define ARGUS_HOST_ON_CPU 6  /* a traced process's threads ran: total_ns = on-CPU time (switch
+                                in -> out), count = switches out; detail 0, comm empty */
 
 /* Key of host_counts (cumulative; user space takes deltas per interval). */
 struct argus_host_key {

@@ -18,7 +18,9 @@
  *   preempted    tid -> argus_preempt: a traced thread switched out while runnable (when,
  *                and what ran instead), or woken onto a busy CPU (when, and what ran on
  *                it); deleted when it runs again, the wait aggregated under that comm
- *   cpu_curr     cpu -> what runs on it now (tid, comm), updated at every switch
+ *   cpu_curr     cpu -> what runs on it now (tid, comm, since when), updated at every
+ *                switch; a traced thread's on-CPU time (switched in -> out) is summed per
+ *                process under kind ON_CPU (the demand its runnable waits are judged by)
  *   traced_tids  LRU tid -> tgid of traced threads seen switching out (a wakeup names only
  *                the thread; this says whether it is traced)
  *   host_pending [0] = entries in `preempted`; while 0, a switch to an untraced thread skips
@@ -32,10 +34,10 @@
  * Cost. sched_switch runs on every context switch of the node: for a switch between
  * untraced threads it is one hash lookup (watched, by the outgoing tgid) and one array
  * lookup (host_pending); only while a traced thread is preempted does a switch also look up
- * the incoming tid in `preempted`. A traced thread switched out runnable adds a clock read and
- * a hash update; one switched out blocked adds a user and a kernel stack walk and a 680-byte
- * hash update (the off-CPU stack), like one CPU sample. Every switch also writes its CPU's
- * cpu_curr slot (20 bytes). sched_wakeup runs on every wakeup of the node: one LRU lookup; a
+ * the incoming tid in `preempted`. Every switch also reads the clock and writes its CPU's
+ * cpu_curr slot (28 bytes). A traced thread switched out adds a hash update (its on-CPU
+ * time), and when still runnable one more; one switched out blocked adds a user and a kernel
+ * stack walk and a 680-byte hash update (the off-CPU stack), like one CPU sample. sched_wakeup runs on every wakeup of the node: one LRU lookup; a
  * traced thread woken onto a busy CPU adds an array lookup, a clock read and a hash insert. TCP retransmits and OOM kills are
  * rare; a block request costs two hash operations at issue and three at completion.
  */
@@ -122,6 +124,7 @@ BPF_TABLE("lru_hash", u32, u32, traced_tids, ARGUS_HOST_THREADS);
 struct argus_cpu_curr {
     u32 tid;
     char comm[ARGUS_COMM_LEN];
+    u64 since_ns;  /* when it was switched in (its on-CPU time, when it is traced) */
 };
 BPF_ARRAY(cpu_curr, struct argus_cpu_curr, ARGUS_MAX_CPUS);
 BPF_HASH(offcpu, u32, struct argus_offcpu, ARGUS_HOST_THREADS);
@@ -181,17 +184,26 @@ int argus_host_switch(void *ctx)
 {
     u64 id = bpf_get_current_pid_tgid();  /* still the outgoing task (prev) */
     u32 tgid = id >> 32, tid = (u32)id;
-    u64 now = 0;
+    u64 now = bpf_ktime_get_ns();
+    u64 ran = 0;  /* how long prev ran, since it was switched in */
     u32 cpu = bpf_get_smp_processor_id();
     struct argus_cpu_curr *cur = cpu_curr.lookup(&cpu);
     if (cur) {
+        if (cur->tid == tid && cur->since_ns && now > cur->since_ns)
+            ran = now - cur->since_ns;
         cur->tid = *(s32 *)((char *)ctx + ARGUS_TP_SS_NEXT_PID_OFF);
         bpf_probe_read_kernel(&cur->comm, sizeof(cur->comm), (char *)ctx + ARGUS_TP_SS_NEXT_COMM_OFF);
+        cur->since_ns = now;
     }
     u32 *w = watched.lookup(&tgid);
     if (w && (*w & ARGUS_W_TRACE) && tid) {
-        now = bpf_ktime_get_ns();
         traced_tids.update(&tid, &tgid);
+        if (ran) {
+            struct argus_host_key run = {};
+            run.kind = ARGUS_HOST_ON_CPU;
+            run.tgid = tgid;
+            argus_host_add(&run, ran);
+        }
 #if ARGUS_TP_SS_PREV_STATE_SIZE == 8
         s64 state = *(s64 *)((char *)ctx + ARGUS_TP_SS_PREV_STATE_OFF);
 #else
@@ -218,8 +230,6 @@ int argus_host_switch(void *ctx)
     struct argus_preempt *p = preempted.lookup(&next);
     if (!p)
         return 0;
-    if (!now)
-        now = bpf_ktime_get_ns();
     struct argus_host_key key = {};
     key.kind = ARGUS_HOST_CPU;
     key.tgid = p->tgid;

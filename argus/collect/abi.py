@@ -57,8 +57,9 @@ HOST_TCP = 2
 HOST_OOM = 3
 HOST_BLOCK = 4
 HOST_CPU_WAIT = 5
+HOST_ON_CPU = 6
 HOST_KINDS = {HOST_CPU: "cpu_contention", HOST_TCP: "tcp_retransmit", HOST_OOM: "oom_kill",
-              HOST_BLOCK: "block_io", HOST_CPU_WAIT: "cpu_wait"}
+              HOST_BLOCK: "block_io", HOST_CPU_WAIT: "cpu_wait", HOST_ON_CPU: "on_cpu"}
 WAIT_BUCKET_NS = 10_000_000  # ARGUS_WAIT_BUCKET_NS: the time slots of cpu_wait rows
 # Python frames in CPU samples (ARGUS_PY_*).
 PY_DEPTH = 32

@@ -63,7 +63,8 @@ def test_constants_match_the_header():
     assert value("ARGUS_W_DESCEND") == abi.W_DESCEND
     assert value("ARGUS_DROP_HOST_MAP_FULL") == abi.DROP_NAMES.index("host_map_full")
     for name, kind in (("CPU", abi.HOST_CPU), ("TCP", abi.HOST_TCP), ("OOM", abi.HOST_OOM),
-                       ("BLOCK", abi.HOST_BLOCK), ("CPU_WAIT", abi.HOST_CPU_WAIT)):
+                       ("BLOCK", abi.HOST_BLOCK), ("CPU_WAIT", abi.HOST_CPU_WAIT),
+                       ("ON_CPU", abi.HOST_ON_CPU)):
         assert value(f"ARGUS_HOST_{name}") == kind
     assert value("ARGUS_OFFCPU_USER_DEPTH") == abi.OFFCPU_USER_DEPTH
     assert value("ARGUS_OFFCPU_KERNEL_DEPTH") == abi.OFFCPU_KERNEL_DEPTH

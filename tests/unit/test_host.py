@@ -8,8 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from argus.analyze import hang
-from argus.analyze import host as host_context
+from argus.analyze import hang, host_context, host_windows
 from argus.recording import schema
 from argus.recording.io import Recording, load_recording, write_recording
 
@@ -154,6 +153,50 @@ def test_contention_by_the_ranks_own_threads_is_not_host_context():
     assert not [f for f in found if f["kind"] == "cpu_contention"]
 
 
+def _busy_node(waits_ms, samples, comm="python3"):
+    """4 ranks on a node at 49 Hz cpu-clock sampling: rank r waited waits_ms[r] runnable
+    behind `comm` over 10 steps and had samples[r] on-CPU samples."""
+    rows = [{"tgid": 100 + r, "kind": "cpu_contention", "detail": comm, "count": 50,
+             "total_ns": int(w * MS)} for r, w in enumerate(waits_ms)]
+    stacks = pl.DataFrame(
+        [{"ts_ns": 0, "interval_ns": 1_000_000_000, "tgid": 100 + r, "tid": 100 + r,
+          "rank": r, "thread": "argus-sim-rank", "count": n, "functions": ["cpu_busy"],
+          "modules": ["sim"], "state": "on_cpu"} for r, n in enumerate(samples)],
+        schema=schema.STACKS_SCHEMA)
+    man = {**_manifest(range(len(waits_ms))), "sample_hz": 49}
+    return Recording(manifest=man, events=schema.empty_events(), stacks=stacks,
+                     host_ctx=_host_rows(rows))
+
+
+def test_a_straggler_doing_more_cpu_work_on_a_busy_node_is_not_blamed_on_the_node():
+    # rank 1 spins 30 ms of its own per step: 8x the others' on-CPU samples, and so ~8x
+    # their runnable wait behind the node's hog (160 ms against 20 ms over 10 steps): 14 ms
+    # per step more than the others' 2 ms, 70% of its 20 ms excess, yet per ns of its own
+    # CPU work it waited no longer than they did (bursty test-stress, 2026-12-05)
+    rec = _busy_node([20, 160, 20, 20], [10, 80, 10, 10])
+    stragglers = [_straggler(1, excess_ms=20.0, severity="critical")]
+    found = host_context.detect([rec], _steps(range(4)), stragglers, 60 * MS)
+    assert [f for f in found if f["kind"] == "cpu_contention" and f["severity"] != "info"] == []
+    assert "host" not in stragglers[0]["evidence"]
+    cont = host_context.contention(host_context.context([rec]), _steps(range(4)))
+    assert cont[1]["on_cpu_samples"] == 80 and cont[1]["on_cpu_ns"] == pytest.approx(
+        80 / 49 * 1e9 / 10)
+    assert host_context.cpu_demand(cont, 0) == 1.0
+    assert 5 < host_context.cpu_demand(cont, 1) < 8  # 8 at its lower bound, 1 sigma
+
+
+def test_a_hog_on_one_ranks_cpu_is_blamed_whatever_its_cpu_work():
+    # the same straggler with the hog on its own CPU: 20x the others' wait for 2x their CPU
+    # work is CPU taken from it
+    rec = _busy_node([10, 200, 10, 10], [10, 20, 10, 10], comm="cpuhog")
+    stragglers = [_straggler(1, excess_ms=20.0, severity="critical")]
+    found = host_context.detect([rec], _steps(range(4)), stragglers, 60 * MS)
+    (cpu,) = [f for f in found if f["kind"] == "cpu_contention"]
+    assert (cpu["rank"], cpu["competitor"], cpu["severity"]) == (1, "cpuhog", "critical")
+    assert cpu["evidence"]["cpu_demand"] > 1
+    assert stragglers[0]["evidence"]["host"][0]["competitor"] == "cpuhog"
+
+
 def test_healthy_contention_without_a_straggler_stays_below_warning():
     found = host_context.detect([_rec(_host_rows(_contention()))], _steps(), [], 60 * MS)
     assert found and all(f["severity"] == "info" for f in found)
@@ -262,7 +305,7 @@ def _per_second(waits):
 
 def _explain(waits, window, ranks=(0, 1, 2), offsets=None):
     ctx = host_context.context([_rec(_per_second(waits))])
-    host_context.explain_windows(ctx, [window], [(_manifest(), "node0")], offsets or {},
+    host_windows.explain_windows(ctx, [window], [(_manifest(), "node0")], offsets or {},
                                  list(ranks))
     return window
 
@@ -339,7 +382,7 @@ def _late(rank):
 
 def _explain_long(rows, window, metrics):
     ctx = host_context.context([_rec(_long_waits(rows))])
-    host_context.explain_windows(ctx, [window], [(_manifest(), "node0")], {}, [0, 1, 2],
+    host_windows.explain_windows(ctx, [window], [(_manifest(), "node0")], {}, [0, 1, 2],
                                  metrics)
     return window
 
@@ -380,7 +423,7 @@ def test_a_step_still_slow_without_the_waits_and_a_long_window_stay_warnings():
     rec = Recording(manifest=_manifest(), events=schema.empty_events(),
                     stacks=stacks, host_ctx=_long_waits(ctx_rows))
     w = _short(1000, 1300, 300.0)
-    host_context.explain_windows(host_context.context([rec]), [w], [(_manifest(), "node0")],
+    host_windows.explain_windows(host_context.context([rec]), [w], [(_manifest(), "node0")],
                                  {}, [0, 1, 2], _late(1))
     assert w["severity"] == "warning" and "cause" not in w
 
@@ -421,7 +464,7 @@ def _steal_rows(pct_by_second, seconds=10, cpus=2):
 
 def _explain_steal(pct_by_second, window):
     ctx = host_context.context([_rec(_host_rows(_steal_rows(pct_by_second)))])
-    host_context.explain_windows(ctx, [window], [(_manifest(), "node0")], {}, [0, 1, 2])
+    host_windows.explain_windows(ctx, [window], [(_manifest(), "node0")], {}, [0, 1, 2])
     return window
 
 
