@@ -28,8 +28,7 @@ import numpy as np
 import polars as pl
 
 from argus import __version__
-from argus.analyze import hang, hotspot, pipeline
-from argus.analyze import host as host_context
+from argus.analyze import hang, host_context, hotspot, pipeline
 from argus.analyze import steps as steps_mod
 from argus.analyze.evidence import (
     BLOCKED_COLS,

@@ -25,8 +25,7 @@ from typing import Any
 
 import polars as pl
 
-from argus.analyze import hang, pipeline
-from argus.analyze import host as host_context
+from argus.analyze import hang, host_context, pipeline
 from argus.analyze.align import estimate_offsets
 from argus.analyze.matching import align_seq, collectives, with_lateness
 from argus.analyze.steps import (

@@ -61,7 +61,7 @@ EXPLAIN_SHARE = 0.5  # a window explained by contention: its runnable growth / i
 @dataclass
 class HostContext:
     """What the host-context detectors read, from recordings (`context`) or from summaries
-    (`argus.analyze.summary`, which stores exactly these): the host.parquet rows with `host`
+    (`argus.analyze.compress`, which stores exactly these): the host.parquet rows with `host`
     and `rank` filled, each rank's own thread names (never competitors), which rank a
     (host, tgid) is and which host a rank runs on (the manifests), and the recording's
     duration (the per-second unit when no steps were found)."""

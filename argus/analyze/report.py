@@ -16,8 +16,16 @@ import numpy as np
 import polars as pl
 
 from argus import __version__
-from argus.analyze import anomaly, gpu, hotspot, pipeline, stall, straggler
-from argus.analyze import host as host_context
+from argus.analyze import (
+    anomaly,
+    gpu,
+    host_context,
+    host_windows,
+    hotspot,
+    pipeline,
+    stall,
+    straggler,
+)
 from argus.analyze.evidence import Evidence
 
 SCHEMA = "argus.report/1"
@@ -111,12 +119,12 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     # a window that CPU contention on the node explains is the node's, not the job's: info
     # below 2x, and no scope for stragglers or stalls (which read warning windows only)
     job_ranks = metrics["rank"].unique().to_list() if metrics.height else []
-    host_context.explain_windows(ev.host, windows, ev.manifests, offsets, job_ranks, metrics)
+    host_windows.explain_windows(ev.host, windows, ev.manifests, offsets, job_ranks, metrics)
     stragglers = straggler.detect_stragglers(metrics, windows, step_ns,
                                              pipeline=bool(ev.stages), stages=ev.stages,
                                              sync_every=anomaly.sync_period(
                                                  anomaly.step_series(metrics)))
-    host_context.explain_stragglers(ev.host, stragglers, metrics, ev.manifests, offsets)
+    host_windows.explain_stragglers(ev.host, stragglers, metrics, ev.manifests, offsets)
     stragglers = pipeline.detect_slow_stage(ev.recordings, ev.stages, metrics, offsets,
                                             stragglers, step_ns)
     anomaly.settle(windows, stragglers)
