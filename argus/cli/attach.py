@@ -12,7 +12,7 @@ from argus.analyze.diagnosis import DEFAULT_HANG_AFTER_S, diagnose
 from argus.collect.channels import SWITCHES, check_switches
 from argus.collect.session import default_output_dir, run_session
 from argus.collect.tracer import TraceOptions, Tracer
-from argus.errors import UsageError
+from argus.errors import NotATrainingProcess, UsageError
 from argus.present.render import print_report
 from argus.recording.io import load_recording
 from argus.recording.summaries import write_summaries
@@ -33,8 +33,8 @@ def channel_flags(fn):
 
 
 def describe_targets(tracer: Tracer) -> str:
-    ranks = [t for t in tracer.targets.values() if t.traced]
-    launchers = [t.tgid for t in tracer.targets.values() if t.launcher and not t.traced]
+    ranks = [t for t in tracer.targets_view.values() if t.traced]
+    launchers = [t.tgid for t in tracer.targets_view.values() if t.launcher and not t.traced]
     parts = []
     if ranks:
         parts.append(
@@ -164,9 +164,14 @@ def command(pids, duration, output, frequency, ringbuf_mb, hang_after, as_json, 
             err=True,
         )
 
-    result = run_session(list(pids), output, opts, duration, on_started=started)
+    result = run_session(list(pids), output, opts, duration, on_started=started,
+                         on_note=lambda line: click.echo(f"argus: warning: {line}", err=True))
     for line in summary_lines(result.manifest, result.path):
         click.echo(f"argus: {line}", err=True)
+    if not result.manifest["ranks"]:
+        raise NotATrainingProcess(
+            f"traced 0 ranks: no process under {', '.join(map(str, pids))} mapped CUDA, NCCL "
+            f"or PyTorch while argus watched (the recording in {result.path} is empty)")
     recording = result.recording or load_recording(result.path)
     if not no_summaries:
         write_summary_files(recording)

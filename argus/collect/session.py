@@ -25,6 +25,7 @@ from argus.recording.io import Recording
 from argus.recording.parts import PART_S, PartWriter, merge_parts
 
 PART_SLACK_S = 1.0  # no part is written this close to a -d deadline (the final flush is)
+NO_RANK_WARN_S = 15.0  # launchers with no rank this long after the tracing line: one warning
 TRACING_NICE = 10  # argus's priority once its probes are live: its work waits for the job's
 
 
@@ -102,6 +103,8 @@ def run_session(
     should_stop: Callable[[], bool] | None = None,
     pystacks_after_s: float | None = pyspy_dumps.HANG_CAPTURE_AFTER_S,
     part_s: float = PART_S,
+    on_note: Callable[[str], None] | None = None,
+    no_rank_warn_s: float = NO_RANK_WARN_S,
 ) -> SessionResult:
     """Attach to tgids, trace until a stop condition, write the recording to `output`.
 
@@ -109,7 +112,9 @@ def run_session(
     part goes to OUTPUT/parts/ (argus.recording.parts), so a SIGKILL loses at most the
     last part_s; at the end the parts are merged into OUTPUT and the probes are released by
     a background holder process (the kernel's removal of each uprobe takes ~0.23 s here:
-    it no longer delays the result)."""
+    it no longer delays the result). `on_note(line)` gets the one warning of a session whose
+    launchers started no rank within `no_rank_warn_s` of the tracing line (it goes on
+    watching for them)."""
     check_kernel_features()
     tracer = Tracer(opts)
     plan = tracer.plan(tgids)  # target errors come before anything is created
@@ -149,9 +154,14 @@ def run_session(
         tracer.traced_ns = time.monotonic_ns()
         deadline = None if duration_s is None else now + duration_s
         next_part = now + part_s
+        warn_at = now + no_rank_warn_s if on_note is not None else None
         while stop["reason"] is None:
             tracer.poll(0.1)
             now = time.monotonic()
+            if warn_at is not None and now >= warn_at:
+                warn_at = None
+                if not any(t.traced for t in tracer.targets_view.values()):
+                    on_note(_no_rank_note(tgids, no_rank_warn_s))
             if deadline is not None and now >= deadline:
                 stop["reason"] = "duration"
             elif tracer.all_exited():
@@ -183,6 +193,13 @@ def run_session(
             tracer.session.close(background=True)
         if not ok and created and not parts.parts:
             shutil.rmtree(output, ignore_errors=True)
+
+
+def _no_rank_note(tgids: list[int], waited_s: float) -> str:
+    return (f"no rank found under {', '.join(map(str, tgids))} after "
+            f"{waited_s:.0f} s (no process below maps CUDA, NCCL or PyTorch); still watching "
+            f"for new ranks. Is it the job's launcher? `argus doctor -p PID` says what a "
+            f"process maps.")
 
 
 def _write_part(tracer: Tracer, parts: PartWriter, gpu: GpuChannel) -> None:

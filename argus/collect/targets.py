@@ -129,13 +129,38 @@ def is_rank_launcher(tgid: int, proc_root: str = "/proc") -> bool:
         return False
 
 
+def argus_ancestors(proc_root: str = "/proc") -> set[int]:
+    """The processes above this argus process (its shell, the script or sudo that started
+    it...), pid 1 excluded: never targets (`argus attach $$` is not a job)."""
+    out: set[int] = set()
+    pid = os.getpid()
+    for _ in range(64):  # a loop in a fake /proc must still end
+        try:
+            pid = procfs.parent(pid, proc_root)
+        except (TargetNotFound, OSError):
+            break
+        if pid is None or pid <= 1 or pid in out:
+            break
+        out.add(pid)
+    return out
+
+
 def check_exist(tgids: list[int], proc_root: str = "/proc") -> None:
     """Every PID names a process argus may trace: TargetNotFound (missing, other user, no
-    permission), NotATrainingProcess for argus itself."""
+    permission), NotATrainingProcess for argus itself and for its own ancestors."""
+    above = argus_ancestors(proc_root) if proc_root == "/proc" else set()
     for tgid in tgids:
         procfs.process_state(tgid, proc_root)  # raises TargetNotFound
         if is_argus(tgid):
             raise NotATrainingProcess(f"process {tgid} is this argus process itself")
+        if tgid in above:
+            name = procfs.comm(tgid, proc_root)
+            raise NotATrainingProcess(
+                f"process {tgid} ({name}) runs this argus process (its shell or script), so "
+                f"it is no job and no rank was found there",
+                "Give the PID of the job's launcher (torchrun, mpirun, srun, a job script "
+                "started elsewhere) or of a rank; `argus doctor -p PID` says what a process "
+                "maps.")
 
 
 def plan_targets(tgids: list[int], proc_root: str = "/proc") -> list[tuple[int, bool]]:

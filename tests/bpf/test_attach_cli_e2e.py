@@ -173,3 +173,49 @@ def test_sigterm_ends_the_attach_with_a_complete_recording(tmp_path):
     assert rec.manifest["end_reason"] == "sigterm"
     assert not (out / "parts").exists()
     assert rec.events.height > 0 and "Traceback" not in cli.err
+
+
+def test_attach_to_its_own_shell_exits_1_saying_no_rank_was_found(tmp_path):
+    # `argus attach $$`: the shell runs argus, so it is argus's ancestor, never a job
+    import subprocess
+    import sys
+
+    t0 = time.monotonic()
+    out = subprocess.run(
+        ["bash", "-c", f'"{sys.executable}" -c "from argus.cli import run; run()" attach $$ '
+         f'-o "{tmp_path / "rec"}"; echo "rc=$?"'],
+        capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert out.stdout.strip().splitlines()[-1] == "rc=1", out
+    assert "no rank was found" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert took < 30
+    assert not (tmp_path / "rec").exists()
+
+
+def test_a_launcher_that_starts_no_rank_warns_once_and_exits_1(tmp_path):
+    # a process with children but no rank (a shell running `sleep`): traced as a launcher;
+    # no rank comes, so one warning line, and the session that traced 0 ranks exits 1
+    import subprocess
+
+    from argus.collect.session import run_session
+    from argus.collect.tracer import TraceOptions
+
+    shell = subprocess.Popen(["bash", "-c", "sleep 120 & wait"])
+    try:
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{shell.pid}/task/{shell.pid}/children").read_text().split():
+            assert time.monotonic() < deadline, "the shell's child never started"
+            time.sleep(0.02)
+        notes = []
+        res = run_session([shell.pid], tmp_path / "rec", TraceOptions(channels=("cuda",)),
+                          duration_s=4.0, on_note=notes.append, no_rank_warn_s=1.0)
+        assert res.manifest["ranks"] == []
+        assert len(notes) == 1 and f"no rank found under {shell.pid} after 1 s" in notes[0]
+        cli = ArgusProcess(["attach", str(shell.pid), "-d", "2", "-o", str(tmp_path / "r2"),
+                            "--no-cpu", "--no-host"])
+        rc = cli.wait(90)
+    finally:
+        shell.kill()
+        shell.wait()
+    assert rc == 1, cli.err
+    assert "traced 0 ranks" in cli.err and "Traceback" not in cli.err

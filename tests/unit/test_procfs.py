@@ -380,3 +380,17 @@ def test_mapped_code_is_the_size_of_the_executable_mappings_and_none_when_gone(p
     assert procfs.mapped_code(301, proc) is None
     assert procfs.mapped_code(302, proc) is None
     assert procfs.mapped_code(os.getpid())[0] > 0  # the real /proc's format
+
+
+def test_argus_own_ancestors_are_never_targets() -> None:
+    import os
+
+    from argus.collect import targets
+    from argus.errors import NotATrainingProcess
+
+    above = targets.argus_ancestors()
+    assert os.getppid() in above and os.getpid() not in above and 1 not in above
+    with pytest.raises(NotATrainingProcess, match="no rank was found"):
+        targets.check_exist([os.getppid()])
+    with pytest.raises(NotATrainingProcess, match="this argus process itself"):
+        targets.check_exist([os.getpid()])
