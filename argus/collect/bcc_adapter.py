@@ -24,8 +24,23 @@ HEADERS_REMEDY = (
 )
 BCC_MISSING_REMEDY = (
     "Install Debian's python3-bpfcc (apt-get install -y python3-bpfcc) and use a venv made "
-    "with --system-site-packages (make setup does both)."
+    "from /usr/bin/python3 with --system-site-packages (make setup does both)."
 )
+DEBIAN_PYTHON = "/usr/bin/python3"
+
+
+def bcc_missing_remedy(base_prefix: str | None = None, version: str | None = None) -> str:
+    """The remedy for `import bcc` failing. Debian installs bcc for its own /usr/bin/python3
+    only: a venv made by another python3 that comes first on PATH (pyenv, conda, a
+    self-built one) never sees it, with or without --system-site-packages."""
+    base = sys.base_prefix if base_prefix is None else base_prefix
+    ver = f"{sys.version_info[0]}.{sys.version_info[1]}" if version is None else version
+    if os.path.realpath(base) != "/usr":
+        return (f"argus runs on {base}/bin/python{ver}, which cannot see Debian's bcc (it is "
+                f"installed for {DEBIAN_PYTHON} only): install python3-bpfcc, then make the "
+                f"venv with `{DEBIAN_PYTHON} -m venv --system-site-packages .venv` (not "
+                f"`python3 -m venv`, which here is another Python) and reinstall argus in it.")
+    return BCC_MISSING_REMEDY
 
 _HEADER_MARKERS = ("Unable to find kernel headers", "kconfig.h", "linux/kconfig.h")
 
@@ -99,7 +114,7 @@ def bcc_selftest() -> SelftestResult:
     try:
         import bcc  # noqa: PLC0415  (the only import of bcc in argus)
     except ImportError as e:
-        raise ProbeAttachFailed(f"bcc is not importable ({e})", remedy=BCC_MISSING_REMEDY) from e
+        raise ProbeAttachFailed(f"bcc is not importable ({e})", remedy=bcc_missing_remedy()) from e
     version = str(getattr(bcc, "__version__", "unknown"))
     t0 = time.monotonic()
     prog = _compile(bcc, SELFTEST_SOURCE, [], "a test program", detail_lines=3)
@@ -137,7 +152,7 @@ def _import_bcc():
     try:
         import bcc  # noqa: PLC0415  (the only import of bcc in argus)
     except ImportError as e:
-        raise ProbeAttachFailed(f"bcc is not importable ({e})", remedy=BCC_MISSING_REMEDY) from e
+        raise ProbeAttachFailed(f"bcc is not importable ({e})", remedy=bcc_missing_remedy()) from e
     return bcc
 
 

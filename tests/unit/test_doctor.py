@@ -461,3 +461,14 @@ def test_a_crashing_check_is_reported_not_raised(
     assert "OSError: weird sysfs" in by["tracefs"].detail
     assert by["process 100"].status == Status.FAIL
     assert report.processes == [{"tgid": 100, "state": "error"}]
+
+
+def test_bcc_missing_remedy_names_debians_python_when_another_python_runs_argus() -> None:
+    from argus.collect.bcc_adapter import BCC_MISSING_REMEDY, bcc_missing_remedy
+
+    other = bcc_missing_remedy("/root/.pyenv/versions/3.11.7", "3.11")
+    assert other.startswith("argus runs on /root/.pyenv/versions/3.11.7/bin/python3.11, "
+                            "which cannot see Debian's bcc")
+    assert "`/usr/bin/python3 -m venv --system-site-packages .venv`" in other
+    assert bcc_missing_remedy("/usr", "3.11") == BCC_MISSING_REMEDY
+    assert "/usr/bin/python3" in BCC_MISSING_REMEDY
