@@ -10,6 +10,7 @@ segment or recording); `merge_segments` concatenates one node's segments into on
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,19 @@ def _children_segments(d: Path) -> list[Path]:
     return sorted(segs, key=lambda p: (int(p.name) if p.name.isdigit() else 0, p.name))
 
 
+def _daemon_job(segment: Path) -> str | None:
+    """The daemon job a segment belongs to (its manifest's `job`, written with a
+    `daemon_run`); None for anything else (an `argus attach` recording)."""
+    try:
+        manifest = json.loads((segment / schema.MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not manifest.get("daemon_run"):
+        return None
+    job = manifest.get("job")
+    return job if isinstance(job, str) else None
+
+
 def job_dirs(directory: str | os.PathLike[str]) -> dict[str, Path]:
     """The jobs of a daemon output directory (`DIR/jobs/<job>/`): {job key: path}."""
     root = Path(directory) / JOBS
@@ -48,7 +62,10 @@ def expand_dirs(dirs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     Each argument is a recording or segment directory (itself), a job directory of the
     daemon (its segments), or a daemon output directory: its job when it holds one, else the
     job that every given output directory holds (several nodes' daemons), else a UsageError
-    naming the jobs. A directory that is none of these is a RecordingInvalid."""
+    naming the jobs. A folder of segments must hold one daemon job's (a `jobs/<job>/` folder,
+    or segments whose manifests name one job): several recordings of `argus attach` (or of
+    different jobs) in one parent are a UsageError, never one job. A
+    directory that is none of these is a RecordingInvalid."""
     out: list[Path] = []
     outputs: list[tuple[Path, dict[str, Path]]] = []
     for raw in dirs:
@@ -60,6 +77,16 @@ def expand_dirs(dirs: Sequence[str | os.PathLike[str]]) -> list[Path]:
         elif (jobs := job_dirs(d)) or (d / JOBS).is_dir():
             outputs.append((d, jobs))
         elif segs := _children_segments(d):
+            jobs = {_daemon_job(p) for p in segs}
+            one_job = d.parent.name == JOBS or (None not in jobs and len(jobs) == 1)
+            if len(segs) > 1 and not one_job:
+                names = ", ".join(p.name for p in segs[:4]) + (", ..." if len(segs) > 4 else "")
+                raise UsageError(
+                    f"{d} holds {len(segs)} recordings that are not the segments of one daemon "
+                    f"job ({names}): argus does not merge them into one job.",
+                    remedy=f"Name one (argus report {d}/<recording>), or the nodes of one job "
+                    f"explicitly (argus report NODE1_DIR NODE2_DIR).",
+                )
             out.extend(segs)
         else:
             raise RecordingInvalid(

@@ -176,3 +176,19 @@ def test_a_restarted_daemons_segments_are_numbered_on(tmp_path, capsys):
     assert merged.steps.select("rank", "step", "start_ns").sort("rank", "step").rows() == (
         kept.select("rank", "step", "start_ns").sort("rank", "step").rows())
     _same(_report(capsys, str(tmp_path / "out")), diagnose([gap]))
+
+
+def test_a_parent_of_several_attach_recordings_is_refused_not_merged(tmp_path):
+    # two `argus attach` recordings (their summaries) side by side: two jobs, never one
+    for name in ("sim_straggler", "sim_host_stall"):
+        write_summaries(tmp_path / name, build_summaries([load_recording(DATA / name)]))
+    with pytest.raises(UsageError, match=r"holds 2 recordings that are not the segments of "
+                                         r"one daemon job \(sim_host_stall, sim_straggler\)"):
+        expand_dirs([tmp_path])
+    assert main(["report", str(tmp_path)]) == 2
+    # each one named alone, or a parent holding just one, is read as before
+    assert expand_dirs([tmp_path / "sim_straggler"]) == [tmp_path / "sim_straggler"]
+    alone = tmp_path / "one"
+    alone.mkdir()
+    (tmp_path / "sim_straggler").rename(alone / "sim_straggler")
+    assert expand_dirs([alone]) == [alone / "sim_straggler"]
