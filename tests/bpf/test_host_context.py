@@ -39,13 +39,10 @@ def _rank_of(tgid: int) -> int:
     return int(next(e for e in env if e.startswith(b"RANK="))[5:])
 
 
-def _pin(tgid: int, cpu: int, nice: int | None = None) -> None:
-    """Pin every thread of `tgid` to `cpu` (and set its nice value when given)."""
+def _pin(tgid: int, cpu: int) -> None:
     for tid in os.listdir(f"/proc/{tgid}/task"):
         try:
             os.sched_setaffinity(int(tid), {cpu})
-            if nice is not None:
-                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
         except OSError:
             pass
 
@@ -75,12 +72,7 @@ def test_cpu_hog_on_a_ranks_cpu_is_named(tmp_path):
     hog = []
 
     def pin(ranks):
-        # Rank 0 at the hog's nice -10 on CPU 0, so that the node's other work cannot take
-        # its CPU as the hog takes rank 1's: with CPU 1 held by the hog, everything else on
-        # a busy 2-core box (the tracer, bursty hogs, other tests) runs on CPU 0, and at
-        # nice 0 rank 0 waited runnable as long as rank 1 there (3 of 8 bursty runs,
-        # docs/accuracy.md): no contrast to find.
-        _pin(ranks[0], 0, nice=-10)
+        _pin(ranks[0], 0)
         _pin(ranks[1], 1)
         hog.extend(subprocess.Popen([sys.executable, "-c", HOG % 1]) for _ in range(HOGS))
 
