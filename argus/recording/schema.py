@@ -116,8 +116,10 @@ GPU_SCHEMA: dict[str, pl.DataType] = {
 # behind one competitor (detail): interval_ns = max(10 ms, total_ns), the span they cover;
 # cpu_contention sums the same waits per 1 s interval. cpu_steal (tgid 0, detail "node"):
 # per interval the node's CPU time stolen by the hypervisor (/proc/stat), of all of it.
+# on_cpu: per interval a traced process's time on a CPU (measured at the switches; detail
+# "cpu-clock" when the analysis estimated it from the samples of older recordings).
 HOST_KINDS = ("cpu_contention", "tcp_retransmit", "oom_kill", "block_io", "cpu_wait",
-              "cpu_steal")
+              "cpu_steal", "on_cpu")
 HOST_SCHEMA: dict[str, pl.DataType] = {
     "ts_ns": pl.Int64,  # start of the interval (oom_kill: the kill itself), node monotonic ns
     "interval_ns": pl.Int64,
