@@ -13,6 +13,7 @@ from argus.collect.channels import SWITCHES, check_switches
 from argus.collect.session import default_output_dir, run_session
 from argus.collect.tracer import TraceOptions, Tracer
 from argus.errors import NotATrainingProcess, UsageError
+from argus.present.phases import Phases
 from argus.present.render import print_report
 from argus.recording.io import load_recording
 from argus.recording.summaries import write_summaries
@@ -155,17 +156,25 @@ def command(pids, duration, output, frequency, ringbuf_mb, hang_after, as_json, 
     )
     output = output or default_output_dir()
 
+    phases = Phases()
+
     def started(tracer: Tracer) -> None:
         until = f"for {duration:g} s" if duration else "until Ctrl-C"
-        click.echo(
+        phases.echo(
             f"argus: tracing {describe_targets(tracer)} [{','.join(opts.channels)}"
             f"{f' @{frequency} Hz' if 'cpu' in opts.channels else ''}] {until}; "
-            f"recording into {output}",
-            err=True,
+            f"recording into {output}"
         )
 
-    result = run_session(list(pids), output, opts, duration, on_started=started,
-                         on_note=lambda line: click.echo(f"argus: warning: {line}", err=True))
+    def on_phase(text: str, live: bool) -> None:
+        (phases.tick if live else phases.say)(text)
+
+    try:
+        result = run_session(list(pids), output, opts, duration, on_started=started,
+                             on_note=lambda line: phases.echo(f"argus: warning: {line}"),
+                             on_phase=on_phase)
+    finally:
+        phases.close()
     for line in summary_lines(result.manifest, result.path):
         click.echo(f"argus: {line}", err=True)
     if not result.manifest["ranks"]:
@@ -175,6 +184,7 @@ def command(pids, duration, output, frequency, ringbuf_mb, hang_after, as_json, 
     recording = result.recording or load_recording(result.path)
     if not no_summaries:
         write_summary_files(recording)
+    click.echo("argus: diagnosing", err=True)
     report = diagnose([recording], hang_after_s=hang_after)
     if as_json:
         click.echo(json.dumps(report, default=str))

@@ -77,8 +77,23 @@ def command(pids, daemon_url, recordings, interval) -> int:
     elif recordings:
         reader = RecordingReader(recordings)
     else:
-        reader = AttachReader(list(pids), interval_s=max(1.0, interval))
+        reader = _starting(list(pids), interval)
     return run_top(reader, refresh_s=interval)
+
+
+def _starting(pids: list[int], interval: float) -> AttachReader:
+    """The AttachReader, with a "starting" screen at once while its probes compile and are
+    placed (seconds on a real torch job): a spinner on a terminal, one stderr line else."""
+    from rich.console import Console
+
+    text = (f"argus top: starting: compiling the BPF programs and placing probes in "
+            f"{len(pids)} process(es) ...")
+    console = Console()
+    if not console.is_terminal:
+        click.echo(text, err=True)
+        return AttachReader(pids, interval_s=max(1.0, interval))
+    with console.status(text):
+        return AttachReader(pids, interval_s=max(1.0, interval))
 
 
 @dataclass

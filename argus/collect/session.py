@@ -105,6 +105,7 @@ def run_session(
     part_s: float = PART_S,
     on_note: Callable[[str], None] | None = None,
     no_rank_warn_s: float = NO_RANK_WARN_S,
+    on_phase: Callable[[str, bool], None] | None = None,
 ) -> SessionResult:
     """Attach to tgids, trace until a stop condition, write the recording to `output`.
 
@@ -114,7 +115,10 @@ def run_session(
     a background holder process (the kernel's removal of each uprobe takes ~0.23 s here:
     it no longer delays the result). `on_note(line)` gets the one warning of a session whose
     launchers started no rank within `no_rank_warn_s` of the tracing line (it goes on
-    watching for them)."""
+    watching for them). `on_phase(text, live)` hears what it is doing: each phase longer
+    than a second (compiling and placing probes, writing the recording) with live False,
+    and while tracing, every second, the live count (ranks, calls) with live True."""
+    phase = on_phase or (lambda _text, _live: None)
     check_kernel_features()
     tracer = Tracer(opts)
     plan = tracer.plan(tgids)  # target errors come before anything is created
@@ -133,6 +137,8 @@ def run_session(
     gpu = GpuChannel(tracer)
     parts = PartWriter(output)
     try:
+        phase(f"compiling the BPF programs [{','.join(opts.channels)}] and placing probes in "
+              f"{len(plan)} process(es)", False)
         tracer.start(plan)
         if tracer.all_exited():  # every target ended before its exit could be traced
             raise procfs.exited_error(plan[0][0])
@@ -155,9 +161,15 @@ def run_session(
         deadline = None if duration_s is None else now + duration_s
         next_part = now + part_s
         warn_at = now + no_rank_warn_s if on_note is not None else None
+        t_traced, next_tick = now, now + 1.0
         while stop["reason"] is None:
             tracer.poll(0.1)
             now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + 1.0
+                ranks = sum(1 for t in tracer.targets_view.values() if t.traced and not t.exited)
+                phase(f"traced so far: {ranks} rank(s), {tracer.records_seen:,} calls, "
+                      f"{now - t_traced:.0f} s", True)
             if warn_at is not None and now >= warn_at:
                 warn_at = None
                 if not any(t.traced for t in tracer.targets_view.values()):
@@ -174,6 +186,8 @@ def run_session(
                 next_part = time.monotonic() + part_s
         # A second Ctrl-C while flushing must not lose the recording.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        phase(f"stopped ({stop['reason']}): draining the kernel maps, writing the recording "
+              f"into {output}", False)
         manifest, events, stacks = tracer.finish(stop["reason"], close=False)
         gpu_frame = gpu.conclude(manifest)  # None: no gpu.parquet, the manifest says why
         host_frame = tracer.host_frame() if tracer.host_context.on else None

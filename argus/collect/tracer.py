@@ -139,6 +139,11 @@ class Tracer:
         t = self.targets.get(tgid)
         return t.probe_count() if t else 0
 
+    @property
+    def records_seen(self) -> int:
+        """Call records read from the ring buffer since start (the live count)."""
+        return self.calls.ring_total + len(self.calls.blobs)
+
     def attached_count(self) -> int:
         """(process, probe) pairs attached so far."""
         return self.calls.attached_count()
@@ -478,7 +483,7 @@ class Tracer:
                 if events.height
                 else {},
                 "stack_samples": int(stacks["count"].sum()) if stacks.height else 0,
-                "ring_records": self.calls.ring_total + len(self.calls.blobs),  # since start
+                "ring_records": self.records_seen,  # since start
             },
         }
         for ch in self.channels.values():

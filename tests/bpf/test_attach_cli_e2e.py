@@ -50,6 +50,12 @@ def test_attach_writes_recording_and_summaries_and_prints_the_report(tmp_path, c
     report = json.loads(cli.out)  # exactly one JSON object on stdout
     assert report["schema"] == "argus.report/1"
     assert "recorded" in cli.err and "Traceback" not in cli.err
+    # every phase over a second says what it does, in order (plain lines: stderr is a pipe)
+    said = [ln.split(" ", 2)[1] for ln in cli.err.splitlines() if ln.startswith("argus: ")]
+    order = ["compiling", "tracing", "stopped", "recorded", "diagnosing"]
+    assert next(w for w in said if w in order) == "compiling", said
+    firsts = [said.index(w) for w in order]
+    assert firsts == sorted(firsts), said
     assert (out / "manifest.json").stat().st_mode & 0o777 == 0o600
     assert (out.stat().st_mode & 0o777) == 0o700
     assert not (out / "parts").exists()  # merged into the recording at the end
