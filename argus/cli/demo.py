@@ -28,7 +28,7 @@ HANG_AFTER_S = 2.0
 
 
 def run_demo(ranks: int, faults: list[str], steps: int, output: Path, pp: int = 1,
-             sample_hz: int | None = None):
+             sample_hz: int | None = None, on_phase=None):
     """Simulate, attach to the launcher (ranks wait for a go file), diagnose.
 
     Returns (report, truth, session result). A hang needs the recording to end while the
@@ -75,7 +75,7 @@ def run_demo(ranks: int, faults: list[str], steps: int, output: Path, pp: int = 
         job.wait_ready()
         opts = TraceOptions() if sample_hz is None else TraceOptions(sample_hz=sample_hz)
         result = run_session([job.launcher_pid], output, opts, duration_s=duration,
-                             on_started=lambda tracer: go.touch())
+                             on_started=lambda tracer: go.touch(), on_phase=on_phase)
         if job.proc.poll() is None and hang_start is not None:
             job.terminate()
         job.wait(timeout=60)
@@ -134,7 +134,14 @@ def command(ranks, faults, steps, pp, output, as_json) -> int:
                f"(CUDA, NCCL, CPU stacks), Ctrl-C stops; recording into {out}"
                f"{'' if keep else ' (temporary)'}", err=True)
     t0 = time.monotonic()
-    report, truth, _ = run_demo(ranks, faults, steps, out, pp)
+    from argus.present.phases import Phases
+
+    phases = Phases()
+    try:
+        report, truth, _ = run_demo(ranks, faults, steps, out, pp, on_phase=lambda text, live: (
+            phases.tick if live else phases.say)(text))
+    finally:
+        phases.close()
     line = describe(report, truth)
     if not keep:
         shutil.rmtree(out.parent, ignore_errors=True)
