@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from argus.collect import identity, procfs
+from argus.collect.native_stacks import NativeUnavailable, native_frames
 from argus.errors import ArgusError, PermissionDenied, TargetNotFound
 
 PY_SPY = "py-spy"
@@ -233,10 +234,27 @@ def dump_process(
         b = by_tid.get(t.tid)
         if b is not None:
             t.wchan = b.wchan
-    threads += [t for t in base if t.tid not in seen]
+    rest = [t for t in base if t.tid not in seen]
+    if native and rest:
+        note = _with_native(tgid, rest, proc_root, note)
+    threads += rest
     threads.sort(key=lambda t: (t.tid != tgid, t.tid))
     return ProcessStacks(tgid=tgid, rank=rank, comm=comm, python=bool(seen), threads=threads,
                          note=note, ts_ns=ts_ns)
+
+
+def _with_native(tgid: int, threads: list[ThreadStack], proc_root: str,
+                 note: str | None) -> str | None:
+    """Native frames (argus.collect.native_stacks) for the threads py-spy did not list,
+    before the kernel function each sleeps in; the note says when they could not be read."""
+    try:
+        got = native_frames(tgid, [t.tid for t in threads], proc_root)
+    except NativeUnavailable as e:
+        return f"{note}; {e}" if note else str(e)
+    for t in threads:
+        if got.get(t.tid):
+            t.frames = got[t.tid] + t.frames
+    return note
 
 
 def expand_targets(pids: list[int], proc_root: str = "/proc") -> list[tuple[int, int | None]]:

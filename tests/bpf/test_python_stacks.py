@@ -162,3 +162,27 @@ def test_hung_ddp_rank_is_named_with_its_python_function(tmp_path, capsys):
     assert f"stuck_in_data_loading (ddp_train.py:{line})" in h["summary"]
     w = h["waiting_python_stack"]
     assert w["rank"] == 0 and w["function"] != "stuck_in_data_loading"
+
+
+def test_native_ranks_show_their_own_frames_and_run_on(tmp_path):
+    # a C rank (the simulator's, built with frame pointers): argus stacks --native walks
+    # its frames (run_step called from main), each thread stopped only for its walk; the
+    # job then completes every step as planned
+    from argus.sim.launcher import SimConfig, start_job
+
+    job = start_job(SimConfig(ranks=2, steps=300, truth=str(tmp_path / "t.json"), quiet=True))
+    try:
+        ranks = job.wait_ready()
+        deadline, frames = time.monotonic() + 30, []
+        while time.monotonic() < deadline:
+            d = dump_process(ranks[0], native=True)
+            main_thread = next(t for t in d.threads if t.tid == ranks[0])
+            frames = [f["function"] for f in main_thread.frames if f["kind"] == "native"]
+            if "run_step" in frames:
+                break
+        assert "run_step" in frames and frames.index("run_step") < frames.index("main"), frames
+        assert main_thread.frames[-1]["kind"] == "kernel" or main_thread.state == "running"
+        assert job.wait(120) == 0
+    finally:
+        job.close()
+    assert [r["steps_completed"] for r in job.truth()["ranks"]] == [300, 300]
