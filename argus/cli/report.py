@@ -9,6 +9,7 @@ import click
 
 from argus.analyze.diagnosis import DEFAULT_HANG_AFTER_S, diagnose_dirs
 from argus.errors import UsageError, cannot_read
+from argus.present.phases import Phases
 from argus.present.render import print_report
 
 
@@ -52,10 +53,14 @@ def command(
     """
     if not math.isfinite(hang_after) or hang_after <= 0:
         raise UsageError("--hang-after must be a finite positive number of seconds.")
+    phases = Phases(plain=False)  # a spinner on a terminal; scripts' stderr stays quiet
+    phases.say(f"reading and diagnosing {len(dirs)} director{'y' if len(dirs) == 1 else 'ies'}")
     try:
         report = diagnose_dirs(dirs, hang_after_s=hang_after, from_summaries=from_summaries)
     except PermissionError as err:
         raise cannot_read(err) from err
+    finally:
+        phases.close()
     if as_json:
         click.echo(json.dumps(report, default=str))
     else:

@@ -15,9 +15,12 @@ from typing import IO
 
 class Phases:
     def __init__(self, stream: IO[str] | None = None, every_s: float = 30.0,
-                 prefix: str = "argus: ", clock=time.monotonic):
+                 prefix: str = "argus: ", clock=time.monotonic, plain: bool = True):
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        # plain False: nothing but the terminal's spinner (commands whose stderr stays quiet
+        # in scripts, e.g. `argus report --json`)
+        self.plain = plain
         self.every_s = every_s
         self.prefix = prefix
         self.clock = clock
@@ -33,7 +36,8 @@ class Phases:
         """A new phase: its line (plain), or the spinner's text (terminal)."""
         self._last_tick = None
         if not self.tty:
-            print(f"{self.prefix}{text}", file=self.stream, flush=True)
+            if self.plain:
+                print(f"{self.prefix}{text}", file=self.stream, flush=True)
             return
         if self._status is None:
             self._status = self._console().status(f"{self.prefix}{text}")
@@ -47,7 +51,7 @@ class Phases:
         if self.tty:
             self.say(text)
             return
-        if self._last_tick is None or now - self._last_tick >= self.every_s:
+        if self.plain and (self._last_tick is None or now - self._last_tick >= self.every_s):
             print(f"{self.prefix}{text}", file=self.stream, flush=True)
             self._last_tick = now
 

@@ -45,3 +45,12 @@ def test_a_terminal_gets_a_spinner_not_lines():
     text = out.getvalue()
     assert "argus: tracing 1 rank" in text  # the lines that stay are printed
     assert "argus: compiling\n" not in text  # the phases were the spinner's, not lines
+
+
+def test_spinner_only_phases_print_nothing_into_a_pipe():
+    out = io.StringIO()  # not a terminal: `argus report --json | jq` keeps a quiet stderr
+    p = Phases(out, plain=False)
+    p.say("reading and diagnosing 1 directory")
+    p.tick("still")
+    p.close()
+    assert out.getvalue() == ""
