@@ -165,7 +165,7 @@ def run_session(
         while stop["reason"] is None:
             tracer.poll(0.1)
             now = time.monotonic()
-            if now >= next_tick:
+            if on_phase is not None and now >= next_tick:  # the live count: only if heard
                 next_tick = now + 1.0
                 ranks = sum(1 for t in tracer.targets_view.values() if t.traced and not t.exited)
                 phase(f"traced so far: {ranks} rank(s), {tracer.records_seen:,} calls, "
