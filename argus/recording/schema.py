@@ -10,6 +10,9 @@ A recording is a directory:
                     block I/O latency (see `HOST_SCHEMA`); optional (channel `host`)
 - `pystacks.parquet` Python + native stacks of every thread of every rank, dumped once when
                     the session ended with ranks blocked (see `PYSTACKS_SCHEMA`); optional
+- `kernels.parquet` device-side activity from argus's GPU agent (kernels, copies, NCCL
+                    collective kernels with device start/end; see `KERNELS_SCHEMA`); optional
+                    (channel `kernels`, only ranks that loaded the agent: docs/gpu.md)
 
 Times are node CLOCK_MONOTONIC nanoseconds (`ts_ns`); `manifest["clock"]["mono_to_wall_ns"]`
 converts them to wall time (`argus.recording.clock.mono_to_wall`). Several recordings of one job
@@ -30,6 +33,7 @@ STACKS = "stacks.parquet"
 GPU = "gpu.parquet"
 HOST = "host.parquet"
 PYSTACKS = "pystacks.parquet"
+KERNELS = "kernels.parquet"
 
 # Channels of events.parquet.
 CHANNELS = ("cuda", "nccl", "torch", "proc")
@@ -149,6 +153,28 @@ PYSTACKS_SCHEMA: dict[str, pl.DataType] = {
     "kinds": pl.List(pl.Utf8),  # same length: python | native | kernel
 }
 
+# Device activity (channel `kernels`: argus's GPU agent, cuda_probes/agent/), one row per
+# record of a rank's agent ring: a CUPTI kernel/memcpy/memset activity record, or one NCCL
+# profiler kernel-channel record of a collective (coll) or point-to-point op (p2p). Device
+# times are converted to node CLOCK_MONOTONIC ns, the clock of every other file.
+KERNEL_KINDS = ("kernel", "memcpy", "memset", "coll", "p2p")
+KERNELS_SCHEMA: dict[str, pl.DataType] = {
+    "ts_ns": pl.Int64,  # device start, node monotonic ns
+    "dur_ns": pl.Int64,  # device end - start
+    "tgid": pl.Int32,
+    "rank": pl.Int32,
+    "kind": pl.Utf8,  # KERNEL_KINDS
+    "name": pl.Utf8,  # kernel name (<= 31 bytes, as the agent keeps it); coll/p2p: NCCL op
+    "device": pl.Int32,  # CUDA device ordinal
+    "stream": pl.Int64,  # CUDA stream id (CUPTI's); coll/p2p: null
+    "correlation": pl.Int64,  # CUPTI correlation id (the launch); coll/p2p: null
+    "comm_hash": pl.UInt64,  # coll/p2p: NCCL's communicator hash, equal on its ranks
+    "coll_seq": pl.Int64,  # coll/p2p: NCCL's sequence number on that communicator
+    "channel": pl.Int32,  # coll/p2p: NCCL channel of this kernel-channel record
+    "bytes": pl.Int64,  # memcpy/memset/coll/p2p payload bytes
+    "peer": pl.Int32,  # p2p: peer rank in the communicator
+}
+
 # What every real recording keeps and the analyzers rely on (`argus.recording.io` rejects a
 # file that breaks it): per file, the columns whose values lie in [low, high) when not null
 # (summaries keep sample counts as UInt32; a call moves less than 256 TiB, so that sums over
@@ -187,6 +213,10 @@ MANIFEST_KEYS = (
 FILES = "files"
 # Optional: "gpu": {"available": bool, "reason"?, "devices", "unsupported", ...} (docs/gpu.md)
 # Optional: "pystacks": {"taken": bool, "reason": str, "notes": {tgid: str}} (docs/stacks.md)
+# Optional: "kernels": {"enabled": bool, "agents": {"<tgid>": {"rank", "loaded": ["nccl",
+# "cupti"] (what the process's agent was loaded as; [] = no agent), "active": [...] (what it
+# switched on for this session), "records", "dropped", "cupti_dropped", "nccl_version"}}}
+# (channel `kernels`, docs/gpu.md)
 # Optional: "host_context": {"enabled": bool, "tracepoints": {name: "attached" | reason}}
 # (docs/attach.md)
 
