@@ -33,6 +33,7 @@ REQUIRED_STACK_COLUMNS = ("ts_ns", "tgid", "count", "functions")
 REQUIRED_GPU_COLUMNS = ("ts_ns", "device")
 REQUIRED_HOST_COLUMNS = ("ts_ns", "tgid", "kind", "count")
 REQUIRED_PYSTACK_COLUMNS = ("tgid", "functions", "files", "lines", "kinds")
+REQUIRED_KERNEL_COLUMNS = ("ts_ns", "dur_ns", "tgid", "kind")
 # Manifest keys without which nothing can be analysed.
 REQUIRED_MANIFEST_KEYS = ("format", "host", "clock")
 
@@ -50,6 +51,8 @@ class Recording:
     host_ctx: pl.DataFrame = field(default_factory=schema.empty_host)
     # pystacks.parquet (Python stacks dumped at the end of a hung session); empty if absent
     pystacks: pl.DataFrame = field(default_factory=schema.empty_pystacks)
+    # kernels.parquet (device activity from the GPU agent); empty if absent
+    kernels: pl.DataFrame = field(default_factory=schema.empty_kernels)
 
     @property
     def host(self) -> str:
@@ -176,9 +179,11 @@ def write_recording(
     gpu: pl.DataFrame | None = None,
     host: pl.DataFrame | None = None,
     pystacks: pl.DataFrame | None = None,
+    kernels: pl.DataFrame | None = None,
 ) -> Path:
-    """Write `manifest.json`, `events.parquet`, `stacks.parquet` (and `gpu.parquet` when
-    `gpu` is given, `host.parquet` when `host` is given) into `directory`.
+    """Write `manifest.json`, `events.parquet`, `stacks.parquet` (and each optional file
+    whose frame is given: `gpu.parquet`, `host.parquet`, `pystacks.parquet`,
+    `kernels.parquet`) into `directory`.
 
     The directory is created with mode 0700 and the files 0600; frames are coerced to the
     schema first, so what is written always reads back. Each file is written to a temporary
@@ -199,10 +204,11 @@ def write_recording(
     gp = coerce(gpu, schema.GPU_SCHEMA, "gpu") if gpu is not None else None
     hc = coerce(host, schema.HOST_SCHEMA, "host") if host is not None else None
     ps = coerce(pystacks, schema.PYSTACKS_SCHEMA, "pystacks") if pystacks is not None else None
+    kn = coerce(kernels, schema.KERNELS_SCHEMA, "kernels") if kernels is not None else None
     files: dict[str, dict[str, Any]] = {}
     try:
         for name, df in ((schema.EVENTS, ev), (schema.STACKS, st), (schema.GPU, gp),
-                         (schema.HOST, hc), (schema.PYSTACKS, ps)):
+                         (schema.HOST, hc), (schema.PYSTACKS, ps), (schema.KERNELS, kn)):
             if df is not None:
                 data = parquet_bytes(df)
                 files[name] = file_digest(data)
@@ -413,6 +419,7 @@ def load_recording(directory: str | os.PathLike[str]) -> Recording:
         (schema.GPU, schema.GPU_SCHEMA, REQUIRED_GPU_COLUMNS),
         (schema.HOST, schema.HOST_SCHEMA, REQUIRED_HOST_COLUMNS),
         (schema.PYSTACKS, schema.PYSTACKS_SCHEMA, REQUIRED_PYSTACK_COLUMNS),
+        (schema.KERNELS, schema.KERNELS_SCHEMA, REQUIRED_KERNEL_COLUMNS),
     ):
         p = path / name
         # events.parquet is required; the others are optional (channel off, no NVML, no
@@ -428,7 +435,8 @@ def load_recording(directory: str | os.PathLike[str]) -> Recording:
                               schema.SAME_LENGTH.get(name, ()), strict=True)
     return Recording(manifest=manifest, events=frames[schema.EVENTS],
                      stacks=frames[schema.STACKS], path=path, gpu=frames[schema.GPU],
-                     host_ctx=frames[schema.HOST], pystacks=frames[schema.PYSTACKS])
+                     host_ctx=frames[schema.HOST], pystacks=frames[schema.PYSTACKS],
+                     kernels=frames[schema.KERNELS])
 
 
 def _short(v: Any) -> str:

@@ -98,6 +98,7 @@ def merge_parts(parts: list[Recording], manifest: dict[str, Any] | None = None) 
     stacks = _concat([p.stacks for p in parts], schema.empty_stacks())
     host = _concat([p.host_ctx for p in parts], schema.empty_host())
     gpu = _concat([p.gpu for p in parts], schema.empty_gpu())
+    kernels = _concat([p.kernels for p in parts], schema.empty_kernels())
     rank_of = {int(r["tgid"]): r["rank"] for r in man.get("ranks") or []
                if isinstance(r, dict) and isinstance(r.get("tgid"), int)
                and isinstance(r.get("rank"), int)}
@@ -108,7 +109,7 @@ def merge_parts(parts: list[Recording], manifest: dict[str, Any] | None = None) 
             known = pl.col("tgid").replace_strict(rank_of, default=None, return_dtype=pl.Int32)
             return df.with_columns(pl.coalesce(known, pl.col("rank")).alias("rank"))
 
-        ev, stacks, host = fill(ev), fill(stacks), fill(host)
+        ev, stacks, host, kernels = fill(ev), fill(stacks), fill(host), fill(kernels)
     counts = dict(man.get("counts") or {})
     counts["events"] = ({str(k): int(v) for k, v in ev.group_by("channel").len().iter_rows()}
                         if ev.height else {})
@@ -119,7 +120,7 @@ def merge_parts(parts: list[Recording], manifest: dict[str, Any] | None = None) 
                                  if isinstance(x, int))
     man["counts"] = counts
     return Recording(manifest=man, events=ev, stacks=stacks, path=last.path, gpu=gpu,
-                     host_ctx=host, pystacks=last.pystacks)
+                     host_ctx=host, pystacks=last.pystacks, kernels=kernels)
 
 
 def load_parts(directory: str | os.PathLike[str]) -> Recording:
@@ -162,7 +163,8 @@ class PartWriter:
     _next: int = 0
 
     def write(self, manifest: dict[str, Any], events: pl.DataFrame, stacks: pl.DataFrame,
-              host: pl.DataFrame | None = None, gpu: pl.DataFrame | None = None) -> Path:
+              host: pl.DataFrame | None = None, gpu: pl.DataFrame | None = None,
+              kernels: pl.DataFrame | None = None) -> Path:
         """One part: DIR/parts/<n>-<n>/ (a complete recording, its manifest written last)."""
         n = self._next
         self._next += 1
@@ -172,14 +174,16 @@ class PartWriter:
             os.chmod(root, 0o700)  # the umask does not widen it: readable by its owner only
         path = root / f"{n:06d}-{n:06d}"
         man = dict(manifest, part={"index": n})
-        write_recording(path, man, events, stacks, gpu=gpu, host=host)
+        write_recording(path, man, events, stacks, gpu=gpu, host=host, kernels=kernels)
         rec = Recording(  # coerced to the schema, as a reader of the part will see it
             manifest=man, path=self.directory,
             events=coerce(events, schema.EVENTS_SCHEMA, "events"),
             stacks=coerce(stacks, schema.STACKS_SCHEMA, "stacks"),
             gpu=coerce(gpu, schema.GPU_SCHEMA, "gpu") if gpu is not None else schema.empty_gpu(),
             host_ctx=(coerce(host, schema.HOST_SCHEMA, "host") if host is not None
-                      else schema.empty_host()))
+                      else schema.empty_host()),
+            kernels=(coerce(kernels, schema.KERNELS_SCHEMA, "kernels") if kernels is not None
+                     else schema.empty_kernels()))
         self.parts.append(rec)
         self._pending.append((n, rec, path))
         if len(self._pending) >= self.compact_every:
@@ -194,7 +198,7 @@ class PartWriter:
         path = self.directory / PARTS / f"{first:06d}-{last:06d}"
         man = dict(merged.manifest, part={"first": first, "last": last})
         write_recording(path, man, merged.events, merged.stacks, gpu=merged.gpu,
-                        host=merged.host_ctx)
+                        host=merged.host_ctx, kernels=merged.kernels)
         for _n, _rec, p in self._pending:
             shutil.rmtree(p, ignore_errors=True)
         self._pending = []
@@ -219,7 +223,8 @@ class PartWriter:
         write_recording(self.directory, rec.manifest, rec.events, rec.stacks,
                         gpu=rec.gpu if rec.gpu.height else None,
                         host=rec.host_ctx if "host" in _enabled(rec.manifest) else None,
-                        pystacks=rec.pystacks if rec.pystacks.height else None)
+                        pystacks=rec.pystacks if rec.pystacks.height else None,
+                        kernels=rec.kernels if rec.kernels.height else None)
         shutil.rmtree(self.directory / PARTS, ignore_errors=True)
         rec.path = self.directory
         return rec

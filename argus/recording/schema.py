@@ -237,5 +237,9 @@ def empty_host() -> pl.DataFrame:
     return pl.DataFrame(schema=HOST_SCHEMA)
 
 
+def empty_kernels() -> pl.DataFrame:
+    return pl.DataFrame(schema=KERNELS_SCHEMA)
+
+
 def empty_pystacks() -> pl.DataFrame:
     return pl.DataFrame(schema=PYSTACKS_SCHEMA)
