@@ -246,6 +246,8 @@ struct argus_offcpu {
     __u64 kernel[ARGUS_OFFCPU_KERNEL_DEPTH];
     __u64 scan[ARGUS_OFFCPU_SCAN];  /* words at the user sp: the return address a frameless
                                      * libc wrapper (pause, futex) hides from the FP walk */
+    __u64 site;       /* where it blocked: user ip, user sp and syscall number, mixed */
+    __u64 stack_ns;   /* when the stacks above were walked (ts_ns: a later block, same site) */
 };
 
 #endif /* ARGUS_H */

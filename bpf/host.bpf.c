@@ -26,7 +26,10 @@
  *   host_pending [0] = entries in `preempted`; while 0, a switch to an untraced thread skips
  *                the `preempted` lookup
  *   offcpu       tid -> argus_offcpu: the LATEST blocking switch of each traced thread (since
- *                when, user + kernel stack, and the words at the user sp)
+ *                when, user + kernel stack, and the words at the user sp; a block at the
+ *                recent site keeps that site's stacks, see argus_offcpu_record)
+ *   offcpu_sites LRU (site, tgid, tid) -> argus_offcpu: the stacks of each thread's recent
+ *                blocking sites
  *   offcpu_tmp   per-CPU scratch for building an argus_offcpu (too big for the BPF stack)
  *   blk_start    (dev, sector) -> issue time of an in-flight block request
  * Full maps are counted in drops[ARGUS_DROP_HOST_MAP_FULL].
@@ -36,8 +39,11 @@
  * lookup (host_pending); only while a traced thread is preempted does a switch also look up
  * the incoming tid in `preempted`. Every switch also reads the clock and writes its CPU's
  * cpu_curr slot (28 bytes). A traced thread switched out adds a hash update (its on-CPU
- * time), and when still runnable one more; one switched out blocked adds a user and a kernel
- * stack walk and a 680-byte hash update (the off-CPU stack), like one CPU sample. sched_wakeup runs on every wakeup of the node: one LRU lookup; a
+ * time), and when still runnable one more; one switched out blocked reads its user registers and
+ * looks up its last off-CPU entry: blocked at the same site, it only updates the time; at
+ * a recent site of the thread it copies that site's stacks (offcpu_sites); elsewhere (or
+ * 1 s after the site's last walk) it adds a user and a kernel stack walk and a
+ * 696-byte hash update (the off-CPU stack), like one CPU sample. sched_wakeup runs on every wakeup of the node: one LRU lookup; a
  * traced thread woken onto a busy CPU adds an array lookup, a clock read and a hash insert. TCP retransmits and OOM kills are
  * rare; a block request costs two hash operations at issue and three at completion.
  */
@@ -152,13 +158,65 @@ static __always_inline void argus_host_pending_add(s64 d)
         __sync_fetch_and_add(n, d);
 }
 
+/* A thread that blocks again where it blocked before (the same user ip, user sp and
+ * syscall: a wait loop, or a worker going back and forth between two waits) has the same
+ * stacks: they are taken from its last entry or from `offcpu_sites` (its recent sites'
+ * stacks) and only the time is new; the walks (a few us for a deep libtorch stack: most of
+ * the host channel's cost on a real job) are skipped. A site's stacks are walked again at
+ * least every ARGUS_OFFCPU_REWALK_NS. */
+#ifndef ARGUS_OFFCPU_REWALK_NS
+#define ARGUS_OFFCPU_REWALK_NS 1000000000ULL
+#endif
+#ifndef ARGUS_OFFCPU_SITES
+#define ARGUS_OFFCPU_SITES 4096
+#endif
+struct argus_offcpu_site {
+    u64 site;
+    u32 tgid;
+    u32 tid;
+};
+BPF_TABLE("lru_hash", struct argus_offcpu_site, struct argus_offcpu, offcpu_sites,
+          ARGUS_OFFCPU_SITES);
+
+static __always_inline int argus_offcpu_fresh(struct argus_offcpu *e, u64 site, u64 now)
+{
+    return e->site == site && e->user_len >= 0 && now >= e->stack_ns
+        && now - e->stack_ns < ARGUS_OFFCPU_REWALK_NS;
+}
+
 static __always_inline void argus_offcpu_record(void *ctx, u32 tgid, u32 tid, u64 now)
 {
+    u64 site = 0, sp = 0;
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    if (regs) {
+        u64 ip = 0, nr = 0;
+        bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp);
+        bpf_probe_read_kernel(&ip, sizeof(ip), &regs->ip);
+        bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+        if (sp && ip)
+            site = (ip * 0x9E3779B97F4A7C15ULL) ^ sp ^ (nr << 52);
+    }
+    struct argus_offcpu *old = offcpu.lookup(&tid);
+    if (site && old && argus_offcpu_fresh(old, site, now)) {
+        old->ts_ns = now;
+        return;
+    }
     int zero = 0;
     struct argus_offcpu *s = offcpu_tmp.lookup(&zero);
     if (!s)
         return;
+    struct argus_offcpu_site where = {.site = site, .tgid = tgid, .tid = tid};
+    struct argus_offcpu *seen = site ? offcpu_sites.lookup(&where) : 0;
+    if (seen && argus_offcpu_fresh(seen, site, now)) {
+        __builtin_memcpy(s, seen, sizeof(*s));
+        s->ts_ns = now;
+        if (offcpu.update(&tid, s))
+            argus_drop(ARGUS_DROP_HOST_MAP_FULL);
+        return;
+    }
     s->ts_ns = now;
+    s->stack_ns = now;
+    s->site = site;
     s->tgid = tgid;
     bpf_get_current_comm(&s->comm, sizeof(s->comm));
     s->user_len = bpf_get_stack(ctx, s->user, sizeof(s->user), BPF_F_USER_STACK);
@@ -169,15 +227,15 @@ static __always_inline void argus_offcpu_record(void *ctx, u32 tgid, u32 tid, u6
         argus_drop(ARGUS_DROP_STACK_KERNEL);
     s->scan_len = -1;
 #ifndef ARGUS_NO_SP_SCAN
-    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-    u64 sp = 0;
-    if (regs && bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp) == 0 && sp) {
+    if (sp) {
         long err = bpf_probe_read_user(s->scan, sizeof(s->scan), (void *)sp);
         s->scan_len = err ? (s32)err : (s32)sizeof(s->scan);
     }
 #endif
     if (offcpu.update(&tid, s))
         argus_drop(ARGUS_DROP_HOST_MAP_FULL);
+    if (site)
+        offcpu_sites.update(&where, s);  /* LRU: the oldest sites make room */
 }
 
 int argus_host_switch(void *ctx)
@@ -197,7 +255,9 @@ int argus_host_switch(void *ctx)
     }
     u32 *w = watched.lookup(&tgid);
     if (w && (*w & ARGUS_W_TRACE) && tid) {
-        traced_tids.update(&tid, &tgid);
+        u32 *known = traced_tids.lookup(&tid);  /* an LRU update costs more than a lookup */
+        if (!known || *known != tgid)
+            traced_tids.update(&tid, &tgid);
         if (ran) {
             struct argus_host_key run = {};
             run.kind = ARGUS_HOST_ON_CPU;

@@ -222,6 +222,8 @@ class OffCpu(ct.Structure):
         ("user", ct.c_uint64 * OFFCPU_USER_DEPTH),
         ("kernel", ct.c_uint64 * OFFCPU_KERNEL_DEPTH),
         ("scan", ct.c_uint64 * OFFCPU_SCAN),
+        ("site", ct.c_uint64),
+        ("stack_ns", ct.c_uint64),
     ]
 
 

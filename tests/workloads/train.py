@@ -572,9 +572,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the steps under torch.profiler (CPU activities, the usual "
                          "schedule wait=1 warmup=1 active=3, repeated), traces to DIR "
                          "(what make bench compares argus with)")
+    ap.add_argument("--profiler-when", metavar="FILE",
+                    help="with --torch-profiler: the profiler runs only while FILE exists "
+                         "(checked at each step's start: make bench's windows in one job)")
     ap.add_argument("--max-wall-s", type=float, default=600.0,
                     help="leave (truth exit 'timeout', code 124) after SEC in all")
     return ap
+
+
+def _start_profiler(trace_dir: str):
+    """torch.profiler as a user would run it: CPU activities, wait=1 warmup=1 active=3,
+    repeated, each cycle's trace written to `trace_dir`."""
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=1, active=3),
+                   on_trace_ready=tensorboard_trace_handler(trace_dir))
+    prof.start()
+    return prof
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -591,11 +605,13 @@ def main(argv: list[str] | None = None) -> int:
     slow = _rank_pct(args.slow_stage, "--slow-stage") if args.slow_stage else None
     hang = _hang(args.hang)
     step_times: list[float] = []
+    step_ends: list[float] = []  # CLOCK_MONOTONIC s at each step's end (make bench's windows)
     record = {
         "schema": TRUTH_SCHEMA, "shape": args.shape, "rank": rank, "world_size": world,
         "local_rank": int(os.environ["LOCAL_RANK"]), "pid": os.getpid(),
         "identity_from": source, "exit": None, "hung": False, "hang_site": None,
         "warmup_steps": args.warmup_steps, "steps_completed": 0, "step_time_ms": step_times,
+        "step_end_s": step_ends,
         "collectives": {}, "straggler_ms": 0.0, "device_scale": 1.0,
         # the job's planted faults (every rank's copy; straggler_ms / device_scale / hung:
         # what applies to this rank)
@@ -650,13 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         while not os.path.exists(args.wait_go):
             time.sleep(0.01)
     prof = None
-    if args.torch_profiler:
-        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-
-        prof = profile(activities=[ProfilerActivity.CPU],
-                       schedule=schedule(wait=1, warmup=1, active=3),
-                       on_trace_ready=tensorboard_trace_handler(args.torch_profiler))
-        prof.start()
+    if args.torch_profiler and not args.profiler_when:
+        prof = _start_profiler(args.torch_profiler)
     t_go, cpu_go = time.monotonic(), time.process_time()
     stop_file = out / "stop"
     stop_at = None
@@ -671,6 +682,13 @@ def main(argv: list[str] | None = None) -> int:
                 stop_at = int(stop_file.read_text())
             if stop_at is not None and step >= stop_at:
                 break
+        if args.profiler_when:  # a window of make bench: on while the file exists
+            want = os.path.exists(args.profiler_when)
+            if want and prof is None:
+                prof = _start_profiler(args.torch_profiler)
+            elif prof is not None and not want:
+                prof.stop()
+                prof = None
         comms.new_step(step)
         t0 = time.perf_counter()
         if straggle_ms:
@@ -679,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         if prof is not None:
             prof.step()
         step_times.append(round((time.perf_counter() - t0) * 1000.0, 3))
+        step_ends.append(round(time.monotonic(), 4))
         record["steps_completed"] = step + 1
         record["collectives"] = dict(comms.total)
         step += 1
