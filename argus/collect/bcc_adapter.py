@@ -283,7 +283,10 @@ class BpfSession:
 
     # maps ----------------------------------------------------------------------------------
     def table(self, name: str):
-        return self._b.get_table(name.encode())
+        """The map `name`, one object per map for the session: its Key/Leaf types are the
+        same on every call (bcc's get_table makes new ones each time, and the keys read
+        through one are refused by another's batch delete: every delete went key by key)."""
+        return self._b[name.encode()]
 
     def open_ring_buffer(self, name: str, callback) -> None:
         """callback(ctx, data_ptr, size) for every record; drain with poll()."""

@@ -61,3 +61,19 @@ def test_returned_keys_are_copies(session):
     before = [(k.a, k.b) for k, _v in got]
     session.items("counts")  # a second read reuses no buffer of the first
     assert [(k.a, k.b) for k, _v in got] == before
+
+
+def test_keys_read_by_items_are_deleted_in_one_batch(session, monkeypatch):
+    """The keys items() returned are of the type delete_keys' batch takes (one table object
+    per map): no key-by-key fallback where the kernel has batch operations."""
+    from argus.collect import bcc_adapter
+
+    each = []
+    monkeypatch.setattr(bcc_adapter, "_delete_each", lambda t, keys: each.append(len(keys)))
+    keys = [k for k, _v in session.items("counts")][:100]
+    session.delete_keys("counts", keys)
+    if session._batch:
+        assert each == []
+        assert len(session.items("counts")) == N - 100
+    else:
+        assert each == [100]
