@@ -11,7 +11,7 @@ track's uuid), so every sequence's timestamps only grow; event names, categories
 argument names/strings are interned per sequence. Timestamps are aligned wall-clock ns
 (absolute, not relative). Arguments are debug annotations with the Chrome export's names
 (call, comm, seq, bytes, kernel, step, in_flight, clipped; summary on findings; device
-slices: op, coll_seq, comm_hash, bytes, channel, peer, stream, correlation).
+slices: op, coll_seq, comm_hash, bytes, channel, peer).
 
 Written one packet at a time (memory bounded by one rank's frame): each distinct packet is
 built with the `perfetto` package's protos and serialized, only the timestamp varint and the
@@ -55,8 +55,7 @@ NEEDS = TracePacket.SEQ_NEEDS_INCREMENTAL_STATE
 BEGIN, END, INSTANT = TrackEvent.TYPE_SLICE_BEGIN, TrackEvent.TYPE_SLICE_END, \
     TrackEvent.TYPE_INSTANT
 ARG_NAMES = ("call", "comm", "seq", "bytes", "kernel", "step", "in_flight", "clipped",
-             "summary", "op", "coll_seq", "comm_hash", "channel", "peer", "stream",
-             "correlation")
+             "summary", "op", "coll_seq", "comm_hash", "channel", "peer")
 ARG_IID = {n: i for i, n in enumerate(ARG_NAMES, 1)}
 STRING_ARGS = ("call", "comm", "kernel", "summary", "op", "comm_hash")
 _COL = {c: i for i, c in enumerate(EVENT_COLUMNS)}

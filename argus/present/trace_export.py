@@ -14,8 +14,7 @@ What becomes what:
 - a device record (kernel, copy, NCCL kernel channel) is always a slice [device start,
   device start + dur_ns] on its device track, category `gpu`: kernels named by the kernel,
   copies by kind, collectives "<NCCL op> #<coll_seq>" (p2p "<op> peer <peer>") with args
-  op, coll_seq, comm_hash (hex), bytes, channel (and peer); kernels and copies with stream
-  and correlation.
+  op, coll_seq, comm_hash (hex), bytes, channel (and peer); copies with bytes.
 
 Strict nesting per track: walking a track's slices in order (start, longest first) with a
 stack of open slices, a slice that starts inside the innermost open one but would end after
@@ -46,11 +45,12 @@ DEVICE_CAT = "gpu"  # the category of every device slice
 # Columns of RankPart.events. end_ns null = an instant.
 EVENT_COLUMNS = ("track", "ts_ns", "end_ns", "name", "cat", "in_flight", "clipped", "call",
                  "kernel", "comm", "seq", "bytes", "step", "op", "coll_seq", "comm_hash",
-                 "channel", "peer", "stream", "correlation")
+                 "channel", "peer")
 # The argument columns a writer attaches, host calls / device records (nulls left out).
 HOST_ARGS = ("call", "comm", "seq", "bytes", "kernel", "step")
-DEVICE_ARGS = ("op", "coll_seq", "comm_hash", "bytes", "channel", "peer", "stream",
-               "correlation")
+# (A kernel's stream is in its track's name; its CUPTI correlation id is not exported: no
+# host call carries it, and a per-kernel value would make every kernel packet distinct.)
+DEVICE_ARGS = ("op", "coll_seq", "comm_hash", "bytes", "channel", "peer")
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,11 @@ def _rank_part(trace: Trace, rank: int, first_uuid: int) -> RankPart:
         pl.when(is_coll).then(seq).alias("seq"),
         pl.col("bytes"),
         pl.lit(None, pl.Int64).alias("step"),
+        pl.lit(None, pl.Utf8).alias("op"),
+        pl.lit(None, pl.Int64).alias("coll_seq"),
+        pl.lit(None, pl.Utf8).alias("comm_hash"),
+        pl.lit(None, pl.Int64).alias("channel"),
+        pl.lit(None, pl.Int64).alias("peer"),
     )
     step_uuid = tracks[0].uuid
     exits = tl.filter(pl.col("kind") == "exit").select(
@@ -183,7 +188,7 @@ def _rank_part(trace: Trace, rank: int, first_uuid: int) -> RankPart:
     st = trace._steps.filter(pl.col("rank") == rank) if trace._steps.height else None
     dev_tracks, dev = _device_events(kern, rank, tracks[-1].uuid + 1, tracks[-1].tid + 1)
     tracks += dev_tracks
-    parts = [ev, exits, dev]
+    parts = [ev, exits] + ([dev] if dev.height else [])
     if st is not None and st.height:
         parts.append(st.select(
             pl.lit(step_uuid, pl.Int64).alias("track"), pl.col("start_ns").alias("ts_ns"),
@@ -250,8 +255,6 @@ def _device_events(kern: pl.DataFrame, rank: int, first_uuid: int,
         .alias("comm_hash"),
         pl.when(nccl).then(pl.col("channel").cast(pl.Int64)).alias("channel"),
         pl.when(pl.col("kind") == "p2p").then(pl.col("peer").cast(pl.Int64)).alias("peer"),
-        pl.when(~nccl).then(pl.col("stream")).alias("stream"),
-        pl.when(~nccl).then(pl.col("correlation")).alias("correlation"),
     )
     return tracks, ev
 
