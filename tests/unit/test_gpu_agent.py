@@ -260,8 +260,9 @@ def test_stale_files_of_dead_processes_are_removed():
         ga.GpuAgentRing.open(p.pid)
 
 
-def bench(mode: str, n: int, ring: int = 1 << 18) -> dict:
-    out = subprocess.run([str(BENCH), mode, str(n), str(AGENT)], capture_output=True, text=True,
+def bench(mode: str, n: int, ring: int = 1 << 18, what: str = "launch") -> dict:
+    out = subprocess.run([str(BENCH), mode, str(n), str(AGENT), what], capture_output=True,
+                         text=True,
                          env={**os.environ, "ARGUS_GPU_RING_RECORDS": str(ring)}, check=True,
                          timeout=120)
     return json.loads(out.stdout)
@@ -281,3 +282,28 @@ def test_agent_cost_per_kernel_dormant_vs_enabled():
     print(f"\nagent cost per kernel launch (stand-in, {n} launches, min of 3): "
           + ", ".join(f"{m} {v:.0f} ns" for m, v in best.items()))
     assert best["none"] > 0 and best["dormant"] > 0 and best["enabled"] > 0
+
+
+def test_agent_cost_per_collective_dormant_vs_enabled():
+    """The bench's collective mode (agent loaded as NCCL profiler plugin and CUPTI
+    subscriber, a one-rank communicator): dormant publishes nothing, enabled exactly two
+    records per collective (NCCL's KernelCh, CUPTI's ncclDevKernel_AllReduce), warm-up
+    included; prints ns per call (min of 3 runs each)."""
+    n = 5003
+    runs = {m: [bench(m, n, what="coll") for _ in range(3)] for m in ("none", "dormant",
+                                                                        "enabled")}
+    for r in runs["none"] + runs["dormant"]:
+        assert (r["what"], r["records"], r["dropped"], r["cupti_dropped"]) == ("coll", 0, 0, 0)
+    assert all(r["capacity"] == 0 for r in runs["none"])
+    for r in runs["enabled"]:
+        assert (r["records"], r["dropped"], r["cupti_dropped"]) == (2 * (1000 + n), 0, 0)
+    best = {m: min(r["ns_per_launch"] for r in rs) for m, rs in runs.items()}
+    print(f"\nagent cost per collective (stand-in, {n} ncclAllReduce, min of 3): "
+          + ", ".join(f"{m} {v:.0f} ns" for m, v in best.items()))
+    assert all(v > 0 for v in best.values())
+
+
+def test_the_bench_refuses_an_unknown_measurement():
+    out = subprocess.run([str(BENCH), "none", "10", str(AGENT), "memcpy"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2 and "launch or coll, not memcpy" in out.stderr
