@@ -307,3 +307,33 @@ def test_the_bench_refuses_an_unknown_measurement():
     out = subprocess.run([str(BENCH), "none", "10", str(AGENT), "memcpy"], capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 2 and "launch or coll, not memcpy" in out.stderr
+
+
+REAL_CUPTI = REPO / "build" / "real" / "nvidia" / "cuda_cupti" / "lib" / "libcupti.so.12"
+
+
+def cupti_symbols_missing(lib: Path) -> tuple[list[str], list[str]]:
+    """(the CUPTI functions the agent's source dlsyms, those `lib` does not define)."""
+    import re
+
+    from elftools.elf.elffile import ELFFile
+
+    src = (REPO / "cuda_probes" / "agent" / "argus_gpu_agent.c").read_text()
+    wanted = re.findall(r'dlsym\(\s*lib,\s*"(cupti\w+)"\s*\)', src)
+    with open(lib, "rb") as fh:
+        dynsym = ELFFile(fh).get_section_by_name(".dynsym")
+        defined = {s.name for s in dynsym.iter_symbols() if s["st_shndx"] != "SHN_UNDEF"}
+    return wanted, [w for w in wanted if w not in defined]
+
+
+def test_the_real_libcupti_defines_every_function_the_agent_resolves():
+    """No GPU needed: the wheel's libcupti.so.12 (make setup fetches it into build/real)
+    exports each CUPTI function the agent looks up with dlsym, under the same name."""
+    if not REAL_CUPTI.is_file():
+        pytest.skip(f"the real libcupti is not fetched ({REAL_CUPTI}); run `make setup`")
+    wanted, missing = cupti_symbols_missing(REAL_CUPTI)
+    assert len(wanted) == 6 and "cuptiActivityRegisterCallbacks" in wanted
+    assert missing == []
+    # and the check can fail: the stand-in has no such symbols under another name
+    _, fake = cupti_symbols_missing(BUILD / "agent" / "libargus_gpu_agent.so")
+    assert fake == wanted
