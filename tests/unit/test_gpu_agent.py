@@ -337,3 +337,19 @@ def test_the_real_libcupti_defines_every_function_the_agent_resolves():
     # and the check can fail: the stand-in has no such symbols under another name
     _, fake = cupti_symbols_missing(BUILD / "agent" / "libargus_gpu_agent.so")
     assert fake == wanted
+
+
+def test_the_bench_agent_rows_run_the_three_modes_and_account_for_every_record():
+    """`make bench`'s GPU agent rows (scripts/bench --agent-only --quick: 2 rounds of
+    10,000): both rows present, three figures each; the bench itself raises when an enabled
+    run's records do not add up (13,000 per launch run, 22,000 per collective run)."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench"), "--agent-only",
+                          "--quick"], capture_output=True, text=True, timeout=300, check=True)
+    rows = {line.split("|")[0].strip(): [c.strip() for c in line.split("|")[1:]]
+            for line in out.stdout.splitlines()[2:]}
+    assert set(rows) == {"GPU agent per kernel launch: none / dormant / enabled",
+                         "GPU agent per collective: none / dormant / enabled"}
+    for (value, note), records in zip(rows.values(), ("13,000", "22,000"), strict=True):
+        figures = value.removesuffix(" ns").split(" / ")
+        assert len(figures) == 3 and all(float(f.replace(",", "")) > 0 for f in figures)
+        assert f"enabled: {records} records, 0 dropped" in note
