@@ -81,9 +81,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
 fi
 
-# 6. Real libcudart.so.12 and libnccl.so.2 from NVIDIA's PyPI wheels, unpacked into build/real
-#    (symbol resolution and probe attachment are tested on the real binaries; they cannot run
-#    kernels here). NCCL 2.18.3 is the smallest wheel (218 MB) that has ncclCommSplit.
+# 6. Real libcudart.so.12, libnccl.so.2 and libcupti.so.12 from NVIDIA's PyPI wheels, unpacked
+#    into build/real (symbol resolution and probe attachment are tested on the real binaries;
+#    they cannot run kernels here). NCCL 2.18.3 is the smallest wheel (218 MB) that has
+#    ncclCommSplit. CUPTI (13.8 MB wheel): the GPU agent dlopens it (ARGUS_GPU_CUPTI); the
+#    unit tier checks it defines what the agent resolves, the gpu tier falls back on it.
 real=build/real
 fetch_wheel() {  # fetch_wheel DIST==VERSION FILE-INSIDE
   if [ ! -f "$real/$2" ]; then
@@ -98,3 +100,4 @@ fetch_wheel() {  # fetch_wheel DIST==VERSION FILE-INSIDE
 }
 fetch_wheel nvidia-cuda-runtime-cu12==12.4.127 nvidia/cuda_runtime/lib/libcudart.so.12
 fetch_wheel nvidia-nccl-cu12==2.18.3 nvidia/nccl/lib/libnccl.so.2
+fetch_wheel nvidia-cuda-cupti-cu12==12.4.127 nvidia/cuda_cupti/lib/libcupti.so.12

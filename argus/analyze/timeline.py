@@ -194,3 +194,41 @@ def build_stacks(
             pl.lit(None, pl.Utf8).alias("host"), pl.col("ts_ns").alias("t_ns")
         )
     return pl.concat(frames, how="vertical_relaxed").sort("t_ns")
+
+
+def build_kernels(
+    recordings: Sequence[Recording], offsets_ns: dict[str, int] | None = None
+) -> pl.DataFrame:
+    """Device activity (`kernels.parquet`, the GPU agent's records) of all recordings with
+    `host`, `t_ns` (aligned wall ns of the device start, the same clock as `build_timeline`'s
+    `t_ns`) and `rank` filled from the manifest by tgid where null; sorted by `t_ns`."""
+    offsets_ns = offsets_ns or {}
+    frames = []
+    for rec in recordings:
+        kn = getattr(rec, "kernels", None)
+        if kn is None or kn.height == 0:
+            continue
+        tgid_rank = {
+            int(r["tgid"]): int(r["rank"])
+            for r in rec.manifest.get("ranks") or []
+            if isinstance(r, dict) and r.get("tgid") is not None and r.get("rank") is not None
+        }
+        if tgid_rank:
+            kn = kn.with_columns(
+                pl.coalesce(
+                    pl.col("rank"),
+                    pl.col("tgid").replace_strict(tgid_rank, default=None, return_dtype=pl.Int32),
+                ).alias("rank")
+            )
+        frames.append(
+            kn.with_columns(
+                pl.lit(rec.host, dtype=pl.Utf8).alias("host"),
+                (mono_to_wall(pl.col("ts_ns"), rec.manifest) + offsets_ns.get(rec.host, 0))
+                .alias("t_ns"),
+            )
+        )
+    if not frames:
+        return schema.empty_kernels().with_columns(
+            pl.lit(None, pl.Utf8).alias("host"), pl.col("ts_ns").alias("t_ns")
+        )
+    return pl.concat(frames, how="vertical_relaxed").sort("t_ns", maintain_order=True)

@@ -3,7 +3,10 @@
 Layout (`trace_export.build_trace`): one process per rank (`pid` = rank, named
 "rank N (host, tgid TGID)"), a "steps" thread (`tid` 0: one slice per detected step, the
 rank's exit as an instant) and one thread per (thread, channel) of its calls (`tid` 1, 2, ...
-per rank, named "<channel> tid <tid>"). Calls with a duration are complete events
+per rank, named "<channel> tid <tid>"), then the rank's device tracks ("rank N GPU stream
+S", "rank N GPU stream S memcpy/memset", "rank N GPU NCCL comm H channel C": complete
+events of category `gpu`, one per kernel / copy / NCCL kernel channel, with the device
+duration). Calls with a duration are complete events
 (`ph: "X"`), strictly nested per thread; calls recorded at entry only are thread instants
 (`ph: "i"`, `s: "t"`); calls the recording marks in flight end at the recording end
 (`args.in_flight`); a slice cut to fit inside its parent has `args.clipped`. Collectives

@@ -3,13 +3,15 @@
 The same timeline as the Chrome export (`trace_export.build_trace`), as a `.pftrace` the
 Perfetto UI and trace_processor read directly, with far less memory and size than JSON.
 Tracks: per rank a root track "rank N (host, tgid T)" (ordered by rank) with its child
-tracks "steps" and "<channel> tid <tid>" (ordered as in the Chrome export); a global
+tracks "steps", "<channel> tid <tid>" and the device tracks "rank N GPU stream S", ...
+(ordered as in the Chrome export); a global
 "findings" track. Slices are TYPE_SLICE_BEGIN / TYPE_SLICE_END pairs, entry-only calls
 TYPE_INSTANT. Each track is its own packet sequence (`trusted_packet_sequence_id` = the
 track's uuid), so every sequence's timestamps only grow; event names, categories and
 argument names/strings are interned per sequence. Timestamps are aligned wall-clock ns
 (absolute, not relative). Arguments are debug annotations with the Chrome export's names
-(call, comm, seq, bytes, kernel, step, in_flight, clipped; summary on findings).
+(call, comm, seq, bytes, kernel, step, in_flight, clipped; summary on findings; device
+slices: op, coll_seq, comm_hash, bytes, channel, peer).
 
 Written one packet at a time (memory bounded by one rank's frame): each distinct packet is
 built with the `perfetto` package's protos and serialized, only the timestamp varint and the
@@ -32,7 +34,10 @@ from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import (
 from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
 
 from argus.present.trace_export import (
+    DEVICE_ARGS,
+    DEVICE_CAT,
     EVENT_COLUMNS,
+    HOST_ARGS,
     Trace,
     build_trace,
     write_atomically,
@@ -50,9 +55,9 @@ NEEDS = TracePacket.SEQ_NEEDS_INCREMENTAL_STATE
 BEGIN, END, INSTANT = TrackEvent.TYPE_SLICE_BEGIN, TrackEvent.TYPE_SLICE_END, \
     TrackEvent.TYPE_INSTANT
 ARG_NAMES = ("call", "comm", "seq", "bytes", "kernel", "step", "in_flight", "clipped",
-             "summary")
+             "summary", "op", "coll_seq", "comm_hash", "channel", "peer")
 ARG_IID = {n: i for i, n in enumerate(ARG_NAMES, 1)}
-STRING_ARGS = ("call", "comm", "kernel", "summary")
+STRING_ARGS = ("call", "comm", "kernel", "summary", "op", "comm_hash")
 _COL = {c: i for i, c in enumerate(EVENT_COLUMNS)}
 
 
@@ -194,12 +199,14 @@ def _describe(out: _Out, uuid: int, name: str, parent: int | None, order: int) -
     out.whole(p)
 
 
-_ARG_COLS = tuple((k, _COL[k]) for k in ("call", "comm", "seq", "bytes", "kernel", "step"))
-_I_FLIGHT, _I_CLIPPED = _COL["in_flight"], _COL["clipped"]
+_ARG_COLS = tuple((k, _COL[k]) for k in HOST_ARGS)
+_DEV_ARG_COLS = tuple((k, _COL[k]) for k in DEVICE_ARGS)
+_I_FLIGHT, _I_CLIPPED, _I_CAT = _COL["in_flight"], _COL["clipped"], _COL["cat"]
 
 
 def _args(row: tuple) -> tuple:
-    out = tuple((k, row[i]) for k, i in _ARG_COLS if row[i] is not None)
+    cols = _DEV_ARG_COLS if row[_I_CAT] == DEVICE_CAT else _ARG_COLS
+    out = tuple((k, row[i]) for k, i in cols if row[i] is not None)
     if row[_I_FLIGHT]:
         out += (("in_flight", True),)
     if row[_I_CLIPPED]:

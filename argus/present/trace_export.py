@@ -10,7 +10,11 @@ What becomes what:
 - a call the recording marks in flight (`in_flight` true: entered, not returned when the
   recording ended) is a slice from its entry to the end of the recording, `in_flight` set;
 - a call recorded at entry only (`dur_ns` null, not in flight: launches, event records, ...)
-  is an instant at its entry: it has no duration to show, and none is invented.
+  is an instant at its entry: it has no duration to show, and none is invented;
+- a device record (kernel, copy, NCCL kernel channel) is always a slice [device start,
+  device start + dur_ns] on its device track, category `gpu`: kernels named by the kernel,
+  copies by kind, collectives "<NCCL op> #<coll_seq>" (p2p "<op> peer <peer>") with args
+  op, coll_seq, comm_hash (hex), bytes, channel (and peer); copies with bytes.
 
 Strict nesting per track: walking a track's slices in order (start, longest first) with a
 stack of open slices, a slice that starts inside the innermost open one but would end after
@@ -33,13 +37,20 @@ import polars as pl
 from argus.analyze.diagnosis import diagnose
 from argus.analyze.matching import align_seq, collectives
 from argus.analyze.steps import detect_steps
-from argus.analyze.timeline import build_timeline, recording_end_ns
+from argus.analyze.timeline import build_kernels, build_timeline, recording_end_ns
 from argus.recording.io import Recording
 
 STEP_TID = 0
+DEVICE_CAT = "gpu"  # the category of every device slice
 # Columns of RankPart.events. end_ns null = an instant.
 EVENT_COLUMNS = ("track", "ts_ns", "end_ns", "name", "cat", "in_flight", "clipped", "call",
-                 "kernel", "comm", "seq", "bytes", "step")
+                 "kernel", "comm", "seq", "bytes", "step", "op", "coll_seq", "comm_hash",
+                 "channel", "peer")
+# The argument columns a writer attaches, host calls / device records (nulls left out).
+HOST_ARGS = ("call", "comm", "seq", "bytes", "kernel", "step")
+# (A kernel's stream is in its track's name; its CUPTI correlation id is not exported: no
+# host call carries it, and a per-kernel value would make every kernel packet distinct.)
+DEVICE_ARGS = ("op", "coll_seq", "comm_hash", "bytes", "channel", "peer")
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,7 @@ class Trace:
     origin_ns: int  # the earliest event, aligned wall ns
     end_ns: int  # the latest recording end (or event), aligned wall ns
     ranks: list[int]
-    n_events: int  # timeline rows with a rank (calls and exits), before steps and findings
+    n_events: int  # timeline rows with a rank (calls, exits, device records), before steps
     findings: list[Finding]
     offsets_ns: dict[str, int]
     report_schema: str | None
@@ -83,6 +94,7 @@ class Trace:
     _steps: pl.DataFrame
     _gseq: pl.DataFrame
     _ends: dict[str, int]
+    _kern: pl.DataFrame
 
     def parts(self) -> Iterator[RankPart]:
         """The ranks in order, each built when reached (the previous one can be freed)."""
@@ -99,27 +111,33 @@ def build_trace(recordings: Sequence[Recording], report: dict[str, Any] | None =
     report = report if report is not None else diagnose(recordings)
     offsets = (report.get("clock_alignment") or {}).get("offsets_ns") or {}
     tl = build_timeline(recordings, offsets).filter(pl.col("rank").is_not_null())
+    kern = build_kernels(recordings, offsets).filter(pl.col("rank").is_not_null())
     coll = align_seq(collectives(tl))
     steps = detect_steps(tl, coll).steps
     ends = {r.host: (recording_end_ns(r) or 0) + offsets.get(r.host, 0) for r in recordings}
-    origin = int(tl["t_ns"].min()) if tl.height else 0
+    starts = [int(f["t_ns"].min()) for f in (tl, kern) if f.height]
+    origin = min(starts) if starts else 0
     gseq = (coll.select("rank", "t_ns", "comm", "gseq").unique(["rank", "t_ns", "comm"])
             if coll.height else pl.DataFrame(schema={"rank": pl.Int32, "t_ns": pl.Int64,
                                                      "comm": pl.Utf8, "gseq": pl.Int64}))
     last = max(ends.values()) if ends else origin
+    if kern.height:
+        last = max(last, int(kern.select((pl.col("t_ns") + pl.col("dur_ns").fill_null(0))
+                                         .max()).item()))
     findings = []
     for f in report.get("findings") or []:
         t = f.get("start_ns") or f.get("window_start_ns")
         findings.append(Finding(f"{f['kind']} ({f['severity']})", int(last if t is None else t),
                                 str(f.get("summary", ""))))
-    ranks = sorted(tl["rank"].unique().to_list())
-    return Trace(origin, last, ranks, tl.height, findings, offsets, report.get("schema"), tl,
-                 steps, gseq, ends)
+    ranks = sorted(set(tl["rank"].unique().to_list()) | set(kern["rank"].unique().to_list()))
+    return Trace(origin, last, ranks, tl.height + kern.height, findings, offsets,
+                 report.get("schema"), tl, steps, gseq, ends, kern)
 
 
 def _rank_part(trace: Trace, rank: int, first_uuid: int) -> RankPart:
     tl = trace._tl.filter(pl.col("rank") == rank).sort("t_ns", maintain_order=True)
-    tgid, host = tl.select("tgid", "host").row(0)
+    kern = trace._kern.filter(pl.col("rank") == rank)
+    tgid, host = (tl if tl.height else kern).select("tgid", "host").row(0)
     name = f"rank {rank} ({host}, tgid {tgid})"
     # tracks in the order their first call appears; uuid first_uuid is the steps track
     calls = tl.filter(pl.col("kind") != "exit").with_columns(
@@ -156,6 +174,11 @@ def _rank_part(trace: Trace, rank: int, first_uuid: int) -> RankPart:
         pl.when(is_coll).then(seq).alias("seq"),
         pl.col("bytes"),
         pl.lit(None, pl.Int64).alias("step"),
+        pl.lit(None, pl.Utf8).alias("op"),
+        pl.lit(None, pl.Int64).alias("coll_seq"),
+        pl.lit(None, pl.Utf8).alias("comm_hash"),
+        pl.lit(None, pl.Int64).alias("channel"),
+        pl.lit(None, pl.Int64).alias("peer"),
     )
     step_uuid = tracks[0].uuid
     exits = tl.filter(pl.col("kind") == "exit").select(
@@ -163,7 +186,9 @@ def _rank_part(trace: Trace, rank: int, first_uuid: int) -> RankPart:
         pl.lit(None, pl.Int64).alias("end_ns"), pl.lit("exit").alias("name"),
         pl.lit("proc").alias("cat"))
     st = trace._steps.filter(pl.col("rank") == rank) if trace._steps.height else None
-    parts = [ev, exits]
+    dev_tracks, dev = _device_events(kern, rank, tracks[-1].uuid + 1, tracks[-1].tid + 1)
+    tracks += dev_tracks
+    parts = [ev, exits] + ([dev] if dev.height else [])
     if st is not None and st.height:
         parts.append(st.select(
             pl.lit(step_uuid, pl.Int64).alias("track"), pl.col("start_ns").alias("ts_ns"),
@@ -176,6 +201,66 @@ def _rank_part(trace: Trace, rank: int, first_uuid: int) -> RankPart:
                                  nulls_last=True, maintain_order=True)
     events, depth, clipped = nest(events)
     return RankPart(rank, name, tracks, events, depth, clipped)
+
+
+def _device_events(kern: pl.DataFrame, rank: int, first_uuid: int,
+                   first_tid: int) -> tuple[list[Track], pl.DataFrame]:
+    """The device tracks of one rank's `kernels` rows (module doc), in the order: kernel
+    streams, copy streams, NCCL (communicator, channel); each sorted by its numbers."""
+    if kern.height == 0:
+        return [], pl.DataFrame()
+    is_nccl = pl.col("kind").is_in(["coll", "p2p"])
+    is_copy = pl.col("kind").is_in(["memcpy", "memset"])
+    kern = kern.with_columns(
+        pl.when(is_nccl).then(2).when(is_copy).then(1).otherwise(0).alias("_g"),
+        pl.when(is_nccl).then(pl.col("comm_hash")).alias("_h"),
+        pl.when(is_nccl).then(-1).otherwise(pl.col("device").fill_null(-1)).cast(pl.Int64)
+        .alias("_a"),
+        pl.when(is_nccl).then(pl.col("channel").fill_null(-1))
+        .otherwise(pl.col("stream").fill_null(-1)).cast(pl.Int64).alias("_b"),
+    )
+    keys = kern.select("_g", "_h", "_a", "_b").unique().sort("_g", "_h", "_a", "_b",
+                                                              nulls_last=True)
+    one_device = kern.filter(~is_nccl)["device"].n_unique() <= 1
+    tracks = []
+    for i, (g, h, a, b) in enumerate(keys.rows()):
+        if g == 2:
+            label = f"NCCL comm {_hex(h)} channel {b}"
+        else:
+            label = ("" if one_device else f"{a} ") + f"stream {b}" + \
+                (" memcpy/memset" if g == 1 else "")
+        tracks.append(Track(first_uuid + i, rank, first_tid + i, f"rank {rank} GPU {label}"))
+    keys = keys.with_columns(pl.Series("track", [t.uuid for t in tracks], pl.Int64))
+    kern = kern.join(keys, on=["_g", "_h", "_a", "_b"], how="left", maintain_order="left",
+                     nulls_equal=True)
+    hexes = {h: _hex(h) for h in kern["_h"].drop_nulls().unique().to_list()}
+    nccl = pl.col("_g") == 2
+    name = (pl.when(pl.col("kind") == "p2p")
+            .then(pl.format("{} peer {}", pl.col("name"), pl.col("peer")))
+            .when(nccl).then(pl.format("{} #{}", pl.col("name"), pl.col("coll_seq")))
+            .when(pl.col("name").fill_null("") == "").then(pl.col("kind"))
+            .otherwise(pl.col("name")))
+    ev = kern.select(
+        pl.col("track"),
+        pl.col("t_ns").alias("ts_ns"),
+        (pl.col("t_ns") + pl.col("dur_ns").fill_null(0).clip(0)).alias("end_ns"),
+        name.fill_null("?").alias("name"),
+        pl.lit(DEVICE_CAT).alias("cat"),
+        pl.lit(False).alias("in_flight"),
+        pl.lit(False).alias("clipped"),
+        pl.col("bytes"),
+        pl.when(nccl).then(pl.col("name")).alias("op"),
+        pl.when(nccl).then(pl.col("coll_seq")).alias("coll_seq"),
+        pl.col("_h").replace_strict(hexes, default=None, return_dtype=pl.Utf8)
+        .alias("comm_hash"),
+        pl.when(nccl).then(pl.col("channel").cast(pl.Int64)).alias("channel"),
+        pl.when(pl.col("kind") == "p2p").then(pl.col("peer").cast(pl.Int64)).alias("peer"),
+    )
+    return tracks, ev
+
+
+def _hex(h: int | None) -> str:
+    return "?" if h is None else f"0x{h:016x}"
 
 
 def nest(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[int, int], int]:
@@ -220,7 +305,7 @@ def nest(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[int, int], int]:
 def args_of(row: dict[str, Any]) -> dict[str, Any]:
     """The arguments a writer attaches to an event row (nulls and false flags left out)."""
     out: dict[str, Any] = {}
-    for k in ("call", "comm", "seq", "bytes", "kernel", "step"):
+    for k in DEVICE_ARGS if row["cat"] == DEVICE_CAT else HOST_ARGS:
         v = row[k]
         if v is not None:
             out[k] = v

@@ -345,7 +345,12 @@ static ncclResult_t enqueue_root(ncclComm_t comm, int kind, size_t count, size_t
     if (!comm || !dtsize(dt))
         return ncclInvalidArgument;
     argus_sim_stream *s = argus_sim_stream_resolve((void *)stream, 0);
-    void *ctx = g_prof_ver ? prof_ctx(C(comm)) : NULL;
+    /* A call outside a group is its own group event: with the mask 0 then, NCCL makes no
+     * plugin call for it, so neither does this stand-in do any of the plugin's bookkeeping
+     * (a dormant plugin costs a call nothing, as in NCCL). Inside a group the mask is read
+     * at the outermost ncclGroupEnd. */
+    int prof = g_prof_ver && (t_depth > 0 || __atomic_load_n(&g_prof_mask, __ATOMIC_RELAXED));
+    void *ctx = prof ? prof_ctx(C(comm)) : NULL;
     if (!ctx) {
         argus_sim_enqueue_nccl(C(comm), kind, (unsigned long long)total * dtsize(dt), peer, s);
         return ncclSuccess;

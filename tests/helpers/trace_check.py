@@ -7,7 +7,10 @@ malformed stream (an end without a begin, a slice never ended, time going back o
 sequence). `read_chrome` fails on a partial overlap of two complete events on one track.
 `check_tracks` asserts the nesting depth; `check_calls` that every slice is a call that had
 a duration (or was in flight) and lasts no longer than it, and every instant an entry-only
-call.
+call; `check_kernels` that every device track ("rank R GPU ...") holds exactly the
+recording's device records of that rank and stream / communicator channel, each a slice at
+its device start lasting exactly its `dur_ns`, named and with args as the export promises,
+none overlapping another on its track.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from dataclasses import dataclass, field
 import polars as pl
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace, TracePacket, TrackEvent
 
-from argus.analyze.timeline import build_timeline, recording_end_ns
+from argus.analyze.timeline import build_kernels, build_timeline, recording_end_ns
+
+DEVICE_TRACK = " GPU "  # in the name of every device track, never in a host track's
 
 
 @dataclass
@@ -155,7 +160,7 @@ def check_calls(tracks: dict[tuple[str, str], TrackOut], recordings: Sequence,
         calls.setdefault((row["rank"], track, row["t_ns"]), []).append(row)
     seen = {"slices": 0, "instants": 0, "in_flight": 0, "clipped": 0}
     for (group, name), out in tracks.items():
-        if name == "steps" or not group:
+        if name == "steps" or not group or DEVICE_TRACK in name:
             continue
         rank = int(group.split()[1])
         for s in out.slices:
@@ -175,3 +180,66 @@ def check_calls(tracks: dict[tuple[str, str], TrackOut], recordings: Sequence,
                 f"instant {iname} at {ts} on {group}/{name} is no entry-only call"
             seen["instants"] += 1
     return seen
+
+
+def _device_track(row: dict, one_device: bool) -> str:
+    """The track the export promises a device record (docs/export.md), written here again."""
+    r = row["rank"]
+    if row["kind"] in ("coll", "p2p"):
+        return f"rank {r} GPU NCCL comm 0x{row['comm_hash']:016x} channel {row['channel']}"
+    dev = "" if one_device else f"{row['device']} "
+    copy = " memcpy/memset" if row["kind"] in ("memcpy", "memset") else ""
+    return f"rank {r} GPU {dev}stream {row['stream']}{copy}"
+
+
+def _device_name(row: dict) -> str:
+    if row["kind"] == "p2p":
+        return f"{row['name']} peer {row['peer']}"
+    if row["kind"] == "coll":
+        return f"{row['name']} #{row['coll_seq']}"
+    return row["name"] or row["kind"]
+
+
+def check_kernels(tracks: dict[tuple[str, str], TrackOut], recordings: Sequence,
+                  offsets_ns: dict[str, int] | None = None,
+                  to_ns=lambda t: t) -> dict[tuple[int, str], int]:
+    """Every device record of `recordings` is one slice on its device track and every slice
+    of a device track is one record: same start (`to_ns` turns the file's time into wall ns:
+    identity for Perfetto, `round(us * 1000) + origin` for Chrome), duration exactly
+    `dur_ns`, the name and args of the export; no slice nests in another on a device track
+    (a stream runs one kernel at a time). Returns the slice count per (rank, track)."""
+    kn = build_kernels(recordings, offsets_ns).filter(pl.col("rank").is_not_null())
+    want: dict[tuple[int, str], list[dict]] = {}
+    for rank in kn["rank"].unique().to_list():
+        k = kn.filter(pl.col("rank") == rank)
+        one = k.filter(~pl.col("kind").is_in(["coll", "p2p"]))["device"].n_unique() <= 1
+        for row in k.iter_rows(named=True):
+            want.setdefault((rank, _device_track(row, one)), []).append(row)
+    got: dict[tuple[int, str], int] = {}
+    for (group, name), out in tracks.items():
+        if DEVICE_TRACK not in name:
+            continue
+        rank = int(name.split()[1])
+        assert group.startswith(f"rank {rank} ("), f"device track {name} under {group}"
+        assert not out.instants, f"instants on the device track {name}"
+        assert out.max_depth == 1, f"slices nest on the device track {name}"
+        rows = sorted(want.get((rank, name), []), key=lambda r: (r["t_ns"], -r["dur_ns"]))
+        assert len(out.slices) == len(rows), f"{name}: {len(out.slices)} slices, " \
+            f"{len(rows)} records"
+        for s, row in zip(out.slices, rows, strict=True):
+            ts = to_ns(s.ts)
+            assert ts == row["t_ns"], f"{name}: slice at {ts}, record at {row['t_ns']}"
+            assert to_ns(s.end) - ts == row["dur_ns"], f"{name}: {s} is not {row['dur_ns']} ns"
+            assert s.name == _device_name(row), (s.name, row)
+            if row["kind"] in ("coll", "p2p"):
+                assert s.args["op"] == row["name"] and s.args["coll_seq"] == row["coll_seq"]
+                assert s.args["comm_hash"] == f"0x{row['comm_hash']:016x}"
+                assert (s.args["bytes"], s.args["channel"]) == (row["bytes"], row["channel"])
+                assert s.args.get("peer") == (row["peer"] if row["kind"] == "p2p" else None)
+                assert "stream" not in s.args
+            else:
+                assert s.args == ({} if row["bytes"] is None else {"bytes": row["bytes"]})
+        got[(rank, name)] = len(out.slices)
+    missing = set(want) - set(got)
+    assert not missing, f"device records without their track: {sorted(missing)}"
+    return got

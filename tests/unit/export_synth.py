@@ -7,7 +7,8 @@ recorded at entry only (`dur_ns` null, `in_flight` false), in the first 80 % of 
 three ncclAllReduce calls with durations on the same thread (channel nccl); a cudaMemcpy
 read-back and an end-of-step cudaStreamSynchronize, both with durations. With `hang_rank`
 that rank's last synchronize never returns (`in_flight` true, the recording ends 2 s later).
-Built with numpy so a 4-rank x 21 s x 20,000 launches/s recording takes seconds.
+With `kernels`, each rank also has the GPU agent's device records (`kernels.parquet`, see
+`_rank_kernels`). Built with numpy so a 4-rank x 21 s x 20,000 launches/s recording takes seconds.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import polars as pl
 from scenarios import WALL0, _manifest
 
 from argus.recording.io import Recording, coerce
-from argus.recording.schema import EVENTS_SCHEMA, STACKS_SCHEMA
+from argus.recording.schema import EVENTS_SCHEMA, KERNELS_SCHEMA, STACKS_SCHEMA
 
 MS = 1_000_000
 STEP_NS = 50 * MS
@@ -89,15 +90,80 @@ def _rank_events(rank: int, steps: int, launch_rate: float, hang: bool) -> pl.Da
     return df
 
 
+COMM_HASH = 0xC0FFEE0123456789  # > 2**63: the hash is unsigned
+COMPUTE_STREAM, SIDE_STREAM = 7, 13
+KERNEL_FRACTION = 0.6  # a kernel runs this share of the launch gap
+NCCL_CHANNELS = 2
+
+
+def _rank_kernels(ev: pl.DataFrame, rank: int, ranks: int) -> pl.DataFrame:
+    """The device records a rank's agent would publish for its calls in `ev`: per launch a
+    kernel (cudaLaunchKernel on stream 7, cuLaunchKernel on stream 13) starting 5 us after
+    it, or when the stream's previous kernel ends, and running KERNEL_FRACTION of the
+    launch gap; per cudaMemcpy a memcpy (stream 7, 1 MiB, half the call); per step a memset
+    (stream 7, 4 KiB, 20 us, just before the memcpy); per ncclAllReduce one coll record per
+    channel (0 and 1, 100 us after the call, 1.5 ms, NCCL op "AllReduce", coll_seq the call's
+    seq); per step a p2p "Send" to the next rank at 30 % of the step (channel 0, 300 us)."""
+    tgid = 1000 + rank
+    launches = ev.filter(pl.col("name").is_in(["cudaLaunchKernel", "cuLaunchKernel"]))
+    ts = launches["ts_ns"].to_numpy()
+    gap = int(np.median(np.diff(ts))) if len(ts) > 1 else 1000
+    dur = max(1, int(gap * KERNEL_FRACTION))
+    rows = []
+    for name, stream in (("cudaLaunchKernel", COMPUTE_STREAM), ("cuLaunchKernel", SIDE_STREAM)):
+        sel = launches.filter(pl.col("name") == name)
+        t = sel["ts_ns"].to_numpy() + 5_000
+        start = np.empty_like(t)
+        free = 0
+        for i, x in enumerate(t.tolist()):  # serialised on the stream
+            start[i] = max(x, free)
+            free = start[i] + dur
+        rows.append(pl.DataFrame({
+            "ts_ns": start, "dur_ns": np.full(len(t), dur, np.int64),
+            "kind": "kernel", "name": sel["kernel"], "stream": stream,
+            "correlation": np.arange(len(t), dtype=np.int64) + 1 + stream * 10_000_000,
+        }))
+    cp = ev.filter(pl.col("name") == "cudaMemcpy")
+    rows.append(pl.DataFrame({
+        "ts_ns": cp["ts_ns"] + 10_000, "dur_ns": cp["dur_ns"] // 2, "kind": "memcpy",
+        "name": "", "stream": COMPUTE_STREAM, "bytes": 1 << 20}))
+    rows.append(pl.DataFrame({
+        "ts_ns": cp["ts_ns"] - 30_000, "dur_ns": 20_000, "kind": "memset", "name": "",
+        "stream": COMPUTE_STREAM, "bytes": 4096}))
+    ar = ev.filter(pl.col("name") == "ncclAllReduce")
+    for ch in range(NCCL_CHANNELS):
+        rows.append(pl.DataFrame({
+            "ts_ns": ar["ts_ns"] + 100_000, "dur_ns": 1_500_000, "kind": "coll",
+            "name": "AllReduce", "coll_seq": ar["seq"], "channel": ch,
+            "bytes": ar["bytes"]}))
+    steps = ev.filter(pl.col("name") == "cudaStreamSynchronize")["ts_ns"].to_numpy() \
+        - int(0.85 * STEP_NS)
+    rows.append(pl.DataFrame({
+        "ts_ns": steps + int(0.3 * STEP_NS), "dur_ns": 300_000, "kind": "p2p", "name": "Send",
+        "coll_seq": 0, "channel": 0, "bytes": 1 << 16, "peer": (rank + 1) % ranks}))
+    kn = pl.concat(rows, how="diagonal_relaxed").with_columns(
+        pl.lit(tgid, pl.Int32).alias("tgid"), pl.lit(rank, pl.Int32).alias("rank"),
+        pl.lit(0, pl.Int32).alias("device"),
+        pl.when(pl.col("kind").is_in(["coll", "p2p"])).then(pl.lit(COMM_HASH, pl.UInt64))
+        .alias("comm_hash"),
+    )
+    return coerce(kn, KERNELS_SCHEMA, "kernels").sort("ts_ns")
+
+
 def synth(ranks: int = 4, seconds: float = 2.0, launch_rate: float = 2000.0,
-          hang_rank: int | None = None) -> list[Recording]:
+          hang_rank: int | None = None, kernels: bool = False) -> list[Recording]:
     """One node's recording of `ranks` ranks over `seconds` (see the module doc)."""
     steps = max(1, int(seconds * 1e9 / STEP_NS))
     frames = [_rank_events(r, steps, launch_rate, r == hang_rank) for r in range(ranks)]
+    kn = (pl.concat([_rank_kernels(f, r, ranks) for r, f in enumerate(frames)])
+          if kernels else None)
     ev = pl.concat(frames, how="diagonal_relaxed").sort("ts_ns")
     end = int(ev["ts_ns"].max()) + (2_000 * MS if hang_rank is not None else STEP_NS)
     m = _manifest("node0", list(range(ranks)), 0, 0, 900 * MS, end, ranks,
                   "duration" if hang_rank is None else "interrupted")
     m["clock"] = {"mono_to_wall_ns": WALL0}
     stacks = coerce(pl.DataFrame(), STACKS_SCHEMA, "stacks")
-    return [Recording(m, coerce(ev, EVENTS_SCHEMA, "events"), stacks)]
+    rec = Recording(m, coerce(ev, EVENTS_SCHEMA, "events"), stacks)
+    if kn is not None:
+        rec.kernels = kn
+    return [rec]

@@ -260,8 +260,9 @@ def test_stale_files_of_dead_processes_are_removed():
         ga.GpuAgentRing.open(p.pid)
 
 
-def bench(mode: str, n: int, ring: int = 1 << 18) -> dict:
-    out = subprocess.run([str(BENCH), mode, str(n), str(AGENT)], capture_output=True, text=True,
+def bench(mode: str, n: int, ring: int = 1 << 18, what: str = "launch") -> dict:
+    out = subprocess.run([str(BENCH), mode, str(n), str(AGENT), what], capture_output=True,
+                         text=True,
                          env={**os.environ, "ARGUS_GPU_RING_RECORDS": str(ring)}, check=True,
                          timeout=120)
     return json.loads(out.stdout)
@@ -281,3 +282,74 @@ def test_agent_cost_per_kernel_dormant_vs_enabled():
     print(f"\nagent cost per kernel launch (stand-in, {n} launches, min of 3): "
           + ", ".join(f"{m} {v:.0f} ns" for m, v in best.items()))
     assert best["none"] > 0 and best["dormant"] > 0 and best["enabled"] > 0
+
+
+def test_agent_cost_per_collective_dormant_vs_enabled():
+    """The bench's collective mode (agent loaded as NCCL profiler plugin and CUPTI
+    subscriber, a one-rank communicator): dormant publishes nothing, enabled exactly two
+    records per collective (NCCL's KernelCh, CUPTI's ncclDevKernel_AllReduce), warm-up
+    included; prints ns per call (min of 3 runs each)."""
+    n = 5003
+    runs = {m: [bench(m, n, what="coll") for _ in range(3)] for m in ("none", "dormant",
+                                                                        "enabled")}
+    for r in runs["none"] + runs["dormant"]:
+        assert (r["what"], r["records"], r["dropped"], r["cupti_dropped"]) == ("coll", 0, 0, 0)
+    assert all(r["capacity"] == 0 for r in runs["none"])
+    for r in runs["enabled"]:
+        assert (r["records"], r["dropped"], r["cupti_dropped"]) == (2 * (1000 + n), 0, 0)
+    best = {m: min(r["ns_per_launch"] for r in rs) for m, rs in runs.items()}
+    print(f"\nagent cost per collective (stand-in, {n} ncclAllReduce, min of 3): "
+          + ", ".join(f"{m} {v:.0f} ns" for m, v in best.items()))
+    assert all(v > 0 for v in best.values())
+
+
+def test_the_bench_refuses_an_unknown_measurement():
+    out = subprocess.run([str(BENCH), "none", "10", str(AGENT), "memcpy"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2 and "launch or coll, not memcpy" in out.stderr
+
+
+REAL_CUPTI = REPO / "build" / "real" / "nvidia" / "cuda_cupti" / "lib" / "libcupti.so.12"
+
+
+def cupti_symbols_missing(lib: Path) -> tuple[list[str], list[str]]:
+    """(the CUPTI functions the agent's source dlsyms, those `lib` does not define)."""
+    import re
+
+    from elftools.elf.elffile import ELFFile
+
+    src = (REPO / "cuda_probes" / "agent" / "argus_gpu_agent.c").read_text()
+    wanted = re.findall(r'dlsym\(\s*lib,\s*"(cupti\w+)"\s*\)', src)
+    with open(lib, "rb") as fh:
+        dynsym = ELFFile(fh).get_section_by_name(".dynsym")
+        defined = {s.name for s in dynsym.iter_symbols() if s["st_shndx"] != "SHN_UNDEF"}
+    return wanted, [w for w in wanted if w not in defined]
+
+
+def test_the_real_libcupti_defines_every_function_the_agent_resolves():
+    """No GPU needed: the wheel's libcupti.so.12 (make setup fetches it into build/real)
+    exports each CUPTI function the agent looks up with dlsym, under the same name."""
+    if not REAL_CUPTI.is_file():
+        pytest.skip(f"the real libcupti is not fetched ({REAL_CUPTI}); run `make setup`")
+    wanted, missing = cupti_symbols_missing(REAL_CUPTI)
+    assert len(wanted) == 6 and "cuptiActivityRegisterCallbacks" in wanted
+    assert missing == []
+    # and the check can fail: the stand-in has no such symbols under another name
+    _, fake = cupti_symbols_missing(BUILD / "agent" / "libargus_gpu_agent.so")
+    assert fake == wanted
+
+
+def test_the_bench_agent_rows_run_the_three_modes_and_account_for_every_record():
+    """`make bench`'s GPU agent rows (scripts/bench --agent-only --quick: 2 rounds of
+    10,000): both rows present, three figures each; the bench itself raises when an enabled
+    run's records do not add up (13,000 per launch run, 22,000 per collective run)."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench"), "--agent-only",
+                          "--quick"], capture_output=True, text=True, timeout=300, check=True)
+    rows = {line.split("|")[0].strip(): [c.strip() for c in line.split("|")[1:]]
+            for line in out.stdout.splitlines()[2:]}
+    assert set(rows) == {"GPU agent per kernel launch: none / dormant / enabled",
+                         "GPU agent per collective: none / dormant / enabled"}
+    for (value, note), records in zip(rows.values(), ("13,000", "22,000"), strict=True):
+        figures = value.removesuffix(" ns").split(" / ")
+        assert len(figures) == 3 and all(float(f.replace(",", "")) > 0 for f in figures)
+        assert f"enabled: {records} records, 0 dropped" in note
