@@ -110,6 +110,30 @@ def _alive(tgid: int) -> bool:
     return True
 
 
+def owned_file(tgid: int, proc_root: str = "/proc") -> Path | None:
+    """The agent file of process `tgid` when that process maps it itself (the same inode in
+    /proc/PID/maps): not a stale file of a dead process that had the same pid. None when
+    there is none (no agent, CUDA/NCCL not initialised yet, or not readable)."""
+    path = shm_path(tgid)
+    try:
+        ino = os.stat(path).st_ino
+        text = Path(proc_root, str(tgid), "maps").read_text()
+    except OSError:
+        return None
+    name = str(path)
+    for line in text.splitlines():
+        if name in line:
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[4].isdigit() and int(fields[4]) == ino:
+                return path
+    return None
+
+
+def bit_names(bits: int) -> list[str]:
+    """LOADED_* / ACTIVE_* bits as names, in order (the two sets share their values)."""
+    return [name for name, bit in (("nccl", LOADED_NCCL), ("cupti", LOADED_CUPTI)) if bits & bit]
+
+
 def agent_files() -> dict[int, Path]:
     """Every agent file on this node, by the tgid in its name (alive or not)."""
     out = {}
@@ -440,6 +464,6 @@ def gpu_env(build_dir: str | os.PathLike | None = None) -> dict[str, str]:
 __all__ = [
     "ACTIVE_CUPTI", "ACTIVE_NCCL", "CLOCK_SOURCES", "Drops", "GpuAgentRing", "HEADER_FIELDS",
     "LOADED_CUPTI", "LOADED_NCCL", "RECORD_DTYPE", "RECORD_FIELDS", "RECORD_SCHEMA",
-    "agent_files", "agent_library", "batch_frame", "gpu_env", "kernel_rows", "records_frame",
-    "remove_stale", "shm_path",
+    "agent_files", "agent_library", "batch_frame", "bit_names", "gpu_env", "kernel_rows",
+    "owned_file", "records_frame", "remove_stale", "shm_path",
 ]

@@ -21,10 +21,8 @@ nccl_version, clock}}}` for every traced rank (loaded [] where no agent was foun
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import polars as pl
 
@@ -35,29 +33,6 @@ from argus.recording import schema
 
 DRAIN_S = 0.2  # the agent flushes CUPTI every 100 ms: records reach the ring that often
 DISABLE_WAIT_S = 1.0  # at the end, how long the agents get to acknowledge `enabled` = 0
-BITS = (("nccl", ga.LOADED_NCCL), ("cupti", ga.LOADED_CUPTI))
-
-
-def bit_names(bits: int) -> list[str]:
-    """ARGUS_GPU_LOADED_* / _ACTIVE_* bits as names (the two sets share their values)."""
-    return [name for name, bit in BITS if bits & bit]
-
-
-def maps_file(tgid: int, path: Path, proc_root: str = "/proc") -> bool:
-    """Whether process `tgid` maps `path` itself (the same inode): the agent of this process
-    made it, not one of a dead process that had the same pid."""
-    try:
-        ino = os.stat(path).st_ino
-        text = Path(proc_root, str(tgid), "maps").read_text()
-    except OSError:
-        return False
-    name = str(path)
-    for line in text.splitlines():
-        if name in line:
-            fields = line.split(None, 5)
-            if len(fields) == 6 and fields[4].isdigit() and int(fields[4]) == ino:
-                return True
-    return False
 
 
 @dataclass
@@ -93,7 +68,8 @@ class Agent:
                       "error_ns": r.header("clock_error_ns")}
 
     def describe(self, rank: int | None) -> dict:
-        out = {"rank": rank, "loaded": bit_names(self.loaded), "active": bit_names(self.active),
+        out = {"rank": rank, "loaded": ga.bit_names(self.loaded),
+               "active": ga.bit_names(self.active),
                "records": self.records, "dropped": self.dropped,
                "cupti_dropped": self.cupti_dropped, "nccl_version": self.nccl_version}
         if self.ring is not None or self.clock:
@@ -129,8 +105,7 @@ class KernelsChannel(Channel):
             self._open(a)
 
     def _open(self, a: Agent) -> None:
-        path = ga.shm_path(a.tgid)
-        if not path.exists() or not maps_file(a.tgid, path, self.tracer.opts.proc_root):
+        if ga.owned_file(a.tgid, self.tracer.opts.proc_root) is None:
             return
         try:
             ring = ga.GpuAgentRing.open(a.tgid)
@@ -176,6 +151,7 @@ class KernelsChannel(Channel):
         a = self.agents.get(target.tgid)
         if a is not None and a.ring is not None:
             self._drain(a, None)
+            a.ring.disable()  # the file can outlive it (a SIGKILL skips the unlink): dormant
             a.ring.close()
             a.ring = None
 
