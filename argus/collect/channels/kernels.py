@@ -94,7 +94,7 @@ class KernelsChannel(Channel):
         self.frames: list[pl.DataFrame] = []  # rows not taken yet
         self.max_per_poll: int | None = None  # records per process per poll (None: a ring)
         self._last = 0.0
-        self.drain_s_total = 0.0  # time spent draining and converting (the channel's cost)
+        self.drain_s_total = 0.0  # CPU s of this thread draining and converting (its cost)
 
     # -- finding and switching agents ----------------------------------------------------
     def on_traced(self, target) -> None:
@@ -123,7 +123,7 @@ class KernelsChannel(Channel):
         ring = a.ring
         if ring is None:
             return
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         a.header()
         # the offset is stored before `active`: records of a ring not acknowledged yet wait
         if a.active or limit is None:
@@ -137,7 +137,7 @@ class KernelsChannel(Channel):
                                                       offset))
                 if limit is not None or len(batch) < ring.capacity:
                     break
-        self.drain_s_total += time.perf_counter() - t0
+        self.drain_s_total += time.thread_time() - t0
 
     def poll(self, now: float) -> None:
         if now - self._last < DRAIN_S:
