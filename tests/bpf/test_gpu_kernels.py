@@ -221,3 +221,32 @@ def test_no_kernels_leaves_the_agent_untouched(tmp_path, monkeypatch):
     m = load_recording(out).manifest
     assert m["channels"]["kernels"] is False
     assert m["kernels"] == {"enabled": False, "agents": {}}
+
+
+def test_an_agent_that_appears_after_attach_is_read(tmp_path, monkeypatch):
+    """Ranks attached before their CUDA init (no agent file yet): the file is found at a
+    later scan of the traced rank; from its enable on every collective is a row."""
+    for k, v in ga.gpu_env(BUILD).items():
+        monkeypatch.setenv(k, v)
+    go = tmp_path / "go"
+    job = start_job(SimConfig(ranks=2, steps=200, wait_go=str(go), wait_at="init", step_ms=8.0,
+                              kernels_per_step=24, buckets=2, quiet=True, build_dir=str(BUILD),
+                              timeout_s=120))
+    try:
+        pids = job.wait_ready(60)
+        assert all(not ga.shm_path(p).exists() for p in pids)  # before any CUDA call
+        run_session([job.launcher_pid], tmp_path / "rec", TraceOptions(gpu_interval_s=None),
+                    duration_s=60, on_started=lambda _t: go.touch())
+        assert job.wait(60) == 0
+        truth = job.truth()
+    finally:
+        job.close()
+    rec = load_recording(tmp_path / "rec")
+    for rt in truth["ranks"]:
+        a = rec.manifest["kernels"]["agents"][str(rt["tgid"])]
+        assert a["loaded"] == ["nccl", "cupti"] and a["active"] == ["nccl", "cupti"]
+        df = rec.kernels.filter(pl.col("tgid") == rt["tgid"])
+        assert a["records"] == df.height > 0 and a["dropped"] == 0
+        seqs = df.filter(pl.col("kind") == "coll").sort("coll_seq")["coll_seq"].to_list()
+        w = rt["gpu"]["comms"]["world"]
+        assert seqs and seqs == list(range(seqs[0], w["seq_end"]))  # none missed after enable
