@@ -553,6 +553,8 @@ static void apply(int en)
 {
     pthread_mutex_lock(&g_lock);
     uint32_t active = 0;
+    if (en) /* before any record of this enable is made */
+        measure_clock_locked();
     for (struct ctx *c = g_ctxs; c; c = c->next)
         __atomic_store_n(c->mask, en ? NCCL_MASK : 0, __ATOMIC_RELAXED);
     if (en && g_ctxs)
@@ -560,10 +562,8 @@ static void apply(int en)
     cupti_switch_locked(en);
     if (C.on)
         active |= ARGUS_GPU_ACTIVE_CUPTI;
-    if (en) {
-        measure_clock_locked();
+    if (en)
         __atomic_fetch_add(&H->enables, 1, __ATOMIC_RELAXED);
-    }
     __atomic_store_n(&H->active, active, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&g_lock);
 }
