@@ -42,7 +42,7 @@ from argus.collect.features import (
     read_cap_eff,
     read_kernel_config,
 )
-from argus.errors import NotATrainingProcess, TargetNotFound
+from argus.errors import ArgusError, NotATrainingProcess, TargetNotFound
 
 __all__ = [  # the node checks, re-exported: `argus.doctor` is where callers find them
     "CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "DEGRADED_CONFIG",
@@ -177,7 +177,57 @@ def inspect_process(
         py = _python_frames_check(tgid, proc_root, info)
         if py is not None:
             checks.append(py)
+        checks.append(_gpu_agent_check(tgid, proc_root, info))
     return checks, info
+
+
+GPU_AGENT_REMEDY = ("Start the job with argus's GPU agent: eval \"$(argus gpu-env)\" before the "
+                    "launcher (docs/gpu.md); it loads at CUDA/NCCL init and stays dormant "
+                    "until argus attaches.")
+
+
+def _gpu_agent_check(tgid: int, proc_root: str, info: dict[str, object]) -> Check:
+    """Has this rank argus's GPU agent (device kernel times: the `kernels` channel), as NCCL
+    profiler and/or CUPTI subscriber (its ring header's `loaded`)?"""
+    from argus.collect import gpu_agent  # noqa: PLC0415 - only for processes being inspected
+
+    name = f"gpu agent {tgid}"
+    path = gpu_agent.owned_file(tgid, proc_root)
+    if path is None:
+        info["gpu_agent"] = {"loaded": []}
+        return Check(name, Status.WARN, "no GPU agent in this process: no device kernel "
+                     "times (it was not started with `argus gpu-env`'s variables, or has not "
+                     "initialised CUDA/NCCL yet)", GPU_AGENT_REMEDY)
+    try:
+        with gpu_agent.GpuAgentRing.open(tgid) as ring:
+            loaded, enabled, active = ring.loaded, ring.header("enabled"), ring.active
+            nccl_v = ring.header("nccl_version")
+    except ArgusError as err:
+        info["gpu_agent"] = {"file": str(path), "error": err.message}
+        return Check(name, Status.WARN, f"cannot read its GPU agent: {err.message}", err.remedy)
+    names = gpu_agent.bit_names(loaded)
+    info["gpu_agent"] = {"file": str(path), "loaded": names, "enabled": bool(enabled),
+                         "active": gpu_agent.bit_names(active), "nccl_version": nccl_v}
+    as_ = [f"NCCL profiler plugin (v{nccl_v})"] if loaded & gpu_agent.LOADED_NCCL else []
+    as_ += ["CUPTI subscriber"] if loaded & gpu_agent.LOADED_CUPTI else []
+    state = (f"enabled, active: {', '.join(gpu_agent.bit_names(active)) or 'nothing yet'} "
+             "(an argus session reads it)" if enabled else "dormant")
+    if not as_:
+        return Check(name, Status.WARN, f"GPU agent file {path} present but neither NCCL nor "
+                     "CUPTI has called it yet", "Wait for CUDA/NCCL init; "
+                     "if it never comes, check NCCL_PROFILER_PLUGIN and CUDA_INJECTION64_PATH.")
+    missing = []
+    if not loaded & gpu_agent.LOADED_CUPTI:
+        missing.append("no CUPTI (no compute-kernel or copy times: libcupti.so.12 not found "
+                       "(set ARGUS_GPU_CUPTI), or another CUPTI tool such as Nsight or the "
+                       "PyTorch profiler holds the one subscriber slot)")
+    if not loaded & gpu_agent.LOADED_NCCL:
+        missing.append("no NCCL profiler (no collective kernel times: no communicator yet, "
+                       "NCCL older than 2.26, or NCCL_PROFILER_PLUGIN unset)")
+    text = f"GPU agent loaded as {' and '.join(as_)}, {state}"
+    if missing:
+        return Check(name, Status.WARN, f"{text}; {'; '.join(missing)}", GPU_AGENT_REMEDY)
+    return Check(name, Status.PASS, f"{text}: device kernel times will be recorded")
 
 
 def _python_frames_check(tgid: int, proc_root: str, info: dict[str, object]) -> Check | None:

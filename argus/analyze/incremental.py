@@ -70,6 +70,7 @@ class JobWindow:
     events: pl.DataFrame = field(default_factory=schema.empty_events)
     stacks: pl.DataFrame = field(default_factory=schema.empty_stacks)
     host: pl.DataFrame = field(default_factory=schema.empty_host)
+    kernels: pl.DataFrame = field(default_factory=schema.empty_kernels)  # GPU agent rows
     # the summaries the diagnosis reads: continuous step ids, the last window_s
     steps: pl.DataFrame = field(default_factory=lambda: _empty(STEP_SCHEMA))
     stack_dict: pl.DataFrame = field(default_factory=lambda: _empty(STACK_DICT_SCHEMA))
@@ -86,12 +87,13 @@ class JobWindow:
     seq_shifts: dict[tuple[int, str], int] = field(default_factory=dict)
 
     def add_rows(self, ev: pl.DataFrame, st: pl.DataFrame, hc: pl.DataFrame, now_ns: int,
-                 interval_s: float) -> None:
-        """Append a drain's rows (events, stacks, host context) to the raw rows kept."""
+                 interval_s: float, kn: pl.DataFrame | None = None) -> None:
+        """Append a drain's rows (events, stacks, host context, GPU agent kernels) to the
+        raw rows kept."""
         if self.started_ns is None:
             self.started_ns = now_ns - int(interval_s * 1e9)
-        for name, new in (("events", ev), ("stacks", st), ("host", hc)):
-            if new.height:
+        for name, new in (("events", ev), ("stacks", st), ("host", hc), ("kernels", kn)):
+            if new is not None and new.height:
                 old = getattr(self, name)
                 setattr(self, name, pl.concat([old, new], how="vertical_relaxed")
                         if old.height else new)
@@ -108,6 +110,7 @@ class JobWindow:
             return True
         self.events, self.stacks, self.host = settle_rows(self.events, self.stacks, self.host,
                                                           self.joined_ns)
+        self.kernels = self.kernels.filter(pl.col("ts_ns") >= self.joined_ns)
         self.started_ns = max(self.started_ns or self.joined_ns, self.joined_ns)
         return False
 
@@ -144,6 +147,7 @@ class JobWindow:
         self.events, self.stacks, self.host, cut = cut_rows(
             self.events, self.stacks, self.host, self.steps,
             now_ns - int(window_s * 1e9), mono_to_wall_ns)
+        self.kernels = self.kernels.filter(pl.col("ts_ns") >= cut)  # the events' cut
         self.started_ns = max(self.started_ns or cut, cut)
 
     def summaries(self, manifest: dict[str, Any], build: Build) -> Summaries:

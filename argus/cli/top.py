@@ -8,6 +8,7 @@ Tracer over the given processes) with the incremental analysis the daemon runs
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -127,6 +128,9 @@ class AttachReader:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         opts = trace or TraceOptions()
+        # the live view shows no device times: the jobs' GPU agents stay dormant
+        opts = dataclasses.replace(opts, channels=tuple(c for c in opts.channels
+                                                        if c != "kernels"))
         check_kernel_features()  # errors (no such PID, no permission) raise here, in the caller
         self.tracer = Tracer(opts)
         self.tracer.start(self.tracer.plan(list(pids)))

@@ -22,10 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from argus import resources
 from argus.errors import ArgusError, TargetNotFound
+from argus.recording import schema
 
 SHM_DIR = Path("/dev/shm")
 MAGIC = 0x3155504753524741  # "ARGSGPU1"
@@ -38,6 +40,9 @@ LOADED_NCCL, LOADED_CUPTI = 0x1, 0x2
 ACTIVE_NCCL, ACTIVE_CUPTI = 0x1, 0x2
 
 KINDS = {1: "kernel", 2: "memcpy", 3: "memset", 4: "coll", 5: "p2p"}
+# CUPTI_ActivityMemcpyKind (cupti_activity.h)
+COPY_KINDS = {1: "HtoD", 2: "DtoH", 3: "HtoA", 4: "AtoH", 5: "AtoA", 6: "AtoD", 7: "DtoA",
+              8: "DtoD", 9: "HtoH", 10: "PtoP"}
 OPS = {0: "", 1: "AllReduce", 2: "AllGather", 3: "ReduceScatter", 4: "Broadcast", 5: "Reduce",
        6: "Send", 7: "Recv", 8: "AllToAll"}
 
@@ -48,7 +53,10 @@ HEADER_FIELDS = (
     ("active", "I", 36), ("nccl_version", "I", 40), ("nccl_comms", "I", 44),
     ("head", "Q", 48), ("tail", "Q", 56), ("written", "Q", 64), ("dropped", "Q", 72),
     ("cupti_dropped", "Q", 80), ("enables", "Q", 88), ("created_ns", "Q", 96),
+    ("clock_offset_ns", "q", 104), ("clock_source", "I", 112), ("clock_error_ns", "I", 116),
 )
+# header.clock_source: how clock_offset_ns (CLOCK_MONOTONIC - device time) was measured
+CLOCK_SOURCES = {0: "none", 1: "cupti", 2: "realtime"}
 RECORD_FIELDS = (
     ("seq", "Q", 0), ("kind", "H", 8), ("channel", "H", 10), ("op", "B", 12),
     ("flags", "B", 13), ("device", "H", 14), ("stream", "I", 16), ("correlation", "I", 20),
@@ -59,6 +67,11 @@ RECORD_FIELDS = (
 _HDR = {n: (struct.Struct("<" + f), off) for n, f, off in HEADER_FIELDS}
 _REC = struct.Struct("<" + "".join(f for _, f, _ in RECORD_FIELDS))
 assert _REC.size == REC_BYTES
+# the same record as a numpy dtype: `read_batch` copies whole runs of slots at once
+RECORD_DTYPE = np.dtype({"names": [n for n, _, _ in RECORD_FIELDS],
+                         "formats": ["<" + f.replace("s", "S") if f.endswith("s") else "<" + f
+                                     for _, f, _ in RECORD_FIELDS],
+                         "offsets": [o for _, _, o in RECORD_FIELDS], "itemsize": REC_BYTES})
 
 RECORD_SCHEMA = {
     "tgid": pl.Int32,
@@ -72,7 +85,7 @@ RECORD_SCHEMA = {
     "name": pl.Utf8,             # kernel name (truncated to 31 bytes) or NCCL function
     "comm_hash": pl.UInt64,
     "coll_seq": pl.UInt64,
-    "op": pl.Utf8,               # NCCL function for coll/p2p, else ""
+    "op": pl.Utf8,               # NCCL function (coll/p2p), copy kind (memcpy), else ""
     "bytes": pl.UInt64,
     "channel": pl.UInt16,
     "peer": pl.Int32,
@@ -95,6 +108,30 @@ def _alive(tgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def owned_file(tgid: int, proc_root: str = "/proc") -> Path | None:
+    """The agent file of process `tgid` when that process maps it itself (the same inode in
+    /proc/PID/maps): not a stale file of a dead process that had the same pid. None when
+    there is none (no agent, CUDA/NCCL not initialised yet, or not readable)."""
+    path = shm_path(tgid)
+    try:
+        ino = os.stat(path).st_ino
+        text = Path(proc_root, str(tgid), "maps").read_text()
+    except OSError:
+        return None
+    name = str(path)
+    for line in text.splitlines():
+        if name in line:
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[4].isdigit() and int(fields[4]) == ino:
+                return path
+    return None
+
+
+def bit_names(bits: int) -> list[str]:
+    """LOADED_* / ACTIVE_* bits as names, in order (the two sets share their values)."""
+    return [name for name, bit in (("nccl", LOADED_NCCL), ("cupti", LOADED_CUPTI)) if bits & bit]
 
 
 def agent_files() -> dict[int, Path]:
@@ -138,6 +175,7 @@ class GpuAgentRing:
         self._mm = mm
         self.capacity = self.header("capacity")
         self._mask = self.capacity - 1
+        self._slots: np.ndarray | None = None  # a view of the ring (read_batch)
 
     @classmethod
     def open(cls, tgid: int, timeout: float = 0.0) -> GpuAgentRing:
@@ -241,11 +279,36 @@ class GpuAgentRing:
             self._set("tail", tail)
         return out
 
+    def read_batch(self, limit: int | None = None) -> np.ndarray:
+        """Consume the published records (in ring order), at most `limit` (default: one
+        ring's worth), as one RECORD_DTYPE array: the slots' `seq` words are read first and
+        the run of published ones copied after them (x86 keeps loads in order: a slot whose
+        seq says published holds its record), then released (seq = position + capacity)
+        and `tail` advanced, as `read_raw` does one record at a time."""
+        cap = self.capacity
+        n = cap if limit is None else max(0, min(limit, cap))
+        tail = self.header("tail")
+        if self._slots is None:
+            self._slots = np.frombuffer(self._mm, RECORD_DTYPE, count=cap, offset=HDR_BYTES)
+        slots = self._slots
+        pos = tail + np.arange(n, dtype=np.uint64)
+        idx = (pos & np.uint64(self._mask)).astype(np.intp)
+        seq = slots["seq"][idx]
+        ok = seq == pos + np.uint64(1)
+        got = n if ok.all() else int(np.argmin(ok))
+        if not got:
+            return np.empty(0, RECORD_DTYPE)
+        out = slots[idx[:got]]  # a copy
+        slots["seq"][idx[:got]] = pos[:got] + np.uint64(cap)
+        self._set("tail", tail + got)
+        return out
+
     def read(self, limit: int | None = None) -> pl.DataFrame:
         """Drain the ring into a frame with RECORD_SCHEMA."""
         return records_frame(self.read_raw(limit), self.tgid)
 
     def close(self) -> None:
+        self._slots = None  # the view holds the mapping's buffer
         self._mm.close()
 
     def __enter__(self) -> GpuAgentRing:
@@ -253,6 +316,16 @@ class GpuAgentRing:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _op_name(kind: int, op: int) -> str:
+    """The record's `op` word as text: the NCCL function of a coll/p2p record, CUPTI's copy
+    kind of a memcpy record ("" when unknown), else ""."""
+    if kind in (4, 5):
+        return OPS.get(op, "")
+    if kind == 2:
+        return COPY_KINDS.get(op, "")
+    return ""
 
 
 def records_frame(raw: list[tuple], tgid: int) -> pl.DataFrame:
@@ -272,11 +345,76 @@ def records_frame(raw: list[tuple], tgid: int) -> pl.DataFrame:
         cols["name"].append(name.split(b"\0", 1)[0].decode("utf-8", "replace"))
         cols["comm_hash"].append(comm)
         cols["coll_seq"].append(cseq)
-        cols["op"].append(OPS.get(op, "") if kind in (4, 5) else "")
+        cols["op"].append(_op_name(kind, op))
         cols["bytes"].append(nbytes)
         cols["channel"].append(channel)
         cols["peer"].append(peer)
     return pl.DataFrame(cols, schema=RECORD_SCHEMA)
+
+
+def _texts(codes: np.ndarray, table) -> pl.Series:
+    """Decode a column of repeated values through their distinct values only."""
+    uniq, inv = np.unique(codes, return_inverse=True)
+    return pl.Series([table(u) for u in uniq.tolist()], dtype=pl.Utf8).gather(inv.ravel())
+
+
+def batch_frame(batch: np.ndarray, tgid: int) -> pl.DataFrame:
+    """A `read_batch` array -> a RECORD_SCHEMA frame, column by column (the same values as
+    `records_frame` of the same records, without a Python step per record)."""
+    kind, op = batch["kind"].astype(np.int64), batch["op"].astype(np.int64)
+    t0 = batch["ts_start_ns"]
+    t1 = batch["ts_end_ns"]
+    cols = {
+        "tgid": pl.Series(np.full(len(batch), tgid, np.int32)),
+        "kind": _texts(kind, lambda k: KINDS.get(k, str(k))),
+        "ts_start_ns": pl.Series(t0), "ts_end_ns": pl.Series(t1),
+        "dur_ns": pl.Series(t1.astype(np.int64) - t0.astype(np.int64)),
+        "stream": pl.Series(batch["stream"]), "correlation": pl.Series(batch["correlation"]),
+        "device": pl.Series(batch["device"]),
+        "name": _texts(batch["name"], lambda b: b.split(b"\0", 1)[0].decode("utf-8", "replace")),
+        "comm_hash": pl.Series(batch["comm_hash"]), "coll_seq": pl.Series(batch["coll_seq"]),
+        "op": _texts(kind * 256 + op, lambda c: _op_name(c >> 8, c & 0xFF)),
+        "bytes": pl.Series(batch["bytes"]), "channel": pl.Series(batch["channel"]),
+        "peer": pl.Series(batch["peer"]),
+    }
+    return pl.DataFrame(cols).cast(RECORD_SCHEMA)  # type: ignore[arg-type]
+
+
+def kernel_rows(frame: pl.DataFrame, rank: int | None, offset_ns: int = 0) -> pl.DataFrame:
+    """RECORD_SCHEMA rows of one process -> KERNELS_SCHEMA rows (argus.recording.schema):
+    times moved to the node's CLOCK_MONOTONIC by `offset_ns` (the ring header's
+    clock_offset_ns: CLOCK_MONOTONIC - device time), `rank` filled; per kind only the
+    columns that mean something there (NCCL columns on coll/p2p, CUPTI's stream and
+    correlation on kernel/memcpy/memset, bytes but on kernels, peer on p2p), the rest null.
+    `name`: the kernel's name, the NCCL function of coll/p2p, "memcpy[ <copy kind>]", or
+    "memset"."""
+    if not frame.height:
+        return schema.empty_kernels()
+    kind = pl.col("kind").cast(pl.Utf8)
+    nccl = kind.is_in(["coll", "p2p"])
+    memcpy_name = pl.when(pl.col("op") != "").then(pl.lit("memcpy ") + pl.col("op")) \
+        .otherwise(pl.lit("memcpy"))
+    out = frame.select(
+        ts_ns=pl.col("ts_start_ns").cast(pl.Int64) + offset_ns,
+        dur_ns=pl.col("dur_ns").cast(pl.Int64),
+        tgid=pl.col("tgid").cast(pl.Int32),
+        rank=pl.lit(rank, dtype=pl.Int32),
+        kind=kind,
+        name=pl.when(nccl).then(pl.when(pl.col("op") != "").then(pl.col("op"))
+                                .otherwise(pl.col("name")))
+        .when(kind == "memcpy").then(memcpy_name)
+        .when(kind == "memset").then(pl.lit("memset"))
+        .otherwise(pl.col("name")),
+        device=pl.col("device").cast(pl.Int32),
+        stream=pl.when(nccl).then(None).otherwise(pl.col("stream")).cast(pl.Int64),
+        correlation=pl.when(nccl).then(None).otherwise(pl.col("correlation")).cast(pl.Int64),
+        comm_hash=pl.when(nccl).then(pl.col("comm_hash")).cast(pl.UInt64),
+        coll_seq=pl.when(nccl).then(pl.col("coll_seq")).cast(pl.Int64),
+        channel=pl.when(nccl).then(pl.col("channel")).cast(pl.Int32),
+        bytes=pl.when(kind == "kernel").then(None).otherwise(pl.col("bytes")).cast(pl.Int64),
+        peer=pl.when(kind == "p2p").then(pl.col("peer")).cast(pl.Int32),
+    )
+    return out.select([pl.col(c).cast(t) for c, t in schema.KERNELS_SCHEMA.items()])
 
 
 def _futex_wake(mm: mmap.mmap, offset: int) -> None:
@@ -324,7 +462,8 @@ def gpu_env(build_dir: str | os.PathLike | None = None) -> dict[str, str]:
 
 
 __all__ = [
-    "ACTIVE_CUPTI", "ACTIVE_NCCL", "Drops", "GpuAgentRing", "HEADER_FIELDS", "LOADED_CUPTI",
-    "LOADED_NCCL", "RECORD_FIELDS", "RECORD_SCHEMA", "agent_files", "agent_library", "gpu_env",
-    "records_frame", "remove_stale", "shm_path",
+    "ACTIVE_CUPTI", "ACTIVE_NCCL", "CLOCK_SOURCES", "Drops", "GpuAgentRing", "HEADER_FIELDS",
+    "LOADED_CUPTI", "LOADED_NCCL", "RECORD_DTYPE", "RECORD_FIELDS", "RECORD_SCHEMA",
+    "agent_files", "agent_library", "batch_frame", "bit_names", "gpu_env", "kernel_rows",
+    "owned_file", "records_frame", "remove_stale", "shm_path",
 ]

@@ -191,7 +191,7 @@ def run_session(
         manifest, events, stacks = tracer.finish(stop["reason"], close=False)
         gpu_frame = gpu.conclude(manifest)  # None: no gpu.parquet, the manifest says why
         host_frame = tracer.host_frame() if tracer.host_context.on else None
-        parts.write(manifest, events, stacks, host=host_frame)
+        parts.write(manifest, events, stacks, host=host_frame, kernels=tracer.kernels.take())
         merged = merge_parts(parts.parts, manifest)
         py_frame = _hang_pystacks(merged.manifest, merged.events, pystacks_after_s)
         recording = parts.finish(merged.manifest, pystacks=py_frame, gpu=gpu_frame,
@@ -200,6 +200,7 @@ def run_session(
         return SessionResult(recording.path, recording.manifest, recording)
     finally:
         gpu.stop()
+        tracer.kernels.close()  # every way out leaves the GPU agents dormant (idempotent)
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
         if tracer.session is not None:
@@ -218,10 +219,10 @@ def _no_rank_note(tgids: list[int], waited_s: float) -> str:
 
 def _write_part(tracer: Tracer, parts: PartWriter, gpu: GpuChannel) -> None:
     """What was traced since the last part -> OUTPUT/parts/ (rows that became final, plus
-    the calls in flight now, and the NVML samples since the last part)."""
+    the calls in flight now, the NVML samples and GPU agent records since the last part)."""
     events, inflight, stacks, host = tracer.drain()
     if inflight.height:
         events = pl.concat([events, inflight], how="vertical_relaxed")
     manifest = tracer.manifest("recording", time.monotonic_ns(), events, stacks)
     parts.write(manifest, events, stacks, host=host if tracer.host_context.on else None,
-                gpu=gpu.part(manifest["ranks"]))
+                gpu=gpu.part(manifest["ranks"]), kernels=tracer.kernels.take())

@@ -5,7 +5,7 @@
     recording = tracer.finish(end_reason)     # manifest dict, events frame, stacks frame
 
 `Tracer` keeps the session loop only (plan, start, poll, drain, finish) and composes the
-rest: the channels (argus.collect.channels: proc, calls, cpu, host; each its BPF files,
+rest: the channels (argus.collect.channels: proc, calls, cpu, host, kernels; each its BPF files,
 attach, drain and manifest part), the targets and their rules (argus.collect.targets), the
 shared uprobes (argus.collect.uprobes), symbolisation (argus.collect.symbolize) and the
 pre-flight checks (argus.collect.features, the same as `argus doctor`).
@@ -35,12 +35,13 @@ from argus import __version__, resources
 from argus.collect import abi, c10d, features, identity, procfs, targets
 from argus.collect.bcc_adapter import BpfSession
 from argus.collect.channels import (
-    BPF_CHANNELS,
     SWITCHES,
+    TRACER_CHANNELS,
     CallsChannel,
     Channel,
     CpuChannel,
     HostChannel,
+    KernelsChannel,
     ProcChannel,
     check_switches,
 )
@@ -58,13 +59,13 @@ MAPS_BACKSTOP_S = 10.0  # maps re-read even when the executable mappings' size d
 # The manifest's keys in the order they are written (the channels' parts among them).
 MANIFEST_KEYS = ("format", "argus_version", "host", "kernel", "clock", "started_ns",
                  "traced_ns", "ended_ns", "duration_s", "end_reason", "sample_hz", "channels",
-                 "host_context", "ranks", "launchers", "probes", "drops", "python_stacks",
-                 "call_counts", "counts")
+                 "host_context", "kernels", "ranks", "launchers", "probes", "drops",
+                 "python_stacks", "call_counts", "counts")
 
 
 @dataclass
 class TraceOptions:
-    # the switches of argus.collect.channels.SWITCHES: cuda, nccl, torch, cpu, host
+    # the switches of argus.collect.channels.SWITCHES: cuda, nccl, torch, cpu, host, kernels
     channels: tuple[str, ...] = field(default_factory=lambda: tuple(SWITCHES))
     sample_hz: int = 49
     stack_interval_s: float = 1.0
@@ -89,10 +90,12 @@ class Tracer:
         self.calls = CallsChannel(self)
         self.cpu = CpuChannel(self)
         self.host_context = HostChannel(self)
+        self.kernels = KernelsChannel(self)
         self.channels: dict[str, Channel] = {self.proc.name: self.proc, self.calls.name: self.calls,
                                              self.cpu.name: self.cpu,
-                                             self.host_context.name: self.host_context}
-        assert tuple(self.channels) == tuple(c.name for c in BPF_CHANNELS)
+                                             self.host_context.name: self.host_context,
+                                             self.kernels.name: self.kernels}
+        assert tuple(self.channels) == tuple(c.name for c in TRACER_CHANNELS)
         self.active = [ch for ch in self.channels.values() if ch.on]
         self.ctx = DecodeContext(self.calls.probe_refs, kernel_name=self.symbolizer.kernel_name)
         self.ctx.on_comm_init = self._on_comm_init

@@ -26,6 +26,11 @@ with the last state):
 - NVML (when `TraceOptions.gpu_interval_s` is set and a library answers): one
   `GpuSampler` thread for the node; every interval its new samples are joined to the ranks
   of each job (`nvml.assign_ranks`) and kept with the job's summaries (gpu_throttle).
+- GPU agent (channel `kernels`, jobs started with `argus gpu-env`): the Tracer enables each
+  rank's agent and drains it; every interval its rows join the job's raw rows
+  (`JobWindow.kernels`, cut with the events) and the Recording each build reads, so what
+  the summaries make of device times reaches the segments (no raw kernels.parquet there:
+  segments keep summaries only). The agents go dormant again at the tracer's finish.
 A failure while handling one job (or one target) is logged and never stops the daemon.
 """
 
@@ -245,6 +250,7 @@ class Daemon:
             self._error(f"drain failed: {e}")
             return
         gpu_rows = self.gpu.take() if self.gpu is not None else []
+        kernels = tr.kernels.take()  # GPU agent rows (None: no agent or --no-kernels)
         now_ns = time.monotonic_ns()
         now = time.monotonic()
         views = []
@@ -254,7 +260,8 @@ class Daemon:
                 sel = pl.col("tgid").is_in(tg)
                 ev = events.filter(sel)
                 job.win.add_rows(ev, stacks.filter(sel), host.filter(sel), now_ns,
-                                 self.config.interval_s)
+                                 self.config.interval_s,
+                                 kernels.filter(sel) if kernels is not None else None)
                 alive = [t for t in tg if t in tr.targets_view and not tr.targets_view[t].exited]
                 if not alive and job.ended_mono is None:
                     job.ended_mono = now
@@ -332,10 +339,14 @@ class Daemon:
                    if self.gpu.available else
                    {"available": False,
                     "reason": self.gpu.reason or "NVML not opened yet"})
-        return window_manifest(job.key, self.host, ranks, start_ns, end_ns, tr.mono_to_wall_ns,
-                               {c: c in tr.opts.channels for c in SWITCHES},
-                               tr.opts.sample_hz, gpu, self.run_id,
-                               os.uname().release)
+        m = window_manifest(job.key, self.host, ranks, start_ns, end_ns, tr.mono_to_wall_ns,
+                            {c: c in tr.opts.channels for c in SWITCHES},
+                            tr.opts.sample_hz, gpu, self.run_id,
+                            os.uname().release)
+        kn = tr.kernels.manifest()["kernels"]  # this job's ranks' GPU agents
+        m["kernels"] = dict(kn, agents={t: a for t, a in kn["agents"].items()
+                                        if int(t) in job.tgids})
+        return m
 
     def _analyse(self, job: _Job, inflight: pl.DataFrame, gpu_new: pl.DataFrame,
                  now_ns: int) -> dict[str, Any]:
@@ -347,7 +358,7 @@ class Daemon:
             ev = pl.concat([ev, inflight], how="vertical_relaxed")
         manifest = self._manifest(job, win.started_ns or now_ns, now_ns)
         rec = Recording(manifest=manifest, events=ev.sort("ts_ns"), stacks=win.stacks,
-                        host_ctx=win.host)
+                        host_ctx=win.host, kernels=win.kernels)
         final = all(t not in tr.targets_view or tr.targets_view[t].exited for t in job.tgids)
         build = win.update(rec, gpu_new, now_ns, self.config.window_s, final)
         self._write_segment(job, build.new, build.summ, gpu_new, manifest)

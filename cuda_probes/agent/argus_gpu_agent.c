@@ -166,6 +166,7 @@ static struct {
     cuptiActivityGetNextRecord_fn next;
     cuptiActivityFlushAll_fn flush;
     cuptiActivityGetNumDroppedRecords_fn dropped;
+    cuptiGetTimestamp_fn timestamp; /* optional: the clock offset (measure_clock) */
     int outstanding;
 } C;
 
@@ -507,10 +508,53 @@ EXPORT ncclProfiler_v4_t ncclProfiler_v4 = { "argus", init_v4, start_v4, stop_ev
                                              record_state, finalize };
 
 /* ------------------------------------------------------------------ switching */
+static uint64_t realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* g_lock held. CLOCK_MONOTONIC - device time, from the tightest of 7 brackets
+ * mono, device, mono: CUPTI's timestamp (the timebase of its activity records, and taken to
+ * be NCCL's GPU timer's too), else CLOCK_REALTIME (NCCL alone: its GPU global timer taken to
+ * run on the host's wall clock). Stored before `active` is acknowledged. */
+static void measure_clock_locked(void)
+{
+    int cupti = C.ok && C.timestamp;
+    uint64_t best = UINT64_MAX;
+    int64_t off = 0;
+    for (int i = 0; i < 7; i++) {
+        uint64_t d = 0;
+        uint64_t t0 = mono_ns();
+        if (cupti) {
+            if (C.timestamp(&d) != CUPTI_SUCCESS) {
+                cupti = 0;
+                i = -1;
+                best = UINT64_MAX;
+                continue;
+            }
+        } else {
+            d = realtime_ns();
+        }
+        uint64_t t1 = mono_ns();
+        if (t1 - t0 < best) {
+            best = t1 - t0;
+            off = (int64_t)(t0 + (t1 - t0) / 2 - d);
+        }
+    }
+    H->clock_offset_ns = off;
+    H->clock_error_ns = (uint32_t)(best / 2 > UINT32_MAX ? UINT32_MAX : best / 2);
+    __atomic_store_n(&H->clock_source, cupti ? ARGUS_GPU_CLOCK_CUPTI : ARGUS_GPU_CLOCK_REALTIME,
+                     __ATOMIC_RELEASE);
+}
+
 static void apply(int en)
 {
     pthread_mutex_lock(&g_lock);
     uint32_t active = 0;
+    if (en) /* before any record of this enable is made */
+        measure_clock_locked();
     for (struct ctx *c = g_ctxs; c; c = c->next)
         __atomic_store_n(c->mask, en ? NCCL_MASK : 0, __ATOMIC_RELAXED);
     if (en && g_ctxs)
@@ -541,8 +585,10 @@ static void *watcher(void *arg)
             /* a context created since (e.g. a new communicator) is already set by ctx_new;
              * refresh the acknowledgement in case CUPTI came later */
             pthread_mutex_lock(&g_lock);
-            if (C.ok && !C.on)
+            if (C.ok && !C.on) {
                 cupti_switch_locked(1);
+                measure_clock_locked(); /* CUPTI came after the enable: its timebase now */
+            }
             uint32_t active = (g_ctxs ? ARGUS_GPU_ACTIVE_NCCL : 0) |
                               (C.on ? ARGUS_GPU_ACTIVE_CUPTI : 0);
             __atomic_store_n(&H->active, active, __ATOMIC_RELEASE);
@@ -611,6 +657,7 @@ EXPORT int InitializeInjection(void)
     C.flush = (cuptiActivityFlushAll_fn)dlsym(lib, "cuptiActivityFlushAll");
     C.dropped = (cuptiActivityGetNumDroppedRecords_fn)dlsym(lib,
                                                            "cuptiActivityGetNumDroppedRecords");
+    C.timestamp = (cuptiGetTimestamp_fn)dlsym(lib, "cuptiGetTimestamp");
     if (!reg || !C.enable || !C.disable || !C.next || !C.flush)
         return 1;
     if (reg(CUPTIAPI_request, CUPTIAPI_complete) != CUPTI_SUCCESS)

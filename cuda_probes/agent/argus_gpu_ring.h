@@ -19,7 +19,9 @@
  *    `tail`. A producer that finds the ring full drops the record and counts it in
  *    `dropped` (never blocks, never allocates).
  *  - Times are device nanoseconds as the source reports them (CUPTI start/end, NCCL
- *    KernelCh pTimer = GPU globaltimer); in the simulator both are CLOCK_MONOTONIC ns.
+ *    KernelCh pTimer = GPU globaltimer); in the simulator both are CLOCK_MONOTONIC ns. At
+ *    each enable the agent measures clock_offset_ns (CLOCK_MONOTONIC - device time): a
+ *    reader adds it to every record's times to put them on the node's monotonic clock.
  */
 #ifndef ARGUS_GPU_RING_H
 #define ARGUS_GPU_RING_H
@@ -39,6 +41,12 @@
 /* header.active: what the agent has switched on (0 while dormant) */
 #define ARGUS_GPU_ACTIVE_NCCL 0x1u    /* the plugin's event mask is non-zero */
 #define ARGUS_GPU_ACTIVE_CUPTI 0x2u   /* the CUPTI activity kinds are enabled */
+
+/* header.clock_source: what clock_offset_ns relates CLOCK_MONOTONIC to (stored before
+ * `active` is acknowledged, so a reader that saw `active` reads the offset of this enable) */
+#define ARGUS_GPU_CLOCK_NONE 0u      /* not measured (dormant so far): device = CLOCK_MONOTONIC */
+#define ARGUS_GPU_CLOCK_CUPTI 1u     /* cuptiGetTimestamp, bracketed by two clock_gettime */
+#define ARGUS_GPU_CLOCK_REALTIME 2u  /* no CUPTI: the NCCL GPU timer taken as CLOCK_REALTIME */
 
 /* record.kind */
 enum {
@@ -75,7 +83,10 @@ struct argus_gpu_hdr {
     uint64_t cupti_dropped;   /* records CUPTI itself dropped (no buffer) */
     uint64_t enables;         /* times the agent switched on */
     uint64_t created_ns;      /* CLOCK_MONOTONIC at creation */
-    uint8_t reserved[ARGUS_GPU_HDR_BYTES - 104];
+    int64_t clock_offset_ns;  /* CLOCK_MONOTONIC - device timestamp, measured at enable */
+    uint32_t clock_source;    /* ARGUS_GPU_CLOCK_*: how clock_offset_ns was measured */
+    uint32_t clock_error_ns;  /* half the window of the best measurement */
+    uint8_t reserved[ARGUS_GPU_HDR_BYTES - 120];
 };
 
 struct argus_gpu_rec {

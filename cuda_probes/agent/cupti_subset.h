@@ -123,6 +123,7 @@ typedef CUptiResult (*cuptiActivityDisable_fn)(CUpti_ActivityKind kind);
 typedef CUptiResult (*cuptiActivityGetNextRecord_fn)(uint8_t *buffer, size_t validBufferSizeBytes,
                                                     CUpti_Activity **record);
 typedef CUptiResult (*cuptiActivityFlushAll_fn)(uint32_t flag);
+typedef CUptiResult (*cuptiGetTimestamp_fn)(uint64_t *timestamp);
 typedef CUptiResult (*cuptiActivityGetNumDroppedRecords_fn)(CUpti_Context context,
                                                            uint32_t streamId, size_t *dropped);
 

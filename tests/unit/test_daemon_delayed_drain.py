@@ -82,6 +82,8 @@ def _fake_tracer(rec: Recording):
         targets_view=targets, cuda_device=lambda _t: None, probes_of=lambda _t: 7,
         mono_to_wall_ns=m["clock"]["mono_to_wall_ns"],
         opts=SimpleNamespace(sample_hz=49, channels=("cuda", "nccl", "torch", "cpu", "host")),
+        kernels=SimpleNamespace(take=lambda: None,
+                                manifest=lambda: {"kernels": {"enabled": False, "agents": {}}}),
     )
 
 

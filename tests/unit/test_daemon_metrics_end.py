@@ -75,7 +75,8 @@ def _tracer(targets: dict):
     return SimpleNamespace(
         targets_view=targets, uprobe_count=0, mono_to_wall_ns=0, forget_exited=lambda: [],
         drops=lambda: {}, drain=lambda: (schema.empty_events(), schema.empty_events(),
-                                         schema.empty_stacks(), schema.empty_host()))
+                                         schema.empty_stacks(), schema.empty_host()),
+        kernels=SimpleNamespace(take=lambda: None))
 
 
 def test_the_interval_that_sees_a_job_end_drops_its_series_and_keeps_its_view(tmp_path):

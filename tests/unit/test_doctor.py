@@ -264,7 +264,10 @@ def test_process_rank_pass(tmp_path: Path) -> None:
     _rank(tmp_path, 100, 1)
     checks, info = doctor.inspect_process(100, str(tmp_path), euid=0)
     by = _by_name(checks)
-    assert [c.status for c in checks] == [Status.PASS] * 3
+    # no GPU agent file mapped by this process: a WARN naming `argus gpu-env`
+    assert [c.status for c in checks] == [Status.PASS] * 3 + [Status.WARN]
+    assert by["gpu agent 100"].detail.startswith("no GPU agent in this process")
+    assert "argus gpu-env" in by["gpu agent 100"].remedy and info["gpu_agent"] == {"loaded": []}
     assert (
         "libcudart 12.4.127 (/usr/local/cuda/lib64/libcudart.so.12.4.127)"
         in by["libraries 100"].detail
@@ -361,7 +364,7 @@ def test_run_doctor_all_pass_then_exit_codes(tmp_path: Path) -> None:
     names = [c.name for c in report.checks]
     assert names == [
         "privileges", "kernel config", "tracefs", "perf_event_paranoid", "bcc",
-        "process 100", "libraries 100", "rank 100", "nvml",
+        "process 100", "libraries 100", "rank 100", "gpu agent 100", "nvml",
     ]
     assert [c.status for c in report.checks].count(Status.FAIL) == 0
     assert report.ok and doctor.exit_code(report.checks) == 0

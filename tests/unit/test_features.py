@@ -58,12 +58,14 @@ def test_tracepoint_fields_read_the_format_file(tmp_path):
 
 
 def test_switches_derive_from_the_registry():
-    assert [c.name for c in REGISTRY] == ["proc", "calls", "cpu", "host", "gpu"]
-    assert tuple(SWITCHES) == ("cuda", "nccl", "torch", "cpu", "host")
+    assert [c.name for c in REGISTRY] == ["proc", "calls", "cpu", "host", "kernels", "gpu"]
+    assert tuple(SWITCHES) == ("cuda", "nccl", "torch", "cpu", "host", "kernels")
     assert TraceOptions().channels == tuple(SWITCHES)
-    assert CONTEXT_ONLY == {"host"}
+    assert CONTEXT_ONLY == {"host", "kernels"}
     with pytest.raises(UsageError, match="nothing to trace"):
         check_switches(("host",))
+    with pytest.raises(UsageError, match="nothing to trace"):
+        check_switches(("host", "kernels"))
     with pytest.raises(UsageError, match="unknown channel"):
         Tracer(TraceOptions(channels=("cuda", "gpus")))
 

@@ -9,6 +9,7 @@ switches `TraceOptions.channels` takes, the `argus attach --no-NAME` flags, the 
     calls    calls.bpf.c        cuda nccl torch   channels/calls.py (specs: cuda_probes/*.toml)
     cpu      cpu_stacks.bpf.c   cpu               channels/cpu.py
     host     host.bpf.c         host              channels/host.py
+    kernels  (GPU agent ring)   kernels           channels/kernels.py
     gpu      (NVML, no BPF)     --no-gpu          channels/gpu.py
 
 bpf/argus.bpf.c (the maps every family shares) is always compiled first.
@@ -21,13 +22,16 @@ from argus.collect.channels.calls import CallsChannel
 from argus.collect.channels.cpu import CpuChannel
 from argus.collect.channels.gpu import GpuChannel
 from argus.collect.channels.host import HostChannel
+from argus.collect.channels.kernels import KernelsChannel
 from argus.collect.channels.proc import ProcChannel
 from argus.errors import UsageError
 
 REGISTRY: tuple[type[Channel], ...] = (ProcChannel, CallsChannel, CpuChannel, HostChannel,
-                                       GpuChannel)
-# The channels with a BPF side: the Tracer composes these (gpu runs beside it).
+                                       KernelsChannel, GpuChannel)
+# The channels with a BPF side.
 BPF_CHANNELS: tuple[type[Channel], ...] = tuple(c for c in REGISTRY if c.sources)
+# The channels the Tracer composes (gpu runs beside it: its own sampler thread).
+TRACER_CHANNELS: tuple[type[Channel], ...] = tuple(c for c in REGISTRY if c.in_tracer)
 # Every name TraceOptions.channels takes (and `argus attach --no-NAME`), in order, with
 # the flag's help; the default is all of them.
 SWITCHES: dict[str, str] = {s: h for c in REGISTRY for s, h in c.switches.items()}
@@ -47,5 +51,6 @@ def check_switches(channels: tuple[str, ...], need_primary: bool = True) -> None
         raise UsageError("every channel is switched off: nothing to trace.")
 
 
-__all__ = ["BPF_CHANNELS", "CONTEXT_ONLY", "REGISTRY", "SWITCHES", "CallsChannel", "Channel",
-           "CpuChannel", "GpuChannel", "HostChannel", "ProcChannel", "check_switches"]
+__all__ = ["BPF_CHANNELS", "CONTEXT_ONLY", "REGISTRY", "SWITCHES", "TRACER_CHANNELS",
+           "CallsChannel", "Channel", "CpuChannel", "GpuChannel", "HostChannel",
+           "KernelsChannel", "ProcChannel", "check_switches"]

@@ -1,7 +1,7 @@
 """The one protocol every channel implements (see channels/__init__.py for the registry).
 
 A channel is one kind of thing argus collects (calls, CPU stacks, host context, process
-lifecycle, GPU counters). It says which switches turn it on (the names of
+lifecycle, device kernel times, GPU counters). It says which switches turn it on (the names of
 `TraceOptions.channels` and of the `--no-NAME` flags), which BPF files and -D flags it adds
 to the node's one program set, and what it does at each step of the session loop that
 `Tracer` runs: attach (the program set is loaded), start (the targets are watched), poll
@@ -33,6 +33,8 @@ class Channel:
     sources: ClassVar[tuple[str, ...]] = ()
     # its rows name user addresses: the symbol tables are built while the programs compile
     symbolizes: ClassVar[bool] = False
+    # composed by the Tracer (its hooks run in the session loop); False: runs beside it
+    in_tracer: ClassVar[bool] = True
 
     def __init__(self, tracer: Tracer):
         self.tracer = tracer

@@ -19,6 +19,7 @@ OFF_REASON = "switched off (--no-gpu)"
 
 class GpuChannel(Channel):
     name = "gpu"
+    in_tracer = False  # a sampler thread beside the Tracer (session.py, the daemon)
 
     def __init__(self, tracer):
         super().__init__(tracer)
