@@ -235,6 +235,14 @@ def build_summaries(recordings: Sequence[Recording],
         if drop_by_step is not None:
             per = per.join(drop_by_step, on=["rank", "step"], how="left")
 
+    # GPU kernel families (device time, argus.analyze.kernels): exact sums, durations as peaks
+    fam = run.kernel_families
+    if fam.height:
+        fam = fam.with_columns(pl.Series("dur", _peaks_col(fam, "durs", True),
+                                         dtype=STEP_SCHEMA["wait_dur"]))
+        per = per.join(fam.group_by(["rank", "step"]).agg(
+            pl.struct("cls", "family", "n", "ns", "dur").alias("kernels")),
+            on=["rank", "step"], how="full", coalesce=True)
     out = metrics.join(per, on=["rank", "step"], how="left")
     # back to unaligned host wall time (diagnosis aligns again, as for raw recordings)
     neg = {h: -o for h, o in offsets.items()}

@@ -25,7 +25,7 @@ from typing import Any
 
 import polars as pl
 
-from argus.analyze import hang, host_context, pipeline
+from argus.analyze import hang, host_context, kernels, pipeline
 from argus.analyze.align import estimate_offsets
 from argus.analyze.matching import align_seq, collectives, with_lateness
 from argus.analyze.steps import (
@@ -48,7 +48,7 @@ from argus.recording.summaries import STEP_SCHEMA, Summaries
 
 STEP_TIME_COLS = ["start_ns", "end_ns", "first_coll_ns", "last_coll_ns"]  # shifted per host
 METRIC_COLS = ("compute_wait_ns", "sync_wait_ns", "coll_wait_ns", "p2p_wait_ns", "lateness_ns",
-               "host_gap_ns")
+               "host_gap_ns", *kernels.KERNEL_METRICS)
 BLOCKED_COLS = ("ts_ns", "tid", "thread", "blocked_ns", "functions", "modules")  # a tail's
 # hang_context "blocked" rows: a rank's latest off-CPU stacks
 
@@ -77,6 +77,8 @@ class Evidence:
     hangs: Callable[[float, float | None], list[dict[str, Any]]]
     cpu_stacks: Callable[[list[dict[str, Any]]], pl.DataFrame]
     extra: dict[str, Any] = field(default_factory=dict)  # top-level keys (e.g. "source")
+    # per (rank, step, kernel family) device time (kernels.FAMILY_SCHEMA); empty: no agent
+    kernel_families: pl.DataFrame = field(default_factory=kernels.empty_families)
 
 
 # ----------------------------------------------------------------------------- the opening
@@ -92,7 +94,8 @@ class AlignedRun:
     steps: pl.DataFrame  # detection.steps, shifted
     alignment: dict[str, Any]  # align.estimate_offsets
     stacks: pl.DataFrame  # timeline.build_stacks
-    metrics: pl.DataFrame  # steps.step_metrics
+    metrics: pl.DataFrame  # steps.step_metrics + kernels.KERNEL_METRICS
+    kernel_families: pl.DataFrame = field(default_factory=kernels.empty_families)
 
     @property
     def offsets(self) -> dict[str, int]:
@@ -141,9 +144,11 @@ def align_recordings(recordings: Sequence[Recording],
         steps = shift_hosts(steps, offsets, STEP_TIME_COLS)
     coll = with_lateness(coll)
     stacks = build_stacks(recordings, offsets)
-    metrics = step_metrics(tl, coll, steps)
+    km, families = kernels.step_kernels(kernels.device_records(recordings, offsets), steps)
+    metrics = kernels.with_kernel_metrics(step_metrics(tl, coll, steps), km)
     return AlignedRun(timeline=tl, collectives=coll, detection=det, steps=steps,
-                      alignment=alignment, stacks=stacks, metrics=metrics)
+                      alignment=alignment, stacks=stacks, metrics=metrics,
+                      kernel_families=families)
 
 
 # ----------------------------------------------------------------------------- recordings
@@ -207,6 +212,7 @@ def from_recordings(recordings: Sequence[Recording]) -> Evidence:
         hangs=hangs,
         cpu_stacks=lambda _windows: stacks.filter(
             pl.col("state").is_null() | (pl.col("state") != "off_cpu")),
+        kernel_families=run.kernel_families,
     )
 
 
@@ -388,6 +394,10 @@ def from_summaries(
                       events=schema.empty_events(), stacks=schema.empty_stacks(), path=s.path,
                       gpu=s.gpu) for s in summs]
     det = (summs[0].meta if summs else {}).get("steps") or {}
+    fam = steps.select("rank", "step", "kernels").explode("kernels").drop_nulls("kernels")
+    fam = (fam.unnest("kernels").with_columns(pl.lit(None, pl.List(pl.Int64)).alias("durs"))
+           .select([pl.col(c).cast(t) for c, t in kernels.FAMILY_SCHEMA.items()])
+           if fam.height else kernels.empty_families())
     tails = [s.tail.select("rank", "tgid", "host") for s in summs if s.tail.height]
     seen = pl.concat(tails + [steps.select("rank", "tgid", "host")], how="vertical_relaxed")
     return Evidence(
@@ -406,4 +416,5 @@ def from_summaries(
         hangs=hangs,
         cpu_stacks=cpu_stacks,
         extra={"source": "summaries"},
+        kernel_families=fam,
     )

@@ -26,6 +26,7 @@ import polars as pl
 
 from argus import resources
 from argus.errors import ArgusError, TargetNotFound
+from argus.recording import schema
 
 SHM_DIR = Path("/dev/shm")
 MAGIC = 0x3155504753524741  # "ARGSGPU1"
@@ -279,6 +280,38 @@ def records_frame(raw: list[tuple], tgid: int) -> pl.DataFrame:
     return pl.DataFrame(cols, schema=RECORD_SCHEMA)
 
 
+def kernel_rows(frame: pl.DataFrame, rank: int | None, offset_ns: int = 0) -> pl.DataFrame:
+    """A RECORD_SCHEMA frame of one process (`GpuAgentRing.read`) -> kernels.parquet rows
+    (`schema.KERNELS_SCHEMA`): device times plus `offset_ns` (the device clock -> node
+    CLOCK_MONOTONIC; 0 where they are one clock, as in the simulator), `rank` on every row.
+    A coll/p2p row (an NCCL kernel-channel record) is named by its NCCL function and keeps
+    comm_hash, coll_seq and channel, no stream or correlation; kernel/memcpy/memset rows keep
+    stream and correlation, no NCCL fields; `bytes` for all but kernels, `peer` for p2p."""
+    if frame.height == 0:
+        return pl.DataFrame(schema=schema.KERNELS_SCHEMA)
+    kind = pl.col("kind").cast(pl.Utf8)
+    nccl = kind.is_in(["coll", "p2p"])
+    out = frame.select(
+        (pl.col("ts_start_ns").cast(pl.Int64) + offset_ns).alias("ts_ns"),
+        (pl.col("ts_end_ns").cast(pl.Int64) - pl.col("ts_start_ns").cast(pl.Int64))
+        .alias("dur_ns"),
+        pl.col("tgid").cast(pl.Int32),
+        pl.lit(rank, pl.Int32).alias("rank"),
+        kind.alias("kind"),
+        pl.when(nccl).then(pl.col("op")).otherwise(pl.col("name")).alias("name"),
+        pl.col("device").cast(pl.Int32),
+        pl.when(nccl).then(None).otherwise(pl.col("stream").cast(pl.Int64)).alias("stream"),
+        pl.when(nccl).then(None).otherwise(pl.col("correlation").cast(pl.Int64))
+        .alias("correlation"),
+        pl.when(nccl).then(pl.col("comm_hash")).alias("comm_hash"),
+        pl.when(nccl).then(pl.col("coll_seq").cast(pl.Int64)).alias("coll_seq"),
+        pl.when(nccl).then(pl.col("channel").cast(pl.Int32)).alias("channel"),
+        pl.when(kind != "kernel").then(pl.col("bytes").cast(pl.Int64)).alias("bytes"),
+        pl.when(kind == "p2p").then(pl.col("peer")).alias("peer"),
+    )
+    return out.select([pl.col(c).cast(t) for c, t in schema.KERNELS_SCHEMA.items()])
+
+
 def _futex_wake(mm: mmap.mmap, offset: int) -> None:
     """Wake the agent's watcher sleeping on the word at `offset` (best effort: it also
     re-reads the word every 100 ms)."""
@@ -326,5 +359,5 @@ def gpu_env(build_dir: str | os.PathLike | None = None) -> dict[str, str]:
 __all__ = [
     "ACTIVE_CUPTI", "ACTIVE_NCCL", "Drops", "GpuAgentRing", "HEADER_FIELDS", "LOADED_CUPTI",
     "LOADED_NCCL", "RECORD_FIELDS", "RECORD_SCHEMA", "agent_files", "agent_library", "gpu_env",
-    "records_frame", "remove_stale", "shm_path",
+    "kernel_rows", "records_frame", "remove_stale", "shm_path",
 ]

@@ -81,6 +81,11 @@ STEP_SCHEMA: dict[str, pl.DataType] = {
     "p2p_wait_ns": pl.Int64,  # null in summaries written before it existed
     "lateness_ns": pl.Int64,
     "host_gap_ns": pl.Int64,
+    # device time of the GPU agent's records in the step (argus.analyze.kernels), exact;
+    # null without the agent (or in summaries written before it existed)
+    "gpu_compute_ns": pl.Int64,
+    "gpu_coll_ns": pl.Int64,
+    "gpu_copy_ns": pl.Int64,
     # per-channel / per-kind call counts in the step
     "n_cuda": pl.UInt32,
     "n_nccl": pl.UInt32,
@@ -111,6 +116,12 @@ STEP_SCHEMA: dict[str, pl.DataType] = {
         )
     ),
     "stacks_dropped": pl.UInt32,  # samples beyond the top-K stacks of an interval
+    # per kernel family (argus.analyze.kernels): class (compute | coll | copy), name, how many
+    # ran in the step, their device time (exact) and its distribution as peaks
+    "kernels": pl.List(
+        pl.Struct({"cls": pl.Utf8, "family": pl.Utf8, "n": pl.UInt32, "ns": pl.Int64,
+                   "dur": PEAKS})
+    ),
 }
 
 STACK_DICT_SCHEMA: dict[str, pl.DataType] = {
