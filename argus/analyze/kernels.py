@@ -20,8 +20,10 @@ step, as `steps.step_metrics` assigns host calls). A step ends with the host's w
 GPU (the end-of-step synchronize), so each step's device work falls inside it; a host that
 reads back only every N steps runs ahead, and its device work moves between the steps of a
 cycle (the straggler detector then sums whole cycles, `straggler._by_cycles`). Only the
-steps inside the span a rank's records cover count (the agent was enabled after tracing
-began: earlier steps have no device time, not zero).
+steps inside the span a rank's records cover count: from its first record's start to its
+last record's end, which must reach into the step's last tenth (the end-of-step wait
+returns just after the GPU's last work; the agent was enabled after tracing began, and
+earlier steps have no device time, not zero).
 
 Per (rank, step): `gpu_compute_ns`, `gpu_coll_ns`, `gpu_copy_ns` (sums of device time; null
 where the rank has no records there) and per kernel family (the kernel's name up to its
@@ -121,7 +123,9 @@ def step_kernels(ops: pl.DataFrame, steps: pl.DataFrame) -> tuple[pl.DataFrame, 
     span = ops.group_by("rank").agg(pl.col("t_ns").min().alias("_t0"),
                                     (pl.col("t_ns") + pl.col("dur_ns")).max().alias("_t1"))
     covered = (steps.select("rank", "step", "start_ns", "end_ns").join(span, on="rank")
-               .filter((pl.col("start_ns") >= pl.col("_t0")) & (pl.col("end_ns") <= pl.col("_t1")))
+               .filter((pl.col("start_ns") >= pl.col("_t0"))
+                       & (pl.col("_t1") >= pl.col("end_ns") - (pl.col("end_ns")
+                                                             - pl.col("start_ns")) // 10))
                .select("rank", "step", "start_ns", "end_ns"))
     if covered.height == 0:
         return empty_m, empty_families()
