@@ -5,10 +5,12 @@
 lateness, step metrics) and keeps, per (rank, step), the step boundaries, the exact step
 metrics every detector reads, per-channel counts, the distributions of launch gaps, wait
 durations and per-(comm, op) collective durations and arrival offsets as peaks (`peaks`),
-and the top CPU stacks by id; per rank a tail record for the hang detector. The storage
-format is `argus.recording.summaries`; the diagnosis of summaries alone is
-`diagnosis.diagnose(summaries)` (`evidence.from_summaries` rebuilds what the detectors read,
-the per-step loops that are quadratic in ranks vectorised: 10,000 ranks in seconds).
+per GPU kernel family (where the recording has the GPU agent's kernels) its count, exact
+device time and durations as peaks, and the top CPU stacks by id; per rank a tail record
+for the hang detector. The storage format is `argus.recording.summaries`; the diagnosis of
+summaries alone is `diagnosis.diagnose(summaries)` (`evidence.from_summaries` rebuilds what
+the detectors read, the per-step loops that are quadratic in ranks vectorised: 10,000 ranks
+in seconds).
 
 Why peaks by kernel density estimation: the values a step produces (launch gaps, waits) are
 multi-modal (short gaps inside a burst of launches, long ones across a phase change) and span

@@ -36,7 +36,10 @@ compile stretched does not explain it). Of 379 healthy zoo runs (10 shapes, busy
 hosts), no rank was the slowest in even 80% of the steps by >= 3% of the step; of 122 fault
 runs with such a rank, it was the planted one in all. Severity: critical when D >= 25% of
 the step time.
-Cause `gpu` when the compute-wait metric flags the rank, else `host`.
+Cause `gpu` when the compute-wait metric or the device time of the rank's compute kernels
+(`gpu_compute_ns`: the GPU agent's records, `argus.analyze.kernels`) flags the rank, else
+`host`; one finding per rank, the device-time one first (a GPU straggler is never also
+reported with cause host).
 
 When no metric flags a rank step by step, over blocks of 5 steps (a value that moves
 between adjacent steps cancels in a block's sum; `consistently_most`): the rank that is late
