@@ -44,6 +44,7 @@ from argus.recording import schema
 from argus.recording.io import Recording
 from argus.recording.summaries import (
     HOST_SUMMARY_SCHEMA,
+    KERNEL_SUMMARY_SCHEMA,
     STACK_DICT_SCHEMA,
     STEP_SCHEMA,
     TAIL_SCHEMA,
@@ -237,14 +238,6 @@ def build_summaries(recordings: Sequence[Recording],
         if drop_by_step is not None:
             per = per.join(drop_by_step, on=["rank", "step"], how="left")
 
-    # GPU kernel families (device time, argus.analyze.kernels): exact sums, durations as peaks
-    fam = run.kernel_families
-    if fam.height:
-        fam = fam.with_columns(pl.Series("dur", _peaks_col(fam, "durs", True),
-                                         dtype=STEP_SCHEMA["wait_dur"]))
-        per = per.join(fam.group_by(["rank", "step"]).agg(
-            pl.struct("cls", "family", "n", "ns", "dur").alias("kernels")),
-            on=["rank", "step"], how="full", coalesce=True)
     out = metrics.join(per, on=["rank", "step"], how="left")
     # back to unaligned host wall time (diagnosis aligns again, as for raw recordings)
     neg = {h: -o for h, o in offsets.items()}
@@ -284,8 +277,22 @@ def build_summaries(recordings: Sequence[Recording],
     man = recordings[0].manifest if recordings else {}
     hrows = hctx.rows.select([pl.col(c).cast(t) for c, t in HOST_SUMMARY_SCHEMA.items()]) if (
         hctx.rows.height) else pl.DataFrame(schema=HOST_SUMMARY_SCHEMA)
+    # GPU kernel families (device time, argus.analyze.kernels): exact sums, durations as peaks
+    fam = run.kernel_families
+    kn = (fam.with_columns(
+        pl.Series("dur", _peaks_col(fam, "durs", True), dtype=KERNEL_SUMMARY_SCHEMA["dur"]),
+        pl.col("rank").replace_strict(hosts_of(out), default=None, return_dtype=pl.Utf8)
+        .alias("host"))
+        .select([pl.col(c).cast(t) for c, t in KERNEL_SUMMARY_SCHEMA.items()])
+        if fam.height else pl.DataFrame(schema=KERNEL_SUMMARY_SCHEMA))
     return Summaries(meta=meta, steps=out, stack_dict=stack_dict, tail=tail, manifest=man, gpu=g,
-                     host_ctx=hrows)
+                     host_ctx=hrows, kernels=kn)
+
+
+def hosts_of(steps: pl.DataFrame) -> dict[int, str]:
+    """rank -> host of the summaries' step rows."""
+    return dict(steps.filter(pl.col("host").is_not_null()).unique("rank", keep="first")
+                .select("rank", "host").rows())
 
 
 def _with_rank_context(tail: pl.DataFrame, coll: pl.DataFrame, hctx) -> pl.DataFrame:

@@ -47,8 +47,9 @@ from argus.recording.io import Recording
 from argus.recording.summaries import STEP_SCHEMA, Summaries
 
 STEP_TIME_COLS = ["start_ns", "end_ns", "first_coll_ns", "last_coll_ns"]  # shifted per host
-METRIC_COLS = ("compute_wait_ns", "sync_wait_ns", "coll_wait_ns", "p2p_wait_ns", "lateness_ns",
-               "host_gap_ns", *kernels.KERNEL_METRICS)
+HOST_METRIC_COLS = ("compute_wait_ns", "sync_wait_ns", "coll_wait_ns", "p2p_wait_ns",
+                    "lateness_ns", "host_gap_ns")  # what summaries keep per step
+METRIC_COLS = (*HOST_METRIC_COLS, *kernels.KERNEL_METRICS)
 BLOCKED_COLS = ("ts_ns", "tid", "thread", "blocked_ns", "functions", "modules")  # a tail's
 # hang_context "blocked" rows: a rank's latest off-CPU stacks
 
@@ -365,6 +366,9 @@ def from_summaries(
     summs = list(summs)
     steps = pl.concat([s.steps for s in summs], how="vertical_relaxed") if summs else (
         pl.DataFrame(schema=STEP_SCHEMA))
+    # summaries made before a column existed (written ones are read with every column)
+    steps = steps.with_columns([pl.lit(None, t).alias(c) for c, t in STEP_SCHEMA.items()
+                                if c not in steps.columns])
     if upto_step is not None:
         steps = steps.filter(pl.col("step") <= upto_step)
     alignment = estimate_offsets(steps.select(list(STEP_COLUMNS)), pl.DataFrame(
@@ -394,10 +398,13 @@ def from_summaries(
                       events=schema.empty_events(), stacks=schema.empty_stacks(), path=s.path,
                       gpu=s.gpu) for s in summs]
     det = (summs[0].meta if summs else {}).get("steps") or {}
-    fam = steps.select("rank", "step", "kernels").explode("kernels").drop_nulls("kernels")
-    fam = (fam.unnest("kernels").with_columns(pl.lit(None, pl.List(pl.Int64)).alias("durs"))
+    kn = [s.kernels for s in summs if s.kernels.height]
+    fam = (pl.concat(kn, how="vertical_relaxed")
+           .with_columns(pl.lit(None, pl.List(pl.Int64)).alias("durs"))
            .select([pl.col(c).cast(t) for c, t in kernels.FAMILY_SCHEMA.items()])
-           if fam.height else kernels.empty_families())
+           if kn else kernels.empty_families())
+    if upto_step is not None:
+        fam = fam.filter(pl.col("step") <= upto_step)
     tails = [s.tail.select("rank", "tgid", "host") for s in summs if s.tail.height]
     seen = pl.concat(tails + [steps.select("rank", "tgid", "host")], how="vertical_relaxed")
     return Evidence(
@@ -405,7 +412,8 @@ def from_summaries(
         manifests=manifests,
         recording_info=[r for s in summs for r in s.meta.get("recordings") or []],
         steps=steps.select(list(STEP_COLUMNS)),
-        metrics=steps.select(*STEP_COLUMNS, *METRIC_COLS),
+        metrics=kernels.with_kernel_metrics(steps.select(*STEP_COLUMNS, *HOST_METRIC_COLS),
+                                            kernels.metrics_of(fam)),
         detection={"detected": steps.height > 0, "method": det.get("method"),
                    "period": det.get("period"), "comm": det.get("comm")},
         alignment=alignment,

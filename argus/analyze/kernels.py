@@ -26,8 +26,9 @@ returns just after the GPU's last work; the agent was enabled after tracing bega
 earlier steps have no device time, not zero).
 
 Per (rank, step): `gpu_compute_ns`, `gpu_coll_ns`, `gpu_copy_ns` (sums of device time; null
-where the rank has no records there) and per kernel family (the kernel's name up to its
-first `(` or `<`; collectives by their NCCL function) the count, the sum and the durations.
+where the rank has no record in the step, 0 for a class without records in a step with
+others) and per kernel family (the kernel's name up to its first `(` or `<`; collectives by
+their NCCL function) the count, the sum and the durations.
 """
 
 from __future__ import annotations
@@ -136,13 +137,20 @@ def step_kernels(ops: pl.DataFrame, steps: pl.DataFrame) -> tuple[pl.DataFrame, 
     fam = (j.group_by("rank", "step", "cls", "family")
            .agg(pl.len().cast(pl.UInt32).alias("n"), pl.col("dur_ns").sum().alias("ns"),
                 pl.col("dur_ns").sort().alias("durs"))
-           .sort("rank", "step", "cls", "family"))
-    per = fam.group_by("rank", "step").agg(
+           .sort("rank", "step", "cls", "family")
+           .select([pl.col(c).cast(t) for c, t in FAMILY_SCHEMA.items()]))
+    return metrics_of(fam), fam
+
+
+def metrics_of(families: pl.DataFrame) -> pl.DataFrame:
+    """Per (rank, step) of `families` (FAMILY_SCHEMA rows) KERNEL_METRICS: the sums of each
+    class's device time (0 for a class without records in a step that has others)."""
+    schema = {"rank": pl.Int32, "step": pl.Int64, **{c: pl.Int64 for c in KERNEL_METRICS}}
+    if families.height == 0:
+        return pl.DataFrame(schema=schema)
+    per = families.group_by("rank", "step").agg(
         *[pl.col("ns").filter(pl.col("cls") == c).sum().alias(f"gpu_{c}_ns") for c in CLASSES])
-    m = covered.select("rank", "step").join(per, on=["rank", "step"], how="left").with_columns(
-        [pl.col(c).fill_null(0) for c in KERNEL_METRICS])
-    return m.select([pl.col(c).cast(t) for c, t in empty_m.schema.items()]), fam.select(
-        [pl.col(c).cast(t) for c, t in FAMILY_SCHEMA.items()])
+    return per.select([pl.col(c).cast(t) for c, t in schema.items()]).sort("rank", "step")
 
 
 def with_kernel_metrics(metrics: pl.DataFrame, km: pl.DataFrame) -> pl.DataFrame:
