@@ -5,10 +5,12 @@
 lateness, step metrics) and keeps, per (rank, step), the step boundaries, the exact step
 metrics every detector reads, per-channel counts, the distributions of launch gaps, wait
 durations and per-(comm, op) collective durations and arrival offsets as peaks (`peaks`),
-and the top CPU stacks by id; per rank a tail record for the hang detector. The storage
-format is `argus.recording.summaries`; the diagnosis of summaries alone is
-`diagnosis.diagnose(summaries)` (`evidence.from_summaries` rebuilds what the detectors read,
-the per-step loops that are quadratic in ranks vectorised: 10,000 ranks in seconds).
+per GPU kernel family (where the recording has the GPU agent's kernels) its count, exact
+device time and durations as peaks, and the top CPU stacks by id; per rank a tail record
+for the hang detector. The storage format is `argus.recording.summaries`; the diagnosis of
+summaries alone is `diagnosis.diagnose(summaries)` (`evidence.from_summaries` rebuilds what
+the detectors read, the per-step loops that are quadratic in ranks vectorised: 10,000 ranks
+in seconds).
 
 Why peaks by kernel density estimation: the values a step produces (launch gaps, waits) are
 multi-modal (short gaps inside a burst of launches, long ones across a phase change) and span
@@ -42,6 +44,7 @@ from argus.recording import schema
 from argus.recording.io import Recording
 from argus.recording.summaries import (
     HOST_SUMMARY_SCHEMA,
+    KERNEL_SUMMARY_SCHEMA,
     STACK_DICT_SCHEMA,
     STEP_SCHEMA,
     TAIL_SCHEMA,
@@ -274,8 +277,22 @@ def build_summaries(recordings: Sequence[Recording],
     man = recordings[0].manifest if recordings else {}
     hrows = hctx.rows.select([pl.col(c).cast(t) for c, t in HOST_SUMMARY_SCHEMA.items()]) if (
         hctx.rows.height) else pl.DataFrame(schema=HOST_SUMMARY_SCHEMA)
+    # GPU kernel families (device time, argus.analyze.kernels): exact sums, durations as peaks
+    fam = run.kernel_families
+    kn = (fam.with_columns(
+        pl.Series("dur", _peaks_col(fam, "durs", True), dtype=KERNEL_SUMMARY_SCHEMA["dur"]),
+        pl.col("rank").replace_strict(hosts_of(out), default=None, return_dtype=pl.Utf8)
+        .alias("host"))
+        .select([pl.col(c).cast(t) for c, t in KERNEL_SUMMARY_SCHEMA.items()])
+        if fam.height else pl.DataFrame(schema=KERNEL_SUMMARY_SCHEMA))
     return Summaries(meta=meta, steps=out, stack_dict=stack_dict, tail=tail, manifest=man, gpu=g,
-                     host_ctx=hrows)
+                     host_ctx=hrows, kernels=kn)
+
+
+def hosts_of(steps: pl.DataFrame) -> dict[int, str]:
+    """rank -> host of the summaries' step rows."""
+    return dict(steps.filter(pl.col("host").is_not_null()).unique("rank", keep="first")
+                .select("rank", "host").rows())
 
 
 def _with_rank_context(tail: pl.DataFrame, coll: pl.DataFrame, hctx) -> pl.DataFrame:

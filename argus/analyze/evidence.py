@@ -25,7 +25,7 @@ from typing import Any
 
 import polars as pl
 
-from argus.analyze import hang, host_context, pipeline
+from argus.analyze import hang, host_context, kernels, pipeline
 from argus.analyze.align import estimate_offsets
 from argus.analyze.matching import align_seq, collectives, with_lateness
 from argus.analyze.steps import (
@@ -47,8 +47,9 @@ from argus.recording.io import Recording
 from argus.recording.summaries import STEP_SCHEMA, Summaries
 
 STEP_TIME_COLS = ["start_ns", "end_ns", "first_coll_ns", "last_coll_ns"]  # shifted per host
-METRIC_COLS = ("compute_wait_ns", "sync_wait_ns", "coll_wait_ns", "p2p_wait_ns", "lateness_ns",
-               "host_gap_ns")
+HOST_METRIC_COLS = ("compute_wait_ns", "sync_wait_ns", "coll_wait_ns", "p2p_wait_ns",
+                    "lateness_ns", "host_gap_ns")  # what summaries keep per step
+METRIC_COLS = (*HOST_METRIC_COLS, *kernels.KERNEL_METRICS)
 BLOCKED_COLS = ("ts_ns", "tid", "thread", "blocked_ns", "functions", "modules")  # a tail's
 # hang_context "blocked" rows: a rank's latest off-CPU stacks
 
@@ -77,6 +78,8 @@ class Evidence:
     hangs: Callable[[float, float | None], list[dict[str, Any]]]
     cpu_stacks: Callable[[list[dict[str, Any]]], pl.DataFrame]
     extra: dict[str, Any] = field(default_factory=dict)  # top-level keys (e.g. "source")
+    # per (rank, step, kernel family) device time (kernels.FAMILY_SCHEMA); empty: no agent
+    kernel_families: pl.DataFrame = field(default_factory=kernels.empty_families)
 
 
 # ----------------------------------------------------------------------------- the opening
@@ -92,7 +95,8 @@ class AlignedRun:
     steps: pl.DataFrame  # detection.steps, shifted
     alignment: dict[str, Any]  # align.estimate_offsets
     stacks: pl.DataFrame  # timeline.build_stacks
-    metrics: pl.DataFrame  # steps.step_metrics
+    metrics: pl.DataFrame  # steps.step_metrics + kernels.KERNEL_METRICS
+    kernel_families: pl.DataFrame = field(default_factory=kernels.empty_families)
 
     @property
     def offsets(self) -> dict[str, int]:
@@ -141,9 +145,11 @@ def align_recordings(recordings: Sequence[Recording],
         steps = shift_hosts(steps, offsets, STEP_TIME_COLS)
     coll = with_lateness(coll)
     stacks = build_stacks(recordings, offsets)
-    metrics = step_metrics(tl, coll, steps)
+    km, families = kernels.step_kernels(kernels.device_records(recordings, offsets), steps)
+    metrics = kernels.with_kernel_metrics(step_metrics(tl, coll, steps), km)
     return AlignedRun(timeline=tl, collectives=coll, detection=det, steps=steps,
-                      alignment=alignment, stacks=stacks, metrics=metrics)
+                      alignment=alignment, stacks=stacks, metrics=metrics,
+                      kernel_families=families)
 
 
 # ----------------------------------------------------------------------------- recordings
@@ -207,6 +213,7 @@ def from_recordings(recordings: Sequence[Recording]) -> Evidence:
         hangs=hangs,
         cpu_stacks=lambda _windows: stacks.filter(
             pl.col("state").is_null() | (pl.col("state") != "off_cpu")),
+        kernel_families=run.kernel_families,
     )
 
 
@@ -359,6 +366,9 @@ def from_summaries(
     summs = list(summs)
     steps = pl.concat([s.steps for s in summs], how="vertical_relaxed") if summs else (
         pl.DataFrame(schema=STEP_SCHEMA))
+    # summaries made before a column existed (written ones are read with every column)
+    steps = steps.with_columns([pl.lit(None, t).alias(c) for c, t in STEP_SCHEMA.items()
+                                if c not in steps.columns])
     if upto_step is not None:
         steps = steps.filter(pl.col("step") <= upto_step)
     alignment = estimate_offsets(steps.select(list(STEP_COLUMNS)), pl.DataFrame(
@@ -388,6 +398,13 @@ def from_summaries(
                       events=schema.empty_events(), stacks=schema.empty_stacks(), path=s.path,
                       gpu=s.gpu) for s in summs]
     det = (summs[0].meta if summs else {}).get("steps") or {}
+    kn = [s.kernels for s in summs if s.kernels.height]
+    fam = (pl.concat(kn, how="vertical_relaxed")
+           .with_columns(pl.lit(None, pl.List(pl.Int64)).alias("durs"))
+           .select([pl.col(c).cast(t) for c, t in kernels.FAMILY_SCHEMA.items()])
+           if kn else kernels.empty_families())
+    if upto_step is not None:
+        fam = fam.filter(pl.col("step") <= upto_step)
     tails = [s.tail.select("rank", "tgid", "host") for s in summs if s.tail.height]
     seen = pl.concat(tails + [steps.select("rank", "tgid", "host")], how="vertical_relaxed")
     return Evidence(
@@ -395,7 +412,8 @@ def from_summaries(
         manifests=manifests,
         recording_info=[r for s in summs for r in s.meta.get("recordings") or []],
         steps=steps.select(list(STEP_COLUMNS)),
-        metrics=steps.select(*STEP_COLUMNS, *METRIC_COLS),
+        metrics=kernels.with_kernel_metrics(steps.select(*STEP_COLUMNS, *HOST_METRIC_COLS),
+                                            kernels.metrics_of(fam)),
         detection={"detected": steps.height > 0, "method": det.get("method"),
                    "period": det.get("period"), "comm": det.get("comm")},
         alignment=alignment,
@@ -406,4 +424,5 @@ def from_summaries(
         hangs=hangs,
         cpu_stacks=cpu_stacks,
         extra={"source": "summaries"},
+        kernel_families=fam,
     )

@@ -72,7 +72,8 @@ def align_step_ids(nodes: Sequence[Summaries]) -> list[Summaries]:
 def _renumber(s: Summaries, shift: int) -> Summaries:
     if not shift:
         return s
-    return Summaries(**{**s.__dict__, "steps": s.steps.with_columns(pl.col("step") + shift)})
+    return Summaries(**{**s.__dict__, "steps": s.steps.with_columns(pl.col("step") + shift),
+                        "kernels": s.kernels.with_columns(pl.col("step") + shift)})
 
 
 def continue_ids(runs: Sequence[Summaries]) -> list[Summaries]:

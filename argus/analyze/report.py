@@ -22,6 +22,7 @@ from argus.analyze import (
     host_context,
     host_windows,
     hotspot,
+    kernels,
     pipeline,
     stall,
     straggler,
@@ -127,6 +128,7 @@ def assemble_report(ev: Evidence, hang_after_s: float = DEFAULT_HANG_AFTER_S) ->
     host_windows.explain_stragglers(ev.host, stragglers, metrics, ev.manifests, offsets)
     stragglers = pipeline.detect_slow_stage(ev.recordings, ev.stages, metrics, offsets,
                                             stragglers, step_ns)
+    kernels.cite_in_stragglers(stragglers, ev.kernel_families, metrics)  # device times
     anomaly.settle(windows, stragglers)
     stalls = stall.detect_stalls(metrics, windows, stragglers,
                                  ev.collectives() if windows else pl.DataFrame())

@@ -9,6 +9,16 @@ the median sync+collective wait, the max compute wait and the max lateness. A st
 reported when the wait growth explains >= 50% of the step time growth and compute and
 lateness growth each stay below 25% of it. The comm/op is the one whose per-call duration
 grew most (c10d), else the one moving the most bytes per step (NCCL, host-side enqueue).
+
+Where the ranks have device times (the GPU agent, `argus.analyze.kernels`), the collective
+is judged on the GPU too: `evidence.device` holds the median collective- and compute-kernel
+time per step, baseline vs window, and the rank whose collective kernels were the shortest
+in the window. A collective's kernels end together on every rank, so the rank that reached
+it last has the shortest ones: when that rank's are shorter than the others' median by
+>= half of it (`LATE_SHARE`), the finding names it (`late_rank`: it arrived last on its GPU,
+late without being late on the host; e.g. its GPU busy with other work). No stall is
+reported when the compute kernels' device time grew by >= 25 % of the step time growth
+(the GPUs computed longer: not the wire).
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import polars as pl
 
 WAIT_SHARE = 0.5
 OTHER_SHARE = 0.25
+LATE_SHARE = 0.5  # a rank's collective kernels this much shorter than the others': it was late
 
 
 def _med(s: pl.Series) -> float:
@@ -34,8 +45,40 @@ def _profile(m: pl.DataFrame) -> dict[str, float]:
         .alias("wait"),
         pl.col("compute_wait_ns").max().alias("compute"),
         pl.col("lateness_ns").max().alias("late"),
+        *([pl.col("gpu_coll_ns").median().alias("gpu_coll"),
+           pl.col("gpu_compute_ns").max().alias("gpu_compute")]
+          if "gpu_coll_ns" in m.columns else []),
     )
-    return {c: _med(per_step[c]) for c in ("step_t", "wait", "compute", "late")}
+    cols = [c for c in ("step_t", "wait", "compute", "late", "gpu_coll", "gpu_compute")
+            if c in per_step.columns]
+    out = {c: _med(per_step[c]) for c in cols}
+    if "gpu_coll" in per_step.columns and per_step["gpu_coll"].drop_nulls().len() == 0:
+        out.pop("gpu_coll"), out.pop("gpu_compute")
+    return out
+
+
+def _device(metrics: pl.DataFrame, w: dict[str, Any], base: dict[str, float],
+            win: dict[str, float]) -> dict[str, Any] | None:
+    """`evidence.device` of a window (module doc), or None without device times."""
+    if "gpu_coll" not in base or "gpu_coll" not in win:
+        return None
+    m = metrics.filter(pl.col("step").is_between(w["start_step"], w["end_step"])
+                       & pl.col("gpu_coll_ns").is_not_null())
+    per = m.group_by("rank").agg(pl.col("gpu_coll_ns").median()).sort("gpu_coll_ns", "rank")
+    ev: dict[str, Any] = {
+        "collective_ms": {"baseline": round(base["gpu_coll"] / 1e6, 3),
+                          "window": round(win["gpu_coll"] / 1e6, 3)},
+        "compute_ms": {"baseline": round(base["gpu_compute"] / 1e6, 3),
+                       "window": round(win["gpu_compute"] / 1e6, 3)},
+    }
+    if per.height >= 2:
+        r, short = per.row(0)
+        others = float(per["gpu_coll_ns"][1:].median())
+        ev["shortest_collectives"] = {"rank": int(r), "ms": round(short / 1e6, 3),
+                                      "others_ms": round(others / 1e6, 3)}
+        if others > 0 and others - short >= LATE_SHARE * others:
+            ev["late_rank"] = int(r)
+    return ev
 
 
 def _attribute(coll: pl.DataFrame, metrics: pl.DataFrame, w: dict[str, Any]) -> dict[str, Any]:
@@ -97,17 +140,35 @@ def detect_stalls(
             and d_late < OTHER_SHARE * d_step
         ):
             continue
+        device = _device(metrics, w, base, win)
+        if device is not None and (win["gpu_compute"] - base["gpu_compute"]
+                                   >= OTHER_SHARE * d_step):
+            continue  # the GPUs computed longer (device time): not the collectives
         attr = _attribute(coll, metrics, w)
         slow = win["step_t"] / base["step_t"] if base["step_t"] else None
         what = f"{attr['op']} on comm {attr['comm']}" if attr.get("op") else "the collectives"
+        why = "while no rank computed longer or arrived late (link or network degradation)"
+        how = "slowed down"
+        if device is not None:
+            d_coll = device["collective_ms"]["window"] - device["collective_ms"]["baseline"]
+            if "late_rank" in device:
+                sc = device["shortest_collectives"]
+                how = "took longer"
+                why = (f"while no rank arrived late on the host; on the GPU rank "
+                       f"{device['late_rank']} arrived last: its collective kernels took "
+                       f"{sc['ms']:.1f} ms per step vs {sc['others_ms']:.1f} ms on the others, "
+                       "which waited for it in theirs")
+            else:
+                why = (f"and the collective kernels ran {d_coll:.1f} ms longer per step on the "
+                       "GPUs (device time) while no rank computed longer or arrived late "
+                       "(link or network degradation)")
         out.append(
             {
                 "kind": "collective_stall",
                 "severity": "warning",
                 "summary": (
-                    f"From step {w['start_step']}, {what} slowed down on every rank: the wait "
-                    f"for collectives grew by {d_wait / 1e6:.1f} ms per step while no rank "
-                    "computed longer or arrived late (link or network degradation)."
+                    f"From step {w['start_step']}, {what} {how} on every rank: the wait "
+                    f"for collectives grew by {d_wait / 1e6:.1f} ms per step {why}."
                 ),
                 **attr,
                 "since_step": w["start_step"],
@@ -122,7 +183,10 @@ def detect_stalls(
                     "wait_growth_ms": round(d_wait / 1e6, 3),
                     "compute_wait_growth_ms": round(d_comp / 1e6, 3),
                     "lateness_growth_ms": round(d_late / 1e6, 3),
+                    **({"device": device} if device is not None else {}),
                 },
+                **({"late_rank": device["late_rank"]}
+                   if device is not None and "late_rank" in device else {}),
             }
         )
     return out

@@ -36,7 +36,10 @@ compile stretched does not explain it). Of 379 healthy zoo runs (10 shapes, busy
 hosts), no rank was the slowest in even 80% of the steps by >= 3% of the step; of 122 fault
 runs with such a rank, it was the planted one in all. Severity: critical when D >= 25% of
 the step time.
-Cause `gpu` when the compute-wait metric flags the rank, else `host`.
+Cause `gpu` when the compute-wait metric or the device time of the rank's compute kernels
+(`gpu_compute_ns`: the GPU agent's records, `argus.analyze.kernels`) flags the rank, else
+`host`; one finding per rank, the device-time one first (a GPU straggler is never also
+reported with cause host).
 
 When no metric flags a rank step by step, over blocks of 5 steps (a value that moves
 between adjacent steps cancels in a block's sum; `consistently_most`): the rank that is late
@@ -78,8 +81,11 @@ def min_excess_ns(step_ns: float) -> float:
     return max(MIN_IMPACT * step_ns, MIN_ABS_NS)
 
 
-METRICS = (("compute_wait_ns", "gpu"), ("lateness_ns", "host"), ("host_gap_ns", "host"))
+METRICS = (("gpu_compute_ns", "gpu"), ("compute_wait_ns", "gpu"), ("lateness_ns", "host"),
+           ("host_gap_ns", "host"))
+DEVICE_METRIC = "gpu_compute_ns"  # the GPU agent's device time (argus.analyze.kernels)
 WHAT = {
+    "gpu_compute_ns": "runs its compute kernels longer on its GPU (device time)",
     "compute_wait_ns": "waits longer for its own GPU work (read-back)",
     "lateness_ns": "arrives late at collectives (host side)",
     "host_gap_ns": "works longer on the host before its first call of the step (data "
@@ -293,7 +299,11 @@ def _finding(r: int, col: str, cause: str, s: dict[str, float], window: dict[str
         ("coll_wait_ms", "coll_wait_ns"),
         ("lateness_ms", "lateness_ns"),
         ("host_gap_ms", "host_gap_ns"),
+        ("gpu_compute_ms", "gpu_compute_ns"),
+        ("gpu_coll_ms", "gpu_coll_ns"),
     ):
+        if c not in m.columns:
+            continue
         own, oth = _median_of(m, c, r, True), _median_of(m, c, r, False)
         if own is not None:
             ev[key] = {"rank": round(own, 3), "others": round(oth, 3) if oth is not None else None}
@@ -332,7 +342,8 @@ def _blocks_finding(r: int, col: str, s: dict[str, float], m: pl.DataFrame, step
 
 
 SUMMED = ("compute_wait_ns", "sync_wait_ns", "coll_wait_ns", "p2p_wait_ns", "lateness_ns",
-          "host_gap_ns", "step_time_ns")  # metrics a sync cycle's sum stands for
+          "host_gap_ns", "step_time_ns", "gpu_compute_ns", "gpu_coll_ns",
+          "gpu_copy_ns")  # metrics a sync cycle's sum stands for
 
 
 def _by_cycles(metrics: pl.DataFrame, windows: list[dict[str, Any]],
@@ -418,7 +429,8 @@ def detect_stragglers(
         return out
 
     metrics_used = tuple((c, k) for c, k in METRICS
-                         if not (pipeline and c == "host_gap_ns" and not groups))
+                         if c in metrics.columns
+                         and not (pipeline and c == "host_gap_ns" and not groups))
     if metrics.height == 0 or metrics["rank"].n_unique() < 2 or step_ns <= 0:
         return []
     scopes: list[tuple[dict[str, Any] | None, pl.DataFrame]] = [(None, metrics)]
@@ -493,7 +505,9 @@ def detect_stragglers(
                     and s["excess_ns"] >= EXPLAIN * window_excess
                 ):
                     continue
-                rkey = (cause == "gpu", window is None, s["score"])  # throughout beats a window
+                # GPU cause first (device time over the host's read-back wait), throughout
+                # beats a window
+                rkey = (cause == "gpu", window is None, col == DEVICE_METRIC, s["score"])
                 if r in best and best[r]["_rank_key"] >= rkey:
                     continue
                 others = {c2: scored[c2].get(r) for c2, _ in metrics_used if c2 != col}
@@ -534,7 +548,7 @@ def detect_stragglers(
             col, flagged = max(tries, key=lambda t: max(x["score"] for x in t[1].values()))
             for r, s in flagged.items():
                 others = {c2: whole[c2].get(r) for c2, _ in metrics_used}  # (none flagged it)
-                best[r] = {"_rank_key": (False, True, s["score"]),
+                best[r] = {"_rank_key": (False, True, False, s["score"]),
                            **_blocks_finding(r, col, s, metrics, step_ns, others,
                                              peers.get(r))}
     out = []

@@ -160,5 +160,9 @@ def merge_segments(segments: Sequence[Summaries]) -> Summaries:
         hcs = [s.host_ctx for s in segs if s.host_ctx.height]
         if hcs:
             extra["host_ctx"] = pl.concat(hcs, how="vertical_relaxed").unique(maintain_order=True)
+    kns = [s.kernels for s in segs if s.kernels.height]
+    if kns:
+        extra["kernels"] = pl.concat(kns, how="vertical_relaxed").unique(
+            ["rank", "step", "cls", "family"], keep="first", maintain_order=True)
     return Summaries(meta=meta, steps=steps, stack_dict=sd, tail=tail, manifest=manifest,
                      gpu=gpu, path=last.path, **extra)

@@ -15,6 +15,9 @@ of) `events.parquet` / `stacks.parquet` / `gpu.parquet`, a folder `summaries/`:
   (pipeline stages), its own thread names that the host context names as competitors.
 - `gpu-<start_ns>.parquet`   the NVML samples (`schema.GPU_SCHEMA`; already one row per
   device per second, i.e. a summary); absent without NVML.
+- `kernels.parquet`          GPU kernel time (`KERNEL_SUMMARY_SCHEMA`: per (rank, step, kernel
+  family) its count, device time and duration peaks, argus.analyze.kernels); absent without
+  the GPU agent's records.
 - `host-<ts_ns>.parquet`     the host context (`HOST_SUMMARY_SCHEMA`: `host.parquet`'s rows,
   already one row per (interval, kind, tgid, detail), with `rank` filled from the manifest
   and the recording's `host`); absent without the host channel.
@@ -113,6 +116,23 @@ STEP_SCHEMA: dict[str, pl.DataType] = {
     "stacks_dropped": pl.UInt32,  # samples beyond the top-K stacks of an interval
 }
 
+# GPU kernel time (argus.analyze.kernels), one row per (rank, step, kernel family) with
+# device time: class (compute | coll | copy), family, how many ran in the step, their device
+# time (exact) and its distribution as peaks. A file of its own (absent without the GPU
+# agent), so that summaries of jobs without it carry no empty columns.
+KERNEL_SUMMARY_SCHEMA: dict[str, pl.DataType] = {
+    "host": pl.Utf8,
+    "rank": pl.Int32,
+    "step": pl.Int64,
+    "cls": pl.Utf8,
+    "family": pl.Utf8,
+    "n": pl.UInt32,
+    "ns": pl.Int64,
+    "dur": PEAKS,
+}
+KERNEL_SUMMARY = "kernels.parquet"
+KERNEL_SUMMARY_REQUIRED = ("rank", "step", "cls", "family", "ns")
+
 STACK_DICT_SCHEMA: dict[str, pl.DataType] = {
     "stack_id": pl.Int64,
     "functions": pl.List(pl.Utf8),
@@ -166,6 +186,7 @@ class Summaries:
     gpu: pl.DataFrame = field(default_factory=schema.empty_gpu)
     path: Path | None = None
     host_ctx: pl.DataFrame = field(default_factory=lambda: _empty(HOST_SUMMARY_SCHEMA))
+    kernels: pl.DataFrame = field(default_factory=lambda: _empty(KERNEL_SUMMARY_SCHEMA))
 
     @property
     def host(self) -> str:
@@ -254,6 +275,10 @@ def write_summaries(
             g0 = int(summ.gpu["ts_ns"].min())
             p = out / f"gpu-{g0}.parquet"
             sizes[p.name] = _stage(p, parquet_bytes(summ.gpu), staged, sha)
+        if summ.kernels.height:
+            kn = summ.kernels.select([pl.col(c).cast(t) for c, t in
+                                      KERNEL_SUMMARY_SCHEMA.items()]).sort("step", "rank")
+            sizes[KERNEL_SUMMARY] = _stage(out / KERNEL_SUMMARY, parquet_bytes(kn), staged, sha)
         if summ.host_ctx.height:
             hc = summ.host_ctx.select([pl.col(c).cast(t) for c, t in HOST_SUMMARY_SCHEMA.items()])
             p = out / f"host-{int(hc['ts_ns'].min())}.parquet"
@@ -366,5 +391,7 @@ def load_summaries(directory: str | os.PathLike[str]) -> Summaries:
     gpu = read(gfiles, schema.GPU_SCHEMA, REQUIRED_GPU_COLUMNS)
     hc = read(sorted(sdir.glob("host-*.parquet")), HOST_SUMMARY_SCHEMA, HOST_SUMMARY_REQUIRED,
               schema.VALUE_RANGES.get(schema.HOST))
+    kn = read([sdir / KERNEL_SUMMARY] if (sdir / KERNEL_SUMMARY).exists() else [],
+              KERNEL_SUMMARY_SCHEMA, KERNEL_SUMMARY_REQUIRED)
     return Summaries(meta=meta, steps=steps, stack_dict=sd, tail=tail, manifest=manifest,
-                     gpu=gpu, path=path, host_ctx=hc)
+                     gpu=gpu, path=path, host_ctx=hc, kernels=kn)

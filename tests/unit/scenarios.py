@@ -8,6 +8,17 @@ optimizer launches, an end-of-step cudaStreamSynchronize, and a logging read-bac
 steps. The recording window starts inside step 0 and ends inside the last step, so exactly
 `steps` complete steps are recorded. Faults are keyword arguments; everything is
 deterministic for a seed.
+
+`kernels=True` also records what argus's GPU agent would (each recording's `kernels`,
+KERNELS_SCHEMA, from the same GPU clocks): one CUPTI record per kernel (forward
+`fwd_gemm`/`fwd_softmax`, backward `bwd_gemm`/`bwd_softmax`, optimizer `adam_step`), per
+read-back a memcpy, per allreduce an NCCL kernel-channel record per channel (2) from the
+rank's GPU reaching it to the collective's end (the same on every rank). `kernel_slow`
+(rank -> {family: factor}) slows only those kernel families; `readback=False` leaves out the
+read-back after forward (a loop that never calls loss.item() mid-step: a GPU-slow rank is
+then invisible host-side). `gpu_busy` (rank -> (from step, to step, ms)) occupies the
+rank's GPU with work that is not its own (another process) before its backward: none of its
+kernels is slower, its GPU reaches the collectives late.
 """
 
 from __future__ import annotations
@@ -19,7 +30,13 @@ from typing import Any
 import polars as pl
 
 from argus.recording.io import Recording, coerce
-from argus.recording.schema import EVENTS_SCHEMA, FORMAT, STACKS_SCHEMA
+from argus.recording.schema import (
+    EVENTS_SCHEMA,
+    FORMAT,
+    KERNELS_SCHEMA,
+    STACKS_SCHEMA,
+    empty_kernels,
+)
 
 MS = 1_000_000
 US = 1_000
@@ -95,6 +112,10 @@ def simulate(
     clock_err_ns: dict[int, int] | None = None,  # node index -> wall clock error
     attach_bucket: dict[int, int] | None = None,  # rank -> first bucket of step 0 observed
     drop: float = 0.0,
+    kernels: bool = False,
+    kernel_slow: dict[int, dict[str, float]] | None = None,
+    readback: bool = True,
+    gpu_busy: dict[int, tuple[int, int, float]] | None = None,  # rank -> (from, to, ms)
 ) -> Scenario:
     """Simulate a job; see the module doc. Steps are numbered 0..steps+1; 1..steps complete."""
     rng = random.Random(seed)
@@ -111,6 +132,8 @@ def simulate(
     attach = [None] * ranks
     dead: set[int] = set()
     stuck: dict[int, int] = {}
+    kern: list[dict[str, Any]] = []  # device records (kernels=True)
+    kernel_slow = kernel_slow or {}
 
     def j(x: float) -> int:
         return int(x * (1 + rng.uniform(-jitter, jitter)))
@@ -136,11 +159,24 @@ def simulate(
                        "functions": WAIT_STACK[0], "modules": WAIT_STACK[1]})
         h[r] = end
 
-    def launch(r: int, n: int, gpu_ns: float) -> None:
-        for _ in range(n):
+    def launch(r: int, n: int, gpu_ns: float, names: tuple[str, ...] = ("gemm",)) -> None:
+        for i in range(n):
             add(r, h[r], 8 * US, "cuda", "cudaLaunchKernel", kernel="gemm_kernel", stream=7)
             h[r] += 10 * US
-            g[r] = max(g[r], h[r]) + int(j(gpu_ns / n) * gpu_slow.get(r, 1.0))
+            name = names[i % len(names)]
+            t0 = max(g[r], h[r])
+            g[r] = t0 + int(j(gpu_ns / n) * gpu_slow.get(r, 1.0)
+                            * kernel_slow.get(r, {}).get(name, 1.0))
+            if kernels:
+                kern.append({"ts_ns": t0, "dur_ns": g[r] - t0, "tgid": 1000 + r, "rank": r,
+                             "kind": "kernel", "name": name, "device": r, "stream": 7,
+                             "correlation": len(kern) + 1})
+
+    def copy(r: int) -> None:
+        if kernels:
+            kern.append({"ts_ns": g[r], "dur_ns": 2 * US, "tgid": 1000 + r, "rank": r,
+                         "kind": "memcpy", "name": "memcpy", "device": r, "stream": 0,
+                         "bytes": 4})
 
     seq = [0] * ranks
     coll_t: list[list[int]] = [[] for _ in range(ranks)]
@@ -163,9 +199,14 @@ def simulate(
             if torch_only:
                 cpu(r, j(20 * MS) * gpu_slow.get(r, 1.0), LOAD_STACK)
             else:
-                launch(r, 6, 20 * MS)
-                wait(r, g[r], "cudaMemcpy", memcpy_kind=2, bytes=4, stream=0)
+                launch(r, 6, 20 * MS, ("fwd_gemm", "fwd_softmax"))
+                if readback:
+                    copy(r)
+                    wait(r, g[r], "cudaMemcpy", memcpy_kind=2, bytes=4, stream=0)
         live = [r for r in range(ranks) if r not in dead and r not in stuck]
+        for r, (a, z, ms) in (gpu_busy or {}).items():
+            if r in live and a <= k <= z:
+                g[r] = max(g[r], h[r]) + int(ms * MS)
         for b in range(n_buckets):
             op, nbytes = BUCKETS[b]
             ready = {}
@@ -178,7 +219,7 @@ def simulate(
                 if torch_only:
                     cpu(r, j(12 * MS) * gpu_slow.get(r, 1.0), LOAD_STACK)
                 else:
-                    launch(r, 4, 12 * MS)
+                    launch(r, 4, 12 * MS, ("bwd_gemm", "bwd_softmax"))
                 ready[r] = (h[r], g[r])
             if not ready:
                 break
@@ -205,6 +246,14 @@ def simulate(
                         stuck[r] = h[r]
                 else:
                     add(r, h[r], 20 * US, "nccl", "ncclAllReduce", stream=7, **kw)
+                    if kernels and complete:
+                        t0 = max(ready[r])  # the GPU reaches it after its enqueue
+                        for ch in range(2):
+                            kern.append({"ts_ns": t0, "dur_ns": done - t0,
+                                         "tgid": 1000 + r, "rank": r, "kind": "coll",
+                                         "name": "AllReduce", "device": r,
+                                         "comm_hash": 0xC0FFEE, "coll_seq": seq[r] - 1,
+                                         "channel": ch, "bytes": nbytes})
                     h[r] += 20 * US
                     g[r] = done if complete else 1 << 62
         live = [r for r in range(ranks) if r not in dead and r not in stuck]
@@ -212,13 +261,14 @@ def simulate(
             if torch_only:
                 cpu(r, j(3 * MS), LOAD_STACK)
                 continue
-            launch(r, 3, 4 * MS)
+            launch(r, 3, 4 * MS, ("adam_step",))
             if g[r] >= 1 << 62:
                 add(r, h[r], None, "cuda", "cudaStreamSynchronize", stream=7)
                 stuck[r] = h[r]
                 continue
             wait(r, g[r], "cudaStreamSynchronize", stream=7)
             if k % 10 == 0:
+                copy(r)
                 wait(r, g[r], "cudaMemcpy", memcpy_kind=2, bytes=64, stream=0)
         if attach[0] is None:
             # attach time per rank: just before its bucket `attach_bucket[r]` of step 0
@@ -278,6 +328,16 @@ def simulate(
         host = f"node{n}"
         m = _manifest(host, rs, base, clock_err_ns.get(n, 0), start, end_t, ranks,
                       "duration")
+        kf = empty_kernels()
+        if kern:  # what the agent saw: from attach, device starts up to the recording's end
+            kf = pl.DataFrame(kern, schema={c: KERNELS_SCHEMA[c] for c in kern[0]} | {
+                c: KERNELS_SCHEMA[c] for c in ("stream", "correlation", "comm_hash",
+                                               "coll_seq", "channel", "bytes")},
+                infer_schema_length=None)
+            kf = kf.join(att, on="rank").filter(
+                pl.col("rank").is_in(rs) & (pl.col("ts_ns") >= pl.col("attach"))
+                & (pl.col("ts_ns") + pl.col("dur_ns") <= end_t)).drop("attach")
+            kf = coerce(kf.with_columns(pl.col("ts_ns") + base), KERNELS_SCHEMA, "kernels")
         recs.append(Recording(m, coerce(e, EVENTS_SCHEMA, "events"),
-                              coerce(s, STACKS_SCHEMA, "stacks")))
+                              coerce(s, STACKS_SCHEMA, "stacks"), kernels=kf))
     return Scenario(recs, {"steps": steps})
