@@ -53,6 +53,7 @@ class SimConfig:
     tp: int = 1                       # tensor-parallel ranks per group (ncclCommSplit)
     layers: int = 4                   # --tp: layers, each with a TP allreduce fwd and bwd
     sync_every: int = 1               # the host reads the loss back every N steps
+    readback: str = "forward"         # ... after the forward (and at the end) | "end" only
     kernels_per_step: int = 96
     launch_rate: float | None = None  # launches/s per rank; overrides kernels_per_step
     step_ms: float = 50.0             # GPU time of one step at speed 1.0
@@ -102,6 +103,8 @@ def _validate(cfg: SimConfig) -> list[Fault]:
         raise FaultSpecError("--tp and --pp cannot be combined (use one of them).")
     if cfg.layers < 1:
         raise FaultSpecError("--layers must be >= 1.")
+    if cfg.readback not in ("forward", "end"):
+        raise FaultSpecError("--readback must be forward or end.")
     if cfg.sync_every < 1:
         raise FaultSpecError("--sync-every must be >= 1.")
     if cfg.sync_every > 1 and cfg.duration_s is not None:
@@ -174,7 +177,8 @@ class _Job:
             "ARGUS_SIM_BUCKETS": str(c.buckets), "ARGUS_SIM_BUCKET_MB": str(c.bucket_mb),
             "ARGUS_SIM_PP": str(c.pp), "ARGUS_SIM_SEED": str(c.seed),
             "ARGUS_SIM_TP": str(c.tp), "ARGUS_SIM_LAYERS": str(c.layers),
-            "ARGUS_SIM_SYNC_EVERY": str(c.sync_every), "ARGUS_SIM_WAIT_AT": c.wait_at,
+            "ARGUS_SIM_SYNC_EVERY": str(c.sync_every),
+            "ARGUS_SIM_READBACK": c.readback, "ARGUS_SIM_WAIT_AT": c.wait_at,
             "ARGUS_SIM_LOG_EVERY": str(c.log_every),
             "ARGUS_SIM_FAULTS": ";".join(f.normalised(c.buckets) for f in self.faults),
             "ARGUS_SIM_WAIT_GO": os.path.abspath(c.wait_go) if c.wait_go else "",
@@ -397,6 +401,7 @@ class SimJob:
 def config_to_argv(cfg: SimConfig) -> list[str]:
     a = ["--ranks", str(cfg.ranks), "--pp", str(cfg.pp), "--tp", str(cfg.tp),
          "--layers", str(cfg.layers), "--sync-every", str(cfg.sync_every),
+         "--readback", cfg.readback,
          "--wait-at", cfg.wait_at, "--step-ms", str(cfg.step_ms),
          "--cpu-ms", str(cfg.cpu_ms), "--buckets", str(cfg.buckets), "--bucket-mb",
          str(cfg.bucket_mb), "--seed", str(cfg.seed), "--log-every", str(cfg.log_every),
@@ -486,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="layers with --tp (default 4)")
     p.add_argument("--sync-every", type=int, default=1, metavar="N",
                    help="the host reads the loss back only every N steps (default 1)")
+    p.add_argument("--readback", choices=("forward", "end"), default="forward",
+                   help="where the host reads the loss back: after the forward and at the "
+                   "step's end (default), or at the end only (after the collectives)")
     p.add_argument("--kernels-per-step", type=int, default=96, metavar="K")
     p.add_argument("--launch-rate", type=float, metavar="PER_S",
                    help="target kernel launches per second per rank (sets K)")
@@ -512,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SimConfig(
         ranks=args.ranks, steps=args.steps, duration_s=args.duration, faults=args.fault,
         truth=args.truth, wait_go=args.wait_go, wait_at=args.wait_at, pp=args.pp,
-        tp=args.tp, layers=args.layers, sync_every=args.sync_every,
+        tp=args.tp, layers=args.layers, sync_every=args.sync_every, readback=args.readback,
         kernels_per_step=args.kernels_per_step, launch_rate=args.launch_rate,
         step_ms=args.step_ms, cpu_ms=args.cpu_ms, buckets=args.buckets,
         bucket_mb=args.bucket_mb, seed=args.seed, timeout_s=args.timeout, node=args.node,

@@ -85,6 +85,10 @@ static int caller_slot(const char *name)
 static int g_rank, g_local_rank, g_world, g_pp = 1, g_stage, g_dp;
 static int g_steps = 50, g_kernels = 96, g_buckets = 4, g_log_every = 10;
 static int g_tp = 1, g_layers = 4, g_sync_every = 1, g_wait_at_step, g_warmup_steps;
+/* the host reads the loss back after the forward (and at the step's end: the default), or
+ * at the step's end only (ARGUS_SIM_READBACK=end: after the collectives, so no rank's host
+ * waits on its own GPU longer than its peers' do) */
+static int g_readback_fwd = 1;
 #define METRICS_EVERY 5 /* --tp: the world allgather + broadcast period */
 static double g_duration_s, g_step_ms = 50.0, g_cpu_ms = 3.0, g_bucket_mb = 25.0;
 static const char *g_jobdir;
@@ -577,7 +581,7 @@ static void run_step(int step)
             tp_allreduce(act);
         }
         launch_one(k_cross_entropy, 2, g_compute);
-        if (sync)
+        if (sync && g_readback_fwd)
             CK(CALL(cudaMemcpy, &g_loss, d_loss, sizeof g_loss, cudaMemcpyDeviceToHost));
         int b = 0;
         for (int l = 0; l < g_layers; l++) {
@@ -596,7 +600,7 @@ static void run_step(int step)
         /* loss.item() after forward (logging, NaN/inf check): a blocking read-back that
          * waits for this rank's OWN forward only (no collective is pending yet), as most
          * real training loops do; it is what makes a GPU-slow rank visible host-side. */
-        if (sync)
+        if (sync && g_readback_fwd)
             CK(CALL(cudaMemcpy, &g_loss, d_loss, sizeof g_loss, cudaMemcpyDeviceToHost));
         int per = nbwd / g_buckets;
         for (int b = 0; b < g_buckets; b++) {
@@ -684,6 +688,8 @@ int main(void)
     g_tp = env_i("ARGUS_SIM_TP", 1);
     g_layers = env_i("ARGUS_SIM_LAYERS", 4);
     g_sync_every = env_i("ARGUS_SIM_SYNC_EVERY", 1);
+    const char *readback = getenv("ARGUS_SIM_READBACK");
+    g_readback_fwd = !(readback && strcmp(readback, "end") == 0);
     const char *wait_at = getenv("ARGUS_SIM_WAIT_AT");
     g_wait_at_step = wait_at && strcmp(wait_at, "step") == 0;
     parse_faults(getenv("ARGUS_SIM_FAULTS"));
