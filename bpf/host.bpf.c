@@ -37,8 +37,10 @@
  * Cost. sched_switch runs on every context switch of the node: for a switch between
  * untraced threads it is one hash lookup (watched, by the outgoing tgid) and one array
  * lookup (host_pending); only while a traced thread is preempted does a switch also look up
- * the incoming tid in `preempted`. Every switch also reads the clock and writes its CPU's
- * cpu_curr slot (28 bytes). A traced thread switched out adds a hash update (its on-CPU
+ * the incoming tid in `preempted`. Every switch also looks the incoming tid up in
+ * traced_tids and writes its CPU's cpu_curr slot (28 bytes); the clock is read only when
+ * the outgoing or the incoming thread is traced (its on-CPU time ends or begins: a thread's
+ * slices count from its first switch-out, when traced_tids learns it). A traced thread switched out adds a hash update (its on-CPU
  * time), and when still runnable one more; one switched out blocked reads its user registers and
  * looks up its last off-CPU entry: blocked at the same site, it only updates the time; at
  * a recent site of the thread it copies that site's stacks (offcpu_sites); elsewhere (or
@@ -242,19 +244,24 @@ int argus_host_switch(void *ctx)
 {
     u64 id = bpf_get_current_pid_tgid();  /* still the outgoing task (prev) */
     u32 tgid = id >> 32, tid = (u32)id;
-    u64 now = bpf_ktime_get_ns();
+    u32 next = *(s32 *)((char *)ctx + ARGUS_TP_SS_NEXT_PID_OFF);
+    u32 *w = watched.lookup(&tgid);
+    int traced = w && (*w & ARGUS_W_TRACE) && tid;
+    /* the clock only where a traced thread's time on the CPU begins or ends (the next
+     * thread: one that has switched out traced before); untraced switches do not read it */
+    int next_traced = next && traced_tids.lookup(&next);
+    u64 now = (traced || next_traced) ? bpf_ktime_get_ns() : 0;
     u64 ran = 0;  /* how long prev ran, since it was switched in */
     u32 cpu = bpf_get_smp_processor_id();
     struct argus_cpu_curr *cur = cpu_curr.lookup(&cpu);
     if (cur) {
-        if (cur->tid == tid && cur->since_ns && now > cur->since_ns)
+        if (traced && cur->tid == tid && cur->since_ns && now > cur->since_ns)
             ran = now - cur->since_ns;
-        cur->tid = *(s32 *)((char *)ctx + ARGUS_TP_SS_NEXT_PID_OFF);
+        cur->tid = next;
         bpf_probe_read_kernel(&cur->comm, sizeof(cur->comm), (char *)ctx + ARGUS_TP_SS_NEXT_COMM_OFF);
-        cur->since_ns = now;
+        cur->since_ns = next_traced ? now : 0;
     }
-    u32 *w = watched.lookup(&tgid);
-    if (w && (*w & ARGUS_W_TRACE) && tid) {
+    if (traced) {
         u32 *known = traced_tids.lookup(&tid);  /* an LRU update costs more than a lookup */
         if (!known || *known != tgid)
             traced_tids.update(&tid, &tgid);
@@ -286,10 +293,11 @@ int argus_host_switch(void *ctx)
     u64 *pending = host_pending.lookup(&zero);
     if (!pending || *pending == 0)
         return 0;
-    u32 next = *(s32 *)((char *)ctx + ARGUS_TP_SS_NEXT_PID_OFF);
     struct argus_preempt *p = preempted.lookup(&next);
     if (!p)
         return 0;
+    if (!now)
+        now = bpf_ktime_get_ns();
     struct argus_host_key key = {};
     key.kind = ARGUS_HOST_CPU;
     key.tgid = p->tgid;
