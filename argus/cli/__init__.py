@@ -21,7 +21,22 @@ _COMMANDS = ("doctor", "attach", "report", "export", "demo", "summarize", "stack
 _COMMANDS += ("gpu_env",)  # `argus gpu-env` (argus/cli/gpu_env.py)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """Each subcommand's module is imported when that command runs: `argus attach` does not
+    import the export, daemon or live-view code before it starts tracing (its start-up is
+    what issue 14 times). `argus --help` imports them all, for their one-line help."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(n.replace("_", "-") for n in _COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = cmd_name.replace("-", "_")
+        if module not in _COMMANDS:
+            return None
+        return importlib.import_module(f"argus.cli.{module}").command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="argus")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and debug output.")
 @click.pass_context
@@ -33,10 +48,6 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
-
-
-for _name in _COMMANDS:
-    cli.add_command(importlib.import_module(f"argus.cli.{_name}").command)
 
 
 def main(argv: list[str] | None = None) -> int:
