@@ -248,9 +248,10 @@ int argus_host_switch(void *ctx)
     u32 *w = watched.lookup(&tgid);
     int traced = w && (*w & ARGUS_W_TRACE) && tid;
     /* the clock only where a traced thread's time on the CPU begins or ends (the next
-     * thread: one that has switched out traced before); untraced switches do not read it */
-    int next_traced = next && traced_tids.lookup(&next);
-    u64 now = (traced || next_traced) ? bpf_ktime_get_ns() : 0;
+     * thread: one that has switched out traced before, looked up only when prev is not
+     * traced); untraced switches do not read it */
+    int timed = traced || (next && traced_tids.lookup(&next));
+    u64 now = timed ? bpf_ktime_get_ns() : 0;
     u64 ran = 0;  /* how long prev ran, since it was switched in */
     u32 cpu = bpf_get_smp_processor_id();
     struct argus_cpu_curr *cur = cpu_curr.lookup(&cpu);
@@ -259,7 +260,7 @@ int argus_host_switch(void *ctx)
             ran = now - cur->since_ns;
         cur->tid = next;
         bpf_probe_read_kernel(&cur->comm, sizeof(cur->comm), (char *)ctx + ARGUS_TP_SS_NEXT_COMM_OFF);
-        cur->since_ns = next_traced ? now : 0;
+        cur->since_ns = now;  /* 0: not timed (next is not traced) */
     }
     if (traced) {
         u32 *known = traced_tids.lookup(&tid);  /* an LRU update costs more than a lookup */
