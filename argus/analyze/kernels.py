@@ -39,6 +39,7 @@ from typing import Any
 
 import polars as pl
 
+from argus.analyze.timeline import fill_ranks
 from argus.recording.clock import mono_to_wall
 from argus.recording.io import Recording
 
@@ -69,12 +70,7 @@ def device_records(recordings: Sequence[Recording],
         k = getattr(rec, "kernels", None)
         if k is None or k.height == 0:
             continue
-        tgid_rank = {int(r["tgid"]): int(r["rank"]) for r in rec.manifest.get("ranks") or []
-                     if isinstance(r, dict) and r.get("tgid") is not None
-                     and r.get("rank") is not None}
-        k = k.with_columns(pl.coalesce(
-            pl.col("rank"), pl.col("tgid").replace_strict(tgid_rank, default=None,
-                                                          return_dtype=pl.Int32)).alias("rank"))
+        k = fill_ranks(k, rec.manifest)
         k = k.filter(pl.col("rank").is_not_null() & pl.col("dur_ns").is_not_null())
         k = k.with_columns((mono_to_wall(pl.col("ts_ns"), rec.manifest)
                             + offsets_ns.get(rec.host, 0)).alias("t_ns"))

@@ -159,6 +159,21 @@ def build_pystacks(recordings: Sequence[Recording]) -> pl.DataFrame | None:
     return pl.concat(pys, how="vertical_relaxed") if pys else None
 
 
+def fill_ranks(df: pl.DataFrame, manifest: dict) -> pl.DataFrame:
+    """`rank` filled from the manifest's ranks by tgid where the rows have none."""
+    tgid_rank = {
+        int(r["tgid"]): int(r["rank"])
+        for r in manifest.get("ranks") or []
+        if isinstance(r, dict) and r.get("tgid") is not None and r.get("rank") is not None
+    }
+    if not tgid_rank:
+        return df
+    return df.with_columns(pl.coalesce(
+        pl.col("rank"),
+        pl.col("tgid").replace_strict(tgid_rank, default=None, return_dtype=pl.Int32),
+    ).alias("rank"))
+
+
 def build_stacks(
     recordings: Sequence[Recording], offsets_ns: dict[str, int] | None = None
 ) -> pl.DataFrame:
@@ -170,18 +185,7 @@ def build_stacks(
         st = rec.stacks
         if st.height == 0:
             continue
-        tgid_rank = {
-            int(r["tgid"]): int(r["rank"])
-            for r in rec.manifest.get("ranks") or []
-            if isinstance(r, dict) and r.get("tgid") is not None and r.get("rank") is not None
-        }
-        if tgid_rank:
-            st = st.with_columns(
-                pl.coalesce(
-                    pl.col("rank"),
-                    pl.col("tgid").replace_strict(tgid_rank, default=None, return_dtype=pl.Int32),
-                ).alias("rank")
-            )
+        st = fill_ranks(st, rec.manifest)
         mid = pl.col("ts_ns") + pl.col("interval_ns").fill_null(0) // 2
         frames.append(
             st.with_columns(
@@ -208,18 +212,7 @@ def build_kernels(
         kn = getattr(rec, "kernels", None)
         if kn is None or kn.height == 0:
             continue
-        tgid_rank = {
-            int(r["tgid"]): int(r["rank"])
-            for r in rec.manifest.get("ranks") or []
-            if isinstance(r, dict) and r.get("tgid") is not None and r.get("rank") is not None
-        }
-        if tgid_rank:
-            kn = kn.with_columns(
-                pl.coalesce(
-                    pl.col("rank"),
-                    pl.col("tgid").replace_strict(tgid_rank, default=None, return_dtype=pl.Int32),
-                ).alias("rank")
-            )
+        kn = fill_ranks(kn, rec.manifest)
         frames.append(
             kn.with_columns(
                 pl.lit(rec.host, dtype=pl.Utf8).alias("host"),
