@@ -39,8 +39,7 @@ from typing import Any
 
 import polars as pl
 
-from argus.analyze.timeline import fill_ranks
-from argus.recording.clock import mono_to_wall
+from argus.analyze.timeline import build_kernels
 from argus.recording.io import Recording
 
 NCCL_PREFIXES = ("ncclDevKernel", "ncclKernel")
@@ -64,17 +63,12 @@ def device_records(recordings: Sequence[Recording],
                    offsets_ns: dict[str, int] | None = None) -> pl.DataFrame:
     """Every recording's kernels as operations (module doc): rank, cls, family, t_ns (aligned
     wall ns of the device start), dur_ns; sorted by t_ns."""
-    offsets_ns = offsets_ns or {}
     frames = []
-    for rec in recordings:
-        k = getattr(rec, "kernels", None)
-        if k is None or k.height == 0:
-            continue
-        k = fill_ranks(k, rec.manifest)
+    for rec in recordings:  # one recording at a time: its ranks' NCCL records (_operations)
+        k = build_kernels([rec], offsets_ns)
         k = k.filter(pl.col("rank").is_not_null() & pl.col("dur_ns").is_not_null())
-        k = k.with_columns((mono_to_wall(pl.col("ts_ns"), rec.manifest)
-                            + offsets_ns.get(rec.host, 0)).alias("t_ns"))
-        frames.append(_operations(k))
+        if k.height:
+            frames.append(_operations(k))
     if not frames:
         return pl.DataFrame(schema={"rank": pl.Int32, "cls": pl.Utf8, "family": pl.Utf8,
                                     "t_ns": pl.Int64, "dur_ns": pl.Int64})

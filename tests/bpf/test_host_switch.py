@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -45,13 +46,29 @@ def _kernel_frames(s: BpfSession, e) -> list[str]:
     return [s.ksym(a) for a in list(e.kernel)[: max(0, e.kernel_len) // 8] if a]
 
 
-def test_a_thread_blocking_at_one_site_keeps_its_stack_and_a_new_site_is_walked():
+@contextmanager
+def _switches_of(script: str):
+    """A BPF session with the switch program attached and a Python child running `script`
+    (stdin and stdout piped); both gone afterwards."""
     s = _session()
-    child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     try:
         s.attach_tracepoint("sched:sched_switch", "argus_host_switch")
-        s.table("watched")[ct.c_uint32(child.pid)] = ct.c_uint32(abi.W_TRACE)
+        yield s, child
+    finally:
+        child.kill()
+        child.wait()
+        s.close()
+
+
+def _trace(s: BpfSession, pid: int) -> None:
+    s.table("watched")[ct.c_uint32(pid)] = ct.c_uint32(abi.W_TRACE)
+
+
+def test_a_thread_blocking_at_one_site_keeps_its_stack_and_a_new_site_is_walked():
+    with _switches_of(CHILD) as (s, child):
+        _trace(s, child.pid)
         assert child.stdout.readline().strip() == "looping"
         offcpu = s.table("offcpu")
         seen = []  # (ts_ns, stack_ns, kernel frames) of the child's main thread while it loops
@@ -79,10 +96,6 @@ def test_a_thread_blocking_at_one_site_keeps_its_stack_and_a_new_site_is_walked(
         assert any("pipe_read" in f for f in frames), frames
         assert not any("select" in f for f in frames), frames
         assert e.stack_ns == e.ts_ns  # a new site: walked at this very block
-    finally:
-        child.kill()
-        child.wait()
-        s.close()
 
 
 # Two threads, each 40 rounds of ~5 ms busy then 1 ms asleep (80 slices at least), then wait.
@@ -110,13 +123,9 @@ def _cpu_ns(pid: int) -> int:
 
 
 def test_on_cpu_time_of_a_traced_process_matches_the_kernels_account():
-    s = _session()
-    child = subprocess.Popen([sys.executable, "-c", BUSY], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        s.attach_tracepoint("sched:sched_switch", "argus_host_switch")
+    with _switches_of(BUSY) as (s, child):
         assert child.stdout.readline().strip() == "ready"
-        s.table("watched")[ct.c_uint32(child.pid)] = ct.c_uint32(abi.W_TRACE)
+        _trace(s, child.pid)
         before = _cpu_ns(child.pid)
         child.stdin.write("go\n")
         child.stdin.flush()
@@ -130,7 +139,3 @@ def test_on_cpu_time_of_a_traced_process_matches_the_kernels_account():
         # the kernel's account is in clock ticks (10 ms here): 0.4 s of work, within 15 %
         assert spent >= 350_000_000
         assert 0.85 * spent <= on_cpu <= 1.15 * spent, (on_cpu, spent)
-    finally:
-        child.kill()
-        child.wait()
-        s.close()
