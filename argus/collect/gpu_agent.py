@@ -304,8 +304,10 @@ class GpuAgentRing:
         return out
 
     def read(self, limit: int | None = None) -> pl.DataFrame:
-        """Drain the ring into a frame with RECORD_SCHEMA."""
-        return records_frame(self.read_raw(limit), self.tgid)
+        """Drain the ring into a frame with RECORD_SCHEMA (through `read_batch`, the
+        collector's reader; `read_raw` / `records_frame` stay as its record-by-record
+        reference, which the unit tests compare it with)."""
+        return batch_frame(self.read_batch(limit), self.tgid)
 
     def close(self) -> None:
         self._slots = None  # the view holds the mapping's buffer
