@@ -7,3 +7,7 @@ of `evidence` -> detectors (anomaly, straggler, stall, hang, hotspot, gpu, host,
 point over recordings or their summaries (`compress` builds those). Nothing here imports
 collecting.
 """
+
+# blocked this long at the end of a recording = hung (`argus attach --hang-after`): here, not
+# in report, so the CLI's option default costs no import of the analyzers
+DEFAULT_HANG_AFTER_S = 10.0

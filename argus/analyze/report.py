@@ -17,6 +17,7 @@ import polars as pl
 
 from argus import __version__
 from argus.analyze import (
+    DEFAULT_HANG_AFTER_S,
     anomaly,
     gpu,
     host_context,
@@ -30,7 +31,6 @@ from argus.analyze import (
 from argus.analyze.evidence import Evidence
 
 SCHEMA = "argus.report/1"
-DEFAULT_HANG_AFTER_S = 10.0
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 KIND_ORDER = {
     "collective_hang": 0,

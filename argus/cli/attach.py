@@ -7,16 +7,16 @@ from pathlib import Path
 
 import click
 
-from argus.analyze.compress import build_summaries
-from argus.analyze.diagnosis import DEFAULT_HANG_AFTER_S, diagnose
+from argus.analyze import DEFAULT_HANG_AFTER_S
 from argus.collect.channels import SWITCHES, check_switches
 from argus.collect.session import default_output_dir, run_session
 from argus.collect.tracer import TraceOptions, Tracer
 from argus.errors import NotATrainingProcess, UsageError
 from argus.present.phases import Phases
-from argus.present.render import print_report
 from argus.recording.io import load_recording
-from argus.recording.summaries import write_summaries
+
+# the analysis (diagnosis, compress, render, summaries) is imported once the recording is
+# written: 0.1-0.2 s less before the programs compile and the probes go in
 
 
 def channels_from_flags(flags: dict[str, bool]) -> tuple[str, ...]:
@@ -94,6 +94,9 @@ def summary_lines(manifest: dict, path: Path) -> list[str]:
 def write_summary_files(recording) -> None:
     """DIR/summaries/: what the diagnosis needs per rank per step, kept when the raw events
     are not (docs/scaling.md). A failure here is a warning: the recording is already safe."""
+    from argus.analyze.compress import build_summaries  # noqa: PLC0415 - after tracing
+    from argus.recording.summaries import write_summaries  # noqa: PLC0415
+
     try:
         summ = build_summaries([recording])
         write_summaries(recording.path, summ)
@@ -185,9 +188,13 @@ def command(pids, duration, output, frequency, ringbuf_mb, hang_after, as_json, 
     if not no_summaries:
         write_summary_files(recording)
     click.echo("argus: diagnosing", err=True)
+    from argus.analyze.diagnosis import diagnose  # noqa: PLC0415 - not on the way in
+
     report = diagnose([recording], hang_after_s=hang_after)
     if as_json:
         click.echo(json.dumps(report, default=str))
     else:
+        from argus.present.render import print_report  # noqa: PLC0415 - not on the way in
+
         print_report(report)
     return 0

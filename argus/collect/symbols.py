@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import mmap
 import os
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 from elftools.common.exceptions import ELFError
@@ -78,6 +78,7 @@ class ElfFile:
         self._hash = _HashLookup(path)
         self._funcs: _AddressTable | _SortedSymbols | None = None
         self._by_name: dict[str, Symbol] | None = None
+        self._defined: dict[str, bool] = {}  # defined_of's answers (the file never changes)
 
     def reached_by(self, path: str) -> None:
         """The file is the same (identity) at `path`: read it from there from now on (the
@@ -138,11 +139,15 @@ class ElfFile:
         over its string tables for all the names the hash table does not have (the
         static-runtime markers of every spec asked of each libtorch library: 0.05 s on
         libtorch_cpu for two, where a search per name took 0.1 s, 0.5 s while ranks ran)."""
-        found = {n for n in names if self._hash.get(n) is not None}
-        rest = tuple(sorted(set(names) - found))
-        if rest:
-            found |= {n for n in _strings_with(self.path, rest) if self.lookup(n) is not None}
-        return found
+        asked = [n for n in names if n not in self._defined]
+        if asked:  # once per file identity: every rank asks the same libtorch_cpu.so
+            found = {n for n in asked if self._hash.get(n) is not None}
+            rest = tuple(sorted(set(asked) - found))
+            if rest:
+                found |= {n for n in _strings_with(self.path, rest)
+                          if self.lookup(n) is not None}
+            self._defined.update((n, n in found) for n in asked)
+        return {n for n in names if self._defined[n]}
 
     def vaddr_to_offset(self, vaddr: int) -> int | None:
         for p_vaddr, p_offset, p_filesz in self._loads:
@@ -318,6 +323,35 @@ class _AddressTable:
         return self._mm[off : end if end >= 0 else hi].decode("utf-8", "replace")
 
 
+def _per_file(maxsize: int):
+    """Memoize fn(path, *args) by the file's identity (device, inode, size, mtime) and args,
+    not by its path: every rank reaches the same libtorch through its own /proc/PID/root,
+    and a cache keyed by path missed for each (0.16 s per rank of a 4-rank torch job).
+    Bounded (least recently used out), safe from several threads."""
+    def wrap(fn):
+        cache: OrderedDict[tuple, object] = OrderedDict()
+        lock = threading.Lock()
+
+        @functools.wraps(fn)
+        def call(path: str, *args):
+            st = os.stat(path)
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, args)
+            with lock:
+                if key in cache:
+                    cache.move_to_end(key)
+                    return cache[key]
+            value = fn(path, *args)
+            with lock:
+                cache[key] = value
+                if len(cache) > maxsize:
+                    cache.popitem(last=False)
+            return value
+
+        call.cache_clear = cache.clear
+        return call
+    return wrap
+
+
 def _strings_have(path: str, name: str) -> bool:
     """Whether `name` is a whole string (or a versioned `name@...`) of a symbol string table
     of the file (.dynstr, .strtab): when not, no symbol of it has that name."""
@@ -326,34 +360,61 @@ def _strings_have(path: str, name: str) -> bool:
 
 def _strings_with(path: str, names: tuple[str, ...]) -> frozenset[str]:
     """Which of `names` are whole strings (or `name@...`) of the file's symbol string
-    tables: one regular-expression pass over each table for all of them."""
-    st = os.stat(path)
-    return _strings_with_cached(path, names, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    tables: one regular-expression pass over each table for all of them. Cached by file
+    identity, not path: each rank reaches the same file through its own /proc/PID/root."""
+    return _strings_with_cached(path, names)
 
 
-@lru_cache(maxsize=256)
-def _strings_with_cached(path: str, names: tuple[str, ...], *identity: int) -> frozenset[str]:
+_SHT_SYMTAB, _SHT_DYNSYM = 2, 11
+_ELF64_SHDR = np.dtype(
+    [("name", "<u4"), ("type", "<u4"), ("flags", "<u8"), ("addr", "<u8"), ("offset", "<u8"),
+     ("size", "<u8"), ("link", "<u4"), ("info", "<u4"), ("addralign", "<u8"),
+     ("entsize", "<u8")]
+)
+
+
+def _symbol_strtabs(f, mm) -> list[tuple[int, int]]:
+    """(offset, size) of the string table of each symbol table (.symtab, .dynsym). An
+    ELF64 little-endian file's section headers are read as one array: pyelftools'
+    iter_sections builds every section, parsing libtorch_cpu's .gnu.hash on the way
+    (60 ms, on every call)."""
+    if mm[:6] == b"\x7fELF\x02\x01":  # ELFCLASS64, ELFDATA2LSB
+        shoff = int.from_bytes(mm[0x28:0x30], "little")
+        entsize = int.from_bytes(mm[0x3A:0x3C], "little")
+        count = int.from_bytes(mm[0x3C:0x3E], "little")
+        if entsize == _ELF64_SHDR.itemsize and 0 < count and shoff + count * entsize <= len(mm):
+            sh = np.frombuffer(mm, dtype=_ELF64_SHDR, count=count, offset=shoff)
+            out = []
+            for link in sh["link"][(sh["type"] == _SHT_SYMTAB) | (sh["type"] == _SHT_DYNSYM)]:
+                if link < count:
+                    out.append((int(sh["offset"][link]), int(sh["size"][link])))
+            return out
+    elf = ELFFile(f)
+    out = []
+    for sec in elf.iter_sections():
+        if isinstance(sec, SymbolTableSection):
+            strtab = elf.get_section(sec["sh_link"])
+            out.append((strtab["sh_offset"], strtab["sh_size"]))
+    return out
+
+
+@_per_file(maxsize=256)
+def _strings_with_cached(path: str, names: tuple[str, ...]) -> frozenset[str]:
     pat = re.compile(b"\0(" + b"|".join(re.escape(n.encode()) for n in names) + b")[\0@]")
     out: set[str] = set()
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        elf = ELFFile(f)
-        for sec in elf.iter_sections():
-            if not isinstance(sec, SymbolTableSection):
-                continue
-            strtab = elf.get_section(sec["sh_link"])
-            start = strtab["sh_offset"]
-            for m in pat.finditer(mm, start, start + strtab["sh_size"]):
+        for start, size in _symbol_strtabs(f, mm):
+            for m in pat.finditer(mm, start, start + size):
                 out.add(m.group(1).decode())
     return frozenset(out)
 
 
 def _any_symbol(path: str, name: str) -> Symbol | None:
-    st = os.stat(path)
-    return _any_symbol_cached(path, name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return _any_symbol_cached(path, name)
 
 
-@lru_cache(maxsize=64)
-def _any_symbol_cached(path: str, name: str, *identity: int) -> Symbol | None:
+@_per_file(maxsize=64)
+def _any_symbol_cached(path: str, name: str) -> Symbol | None:
     with open(path, "rb") as f:
         elf = ELFFile(f)
         for secname in (".dynsym", ".symtab"):

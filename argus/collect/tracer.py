@@ -172,7 +172,7 @@ class Tracer:
     def start(self, plan: list[tuple[int, bool]]) -> None:
         """Load the BPF program set and attach to every planned target."""
         warm = None
-        if any(ch.symbolizes for ch in self.active):
+        if self.calls.on or any(ch.symbolizes for ch in self.active):
             warm = threading.Thread(target=self._warm_symbols, args=(plan,), daemon=True,
                                     name="argus-warm-symbols")
             warm.start()
@@ -205,11 +205,26 @@ class Tracer:
         self._last_rescan = time.monotonic()
 
     def _warm_symbols(self, plan: list[tuple[int, bool]]) -> None:
+        """While the programs compile: what the first scan of each target asks of its
+        libraries (the static-runtime markers of libtorch: 0.05-0.2 s on the first rank),
+        then the symbolizer's tables (argus.collect.symbolize.Symbolizer.warm)."""
         tgids = [t for t, _launcher in plan]
         for t, launcher in plan:
             if launcher:
                 tgids += procfs.descendants(t, self.opts.proc_root)
-        self.symbolizer.warm(tgids)
+        if self.calls.on:
+            seen: set[str] = set()
+            for tgid in tgids:
+                try:
+                    libs = procfs.mapped_libraries(tgid, self.opts.proc_root)
+                except (TargetNotFound, OSError):
+                    continue
+                for lib in libs:
+                    if lib.path not in seen:
+                        seen.add(lib.path)
+                        self.calls.specs_for(lib)
+        if any(ch.symbolizes for ch in self.active):
+            self.symbolizer.warm(tgids)
 
     # -- targets ---------------------------------------------------------------------------
     def _watch(self, tgid: int, launcher: bool) -> None:

@@ -100,3 +100,55 @@ def test_every_address_of_a_function_names_it_and_none_outside(lib):
         assert after != name
     assert isinstance(elf._funcs, symbols._AddressTable)
     assert elf.function_at(0) is None and elf.function_at(-1) is None
+
+
+def test_string_tables_are_found_from_the_section_headers_as_pyelftools_finds_them(lib):
+    # the numpy read of ELF64 section headers (no section built, no .gnu.hash parsed)
+    import mmap
+
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+
+    with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        fast = symbols._symbol_strtabs(f, mm)
+        elf = ELFFile(f)
+        links = [elf.get_section(s["sh_link"]) for s in elf.iter_sections()
+                 if isinstance(s, SymbolTableSection)]
+        slow = [(t["sh_offset"], t["sh_size"]) for t in links]
+    assert len(fast) == 2 and fast == slow  # .dynsym's .dynstr and .symtab's .strtab
+
+
+def test_string_searches_are_cached_by_file_identity_not_path(lib, tmp_path, monkeypatch):
+    # each rank's /proc/PID/root/... path to the same libtorch: one search for all of them
+    reads = []
+    real = symbols._symbol_strtabs
+    monkeypatch.setattr(symbols, "_symbol_strtabs", lambda f, mm: reads.append(1) or real(f, mm))
+    symbols._strings_with_cached.cache_clear()
+    paths = []
+    for i in range(3):
+        link = tmp_path / f"rank{i}.so"
+        link.symlink_to(lib)
+        paths.append(str(link))
+    names = ("cudaLaunchKernel", "ncclAllReduce")
+    assert [symbols._strings_with(p, names) for p in paths] == [frozenset({"cudaLaunchKernel"})] * 3
+    assert len(reads) == 1
+    copy = tmp_path / "copy.so"  # another file (another inode): searched on its own
+    shutil.copy(lib, copy)
+    assert symbols._strings_with(str(copy), names) == frozenset({"cudaLaunchKernel"})
+    assert len(reads) == 2
+
+
+def test_defined_of_answers_each_name_once_per_file(lib, monkeypatch):
+    elf = symbols.ElfFile(lib)
+    asked = []
+    real = symbols._strings_with
+    monkeypatch.setattr(symbols, "_strings_with",
+                        lambda path, names: asked.append(names) or real(path, names))
+    assert elf.defined_of(("cudaLaunchKernel", "ncclAllReduce")) == {"cudaLaunchKernel"}
+    assert asked[0] == ("cudaLaunchKernel", "ncclAllReduce")
+    first = len(asked)
+    assert elf.defined_of(("ncclAllReduce", "cudaLaunchKernel")) == {"cudaLaunchKernel"}
+    assert len(asked) == first  # both answered already: the file is not read again
+    assert elf.defined_of(("ncclAllReduceLocal", "cudaLaunchKernel")) == {"cudaLaunchKernel",
+                                                                          "ncclAllReduceLocal"}
+    assert asked[first] == ("ncclAllReduceLocal",)  # only the new name is searched

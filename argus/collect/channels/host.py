@@ -99,6 +99,10 @@ class HostChannel(Channel):
         self.rows: list[dict] = []  # not drained yet
         self.status: dict[str, str] = {}  # tracepoint -> attached | skipped: ... | failed: ...
         self._prev: dict[tuple, tuple[int, int]] = {}
+        # tid -> ((stack_ns, site), (functions, modules)): a thread still blocked where the
+        # last drain saw it (most of a rank's threads, most of the time: its gloo and
+        # OpenMP workers) is not symbolised again every second
+        self._frames: dict[int, tuple[tuple[int, int], tuple[list[str], list[str]]]] = {}
         self._last = 0.0
         self._last_ns = 0
         self._cpu_prev: tuple[int, int] | None = None  # the node's CPU time, steal (/proc/stat)
@@ -130,6 +134,7 @@ class HostChannel(Channel):
 
     def forget(self, tgids: set[int]) -> None:
         self._prev = {k: v for k, v in self._prev.items() if k[1] not in tgids}
+        self._frames = {}  # (tids of other processes are named again at the next drain)
 
     def drain(self, now: float) -> None:
         """host_counts deltas since the last drain -> host rows; each traced thread blocked
@@ -191,7 +196,13 @@ class HostChannel(Channel):
                 continue
             if state in ("R",):  # running again since it last blocked
                 continue
-            functions, modules = self.offcpu_frames(tgid, e)
+            walked = (int(e.stack_ns), int(e.site))
+            last = self._frames.get(tid)
+            if last is not None and last[0] == walked:
+                functions, modules = last[1]  # the same stacks as the last drain named
+            else:
+                functions, modules = self.offcpu_frames(tgid, e)
+                self._frames[tid] = (walked, (functions, modules))
             tr.stack_rows.append({
                 "ts_ns": start_ns, "interval_ns": interval_ns, "tgid": tgid, "tid": tid,
                 "rank": tr.ctx.rank_of.get(tgid), "thread": e.comm.decode("utf-8", "replace"),
@@ -199,6 +210,8 @@ class HostChannel(Channel):
                 "state": "off_cpu", "blocked_ns": max(0, now_ns - int(e.ts_ns)),
             })
         s.delete_keys("offcpu", gone)
+        for tid_key in gone:
+            self._frames.pop(int(tid_key), None)
 
     def offcpu_frames(self, tgid: int, e: abi.OffCpu) -> tuple[list[str], list[str]]:
         """Kernel frames, then user frames (leaf first), as on-CPU rows have them. When the
