@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers.breakpoints import anonymous_text_kb, breakpoints
 from rich.console import Console
 
 from argus.cli import main
@@ -136,19 +137,6 @@ def _rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def _breakpoint_pages_kb(pid: int, build: Path) -> int:
-    """Anonymous kB in the executable mappings of the private stub libraries: a uprobe's
-    breakpoint is written into a private copy of the text page; when the last uprobe on
-    it is removed the kernel maps the file's page back (0 kB)."""
-    total, inside = 0, False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            inside = " r-xp " in line and str(build / "stubs") in line
-        elif inside and line.startswith("Anonymous:"):
-            total += int(line.split()[1])
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -474,12 +462,14 @@ def test_daemon_killed_leaves_no_probes_and_targets_keep_running(tmp_path, own_b
     try:
         ranks = job.wait_ready()
         d.wait_for(lambda: d.job_of(ranks), 30, "the job to be traced")
-        assert all(_breakpoint_pages_kb(r, build) > 0 for r in ranks)  # probes are in place
+        stubs = build / "stubs"
+        assert all(breakpoints(r, stubs) for r in ranks)  # probes are in place
         d.stop(signal.SIGKILL)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_breakpoint_pages_kb(r, build) for r in ranks):
+        while time.monotonic() < deadline and any(breakpoints(r, stubs) for r in ranks):
             time.sleep(0.2)
-        assert [_breakpoint_pages_kb(r, build) for r in ranks] == [0, 0]
+        left = {r: breakpoints(r, stubs) for r in ranks}
+        assert left == {r: [] for r in ranks}, (left, [anonymous_text_kb(r, stubs) for r in ranks])
         time.sleep(1)
         assert job.proc.poll() is None
         for r in ranks:

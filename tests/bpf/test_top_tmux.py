@@ -3,13 +3,13 @@ the straggler, keys sort and quit; quitting detaches every probe and the job run
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from helpers.breakpoints import anonymous_text_kb, breakpoints
 
 from argus.sim.launcher import SimConfig, find_build_dir, start_job
 
@@ -41,16 +41,9 @@ def _cmdline(p: Path) -> str:
         return ""
 
 
-def _breakpoint_pages_kb(pid: int, stubs: Path) -> int:
-    """Anonymous kB in the executable mappings of the (private) stub libraries: a uprobe's
-    breakpoint lives in a private copy of the text page until its last uprobe is removed."""
-    total, inside = 0, False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            inside = " r-xp " in line and str(stubs) in line
-        elif inside and line.startswith("Anonymous:"):
-            total += int(line.split()[1])
-    return total
+def _holders(launcher: int) -> list[str]:
+    return [p.name for p in Path("/proc").iterdir() if p.name.isdigit()
+            and _cmdline(p).endswith(f"top {launcher}")]
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make setup)")
@@ -77,7 +70,7 @@ def test_top_in_tmux_shows_the_straggler_and_quits_on_q(tmp_path):
             return row is not None and "STRAGGLER" in row
 
         assert _wait(straggler_row, 90), _screen(session)
-        assert all(_breakpoint_pages_kb(r, stubs) > 0 for r in ranks)  # probes in place
+        assert all(breakpoints(r, stubs) for r in ranks)  # probes in place
         screen = _screen(session)
         assert "sort rank" in screen.splitlines()[0]
         for rank, tgid in ((0, ranks[0]), (2, ranks[2])):  # only rank 1 is flagged
@@ -89,14 +82,13 @@ def test_top_in_tmux_shows_the_straggler_and_quits_on_q(tmp_path):
         assert _wait(lambda: _tmux("has-session", "-t", session).returncode != 0, 60)
         # quitting skipped the last analysis, not the teardown: the probes are released by
         # a background holder process once argus has exited (the kernel takes ~0.2 s per
-        # uprobe); then every probe is gone (the text pages are the file's again) and the
-        # job goes on
-        _wait(lambda: not any(_breakpoint_pages_kb(r, stubs) for r in ranks), 120)
-        assert [_breakpoint_pages_kb(r, stubs) for r in ranks] == [0, 0, 0]
+        # uprobe); then no breakpoint is left in the ranks' text and the job goes on
+        _wait(lambda: not any(breakpoints(r, stubs) for r in ranks), 120)
+        left = {r: breakpoints(r, stubs) for r in ranks}
+        assert left == {r: [] for r in ranks}, (
+            left, {r: anonymous_text_kb(r, stubs) for r in ranks}, _holders(job.launcher_pid))
         assert job.proc.poll() is None
-        holders = [p for p in Path("/proc").iterdir() if p.name.isdigit()
-                   and _cmdline(p).endswith(f"top {job.launcher_pid}")]
-        assert holders == []  # the holder has exited too
+        assert _holders(job.launcher_pid) == []  # the holder has exited too
     finally:
         _tmux("kill-session", "-t", session)
         job.close()
