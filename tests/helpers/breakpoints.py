@@ -13,9 +13,12 @@ def breakpoints(pid: int, under: Path) -> list[tuple[str, int]]:
     """(library name, file offset) of every byte of the r-xp mappings of files under `under`
     that is not the file's byte: on x86 a uprobe writes one int3 (0xcc) at its address, and
     the kernel writes the original byte back when the probe's last reference goes. This is
-    the probe itself, not a side effect of it: after the restore the kernel may keep the
-    private (anonymous) copy of the page or map the file's page back, depending on whether
-    that page is still in the page cache, so a count of anonymous kB is not a test."""
+    the probe itself, not a side effect of it. After the restore the kernel maps the file's
+    page back only when it can (kernel/events/uprobes.c since 6.16, orig_page_is_identical
+    and a reference-count test: the file page is in the page cache and up to date, and
+    nothing else holds the private copy at that moment); otherwise the private (anonymous)
+    copy stays, with the original bytes. So anonymous kB in the text is not a test: one
+    page of it stayed in a fresh-check run of 2026-12-07 with every probe released."""
     found: list[tuple[str, int]] = []
     prefix = str(under).rstrip("/") + "/"
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
