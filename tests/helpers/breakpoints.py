@@ -18,7 +18,8 @@ def breakpoints(pid: int, under: Path) -> list[tuple[str, int]]:
     and a reference-count test: the file page is in the page cache and up to date, and
     nothing else holds the private copy at that moment); otherwise the private (anonymous)
     copy stays, with the original bytes. So anonymous kB in the text is not a test: one
-    page of it stayed in a fresh-check run of 2026-12-07 with every probe released."""
+    page per rank stayed in a fresh-check run of 2026-12-07 (that check could not say
+    whether a probe stayed with it; this one names the bytes)."""
     found: list[tuple[str, int]] = []
     prefix = str(under).rstrip("/") + "/"
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
