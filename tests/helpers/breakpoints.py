@@ -14,7 +14,7 @@ def breakpoints(pid: int, under: Path) -> list[tuple[str, int]]:
     that is not the file's byte: on x86 a uprobe writes one int3 (0xcc) at its address, and
     the kernel writes the original byte back when the probe's last reference goes. This is
     the probe itself, not a side effect of it. After the restore the kernel maps the file's
-    page back only when it can (kernel/events/uprobes.c since 6.16, orig_page_is_identical
+    page back only when it can (kernel/events/uprobes.c, orig_page_is_identical on 6.1x,
     and a reference-count test: the file page is in the page cache and up to date, and
     nothing else holds the private copy at that moment); otherwise the private (anonymous)
     copy stays, with the original bytes. So anonymous kB in the text is not a test: one
