@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import functools
 import mmap
 import os
 import re
@@ -78,7 +77,12 @@ class ElfFile:
         self._hash = _HashLookup(path)
         self._funcs: _AddressTable | _SortedSymbols | None = None
         self._by_name: dict[str, Symbol] | None = None
-        self._defined: dict[str, bool] = {}  # defined_of's answers (the file never changes)
+        # Answers kept with the file (the file never changes; one ElfFile per identity):
+        # every rank asks the same questions of libtorch_cpu through its own path. The names
+        # asked come from the probe specs, a fixed set, so these stay small.
+        self._defined: dict[str, bool] = {}  # defined_of
+        self._in_strings: dict[str, bool] = {}  # _strings_with
+        self._symbols: dict[str, Symbol | None] = {}  # symbol's scans
 
     def reached_by(self, path: str) -> None:
         """The file is the same (identity) at `path`: read it from there from now on (the
@@ -97,7 +101,7 @@ class ElfFile:
         # a name in no string table is in no symbol table: a byte search (0.04 s on
         # libtorch_cpu) instead of reading its 352k functions into a table (1.3 s), which
         # every torch build paid for the ProcessGroupNCCL methods a CPU build lacks
-        if not _strings_have(self.path, name):
+        if name not in self._strings_with((name,)):
             return None
         return self._all_funcs_by_name().get(name)
 
@@ -116,7 +120,9 @@ class ElfFile:
         hit = self._hash.get(name)
         if hit is not None or not scan:
             return hit
-        return _any_symbol(self.path, name)
+        if name not in self._symbols:
+            self._symbols[name] = _any_symbol(self.path, name)
+        return self._symbols[name]
 
     def load_base(self, mappings) -> int | None:
         """What the loader added to this file's ELF addresses in a process (0 for a non-PIE
@@ -144,10 +150,18 @@ class ElfFile:
             found = {n for n in asked if self._hash.get(n) is not None}
             rest = tuple(sorted(set(asked) - found))
             if rest:
-                found |= {n for n in _strings_with(self.path, rest)
-                          if self.lookup(n) is not None}
+                found |= {n for n in self._strings_with(rest) if self.lookup(n) is not None}
             self._defined.update((n, n in found) for n in asked)
         return {n for n in names if self._defined[n]}
+
+    def _strings_with(self, names: tuple[str, ...]) -> frozenset[str]:
+        """Which of `names` are whole strings (or `name@...`) of the file's symbol string
+        tables (.dynstr, .strtab): when a name is not, no symbol of the file has it."""
+        new = tuple(n for n in names if n not in self._in_strings)
+        if new:  # one pass for every name not asked before
+            found = _strings_with(self.path, new)
+            self._in_strings.update((n, n in found) for n in new)
+        return frozenset(n for n in names if self._in_strings[n])
 
     def vaddr_to_offset(self, vaddr: int) -> int | None:
         for p_vaddr, p_offset, p_filesz in self._loads:
@@ -323,48 +337,6 @@ class _AddressTable:
         return self._mm[off : end if end >= 0 else hi].decode("utf-8", "replace")
 
 
-def _per_file(maxsize: int):
-    """Memoize fn(path, *args) by the file's identity (device, inode, size, mtime) and args,
-    not by its path: every rank reaches the same libtorch through its own /proc/PID/root,
-    and a cache keyed by path missed for each (0.16 s per rank of a 4-rank torch job).
-    Bounded (least recently used out), safe from several threads."""
-    def wrap(fn):
-        cache: OrderedDict[tuple, object] = OrderedDict()
-        lock = threading.Lock()
-
-        @functools.wraps(fn)
-        def call(path: str, *args):
-            st = os.stat(path)
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, args)
-            with lock:
-                if key in cache:
-                    cache.move_to_end(key)
-                    return cache[key]
-            value = fn(path, *args)
-            with lock:
-                cache[key] = value
-                if len(cache) > maxsize:
-                    cache.popitem(last=False)
-            return value
-
-        call.cache_clear = cache.clear
-        return call
-    return wrap
-
-
-def _strings_have(path: str, name: str) -> bool:
-    """Whether `name` is a whole string (or a versioned `name@...`) of a symbol string table
-    of the file (.dynstr, .strtab): when not, no symbol of it has that name."""
-    return name in _strings_with(path, (name,))
-
-
-def _strings_with(path: str, names: tuple[str, ...]) -> frozenset[str]:
-    """Which of `names` are whole strings (or `name@...`) of the file's symbol string
-    tables: one regular-expression pass over each table for all of them. Cached by file
-    identity, not path: each rank reaches the same file through its own /proc/PID/root."""
-    return _strings_with_cached(path, names)
-
-
 _SHT_SYMTAB, _SHT_DYNSYM = 2, 11
 _ELF64_SHDR = np.dtype(
     [("name", "<u4"), ("type", "<u4"), ("flags", "<u8"), ("addr", "<u8"), ("offset", "<u8"),
@@ -398,8 +370,9 @@ def _symbol_strtabs(f, mm) -> list[tuple[int, int]]:
     return out
 
 
-@_per_file(maxsize=256)
-def _strings_with_cached(path: str, names: tuple[str, ...]) -> frozenset[str]:
+def _strings_with(path: str, names: tuple[str, ...]) -> frozenset[str]:
+    """Which of `names` are whole strings (or `name@...`) of the file's symbol string
+    tables: one regular-expression pass over each table for all of them."""
     pat = re.compile(b"\0(" + b"|".join(re.escape(n.encode()) for n in names) + b")[\0@]")
     out: set[str] = set()
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -410,11 +383,6 @@ def _strings_with_cached(path: str, names: tuple[str, ...]) -> frozenset[str]:
 
 
 def _any_symbol(path: str, name: str) -> Symbol | None:
-    return _any_symbol_cached(path, name)
-
-
-@_per_file(maxsize=64)
-def _any_symbol_cached(path: str, name: str) -> Symbol | None:
     with open(path, "rb") as f:
         elf = ELFFile(f)
         for secname in (".dynsym", ".symtab"):

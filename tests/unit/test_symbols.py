@@ -41,14 +41,14 @@ def test_a_hidden_or_local_function_is_found_in_the_symbol_table(lib):
     # a static copy of a runtime inside another library: not exported, only in .symtab
     elf = symbols.ElfFile(lib)
     assert elf._hash.get("cudaLaunchKernel") is None
-    assert symbols._strings_have(lib, "cudaLaunchKernel")
+    assert "cudaLaunchKernel" in elf._strings_with(("cudaLaunchKernel",))
     assert elf.defines("cudaLaunchKernel") and elf.defines("ncclAllReduceLocal")
 
 
 def test_a_name_only_part_of_another_is_not_defined(lib):
     elf = symbols.ElfFile(lib)
     for name in ("cudaLaunch", "LaunchKernel", "ncclAllReduce", "cudaLaunchKernelEx"):
-        assert not symbols._strings_have(lib, name), name
+        assert elf._strings_with((name,)) == frozenset(), name
         assert not elf.defines(name), name
 
 
@@ -86,7 +86,7 @@ def test_markers_of_several_specs_are_answered_in_one_pass(lib):
     asked = ("cudaLaunchKernel", "ncclAllReduce", "ncclAllReduceLocal", "cudaLaunchKernelExported")
     assert elf.defined_of(asked) == {"cudaLaunchKernel", "ncclAllReduceLocal",
                                      "cudaLaunchKernelExported"}
-    assert symbols._strings_with(lib, ("ncclAllReduce", "LaunchKernel")) == frozenset()
+    assert elf._strings_with(("ncclAllReduce", "LaunchKernel")) == frozenset()
 
 
 def test_every_address_of_a_function_names_it_and_none_outside(lib):
@@ -118,23 +118,24 @@ def test_string_tables_are_found_from_the_section_headers_as_pyelftools_finds_th
     assert len(fast) == 2 and fast == slow  # .dynsym's .dynstr and .symtab's .strtab
 
 
-def test_string_searches_are_cached_by_file_identity_not_path(lib, tmp_path, monkeypatch):
+def test_string_searches_are_kept_by_file_identity_not_path(lib, tmp_path, monkeypatch):
     # each rank's /proc/PID/root/... path to the same libtorch: one search for all of them
     reads = []
     real = symbols._symbol_strtabs
     monkeypatch.setattr(symbols, "_symbol_strtabs", lambda f, mm: reads.append(1) or real(f, mm))
-    symbols._strings_with_cached.cache_clear()
+    monkeypatch.setattr(symbols, "_files", symbols.OrderedDict())  # no file parsed before
     paths = []
     for i in range(3):
         link = tmp_path / f"rank{i}.so"
         link.symlink_to(lib)
         paths.append(str(link))
-    names = ("cudaLaunchKernel", "ncclAllReduce")
-    assert [symbols._strings_with(p, names) for p in paths] == [frozenset({"cudaLaunchKernel"})] * 3
+    names = ("cudaLaunchKernel", "ncclAllReduceLocal")
+    marker = {"cudaLaunchKernel", "ncclAllReduceLocal"}  # in no hash table: a string search
+    assert [symbols.elf_file(p).defined_of(names) for p in paths] == [marker] * 3
     assert len(reads) == 1
     copy = tmp_path / "copy.so"  # another file (another inode): searched on its own
     shutil.copy(lib, copy)
-    assert symbols._strings_with(str(copy), names) == frozenset({"cudaLaunchKernel"})
+    assert symbols.elf_file(str(copy)).defined_of(names) == marker
     assert len(reads) == 2
 
 
