@@ -171,10 +171,11 @@ class Tracer:
 
     def start(self, plan: list[tuple[int, bool]]) -> None:
         """Load the BPF program set and attach to every planned target."""
-        warm = None
-        if self.calls.on or any(ch.symbolizes for ch in self.active):
-            warm = threading.Thread(target=self._warm_symbols, args=(plan,), daemon=True,
-                                    name="argus-warm-symbols")
+        warm, markers = None, self.calls.on
+        stacks = any(ch.symbolizes for ch in self.active)
+        if markers or stacks:
+            warm = threading.Thread(target=self._warm_symbols, args=(plan, markers, stacks),
+                                    daemon=True, name="argus-warm-symbols")
             warm.start()
         cflags = [f"-I{BPF_DIR}", "-DARGUS_BPF"]
         sources = ["argus.bpf.c"]  # the maps every family shares
@@ -204,15 +205,15 @@ class Tracer:
             ch.start()
         self._last_rescan = time.monotonic()
 
-    def _warm_symbols(self, plan: list[tuple[int, bool]]) -> None:
+    def _warm_symbols(self, plan: list[tuple[int, bool]], markers: bool, stacks: bool) -> None:
         """While the programs compile: what the first scan of each target asks of its
-        libraries (the static-runtime markers of libtorch: 0.05-0.2 s on the first rank),
-        then the symbolizer's tables (argus.collect.symbolize.Symbolizer.warm)."""
+        libraries (markers: the static-runtime markers of libtorch, 0.05-0.2 s on the first
+        rank), then the symbolizer's tables (stacks: argus.collect.symbolize.Symbolizer.warm)."""
         tgids = [t for t, _launcher in plan]
         for t, launcher in plan:
             if launcher:
                 tgids += procfs.descendants(t, self.opts.proc_root)
-        if self.calls.on:
+        if markers:
             seen: set[str] = set()
             for tgid in tgids:
                 try:
@@ -223,7 +224,7 @@ class Tracer:
                     if lib.path not in seen:
                         seen.add(lib.path)
                         self.calls.specs_for(lib)
-        if any(ch.symbolizes for ch in self.active):
+        if stacks:
             self.symbolizer.warm(tgids)
 
     # -- targets ---------------------------------------------------------------------------
