@@ -29,19 +29,40 @@ NO_RANK_WARN_S = 15.0  # launchers with no rank this long after the tracing line
 TRACING_NICE = 10  # argus's priority once its probes are live: its work waits for the job's
 
 
-def yield_to_the_job(nice: int = TRACING_NICE) -> None:
+def yield_to_the_job(nice: int = TRACING_NICE) -> dict[int, int]:
     """Lower every thread of this process to at least `nice` (Linux's nice is per thread;
     threads and processes started later inherit it). Once the probes are live argus's work
     (draining, decoding, writing parts) is never urgent, and on a node whose ranks keep the
     CPUs busy a burst of it slowed every rank: a part write 5 s into a 4-rank tp_dp job on 2
     vCPUs, steps 1.35x slower for 4 steps (a false alarm in 1 of 10 healthy runs). The BPF
-    side is unaffected: it runs in the ranks' context and timestamps there."""
+    side is unaffected: it runs in the ranks' context and timestamps there. Returns
+    {tid: its nice before} of the threads it lowered, for `restore_priorities`."""
+    lowered: dict[int, int] = {}
     for tid in os.listdir("/proc/self/task"):
         try:
             now = os.getpriority(os.PRIO_PROCESS, int(tid))
-            os.setpriority(os.PRIO_PROCESS, int(tid), max(now, nice))
+            if now < nice:
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+                lowered[int(tid)] = now
         except (OSError, ValueError):  # a thread that ended meanwhile
             pass
+    return lowered
+
+
+def restore_priorities(lowered: dict[int, int]) -> None:
+    """Give the threads `yield_to_the_job` lowered (those still alive) their nice back: a
+    process that traces and goes on (`run_session` called from a test run or a notebook)
+    must not run on, or start its later children, at nice 10. A test process that had
+    traced once started every later job's ranks at nice 10, and on a busy machine a
+    nice-0 process beside them took their CPUs (raising a priority back needs root, as
+    tracing does; without it the thread keeps nice 10)."""
+    alive = set(os.listdir("/proc/self/task"))
+    for tid, nice in lowered.items():
+        if str(tid) in alive:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except OSError:
+                pass
 
 
 @dataclass
@@ -134,6 +155,7 @@ def run_session(
     old_term = signal.signal(signal.SIGTERM, on_signal)
     old_int = signal.signal(signal.SIGINT, on_signal)
     ok = False
+    lowered: dict[int, int] = {}
     gpu = GpuChannel(tracer)
     parts = PartWriter(output)
     try:
@@ -150,7 +172,7 @@ def run_session(
                    else "no probe symbol was found in the mapped libraries")
             raise ProbeAttachFailed(f"no probe could be attached: {why}")
         gpu.start()  # NVML absent = one manifest line, never a failure
-        yield_to_the_job()
+        lowered = yield_to_the_job()
         if on_started is not None:
             on_started(tracer)
         now = time.monotonic()
@@ -208,6 +230,7 @@ def run_session(
             tracer.session.close(background=True)
         if not ok and created and not parts.parts:
             shutil.rmtree(output, ignore_errors=True)
+        restore_priorities(lowered)
 
 
 def _no_rank_note(tgids: list[int], waited_s: float) -> str:
