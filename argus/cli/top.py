@@ -147,7 +147,7 @@ class AttachReader:
 
     def close(self) -> None:
         """Stop at once: no last analysis (nobody reads it); the probes are released by a
-        background holder process when this one exits (`hand_off_probes`)."""
+        background holder process (`BpfSession.close(background=True)`)."""
         self._stop.set()
         self._thread.join(timeout=30)
 
@@ -171,9 +171,9 @@ class AttachReader:
                     tr.finish("error")
             finally:
                 if tr.session is not None:
-                    if quit_:
-                        hand_off_probes()
-                    tr.session.close(wait=not quit_)  # detaches every probe (perf-event fds)
+                    # detaches every probe (perf-event fds); on quit a holder process pays
+                    # the kernel's removal of each (~0.2 s per uprobe) after this one exits
+                    tr.session.close(wait=not quit_, background=quit_)
             if self.gpu is not None:
                 self.gpu.stop()
                 self.gpu.close()
@@ -301,34 +301,3 @@ class AttachReader:
         report = diagnose([diag], hang_after_s=HANG_AFTER_S)
         return job_view(job.key, rec, diag, report, {t: tr.probes_of(t) for t in job.tgids},
                         exited)
-
-
-_HOLDER_PIPES: list[int] = []
-
-
-def hand_off_probes() -> None:
-    """Let a child process release the probes, so that this one can exit at once.
-
-    Removing a uprobe costs the kernel a synchronisation per probe (measured here: about
-    0.23 s each, 15 s for the 64 uprobes of a 3-rank simulated job, whether the fds are
-    closed by bcc's cleanup or by the process exit). The child inherits every fd (each perf
-    event and BPF object gets a second reference), becomes its own session with its stdio
-    on /dev/null (a closing terminal does not signal it), and blocks until this process is
-    gone (the pipe's write end closes with it), then exits: its exit drops the last
-    references, and the kernel detaches every probe then. This process closes its own
-    references meanwhile (fast: not the last ones) and exits without waiting. The child
-    runs no Python beyond os calls (forked from a threaded process)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the holder
-        try:
-            os.setsid()
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.close(w)
-            os.read(r, 1)  # EOF when the parent has exited
-        finally:
-            os._exit(0)
-    os.close(r)
-    _HOLDER_PIPES.append(w)  # open until this process exits

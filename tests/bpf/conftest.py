@@ -5,6 +5,8 @@ The zoo tier (`zoo` marker: real PyTorch jobs of every shape, ~40 s a run) runs 
 the suite's time (README, "Tests")."""
 
 import os
+import signal
+import time
 
 import pytest
 
@@ -36,3 +38,83 @@ def pytest_generate_tests(metafunc):
 
         cls = metafunc.cls
         metafunc.parametrize("shape", shape_params(list(cls.FAULTS), check, cls.KNOWN))
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """{pid: (parent pid, state)} of every process, zombies included."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(name)] = (int(fields[1]), fields[0])
+    return out
+
+
+def _live_children(pid: int) -> set[int]:
+    return {p for p, (ppid, state) in _processes().items() if ppid == pid and state != "Z"}
+
+
+def _tree(roots: set[int]) -> list[int]:
+    procs, out, todo = _processes(), [], list(roots)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += [c for c, (ppid, _state) in procs.items() if ppid == p]
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:160]
+    except OSError:
+        return "?"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    if rep.when == "call":
+        item.argus_call_failed = rep.failed
+    return rep
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left(request):
+    """Every process a bpf test starts ends with it. A test that failed half-way had left its
+    jobs running (5 simulated jobs, 10 ranks, for the rest of a `make test-stress` run), and
+    every later test ran beside them: here they are stopped (SIGTERM, then SIGKILL, the
+    whole tree) and a test that passed but left some is an error that names them. Processes
+    of wider-scoped fixtures (a module's daemon) were there before and are left alone."""
+    before = _live_children(os.getpid())
+    yield
+    deadline = time.monotonic() + 10.0  # what the test stopped may still be exiting
+    while (left := _live_children(os.getpid()) - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not left:
+        return
+    tree = _tree(left)
+    names = [f"{p}: {_cmdline(p)}" for p in tree]
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        for p in tree:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + wait
+        while time.monotonic() < end and any(os.path.exists(f"/proc/{p}/cmdline")
+                                             and _processes().get(p, (0, "Z"))[1] != "Z"
+                                             for p in tree):
+            time.sleep(0.1)
+    for p in left:  # reap our own children (their children are reparented and reaped)
+        try:
+            os.waitpid(p, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    if not getattr(request.node, "argus_call_failed", True):
+        pytest.fail(f"the test left {len(tree)} process(es) running (now stopped): {names}",
+                    pytrace=False)

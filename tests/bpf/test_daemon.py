@@ -407,6 +407,7 @@ def _wait_gone(pids, timeout: float) -> bool:
 def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, own_build):
     build = own_build
     d = Daemon(tmp_path, build, interval_s=0.5, job_grace_s=1)
+    started = []  # every job, closed however the test ends (a leaked batch loads the rest)
     try:
         d.wait_for(lambda: d.state().get("uprobes") == 0 or None, 30, "the daemon's first scan")
         base_fds = _perf_fds(d.proc.pid)
@@ -419,6 +420,7 @@ def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, own_build):
                 job = start_job(SimConfig(ranks=2, steps=3, step_ms=5, cpu_ms=1,
                                           kernels_per_step=8, wait_go=str(go),
                                           build_dir=str(build), quiet=True))
+                started.append(job)
                 batch.append((job, job.wait_ready(), go))
             for _job, ranks, _go in batch:  # each job is traced before it may start
                 d.wait_for(lambda ranks=ranks: d.job_of(ranks), 30, f"job {ranks} traced")
@@ -452,6 +454,8 @@ def test_many_short_jobs_leave_no_probes_fds_or_memory(tmp_path, own_build):
         drops = d.state()["drops"]
         assert drops["call_ringbuf"] == 0 and drops["proc_ringbuf"] == 0, drops
     finally:
+        for job in started:
+            job.close()
         assert d.stop() == 0
 
 
