@@ -11,6 +11,8 @@ import warnings
 
 import pytest
 
+from argus.collect import procfs
+
 
 def pytest_collection_modifyitems(config, items):
     reason = None
@@ -41,39 +43,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("shape", shape_params(list(cls.FAULTS), check, cls.KNOWN))
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """{pid: (parent pid, state)} of every process, zombies included."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            out[int(name)] = (int(fields[1]), fields[0])
-    return out
-
-
 def _live_children(pid: int) -> set[int]:
-    return {p for p, (ppid, state) in _processes().items() if ppid == pid and state != "Z"}
-
-
-def _tree(roots: set[int]) -> list[int]:
-    procs, out, todo = _processes(), [], list(roots)
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += [c for c, (ppid, _state) in procs.items() if ppid == p]
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:160]
-    except OSError:
-        return "?"
+    return {c for c in procfs.children(pid) if procfs.alive(c)}
 
 
 @pytest.hookimpl(wrapper=True)
@@ -98,8 +69,8 @@ def _no_process_left(request):
         time.sleep(0.1)
     if not left:
         return
-    tree = _tree(left)
-    names = [f"{p}: {_cmdline(p)}" for p in tree]
+    tree = [*left, *(d for p in left for d in procfs.descendants(p))]
+    names = [f"{p}: {' '.join(procfs.cmdline(p))[:160]}" for p in tree]
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         for p in tree:
             try:
@@ -107,9 +78,7 @@ def _no_process_left(request):
             except ProcessLookupError:
                 pass
         end = time.monotonic() + wait
-        while time.monotonic() < end and any(os.path.exists(f"/proc/{p}/cmdline")
-                                             and _processes().get(p, (0, "Z"))[1] != "Z"
-                                             for p in tree):
+        while time.monotonic() < end and any(procfs.alive(p) for p in tree):
             time.sleep(0.1)
     for p in left:  # reap our own children (their children are reparented and reaped)
         try:
