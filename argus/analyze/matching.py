@@ -3,7 +3,8 @@
 NCCL collectives carry a per-(tgid, comm) `seq` counted since attach, so when tracing started
 mid-run (or a rank was attached later) the same collective has different `seq` on different
 ranks. `align_seq` finds, per rank, the shift that maps its `seq` onto a reference rank's:
-the shift whose matched collectives have identical (op, bytes) and the closest entry times.
+the shift whose matched collectives have identical (op, bytes) and the closest entry times
+(the smallest mean difference).
 """
 
 from __future__ import annotations
@@ -102,7 +103,12 @@ def _best_shift(ref: pl.DataFrame, other: pl.DataFrame) -> int:
         ).item()
         if agree is None or agree < 0.9:
             continue
-        dt = j.select((pl.col("t_ns") - pl.col("t_ns_r")).abs().median()).item()
+        # The mean, not the median: a shift by one bucket or one step pairs most collectives
+        # with a neighbour issued a moment apart (equal buckets; a host that runs ahead
+        # issues 5 steps within 4 ms, then waits for the GPU) and only the pairs across a
+        # step or a sync with one a whole step or cycle apart, which a median ignores (the
+        # wrong shift won by 1-3 ms where the ranks woke from a sync a few ms apart).
+        dt = j.select((pl.col("t_ns") - pl.col("t_ns_r")).abs().mean()).item()
         # The most identical pairs first: a straggler late by about a step puts the NEXT
         # collective of the others nearest in time (shift +-1 with a few ops mismatched).
         key = (0.0 if j.height >= 8 else 1.0, -round(float(agree), 3), float(dt), abs(d))
@@ -119,7 +125,7 @@ def align_seq(coll: pl.DataFrame) -> pl.DataFrame:
     tie). For every other rank the candidate shifts are those that pair its first collectives
     with the reference's nearest-in-time ones, plus 0; the chosen shift has >= 90% identical
     pairs (op, bytes, and calls_before within 20 %), the most of them, then the smallest
-    median |entry time difference| (a rank late by about one step enters collective k when
+    mean |entry time difference| (a rank late by about one step enters collective k when
     the others enter k + 1).
     """
     if coll.height == 0:

@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 import scenarios
 
-from argus.analyze.matching import align_seq, collectives
+from argus.analyze.matching import align_seq, collectives, with_lateness
 from argus.analyze.timeline import build_timeline
 
 pytestmark = pytest.mark.unit
@@ -80,6 +80,38 @@ def test_equal_buckets_of_a_late_rank_are_paired_by_the_calls_before_them():
     shifts = align_seq(_equal_buckets(8_500_000)).group_by("rank").agg(
         (pl.col("gseq") - pl.col("seq")).unique())
     assert sorted(shifts.rows()) == [(0, [0]), (1, [0])]
-    # by (op, bytes) and time alone, a bucket 2 on won
+    # by (op, bytes) and time alone too: the mean difference is 8.5 ms, 2 buckets on it is
+    # 2.5 ms for half the pairs and ~31 ms across steps for the others (a median of the
+    # differences chose the shift by 2 buckets)
     blind = align_seq(_equal_buckets(8_500_000, with_calls=False)).filter(pl.col("rank") == 1)
-    assert (blind["gseq"] - blind["seq"]).unique().to_list() == [2]
+    assert (blind["gseq"] - blind["seq"]).unique().to_list() == [0]
+
+
+def _runs_ahead(wake_late_ns: int) -> pl.DataFrame:
+    """Two ranks whose hosts run ahead of the GPU, as the simulator's `--sync-every 5
+    --readback end` job: each cycle a host issues 5 steps of 4 equal collectives within
+    4 ms (a step every 0.75 ms), then waits ~370 ms at the read-back for the GPU. Rank 1
+    wakes from every read-back `wake_late_ns` after rank 0 (a busy CPU). The first
+    collective after a read-back follows 2 more calls (the copy and the sync): within the
+    tolerance, so program order cannot tell the steps apart."""
+    rows = []
+    for r in (0, 1):
+        for c in range(10):
+            wake = c * 370_000_000 + (wake_late_ns if r else 0)
+            for s in range(5):
+                for b in range(4):
+                    rows.append({"rank": r, "comm": "c", "op": "allreduce", "bytes": 1 << 20,
+                                 "seq": 20 * c + 4 * s + b,
+                                 "t_ns": wake + s * 750_000 + b * 150_000,
+                                 "calls_before": (67 if s == 0 else 65, 14, 14, 15)[b]})
+    return pl.DataFrame(rows)
+
+
+def test_a_host_that_runs_ahead_is_paired_by_its_cycles_not_by_its_neighbour_step():
+    # rank 1 wakes 3 ms late: its step k+1 lies 2.25 ms from rank 0's step k in 4 steps of
+    # 5, and a whole cycle from it in the 5th, which a median of the differences ignores
+    c = align_seq(_runs_ahead(3_000_000))
+    shifts = c.group_by("rank").agg((pl.col("gseq") - pl.col("seq")).unique()).sort("rank")
+    assert shifts.rows() == [(0, [0]), (1, [0])]
+    late = with_lateness(c).filter(pl.col("rank") == 1)["lateness_ns"]
+    assert late.n_unique() == 1 and late[0] == 1_500_000  # half of 3 ms: a median of two
