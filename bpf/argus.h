@@ -21,6 +21,7 @@ typedef int64_t __s64;
 #define ARGUS_REC_CALL 1      /* struct argus_call */
 #define ARGUS_REC_CALL_STR 2  /* struct argus_call_str (a call that also captured a string) */
 #define ARGUS_REC_PROC 3      /* struct argus_proc_event */
+#define ARGUS_REC_GROUP 4     /* struct argus_group_rec (a c10d group's first call) */
 
 /* Probe flags (struct argus_probe_info.flags): what the generic uprobe program captures. */
 #define ARGUS_PF_EXIT (1u << 0)       /* a return probe is attached: record dur_ns and ret */
@@ -31,6 +32,7 @@ typedef int64_t __s64;
 #define ARGUS_PF_SEQ (1u << 5)        /* count per (tgid, args[seq_arg], peer) -> seq */
 #define ARGUS_PF_PEER (1u << 6)       /* args[peer_arg] is a p2p peer: separate seq per peer */
 #define ARGUS_PF_NO_RECORD (1u << 7)  /* count only (call_counts), no ring-buffer record */
+#define ARGUS_PF_GROUP (1u << 8)      /* args[seq_arg] is a c10d::Backend: at seq 0, record it */
 
 #define ARGUS_REG_ARGS 6
 #define ARGUS_STACK_ARGS 4
@@ -75,6 +77,25 @@ struct argus_call {
 struct argus_call_str {
     struct argus_call call;
     char str[ARGUS_STR_LEN];
+};
+
+/* A c10d group, read at its first call since attach (seq 0) while the process lives, on the
+ * calls ring just before that call's record: the Backend's first ARGUS_C10D_HEAD bytes and
+ * the bytes its name (std::string pg_uid_: {char *data; size_t size} at ARGUS_C10D_NAME_OFF)
+ * points at. User space checks the layout (argus/collect/c10d.py); a ring read after the rank
+ * exited can no longer read its memory. */
+#define ARGUS_C10D_HEAD 48
+#define ARGUS_C10D_NAME_OFF 32
+#define ARGUS_C10D_NAME_LEN 64  /* a power of two (the BPF read masks with it) */
+
+struct argus_group_rec {
+    __u32 type;      /* ARGUS_REC_GROUP */
+    __u32 tgid;
+    __u64 backend;   /* the c10d::Backend's address (args[seq_arg]) */
+    __u8 head[ARGUS_C10D_HEAD];
+    __u32 name_len;  /* bytes of name read: 0 when the size was out of range or unreadable */
+    __u32 pad;
+    __u8 name[ARGUS_C10D_NAME_LEN];
 };
 
 /* Process lifecycle, on its own ring buffer (low volume; never shares space with calls). */

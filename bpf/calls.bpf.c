@@ -12,7 +12,8 @@
  *                read by user space at the end: calls still blocked are hangs
  *   calls        ring buffer of struct argus_call / argus_call_str records, submitted with
  *                BPF_RB_NO_WAKEUP (user space reads it every 100 ms: Tracer.poll) except a
- *                communicator's first call (argus_wakeup)
+ *                communicator's first call (argus_wakeup); before a c10d group's first
+ *                call, a struct argus_group_rec (argus_group_record)
  *   call_scratch per-CPU scratch for the inflight value (too big for the BPF stack)
  * Cost per hit (measured by `make bench`): entry-only ~ the uprobe trap plus two hash
  * lookups and a 128-byte ring-buffer record; entry+return adds the uretprobe trap and one
@@ -92,6 +93,40 @@ static __always_inline u64 argus_wakeup(s64 seq)
     return seq == 0 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
+/* A c10d group's first call since attach: its Backend's head and name bytes, read now (user
+ * space names the group from them, argus/collect/c10d.py). Reading the live process later,
+ * when the ring is drained, fails once the rank has exited: a busy machine delays the drain
+ * of a nice-10 tracer past the end of a short job. */
+static __always_inline void argus_group_record(u32 tgid, u64 backend)
+{
+    struct argus_group_rec *g = calls.ringbuf_reserve(sizeof(*g));
+    if (!g) {
+        argus_drop(ARGUS_DROP_CALL_RINGBUF);
+        return;
+    }
+    g->type = ARGUS_REC_GROUP;
+    g->tgid = tgid;
+    g->backend = backend;
+    g->name_len = 0;
+    g->pad = 0;
+    if (bpf_probe_read_user(g->head, sizeof(g->head), (void *)backend) != 0) {
+        argus_drop(ARGUS_DROP_READ_FAULT);
+        calls.ringbuf_discard(g, BPF_RB_NO_WAKEUP);
+        return;
+    }
+    u64 ptr = 0, n = 0;
+    __builtin_memcpy(&ptr, &g->head[ARGUS_C10D_NAME_OFF], sizeof(ptr));
+    __builtin_memcpy(&n, &g->head[ARGUS_C10D_NAME_OFF + 8], sizeof(n));
+    if (n >= 1 && n <= ARGUS_C10D_NAME_LEN) {
+        u32 len = (((u32)n - 1) & (ARGUS_C10D_NAME_LEN - 1)) + 1;  /* 1..64 for the verifier */
+        if (bpf_probe_read_user(g->name, len, (void *)ptr) == 0)
+            g->name_len = len;
+        else
+            argus_drop(ARGUS_DROP_READ_FAULT);
+    }
+    calls.ringbuf_submit(g, BPF_RB_NO_WAKEUP);  /* the call's own record wakes (seq 0) */
+}
+
 int argus_call_entry(struct pt_regs *ctx)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -143,6 +178,8 @@ int argus_call_entry(struct pt_regs *ctx)
         if ((flags & ARGUS_PF_PEER) && pi_ < ARGUS_MAX_ARGS)
             peer = (s32)f->args[pi_];
         f->seq = argus_next_seq(tgid, comm, peer);
+        if ((flags & ARGUS_PF_GROUP) && f->seq == 0)
+            argus_group_record(tgid, comm);
     }
 
     if (!(flags & ARGUS_PF_EXIT)) {

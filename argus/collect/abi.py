@@ -11,6 +11,7 @@ import ctypes as ct
 REC_CALL = 1
 REC_CALL_STR = 2
 REC_PROC = 3
+REC_GROUP = 4
 
 PF_EXIT = 1 << 0
 PF_STACK = 1 << 1
@@ -20,6 +21,7 @@ PF_STR = 1 << 4
 PF_SEQ = 1 << 5
 PF_PEER = 1 << 6
 PF_NO_RECORD = 1 << 7
+PF_GROUP = 1 << 8
 
 REG_ARGS = 6
 STACK_ARGS = 4
@@ -27,6 +29,9 @@ MAX_ARGS = REG_ARGS + STACK_ARGS
 STR_LEN = 64
 MAX_DEPTH = 4
 COMM_LEN = 16
+C10D_HEAD = 48
+C10D_NAME_OFF = 32
+C10D_NAME_LEN = 64
 
 PROC_FORK = 1
 PROC_EXEC = 2
@@ -110,6 +115,18 @@ class Call(ct.Structure):
 
 class CallStr(ct.Structure):
     _fields_ = [("call", Call), ("str", ct.c_char * STR_LEN)]
+
+
+class GroupRec(ct.Structure):
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("tgid", ct.c_uint32),
+        ("backend", ct.c_uint64),
+        ("head", ct.c_uint8 * C10D_HEAD),
+        ("name_len", ct.c_uint32),
+        ("pad", ct.c_uint32),
+        ("name", ct.c_uint8 * C10D_NAME_LEN),
+    ]
 
 
 class ProcEvent(ct.Structure):
@@ -233,6 +250,7 @@ STRUCTS = {
     "argus_probe_info": ProbeInfo,
     "argus_call": Call,
     "argus_call_str": CallStr,
+    "argus_group_rec": GroupRec,
     "argus_proc_event": ProcEvent,
     "argus_stack_key": StackKey,
     "argus_py_proc": PyProc,

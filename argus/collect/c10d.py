@@ -21,20 +21,27 @@ Backend begins with its vtable pointer and `intrusive_ptr_target`'s two 32-bit c
 libstdc++'s std::string is {char *data; size_t size; char local[16] or size_t capacity}.
 Every field is validated before use (0 <= rank < size <= MAX_SIZE, debug level 0-2, name 1-64
 printable bytes); a layout that fails is not used, and the group keeps its first-use name.
-Nothing of the object is written, and it is read once per (process, group).
+Nothing of the object is written. It is read at the group's first call since attach by the
+BPF program (`struct argus_group_rec` on the calls ring: `from_record`), while the process
+runs; `read_group` (its /proc/PID/mem, once per group) is the fallback when that read
+faulted. A ring drained late (a nice-10 tracer on a busy machine) may come after a short
+job's rank exited, when its memory can no longer be read (seen: `pg0` for the world group).
 """
 
 from __future__ import annotations
 
+import ctypes as ct
 import os
 import string
 import struct
 from dataclasses import dataclass
 
+from argus.collect import abi
+
 RANK_OFF = 16
-NAME_OFF = 32
+NAME_OFF = abi.C10D_NAME_OFF  # 32; the BPF program reads the head and the name bytes too
 MAX_SIZE = 1 << 20
-MAX_NAME = 64
+MAX_NAME = abi.C10D_NAME_LEN  # 64
 _PRINTABLE = frozenset(string.printable.encode()) - frozenset(b"\t\n\r\x0b\x0c")
 
 
@@ -57,6 +64,14 @@ def parse(head: bytes, name_bytes: bytes | None) -> Group | None:
     if name_bytes is None or len(name_bytes) != n or not set(name_bytes) <= _PRINTABLE:
         return None
     return Group(name_bytes.decode("ascii"), rank, size)
+
+
+def from_record(blob: bytes) -> tuple[int, int, Group | None]:
+    """(tgid, backend address, its Group or None) of a `struct argus_group_rec`."""
+    rec = abi.GroupRec.from_buffer_copy(blob[: ct.sizeof(abi.GroupRec)])
+    n = min(int(rec.name_len), MAX_NAME)
+    name = bytes(rec.name[:n]) if n else None
+    return int(rec.tgid), int(rec.backend), parse(bytes(rec.head), name)
 
 
 def read_group(tgid: int, this: int, proc_root: str = "/proc") -> Group | None:

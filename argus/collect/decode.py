@@ -92,6 +92,14 @@ class DecodeContext:
             self.comm_ids[key] = cid
         return cid
 
+    def name_group(self, tgid: int, handle: int, group: Group | None) -> None:
+        """Name a c10d group from what the BPF program read at its first call (its
+        `argus_group_rec`), unless the handle already has an id."""
+        key = (tgid, handle)
+        if group is not None and key not in self.comm_ids:
+            self.comm_ids[key] = f"pg:{group.name}"
+            self.comm_info[key] = (group.rank, group.size)
+
     def split_ordinal(self, tgid: int, parent: str) -> int:
         """The how-manyth split of communicator `parent` in process tgid this is (0, 1, ...)."""
         n = self._splits.get((tgid, parent), 0)

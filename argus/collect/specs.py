@@ -82,6 +82,8 @@ class ProbeSpec:
             f |= abi.PF_SEQ
             if self.kind in ("p2p", "pg_p2p"):
                 f |= abi.PF_PEER
+            if self.kind.startswith("pg_"):  # its comm is a c10d::Backend (argus.collect.c10d)
+                f |= abi.PF_GROUP
         return f
 
     def probe_info(self, probe_id: int) -> abi.ProbeInfo:

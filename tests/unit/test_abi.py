@@ -60,6 +60,11 @@ def test_constants_match_the_header():
     assert value("ARGUS_STR_LEN") == abi.STR_LEN
     assert value("ARGUS_NDROPS") == len(abi.DROP_NAMES)
     assert value("ARGUS_REC_PROC") == abi.REC_PROC
+    assert value("ARGUS_REC_GROUP") == abi.REC_GROUP
+    assert value("ARGUS_PF_GROUP") == abi.PF_GROUP
+    assert value("ARGUS_C10D_HEAD") == abi.C10D_HEAD
+    assert value("ARGUS_C10D_NAME_OFF") == abi.C10D_NAME_OFF
+    assert value("ARGUS_C10D_NAME_LEN") == abi.C10D_NAME_LEN
     assert value("ARGUS_W_DESCEND") == abi.W_DESCEND
     assert value("ARGUS_DROP_HOST_MAP_FULL") == abi.DROP_NAMES.index("host_map_full")
     for name, kind in (("CPU", abi.HOST_CPU), ("TCP", abi.HOST_TCP), ("OOM", abi.HOST_OOM),

@@ -92,3 +92,49 @@ def test_the_decoder_names_groups_by_their_torch_name_on_every_rank():
     assert ev.select("tgid", "comm", "comm_rank", "comm_nranks").rows() == [
         (100, "pg:1", 0, 2), (101, "pg:1", 1, 2), (102, "pg:2", 0, 2), (103, "pg:2", 1, 2),
         (103, "pg0", None, None)]
+
+
+def _group_rec(tgid: int, obj, name_len: int | None = None) -> bytes:
+    """The `argus_group_rec` the BPF program writes at a group's first call: the Backend's
+    first 48 bytes and the bytes its pg_uid_ points at."""
+    rec = abi.GroupRec(type=abi.REC_GROUP, tgid=tgid, backend=ct.addressof(obj))
+    head = bytes(obj)[: abi.C10D_HEAD]
+    ct.memmove(rec.head, head, abi.C10D_HEAD)
+    ptr, n = struct.unpack_from("<QQ", head, abi.C10D_NAME_OFF)
+    rec.name_len = n if name_len is None else name_len
+    ct.memmove(rec.name, ptr, min(rec.name_len, abi.C10D_NAME_LEN))
+    return bytes(rec)
+
+
+def test_a_group_read_at_its_first_call_names_it_after_the_process_is_gone():
+    """The ring is drained after the rank exited (a busy machine): its memory can no longer
+    be read (`pg_group` answers None), and the group is named from the BPF program's read
+    (`argus_group_rec`); a record whose name read faulted leaves the first-use name."""
+    probes, ids = {}, {}
+    for lib in load_specs():
+        for spec in lib.probes:
+            for sym in spec.symbols:
+                ids[sym] = len(probes)
+                probes[len(probes)] = ProbeRef(spec, sym)
+    world, hashed_buf = _backend(1, 4, b"0"), ct.create_string_buffer(b"9c" * 20)
+    hashed = _backend(0, 2, b"9c" * 20, long_name=hashed_buf)
+    assert c10d.from_record(_group_rec(100, world)) == (100, ct.addressof(world),
+                                                        Group("0", 1, 4))
+    assert c10d.from_record(_group_rec(100, hashed))[2] == Group("9c" * 20, 0, 2)
+    assert c10d.from_record(_group_rec(101, world, name_len=0))[2] is None
+    ctx = DecodeContext(probes, pg_group=lambda tgid, this: None)  # the ranks are gone
+    for blob in (_group_rec(100, world), _group_rec(100, hashed),
+                 _group_rec(101, world, name_len=0)):
+        ctx.name_group(*c10d.from_record(blob))
+    calls = [(100, ct.addressof(world)), (100, ct.addressof(hashed)), (101, ct.addressof(world))]
+    ev = decode_records([_call(ids[GLOO_ALLREDUCE], t, h) for t, h in calls], ctx)
+    assert ev.select("tgid", "comm", "comm_rank", "comm_nranks").rows() == [
+        (100, "pg:0", 1, 4), (100, "pg:9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c", 0, 2),
+        (101, "pg0", None, None)]
+
+
+def test_c10d_probes_ask_the_bpf_program_to_read_their_group():
+    flags = {spec.kind: spec.flags for lib in load_specs() for spec in lib.probes
+             if "comm" in spec.args}
+    assert flags["pg_collective"] & abi.PF_GROUP and flags["pg_p2p"] & abi.PF_GROUP
+    assert not flags["collective"] & abi.PF_GROUP  # an ncclComm_t is not a Backend

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import polars as pl
 
-from argus.collect import abi, procfs
+from argus.collect import abi, c10d, procfs
 from argus.collect.channels.base import Channel
 from argus.collect.decode import (
     ProbeRef,
@@ -33,6 +33,7 @@ from argus.collect.symbols import elf_file, runtime_address
 from argus.recording import schema
 
 CALL_ARGS_OFF = abi.Call.args.offset  # where struct argus_call's args begin (32)
+_REC_GROUP = abi.REC_GROUP.to_bytes(4, "little")
 SWITCH_HELP = {
     "cuda": "Do not probe the CUDA runtime/driver.",
     "nccl": "Do not probe NCCL.",
@@ -77,14 +78,18 @@ class CallsChannel(Channel):
 
     def _on_call(self, _ctx, data, size) -> None:
         blob = ct.string_at(data, size)
+        if blob[:4] == _REC_GROUP:  # what the BPF program read of a c10d group (c10d.py)
+            self.tracer.ctx.name_group(*c10d.from_record(blob))
+            return
         self.blobs.append(blob)
         if len(self._pg_slots) != len(self.probe_refs):
             self._pg_slots = {pid: (r.spec.args.get("comm"), r.spec.kind)
                               for pid, r in self.probe_refs.items()}
         slot, kind = self._pg_slots.get(int.from_bytes(blob[4:8], "little"), (None, ""))
         if slot is not None and kind.startswith("pg_"):
-            # name a c10d group while its process is alive (read from its memory, once per
-            # group: `c10d.read_group`); decoding comes later, maybe after the rank exited
+            # a c10d group the BPF read did not name (its record faulted): read it from the
+            # process's memory now (`c10d.read_group`, once per group) rather than at the
+            # decode, which may come after the rank exited
             tgid = int.from_bytes(blob[8:12], "little")
             off = CALL_ARGS_OFF + 8 * slot
             self.tracer.ctx.comm_id(tgid, int.from_bytes(blob[off : off + 8], "little"), kind)
