@@ -139,6 +139,7 @@ def job_view(job: str, rec: Recording, summ: Summaries, report: dict[str, Any],
     return {
         "job": job,
         "host": rec.host,
+        "analysed": True,
         "ranks": ranks,
         "steps": report.get("steps", {}),
         "findings": [
@@ -147,6 +148,26 @@ def job_view(job: str, rec: Recording, summ: Summaries, report: dict[str, Any],
             for f in report.get("findings", [])
         ][:10],
         "drops": report.get("drops", {}),
+    }
+
+
+# what a rank's view says before the job's first analysis: nothing measured yet (None keeps
+# the series out of /metrics, as for any value not known)
+_NOT_YET = ("step_time_ms", "compute_ms", "wait_ms", "coll_wait_ms", "lateness_ms",
+            "last_collective", "last_seq", "hot_frame", "straggler", "straggler_score", "hang",
+            "hang_waited_s")
+
+
+def pending_view(job: str, host: str, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A job traced but not analysed yet (the daemon lets a new job's ranks settle for a
+    few intervals, and its analysis waits for the CPU on a busy node): `job_view`'s keys,
+    `analysed` False, its ranks ({rank, tgid, host, probes, exited}) with nothing measured."""
+    return {
+        "job": job, "host": host, "analysed": False,
+        "ranks": [{"rank": r.get("rank"), "tgid": r.get("tgid"), "host": r.get("host") or host,
+                   "steps": 0, **dict.fromkeys(_NOT_YET), "probes": r.get("probes", 0),
+                   "exited": bool(r.get("exited"))} for r in ranks],
+        "steps": {"detected": False, "count": 0}, "findings": [], "drops": {},
     }
 
 

@@ -5,15 +5,23 @@ and a traced rank has `argus_rank_up` 1 beside its other series."""
 
 from __future__ import annotations
 
+import shutil
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from argus.collect.tracer import TraceOptions
 from argus.daemon.service import Daemon, DaemonOptions, _as_of, _Job
 from argus.present.live import node_state
 from argus.present.metrics import RANK_GAUGES, LiveCollector
 from argus.recording import schema
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers.fakeproc import make_process  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -91,3 +99,62 @@ def test_the_interval_that_sees_a_job_end_drops_its_series_and_keeps_its_view(tm
     assert job["job"] == "j" and job["ended"] is True and all(r["exited"] for r in job["ranks"])
     assert _series(d.state()) == {}
     assert d.jobs["j"].ended_mono is not None  # forgotten after job_grace_s, not now
+
+
+def test_a_job_traced_but_not_analysed_yet_is_in_state_with_its_ranks_up(tmp_path):
+    """A new job's ranks settle for a few intervals before its first analysis (and a nice-10
+    daemon's analysis waits for the CPU on a busy node: 12.8 s per flush beside a CPU hog per
+    core): it is in /state from the first interval that traces it, its ranks up in
+    /metrics, nothing measured until analysed."""
+    proc = tmp_path / "proc"
+    for tgid in (10, 11, 12):
+        make_process(proc, tgid)
+    d = Daemon(DaemonOptions(output=tmp_path / "out", metrics_addr=None,
+                             trace=TraceOptions(proc_root=str(proc))))
+    targets = {10: SimpleNamespace(exited=False, traced=True, rank=0),
+               11: SimpleNamespace(exited=False, traced=True, rank=1),
+               12: SimpleNamespace(exited=False, traced=False, rank=2)}  # not placed yet
+    d.tracer = _tracer(targets)
+    d.tracer.probes_of = lambda tgid: 9
+    d.jobs["j"] = job = _Job("j", tgids={10, 11, 12})
+    job.win.joined_ns = time.monotonic_ns()  # just joined: settling
+    d.flush()
+    assert job.view is None  # not analysed
+    (view,) = d.state()["jobs"]
+    assert (view["job"], view["analysed"], view["ended"], view["findings"]) == ("j", False,
+                                                                                False, [])
+    assert [(r["rank"], r["tgid"], r["probes"], r["exited"], r["step_time_ms"], r["straggler"])
+            for r in view["ranks"]] == [(0, 10, 9, False, None, None), (1, 11, 9, False, None,
+                                                                            None)]
+    assert _series(d.state()) == {(m, "j", r): v for r in ("0", "1") for m, v in (
+        ("argus_rank_up", 1.0), ("argus_probes_attached", 9.0), ("argus_steps", 0.0))}
+    targets[11].exited = True
+    d.flush()
+    (view,) = d.state()["jobs"]
+    assert [r["exited"] for r in view["ranks"]] == [False, True] and not view["ended"]
+
+
+def test_a_rank_gone_from_proc_is_exited_at_the_next_request_before_any_interval(tmp_path):
+    """/state and /metrics check the ranks of running jobs against /proc when asked: a rank
+    that exited is `exited` at once, a job whose ranks all exited is `ended` with no series,
+    even while the interval's analysis that would see it has not come (a busy node)."""
+    proc = tmp_path / "proc"
+    for tgid in (10, 11):
+        make_process(proc, tgid)
+    d = Daemon(DaemonOptions(output=tmp_path / "out", metrics_addr=None,
+                             trace=TraceOptions(proc_root=str(proc))))
+    d._state = node_state("n1", [_view("j", [_rank(0, 10), _rank(1, 11, score=4.0)],
+                                       ended=False)], 1, targets=2)
+    assert [r["exited"] for r in d.state()["jobs"][0]["ranks"]] == [False, False]
+    assert _series(d.state())[("argus_straggler_score", "j", "1")] == 4.0
+    shutil.rmtree(proc / "11")
+    make_process(proc, 11, state="Z")  # exited, not reaped yet: gone too
+    (job,) = d.state()["jobs"]
+    assert [r["exited"] for r in job["ranks"]] == [False, True] and job["ended"] is False
+    assert set(_series(d.state())) == {("argus_rank_up", "j", "1")} | {
+        (n, "j", "0") for n, *_ in RANK_GAUGES} | {("argus_rank_up", "j", "0")}
+    shutil.rmtree(proc / "10")
+    (job,) = d.state()["jobs"]
+    assert job["ended"] is True and all(r["exited"] for r in job["ranks"])
+    assert _series(d.state()) == {}
+    assert d._state["jobs"][0]["ended"] is False  # the interval's state itself: unchanged
