@@ -28,6 +28,17 @@ def _call(probe_id: int, tgid: int, this: int) -> bytes:
     return bytes(call)
 
 
+def _probes() -> tuple[dict[int, ProbeRef], dict[str, int]]:
+    """Every probe of the shipped specs, numbered: (probe id -> ref, symbol -> probe id)."""
+    probes, ids = {}, {}
+    for lib in load_specs():
+        for spec in lib.probes:
+            for sym in spec.symbols:
+                ids[sym] = len(probes)
+                probes[len(probes)] = ProbeRef(spec, sym)
+    return probes, ids
+
+
 def _backend(rank: int, size: int, name: bytes, debug: int = 0, long_name=None):
     """A c10d::Backend's first 64 bytes as torch 2.x lays them out (module doc): vtable,
     counts, rank_, size_, DebugLevel, then pg_uid_ (a libstdc++ std::string)."""
@@ -77,12 +88,7 @@ def test_the_decoder_names_groups_by_their_torch_name_on_every_rank():
     its TP group, so by first use both were `pg0`; read, they are told apart and every
     call carries the rank's place and the group's size. A group that cannot be read keeps
     the first-use name."""
-    probes, ids = {}, {}
-    for lib in load_specs():
-        for spec in lib.probes:
-            for sym in spec.symbols:
-                ids[sym] = len(probes)
-                probes[len(probes)] = ProbeRef(spec, sym)
+    probes, ids = _probes()
     groups = {(100, 0xA0): Group("1", 0, 2), (101, 0xB0): Group("1", 1, 2),
               (102, 0xC0): Group("2", 0, 2), (103, 0xD0): Group("2", 1, 2)}
     ctx = DecodeContext(probes, pg_group=lambda tgid, this: groups.get((tgid, this)))
@@ -110,12 +116,7 @@ def test_a_group_read_at_its_first_call_names_it_after_the_process_is_gone():
     """The ring is drained after the rank exited (a busy machine): its memory can no longer
     be read (`pg_group` answers None), and the group is named from the BPF program's read
     (`argus_group_rec`); a record whose name read faulted leaves the first-use name."""
-    probes, ids = {}, {}
-    for lib in load_specs():
-        for spec in lib.probes:
-            for sym in spec.symbols:
-                ids[sym] = len(probes)
-                probes[len(probes)] = ProbeRef(spec, sym)
+    probes, ids = _probes()
     world, hashed_buf = _backend(1, 4, b"0"), ct.create_string_buffer(b"9c" * 20)
     hashed = _backend(0, 2, b"9c" * 20, long_name=hashed_buf)
     assert c10d.from_record(_group_rec(100, world)) == (100, ct.addressof(world),
