@@ -7,7 +7,6 @@ the suite's time (README, "Tests")."""
 import os
 import signal
 import time
-import warnings
 
 import pytest
 
@@ -60,8 +59,9 @@ def _no_process_left(request):
     """Every process a bpf test starts ends with it. A test that failed half-way had left its
     jobs running (5 simulated jobs, 10 ranks, for the rest of a `make test-stress` run), and
     every later test ran beside them: here they are stopped (SIGTERM, then SIGKILL, the
-    whole tree), and a test that passed but left some gets a warning naming them. Processes
-    of wider-scoped fixtures (a module's daemon) were there before and are left alone."""
+    whole tree), and a test that passed but left some fails (in its teardown), naming
+    them. Processes of wider-scoped fixtures (a module's daemon) were there before and are
+    left alone."""
     before = _live_children(os.getpid())
     yield
     deadline = time.monotonic() + 10.0  # what the test stopped may still be exiting
@@ -86,7 +86,7 @@ def _no_process_left(request):
         except ChildProcessError:
             pass
     if not getattr(request.node, "argus_call_failed", True):
-        # a warning for now (the summary names the test): not yet run over the whole tier
-        # as an error
-        warnings.warn(f"the test left {len(tree)} process(es) running (now stopped): {names}",
-                      stacklevel=1)
+        # an error of the test (its teardown): none left over the whole tier, on a quiet
+        # machine (fresh-check) and beside a CPU hog per core (make test-stress)
+        pytest.fail(f"the test left {len(tree)} process(es) running (now stopped): {names}",
+                    pytrace=False)
