@@ -104,6 +104,8 @@ def render(state: dict[str, Any], sort: str = "rank", reverse: bool = False,
         ]
         line = Text(f"job {job.get('job')}: {len(job.get('ranks') or [])} ranks, "
                     f"step p50 {_fmt(steps.get('step_time_ms_p50'))} ms")
+        if job.get("analysed") is False:  # the daemon traces it, its first analysis to come
+            line.append("  (traced, not analysed yet)", style="dim")
         for f in flags[:2]:
             line.append(
                 f"\n  {f['severity'].upper()}: {f.get('summary', '')}",

@@ -183,3 +183,17 @@ def test_disk_budget_removes_the_oldest_segments_first(tmp_path):
     d._enforce_budget()
     assert [s.exists() for s in segs] == [False, False, False, False, True]
     assert not (tmp_path / "out" / JOBS_DIR / "job-b").exists()  # empty job dirs removed
+
+
+def test_top_shows_a_job_traced_but_not_analysed_yet():
+    from argus.present.live import node_state, pending_view
+
+    state = node_state("h", [pending_view("j", "h", [{"rank": 0, "tgid": 10, "probes": 9},
+                                                     {"rank": 1, "tgid": 11, "probes": 9}])],
+                       FROZEN_NS)
+    console = Console(width=100, record=True, force_terminal=False, color_system=None)
+    console.print(render(state, now_ns=FROZEN_NS))
+    lines = console.export_text().splitlines()
+    assert "job j: 2 ranks, step p50 - ms  (traced, not analysed yet)" in lines
+    rows = [ln.split() for ln in lines if ln.strip()[:1].isdigit()]
+    assert rows == [["0", "10", *["-"] * 7], ["1", "11", *["-"] * 7]]
