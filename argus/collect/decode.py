@@ -80,10 +80,8 @@ class DecodeContext:
         key = (tgid, handle)
         cid = self.comm_ids.get(key)
         if cid is None and kind.startswith("pg_") and self.pg_group is not None:
-            g = self.pg_group(tgid, handle)
-            if g is not None:
-                cid = self.comm_ids[key] = f"pg:{g.name}"
-                self.comm_info[key] = (g.rank, g.size)
+            self.name_group(tgid, handle, self.pg_group(tgid, handle))
+            cid = self.comm_ids.get(key)
         if cid is None:
             prefix = "pg" if kind.startswith("pg_") else "anon"
             n = self._first_use.get((tgid, prefix), 0)
@@ -93,8 +91,9 @@ class DecodeContext:
         return cid
 
     def name_group(self, tgid: int, handle: int, group: Group | None) -> None:
-        """Name a c10d group from what the BPF program read at its first call (its
-        `argus_group_rec`), unless the handle already has an id."""
+        """Name a c10d group `pg:NAME` from what was read of its Backend (by the BPF
+        program at its first call, `argus_group_rec`, or `pg_group`), unless the handle
+        already has an id."""
         key = (tgid, handle)
         if group is not None and key not in self.comm_ids:
             self.comm_ids[key] = f"pg:{group.name}"

@@ -161,12 +161,12 @@ _NOT_YET = ("step_time_ms", "compute_ms", "wait_ms", "coll_wait_ms", "lateness_m
 def pending_view(job: str, host: str, ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """A job traced but not analysed yet (the daemon lets a new job's ranks settle for a
     few intervals, and its analysis waits for the CPU on a busy node): `job_view`'s keys,
-    `analysed` False, its ranks ({rank, tgid, host, probes, exited}) with nothing measured."""
+    `analysed` False, its ranks ({rank, tgid, probes}) on `host`, running, nothing measured."""
     return {
         "job": job, "host": host, "analysed": False,
-        "ranks": [{"rank": r.get("rank"), "tgid": r.get("tgid"), "host": r.get("host") or host,
-                   "steps": 0, **dict.fromkeys(_NOT_YET), "probes": r.get("probes", 0),
-                   "exited": bool(r.get("exited"))} for r in ranks],
+        "ranks": [{"rank": r["rank"], "tgid": r["tgid"], "host": host, "steps": 0,
+                   **dict.fromkeys(_NOT_YET), "probes": r["probes"], "exited": False}
+                  for r in ranks],
         "steps": {"detected": False, "count": 0}, "findings": [], "drops": {},
     }
 
