@@ -137,10 +137,18 @@ struct argus_proc_event {
 struct argus_stack_key {
     __u32 tgid;
     __u32 tid;
-    __s32 user_stack_id;
-    __s32 kernel_stack_id;
+    __u64 user_stack_id;    /* key of stacks0/1 (the user frames), 0: none (a failed walk) */
+    __u64 kernel_stack_id;  /* key of stacks0/1 (the kernel frames), 0: none (user mode) */
     char comm[ARGUS_COMM_LEN];
     __u64 py_stack_id;  /* key of py_stacks0/1 (the Python frames), 0: none */
+};
+
+/* Value of stacks0/1 (key: a hash of ip[]): one native stack of a CPU sample. */
+#define ARGUS_NATIVE_DEPTH 127  /* frames kept, innermost first (perf_event_max_stack's default) */
+struct argus_native_stack {
+    __u32 len;                    /* bytes of ip[] bpf_get_stack wrote */
+    __u32 pad;
+    __u64 ip[ARGUS_NATIVE_DEPTH];
 };
 
 /* Python frames in CPU samples (cpu_stacks.bpf.c; argus/collect/cpython_walk.py finds and

@@ -5,8 +5,12 @@
  * Maps (double-buffered: stack_buf[0] names the live half; user space flips it, waits for
  *   in-flight samples, then drains and clears the other half, so stack ids are never deleted
  *   under a writer):
- *   stacks0/1        stack id -> frames (BPF_STACK_TRACE)
- *   stack_counts0/1  argus_stack_key (tgid, tid, user/kernel stack ids, comm) -> samples
+ *   stacks0/1        a 64-bit hash of the frames -> argus_native_stack (bpf_get_stack's
+ *                    frames). Not a BPF_STACK_TRACE: that map keys a stack by 14 bits of its
+ *                    hash and refuses (-EEXIST) a second stack in an occupied bucket, so
+ *                    some 1 in 16,000 pairs of distinct stacks lose one of them (seen: 1-3
+ *                    stacks lost per run on real torch jobs, and 2 on the simulator)
+ *   stack_counts0/1  argus_stack_key (tgid, tid, user/kernel stack keys, comm) -> samples
  *   py_procs         tgid -> argus_py_proc: the interpreter layout of a traced Python
  *                    process (written by argus/collect/cpython_walk.py after it validated it)
  *   py_tstates       LRU tid -> its PyThreadState address (bit 0 set: none, the value is
@@ -15,7 +19,8 @@
  *                    first), double-buffered like the stacks; key.py_stack_id names one
  *   py_stats         samples with a Python stack, without a thread state, ... (ARGUS_PY_STAT_*)
  * Failed user/kernel walks and full maps are counted in drops. Cost: one hash lookup for an
- * untraced sample; two stack walks and one hash update for a traced one; for a thread of a
+ * untraced sample; two stack walks, a hash of their frames (at most ARGUS_NATIVE_DEPTH
+ * words each) and three hash updates for a traced one; for a thread of a
  * Python process, a cached thread-state lookup (one or two reads to confirm it) and 2-3
  * 8-byte user reads per Python frame (at most ARGUS_PY_DEPTH frames) plus one hash update.
  */
@@ -27,8 +32,9 @@
 #endif
 
 BPF_ARRAY(stack_buf, u32, 1);
-BPF_STACK_TRACE(stacks0, ARGUS_STACK_SLOTS);
-BPF_STACK_TRACE(stacks1, ARGUS_STACK_SLOTS);
+BPF_PERCPU_ARRAY(native_scratch, struct argus_native_stack, 1);
+BPF_HASH(stacks0, u64, struct argus_native_stack, ARGUS_STACK_SLOTS);
+BPF_HASH(stacks1, u64, struct argus_native_stack, ARGUS_STACK_SLOTS);
 BPF_HASH(stack_counts0, struct argus_stack_key, u64, ARGUS_STACK_KEYS);
 BPF_HASH(stack_counts1, struct argus_stack_key, u64, ARGUS_STACK_KEYS);
 
@@ -212,12 +218,37 @@ fault:
     return 0;
 }
 
-static __always_inline void argus_stack_err(int id, int user)
+#define ARGUS_EEXIST 17
+
+/* The sampled context's user (or kernel) frames into stacks<buf>: their key, 0 when the walk
+ * failed (an empty stack counts as failed, as bpf_get_stackid has it) or the map was full. */
+static __always_inline u64 argus_native_stack(void *ctx, u32 buf, int user)
 {
-    if (id == -ARGUS_EFAULT)
+    int zero = 0;
+    struct argus_native_stack *st = native_scratch.lookup(&zero);
+    if (!st)
+        return 0;
+    long len = bpf_get_stack(ctx, st->ip, sizeof(st->ip), user ? BPF_F_USER_STACK : 0);
+    if (len <= 0) {
         argus_drop(user ? ARGUS_DROP_STACK_USER : ARGUS_DROP_STACK_KERNEL);
-    else if (id < 0)
-        argus_drop(ARGUS_DROP_STACK_MAP_FULL); /* -EEXIST (hash collision) or -ENOMEM (full) */
+        return 0;
+    }
+    st->len = len;
+    u32 n = len / sizeof(u64);
+    u64 h = 14695981039346656037ull; /* FNV-1a over the frames */
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < ARGUS_NATIVE_DEPTH; i++) {
+        if (i >= n)
+            break;
+        h = (h ^ st->ip[i]) * 1099511628211ull;
+    }
+    h |= 1; /* never 0 (0: no stack) */
+    int err = buf ? stacks1.insert(&h, st) : stacks0.insert(&h, st);
+    if (err && err != -ARGUS_EEXIST) { /* -EEXIST: this stack is there already */
+        argus_drop(ARGUS_DROP_STACK_MAP_FULL);
+        return 0;
+    }
+    return h;
 }
 
 /* The perf_event program's context, struct bpf_perf_event_data of
@@ -245,20 +276,12 @@ int argus_cpu_sample(struct argus_perf_event_data *ctx)
     u32 *buf = stack_buf.lookup(&zero);
     u64 one = 0, *v;
     int in_kernel = (ctx->regs.cs & 3) != 3;  /* x86: ring 0 */
-    key.py_stack_id = argus_py_walk(tgid, key.tid, buf ? *buf : 0);
-    if (buf && *buf) {
-        key.user_stack_id = stacks1.get_stackid(&ctx->regs, BPF_F_USER_STACK);
-        key.kernel_stack_id = in_kernel ? stacks1.get_stackid(&ctx->regs, 0) : -1;
-        v = stack_counts1.lookup_or_try_init(&key, &one);
-    } else {
-        key.user_stack_id = stacks0.get_stackid(&ctx->regs, BPF_F_USER_STACK);
-        key.kernel_stack_id = in_kernel ? stacks0.get_stackid(&ctx->regs, 0) : -1;
-        v = stack_counts0.lookup_or_try_init(&key, &one);
-    }
-    if (key.user_stack_id < 0)
-        argus_stack_err(key.user_stack_id, 1);
-    if (in_kernel && key.kernel_stack_id < 0)
-        argus_stack_err(key.kernel_stack_id, 0);
+    u32 half = buf ? *buf : 0;
+    key.py_stack_id = argus_py_walk(tgid, key.tid, half);
+    key.user_stack_id = argus_native_stack(ctx, half, 1);
+    key.kernel_stack_id = in_kernel ? argus_native_stack(ctx, half, 0) : 0;
+    v = half ? stack_counts1.lookup_or_try_init(&key, &one)
+             : stack_counts0.lookup_or_try_init(&key, &one);
     if (v)
         __sync_fetch_and_add(v, 1);
     else

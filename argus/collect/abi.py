@@ -66,6 +66,7 @@ HOST_ON_CPU = 6
 HOST_KINDS = {HOST_CPU: "cpu_contention", HOST_TCP: "tcp_retransmit", HOST_OOM: "oom_kill",
               HOST_BLOCK: "block_io", HOST_CPU_WAIT: "cpu_wait", HOST_ON_CPU: "on_cpu"}
 WAIT_BUCKET_NS = 10_000_000  # ARGUS_WAIT_BUCKET_NS: the time slots of cpu_wait rows
+NATIVE_DEPTH = 127  # ARGUS_NATIVE_DEPTH: frames of one native stack in a CPU sample
 # Python frames in CPU samples (ARGUS_PY_*).
 PY_DEPTH = 32
 PY_THREADS = 32
@@ -144,10 +145,18 @@ class StackKey(ct.Structure):
     _fields_ = [
         ("tgid", ct.c_uint32),
         ("tid", ct.c_uint32),
-        ("user_stack_id", ct.c_int32),
-        ("kernel_stack_id", ct.c_int32),
+        ("user_stack_id", ct.c_uint64),
+        ("kernel_stack_id", ct.c_uint64),
         ("comm", ct.c_char * COMM_LEN),
         ("py_stack_id", ct.c_uint64),
+    ]
+
+
+class NativeStack(ct.Structure):
+    _fields_ = [
+        ("len", ct.c_uint32),
+        ("pad", ct.c_uint32),
+        ("ip", ct.c_uint64 * NATIVE_DEPTH),
     ]
 
 
@@ -253,6 +262,7 @@ STRUCTS = {
     "argus_group_rec": GroupRec,
     "argus_proc_event": ProcEvent,
     "argus_stack_key": StackKey,
+    "argus_native_stack": NativeStack,
     "argus_py_proc": PyProc,
     "argus_py_stack": PyStack,
     "argus_frame": Frame,

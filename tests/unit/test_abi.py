@@ -71,6 +71,7 @@ def test_constants_match_the_header():
                        ("BLOCK", abi.HOST_BLOCK), ("CPU_WAIT", abi.HOST_CPU_WAIT),
                        ("ON_CPU", abi.HOST_ON_CPU)):
         assert value(f"ARGUS_HOST_{name}") == kind
+    assert value("ARGUS_NATIVE_DEPTH") == abi.NATIVE_DEPTH
     assert value("ARGUS_OFFCPU_USER_DEPTH") == abi.OFFCPU_USER_DEPTH
     assert value("ARGUS_OFFCPU_KERNEL_DEPTH") == abi.OFFCPU_KERNEL_DEPTH
     assert value("ARGUS_OFFCPU_SCAN") == abi.OFFCPU_SCAN

@@ -89,24 +89,25 @@ class CpuChannel(Channel):
             self._buf ^= 1
             s.table("stack_buf")[ct.c_int(0)] = ct.c_uint32(self._buf)
             time.sleep(0.002)  # samples already past the flag check finish in microseconds
-        stacks = s.table(f"stacks{old}")
+        # the counts first: a sample writes its stacks before its count, so every key read
+        # here finds its frames in what is read next (the final drain reads a live half)
+        counts = s.items(f"stack_counts{old}", delete=True)
+        stacks = dict(s.items(f"stacks{old}", delete=True))
         if self.pystacks is not None:
             self.pystacks.take(old)
         interval_ns = int(tr.opts.stack_interval_s * 1e9)
         ts_ns = time.monotonic_ns() - interval_ns
-        for key, value in s.items(f"stack_counts{old}", delete=True):
+        for key, value in counts:
             tgid = int(key.tgid)
             functions: list[str] = []
             modules: list[str] = []
-            if key.kernel_stack_id >= 0:
-                for addr in stacks.walk(key.kernel_stack_id):
-                    functions.append(s.ksym(addr))
-                    modules.append("[kernel]")
-            if key.user_stack_id >= 0:
-                for addr in stacks.walk(key.user_stack_id):
-                    fn, mod = tr.symbolizer.frame(tgid, addr)
-                    functions.append(fn)
-                    modules.append(mod)
+            for addr in _frames(stacks, key.kernel_stack_id):
+                functions.append(s.ksym(addr))
+                modules.append("[kernel]")
+            for addr in _frames(stacks, key.user_stack_id):
+                fn, mod = tr.symbolizer.frame(tgid, addr)
+                functions.append(fn)
+                modules.append(mod)
             if key.py_stack_id and self.pystacks is not None:
                 functions, modules = self.pystacks.merge(tgid, int(key.py_stack_id), functions,
                                                          modules)
@@ -125,7 +126,6 @@ class CpuChannel(Channel):
                     "blocked_ns": None,
                 }
             )
-        stacks.clear()
         self._last = now
 
     def manifest(self) -> dict:
@@ -134,6 +134,14 @@ class CpuChannel(Channel):
             "sample_hz": self.tracer.opts.sample_hz if on else 0,
             "python_stacks": self.pystacks.manifest() if self.pystacks is not None else None,
         }
+
+
+def _frames(stacks: dict, key: int) -> list[int]:
+    """The addresses of stacks[key], innermost first ([] for key 0 or a key not read)."""
+    st = stacks.get(key) if key else None
+    if st is None:
+        return []
+    return list(st.ip[: min(int(st.len) // 8, abi.NATIVE_DEPTH)])
 
 
 @dataclass
