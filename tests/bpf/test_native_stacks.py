@@ -138,9 +138,12 @@ def test_every_sample_keeps_its_native_stack(tree_recording):
     rows = rec.stacks.filter((pl.col("tgid") == pid) & (pl.col("state") == "on_cpu"))
     total = rows["count"].sum()
     assert total >= 500, total  # 5 s at 997 Hz, on a CPU shared with the rest of the suite
-    # a sample keeps its user frames unless its walk failed (counted): none, with frame pointers
-    empty = rows.filter(pl.col("functions").list.len() == 0)["count"].sum()
-    assert empty == drops["stack_user_walk"] == 0, (empty, drops)
+    # a sample keeps its user frames unless its walk failed, and that is counted: with frame
+    # pointers only a sample taken as the process exits (its memory gone) has none
+    no_user = rows.filter(
+        pl.col("modules").list.eval(pl.element() != "[kernel]").list.any().not_())["count"].sum()
+    assert no_user == drops["stack_user_walk"], (no_user, drops)
+    assert no_user <= 2, drops
 
 
 def test_each_sampled_chain_comes_back_frame_for_frame(tree_recording):
