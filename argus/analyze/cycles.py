@@ -399,12 +399,26 @@ def agree_on_period(all_m: dict[int, Markers],
     stage's warm-up sends): where a rank's cycles, regularly p markers apart, take 1/k of
     the longest mean cycle time of the ranks (k >= 2, within 15%; the mean: a step's
     repeats are not evenly spaced, its bubble is in one of them), they are merged k at a
-    time, from the phase whose starts follow the longest idle (median)."""
+    time, from the phase whose starts follow the longest idle (median).
+    The mean cycle times are taken over the time every rank has cycles in (from the latest
+    first start to the earliest last one, give or take half the longest median cycle: the
+    ranks start one step a few ms apart), so that a stall of the whole job (a busy node's
+    CPUs taken for half a second) stretches every rank's mean alike. Over each rank's own
+    starts, a rank whose recorded starts went on past a stall had a 1.76x longer mean, and
+    the other ranks' steps were merged 2 at a time (a daemon build then numbered two steps
+    alike)."""
+    timed = {r: [all_m[r].t[i] for i in c[1]] for r, c in cycles.items()
+             if c is not None and len(c[1]) >= 3}
+    if len(timed) < 2:
+        return cycles
+    tol = max(median(np.diff(ts).tolist()) for ts in timed.values()) / 2
+    lo = max(ts[0] for ts in timed.values()) - tol
+    hi = min(ts[-1] for ts in timed.values()) + tol
     spans: dict[int, float] = {}
-    for r, c in cycles.items():
-        if c is not None and len(c[1]) >= 3:
-            t = all_m[r].t
-            spans[r] = (t[c[1][-1]] - t[c[1][0]]) / (len(c[1]) - 1)
+    for r, ts in timed.items():
+        inner = [x for x in ts if lo <= x <= hi]
+        if len(inner) >= 3:
+            spans[r] = (inner[-1] - inner[0]) / (len(inner) - 1)
     if len(spans) < 2:
         return cycles
     ref = max(spans.values())

@@ -12,7 +12,13 @@ one's NCCL `seq` counting from its own attach, as the tracer's counter does.
 `daemon_busy_straggler` is 8 s of what the daemon itself drained from a 3-rank simulated
 job (rank 1 a 1.6x GPU straggler) with a CPU hog beside it on this 2-core machine (the
 ranks enter the same collective up to 40 ms apart, differently every step); the simulator
-recordings get a 150 ms attach stagger here. Checks:
+recordings get a 150 ms attach stagger here. `sim_straggler_stalled` is 5.6 s of the same
+job under `argus attach` with all 3 ranks stopped (SIGSTOP) for 0.3-0.7 s every 0.8-2 s, as
+a busy node's CPU hogs stop them: a build over a window that held one rank's step start
+after a stall and not the others' merged the others' steps 2 at a time (`cycles.
+agree_on_period` measured each rank's mean cycle over its own starts), and the daemon
+numbered two steps alike, or one rank's ids went one step off the others' for the rest of
+the run (`make test-stress`). Checks:
 - per rank the step ids of all segments are consecutive, none twice, and they are the
   ids of one build over the whole recording up to one shift for all ranks; one id is one
   step on every rank (its starts within half a step time, but for a stall now and then);
@@ -199,7 +205,8 @@ def _stream(name: str) -> tuple[Recording, dict[int, int], Recording]:
     return stream, attach, rec
 
 
-@pytest.mark.parametrize(("name", "seeds"), [("daemon_busy_straggler", 1), ("sim_straggler", 1)])
+@pytest.mark.parametrize(("name", "seeds"), [("daemon_busy_straggler", 1), ("sim_straggler", 1),
+                                             ("sim_straggler_stalled", 1)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_step_ids_are_continuous_whatever_the_drain_timing(name, seeds, kind, tmp_path):
     rec, attach, ref = _stream(name)
