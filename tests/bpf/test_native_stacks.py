@@ -15,19 +15,13 @@ so it would catch such a map.
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import polars as pl
 import pytest
-
-from argus.collect.session import run_session
-from argus.collect.tracer import TraceOptions
-from argus.recording.io import load_recording
+from test_python_cpu_samples import STUB_CUDART, trace_command  # tests/bpf: a sibling
 
 pytestmark = pytest.mark.bpf
 
-REPO = Path(__file__).resolve().parents[2]
-STUB_CUDART = REPO / "build" / "stubs" / "libcudart.so.12"
 DEPTH = 12
 SOURCE = r"""
 #include <dlfcn.h>
@@ -101,22 +95,8 @@ def tree_recording(tmp_path_factory):
     # frame-pointer walk from it skips its caller)
     subprocess.run(["cc", "-O0", "-fno-omit-frame-pointer", "-o", str(exe), str(src), "-ldl"],
                    check=True)
-    proc = subprocess.Popen([str(exe), str(STUB_CUDART), "5"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-
-        def go(_tracer):
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-
-        opts = TraceOptions(channels=("cuda", "cpu"), sample_hz=997, gpu_interval_s=None)
-        result = run_session([proc.pid], tmp / "rec", opts, duration_s=30, on_started=go)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-    return proc.pid, load_recording(result.path)
+    proc, rec = trace_command([str(exe), str(STUB_CUDART), "5"], tmp / "rec", 997)
+    return proc.pid, rec
 
 
 def _path_of(functions: list[str]) -> tuple[str, ...] | None:

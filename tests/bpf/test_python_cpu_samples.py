@@ -64,13 +64,10 @@ def _line_of(text: str, needle: str) -> int:
     return next(i for i, ln in enumerate(text.splitlines(), 1) if needle in ln)
 
 
-def _trace_python(tmp_path: Path, python: str, name: str, text: str):
-    """Run `text` as tmp_path/name under `python` (it loads the stand-in libcudart, prints
-    ready and waits for go on stdin); trace it (cuda + cpu at 99 Hz) until it exits."""
-    src = tmp_path / name
-    src.write_text(text)
-    proc = subprocess.Popen([python, str(src), str(STUB_CUDART), "3"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+def trace_command(argv: list[str], out: Path, sample_hz: int) -> tuple[subprocess.Popen, object]:
+    """Run argv (it loads the stand-in libcudart, prints ready and waits for go on stdin);
+    trace it (cuda + cpu at sample_hz) from its go until it exits. (proc, recording)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
 
@@ -78,13 +75,20 @@ def _trace_python(tmp_path: Path, python: str, name: str, text: str):
             proc.stdin.write("go\n")
             proc.stdin.flush()
 
-        opts = TraceOptions(channels=("cuda", "cpu"), sample_hz=99, gpu_interval_s=None)
-        result = run_session([proc.pid], tmp_path / "rec", opts, duration_s=20, on_started=go)
-        proc.wait(timeout=30)
+        opts = TraceOptions(channels=("cuda", "cpu"), sample_hz=sample_hz, gpu_interval_s=None)
+        result = run_session([proc.pid], out, opts, duration_s=20, on_started=go)
+        assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
         proc.wait()
     return proc, load_recording(result.path)
+
+
+def _trace_python(tmp_path: Path, python: str, name: str, text: str):
+    """Run `text` as tmp_path/name under `python` for 3 s, traced at 99 Hz (trace_command)."""
+    src = tmp_path / name
+    src.write_text(text)
+    return trace_command([python, str(src), str(STUB_CUDART), "3"], tmp_path / "rec", 99)
 
 
 def _shares(stacks: pl.DataFrame, tgid: int, tid: int | None = None) -> tuple[dict, int]:
