@@ -460,18 +460,21 @@ def _as_of(view: dict[str, Any], tgids: list[int], targets: dict) -> dict[str, A
 
 def _exits_now(state: dict[str, Any], proc_root: str) -> dict[str, Any]:
     """`state` with the ranks of running jobs that are gone from /proc now marked `exited`,
-    and the jobs whose ranks all are `ended` (a stat of /proc/TGID per rank, per request)."""
-    jobs, changed = [], False
+    the jobs whose ranks all are `ended`, and `targets` (traced processes not exited) less
+    those ranks (a stat of /proc/TGID per rank, per request)."""
+    jobs, n_gone = [], 0
     for j in state.get("jobs") or []:
         ranks = j.get("ranks") or []
         gone = {r["tgid"] for r in ranks if not j.get("ended") and not r.get("exited")
                 and r.get("tgid") is not None and not procfs.alive(r["tgid"], proc_root)}
         if gone:
-            changed = True
+            n_gone += len(gone)
             ranks = [dict(r, exited=True) if r.get("tgid") in gone else r for r in ranks]
             j = {**j, "ranks": ranks, "ended": all(r.get("exited") for r in ranks)}
         jobs.append(j)
-    return {**state, "jobs": jobs} if changed else state
+    if not n_gone:
+        return state
+    return {**state, "jobs": jobs, "targets": max(0, int(state.get("targets") or 0) - n_gone)}
 
 
 def _env_ms(name: str) -> float:

@@ -147,14 +147,17 @@ def test_a_rank_gone_from_proc_is_exited_at_the_next_request_before_any_interval
                                        ended=False)], 1, targets=2)
     assert [r["exited"] for r in d.state()["jobs"][0]["ranks"]] == [False, False]
     assert _series(d.state())[("argus_straggler_score", "j", "1")] == 4.0
+    assert d.state()["targets"] == 2
     shutil.rmtree(proc / "11")
     make_process(proc, 11, state="Z")  # exited, not reaped yet: gone too
     (job,) = d.state()["jobs"]
     assert [r["exited"] for r in job["ranks"]] == [False, True] and job["ended"] is False
+    assert d.state()["targets"] == 1  # the traced processes still running, as /proc has it
     assert set(_series(d.state())) == {("argus_rank_up", "j", "1")} | {
         (n, "j", "0") for n, *_ in RANK_GAUGES} | {("argus_rank_up", "j", "0")}
     shutil.rmtree(proc / "10")
     (job,) = d.state()["jobs"]
     assert job["ended"] is True and all(r["exited"] for r in job["ranks"])
     assert _series(d.state()) == {}
+    assert d.state()["targets"] == 0
     assert d._state["jobs"][0]["ended"] is False  # the interval's state itself: unchanged
